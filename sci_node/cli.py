@@ -1,0 +1,248 @@
+"""The ``sci-node`` command line: parse, configure, call the API, map errors to exit codes.
+
+Nothing here does real work: each subcommand imports its module lazily (so ``--help``
+and ``status`` stay fast and do not import torch) and calls one API function.
+Library errors (:class:`~sci_node.errors.SciNodeError`) become one clear line on
+stderr and a non-zero exit code; nothing else is caught.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from sci_node import __version__
+from sci_node.config import NodeConfig, load_config
+from sci_node.errors import SciNodeError
+from sci_node.logs import configure_logging
+
+Handler = Callable[[argparse.Namespace, NodeConfig], int]
+
+
+def _add_config_flags(p: argparse.ArgumentParser, node_flags: bool = False) -> None:
+    p.add_argument("--config", type=Path, help="TOML configuration file (flags override it)")
+    p.add_argument("--data-dir", type=Path, help="spool, index and results directory")
+    p.add_argument("--models-dir", type=Path, help="model registry directory (default: the repo's models/)")
+    p.add_argument("--log-format", choices=["auto", "json", "console"], help="log rendering")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
+    if node_flags:
+        p.add_argument("--ae-title", help="our AE title (default SCINODE)")
+        p.add_argument("--port", type=int, help="DICOM listening port (default 11112)")
+        p.add_argument("--bind", help="listening address (default 127.0.0.1)")
+        p.add_argument("--destination", action="append", metavar="AET@HOST:PORT",
+                       help="where results are sent; repeat for several")
+        p.add_argument("--allow-ae", action="append", metavar="AET[@HOST]",
+                       help="calling AE allowed to associate; repeat for several (none: accept any)")
+        p.add_argument("--stable-seconds", type=float, help="seconds without a new instance before a series is complete")
+        p.add_argument("--workers", type=int, help="number of processing workers")
+        p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="inference device")
+
+
+def _config_from_args(args: argparse.Namespace) -> NodeConfig:
+    overrides: dict[str, Any] = {
+        "data_dir": getattr(args, "data_dir", None),
+        "models_dir": getattr(args, "models_dir", None),
+        "log_format": getattr(args, "log_format", None),
+        "log_level": getattr(args, "log_level", None),
+        "ae_title": getattr(args, "ae_title", None),
+        "port": getattr(args, "port", None),
+        "bind": getattr(args, "bind", None),
+        "destinations": getattr(args, "destination", None),
+        "allowed_aes": getattr(args, "allow_ae", None),
+        "stable_seconds": getattr(args, "stable_seconds", None),
+        "workers": getattr(args, "workers", None),
+        "device": getattr(args, "device", None),
+    }
+    return load_config(getattr(args, "config", None), overrides)
+
+
+# -- handlers: each one lazy-imports its module and calls one function ----------------------
+
+def _serve(args: argparse.Namespace, cfg: NodeConfig) -> int:
+    from sci_node.node import run_node
+
+    return run_node(cfg)
+
+
+def _status(args: argparse.Namespace, cfg: NodeConfig) -> int:
+    from sci_node.admin import print_status
+
+    return print_status(cfg, as_json=args.json)
+
+
+def _jobs(args: argparse.Namespace, cfg: NodeConfig) -> int:
+    from sci_node import admin
+
+    if args.jobs_cmd == "show":
+        return admin.show_job(cfg, args.job_id, as_json=args.json)
+    if args.jobs_cmd == "retry":
+        return admin.retry_job(cfg, args.job_id)
+    return admin.list_jobs(cfg, limit=args.limit, state=args.state, as_json=args.json)
+
+
+def _echo(args: argparse.Namespace, cfg: NodeConfig) -> int:
+    from sci_node.config import parse_destination
+    from sci_node.scu import echo
+
+    return echo(parse_destination(" ".join(args.target)), calling_ae=args.calling_ae, tls=cfg.tls)
+
+
+def _send(args: argparse.Namespace, cfg: NodeConfig) -> int:
+    from sci_node.config import parse_destination
+    from sci_node.scu import send_path
+
+    return send_path(args.path, parse_destination(" ".join(args.target)), calling_ae=args.calling_ae, tls=cfg.tls)
+
+
+def _infer(args: argparse.Namespace, cfg: NodeConfig) -> int:
+    from sci_node.batch import run_batch
+
+    return run_batch(args.input, args.out, cfg, device=args.device or cfg.device)
+
+
+def _train(args: argparse.Namespace, cfg: NodeConfig) -> int:
+    from trainer.cli import train
+
+    return train(args.model, config=args.train_config, data=args.data, out=args.out,
+                 epochs=args.epochs, seed=args.seed, device=args.device or "cpu")
+
+
+def _models(args: argparse.Namespace, cfg: NodeConfig) -> int:
+    from sci_node import registry
+
+    reg = registry.ModelRegistry(cfg.models_dir)
+    if args.models_cmd == "add":
+        return registry.cli_add(reg, args.path, activate=args.activate)
+    if args.models_cmd == "activate":
+        return registry.cli_activate(reg, args.name, args.version)
+    if args.models_cmd == "rollback":
+        return registry.cli_rollback(reg, args.name)
+    return registry.cli_list(reg, as_json=args.json)
+
+
+def _stack(args: argparse.Namespace, cfg: NodeConfig) -> int:
+    from sci_node.stack import run_stack
+
+    return run_stack(cfg, http_port=args.http_port, dicom_port=args.dicom_port, node_port=args.node_port)
+
+
+def _demo(args: argparse.Namespace, cfg: NodeConfig) -> int:
+    from sci_node.stack import run_demo
+
+    return run_demo(cfg, http_port=args.http_port, dicom_port=args.dicom_port, node_port=args.node_port,
+                    keep_running=not args.exit_after)
+
+
+# -- parser -------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argparse tree of every subcommand."""
+    parser = argparse.ArgumentParser(prog="sci-node", description="sci-node: DICOM AI node for spinal cord and lesion segmentation on MRI.")
+    parser.add_argument("--version", action="version", version=f"sci-node {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("serve", help="run the DICOM node (SCP, queue, workers, export) in the foreground")
+    _add_config_flags(p, node_flags=True)
+    p.set_defaults(handler=_serve)
+
+    p = sub.add_parser("status", help="queue depth, last jobs, active models")
+    _add_config_flags(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_status)
+
+    p = sub.add_parser("jobs", help="list, show and retry jobs")
+    _add_config_flags(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    jsub = p.add_subparsers(dest="jobs_cmd", metavar="ACTION")
+    jl = jsub.add_parser("list", help="most recent jobs first")
+    jl.add_argument("--limit", type=int, default=20)
+    jl.add_argument("--state", help="only jobs in this state")
+    js = jsub.add_parser("show", help="one job with its routing decisions, timings and deliveries")
+    js.add_argument("job_id", type=int)
+    jr = jsub.add_parser("retry", help="re-run a failed job or resend its results")
+    jr.add_argument("job_id", type=int)
+    p.set_defaults(handler=_jobs, jobs_cmd="list", limit=20, state=None)
+
+    for name, help_, handler in (
+        ("echo", "C-ECHO a DICOM peer", _echo),
+        ("send", "C-STORE a file or folder of DICOM files to a peer", _send),
+    ):
+        p = sub.add_parser(name, help=help_)
+        _add_config_flags(p)
+        if name == "send":
+            p.add_argument("path", type=Path, help="DICOM file or folder (searched recursively)")
+        p.add_argument("target", nargs="+", metavar="AET@HOST:PORT", help="peer, as AET@HOST:PORT or AET@HOST PORT")
+        p.add_argument("--calling-ae", default="SCINODE", help="our AE title for this association")
+        p.set_defaults(handler=handler)
+
+    p = sub.add_parser("infer", help="batch: segment every series under INPUT into OUTDIR")
+    _add_config_flags(p)
+    p.add_argument("input", type=Path, help="folder (or file) of DICOM series and/or NIfTI volumes")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"])
+    p.set_defaults(handler=_infer)
+
+    p = sub.add_parser("train", help="train one of the five models (offline trainer)")
+    _add_config_flags(p)
+    p.add_argument("model", choices=["anatomy", "region_view", "sequence", "cord", "lesion"])
+    p.add_argument("--train-config", dest="train_config", type=Path,
+                   help="training config TOML (default: trainer/configs/MODEL.toml)")
+    p.add_argument("--data", type=Path, help="data root (default: ../shared/data/spine)")
+    p.add_argument("--out", type=Path, help="artefact output folder (default: models/MODEL/VERSION)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser("models", help="model registry: list, add, activate, rollback")
+    _add_config_flags(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    msub = p.add_subparsers(dest="models_cmd", metavar="ACTION")
+    msub.add_parser("list", help="every registered model version, its metrics, which is active")
+    ma = msub.add_parser("add", help="register a model artefact folder (verified first)")
+    ma.add_argument("path", type=Path)
+    ma.add_argument("--activate", action="store_true", help="activate it once registered")
+    mac = msub.add_parser("activate", help="make NAME VERSION the active model (picked up between jobs)")
+    mac.add_argument("name")
+    mac.add_argument("version")
+    mr = msub.add_parser("rollback", help="re-activate the previously active version of NAME")
+    mr.add_argument("name")
+    p.set_defaults(handler=_models, models_cmd="list")
+
+    for name, help_, handler in (
+        ("stack", "run Orthanc + the node wired together in the foreground (Ctrl-C stops both)", _stack),
+        ("demo", "start the stack, send the bundled sample series, wait for the SEG, print the viewer URL", _demo),
+    ):
+        p = sub.add_parser(name, help=help_)
+        _add_config_flags(p, node_flags=False)
+        p.add_argument("--http-port", type=int, default=8042, help="Orthanc HTTP port (default 8042)")
+        p.add_argument("--dicom-port", type=int, default=4242, help="Orthanc DICOM port (default 4242)")
+        p.add_argument("--node-port", type=int, default=11112, help="sci-node DICOM port (default 11112)")
+        if name == "demo":
+            p.add_argument("--exit-after", action="store_true", help="stop the stack once the SEG has arrived")
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = _config_from_args(args)
+        configure_logging(cfg.log_format, cfg.log_level)
+        return int(args.handler(args, cfg))
+    except SciNodeError as exc:
+        print(f"sci-node: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def entrypoint() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -1,0 +1,296 @@
+"""The node's one typed, frozen configuration.
+
+Precedence: command-line flags override the TOML file, which overrides the defaults
+below. :func:`load_config` is called once in ``main`` and the resulting
+:class:`NodeConfig` is passed explicitly to everything that needs it.
+
+Every invalid or unknown key is reported at once in a single :class:`ConfigError`.
+"""
+
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Mapping
+
+from sci_node.errors import ConfigError
+
+_AET_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class LogFormat(StrEnum):
+    """How log lines are rendered."""
+
+    AUTO = "auto"  # console on a TTY, JSON lines otherwise
+    JSON = "json"
+    CONSOLE = "console"
+
+
+@dataclass(frozen=True)
+class AllowedAE:
+    """A calling AE title allowed to associate, optionally pinned to a source host."""
+
+    ae_title: str
+    host: str | None = None
+
+    def matches(self, ae_title: str, host: str) -> bool:
+        """Return True when ``ae_title`` (and ``host`` if pinned) match this entry."""
+        return ae_title.strip() == self.ae_title and (self.host is None or self.host == host)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A C-STORE destination ``AET@HOST:PORT``."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """DICOM TLS for the SCP (server side) and the export SCU (client side)."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of the SCP."""
+
+    max_associations: int = 16
+    max_pdu_bytes: int = 262_144
+    max_instances_per_association: int = 100_000
+    max_instances_per_series: int = 5_000
+    min_free_disk_mb: int = 500
+
+
+@dataclass(frozen=True)
+class ExportPolicy:
+    """Retry behaviour of the export outbox (exponential backoff)."""
+
+    initial_backoff_seconds: float = 2.0
+    max_backoff_seconds: float = 300.0
+    max_attempts: int = 20
+
+
+@dataclass(frozen=True)
+class RoutingRules:
+    """Which routed series are segmented.
+
+    A series is segmented when the anatomy is spine, its view is in ``views`` and its
+    sequence in ``cord_sequences``; lesions are segmented on ``lesion_sequences``.
+    A classifier output below ``min_confidence`` abstains (routes the series out).
+    """
+
+    views: tuple[str, ...] = ("sagittal", "axial")
+    cord_sequences: tuple[str, ...] = ("T1w", "T2w", "T2starw")
+    lesion_sequences: tuple[str, ...] = ("T2w", "T2starw")
+    min_confidence: float = 0.5
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything the running node and the CLI need, validated and immutable."""
+
+    ae_title: str = "SCINODE"
+    port: int = 11112
+    bind: str = "127.0.0.1"
+    allowed_aes: tuple[AllowedAE, ...] = ()
+    destinations: tuple[Destination, ...] = ()
+    data_dir: Path = Path("var/sci-node")
+    models_dir: Path = REPO_ROOT / "models"
+    stable_seconds: float = 10.0
+    workers: int = 1
+    device: str = "cpu"
+    log_format: LogFormat = LogFormat.AUTO
+    log_level: str = "INFO"
+    retention_days: float | None = None
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    limits: Limits = field(default_factory=Limits)
+    export: ExportPolicy = field(default_factory=ExportPolicy)
+    routing: RoutingRules = field(default_factory=RoutingRules)
+
+    @property
+    def accepts_any_ae(self) -> bool:
+        """True when no allow-list is configured (every calling AE is accepted)."""
+        return not self.allowed_aes
+
+
+def parse_destination(text: str) -> Destination:
+    """Parse ``AET@HOST:PORT`` (or ``AET@HOST PORT``) into a :class:`Destination`.
+
+    Raises
+    ------
+    ConfigError
+        When the text is not of that form or the port is not 1..65535.
+    """
+    m = re.fullmatch(r"\s*([^@]{1,16})@([^:\s]+)[:\s](\d+)\s*", text)
+    if not m:
+        raise ConfigError(f"destination {text!r} is not of the form AET@HOST:PORT")
+    port = int(m.group(3))
+    if not 0 < port < 65536:
+        raise ConfigError(f"destination {text!r}: port {port} is not in 1..65535")
+    return Destination(m.group(1).strip(), m.group(2), port)
+
+
+def parse_allowed_ae(text: str) -> AllowedAE:
+    """Parse ``AET`` or ``AET@HOST`` into an :class:`AllowedAE`."""
+    aet, _, host = text.partition("@")
+    if not _AET_RE.match(aet.strip()):
+        raise ConfigError(f"allowed AE {text!r}: AE title must be 1-16 printable characters")
+    return AllowedAE(aet.strip(), host or None)
+
+
+# -- loading -----------------------------------------------------------------------------
+
+_SECTIONS: dict[str, type] = {
+    "tls": TLSConfig,
+    "limits": Limits,
+    "export": ExportPolicy,
+    "routing": RoutingRules,
+}
+
+
+def _coerce(name: str, value: Any, target: Any, errors: list[str]) -> Any:
+    """Coerce a TOML/CLI value to the dataclass field type named by ``target``."""
+    t = str(target)
+    try:
+        if t in ("Path", "Path | None"):
+            return None if value is None else Path(value).expanduser()
+        if t in ("int",):
+            if isinstance(value, bool) or int(value) != float(value):
+                raise ValueError
+            return int(value)
+        if t in ("float", "float | None"):
+            return None if value is None else float(value)
+        if t == "bool":
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if t == "str":
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if t.startswith("tuple[str"):
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise ValueError
+            return tuple(value)
+        if t == "LogFormat":
+            return LogFormat(value)
+    except (TypeError, ValueError):
+        errors.append(f"{name}: invalid value {value!r} (expected {t})")
+        return None
+    return value
+
+
+def _build_section(cls: type, raw: Mapping[str, Any], prefix: str, errors: list[str]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            errors.append(f"{prefix}{key}: unknown key")
+            continue
+        kwargs[key] = _coerce(prefix + key, value, fields[key].type, errors)
+    return cls(**kwargs)
+
+
+def _validate(cfg: NodeConfig, errors: list[str]) -> None:
+    if not _AET_RE.match(cfg.ae_title) or cfg.ae_title != cfg.ae_title.strip():
+        errors.append(f"ae_title: {cfg.ae_title!r} must be 1-16 printable characters")
+    if not 0 < cfg.port < 65536:
+        errors.append(f"port: {cfg.port} is not in 1..65535")
+    if cfg.stable_seconds <= 0:
+        errors.append(f"stable_seconds: {cfg.stable_seconds} must be > 0")
+    if cfg.workers < 1:
+        errors.append(f"workers: {cfg.workers} must be >= 1")
+    if cfg.device not in ("cpu", "cuda", "auto"):
+        errors.append(f"device: {cfg.device!r} must be cpu, cuda or auto")
+    if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        errors.append(f"log_level: {cfg.log_level!r} must be DEBUG, INFO, WARNING or ERROR")
+    if cfg.tls.enabled and (cfg.tls.cert_file is None or cfg.tls.key_file is None):
+        errors.append("tls: enabled needs cert_file and key_file")
+    if cfg.tls.require_client_cert and cfg.tls.ca_file is None:
+        errors.append("tls: require_client_cert needs ca_file")
+    if cfg.limits.max_associations < 1:
+        errors.append(f"limits.max_associations: {cfg.limits.max_associations} must be >= 1")
+    if not 0 <= cfg.routing.min_confidence <= 1:
+        errors.append(f"routing.min_confidence: {cfg.routing.min_confidence} must be in [0, 1]")
+
+
+def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> NodeConfig:
+    """Build the :class:`NodeConfig` from defaults, an optional TOML file and overrides.
+
+    Parameters
+    ----------
+    path
+        A TOML file (see ``sci-node.example.toml``); ``None`` for defaults only.
+    overrides
+        Top-level keys from the command line; ``None`` values are ignored. ``destinations``
+        and ``allowed_aes`` take strings (``AET@HOST:PORT`` / ``AET[@HOST]``).
+
+    Raises
+    ------
+    ConfigError
+        Listing every problem found, one per line.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    errors: list[str] = []
+    kwargs: dict[str, Any] = {}
+    top = {f.name: f for f in dataclasses.fields(NodeConfig)}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            if not isinstance(value, Mapping):
+                errors.append(f"[{key}]: must be a table")
+                continue
+            kwargs[key] = _build_section(_SECTIONS[key], value, key + ".", errors)
+        elif key == "destinations":
+            kwargs[key] = tuple(_collect(parse_destination, value, key, errors))
+        elif key == "allowed_aes":
+            kwargs[key] = tuple(_collect(parse_allowed_ae, value, key, errors))
+        elif key in top:
+            kwargs[key] = _coerce(key, value, top[key].type, errors)
+        else:
+            errors.append(f"{key}: unknown key")
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    cfg = NodeConfig(**kwargs)
+    _validate(cfg, errors)
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    return dataclasses.replace(cfg, data_dir=cfg.data_dir.expanduser().resolve(),
+                               models_dir=cfg.models_dir.expanduser().resolve())
+
+
+def _collect(parse: Any, value: Any, key: str, errors: list[str]) -> list[Any]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        errors.append(f"{key}: must be a list of strings")
+        return []
+    out = []
+    for item in value:
+        try:
+            out.append(parse(item))
+        except ConfigError as exc:
+            errors.append(str(exc))
+    return out

@@ -1,0 +1,54 @@
+"""The one exception hierarchy of sci-node.
+
+The library raises these with messages that name the bad value; only the CLI
+(:mod:`sci_node.cli`) turns them into exit codes.
+"""
+from __future__ import annotations
+
+
+class SciNodeError(Exception):
+    """Base class of every error sci-node raises on purpose."""
+
+    exit_code: int = 1
+
+
+class ConfigError(SciNodeError):
+    """A configuration file, key or command-line flag is missing or invalid."""
+
+    exit_code = 2
+
+
+class InvalidSeriesError(SciNodeError):
+    """A DICOM series cannot be turned into a volume (mixed geometry, duplicates, ...)."""
+
+
+class InvalidDatasetError(SciNodeError):
+    """A single DICOM dataset or file is corrupt or unusable."""
+
+
+class ModelError(SciNodeError):
+    """A model artefact is missing, corrupt or incompatible."""
+
+
+class DataError(SciNodeError):
+    """A training/inference data folder is empty, incomplete or inconsistent."""
+
+
+class ExportError(SciNodeError):
+    """Sending a result to a destination failed."""
+
+
+class PermanentExportError(ExportError):
+    """The destination rejected the result in a way retrying cannot fix."""
+
+
+class StorageError(SciNodeError):
+    """The spool or its index cannot be written (disk full, permissions, ...)."""
+
+
+class JobNotFoundError(SciNodeError):
+    """A job id given on the command line does not exist."""
+
+
+class DicomNetworkError(SciNodeError):
+    """An association could not be established or was rejected/aborted."""

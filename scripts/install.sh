@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Install everything sci-node needs on a fresh Debian/Ubuntu machine, idempotently:
+#   * Debian packages: orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools
+#   * the Python venv at .venv/ with sci-node installed in editable mode (+ test extras)
+#   * the pinned OHIF viewer (npm @ohif/app@3.13.2) under orthanc/ohif-dist/ (skipped with --no-ohif)
+# Re-running it only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+WITH_OHIF=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-ohif) WITH_OHIF=0 ;;
+    *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+need_apt=0
+for cmd in Orthanc storescu storescp echoscu dciodvfy; do
+  command -v "$cmd" >/dev/null 2>&1 || need_apt=1
+done
+[ -e /usr/share/orthanc/plugins/libOrthancPython.so ] || [ -e /usr/share/orthanc/plugins-available/libOrthancPython.so ] || need_apt=1
+if [ "$need_apt" = 1 ]; then
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  echo "==> apt-get install orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
+    orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools >/dev/null
+  # The Debian package starts a system Orthanc on 4242/8042; sci-node runs its own.
+  $SUDO systemctl disable --now orthanc >/dev/null 2>&1 || true
+fi
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv with $PY"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.sci-node-installed
+if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
+  echo "==> pip install -e .[test] (torch is large: first run takes minutes)"
+  .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+  .venv/bin/python -m pip install -q -e ".[test]"
+  touch "$stamp"
+fi
+
+if [ "$WITH_OHIF" = 1 ] && [ -x scripts/install_ohif.sh ]; then
+  scripts/install_ohif.sh
+fi
+echo "==> install complete ($ROOT)"

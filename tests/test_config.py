@@ -1,0 +1,50 @@
+"""Config loading: defaults < TOML file < CLI flags; every error reported at once."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sci_node.cli import main
+from sci_node.config import Destination, load_config, parse_destination
+from sci_node.errors import ConfigError
+
+
+def test_precedence_file_then_flags(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "node.toml"
+    cfg_file.write_text(
+        'ae_title = "FROMFILE"\nport = 2000\nstable_seconds = 4\n'
+        'destinations = ["PACS@10.0.0.5:104"]\nallowed_aes = ["SCANNER@127.0.0.1"]\n'
+        '[limits]\nmax_associations = 3\n'
+    )
+    cfg = load_config(cfg_file, {"port": 3000, "ae_title": None})
+    assert cfg.ae_title == "FROMFILE"
+    assert cfg.port == 3000
+    assert cfg.stable_seconds == 4.0
+    assert cfg.destinations == (Destination("PACS", "10.0.0.5", 104),)
+    assert cfg.allowed_aes[0].matches("SCANNER", "127.0.0.1")
+    assert not cfg.allowed_aes[0].matches("SCANNER", "10.1.1.1")
+    assert cfg.limits.max_associations == 3
+
+
+def test_every_error_reported_at_once(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "bad.toml"
+    cfg_file.write_text('port = "x"\nbogus = 1\ndestinations = ["nope"]\n[limits]\nmax_pdu = 5\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg_file)
+    msg = str(info.value)
+    for fragment in ("port", "bogus: unknown key", "'nope'", "limits.max_pdu: unknown key"):
+        assert fragment in msg
+
+
+def test_destination_forms() -> None:
+    assert parse_destination("DEST@127.0.0.1 11113") == Destination("DEST", "127.0.0.1", 11113)
+    assert parse_destination("DEST@host:104").port == 104
+    with pytest.raises(ConfigError, match="70000"):
+        parse_destination("DEST@host:70000")
+
+
+def test_cli_reports_config_error_as_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["status", "--config", str(tmp_path / "missing.toml")])
+    assert rc == 2
+    assert "missing.toml" in capsys.readouterr().err
