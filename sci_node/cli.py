@@ -8,6 +8,7 @@ stderr and a non-zero exit code; nothing else is caught.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -30,8 +31,8 @@ def _add_config_flags(p: argparse.ArgumentParser, node_flags: bool = False) -> N
         p.add_argument("--ae-title", help="our AE title (default SCINODE)")
         p.add_argument("--port", type=int, help="DICOM listening port (default 11112)")
         p.add_argument("--bind", help="listening address (default 127.0.0.1)")
-        p.add_argument("--destination", action="append", metavar="AET@HOST:PORT",
-                       help="where results are sent; repeat for several")
+        p.add_argument("--destination", action="append", nargs="+", metavar="AET@HOST:PORT",
+                       help="where results are sent (AET@HOST:PORT or AET@HOST PORT); repeat for several")
         p.add_argument("--allow-ae", action="append", metavar="AET[@HOST]",
                        help="calling AE allowed to associate; repeat for several (none: accept any)")
         p.add_argument("--stable-seconds", type=float, help="seconds without a new instance before a series is complete")
@@ -48,13 +49,28 @@ def _config_from_args(args: argparse.Namespace) -> NodeConfig:
         "ae_title": getattr(args, "ae_title", None),
         "port": getattr(args, "port", None),
         "bind": getattr(args, "bind", None),
-        "destinations": getattr(args, "destination", None),
+        "destinations": _destination_texts(getattr(args, "destination", None)),
         "allowed_aes": getattr(args, "allow_ae", None),
         "stable_seconds": getattr(args, "stable_seconds", None),
         "workers": getattr(args, "workers", None),
         "device": getattr(args, "device", None),
     }
     return load_config(getattr(args, "config", None), overrides)
+
+
+def _destination_texts(groups: list[list[str]] | None) -> list[str] | None:
+    """``--destination`` values as ``AET@HOST:PORT`` strings; a bare port joins the token before it
+    (so ``--destination DEST@127.0.0.1 11113`` works as well as ``DEST@127.0.0.1:11113``)."""
+    if not groups:
+        return None
+    out: list[str] = []
+    for token in (t for g in groups for t in g):
+        if token.isdigit() and out and "@" in out[-1] and ":" not in out[-1].split("@", 1)[1] \
+                and " " not in out[-1]:
+            out[-1] = f"{out[-1]} {token}"
+        else:
+            out.append(token)
+    return out
 
 
 # -- handlers: each one lazy-imports its module and calls one function ----------------------
@@ -124,14 +140,21 @@ def _models(args: argparse.Namespace, cfg: NodeConfig) -> int:
 def _stack(args: argparse.Namespace, cfg: NodeConfig) -> int:
     from sci_node.stack import run_stack
 
-    return run_stack(cfg, http_port=args.http_port, dicom_port=args.dicom_port, node_port=args.node_port)
+    return run_stack(cfg, http_port=args.http_port, dicom_port=args.dicom_port, node_port=args.node_port,
+                     config_file=args.config, **_orthanc_login())
 
 
 def _demo(args: argparse.Namespace, cfg: NodeConfig) -> int:
     from sci_node.stack import run_demo
 
     return run_demo(cfg, http_port=args.http_port, dicom_port=args.dicom_port, node_port=args.node_port,
-                    keep_running=not args.exit_after)
+                    keep_running=not args.exit_after, config_file=args.config, **_orthanc_login())
+
+
+def _orthanc_login() -> dict[str, str | None]:
+    """Orthanc's HTTP login from the environment: read here, at the CLI edge, and passed in."""
+    return {"orthanc_user": os.environ.get("SCI_ORTHANC_USER") or None,
+            "orthanc_password": os.environ.get("SCI_ORTHANC_PASSWORD") or None}
 
 
 # -- parser -------------------------------------------------------------------------------
@@ -162,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     js.add_argument("job_id", type=int)
     jr = jsub.add_parser("retry", help="re-run a failed job or resend its results")
     jr.add_argument("job_id", type=int)
+    for action_parser in (jl, js, jr):  # flags after the action too: `jobs show 3 --data-dir D`
+        for flag in ("--config", "--data-dir"):
+            action_parser.add_argument(flag, type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        action_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(handler=_jobs, jobs_cmd="list", limit=20, state=None)
 
     for name, help_, handler in (
@@ -219,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--http-port", type=int, default=8042, help="Orthanc HTTP port (default 8042)")
         p.add_argument("--dicom-port", type=int, default=4242, help="Orthanc DICOM port (default 4242)")
         p.add_argument("--node-port", type=int, default=11112, help="sci-node DICOM port (default 11112)")
+        p.add_argument("--stable-seconds", type=float,
+                       help="seconds without a new instance before Orthanc forwards a series (Orthanc StableAge)")
         if name == "demo":
             p.add_argument("--exit-after", action="store_true", help="stop the stack once the SEG has arrived")
         p.set_defaults(handler=handler)

@@ -116,6 +116,9 @@ class NodeConfig:
     stable_seconds: float = 10.0
     workers: int = 1
     device: str = "cpu"
+    #: what the worker runs on a complete series: "pipeline" (the models) or "derived-sc"
+    #: (a built-in plumbing check that returns one derived Secondary Capture per series)
+    processor: str = "pipeline"
     log_format: LogFormat = LogFormat.AUTO
     log_level: str = "INFO"
     retention_days: float | None = None
@@ -219,6 +222,8 @@ def _validate(cfg: NodeConfig, errors: list[str]) -> None:
         errors.append(f"workers: {cfg.workers} must be >= 1")
     if cfg.device not in ("cpu", "cuda", "auto"):
         errors.append(f"device: {cfg.device!r} must be cpu, cuda or auto")
+    if cfg.processor not in ("pipeline", "derived-sc"):
+        errors.append(f"processor: {cfg.processor!r} must be pipeline or derived-sc")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         errors.append(f"log_level: {cfg.log_level!r} must be DEBUG, INFO, WARNING or ERROR")
     if cfg.tls.enabled and (cfg.tls.cert_file is None or cfg.tls.key_file is None):

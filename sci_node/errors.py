@@ -52,3 +52,7 @@ class JobNotFoundError(SciNodeError):
 
 class DicomNetworkError(SciNodeError):
     """An association could not be established or was rejected/aborted."""
+
+
+class StackError(SciNodeError):
+    """The embedded Orthanc + node stack could not start, or a part of it died."""

@@ -48,3 +48,11 @@ def test_cli_reports_config_error_as_one_line(tmp_path: Path, capsys: pytest.Cap
     rc = main(["status", "--config", str(tmp_path / "missing.toml")])
     assert rc == 2
     assert "missing.toml" in capsys.readouterr().err
+
+
+def test_example_config_is_valid() -> None:
+    from sci_node.config import REPO_ROOT
+
+    cfg = load_config(REPO_ROOT / "sci-node.example.toml")
+    assert cfg.destinations[0].ae_title == "ORTHANC"
+    assert cfg.routing.lesion_sequences == ("T2w", "T2starw")

@@ -1,0 +1,376 @@
+"""sci-node's Orthanc Python plugin: a thin adapter between Orthanc and the sci-node DICOM node.
+
+Loaded by Debian's ``orthanc-python`` (it embeds the system Python 3.11), configured by the
+``"SciNode"`` section of the Orthanc configuration that :mod:`sci_node.stack` writes. It only
+turns Orthanc events and HTTP requests into messages; nothing heavy runs in a callback
+(callbacks run in Orthanc's core, under one GIL):
+
+* ``STABLE_SERIES`` of a series whose Modality is in ``ForwardModalities`` (MR) and that did not
+  come from the node itself -> an *asynchronous* Orthanc job ``POST /modalities/<node>/store``,
+  recorded in the series' ``SciNodeForward`` metadata and in ``forwards.jsonl``. The node's own
+  SEG/SR (Modality SEG/SR, RemoteAET = the node's AE title) are never forwarded, so nothing loops.
+* REST routes under ``/sci-node/`` (behind Orthanc's authentication like the rest of its API):
+
+  ==========================================  ====================================================
+  ``GET  /sci-node/``                          HTML status page (node jobs, forwards, OHIF links)
+  ``GET  /sci-node/jobs``                      JSON: every node job + every forward
+  ``GET  /sci-node/studies/<id>/jobs``         JSON: node jobs of one study (Orthanc id or UID)
+  ``GET  /sci-node/series/<id>/jobs``          JSON: node jobs of one series (Orthanc id or UID)
+  ``POST /sci-node/series/<id>/process``       (re)forward one series to the node now
+  ``GET  /ohif/...``                           the OHIF viewer (``index.html`` for page routes)
+  ==========================================  ====================================================
+
+* Orthanc Explorer gets "Open in OHIF", "(Re)process with sci-node" and "sci-node jobs" buttons.
+
+The node's job status comes from the node's own CLI (``sci-node jobs --json``) run in a
+background thread and cached for a few seconds, so the node's SQLite schema stays the node's.
+Only the standard library is used; ``SitePackages`` (the venv's site-packages) is put on
+``sys.path`` so the plugin could import the node's dependencies if it ever needs them.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import mimetypes
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from typing import Any
+
+import orthanc  # provided by libOrthancPython.so
+
+_UID_RE = re.compile(r"^[0-9.]{1,64}$")
+_OID_RE = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
+_ASSET_RE = re.compile(r"\.[A-Za-z0-9]{1,8}$")  # a path with a file extension is an asset, not a route
+_EXTRA_MIME = {".wasm": "application/wasm", ".js": "application/javascript", ".mjs": "application/javascript",
+               ".json": "application/json", ".svg": "image/svg+xml", ".woff2": "font/woff2",
+               ".map": "application/json", ".ico": "image/x-icon"}
+
+
+def _status(output: Any, code: int, text: str) -> None:
+    """An HTTP error status with a text body (the SDK wants a str and its length)."""
+    output.SendHttpStatus(code, text, len(text.encode()))
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class NodeJobs:
+    """Cached answer of ``sci-node jobs --json``, refreshed in a background thread.
+
+    Callbacks call :meth:`get`; it returns the cached list at once when it is fresh and otherwise
+    waits at most ``wait_s`` for one refresh (the subprocess runs without holding the GIL).
+    """
+
+    def __init__(self, argv: list[str], ttl_s: float = 2.0, wait_s: float = 8.0) -> None:
+        self._argv = argv
+        self._ttl = ttl_s
+        self._wait = wait_s
+        self._lock = threading.Condition()
+        self._jobs: list[dict[str, Any]] = []
+        self._error: str | None = "not queried yet"
+        self._stamp = 0.0
+        self._running = False
+
+    def _refresh(self) -> None:
+        jobs: list[dict[str, Any]] = []
+        error: str | None = None
+        try:
+            proc = subprocess.run(self._argv, capture_output=True, text=True, timeout=60)
+            if proc.returncode != 0:
+                error = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+            else:
+                data = json.loads(proc.stdout or "[]")
+                jobs = data.get("jobs", []) if isinstance(data, dict) else list(data)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            if error is None:
+                self._jobs = [j for j in jobs if isinstance(j, dict)]
+            self._error = error
+            self._stamp = time.monotonic()
+            self._running = False
+            self._lock.notify_all()
+
+    def get(self) -> tuple[list[dict[str, Any]], str | None]:
+        """Return ``(jobs, error)``; ``error`` is None when the last query succeeded."""
+        with self._lock:
+            if time.monotonic() - self._stamp > self._ttl and not self._running:
+                self._running = True
+                threading.Thread(target=self._refresh, name="sci-node-jobs", daemon=True).start()
+            if self._running:
+                self._lock.wait_for(lambda: not self._running, timeout=self._wait)
+            return list(self._jobs), self._error
+
+
+def _job_field(job: dict[str, Any], *names: str) -> str:
+    for name in names:
+        if job.get(name):
+            return str(job[name])
+    return ""
+
+
+def _job_study(job: dict[str, Any]) -> str:
+    return _job_field(job, "study_uid", "study_instance_uid", "StudyInstanceUID")
+
+
+def _job_series(job: dict[str, Any]) -> str:
+    return _job_field(job, "series_uid", "series_instance_uid", "SeriesInstanceUID")
+
+
+class SciNodePlugin:
+    """Everything the plugin does, bound to the ``SciNode`` configuration section."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.modality = str(settings.get("NodeModality", "sci-node"))
+        self.node_aet = str(settings.get("NodeAet", "SCINODE"))
+        self.forward_modalities = {str(m).upper() for m in settings.get("ForwardModalities", ["MR"])}
+        self.data_dir = str(settings.get("DataDir", ""))
+        self.plugin_dir = str(settings.get("PluginStateDir", self.data_dir))
+        self.ohif_dir = os.path.realpath(str(settings.get("OhifDist", "")))
+        self.forward_log = os.path.join(self.plugin_dir, "forwards.jsonl")
+        self._log_lock = threading.Lock()
+        cli = settings.get("NodeCli", ["sci-node"])
+        cli = [cli] if isinstance(cli, str) else list(cli)
+        self.jobs = NodeJobs(cli + ["jobs", "--json", "--data-dir", self.data_dir, "list", "--limit", "500"])
+
+    # -- forwarding -------------------------------------------------------------------------
+
+    def on_change(self, change_type: Any, level: Any, resource_id: str) -> None:
+        """Orthanc change callback: forward stable MR series; never raises."""
+        if change_type != orthanc.ChangeType.STABLE_SERIES:
+            return
+        try:
+            self._consider_series(resource_id)
+        except Exception as exc:  # noqa: BLE001 - a callback must never raise into Orthanc
+            orthanc.LogError(f"sci-node: series {resource_id}: not forwarded: {exc!r}")
+
+    def _consider_series(self, series_id: str) -> None:
+        series = json.loads(orthanc.RestApiGet(f"/series/{series_id}"))
+        modality = str(series.get("MainDicomTags", {}).get("Modality", "")).upper()
+        if modality not in self.forward_modalities:
+            orthanc.LogInfo(f"sci-node: series {series_id} modality {modality!r}: not forwarded")
+            return
+        source = self._remote_aet(series.get("Instances", []))
+        if source == self.node_aet:
+            orthanc.LogWarning(f"sci-node: series {series_id} came from the node ({source}): not forwarded")
+            return
+        self.forward(series_id, reason="stable-series")
+
+    @staticmethod
+    def _remote_aet(instances: list[str]) -> str:
+        if not instances:
+            return ""
+        try:
+            return orthanc.RestApiGet(f"/instances/{instances[0]}/metadata/RemoteAET").decode().strip()
+        except Exception:  # noqa: BLE001 - instances uploaded over HTTP have no RemoteAET
+            return ""
+
+    def forward(self, series_id: str, reason: str) -> dict[str, Any]:
+        """Queue an asynchronous C-STORE job of one series to the node and record it."""
+        body = json.dumps({"Resources": [series_id], "Asynchronous": True, "Permissive": False})
+        job = json.loads(orthanc.RestApiPost(f"/modalities/{self.modality}/store", body))
+        record = {"time": _now(), "series": series_id, "job": job.get("ID"), "reason": reason,
+                  "modality": self.modality}
+        try:
+            tags = json.loads(orthanc.RestApiGet(f"/series/{series_id}")).get("MainDicomTags", {})
+            study = json.loads(orthanc.RestApiGet(f"/series/{series_id}/study")).get("MainDicomTags", {})
+            record["series_uid"] = tags.get("SeriesInstanceUID", "")
+            record["study_uid"] = study.get("StudyInstanceUID", "")
+        except Exception:  # noqa: BLE001 - the record is best effort; the job is queued already
+            pass
+        orthanc.RestApiPut(f"/series/{series_id}/metadata/SciNodeForward", json.dumps(record).encode())
+        with self._log_lock, open(self.forward_log, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        orthanc.LogWarning(f"sci-node: series {series_id} queued to {self.modality} (job {record['job']}, {reason})")
+        return record
+
+    def forwards(self) -> list[dict[str, Any]]:
+        """Every recorded forward, oldest first."""
+        try:
+            with open(self.forward_log, encoding="utf-8") as fh:
+                return [json.loads(line) for line in fh if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    # -- REST -------------------------------------------------------------------------------
+
+    def _resolve(self, level: str, ident: str) -> tuple[str, str]:
+        """Return ``(orthanc_id, dicom_uid)`` of a study/series given either one."""
+        tag = "StudyInstanceUID" if level == "studies" else "SeriesInstanceUID"
+        if _OID_RE.match(ident):
+            info = json.loads(orthanc.RestApiGet(f"/{level}/{ident}"))
+            return ident, info["MainDicomTags"][tag]
+        if _UID_RE.match(ident):
+            found = json.loads(orthanc.RestApiPost("/tools/lookup", ident.encode()))
+            for item in found:
+                if item.get("Type", "").lower() == ("study" if level == "studies" else "series"):
+                    return item["ID"], ident
+            return "", ident
+        raise ValueError(f"{ident!r} is neither an Orthanc id nor a DICOM UID")
+
+    def rest_jobs(self, output: Any, uri: str, **request: Any) -> None:
+        """``GET /sci-node/jobs`` and ``GET /sci-node/{studies,series}/<id>/jobs``."""
+        if request["method"] != "GET":
+            output.SendMethodNotAllowed("GET")
+            return
+        groups = request.get("groups") or ()
+        jobs, error = self.jobs.get()
+        forwards = self.forwards()
+        answer: dict[str, Any] = {}
+        if len(groups) == 2 and groups[0]:
+            level, ident = groups
+            try:
+                oid, uid = self._resolve(level, ident)
+            except (ValueError, KeyError) as exc:
+                _status(output, 400, str(exc))
+                return
+            except Exception:  # noqa: BLE001 - Orthanc raises on unknown resources
+                _status(output, 404, f"no {level} {ident}")
+                return
+            pick = _job_study if level == "studies" else _job_series
+            key = "study_uid" if level == "studies" else "series_uid"
+            jobs = [j for j in jobs if pick(j) == uid]
+            forwards = [f for f in forwards if f.get(key) == uid]
+            answer = {"level": level, "orthanc_id": oid, "uid": uid}
+        answer.update({"jobs": jobs, "forwards": forwards, "node_error": error})
+        output.AnswerBuffer(json.dumps(answer, indent=1), "application/json")
+
+    def rest_process(self, output: Any, uri: str, **request: Any) -> None:
+        """``POST /sci-node/series/<id>/process``: (re)forward one series to the node."""
+        if request["method"] != "POST":
+            output.SendMethodNotAllowed("POST")
+            return
+        try:
+            oid, _uid = self._resolve("series", request["groups"][0])
+        except Exception as exc:  # noqa: BLE001
+            _status(output, 404, f"no series {request['groups'][0]}: {exc}")
+            return
+        if not oid:
+            _status(output, 404, f"no series {request['groups'][0]}")
+            return
+        record = self.forward(oid, reason="manual")
+        output.AnswerBuffer(json.dumps(record), "application/json")
+
+    def rest_status_page(self, output: Any, uri: str, **request: Any) -> None:
+        """``GET /sci-node/``: a small self-refreshing HTML page."""
+        if request["method"] != "GET":
+            output.SendMethodNotAllowed("GET")
+            return
+        jobs, error = self.jobs.get()
+        output.SetHttpHeader("Cache-Control", "no-store")
+        output.AnswerBuffer(render_status_page(jobs, error, self.forwards()[-50:]), "text/html; charset=utf-8")
+
+    # -- OHIF -------------------------------------------------------------------------------
+
+    def serve_ohif(self, output: Any, uri: str, **request: Any) -> None:
+        """``GET /ohif/<path>``: a file of the OHIF dist, or ``index.html`` for a page route."""
+        if request["method"] != "GET":
+            output.SendMethodNotAllowed("GET")
+            return
+        groups = request.get("groups") or ("",)  # "/ohif" (Orthanc strips the trailing slash)
+        rel = urllib.parse.unquote(groups[0] or "")
+        path = os.path.realpath(os.path.join(self.ohif_dir, rel))
+        if not os.path.isdir(self.ohif_dir):
+            _status(output, 503, "OHIF is not installed: run scripts/install_ohif.sh")
+            return
+        if not (path == self.ohif_dir or path.startswith(self.ohif_dir + os.sep)):
+            output.SendHttpStatusCode(403)
+            return
+        if not os.path.isfile(path):
+            if _ASSET_RE.search(rel):
+                output.SendHttpStatusCode(404)
+                return
+            path = os.path.join(self.ohif_dir, "index.html")  # SPA page route: /ohif/viewer?...
+        name = os.path.basename(path)
+        ext = os.path.splitext(name)[1].lower()
+        mime = _EXTRA_MIME.get(ext) or mimetypes.guess_type(name)[0] or "application/octet-stream"
+        hashed = re.search(r"\.[0-9a-f]{16}\.", name) is not None or ext == ".wasm"
+        output.SetHttpHeader("Cache-Control", "private, max-age=86400" if hashed else "no-cache")
+        with open(path, "rb") as fh:
+            output.AnswerBuffer(fh.read(), mime)
+
+
+def render_status_page(jobs: list[dict[str, Any]], error: str | None, forwards: list[dict[str, Any]]) -> str:
+    """HTML of the status page: node jobs (newest first) and Orthanc's forwards to the node."""
+    esc = html.escape
+    rows = []
+    for job in jobs[:200]:
+        study = _job_study(job)
+        link = (f'<a href="/ohif/viewer?StudyInstanceUIDs={urllib.parse.quote(study)}">open in OHIF</a>'
+                if study else "")
+        rows.append("<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in (
+            _job_field(job, "id", "job_id"), _job_field(job, "state", "status"),
+            _job_field(job, "reason", "error"), _job_series(job),
+            _job_field(job, "created_at", "created", "queued_at"),
+            _job_field(job, "finished_at", "updated_at", "finished"))) + f"<td>{link}</td></tr>")
+    frows = [f"<tr><td>{esc(str(f.get('time', '')))}</td><td>{esc(str(f.get('reason', '')))}</td>"
+             f"<td>{esc(str(f.get('series_uid', f.get('series', ''))))}</td><td>{esc(str(f.get('job', '')))}</td>"
+             f"<td><a href=\"/ohif/viewer?StudyInstanceUIDs={urllib.parse.quote(str(f.get('study_uid', '')))}\">"
+             "open in OHIF</a></td></tr>" for f in reversed(forwards)]
+    note = f'<p class="err">node status unavailable: {esc(error)}</p>' if error else ""
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>sci-node status</title>
+<meta http-equiv="refresh" content="10"><style>
+body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}
+.err{{color:#a00}}</style></head><body>
+<h1>sci-node</h1><p><a href="/app/explorer.html">Orthanc Explorer</a> · <a href="/ohif/">OHIF study list</a>
+· <a href="/sci-node/jobs">JSON</a></p>{note}
+<h2>Node jobs</h2><table><tr><th>job</th><th>state</th><th>reason</th><th>series UID</th><th>created</th>
+<th>finished</th><th></th></tr>{''.join(rows) or '<tr><td colspan="7">no jobs yet</td></tr>'}</table>
+<h2>Series forwarded by Orthanc</h2><table><tr><th>time</th><th>why</th><th>series UID</th><th>Orthanc job</th><th></th></tr>
+{''.join(frows) or '<tr><td colspan="5">none yet</td></tr>'}</table></body></html>"""
+
+
+EXPLORER_JS = r"""
+(function () {
+  function addButton(pageId, anchorId, buttonId, label, icon, onClick) {
+    $(pageId).live('pagebeforecreate', function () {
+      var b = $('<a>').attr('id', buttonId).attr('data-role', 'button').attr('href', '#')
+        .attr('data-icon', icon).attr('data-theme', 'e').text(label);
+      b.insertBefore($(anchorId).parent().parent());
+      b.click(function (e) { e.preventDefault(); if ($.mobile.pageData) { onClick($.mobile.pageData.uuid); } });
+    });
+  }
+  addButton('#study', '#study-delete', 'sci-node-ohif-study', 'Open in OHIF (sci-node)', 'search', function (uuid) {
+    $.ajax({ url: '../studies/' + uuid, dataType: 'json', cache: false, success: function (s) {
+      window.open('../ohif/viewer?StudyInstanceUIDs=' + s.MainDicomTags.StudyInstanceUID);
+    }});
+  });
+  addButton('#series', '#series-delete', 'sci-node-process-series', '(Re)process with sci-node', 'refresh', function (uuid) {
+    $.ajax({ url: '../sci-node/series/' + uuid + '/process', type: 'POST', dataType: 'json',
+      success: function (r) { alert('Queued for sci-node (Orthanc job ' + r.job + ')'); },
+      error: function (x) { alert('sci-node: ' + x.status + ' ' + x.responseText); } });
+  });
+  $('#lookup').live('pagebeforecreate', function () {
+    $('<p>').append($('<a>').attr('href', '../sci-node/').attr('data-ajax', 'false').attr('id', 'sci-node-status-link')
+      .text('sci-node jobs and status')).prependTo($('#lookup div[data-role=content]'));
+  });
+})();
+"""
+
+
+def _install() -> None:
+    settings = json.loads(orthanc.GetConfiguration()).get("SciNode", {})
+    site = settings.get("SitePackages")
+    if site and site not in sys.path:
+        sys.path.insert(0, str(site))  # the venv's site-packages (same Python 3.11 ABI)
+    plugin = SciNodePlugin(settings)
+    orthanc.RegisterOnChangeCallback(plugin.on_change)
+    orthanc.RegisterRestCallback("/sci-node", plugin.rest_status_page)  # Orthanc strips "/"
+    orthanc.RegisterRestCallback("/sci-node/jobs", plugin.rest_jobs)
+    orthanc.RegisterRestCallback("/sci-node/(studies|series)/([^/]+)/jobs", plugin.rest_jobs)
+    orthanc.RegisterRestCallback("/sci-node/series/([^/]+)/process", plugin.rest_process)
+    orthanc.RegisterRestCallback("/ohif", plugin.serve_ohif)
+    orthanc.RegisterRestCallback("/ohif/(.*)", plugin.serve_ohif)
+    orthanc.ExtendOrthancExplorer(EXPLORER_JS)
+    orthanc.LogWarning(f"sci-node plugin: forwarding {sorted(plugin.forward_modalities)} series to "
+                       f"modality {plugin.modality!r} ({plugin.node_aet}); OHIF from {plugin.ohif_dir}")
+
+
+_install()

@@ -1,0 +1,141 @@
+"""CLI presenters over the node's index: ``status`` and ``jobs list|show|retry``.
+
+They read the SQLite index (safe while the node runs: WAL) and print to stdout;
+``--json`` prints one machine-readable JSON document instead of the table.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from typing import Any
+
+from sci_node.config import NodeConfig
+from sci_node.errors import StorageError
+from sci_node.store import Job, Store
+
+
+def _open(cfg: NodeConfig) -> Store:
+    if not (cfg.data_dir / "index.sqlite3").exists():
+        raise StorageError(f"no node index in data dir {str(cfg.data_dir)!r} (has `sci-node serve` run there?)")
+    return Store(cfg.data_dir)
+
+
+def _ts(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _active_models(cfg: NodeConfig) -> dict[str, Any]:
+    """Active model versions from the registry, or why they are unknown."""
+    try:
+        from sci_node.registry import ModelRegistry
+
+        reg = ModelRegistry(cfg.models_dir)
+        for name in ("active_versions", "active"):
+            fn = getattr(reg, name, None)
+            if callable(fn):
+                return dict(fn())
+        return {"state": str(reg.state_token())}
+    except Exception as exc:  # the registry is optional for status
+        return {"unavailable": f"{type(exc).__name__}: {exc}"[:200]}
+
+
+def _job_dict(job: Job) -> dict[str, Any]:
+    d = asdict(job)
+    d["seconds"] = round(job.finished_at - job.started_at, 3) if job.finished_at and job.started_at else None
+    return d
+
+
+def print_status(cfg: NodeConfig, as_json: bool = False) -> int:
+    """Queue depth, series/outbox counts, the last jobs and the active models."""
+    store = _open(cfg)
+    try:
+        counts = store.counts()
+        last = store.jobs(limit=5)
+    finally:
+        store.close()
+    models = _active_models(cfg)
+    if as_json:
+        print(json.dumps({"data_dir": str(cfg.data_dir), "counts": counts, "models": models,
+                          "last_jobs": [_job_dict(j) for j in last]}, indent=2, default=str))
+        return 0
+    jobs = counts["jobs"]
+    print(f"data dir      {cfg.data_dir}")
+    print(f"queue         {jobs.get('pending', 0)} pending, {jobs.get('running', 0)} running")
+    print("jobs          " + (", ".join(f"{k} {v}" for k, v in sorted(jobs.items())) or "none"))
+    print("series        " + (", ".join(f"{k} {v}" for k, v in sorted(counts["series"].items())) or "none")
+          + f"; {counts['instances']['total']} instances spooled")
+    print("outbox        " + (", ".join(f"{k} {v}" for k, v in sorted(counts["outbox"].items())) or "empty"))
+    print("models        " + (", ".join(f"{k}={v}" for k, v in models.items()) or "none active"))
+    if last:
+        print("last jobs")
+        _print_table(last)
+    return 0
+
+
+def _print_table(jobs: list[Job]) -> None:
+    print(f"  {'id':>5}  {'state':<11} {'delivery':<10} {'created':<19}  {'secs':>7}  series / reason")
+    for j in jobs:
+        d = _job_dict(j)
+        secs = f"{d['seconds']:.1f}" if d["seconds"] is not None else "-"
+        print(f"  {j.id:>5}  {j.state:<11} {j.delivery:<10} {_ts(j.created_at):<19}  {secs:>7}  "
+              f"{j.series_uid}" + (f"  ({j.reason})" if j.reason else ""))
+
+
+def list_jobs(cfg: NodeConfig, limit: int = 20, state: str | None = None, as_json: bool = False) -> int:
+    """Most recent jobs first."""
+    store = _open(cfg)
+    try:
+        jobs = store.jobs(limit=limit, state=state)
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps([_job_dict(j) for j in jobs], indent=2, default=str))
+    elif jobs:
+        _print_table(jobs)
+    else:
+        print("no jobs" + (f" in state {state!r}" if state else ""))
+    return 0
+
+
+def show_job(cfg: NodeConfig, job_id: int, as_json: bool = False) -> int:
+    """One job: state, reason, geometry report, routing, timings, model versions, deliveries."""
+    store = _open(cfg)
+    try:
+        job = store.job(job_id)
+        outbox = store.outbox_for_job(job_id)
+    finally:
+        store.close()
+    doc = _job_dict(job) | {"deliveries": [asdict(e) for e in outbox]}
+    if as_json:
+        print(json.dumps(doc, indent=2, default=str))
+        return 0
+    result = job.result or {}
+    print(f"job {job.id}: {job.state}" + (f" ({job.reason})" if job.reason else ""))
+    print(f"  study        {job.study_uid}\n  series       {job.series_uid} (generation {job.generation}, "
+          f"{job.n_instances} instances)")
+    print(f"  created      {_ts(job.created_at)}; started {_ts(job.started_at)}; finished {_ts(job.finished_at)}; "
+          f"attempts {job.attempts}")
+    if job.superseded_by:
+        print(f"  superseded   by job {job.superseded_by}")
+    for key in ("routing", "model_versions", "timings", "summary", "outputs"):
+        if result.get(key):
+            print(f"  {key:<12} {json.dumps(result[key], default=str)}")
+    if job.geometry:
+        print(f"  geometry     {json.dumps(job.geometry)}")
+    print(f"  delivery     {job.delivery}")
+    for e in outbox:
+        print(f"    -> {e.destination:<28} {e.state:<9} attempts {e.attempts}"
+              + (f"  sent {_ts(e.sent_at)}" if e.sent_at else "") + (f"  ({e.last_error})" if e.last_error else ""))
+    return 0
+
+
+def retry_job(cfg: NodeConfig, job_id: int) -> int:
+    """Resend a job's results, or re-run it when it produced none; the running node picks it up."""
+    store = _open(cfg)
+    try:
+        how = store.retry_job(job_id)
+    finally:
+        store.close()
+    print(f"job {job_id}: " + ("results queued for sending again" if how == "resend" else "queued to run again"))
+    return 0

@@ -1,0 +1,191 @@
+"""Classifier preprocessing shared by the trainer and the node (no train/serve skew).
+
+A series becomes two inputs for the routing classifiers (:class:`sci_node.nets.SeriesNet`):
+
+* ``thumbs``: ``(3, S, S)`` float32 — the volume resampled (linear) onto an isotropic,
+  LPS-aligned ``S x S x S`` grid that covers its physical bounding box, intensities scaled
+  to ``[0, 1.5]`` by the 1st/99th percentiles; channel 0 = central axial slab (rows A→P,
+  columns R→L), 1 = central coronal slab (rows S→I, columns R→L), 2 = central sagittal
+  slab (rows S→I, columns A→P). Each slab is the mean of the 3 central grid slices.
+* ``features``: ``(N_FEATURES,)`` float32 — geometry of the grid (slice-axis direction,
+  physical extents, spacing, slice count), intensity statistics, and header evidence
+  (TE/TR/TI/flip with presence flags, ScanningSequence/SequenceVariant/MRAcquisitionType
+  codes). Absent header values are 0 with their presence flag 0.
+
+Free-text fields (SeriesDescription, BodyPartExamined) are never read.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import SimpleITK as sitk
+
+from sci_node.evidence import HeaderEvidence
+
+__all__ = ["FEATURE_NAMES", "N_FEATURES", "THUMB_SIZE", "series_inputs", "slice_axis", "view_of_image",
+           "scalar_volume", "header_features", "PREPROCESSING_ID"]
+
+PREPROCESSING_ID = "cls-thumbs-v1"
+THUMB_SIZE = 32
+_SCAN = ("SE", "GR", "IR", "EP", "RM")
+_VARIANT = ("SK", "SS", "SP", "MP", "OSP", "MTC", "TRSS")
+_HIST_BINS = 8
+
+FEATURE_NAMES: tuple[str, ...] = (
+    ("normal_lr", "normal_ap", "normal_si", "log_extent_lr", "log_extent_ap", "log_extent_si",
+     "log_inplane_spacing", "log_slice_spacing", "log_n_slices", "multi_volume", "frac_below_minus500")
+    + tuple(f"hist_{i}" for i in range(_HIST_BINS)) + ("foreground_frac",)
+    + ("log_te", "has_te", "log_tr", "has_tr", "log_ti", "has_ti", "flip_rad", "has_flip")
+    + tuple(f"scan_{c}" for c in _SCAN) + ("has_scan",)
+    + tuple(f"variant_{c}" for c in _VARIANT) + ("has_variant", "acq_2d", "acq_3d")
+)
+N_FEATURES = len(FEATURE_NAMES)
+N_HEADER_FEATURES = 8 + len(_SCAN) + 1 + len(_VARIANT) + 3
+
+
+def scalar_volume(image: sitk.Image) -> tuple[sitk.Image, int]:
+    """3-D float32 image of ``image`` and its number of volumes.
+
+    2-D images become one-slice volumes, 4-D images give their first volume, vector
+    images their first component.
+    """
+    n_vol = 1
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        image = sitk.VectorIndexSelectionCast(image, 0)
+    if image.GetDimension() == 4:
+        size = list(image.GetSize())
+        n_vol = size[3]
+        image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
+    elif image.GetDimension() == 2:
+        image = sitk.JoinSeries([image])
+    if image.GetDimension() != 3:
+        raise ValueError(f"expected a 2-D, 3-D or 4-D image, got {image.GetDimension()}-D")
+    return sitk.Cast(image, sitk.sitkFloat32), n_vol
+
+
+def slice_axis(image: sitk.Image) -> int:
+    """Index axis (0, 1, 2 in SimpleITK ``(x, y, z)`` order) along which the slices are stacked.
+
+    The thickest axis when the spacing is anisotropic (> 1.3x the others); for isotropic
+    voxels the axis with the fewest voxels (the slab/partition axis of 3-D scans), ties
+    going to axis 2 (the DICOM stacking axis).
+    """
+    sp = list(image.GetSpacing())[:3]
+    size = list(image.GetSize())[:3]
+    thick = max(range(3), key=lambda i: (sp[i], i))
+    if all(sp[thick] > 1.3 * sp[i] for i in range(3) if i != thick):
+        return thick
+    return min(range(3), key=lambda i: (size[i], -i))
+
+
+def _slice_normal(image: sitk.Image) -> np.ndarray:
+    d = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    return d[:, slice_axis(image)]
+
+
+def view_of_image(image: sitk.Image) -> str:
+    """``sagittal``/``coronal``/``axial`` plane of the stored slices (see :func:`slice_axis`)."""
+    vol, _ = scalar_volume(image)
+    n = np.abs(_slice_normal(vol))
+    return ("sagittal", "coronal", "axial")[int(np.argmax(n))]
+
+
+def _bbox(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Physical (LPS, mm) min and max corners of the voxel-edge bounding box."""
+    size = image.GetSize()
+    corners = []
+    for cx in (-0.5, size[0] - 0.5):
+        for cy in (-0.5, size[1] - 0.5):
+            for cz in (-0.5, size[2] - 0.5):
+                corners.append(image.TransformContinuousIndexToPhysicalPoint((cx, cy, cz)))
+    arr = np.asarray(corners)
+    return arr.min(axis=0), arr.max(axis=0)
+
+
+def _robust_scale(values: np.ndarray) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    sample = finite[:: max(1, finite.size // 200_000)]
+    lo, hi = np.percentile(sample, [1.0, 99.0])
+    if hi - lo < 1e-6:
+        hi = lo + 1.0
+    return float(lo), float(hi)
+
+
+def _thumbs(vol: sitk.Image, lo: float, size: int) -> np.ndarray:
+    """``(S, S, S)`` raw-valued grid ``(Z=I→S, Y=A→P, X=R→L)`` covering the bounding box."""
+    pmin, pmax = _bbox(vol)
+    extent = float(max(pmax - pmin))
+    spacing = extent / size
+    center = (pmin + pmax) / 2.0
+    origin = center - spacing * (size - 1) / 2.0
+    return sitk.GetArrayFromImage(sitk.Resample(
+        vol, [size] * 3, sitk.Transform(), sitk.sitkLinear, origin.tolist(), [spacing] * 3,
+        [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0], lo, sitk.sitkFloat32)).astype(np.float32)
+
+
+def header_features(ev: HeaderEvidence | None) -> np.ndarray:
+    """``(N_HEADER_FEATURES,)`` float32 header part of the feature vector (see module doc)."""
+    ev = ev or HeaderEvidence()
+    out: list[float] = []
+    for val in (ev.echo_time_ms, ev.repetition_time_ms, ev.inversion_time_ms):
+        ok = val is not None and val > 0
+        out += [math.log1p(val) if ok else 0.0, 1.0 if ok else 0.0]  # type: ignore[arg-type]
+    ok = ev.flip_angle_deg is not None
+    out += [math.radians(ev.flip_angle_deg) if ok else 0.0, 1.0 if ok else 0.0]  # type: ignore[arg-type]
+    scan = set(ev.scanning_sequence or ())
+    out += [1.0 if c in scan else 0.0 for c in _SCAN] + [1.0 if scan else 0.0]
+    var = set(ev.sequence_variant or ())
+    out += [1.0 if c in var else 0.0 for c in _VARIANT] + [1.0 if var else 0.0]
+    acq = (ev.mr_acquisition_type or "").upper()
+    out += [1.0 if acq == "2D" else 0.0, 1.0 if acq == "3D" else 0.0]
+    return np.asarray(out, dtype=np.float32)
+
+
+def series_inputs(image: sitk.Image, evidence: HeaderEvidence | None,
+                  size: int = THUMB_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Classifier inputs of one series.
+
+    Parameters
+    ----------
+    image : SimpleITK.Image
+        The series in patient LPS (2-D, 3-D or 4-D; see :func:`scalar_volume`).
+    evidence : HeaderEvidence | None
+        Header evidence; ``None`` = nothing known.
+    size : int
+        Thumbnail edge ``S`` in grid voxels.
+
+    Returns
+    -------
+    thumbs : numpy.ndarray
+        ``(3, S, S)`` float32 in ``[0, 1.5]``.
+    features : numpy.ndarray
+        ``(N_FEATURES,)`` float32, ordered as :data:`FEATURE_NAMES`.
+    """
+    vol, n_vol = scalar_volume(image)
+    raw = sitk.GetArrayViewFromImage(vol)
+    lo, hi = _robust_scale(np.asarray(raw))
+    grid = _thumbs(vol, lo, size)
+    scaled = np.clip((grid - lo) / (hi - lo), 0.0, 1.5)
+    c = size // 2
+    thumbs = np.stack([
+        scaled[c - 1:c + 2].mean(axis=0),
+        scaled[:, c - 1:c + 2, :].mean(axis=1)[::-1],
+        scaled[:, :, c - 1:c + 2].mean(axis=2)[::-1],
+    ]).astype(np.float32)
+    pmin, pmax = _bbox(vol)
+    sp = vol.GetSpacing()
+    ax = slice_axis(vol)
+    inplane = [sp[i] for i in range(3) if i != ax]
+    fg = scaled > 0.1
+    hist, _ = np.histogram(scaled[fg], bins=_HIST_BINS, range=(0.0, 1.5))
+    hist = hist / max(1, int(fg.sum()))
+    finite = np.asarray(raw)[:: 1]
+    geo = [*np.abs(_slice_normal(vol)).tolist(), *np.log1p(pmax - pmin).tolist(),
+           math.log(float(np.mean(inplane))), math.log(sp[ax]), math.log(vol.GetSize()[ax]),
+           1.0 if n_vol > 1 else 0.0, float(np.mean(finite < -500.0))]
+    feats = np.concatenate([np.asarray(geo, np.float32), hist.astype(np.float32),
+                            np.asarray([fg.mean()], np.float32), header_features(evidence)])
+    return np.ascontiguousarray(thumbs), feats.astype(np.float32)

@@ -1,0 +1,211 @@
+"""Series completion: "no new instance for ``stable_seconds``" plus a geometry check.
+
+An apscheduler ``BackgroundScheduler`` polls the index. A quiet series is checked
+(consistent orientation and matrix size, no duplicate slice positions, gaps reported),
+marked complete and its job enqueued in one transaction; a late instance re-opens the
+series as a new generation whose job supersedes the earlier one (see
+:meth:`sci_node.store.Store.complete_series`).
+
+:func:`check_geometry` is pure (header values in, report out); reading headers is the
+thin adapter :func:`read_slice_headers`.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pydicom
+import structlog
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from sci_node.config import NodeConfig
+from sci_node.store import SeriesRow, Store
+
+log = structlog.get_logger("sci_node.completion")
+
+#: Cosines closer than this are the same orientation; positions closer (mm) are the same slice.
+ORIENTATION_TOL = 1e-3
+POSITION_TOL_MM = 1e-3
+#: A slice step larger than this factor times the median step is a gap.
+GAP_FACTOR = 1.5
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """Geometry of one 2-D slice (a single-frame instance or one frame of a multi-frame one).
+
+    ``orientation`` is the 6 direction cosines (row, column) in patient LPS; ``position``
+    the (x, y, z) of the first voxel in mm; ``rows``/``cols`` the matrix size.
+    """
+
+    source: str
+    orientation: tuple[float, ...] | None
+    position: tuple[float, float, float] | None
+    rows: int
+    cols: int
+
+
+def check_geometry(slices: Sequence[SliceHeader]) -> tuple[dict[str, Any], str | None]:
+    """Check that slices form one volume.
+
+    Returns
+    -------
+    report, invalid_reason
+        ``report`` holds ``n_slices``, ``rows``, ``cols``, ``orientation``, ``slice_step_mm``
+        (median, mm), ``gaps`` (list of ``{"after_mm", "step_mm"}``) and ``duplicates``
+        (positions along the normal, mm, that occur more than once). ``invalid_reason``
+        is None when the series can be processed.
+    """
+    report: dict[str, Any] = {"n_slices": len(slices), "gaps": [], "duplicates": []}
+    if not slices:
+        return report, "no image slices"
+    sizes = {(s.rows, s.cols) for s in slices}
+    report["rows"], report["cols"] = slices[0].rows, slices[0].cols
+    if len(sizes) > 1:
+        return report, f"inconsistent matrix sizes {sorted(sizes)}"
+    if any(s.rows <= 0 or s.cols <= 0 for s in slices):
+        return report, f"invalid matrix size {slices[0].rows}x{slices[0].cols}"
+    missing = [s.source for s in slices if s.orientation is None or s.position is None]
+    if missing:
+        return report, f"missing ImageOrientationPatient/ImagePositionPatient in {len(missing)} slice(s)"
+    iops = np.array([s.orientation for s in slices], dtype=float)
+    if np.abs(iops - iops[0]).max() > ORIENTATION_TOL:
+        n_distinct = len({tuple(np.round(o, 3)) for o in iops})
+        return report, f"mixed orientations ({n_distinct} distinct ImageOrientationPatient values)"
+    report["orientation"] = [round(float(v), 6) for v in iops[0]]
+    normal = np.cross(iops[0, :3], iops[0, 3:])
+    along = np.sort(np.array([s.position for s in slices], dtype=float) @ normal)
+    steps = np.diff(along)
+    dup = steps < POSITION_TOL_MM
+    if dup.any():
+        report["duplicates"] = sorted({round(float(v), 3) for v in along[1:][dup]})
+        return report, f"duplicate slice positions ({int(dup.sum())} slice(s) share a position)"
+    if steps.size:
+        median = float(np.median(steps))
+        report["slice_step_mm"] = round(median, 4)
+        report["gaps"] = [{"after_mm": round(float(along[i]), 3), "step_mm": round(float(steps[i]), 3)}
+                          for i in np.nonzero(steps > GAP_FACTOR * median)[0]]
+    return report, None
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def read_slice_headers(files: Sequence[Path]) -> tuple[list[SliceHeader], list[str]]:
+    """Read the geometry of every slice (frames of multi-frame images included), no pixels.
+
+    Returns the slices and a list of per-file problems (unreadable files).
+    """
+    slices: list[SliceHeader] = []
+    problems: list[str] = []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+            per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+            if per_frame:
+                shared = ds.get("SharedFunctionalGroupsSequence") or [None]
+                for i, frame in enumerate(per_frame):
+                    slices.append(SliceHeader(f"{f.name}#{i + 1}", _frame_orientation(frame, shared[0]),
+                                              _frame_position(frame), rows, cols))
+            else:
+                pos = _floats(ds.get("ImagePositionPatient"), 3)
+                slices.append(SliceHeader(f.name, _floats(ds.get("ImageOrientationPatient"), 6),
+                                          pos if pos is None else (pos[0], pos[1], pos[2]), rows, cols))
+        except Exception as exc:  # any unreadable spool file is reported, never raised
+            problems.append(f"{f.name}: {type(exc).__name__}: {exc}"[:200])
+    return slices, problems
+
+
+def _frame_orientation(frame: Any, shared: Any) -> tuple[float, ...] | None:
+    for group in (frame, shared):
+        seq = group.get("PlaneOrientationSequence") if group is not None else None
+        if seq:
+            return _floats(seq[0].get("ImageOrientationPatient"), 6)
+    return None
+
+
+def _frame_position(frame: Any) -> tuple[float, float, float] | None:
+    seq = frame.get("PlanePositionSequence")
+    pos = _floats(seq[0].get("ImagePositionPatient"), 3) if seq else None
+    return None if pos is None else (pos[0], pos[1], pos[2])
+
+
+def check_series(files: Sequence[Path]) -> tuple[dict[str, Any], str | None]:
+    """Geometry report and invalid reason for the spooled files of one series."""
+    slices, problems = read_slice_headers(files)
+    report, reason = check_geometry(slices)
+    report["n_instances"] = len(files)
+    if problems:
+        report["unreadable"] = problems
+        reason = reason or f"{len(problems)} unreadable instance(s): {problems[0]}"
+    return report, reason
+
+
+class CompletionMonitor:
+    """Polls the store for quiet series and turns each into a job.
+
+    Parameters
+    ----------
+    cfg
+        Uses ``stable_seconds``.
+    store
+        The node's store.
+    on_job
+        Set whenever a job is enqueued (wakes the workers).
+    """
+
+    def __init__(self, cfg: NodeConfig, store: Store, on_job: threading.Event) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.on_job = on_job
+        self._sched = BackgroundScheduler(daemon=True)
+        interval = max(0.2, min(1.0, cfg.stable_seconds / 4))
+        self._sched.add_job(self.poll, "interval", seconds=interval, max_instances=1, coalesce=True,
+                            id="completion", misfire_grace_time=None)
+
+    def start(self) -> None:
+        """Start polling in the scheduler's background thread."""
+        self._sched.start()
+
+    def stop(self) -> None:
+        """Stop polling (waits for a running poll to finish)."""
+        self._sched.shutdown(wait=True)
+
+    def poll(self) -> list[int]:
+        """One pass: complete every series quiet for ``stable_seconds``; return the new job ids."""
+        jobs: list[int] = []
+        try:
+            for series in self.store.quiet_series(time.time() - self.cfg.stable_seconds):
+                job_id = self._complete(series)
+                if job_id is not None:
+                    jobs.append(job_id)
+        except Exception:  # the scheduler thread must survive anything; next poll retries
+            log.exception("completion.poll_failed")
+        if jobs:
+            self.on_job.set()
+        return jobs
+
+    def _complete(self, series: SeriesRow) -> int | None:
+        files = self.store.series_files(series.series_uid)
+        report, reason = check_series(files)
+        job_id = self.store.complete_series(series, report, reason)
+        if job_id is None:
+            return None  # an instance arrived meanwhile; check again later
+        fields = dict(job_id=job_id, study_uid=series.study_uid, series_uid=series.series_uid,
+                      generation=series.generation, instances=series.n_instances,
+                      calling_aet=series.calling_aet, gaps=len(report.get("gaps", [])))
+        if reason:
+            log.warning("audit.series_received", invalid_reason=reason, **fields)
+        else:
+            log.info("audit.series_received", **fields)
+        return job_id

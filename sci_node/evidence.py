@@ -1,0 +1,201 @@
+"""Header evidence for the routing classifiers, from DICOM headers or BIDS JSON sidecars.
+
+:class:`HeaderEvidence` is a frozen bag of optional acquisition parameters. Every field
+may be ``None``: the classifiers must work from the image alone (NIfTI without sidecar,
+anonymised headers, meaningless ``SeriesDescription``, absent ``BodyPartExamined``).
+
+Units: times in milliseconds (DICOM's unit; BIDS sidecars store seconds and are
+converted), flip angle in degrees, the slice normal as a unit vector in patient LPS.
+``series_description`` and ``body_part_examined`` are kept for logging and the job
+record only: the classifiers deliberately do not read these free-text fields.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+from sci_node.errors import InvalidDatasetError
+
+__all__ = ["HeaderEvidence", "view_from_normal"]
+
+VIEWS = ("sagittal", "coronal", "axial")  # plane perpendicular to LPS axis 0, 1, 2
+
+
+def _num(value: Any, field_name: str) -> float | None:
+    """Float of a DICOM/JSON numeric value (first of a multi-value); ``None`` if absent."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        if len(value) == 0:
+            return None
+        value = value[0]
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise InvalidDatasetError(f"{field_name} {value!r} is not a number") from None
+    if not math.isfinite(out):
+        raise InvalidDatasetError(f"{field_name} {value!r} is not finite")
+    return out
+
+
+def _codes(value: Any) -> tuple[str, ...] | None:
+    """Normalise a CS multi-value (``['SE', 'IR']``, ``'SK\\\\SP'`` or ``'SK_SP'``) to upper-case codes."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        parts = value.replace("\\", "_").split("_")
+    else:
+        parts = [str(v) for v in value]
+    codes = tuple(p.strip().upper() for p in parts if p.strip())
+    return codes or None
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _normal_from_iop(iop: Any) -> tuple[float, float, float] | None:
+    """Slice normal (row x column cosines) of an ImageOrientationPatient value, unit length, LPS."""
+    if iop is None:
+        return None
+    vals = [float(v) for v in iop]
+    if len(vals) != 6:
+        raise InvalidDatasetError(f"ImageOrientationPatient {list(iop)!r} does not have 6 values")
+    r, c = vals[:3], vals[3:]
+    n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+    norm = math.sqrt(sum(v * v for v in n))
+    if norm < 1e-6:
+        raise InvalidDatasetError(f"ImageOrientationPatient {vals!r} has parallel row and column cosines")
+    return (n[0] / norm, n[1] / norm, n[2] / norm)
+
+
+def view_from_normal(normal: tuple[float, float, float]) -> str:
+    """Acquisition plane of a slice normal in LPS: ``sagittal`` (normal ~ L/R), ``coronal`` (A/P), ``axial`` (S/I)."""
+    mags = [abs(v) for v in normal]
+    return VIEWS[mags.index(max(mags))]
+
+
+@dataclass(frozen=True)
+class HeaderEvidence:
+    """Acquisition parameters the classifiers may use; every field optional.
+
+    Attributes
+    ----------
+    slice_normal : tuple[float, float, float] | None
+        Unit normal of the slice plane in patient LPS (from ImageOrientationPatient).
+    echo_time_ms, repetition_time_ms, inversion_time_ms : float | None
+        TE, TR, TI in milliseconds.
+    flip_angle_deg : float | None
+    scanning_sequence, sequence_variant : tuple[str, ...] | None
+        DICOM (0018,0020) / (0018,0021) codes, e.g. ``("SE",)``, ``("SK", "SP", "OSP")``.
+    mr_acquisition_type : str | None
+        ``"2D"`` or ``"3D"``.
+    sequence_name : str | None
+        (0018,0024), e.g. ``"_tfl3d1_16"``, ``"*tse2d1_15"``.
+    series_description, body_part_examined : str | None
+        Free text; recorded, never used as classifier input.
+    """
+
+    slice_normal: tuple[float, float, float] | None = None
+    echo_time_ms: float | None = None
+    repetition_time_ms: float | None = None
+    inversion_time_ms: float | None = None
+    flip_angle_deg: float | None = None
+    scanning_sequence: tuple[str, ...] | None = None
+    sequence_variant: tuple[str, ...] | None = None
+    mr_acquisition_type: str | None = None
+    sequence_name: str | None = None
+    series_description: str | None = None
+    body_part_examined: str | None = None
+
+    @property
+    def view(self) -> str | None:
+        """Plane of :attr:`slice_normal` (``sagittal``/``coronal``/``axial``), ``None`` when unknown."""
+        return None if self.slice_normal is None else view_from_normal(self.slice_normal)
+
+    def without_text(self) -> "HeaderEvidence":
+        """Copy with the free-text fields cleared (what the classifiers see)."""
+        return replace(self, series_description=None, body_part_examined=None)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary (tuples become lists), for job records and logs."""
+        out: dict[str, Any] = {}
+        for key in self.__dataclass_fields__:
+            val = getattr(self, key)
+            out[key] = list(val) if isinstance(val, tuple) else val
+        return out
+
+    @classmethod
+    def from_dicom(cls, ds: Any) -> "HeaderEvidence":
+        """Evidence from one pydicom ``Dataset`` (classic MR; Enhanced MR shared groups are read too).
+
+        Raises
+        ------
+        InvalidDatasetError
+            A present attribute has an unusable value (non-numeric TE, 5-valued IOP, ...).
+        """
+        src = _flatten_enhanced(ds)
+        acq = _text(src.get("MRAcquisitionType"))
+        return cls(
+            slice_normal=_normal_from_iop(src.get("ImageOrientationPatient")),
+            echo_time_ms=_num(src.get("EchoTime"), "EchoTime"),
+            repetition_time_ms=_num(src.get("RepetitionTime"), "RepetitionTime"),
+            inversion_time_ms=_num(src.get("InversionTime"), "InversionTime"),
+            flip_angle_deg=_num(src.get("FlipAngle"), "FlipAngle"),
+            scanning_sequence=_codes(src.get("ScanningSequence")),
+            sequence_variant=_codes(src.get("SequenceVariant")),
+            mr_acquisition_type=acq.upper() if acq else None,
+            sequence_name=_text(src.get("SequenceName") or src.get("PulseSequenceName")),
+            series_description=_text(src.get("SeriesDescription")),
+            body_part_examined=_text(src.get("BodyPartExamined")),
+        )
+
+    @classmethod
+    def from_bids_sidecar(cls, sidecar: Mapping[str, Any]) -> "HeaderEvidence":
+        """Evidence from a BIDS JSON sidecar (dcm2niix keys; times in seconds are converted to ms)."""
+        def ms(key: str) -> float | None:
+            val = _num(sidecar.get(key), key)
+            return None if val is None else val * 1000.0
+
+        acq = _text(sidecar.get("MRAcquisitionType"))
+        iop = sidecar.get("ImageOrientationPatientDICOM")
+        return cls(
+            slice_normal=_normal_from_iop(iop) if iop is not None else None,
+            echo_time_ms=ms("EchoTime"),
+            repetition_time_ms=ms("RepetitionTime"),
+            inversion_time_ms=ms("InversionTime"),
+            flip_angle_deg=_num(sidecar.get("FlipAngle"), "FlipAngle"),
+            scanning_sequence=_codes(sidecar.get("ScanningSequence")),
+            sequence_variant=_codes(sidecar.get("SequenceVariant")),
+            mr_acquisition_type=acq.upper() if acq else None,
+            sequence_name=_text(sidecar.get("SequenceName") or sidecar.get("PulseSequenceDetails")),
+            series_description=_text(sidecar.get("SeriesDescription")),
+            body_part_examined=_text(sidecar.get("BodyPartExamined")),
+        )
+
+
+def _flatten_enhanced(ds: Any) -> dict[str, Any]:
+    """Top-level attributes plus those nested in Enhanced MR functional-group macros."""
+    keys = ("ImageOrientationPatient", "EchoTime", "RepetitionTime", "InversionTime", "FlipAngle",
+            "ScanningSequence", "SequenceVariant", "MRAcquisitionType", "SequenceName",
+            "PulseSequenceName", "SeriesDescription", "BodyPartExamined")
+    out: dict[str, Any] = {k: ds.get(k) for k in keys if k in ds}
+    groups = []
+    for seq_kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        if seq_kw in ds and len(ds[seq_kw].value) > 0:
+            groups.append(ds[seq_kw].value[0])
+    for grp in groups:
+        for macro in ("PlaneOrientationSequence", "MRTimingAndRelatedParametersSequence", "MREchoSequence",
+                      "MRModifierSequence"):
+            if macro in grp and len(grp[macro].value) > 0:
+                item = grp[macro].value[0]
+                for k in keys:
+                    if k not in out and k in item:
+                        out[k] = item.get(k)
+                if "EffectiveEchoTime" in item and "EchoTime" not in out:
+                    out["EchoTime"] = item.get("EffectiveEchoTime")
+    return out

@@ -1,0 +1,106 @@
+"""``sci-node serve``: wire the SCP, the completion scheduler, the workers and the exporter.
+
+Start order: store (+ crash recovery) -> workers/exporter -> completion scheduler -> SCP
+(last, so nothing is accepted before the rest can take it). Stop order is the reverse;
+SIGINT/SIGTERM stop cleanly. A job interrupted by the stop stays ``running`` and goes back
+to ``pending`` at the next start.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from types import FrameType
+
+import structlog
+
+from sci_node import __version__
+from sci_node.completion import CompletionMonitor
+from sci_node.config import NodeConfig
+from sci_node.export import Exporter
+from sci_node.scp import start_scp
+from sci_node.store import Store
+from sci_node.worker import ProviderFactory, Worker, default_provider
+
+log = structlog.get_logger("sci_node.node")
+
+
+def _log_config(cfg: NodeConfig) -> None:
+    log.info("node.config", version=__version__, ae_title=cfg.ae_title, bind=cfg.bind, port=cfg.port,
+             data_dir=str(cfg.data_dir), models_dir=str(cfg.models_dir), processor=cfg.processor,
+             destinations=[str(d) for d in cfg.destinations],
+             allowed_aes=[a.ae_title + (f"@{a.host}" if a.host else "") for a in cfg.allowed_aes],
+             stable_seconds=cfg.stable_seconds, workers=cfg.workers, device=cfg.device, tls=cfg.tls.enabled,
+             max_associations=cfg.limits.max_associations, min_free_disk_mb=cfg.limits.min_free_disk_mb)
+    if cfg.accepts_any_ae:
+        log.warning("node.accepts_any_ae", detail="allowed_aes is empty: every calling AE title is accepted")
+    if not cfg.destinations:
+        log.warning("node.no_destinations", detail="results are kept in the data dir but sent nowhere")
+
+
+def run_node(cfg: NodeConfig, provider_factory: ProviderFactory = default_provider,
+             stop: threading.Event | None = None) -> int:
+    """Run the node in the foreground until SIGINT/SIGTERM (or ``stop`` is set); return 0.
+
+    Parameters
+    ----------
+    cfg
+        The node configuration.
+    provider_factory
+        Builds the processor provider of each worker (default: ``cfg.processor``).
+    stop
+        Optional event to stop the node from another thread (tests, ``sci-node stack``).
+
+    Raises
+    ------
+    StorageError, ConfigError
+        When the data dir cannot be opened or the port cannot be bound.
+    """
+    _log_config(cfg)
+    stop = stop or threading.Event()
+    store = Store(cfg.data_dir)
+    recovered = store.recover()
+    if recovered:
+        log.warning("node.recovered_jobs", jobs=recovered, detail="jobs left running are pending again")
+    job_ready, result_ready = threading.Event(), threading.Event()
+    workers = [Worker(cfg, store, provider_factory(cfg), job_ready, result_ready, stop, name=f"worker-{i + 1}")
+               for i in range(cfg.workers)]
+    exporter = Exporter(cfg, store, result_ready, stop)
+    monitor = CompletionMonitor(cfg, store, job_ready)
+    for t in (*workers, exporter):
+        t.start()
+    monitor.start()
+    job_ready.set()
+    result_ready.set()
+    server = None
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        def _on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("node.stopping", signal=signal.Signals(signum).name)
+            stop.set()
+
+        previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server = start_scp(cfg, store)
+        log.info("node.ready", ae_title=cfg.ae_title, address=f"{cfg.bind}:{cfg.port}")
+        while not stop.wait(0.5):
+            pass
+    finally:
+        stop.set()
+        if server is not None:
+            server.shutdown()
+        monitor.stop()
+        job_ready.set()
+        result_ready.set()
+        deadline = time.monotonic() + 30
+        for t in (*workers, exporter):
+            t.join(max(0.1, deadline - time.monotonic()))
+        busy = [t.name for t in (*workers, exporter) if t.is_alive()]
+        if busy:
+            log.warning("node.stop_timeout", threads=busy, detail="their job resumes at the next start")
+        else:
+            store.close()
+        for s, h in previous.items():
+            signal.signal(s, h)
+        log.info("node.stopped")
+    return 0

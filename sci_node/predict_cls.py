@@ -1,0 +1,123 @@
+"""Routing classifier wrapper: artefact + shared preprocessing -> calibrated probabilities.
+
+>>> clf = Classifier.from_artifact(Path("models/anatomy/0.1.0"))
+>>> clf.predict(image, HeaderEvidence())          # doctest: +SKIP
+{'anatomy': {'spine': 0.97, 'brain': 0.02, 'abdomen': 0.005, 'other': 0.005}}
+
+The card of a classifier artefact carries, besides the common keys of
+:mod:`sci_node.artifact`: ``heads`` (head -> ordered class names, the order of the
+network's logits), ``calibration`` (``temperature`` per head, fitted on the
+leave-one-subject-out predictions; ``abstain_below``: the probability under which the
+classifier abstains) and ``preprocessing.id`` (must be
+:data:`sci_node.cls_features.PREPROCESSING_ID`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from sci_node.artifact import load_network
+from sci_node.cls_features import N_FEATURES, PREPROCESSING_ID, series_inputs
+from sci_node.errors import ModelError
+from sci_node.evidence import HeaderEvidence
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+    import torch
+
+__all__ = ["Classifier", "Decision", "check_classifier_card"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The winning class of one head, or ``None`` when the classifier abstains."""
+
+    label: str | None
+    probability: float
+    probs: dict[str, float]
+
+
+def check_classifier_card(card: Mapping[str, Any], where: str) -> None:
+    """Raise :class:`ModelError` when a card is not a usable routing-classifier card."""
+    if card.get("kind") != "classifier":
+        raise ModelError(f"{where}: kind {card.get('kind')!r} is not 'classifier'")
+    prep = card.get("preprocessing") or {}
+    if prep.get("id") != PREPROCESSING_ID:
+        raise ModelError(f"{where}: preprocessing id {prep.get('id')!r} is not {PREPROCESSING_ID!r} "
+                         "(trained for another version of sci_node.cls_features)")
+    if int(prep.get("n_features", -1)) != N_FEATURES:
+        raise ModelError(f"{where}: n_features {prep.get('n_features')!r} != {N_FEATURES}")
+    heads = card.get("heads")
+    if not isinstance(heads, dict) or not heads or not all(isinstance(v, list) and len(v) >= 2
+                                                           for v in heads.values()):
+        raise ModelError(f"{where}: heads {heads!r} must map head names to >= 2 class names")
+    args_heads = card["architecture"].get("args", {}).get("heads", {})
+    if {k: len(v) for k, v in heads.items()} != dict(args_heads):
+        raise ModelError(f"{where}: heads {heads!r} do not match the network heads {args_heads!r}")
+
+
+class Classifier:
+    """A loaded routing classifier (``anatomy``, ``region_view`` or ``sequence``).
+
+    Attributes
+    ----------
+    name, version : str
+    card : dict
+    heads : dict[str, list[str]]
+        Head name -> class names in logit order.
+    temperature : dict[str, float]
+    abstain_below : float
+    """
+
+    def __init__(self, net: "torch.nn.Module", card: dict[str, Any], device: str = "cpu") -> None:
+        self.net = net
+        self.card = card
+        self.device = device
+        self.name: str = str(card["name"])
+        self.version: str = str(card["version"])
+        self.heads: dict[str, list[str]] = {k: list(v) for k, v in card["heads"].items()}
+        calib = card.get("calibration") or {}
+        self.temperature: dict[str, float] = {h: float(calib.get("temperature", {}).get(h, 1.0)) for h in self.heads}
+        self.abstain_below: float = float(calib.get("abstain_below", 0.5))
+        self.thumb_size: int = int(card["preprocessing"].get("thumb_size", 32))
+
+    @classmethod
+    def from_artifact(cls, art_dir: Path, device: str = "cpu") -> "Classifier":
+        """Verify and load an artefact folder (checksum, card, ``weights_only`` weights)."""
+        from sci_node.artifact import read_card
+
+        check_classifier_card(read_card(Path(art_dir)), str(art_dir))
+        net, card = load_network(Path(art_dir), device=device)
+        return cls(net, card, device=device)
+
+    def predict_arrays(self, thumbs: np.ndarray, features: np.ndarray) -> dict[str, np.ndarray]:
+        """Calibrated probabilities for a batch: ``thumbs (B, 3, S, S)``, ``features (B, F)`` -> head -> ``(B, K)``."""
+        import torch
+
+        with torch.inference_mode():
+            logits = self.net(torch.as_tensor(thumbs, dtype=torch.float32, device=self.device),
+                              torch.as_tensor(features, dtype=torch.float32, device=self.device))
+            return {h: torch.softmax(logits[h] / self.temperature[h], dim=1).cpu().numpy() for h in self.heads}
+
+    def predict(self, image: "sitk.Image", evidence: HeaderEvidence | None = None) -> dict[str, dict[str, float]]:
+        """Head -> class -> calibrated probability for one series.
+
+        Parameters
+        ----------
+        image : SimpleITK.Image
+            The series in patient LPS (any orientation; 2-D/3-D/4-D).
+        evidence : HeaderEvidence | None
+            Header evidence; free-text fields are ignored.
+        """
+        thumbs, feats = series_inputs(image, evidence, size=self.thumb_size)
+        probs = self.predict_arrays(thumbs[None], feats[None])
+        return {h: {c: float(p) for c, p in zip(self.heads[h], probs[h][0])} for h in self.heads}
+
+    def decide(self, probs: Mapping[str, float], min_confidence: float | None = None) -> Decision:
+        """Most probable class of one head's probabilities, ``label=None`` (abstain) below the threshold."""
+        thr = self.abstain_below if min_confidence is None else float(min_confidence)
+        label, p = max(probs.items(), key=lambda kv: kv[1])
+        return Decision(label if p >= thr else None, float(p), dict(probs))

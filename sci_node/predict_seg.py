@@ -1,0 +1,127 @@
+"""Segmentation inference: a model artefact + :mod:`sci_node.preprocess` → a mask on the source grid.
+
+:class:`Segmenter` is what the pipeline calls; :func:`infer_volume` is the model-grid core
+the trainer also uses for validation, so training-time scores come from the same code.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from sci_node import postprocess, preprocess
+from sci_node.artifact import load_network
+from sci_node.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def infer_volume(net: "torch.nn.Module", array: np.ndarray, spec: preprocess.PrepSpec, device: str = "cpu",
+                 batch_slices: int = 16) -> np.ndarray:
+    """Foreground probability of every axial slice of a model-grid volume.
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+        2-D network, ``2*spec.context+1`` input channels, 1 output channel (logits).
+    array : numpy.ndarray
+        ``(Z, Y, X)`` float32 normalised model-grid intensities.
+    spec : PrepSpec
+        Gives ``patch_yx`` (sliding-window ROI) and ``context``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(Z, Y, X)`` float32 probabilities in [0, 1].
+    """
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    stacked, inner = preprocess.pad_to(preprocess.with_context(array, spec.context), spec.patch_yx)
+    out = np.zeros(array.shape, np.float32)
+    with torch.inference_mode():
+        for z0 in range(0, stacked.shape[0], batch_slices):
+            x = torch.from_numpy(np.ascontiguousarray(stacked[z0:z0 + batch_slices])).float().to(device)
+            logits = sliding_window_inference(x, roi_size=spec.patch_yx, sw_batch_size=batch_slices,
+                                              predictor=net, overlap=0.25, mode="gaussian")
+            prob = torch.sigmoid(logits)[:, 0].cpu().numpy()
+            out[z0:z0 + batch_slices] = prob[:, inner[0], inner[1]]
+    return out
+
+
+class Segmenter:
+    """One segmentation model ready to predict.
+
+    Attributes
+    ----------
+    name, version : str
+        From the card (``cord`` / ``lesion``, ``0.1.0`` ...).
+    card : dict
+        The full model card.
+    """
+
+    def __init__(self, net: "torch.nn.Module", card: dict[str, Any], device: str = "cpu") -> None:
+        self.net = net
+        self.card = card
+        self.name = str(card["name"])
+        self.version = str(card["version"])
+        self.device = device
+        try:
+            self.spec = preprocess.PrepSpec.from_card(card["preprocessing"])
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
+            raise ModelError(f"model {self.name} {self.version}: bad preprocessing in card: {exc}") from None
+        self.post: dict[str, Any] = dict(card.get("postprocessing", {}))
+
+    @classmethod
+    def from_artifact(cls, art_dir: Path, device: str = "cpu") -> "Segmenter":
+        """Load ``art_dir`` (verified checksum, ``weights_only=True``)."""
+        net, card = load_network(Path(art_dir), device=device)
+        if card.get("kind") != "segmentation":
+            raise ModelError(f"model artefact {str(art_dir)!r} is a {card.get('kind')!r}, not a segmentation model")
+        return cls(net, card, device)
+
+    def _roi_box(self, prepared: preprocess.Prepared, roi: np.ndarray) -> tuple[np.ndarray, tuple[slice, ...] | None]:
+        ref = preprocess.source_reference(prepared.source)
+        if tuple(roi.shape) != tuple(ref.GetSize()[::-1]):
+            raise ModelError(f"roi shape {roi.shape} does not match the image's (Z,Y,X) {ref.GetSize()[::-1]}")
+        roi_img = sitk.GetImageFromArray(roi.astype(np.uint8))
+        roi_img.CopyInformation(ref)
+        roi_m = preprocess.mask_to_model_grid(roi_img, prepared.grid)
+        sz, sy, sx = prepared.grid.GetSpacing()[::-1]
+        roi_m = postprocess.dilate_mm(roi_m, (sz, sy, sx), float(self.post.get("roi_dilate_mm", 2.0)))
+        margin_mm = float(self.post.get("roi_margin_mm", 16.0))
+        box = preprocess.roi_bbox(roi_m, (0, int(margin_mm / sy), int(margin_mm / sx)))
+        return roi_m, box
+
+    def predict_prob_model_grid(self, prepared: preprocess.Prepared, roi: np.ndarray | None = None) -> np.ndarray:
+        """``(Z, Y, X)`` float32 probabilities on ``prepared.grid`` (zero outside the ROI)."""
+        if roi is None:
+            return infer_volume(self.net, prepared.array, self.spec, self.device)
+        roi_m, box = self._roi_box(prepared, roi)
+        if box is None:
+            return np.zeros(prepared.array.shape, np.float32)
+        prob = infer_volume(self.net, preprocess.crop(prepared.array, box), self.spec, self.device)
+        return preprocess.paste(prob, box, prepared.array.shape) * roi_m
+
+    def predict(self, image: sitk.Image, roi: np.ndarray | None = None) -> np.ndarray:
+        """Segment ``image``; return a uint8 ``(Z, Y, X)`` mask on ``image``'s own grid.
+
+        Parameters
+        ----------
+        image : SimpleITK.Image
+            3-D MR image in patient LPS, any orientation (sagittal, axial ...).
+        roi : numpy.ndarray | None
+            ``(Z, Y, X)`` mask on ``image``'s grid (the cord for the lesion model): the
+            model only looks at a box around it and only keeps voxels in the dilated ROI.
+        """
+        prepared = preprocess.prepare(image, self.spec)
+        prob = self.predict_prob_model_grid(prepared, roi)
+        mask = preprocess.to_source_grid(prob, prepared, threshold=self.spec.threshold)
+        spacing = tuple(float(s) for s in image.GetSpacing()[:3][::-1])
+        return postprocess.keep_components(
+            mask, spacing,  # type: ignore[arg-type]
+            min_volume_mm3=float(self.post.get("min_volume_mm3", 0.0)),
+            min_fraction_of_largest=float(self.post.get("min_fraction_of_largest", 0.0)))

@@ -1,0 +1,147 @@
+"""Hierarchical routing: anatomy -> region & view -> sequence, with configurable rules.
+
+The classifiers run in that order and stop at the first decision that routes the series
+out (a brain series never reaches the sequence classifier). A head whose top probability is
+below ``rules.min_confidence`` abstains, which routes the series out. Every decision keeps
+the head's probabilities and the rule that fired, for the job record and the log.
+
+Gating heads: ``anatomy``, ``view`` and ``sequence``. ``region`` (cervical / thoracic /
+lumbar) is recorded but gates nothing (no rule uses it), so a low region confidence does not
+route a series out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from sci_node.config import RoutingRules
+
+#: Head -> classifier (model name) that predicts it, in the order they are asked.
+STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("anatomy", ("anatomy",)),
+    ("region_view", ("region", "view")),
+    ("sequence", ("sequence",)),
+)
+
+Probs = Mapping[str, float]
+#: Runs one classifier (model name) and returns head -> class -> probability.
+ClassifyFn = Callable[[str], Mapping[str, Probs]]
+
+
+@dataclass(frozen=True)
+class HeadDecision:
+    """The winning class of one head; ``label`` is None when the head abstained."""
+
+    label: str | None
+    probability: float
+    probs: dict[str, float]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form: label, probability, probs (rounded to 4 decimals)."""
+        return {"label": self.label, "probability": round(self.probability, 4),
+                "probs": {k: round(v, 4) for k, v in self.probs.items()}}
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """What to do with a series and why.
+
+    Attributes
+    ----------
+    segment_cord, segment_lesions
+        What the segmentation stage runs (both False when routed out).
+    rule
+        Human-readable rule that fired (also for routed-out series).
+    reason
+        Why the series was routed out; None when it is segmented.
+    heads
+        Head name -> :class:`HeadDecision`, for every head that was evaluated.
+    """
+
+    segment_cord: bool
+    segment_lesions: bool
+    rule: str
+    reason: str | None
+    heads: dict[str, HeadDecision] = field(default_factory=dict)
+
+    @property
+    def routed_out(self) -> bool:
+        """True when nothing is segmented."""
+        return not self.segment_cord
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"anatomy": {...}, "region": {...}, "view": {...}, "sequence": {...}, "rule": ..., ...}``."""
+        out: dict[str, Any] = {h: d.as_dict() for h, d in self.heads.items()}
+        out.update(rule=self.rule, reason=self.reason, segment_cord=self.segment_cord,
+                   segment_lesions=self.segment_lesions)
+        return out
+
+
+def decide_head(probs: Probs, min_confidence: float) -> HeadDecision:
+    """Most probable class, or an abstention (``label=None``) below ``min_confidence``."""
+    if not probs:
+        return HeadDecision(None, 0.0, {})
+    label, p = max(probs.items(), key=lambda kv: kv[1])
+    return HeadDecision(label if p >= min_confidence else None, float(p), {k: float(v) for k, v in probs.items()})
+
+
+def _out(heads: dict[str, HeadDecision], rule: str, reason: str) -> RoutingDecision:
+    return RoutingDecision(False, False, rule, reason, heads)
+
+
+def _abstained(head: str, d: HeadDecision, rules: RoutingRules) -> RoutingDecision | None:
+    if d.label is not None:
+        return None
+    top = max(d.probs.items(), key=lambda kv: kv[1])[0] if d.probs else "?"
+    return RoutingDecision(False, False, f"abstain: {head} confidence < min_confidence {rules.min_confidence:g}",
+                           f"{head} classifier abstained (top {top!r} p={d.probability:.2f} "
+                           f"< min_confidence {rules.min_confidence:g})")
+
+
+def route(classify: ClassifyFn, rules: RoutingRules) -> RoutingDecision:
+    """Run the classifier hierarchy through ``classify`` and apply ``rules``.
+
+    Parameters
+    ----------
+    classify
+        ``classify(model_name)`` -> head -> class -> probability; called for ``anatomy``,
+        then ``region_view``, then ``sequence``, stopping at the first routing-out decision.
+    rules
+        Which views and sequences are segmented, lesion sequences, ``min_confidence``.
+    """
+    heads: dict[str, HeadDecision] = {}
+    for model, head_names in STAGES:
+        out = classify(model)
+        for h in head_names:
+            heads[h] = decide_head(out.get(h, {}), rules.min_confidence)
+        verdict = _check_stage(model, heads, rules)
+        if verdict is not None:
+            return RoutingDecision(verdict.segment_cord, verdict.segment_lesions, verdict.rule,
+                                   verdict.reason, dict(heads))
+    seq = heads["sequence"].label
+    lesions = seq in rules.lesion_sequences
+    what = "cord+lesions" if lesions else "cord"
+    rule = (f"segment {what}: anatomy=spine, view={heads['view'].label} in {list(rules.views)}, "
+            f"sequence={seq} in {list(rules.lesion_sequences if lesions else rules.cord_sequences)}")
+    return RoutingDecision(True, lesions, rule, None, dict(heads))
+
+
+def _check_stage(model: str, heads: dict[str, HeadDecision], rules: RoutingRules) -> RoutingDecision | None:
+    """Routing-out decision after ``model``'s heads are known, or None to continue."""
+    gating = {"anatomy": ("anatomy",), "region_view": ("view",), "sequence": ("sequence",)}[model]
+    for h in gating:
+        d = heads[h]
+        abst = _abstained(h, d, rules)
+        if abst is not None:
+            return abst
+        if h == "anatomy" and d.label != "spine":
+            return _out(heads, "route-out: anatomy != spine",
+                        f"anatomy is {d.label} (p={d.probability:.2f}), not spine")
+        if h == "view" and d.label not in rules.views:
+            return _out(heads, f"route-out: view not in {list(rules.views)}",
+                        f"view is {d.label} (p={d.probability:.2f}); segmented views are {list(rules.views)}")
+        if h == "sequence" and d.label not in rules.cord_sequences:
+            return _out(heads, f"route-out: sequence not in {list(rules.cord_sequences)}",
+                        f"sequence is {d.label} (p={d.probability:.2f}); segmented sequences are "
+                        f"{list(rules.cord_sequences)}")
+    return None

@@ -1,0 +1,269 @@
+"""The node's DICOM SCP (pynetdicom): C-ECHO and C-STORE of MR images into the spool.
+
+One handler per DIMSE service, all registered in :func:`event_handlers`; dependencies
+(config, store) are bound handler arguments. Handlers never raise and never infer:
+the C-STORE handler reads the four UIDs it needs from the header, writes
+``event.encoded_dataset()`` (the bytes as sent, with a file meta header) durably to the
+spool, records it, and returns a named :class:`~sci_node.dimse.Status`.
+
+Admission happens when the A-ASSOCIATE-RQ arrives (``EVT_REQUESTED``): an unknown calling
+AE (or an allowed AE from the wrong host) is rejected permanently with reason "calling AE
+title not recognised"; a data directory below ``limits.min_free_disk_mb`` is rejected
+transiently with "local limit exceeded".
+"""
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from pydicom.uid import UID, EnhancedMRImageStorage, MRImageStorage
+from pynetdicom.sop_class import Verification as VerificationSOPClass
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.transport import ThreadedAssociationServer
+
+from sci_node.config import NodeConfig, TLSConfig
+from sci_node.dimse import STORAGE_TRANSFER_SYNTAXES, RejectReason, RejectResult, RejectSource, Status
+from sci_node.errors import ConfigError, StorageError
+from sci_node.store import InstanceKey, Store
+
+log = structlog.get_logger("sci_node.scp")
+
+#: Storage SOP classes accepted as SCP.
+STORAGE_SOP_CLASSES: tuple[str, ...] = (MRImageStorage, EnhancedMRImageStorage)
+
+
+@dataclass
+class ScpDeps:
+    """What the handlers need, bound to them as an argument (no globals)."""
+
+    cfg: NodeConfig
+    store: Store
+    #: instances stored per live association (keyed by ``id(assoc)``), for the audit line and caps
+    stored: dict[int, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def set_nodelay(sock: socket.socket | None) -> None:
+    """Disable Nagle's algorithm: DIMSE is request/response, small PDUs must not wait."""
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # e.g. a socket already closed by the peer
+
+
+def _assoc_socket(event: Event) -> socket.socket | None:
+    dul_sock = getattr(event.assoc.dul, "socket", None)
+    return getattr(dul_sock, "socket", None)
+
+
+# -- handlers ---------------------------------------------------------------------------------
+
+def handle_conn_open(event: Event) -> None:
+    """EVT_CONN_OPEN: TCP_NODELAY on the accepted socket."""
+    set_nodelay(_assoc_socket(event))
+
+
+def admission_refusal(deps: ScpDeps, calling_aet: str, host: str) -> tuple[RejectResult, RejectSource,
+                                                                                RejectReason, str] | None:
+    """Why an association request must be refused, or None to accept it (pure policy + disk check)."""
+    cfg = deps.cfg
+    if cfg.allowed_aes and not any(a.matches(calling_aet, host) for a in cfg.allowed_aes):
+        return (RejectResult.PERMANENT, RejectSource.SERVICE_USER, RejectReason.CALLING_AE_NOT_RECOGNISED,
+                "calling AE title not recognised")
+    try:
+        free = deps.store.free_disk_mb()
+    except OSError as exc:
+        return (RejectResult.TRANSIENT, RejectSource.PROVIDER_PRESENTATION, RejectReason.LOCAL_LIMIT_EXCEEDED,
+                f"data directory unavailable: {exc}")
+    if free < cfg.limits.min_free_disk_mb:
+        return (RejectResult.TRANSIENT, RejectSource.PROVIDER_PRESENTATION, RejectReason.LOCAL_LIMIT_EXCEEDED,
+                f"free disk {free:.0f} MiB below the {cfg.limits.min_free_disk_mb} MiB watermark")
+    return None
+
+
+def handle_requested(event: Event, deps: ScpDeps) -> None:
+    """EVT_REQUESTED: bind the association's log context; reject what admission refuses."""
+    try:
+        calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+        host = str(event.assoc.requestor.address)
+        structlog.contextvars.bind_contextvars(calling_aet=calling, peer=host)
+        refusal = admission_refusal(deps, calling, host)
+        if refusal is None:
+            return
+        result, source, reason, why = refusal
+        log.warning("association.rejected", reason=why, result=result.name, diagnostic=reason.name)
+        event.assoc.acse.send_reject(int(result), int(source), int(reason))
+        # As pynetdicom's own rejection path: wait until the DUL has sent the A-ASSOCIATE-RJ
+        # and the peer closed (or ARTIM expired), so the socket is not shut before the PDU leaves.
+        event.assoc.kill()
+    except Exception:  # a notification handler must never raise
+        log.exception("association.admission_error")
+
+
+def handle_established(event: Event, deps: ScpDeps) -> None:
+    """EVT_ESTABLISHED: start counting this association's instances."""
+    with deps.lock:
+        deps.stored[id(event.assoc)] = 0
+    log.info("association.accepted", contexts=len(event.assoc.accepted_contexts))
+
+
+def handle_closed(event: Event, deps: ScpDeps) -> None:
+    """EVT_RELEASED / EVT_ABORTED: one audit line per association."""
+    with deps.lock:
+        n = deps.stored.pop(id(event.assoc), 0)
+    log.info("association.closed", how=event.event.name, instances_stored=n)
+    structlog.contextvars.clear_contextvars()
+
+
+def handle_echo(event: Event) -> int:
+    """C-ECHO: always Success."""
+    return int(Status.SUCCESS)
+
+
+def _instance_key(event: Event) -> InstanceKey | tuple[Status, str]:
+    """The UIDs of the received data set, or the status + reason to refuse it with."""
+    try:
+        ds = event.dataset
+        uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
+                str(ds.SOPClassUID))
+    except Exception as exc:  # corrupt / undecodable data set
+        return Status.CANNOT_UNDERSTAND, f"cannot decode data set: {type(exc).__name__}: {exc}"[:300]
+    study, series, sop, sop_class = (u.strip("\0 ") for u in uids)
+    if not (study and series and sop):
+        return Status.CANNOT_UNDERSTAND, "missing Study/Series/SOP Instance UID"
+    if sop_class != event.context.abstract_syntax:
+        return Status.DATASET_SOP_CLASS_MISMATCH, (
+            f"SOP Class UID {sop_class} does not match the presentation context {event.context.abstract_syntax}")
+    if sop != str(event.request.AffectedSOPInstanceUID):
+        return Status.CANNOT_UNDERSTAND, "SOP Instance UID differs from the request's Affected SOP Instance UID"
+    problem = _pixel_problem(ds, str(event.context.transfer_syntax))
+    if problem:
+        return Status.CANNOT_UNDERSTAND, problem
+    return InstanceKey(study, series, sop, sop_class, str(event.context.transfer_syntax))
+
+
+def _pixel_problem(ds: Any, transfer_syntax: str) -> str | None:
+    """Why the image's pixel data cannot be right (header vs length), or None."""
+    try:
+        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        if rows <= 0 or cols <= 0:
+            return f"invalid matrix size Rows={rows} Columns={cols}"
+        if "PixelData" not in ds:
+            return "no Pixel Data"
+        if UID(transfer_syntax).is_compressed:
+            return None  # encapsulated fragments: decoding is the pipeline's job
+        bits = int(ds.get("BitsAllocated") or 0)
+        if bits not in (1, 8, 16, 32, 64):
+            return f"invalid Bits Allocated {bits}"
+        n = rows * cols * int(ds.get("SamplesPerPixel") or 1) * int(ds.get("NumberOfFrames") or 1)
+        expected = (n * bits + 7) // 8
+        have = len(ds.PixelData)
+        if have < expected:
+            return f"Pixel Data has {have} bytes, Rows x Columns x frames needs {expected}"
+    except Exception as exc:
+        return f"unreadable image header: {type(exc).__name__}: {exc}"[:300]
+    return None
+
+
+def handle_store(event: Event, deps: ScpDeps) -> int:
+    """C-STORE: spool (fsync) + record, then Success; a named failure status otherwise."""
+    try:
+        aid = id(event.assoc)
+        with deps.lock:
+            n = deps.stored.get(aid, 0)
+        if n >= deps.cfg.limits.max_instances_per_association:
+            log.warning("store.refused", reason="per-association instance cap reached", cap=n)
+            return int(Status.OUT_OF_RESOURCES)
+        key = _instance_key(event)
+        if isinstance(key, tuple):
+            status, why = key
+            log.warning("store.refused", status=f"0x{status:04X}", reason=why)
+            return int(status)
+        calling = str(event.assoc.requestor.ae_title).strip()
+        try:
+            is_new = deps.store.spool_instance(key, event.encoded_dataset(), calling_aet=calling)
+        except StorageError as exc:
+            log.error("store.failed", status="0xA700", reason=str(exc), sop_uid=key.sop_uid)
+            return int(Status.OUT_OF_RESOURCES)
+        with deps.lock:
+            deps.stored[aid] = deps.stored.get(aid, 0) + 1
+        log.debug("store.ok", sop_uid=key.sop_uid, series_uid=key.series_uid, duplicate=not is_new)
+        return int(Status.SUCCESS)
+    except Exception as exc:  # never raise out of a DIMSE handler
+        log.exception("store.error", reason=str(exc)[:200])
+        return int(Status.OUT_OF_RESOURCES)
+
+
+def event_handlers(deps: ScpDeps) -> list[tuple[Any, ...]]:
+    """Every handler of the SCP, with its bound dependencies."""
+    return [
+        (evt.EVT_CONN_OPEN, handle_conn_open),
+        (evt.EVT_REQUESTED, handle_requested, [deps]),
+        (evt.EVT_ESTABLISHED, handle_established, [deps]),
+        (evt.EVT_RELEASED, handle_closed, [deps]),
+        (evt.EVT_ABORTED, handle_closed, [deps]),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [deps]),
+    ]
+
+
+# -- the AE -----------------------------------------------------------------------------------
+
+def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
+    """The SCP's TLS context from the config (None when TLS is off).
+
+    Raises
+    ------
+    ConfigError
+        When a certificate/key/CA file cannot be loaded (the message names it).
+    """
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        if tls.ca_file is not None:
+            ctx.load_verify_locations(str(tls.ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls: cannot load {tls.cert_file} / {tls.key_file} / {tls.ca_file}: {exc}") from exc
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
+    return ctx
+
+
+def build_ae(cfg: NodeConfig) -> AE:
+    """The SCP's application entity: contexts, limits and timeouts from ``cfg``."""
+    ae = AE(ae_title=cfg.ae_title)
+    ae.add_supported_context(VerificationSOPClass)
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, list(STORAGE_TRANSFER_SYNTAXES))
+    ae.maximum_associations = cfg.limits.max_associations
+    ae.maximum_pdu_size = cfg.limits.max_pdu_bytes
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 60
+    ae.network_timeout = 60
+    return ae
+
+
+def start_scp(cfg: NodeConfig, store: Store) -> ThreadedAssociationServer:
+    """Start listening on ``cfg.bind:cfg.port`` in background threads; return the server.
+
+    Raises
+    ------
+    ConfigError
+        When the port cannot be bound (in use, permission) or the TLS files are unusable.
+    """
+    ae = build_ae(cfg)
+    deps = ScpDeps(cfg, store)
+    try:
+        server = ae.start_server((cfg.bind, cfg.port), block=False, evt_handlers=event_handlers(deps),
+                                 ssl_context=server_ssl_context(cfg.tls))
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {cfg.bind}:{cfg.port}: {exc}") from exc
+    set_nodelay(server.socket)  # accepted sockets inherit it on Linux; handle_conn_open makes sure
+    return server

@@ -1,0 +1,325 @@
+"""DICOM instances of one series -> one ``SimpleITK.Image`` in patient LPS, exact geometry.
+
+Slices are ordered by their ImagePositionPatient projected on the slice normal
+(``row_cosine x column_cosine``), never by InstanceNumber. A series is refused with an
+:class:`~sci_node.errors.InvalidSeriesError` naming the reason when its slices do not form
+one regular grid: mixed orientations, sizes or pixel spacings, duplicate positions,
+non-uniform slice spacing, positions not stacked along the normal (shear / gantry tilt).
+
+Single-frame MR/CT-like images and multi-frame Enhanced (or Legacy Converted Enhanced)
+images are supported; for the latter every frame's position, orientation, spacing and
+rescale come from the per-frame or shared functional groups. Compressed transfer syntaxes
+decode through pydicom's pixel-data plugins (pylibjpeg, pyjpegls, RLE, deflate).
+
+Each slice of the volume keeps a :class:`SourceRef` (SOP Class, SOP Instance, frame number)
+so the DICOM-SEG can reference exactly the instance (and frame) it was derived from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+
+from sci_node.errors import InvalidDatasetError, InvalidSeriesError
+
+#: Tolerance on direction cosines when comparing orientations (unitless).
+ORIENTATION_TOL = 1e-4
+#: Relative tolerance on slice spacing uniformity (fraction of the median gap).
+SPACING_RTOL = 0.01
+#: Absolute tolerance (mm) on in-plane offsets between consecutive slices (shear).
+SHEAR_TOL_MM = 0.05
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """Where one slice of the volume came from.
+
+    ``frame_number`` is the 1-based frame of a multi-frame instance, ``None`` for a
+    single-frame instance.
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    frame_number: int | None = None
+
+
+@dataclass(frozen=True)
+class _Slice:
+    position: np.ndarray  # (3,) LPS mm, centre of the first transmitted pixel
+    orientation: np.ndarray  # (6,) row cosine then column cosine
+    shape: tuple[int, int]  # (rows, columns)
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) mm
+    thickness: float | None
+    ref: SourceRef
+    dataset: Dataset
+    pixels: Callable[[], np.ndarray]  # -> (rows, columns) float32, rescaled
+
+
+@dataclass(frozen=True)
+class SeriesVolume:
+    """A series as a volume plus what is needed to write results back.
+
+    Attributes
+    ----------
+    image
+        float32 ``SimpleITK.Image`` in patient LPS; array order ``(Z, Y, X)`` =
+        (slice, row, column); slice ``k`` is ``refs[k]``.
+    refs
+        One :class:`SourceRef` per slice, in volume order.
+    datasets
+        The distinct source datasets (file order of first use in the sorted volume),
+        pixel data included; pass these to highdicom.
+    """
+
+    image: sitk.Image
+    refs: tuple[SourceRef, ...]
+    datasets: tuple[Dataset, ...]
+
+    @property
+    def first(self) -> Dataset:
+        """The dataset of the first slice (for header evidence and study attributes)."""
+        return self.datasets[0]
+
+    @property
+    def multiframe(self) -> bool:
+        """True when the slices are frames of a multi-frame instance."""
+        return self.refs[0].frame_number is not None
+
+
+def read_series(files: Sequence[Path]) -> SeriesVolume:
+    """Read the DICOM files of one series into a :class:`SeriesVolume`.
+
+    Raises
+    ------
+    InvalidDatasetError
+        A file is not DICOM or its pixel data cannot be decoded.
+    InvalidSeriesError
+        The instances do not form one regular volume (the message says why).
+    """
+    if not files:
+        raise InvalidSeriesError("series has no instances")
+    datasets = [_read(Path(f)) for f in files]
+    return volume_from_datasets(datasets)
+
+
+def volume_from_datasets(datasets: Sequence[Dataset]) -> SeriesVolume:
+    """Build the volume from already-read datasets (see :func:`read_series`)."""
+    uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
+    if len(uids) > 1:
+        raise InvalidSeriesError(f"instances belong to {len(uids)} different series: {sorted(uids)}")
+    slices: list[_Slice] = []
+    for ds in datasets:
+        slices.extend(_slices_of(ds))
+    ordered, step = _sort_and_check(slices)
+    return _assemble(ordered, step)
+
+
+def _read(path: Path) -> Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError) as exc:
+        raise InvalidDatasetError(f"{str(path)!r} is not a readable DICOM file: {exc}") from None
+
+
+def _floats(value: object, n: int, what: str, ds: Dataset) -> np.ndarray:
+    try:
+        arr = np.asarray([float(v) for v in value], dtype=np.float64)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        arr = np.empty(0)
+    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+        raise InvalidSeriesError(f"instance {ds.get('SOPInstanceUID', '?')}: {what} {value!r} is not {n} numbers")
+    return arr
+
+
+def _check_image(ds: Dataset) -> None:
+    sop = ds.get("SOPInstanceUID", "?")
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise InvalidSeriesError(f"instance {sop} ({ds.get('Modality', '?')}) has no pixel data")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise InvalidSeriesError(f"instance {sop}: SamplesPerPixel {ds.SamplesPerPixel} (colour) is not supported")
+
+
+def _decode(ds: Dataset) -> np.ndarray:
+    try:
+        return np.asarray(ds.pixel_array)
+    except Exception as exc:  # pydicom raises many types from its decoder plugins
+        ts = ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
+        raise InvalidDatasetError(
+            f"instance {ds.get('SOPInstanceUID', '?')}: pixel data (transfer syntax {ts}) cannot be decoded: {exc}"
+        ) from None
+
+
+def _rescale(arr: np.ndarray, slope: object, intercept: object) -> np.ndarray:
+    out = arr.astype(np.float32)
+    s = float(slope) if slope not in (None, "") else 1.0
+    i = float(intercept) if intercept not in (None, "") else 0.0
+    if s != 1.0 or i != 0.0:
+        out = out * np.float32(s) + np.float32(i)
+    return out
+
+
+def _slices_of(ds: Dataset) -> list[_Slice]:
+    _check_image(ds)
+    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+        return _frames_of(ds)
+    for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        if kw not in ds:
+            raise InvalidSeriesError(f"instance {ds.get('SOPInstanceUID', '?')} has no {kw}")
+    cache: dict[str, np.ndarray] = {}
+
+    def pixels() -> np.ndarray:
+        if "a" not in cache:
+            arr = _decode(ds)
+            if arr.ndim != 2:
+                raise InvalidSeriesError(f"instance {ds.SOPInstanceUID}: expected one frame, got shape {arr.shape}")
+            cache["a"] = _rescale(arr, ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
+        return cache["a"]
+
+    ps = _floats(ds.PixelSpacing, 2, "PixelSpacing", ds)
+    return [_Slice(
+        position=_floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", ds),
+        orientation=_floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", ds),
+        shape=(int(ds.Rows), int(ds.Columns)),
+        pixel_spacing=(float(ps[0]), float(ps[1])),
+        thickness=float(ds.SliceThickness) if ds.get("SliceThickness") not in (None, "") else None,
+        ref=SourceRef(str(ds.SOPClassUID), str(ds.SOPInstanceUID), None),
+        dataset=ds,
+        pixels=pixels,
+    )]
+
+
+def _group(ds: Dataset, index: int, seq: str) -> Dataset | None:
+    """Functional group item ``seq`` for frame ``index`` (0-based): per-frame first, then shared."""
+    for top, i in (("PerFrameFunctionalGroupsSequence", index), ("SharedFunctionalGroupsSequence", 0)):
+        groups = ds.get(top)
+        item = groups[i].get(seq) if groups and len(groups) > i else None
+        if item:
+            return item[0]
+    return None
+
+
+def _frames_of(ds: Dataset) -> list[_Slice]:
+    sop = str(ds.get("SOPInstanceUID", "?"))
+    n = int(ds.get("NumberOfFrames", 1))
+    cache: dict[str, np.ndarray] = {}
+
+    def frames() -> np.ndarray:
+        if "a" not in cache:
+            arr = _decode(ds)
+            cache["a"] = arr.reshape((n, *arr.shape[-2:]))
+        return cache["a"]
+
+    out: list[_Slice] = []
+    for i in range(n):
+        pos, ori, meas = (_group(ds, i, s) for s in
+                          ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence"))
+        if pos is None or ori is None or meas is None or "PixelSpacing" not in meas:
+            raise InvalidSeriesError(f"instance {sop} frame {i + 1}: plane position, orientation or pixel measures missing")
+        rescale = _group(ds, i, "PixelValueTransformationSequence")
+        slope = rescale.get("RescaleSlope") if rescale is not None else None
+        intercept = rescale.get("RescaleIntercept") if rescale is not None else None
+        ps = _floats(meas.PixelSpacing, 2, "PixelSpacing", ds)
+        thick = meas.get("SliceThickness")
+        out.append(_Slice(
+            position=_floats(pos.ImagePositionPatient, 3, "ImagePositionPatient", ds),
+            orientation=_floats(ori.ImageOrientationPatient, 6, "ImageOrientationPatient", ds),
+            shape=(int(ds.Rows), int(ds.Columns)),
+            pixel_spacing=(float(ps[0]), float(ps[1])),
+            thickness=float(thick) if thick not in (None, "") else None,
+            ref=SourceRef(str(ds.SOPClassUID), sop, i + 1),
+            dataset=ds,
+            pixels=lambda i=i, s=slope, c=intercept: _rescale(frames()[i], s, c),
+        ))
+    return out
+
+
+def _sort_and_check(slices: list[_Slice]) -> tuple[list[_Slice], float]:
+    """Order slices along the normal and check they form one regular grid; return (slices, step mm)."""
+    first = slices[0]
+    for s in slices[1:]:
+        if s.shape != first.shape:
+            raise InvalidSeriesError(
+                f"mixed image sizes: {first.shape[0]}x{first.shape[1]} ({first.ref.sop_instance_uid}) "
+                f"and {s.shape[0]}x{s.shape[1]} ({s.ref.sop_instance_uid})")
+        if np.max(np.abs(s.orientation - first.orientation)) > ORIENTATION_TOL:
+            raise InvalidSeriesError(
+                f"mixed orientations: ImageOrientationPatient {np.round(first.orientation, 4).tolist()} and "
+                f"{np.round(s.orientation, 4).tolist()} ({s.ref.sop_instance_uid})")
+        if not np.allclose(s.pixel_spacing, first.pixel_spacing, rtol=1e-4, atol=1e-4):
+            raise InvalidSeriesError(f"mixed pixel spacings: {list(first.pixel_spacing)} and {list(s.pixel_spacing)}")
+    normal = np.cross(first.orientation[:3], first.orientation[3:])
+    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
+        raise InvalidSeriesError(f"ImageOrientationPatient {first.orientation.tolist()} is not two orthonormal cosines")
+    dist = np.array([float(s.position @ normal) for s in slices])
+    order = np.argsort(dist, kind="stable")
+    ordered = [slices[i] for i in order]
+    dist = dist[order]
+    if len(ordered) == 1:
+        return ordered, float(first.thickness or 1.0)
+    gaps = np.diff(dist)
+    dup = int(np.argmin(gaps))
+    if gaps[dup] < 1e-3:
+        raise InvalidSeriesError(
+            f"duplicate slice position {np.round(ordered[dup].position, 3).tolist()} "
+            f"({ordered[dup].ref.sop_instance_uid} and {ordered[dup + 1].ref.sop_instance_uid})")
+    step = float(np.median(gaps))
+    bad = np.abs(gaps - step) > SPACING_RTOL * step
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise InvalidSeriesError(
+            f"non-uniform slice spacing: gap {gaps[k]:.3f} mm between slices {k} and {k + 1} "
+            f"vs median {step:.3f} mm (missing or extra slices?)")
+    offsets = np.array([s.position for s in ordered]) - ordered[0].position
+    shear = offsets - np.outer(dist - dist[0], normal)
+    if np.max(np.linalg.norm(shear, axis=1)) > SHEAR_TOL_MM + 1e-3 * step * len(ordered):
+        raise InvalidSeriesError(
+            f"slice positions are not stacked along the slice normal (in-plane offset "
+            f"{np.max(np.linalg.norm(shear, axis=1)):.3f} mm: gantry tilt or sheared stack)")
+    return ordered, step
+
+
+def _assemble(ordered: list[_Slice], step: float) -> SeriesVolume:
+    first = ordered[0]
+    arr = np.stack([s.pixels() for s in ordered]).astype(np.float32, copy=False)
+    img = sitk.GetImageFromArray(arr)  # (Z, Y, X) -> x = column, y = row, z = slice
+    row_c, col_c = first.orientation[:3], first.orientation[3:]
+    normal = np.cross(row_c, col_c)
+    img.SetOrigin(tuple(float(v) for v in first.position))
+    img.SetSpacing((first.pixel_spacing[1], first.pixel_spacing[0], step))
+    img.SetDirection(tuple(float(v) for v in np.column_stack([row_c, col_c, normal]).ravel()))
+    seen: dict[int, Dataset] = {}
+    for s in ordered:
+        seen.setdefault(id(s.dataset), s.dataset)
+    return SeriesVolume(image=img, refs=tuple(s.ref for s in ordered), datasets=tuple(seen.values()))
+
+
+def find_dicom_files(root: Path) -> dict[str, list[Path]]:
+    """Group every DICOM file under ``root`` (any folder layout) by SeriesInstanceUID.
+
+    Files that are not DICOM (or lack a SeriesInstanceUID) are skipped. Headers only are
+    read (pixel data deferred), so this is fast.
+
+    Returns
+    -------
+    dict
+        SeriesInstanceUID -> sorted list of file paths.
+    """
+    root = Path(root)
+    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    groups: dict[str, list[Path]] = {}
+    for p in paths:
+        if p.name.endswith((".nii", ".nii.gz", ".json", ".png", ".txt", ".md")):
+            continue
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "Modality"])
+        except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError, TypeError):
+            continue
+        uid = ds.get("SeriesInstanceUID")
+        if uid:
+            groups.setdefault(str(uid), []).append(p)
+    return groups

@@ -1,0 +1,528 @@
+"""The embedded deployment: Orthanc (PACS + DICOMweb + OHIF) and the node, wired on loopback.
+
+``sci-node stack`` runs both as child processes until Ctrl-C/SIGTERM::
+
+    scanner --C-STORE--> Orthanc (DicomAet ORTHANC, --dicom-port)
+                           | STABLE_SERIES of an MR series (plugin orthanc/plugin/sci_node_plugin.py)
+                           v  asynchronous job POST /modalities/sci-node/store
+                         sci-node serve (cfg.ae_title, 127.0.0.1:--node-port, allows ORTHANC only)
+                           | DICOM-SEG + SR, C-STORE
+                           v
+                         Orthanc, same study  --DICOMweb /dicom-web/-->  OHIF under /ohif/
+
+Layout in the data directory ``D`` (the node keeps its own spool and index in ``D`` too, so
+``sci-node status --data-dir D`` works unchanged)::
+
+    D/orthanc/orthanc.json        generated from orthanc/orthanc.json.in (mode 0600: it holds the password)
+    D/orthanc/credentials.json    generated HTTP credentials (mode 0600), only when none were given
+    D/orthanc/storage/            Orthanc's storage and index
+    D/orthanc/forwards.jsonl      the plugin's record of every forward to the node
+    D/logs/orthanc.log, node.log  the children's logs
+
+Orthanc 1.10 cannot bind its DICOM port to one address (it listens on every interface; its HTTP
+server only *answers* loopback clients unless ``RemoteAccessAllowed``): on a shared host, run the
+stack in a network namespace or firewall the DICOM port.
+
+:func:`run_demo` starts the same stack, sends the committed sample series with dcmtk's
+``storescu``, waits for the SEG in that study and prints the OHIF URL.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence, TextIO
+
+from sci_node.config import REPO_ROOT, NodeConfig
+from sci_node.errors import ConfigError, StackError
+from sci_node.logs import get_logger
+
+log = get_logger(__name__)
+
+ORTHANC_DIR = REPO_ROOT / "orthanc"
+CONFIG_TEMPLATE = ORTHANC_DIR / "orthanc.json.in"
+PLUGIN_SCRIPT = ORTHANC_DIR / "plugin" / "sci_node_plugin.py"
+OHIF_DIST = ORTHANC_DIR / "ohif-dist"
+SAMPLE_DIR = REPO_ROOT / "sample"
+PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc/plugins"),
+               Path("/usr/local/share/orthanc/plugins"))
+ORTHANC_AET = "ORTHANC"
+NODE_MODALITY = "sci-node"
+DEFAULT_USER = "scinode"
+NODE_STABLE_SECONDS = 2.0  # Orthanc already waited StableAge; the node only waits out the forward
+
+
+@dataclass(frozen=True)
+class StackPorts:
+    """TCP ports of the stack: Orthanc HTTP, Orthanc DICOM, the node's DICOM."""
+
+    http: int = 8042
+    dicom: int = 4242
+    node: int = 11112
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming every bad or clashing port."""
+        bad = [f"{k} port {v} is not in 1..65535" for k, v in vars(self).items() if not 0 < v < 65536]
+        if len({self.http, self.dicom, self.node}) != 3:
+            bad.append(f"ports must differ (http {self.http}, dicom {self.dicom}, node {self.node})")
+        if bad:
+            raise ConfigError("invalid stack ports: " + "; ".join(bad))
+
+
+@dataclass(frozen=True)
+class OrthancCredentials:
+    """Orthanc's HTTP user; the password never appears in ``repr``."""
+
+    user: str
+    password: str = field(repr=False)
+    file: Path | None = None  # where they are stored, when generated
+    generated: bool = False  # True only on the run that created them
+
+
+def resolve_credentials(state_dir: Path, user: str | None, password: str | None) -> OrthancCredentials:
+    """Return the credentials given, or the stored ones, or new ones stored with mode 0600.
+
+    Parameters
+    ----------
+    state_dir
+        ``D/orthanc``; ``credentials.json`` lives there.
+    user, password
+        From the command line edge (``SCI_ORTHANC_USER`` / ``SCI_ORTHANC_PASSWORD``); both or
+        neither.
+
+    Raises
+    ------
+    ConfigError
+        Only one of user/password given, or a stored file that is unreadable or not mode 0600.
+    """
+    if bool(user) != bool(password):
+        raise ConfigError("Orthanc credentials: give both user and password (SCI_ORTHANC_USER and "
+                          "SCI_ORTHANC_PASSWORD) or neither")
+    if user and password:
+        if ":" in user:
+            raise ConfigError(f"Orthanc user {user!r} must not contain ':'")
+        return OrthancCredentials(user, password)
+    path = state_dir / "credentials.json"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read_credentials(path)
+    creds = OrthancCredentials(DEFAULT_USER, secrets.token_urlsafe(18), path, generated=True)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump({"user": creds.user, "password": creds.password}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return creds
+
+
+def _read_credentials(path: Path) -> OrthancCredentials:
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(f"credentials file {str(path)!r} has mode {mode:o}: must be 600 (chmod 600 it)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return OrthancCredentials(str(data["user"]), str(data["password"]), path)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"credentials file {str(path)!r} is not valid ({exc}); delete it to regenerate") from None
+
+
+# -- Orthanc configuration ------------------------------------------------------------------
+
+def find_orthanc_plugin(name: str) -> Path:
+    """Path of an Orthanc plugin library (``libOrthancPython.so`` ...) in the Debian locations."""
+    for folder in PLUGIN_DIRS:
+        if (folder / name).is_file():
+            return folder / name
+    raise StackError(f"Orthanc plugin {name} not found in {', '.join(map(str, PLUGIN_DIRS))}: "
+                     "install orthanc-python and orthanc-dicomweb (bash scripts/install.sh)")
+
+
+def render_orthanc_config(template: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Fill ``@NAME@`` placeholders of the template with JSON-encoded values and parse it.
+
+    Raises
+    ------
+    StackError
+        A placeholder left unfilled or a template that does not parse.
+    """
+    text = template
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", json.dumps(value))
+    left = sorted(set(re.findall(r"@([A-Z_]+)@", text)))
+    if left:
+        raise StackError(f"Orthanc config template: unfilled placeholders {left}")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise StackError(f"Orthanc config template does not parse after filling: {exc}") from None
+
+
+def orthanc_config_values(cfg: NodeConfig, ports: StackPorts, creds: OrthancCredentials) -> dict[str, Any]:
+    """The placeholder values of ``orthanc/orthanc.json.in`` for this stack."""
+    state = cfg.data_dir / "orthanc"
+    return {
+        "STORAGE_DIR": str(state / "storage"),
+        "DICOMWEB_PLUGIN": str(find_orthanc_plugin("libOrthancDicomWeb.so")),
+        "PYTHON_PLUGIN": str(find_orthanc_plugin("libOrthancPython.so")),
+        "HTTP_PORT": ports.http,
+        "REMOTE_ACCESS": cfg.bind not in ("127.0.0.1", "localhost", "::1"),
+        "REGISTERED_USERS": {creds.user: creds.password},
+        "DICOM_PORT": ports.dicom,
+        "NODE_MODALITY": NODE_MODALITY,
+        "NODE_AET": cfg.ae_title,
+        "NODE_PORT": ports.node,
+        "STABLE_AGE": max(1, math.ceil(cfg.stable_seconds)),
+        "PLUGIN_SCRIPT": str(PLUGIN_SCRIPT),
+        "NODE_DATA_DIR": str(cfg.data_dir),
+        "PLUGIN_STATE_DIR": str(state),
+        "NODE_CLI": [sys.executable, "-m", "sci_node.cli"],
+        "SITE_PACKAGES": sysconfig.get_paths()["purelib"],
+        "OHIF_DIST": str(OHIF_DIST),
+    }
+
+
+def write_orthanc_config(cfg: NodeConfig, ports: StackPorts, creds: OrthancCredentials) -> Path:
+    """Write ``D/orthanc/orthanc.json`` (mode 0600) and create Orthanc's storage folder."""
+    state = cfg.data_dir / "orthanc"
+    (state / "storage").mkdir(parents=True, exist_ok=True)
+    config = render_orthanc_config(CONFIG_TEMPLATE.read_text(encoding="utf-8"),
+                                   orthanc_config_values(cfg, ports, creds))
+    path = state / "orthanc.json"
+    tmp = path.with_suffix(".json.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=2)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+# -- processes ------------------------------------------------------------------------------
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """What :class:`Stack` starts: the node config, ports, credentials and optional TOML file."""
+
+    cfg: NodeConfig
+    ports: StackPorts
+    creds: OrthancCredentials
+    config_file: Path | None = None
+    orthanc_bin: str = "Orthanc"
+
+
+class Stack:
+    """Orthanc and ``sci-node serve`` as child processes; a context manager that stops both."""
+
+    def __init__(self, spec: StackSpec) -> None:
+        self.spec = spec
+        self.log_dir = spec.cfg.data_dir / "logs"
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        """Orthanc's base URL on loopback."""
+        return f"http://127.0.0.1:{self.spec.ports.http}"
+
+    def client(self, timeout: float = 30.0) -> Any:
+        """A pyorthanc client logged in with the stack's credentials."""
+        from pyorthanc import Orthanc
+
+        return Orthanc(self.url, username=self.spec.creds.user, password=self.spec.creds.password,
+                       timeout=timeout, trust_env=False)
+
+    def node_argv(self) -> list[str]:
+        """``sci-node serve`` wired to this Orthanc."""
+        cfg, ports = self.spec.cfg, self.spec.ports
+        argv = [sys.executable, "-m", "sci_node.cli", "serve",
+                "--data-dir", str(cfg.data_dir), "--models-dir", str(cfg.models_dir),
+                "--ae-title", cfg.ae_title, "--port", str(ports.node), "--bind", "127.0.0.1",
+                "--destination", f"{ORTHANC_AET}@127.0.0.1:{ports.dicom}", "--allow-ae", ORTHANC_AET,
+                "--stable-seconds", str(min(cfg.stable_seconds, NODE_STABLE_SECONDS)),
+                "--workers", str(cfg.workers), "--device", cfg.device,
+                "--log-format", "json", "--log-level", cfg.log_level]
+        if self.spec.config_file is not None:
+            argv += ["--config", str(self.spec.config_file)]
+        return argv
+
+    def _spawn(self, name: str, argv: Sequence[str], env: dict[str, str]) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"{name}.log", "ab") as logf:
+            self.procs[name] = subprocess.Popen(
+                list(argv), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                cwd=str(REPO_ROOT), start_new_session=True, preexec_fn=_die_with_parent)
+        log.info("stack_child_started", child=name, pid=self.procs[name].pid)
+
+    def start(self) -> None:
+        """Write Orthanc's config and start Orthanc, then the node."""
+        self.spec.ports.validate()
+        exe = shutil.which(self.spec.orthanc_bin) or shutil.which("Orthanc", path="/usr/sbin:/usr/bin")
+        if exe is None:
+            raise StackError("Orthanc is not installed (no 'Orthanc' executable): run bash scripts/install.sh")
+        conf = write_orthanc_config(self.spec.cfg, self.spec.ports, self.spec.creds)
+        # dcmtk inside Orthanc waits ~40-90 ms per instance on Nagle/delayed ACK without this.
+        env = dict(os.environ, TCP_NODELAY="1")
+        self._spawn("orthanc", [exe, str(conf)], env)
+        node_env = dict(os.environ, PYTHONUNBUFFERED="1")
+        node_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), node_env.get("PYTHONPATH")]))
+        self._spawn("node", self.node_argv(), node_env)
+
+    def check_alive(self) -> None:
+        """Raise :class:`StackError` (with the log tail) when a child has exited."""
+        for name, proc in self.procs.items():
+            code = proc.poll()
+            if code is not None:
+                raise StackError(f"{name} exited with code {code}; last log lines:\n{self.log_tail(name)}")
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        """The last lines of a child's log file."""
+        try:
+            text = (self.log_dir / f"{name}.log").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        """Wait until Orthanc answers ``/system`` and C-ECHOes the node through its modality entry."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        client = self.client(timeout=10.0)
+        for what, probe in (("orthanc", lambda: client.get_system()),
+                            ("node", lambda: client.post_modalities_id_echo(NODE_MODALITY, json={}))):
+            while True:
+                self.check_alive()
+                try:
+                    probe()
+                    break
+                except httpx.HTTPError as exc:
+                    if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 401:
+                        raise StackError(f"Orthanc at {self.url} rejected our credentials: is another "
+                                         "Orthanc running on that port?") from None
+                    if time.monotonic() > deadline:
+                        raise StackError(f"{what} not ready after {timeout:.0f} s: {exc}; last log lines:\n"
+                                         f"{self.log_tail(what)}") from None
+                    time.sleep(0.5)
+            log.info("stack_child_ready", child=what)
+
+    def stop(self, timeout: float = 30.0) -> dict[str, int | None]:
+        """SIGTERM the node, then Orthanc; SIGKILL what has not exited after ``timeout``."""
+        codes: dict[str, int | None] = {}
+        for name in ("node", "orthanc"):
+            proc = self.procs.get(name)
+            if proc is None:
+                continue
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning("stack_child_killed", child=name, after_s=timeout)
+                    proc.kill()
+                    proc.wait()
+            codes[name] = proc.returncode
+        self.procs.clear()
+        return codes
+
+    def __enter__(self) -> "Stack":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -- the two commands -----------------------------------------------------------------------
+
+def _say(out: TextIO, text: str) -> None:
+    out.write(text + "\n")
+    out.flush()
+
+
+def ohif_study_url(base_url: str, study_uid: str) -> str:
+    """URL that opens one study in the OHIF viewer served by Orthanc."""
+    return f"{base_url}/ohif/viewer?StudyInstanceUIDs={study_uid}"
+
+
+def _announce(stack: Stack, out: TextIO) -> None:
+    spec, url = stack.spec, stack.url
+    creds = spec.creds
+    _say(out, "sci-node stack is up")
+    _say(out, f"  Orthanc (PACS):   {url}/app/explorer.html   DICOM {ORTHANC_AET} port {spec.ports.dicom} "
+              "(Orthanc 1.10 listens on all interfaces)")
+    ohif = f"{url}/ohif/" if (OHIF_DIST / "index.html").is_file() else \
+        "not installed (run scripts/install_ohif.sh)"
+    _say(out, f"  OHIF viewer:      {ohif}")
+    _say(out, f"  sci-node status:  {url}/sci-node/")
+    _say(out, f"  node:             {spec.cfg.ae_title}@127.0.0.1:{spec.ports.node} (accepts {ORTHANC_AET} only)")
+    if creds.generated:
+        _say(out, f"  login:            user {creds.user!r} password {creds.password!r} "
+                  f"(generated once; stored mode 0600 in {creds.file})")
+    elif creds.file is not None:
+        _say(out, f"  login:            user {creds.user!r}, password in {creds.file}")
+    else:
+        _say(out, f"  login:            user {creds.user!r} (password as given)")
+    _say(out, f"  logs:             {stack.log_dir}")
+    _say(out, f"  send MR series:   storescu -aet SCANNER -aec {ORTHANC_AET} 127.0.0.1 {spec.ports.dicom} FILES...")
+
+
+def _run_until_signal(stack: Stack, out: TextIO) -> int:
+    stop = threading.Event()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        _say(out, "Ctrl-C stops both.")
+        while not stop.wait(1.0):
+            stack.check_alive()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    codes = stack.stop()
+    _say(out, f"stopped (exit codes: {', '.join(f'{k} {v}' for k, v in codes.items())})")
+    return 0
+
+
+def _spec(cfg: NodeConfig, ports: StackPorts, user: str | None, password: str | None,
+          config_file: Path | None) -> StackSpec:
+    ports.validate()
+    creds = resolve_credentials(cfg.data_dir / "orthanc", user, password)
+    return StackSpec(cfg=cfg, ports=ports, creds=creds, config_file=config_file)
+
+
+def run_stack(cfg: NodeConfig, http_port: int = 8042, dicom_port: int = 4242, node_port: int = 11112, *,
+              orthanc_user: str | None = None, orthanc_password: str | None = None,
+              config_file: Path | None = None, out: TextIO = sys.stdout) -> int:
+    """Run Orthanc + the node wired together in the foreground until Ctrl-C/SIGTERM.
+
+    Parameters
+    ----------
+    cfg
+        The node's configuration (AE title, data dir, models, stable seconds -> Orthanc StableAge).
+    http_port, dicom_port, node_port
+        Orthanc HTTP, Orthanc DICOM and node DICOM ports.
+    orthanc_user, orthanc_password
+        Orthanc HTTP login; both ``None`` -> generated on first run and stored in the data dir.
+    config_file
+        The TOML file ``cfg`` came from, passed on to ``sci-node serve``.
+    out
+        Where the "where to look" lines go.
+
+    Returns
+    -------
+    int
+        0 after a clean stop.
+    """
+    spec = _spec(cfg, StackPorts(http_port, dicom_port, node_port), orthanc_user, orthanc_password, config_file)
+    stack = Stack(spec)
+    try:
+        stack.start()
+        stack.wait_ready()
+        _announce(stack, out)
+        return _run_until_signal(stack, out)
+    finally:
+        stack.stop()
+
+
+def sample_series_files(sample_dir: Path = SAMPLE_DIR) -> list[Path]:
+    """The committed sample series: every DICOM file (``DICM`` preamble) under ``sample_dir``."""
+    files = []
+    for path in sorted(sample_dir.rglob("*")) if sample_dir.is_dir() else ():
+        if path.is_file():
+            with open(path, "rb") as fh:
+                fh.seek(128)
+                if fh.read(4) == b"DICM":
+                    files.append(path)
+    if not files:
+        raise StackError(f"no sample DICOM series under {str(sample_dir)!r}")
+    return files
+
+
+def storescu(files: Sequence[Path], port: int, calling_ae: str = "SCANNER", called_ae: str = ORTHANC_AET,
+             host: str = "127.0.0.1") -> None:
+    """Send files with dcmtk's ``storescu`` (what a scanner would do)."""
+    exe = shutil.which("storescu")
+    if exe is None:
+        raise StackError("dcmtk's storescu is not installed: run bash scripts/install.sh")
+    proc = subprocess.run([exe, "-aet", calling_ae, "-aec", called_ae, host, str(port), *map(str, files)],
+                          capture_output=True, text=True, env=dict(os.environ, TCP_NODELAY="1"))
+    if proc.returncode != 0:
+        raise StackError(f"storescu to {called_ae}@{host}:{port} failed ({proc.returncode}): "
+                         f"{proc.stderr.strip()[-500:]}")
+
+
+def wait_for_modality(client: Any, study_uid: str, modality: str, timeout: float,
+                      alive: Any = None) -> list[str]:
+    """Poll ``POST /tools/find`` until a series of ``modality`` exists in the study; its Orthanc ids."""
+    deadline = time.monotonic() + timeout
+    query = {"Level": "Series", "Query": {"StudyInstanceUID": study_uid, "Modality": modality}}
+    while True:
+        found = client.post_tools_find(json=query)
+        if found:
+            return list(found)
+        if alive is not None:
+            alive()
+        if time.monotonic() > deadline:
+            raise StackError(f"no {modality} series in study {study_uid} after {timeout:.0f} s")
+        time.sleep(1.0)
+
+
+def _iter_study_uids(files: Sequence[Path]) -> Iterator[str]:
+    import pydicom
+
+    for path in files:
+        yield str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
+
+
+def run_demo(cfg: NodeConfig, http_port: int = 8042, dicom_port: int = 4242, node_port: int = 11112,
+             keep_running: bool = True, *, orthanc_user: str | None = None, orthanc_password: str | None = None,
+             config_file: Path | None = None, sample_dir: Path = SAMPLE_DIR, seg_timeout: float = 900.0,
+             out: TextIO = sys.stdout) -> int:
+    """Start the stack, send the sample series into Orthanc, wait for its SEG, print the OHIF URL.
+
+    Parameters are those of :func:`run_stack`, plus ``keep_running`` (stay up until Ctrl-C after
+    the SEG arrived), ``sample_dir`` (the series to send) and ``seg_timeout`` (seconds).
+
+    Raises
+    ------
+    StackError
+        A child died, the sample is missing, storescu failed or no SEG arrived in time.
+    """
+    files = sample_series_files(sample_dir)
+    study_uid = next(_iter_study_uids(files[:1]))
+    spec = _spec(cfg, StackPorts(http_port, dicom_port, node_port), orthanc_user, orthanc_password, config_file)
+    stack = Stack(spec)
+    try:
+        stack.start()
+        stack.wait_ready()
+        _announce(stack, out)
+        t0 = time.monotonic()
+        storescu(files, dicom_port)
+        _say(out, f"sent {len(files)} sample instances (study {study_uid}); waiting for the segmentation...")
+        wait_for_modality(stack.client(), study_uid, "SEG", seg_timeout, alive=stack.check_alive)
+        _say(out, f"DICOM-SEG in Orthanc {time.monotonic() - t0:.1f} s after the send")
+        _say(out, f"OHIF: {ohif_study_url(stack.url, study_uid)}")
+        if keep_running:
+            return _run_until_signal(stack, out)
+        return 0
+    finally:
+        stack.stop()

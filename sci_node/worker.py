@@ -1,0 +1,241 @@
+"""The worker: claims pending jobs, runs a :class:`Processor` on the series, records the outcome.
+
+A job's outcome and its outbox entries are written in one transaction
+(:meth:`sci_node.store.Store.finish_job`), so after ``kill -9`` a job either runs again
+(it was left ``running``; :meth:`~sci_node.store.Store.recover` puts it back to ``pending``)
+or its results are sent — never both, never neither.
+
+Processors
+----------
+``pipeline`` (default)
+    The models: :class:`sci_node.pipeline.Pipeline` built from the active models of
+    :class:`sci_node.registry.ModelRegistry`; rebuilt between jobs whenever the registry's
+    ``state_token()`` changes (an admin activated or rolled back a model).
+``derived-sc``
+    A built-in plumbing check: one derived Secondary Capture (the middle slice) per series.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import structlog
+
+from sci_node.config import NodeConfig
+from sci_node.errors import InvalidSeriesError, ModelError, SciNodeError
+from sci_node.store import Job, Store
+
+log = structlog.get_logger("sci_node.worker")
+
+
+class ProcessResult(Protocol):
+    """What a processor returns (``sci_node.pipeline.PipelineResult`` satisfies it)."""
+
+    status: str  # "done" | "routed-out"
+    reason: str | None
+    routing: Mapping[str, Any]
+    outputs: tuple[Path, ...]
+    model_versions: Mapping[str, str]
+    timings: Mapping[str, float]
+    summary: Mapping[str, Any]
+
+
+class Processor(Protocol):
+    """Turns the files of one complete series into result files under ``out_dir``.
+
+    Raises :class:`~sci_node.errors.InvalidSeriesError` (the series cannot be processed)
+    or :class:`~sci_node.errors.ModelError`.
+    """
+
+    def process(self, files: Sequence[Path], out_dir: Path) -> ProcessResult: ...
+
+
+class ProcessorProvider(Protocol):
+    """Returns the processor to use for the next job (may rebuild it between jobs)."""
+
+    def current(self) -> Processor: ...
+
+
+@dataclass(frozen=True)
+class SimpleResult:
+    """A :class:`ProcessResult` for processors other than the pipeline."""
+
+    status: str
+    reason: str | None = None
+    routing: Mapping[str, Any] = field(default_factory=dict)
+    outputs: tuple[Path, ...] = ()
+    model_versions: Mapping[str, str] = field(default_factory=dict)
+    timings: Mapping[str, float] = field(default_factory=dict)
+    summary: Mapping[str, Any] = field(default_factory=dict)
+
+
+class DerivedSCProcessor:
+    """Plumbing check: writes one Secondary Capture of the middle slice (uint8, MONOCHROME2)."""
+
+    def process(self, files: Sequence[Path], out_dir: Path) -> ProcessResult:
+        import highdicom as hd
+        import numpy as np
+        import pydicom
+        from pydicom.uid import generate_uid
+
+        t0 = time.perf_counter()
+        try:
+            datasets = sorted((pydicom.dcmread(f) for f in files), key=lambda d: int(d.get("InstanceNumber") or 0))
+            ref = datasets[len(datasets) // 2]
+            arr = ref.pixel_array.astype(np.float32)
+        except Exception as exc:
+            raise InvalidSeriesError(f"cannot decode the series' pixels: {type(exc).__name__}: {exc}") from exc
+        if arr.ndim == 3:  # multi-frame: middle frame
+            arr = arr[arr.shape[0] // 2]
+        lo, hi = float(arr.min()), float(arr.max())
+        img = ((arr - lo) / (hi - lo or 1.0) * 255).astype(np.uint8)
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=ref, pixel_array=img, photometric_interpretation="MONOCHROME2", bits_allocated=8,
+            coordinate_system="PATIENT", series_instance_uid=generate_uid(), series_number=9901,
+            sop_instance_uid=generate_uid(), instance_number=1, manufacturer="sci-node",
+            patient_orientation=("A", "F"), transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out = out_dir / "derived-sc.dcm"
+        sc.save_as(out, enforce_file_format=True)
+        return SimpleResult(status="done", outputs=(out,), model_versions={"derived-sc": "1"},
+                            timings={"total": time.perf_counter() - t0}, summary={"slices": len(datasets)})
+
+
+class FixedProvider:
+    """Always the same processor."""
+
+    def __init__(self, processor: Processor) -> None:
+        self._processor = processor
+
+    def current(self) -> Processor:
+        return self._processor
+
+
+class _PipelineAdapter:
+    """``Pipeline.run_dicom`` seen as a :class:`Processor`."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
+
+    def process(self, files: Sequence[Path], out_dir: Path) -> ProcessResult:
+        result: ProcessResult = self.pipeline.run_dicom(list(files), out_dir)
+        return result
+
+
+class RegistryPipelineProvider:
+    """The real pipeline on the registry's active models, rebuilt when activations change."""
+
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        self._token: Any = object()
+        self._processor: Processor | None = None
+
+    def current(self) -> Processor:
+        """Return the processor, reloading models if the registry changed since the last job.
+
+        Raises
+        ------
+        ModelError
+            When the registry/pipeline modules are unavailable or no models are active.
+        """
+        try:
+            from sci_node.pipeline import Pipeline
+            from sci_node.registry import ModelRegistry
+        except ImportError as exc:
+            raise ModelError(f"the inference pipeline is not available ({exc}); "
+                             "set processor = \"derived-sc\" to check the plumbing only") from exc
+        registry = ModelRegistry(self.cfg.models_dir)
+        token = registry.state_token()
+        if self._processor is None or token != self._token:
+            models = registry.load_active(self.cfg.device)
+            self._processor = _PipelineAdapter(Pipeline(models, self.cfg.routing, self.cfg.device))
+            self._token = token
+            log.info("models.loaded", models_dir=str(self.cfg.models_dir), token=str(token))
+        return self._processor
+
+
+def default_provider(cfg: NodeConfig) -> ProcessorProvider:
+    """The provider selected by ``cfg.processor``."""
+    if cfg.processor == "derived-sc":
+        return FixedProvider(DerivedSCProcessor())
+    return RegistryPipelineProvider(cfg)
+
+
+def run_job(job: Job, store: Store, provider: ProcessorProvider, destinations: Sequence[str]) -> Job:
+    """Process one claimed job and record its outcome (never raises for a bad series/model)."""
+    files = store.series_files(job.series_uid)
+    out_dir = store.results_dir / str(job.id) / f"attempt-{job.attempts}"
+    t0 = time.perf_counter()
+    try:
+        result = provider.current().process(files, out_dir)
+        outputs = tuple(Path(p) for p in result.outputs)
+        record = {"status": result.status, "routing": dict(result.routing), "outputs": [str(p) for p in outputs],
+                  "model_versions": dict(result.model_versions), "timings": dict(result.timings),
+                  "summary": dict(result.summary), "seconds": round(time.perf_counter() - t0, 3)}
+        state = result.status if result.status in ("done", "routed-out") else "failed"
+        reason = result.reason if state != "failed" else f"processor returned status {result.status!r}"
+        return store.finish_job(job.id, state, reason, record, outputs, destinations)
+    except (InvalidSeriesError, ModelError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    except SciNodeError as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # a bug in a processor must fail the job, not the worker
+        log.error("job.crashed", job_id=job.id, error=traceback.format_exc(limit=8))
+        reason = f"internal error: {type(exc).__name__}: {exc}"
+    return store.finish_job(job.id, "failed", reason[:1000], {"seconds": round(time.perf_counter() - t0, 3)})
+
+
+class Worker(threading.Thread):
+    """A thread that runs jobs until ``stop`` is set.
+
+    Parameters
+    ----------
+    wake
+        Set by the completion monitor when a job was enqueued.
+    on_result
+        Set after a job produced outbox entries (wakes the exporter).
+    """
+
+    def __init__(self, cfg: NodeConfig, store: Store, provider: ProcessorProvider, wake: threading.Event,
+                 on_result: threading.Event, stop: threading.Event, name: str = "worker-1") -> None:
+        super().__init__(name=name, daemon=True)
+        self.cfg, self.store, self.provider = cfg, store, provider
+        self.wake, self.on_result, self.stop_event = wake, on_result, stop
+        self.destinations = [str(d) for d in cfg.destinations]
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                job = self.store.claim_job()
+            except SciNodeError:
+                log.exception("worker.claim_failed")
+                job = None
+            if job is None:
+                self.wake.wait(1.0)
+                self.wake.clear()
+                continue
+            self._run_one(job)
+
+    def _run_one(self, job: Job) -> None:
+        structlog.contextvars.bind_contextvars(job_id=job.id, series_uid=job.series_uid, study_uid=job.study_uid)
+        try:
+            log.info("job.started", generation=job.generation, instances=job.n_instances,
+                     waited_s=round((job.started_at or 0) - job.created_at, 3))
+            done = run_job(job, self.store, self.provider, self.destinations)
+            result = done.result or {}
+            log.info("job.finished", state=done.state, reason=done.reason, delivery=done.delivery,
+                     seconds=result.get("seconds"), routing=result.get("routing"),
+                     model_versions=result.get("model_versions"), timings=result.get("timings"))
+            if done.delivery == "pending":
+                self.on_result.set()
+        except Exception:
+            log.exception("worker.job_error")  # the job stays running -> pending at next start
+        finally:
+            structlog.contextvars.unbind_contextvars("job_id", "series_uid", "study_uid")
+
+
+ProviderFactory = Callable[[NodeConfig], ProcessorProvider]

@@ -1,0 +1,162 @@
+"""The SCP against dcmtk peers: admission, SOP classes, transfer syntaxes, named failure statuses."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import JPEG2000, DeflatedExplicitVRLittleEndian, generate_uid
+
+from sci_node.config import NodeConfig, load_config
+from sci_node.scp import start_scp
+from sci_node.store import Store
+
+from conftest import echoscu, free_port, make_mr_series, storescu
+
+
+@pytest.fixture
+def scp(tmp_path: Path) -> Iterator[tuple[NodeConfig, Store]]:
+    cfg = load_config(None, {"port": free_port(), "data_dir": str(tmp_path / "data"), "allowed_aes": ["SCANNER"]})
+    store = Store(cfg.data_dir)
+    server = start_scp(cfg, store)
+    try:
+        yield cfg, store
+    finally:
+        server.shutdown()
+        store.close()
+
+
+def test_echo_and_unknown_calling_ae_rejected(scp: tuple[NodeConfig, Store]) -> None:
+    cfg, _ = scp
+    ok = echoscu(cfg.port)
+    assert ok.returncode == 0, ok.stderr
+    bad = echoscu(cfg.port, calling="INTRUDER")
+    assert bad.returncode != 0
+    out = bad.stdout + bad.stderr
+    assert "Association Rejected" in out and "Calling AE Title Not Recognized" in out
+    assert "Rejected Permanent" in out
+
+
+def _variants(tmp: Path) -> dict[str, Path]:
+    """One MR file per transfer syntax the SCP must accept (built with pydicom + dcmtk codecs)."""
+    src = Path(get_testdata_file("MR_small.dcm"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    ds8 = pydicom.dcmread(src)
+    arr = ds8.pixel_array.astype(np.float64)
+    ds8.BitsAllocated, ds8.BitsStored, ds8.HighBit, ds8.PixelRepresentation = 8, 8, 7, 0
+    ds8.PixelData = (arr / arr.max() * 255).astype(np.uint8).tobytes()
+    ds8.save_as(tmp / "mr8.dcm", enforce_file_format=True)
+    out = {"explicit": src, "implicit": Path(get_testdata_file("MR_small_implicit.dcm")),
+           "rle": Path(get_testdata_file("MR_small_RLE.dcm")),
+           "jpeg-ls-lossless": Path(get_testdata_file("MR_small_jpeg_ls_lossless.dcm")),
+           "j2k-lossless": Path(get_testdata_file("MR_small_jp2klossless.dcm"))}
+    d = pydicom.dcmread(src)
+    d.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    d.save_as(tmp / "deflated.dcm")
+    out["deflated"] = tmp / "deflated.dcm"
+    d = pydicom.dcmread(src)
+    d.compress(JPEG2000, j2k_cr=[10])
+    d.save_as(tmp / "j2k.dcm")
+    out["j2k-lossy"] = tmp / "j2k.dcm"
+    for name, tool, flag, source in (("jpeg-baseline", "dcmcjpeg", "+eb", tmp / "mr8.dcm"),
+                                     ("jpeg-extended", "dcmcjpeg", "+ee", tmp / "mr8.dcm"),
+                                     ("jpeg-lossless-p14", "dcmcjpeg", "+el", src),
+                                     ("jpeg-lossless-sv1", "dcmcjpeg", "+e1", src),
+                                     ("jpeg-ls-near", "dcmcjpls", "+en", tmp / "mr8.dcm")):
+        subprocess.run([tool, flag, str(source), str(tmp / f"{name}.dcm")], check=True, timeout=30,
+                       capture_output=True)
+        out[name] = tmp / f"{name}.dcm"
+    # every variant is its own instance (own SOP Instance UID) of one series
+    series = generate_uid()
+    for p in out.values():
+        ds = pydicom.dcmread(p)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(tmp / p.name if p.parent == tmp else tmp / f"src-{p.name}")
+    return {k: (tmp / p.name if p.parent == tmp else tmp / f"src-{p.name}") for k, p in out.items()}
+
+
+def _propose_all(tmp: Path) -> list[str]:
+    """storescu flags proposing MR Image Storage with each of the 12 syntaxes (own context each)."""
+    from sci_node.dimse import STORAGE_TRANSFER_SYNTAXES
+
+    lines = ["[[TransferSyntaxes]]"]
+    for i, ts in enumerate(STORAGE_TRANSFER_SYNTAXES):
+        lines += [f"[TS{i}]", f"TransferSyntax1 = {ts}"]
+    lines += ["[[PresentationContexts]]", "[MRAll]"]
+    lines += [f"PresentationContext{i + 1} = 1.2.840.10008.5.1.4.1.1.4\\TS{i}"
+              for i in range(len(STORAGE_TRANSFER_SYNTAXES))]
+    lines += ["[[Profiles]]", "[MRAll]", "PresentationContexts = MRAll"]
+    cfg = tmp / "storescu.cfg"
+    cfg.write_text("\n".join(lines) + "\n")
+    return ["--config-file", str(cfg), "MRAll"]
+
+
+def test_every_transfer_syntax_stored_as_sent(scp: tuple[NodeConfig, Store], tmp_path: Path) -> None:
+    cfg, store = scp
+    variants = _variants(tmp_path / "variants")
+    assert len({str(pydicom.dcmread(p).file_meta.TransferSyntaxUID) for p in variants.values()}) == 12
+    res = storescu(cfg.port, list(variants.values()), extra=_propose_all(tmp_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    for name, path in variants.items():
+        sent = pydicom.dcmread(path)
+        from sci_node.store import InstanceKey
+
+        key = InstanceKey(sent.StudyInstanceUID, sent.SeriesInstanceUID, sent.SOPInstanceUID, sent.SOPClassUID,
+                          sent.file_meta.TransferSyntaxUID)
+        stored_path = store.instance_path(key)
+        assert stored_path.exists(), name
+        stored = pydicom.dcmread(stored_path)
+        assert stored.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID, name
+        assert stored.PixelData == sent.PixelData, f"{name}: pixel data re-encoded"
+        assert np.array_equal(stored.pixel_array, sent.pixel_array), name  # decodable (pylibjpeg)
+        assert stored_path.stat().st_mode & 0o777 == 0o600
+    assert store.counts()["instances"]["total"] == 12
+
+
+def test_unsupported_sop_class_not_negotiated(scp: tuple[NodeConfig, Store]) -> None:
+    cfg, store = scp
+    res = storescu(cfg.port, [Path(get_testdata_file("CT_small.dcm"))])
+    assert res.returncode != 0
+    assert "No presentation context" in res.stdout + res.stderr or "no acceptable" in (res.stdout + res.stderr).lower()
+    assert store.counts()["instances"]["total"] == 0
+
+
+def _status_lines(res: subprocess.CompletedProcess[str]) -> str:
+    return (res.stdout + res.stderr).lower()
+
+
+def test_corrupt_dataset_gets_c210_and_node_keeps_serving(scp: tuple[NodeConfig, Store], tmp_path: Path) -> None:
+    cfg, store = scp
+    good, short, nouid = make_mr_series(tmp_path / "s", n=3)
+    ds = pydicom.dcmread(short)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]  # shorter than Rows x Columns x 2 bytes
+    ds.save_as(short)
+    ds = pydicom.dcmread(nouid)
+    del ds.SeriesInstanceUID
+    ds.save_as(nouid)
+    for bad in (short, nouid):
+        res = storescu(cfg.port, [bad], debug=True)
+        assert "0xc210" in _status_lines(res), res.stdout + res.stderr
+    res = storescu(cfg.port, [good])
+    assert res.returncode == 0 and "0xc210" not in _status_lines(res)
+    assert store.counts()["instances"]["total"] == 1
+
+
+def test_disk_error_gets_a700(scp: tuple[NodeConfig, Store], tmp_path: Path) -> None:
+    cfg, store = scp
+    (f,) = make_mr_series(tmp_path / "s", n=1)
+    ds = pydicom.dcmread(f)
+    # a regular file where the study directory must go: a real ENOTDIR from the file system
+    blocker = store.spool_dir / ds.StudyInstanceUID
+    blocker.write_bytes(b"not a directory")
+    res = storescu(cfg.port, [f], debug=True)
+    assert "0xa700" in _status_lines(res), res.stdout + res.stderr
+    assert store.counts()["instances"]["total"] == 0
+    blocker.unlink()
+    res = storescu(cfg.port, [f])
+    assert res.returncode == 0 and store.counts()["instances"]["total"] == 1

@@ -1,0 +1,138 @@
+"""Spool + index: durable writes, idempotent duplicates, re-opened series, job and outbox states."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from sci_node.completion import SliceHeader, check_geometry
+from sci_node.errors import JobNotFoundError, StorageError
+from sci_node.store import InstanceKey, Store
+
+
+def _key(sop: str, series: str = "1.2.3.2", study: str = "1.2.3.1") -> InstanceKey:
+    return InstanceKey(study, series, sop, "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1")
+
+
+def _complete(store: Store, series: str = "1.2.3.2") -> int:
+    (row,) = [s for s in store.quiet_series(1e12) if s.series_uid == series]
+    job = store.complete_series(row, {"n_slices": row.n_instances})
+    assert job is not None
+    return job
+
+
+def test_spool_is_durable_private_and_idempotent(tmp_path: Path) -> None:
+    store = Store(tmp_path / "d")
+    assert store.spool_instance(_key("1.2.3.3.1"), b"\0" * 128 + b"DICM first", "SCANNER") is True
+    assert store.spool_instance(_key("1.2.3.3.1"), [b"\0" * 128, b"DICM again"], "SCANNER") is False
+    path = store.instance_path(_key("1.2.3.3.1"))
+    assert path == store.spool_dir / "1.2.3.1" / "1.2.3.2" / "1.2.3.3.1.dcm"
+    assert path.read_bytes().endswith(b"DICM again")
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o700
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    assert store.counts()["instances"] == {"total": 1}
+    assert store.series_files("1.2.3.2") == [path]
+
+
+def test_uid_never_escapes_the_spool(tmp_path: Path) -> None:
+    store = Store(tmp_path / "d")
+    path = store.instance_path(_key("../../etc/passwd", series="..", study="/abs"))
+    assert store.spool_dir in path.parents and ".." not in path.parts
+
+
+def test_write_failure_records_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "d")
+    (store.spool_dir / "1.2.3.1").write_bytes(b"a file where a directory must go")
+    with pytest.raises(StorageError, match="cannot write"):
+        store.spool_instance(_key("1.2.3.3.1"), b"x")
+    assert store.counts()["instances"] == {"total": 0} and store.counts()["series"] == {}
+
+
+def test_late_instance_reopens_and_supersedes(tmp_path: Path) -> None:
+    store = Store(tmp_path / "d")
+    store.spool_instance(_key("1.1"), b"a")
+    job1 = _complete(store)
+    store.finish_job(store.claim_job().id, "done", None, {"status": "done"}, [Path("/r/seg.dcm")], ["D@h:1"])
+    store.spool_instance(_key("1.2"), b"b")  # late: generation 2
+    (row,) = store.quiet_series(1e12)
+    assert row.generation == 2 and row.n_instances == 2
+    job2 = _complete(store)
+    old, new = store.job(job1), store.job(job2)
+    assert old.superseded_by == job2 and old.delivery == "none"
+    assert [e.state for e in store.outbox_for_job(job1)] == ["cancelled"]
+    assert new.state == "pending" and new.n_instances == 2 and new.generation == 2
+
+
+def test_pending_job_superseded_and_stale_completion_ignored(tmp_path: Path) -> None:
+    store = Store(tmp_path / "d")
+    store.spool_instance(_key("1.1"), b"a")
+    (stale,) = store.quiet_series(1e12)
+    job1 = _complete(store)
+    store.spool_instance(_key("1.1"), b"a")  # the whole series re-sent: a re-run
+    assert store.complete_series(stale, {}) is None  # read before the new instance: ignored
+    job2 = _complete(store)
+    assert store.job(job1).state == "superseded" and store.job(job2).state == "pending"
+
+
+def test_claim_is_atomic_and_recover_requeues(tmp_path: Path) -> None:
+    store = Store(tmp_path / "d")
+    for i in range(6):
+        store.spool_instance(_key(f"1.{i}", series=f"2.{i}"), b"x")
+        _complete(store, f"2.{i}")
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def take() -> None:
+        while (job := store.claim_job()) is not None:
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(claimed) == list(range(1, 7))
+    assert store.recover() == 6
+    assert {j.state for j in store.jobs()} == {"pending"}
+
+
+def test_delivery_failure_fails_job_and_retry_resends(tmp_path: Path) -> None:
+    store = Store(tmp_path / "d")
+    store.spool_instance(_key("1.1"), b"a")
+    _complete(store)
+    job = store.finish_job(store.claim_job().id, "done", None, {"status": "done"},
+                           [Path("/r/seg.dcm"), Path("/r/sr.dcm")], ["A@h:1"])
+    assert job.delivery == "pending"
+    first, second = store.outbox_for_job(job.id)
+    store.mark_sent(first.id)
+    store.mark_failed(second.id, "C-STORE status 0x0122 (SOP_CLASS_NOT_SUPPORTED)")
+    failed = store.job(job.id)
+    assert failed.state == "failed" and failed.delivery == "failed"
+    assert "A@h:1" in (failed.reason or "") and "0x0122" in (failed.reason or "")
+    assert store.retry_job(job.id) == "resend"
+    again = store.job(job.id)
+    assert again.state == "done" and again.delivery == "pending"
+    assert [e.state for e in store.outbox_for_job(job.id)] == ["sent", "pending"]
+    with pytest.raises(JobNotFoundError):
+        store.retry_job(999)
+
+
+def test_geometry_check() -> None:
+    ax = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    sl = [SliceHeader(f"s{i}", ax, (0.0, 0.0, z), 64, 64) for i, z in enumerate((0, 1, 2, 3, 6, 7))]
+    report, reason = check_geometry(sl)
+    assert reason is None and report["slice_step_mm"] == 1.0
+    assert report["gaps"] == [{"after_mm": 3.0, "step_mm": 3.0}]
+    _, reason = check_geometry(sl + [SliceHeader("dup", ax, (0.0, 0.0, 2.0), 64, 64)])
+    assert reason and "duplicate slice positions" in reason
+    _, reason = check_geometry(sl + [SliceHeader("sag", (0.0, 1.0, 0.0, 0.0, 0.0, -1.0), (0, 0, 9.0), 64, 64)])
+    assert reason and "mixed orientations" in reason
+    _, reason = check_geometry(sl + [SliceHeader("big", ax, (0.0, 0.0, 9.0), 128, 128)])
+    assert reason and "inconsistent matrix sizes" in reason
+    _, reason = check_geometry([SliceHeader("nogeo", None, None, 64, 64)])
+    assert reason and "missing ImageOrientationPatient" in reason
+

@@ -1,0 +1,279 @@
+"""Training samples of the routing classifiers: real volumes, PAM50 synthetic spines, phantoms.
+
+Every sample is what the node's classifier sees — :func:`sci_node.cls_features.series_inputs`
+of a ``SimpleITK.Image`` plus a :class:`HeaderEvidence` — together with its labels
+(anatomy, region, view, sequence; ``-1`` = unknown/not applicable) and its **group**
+(the person it comes from: leave-one-subject-out folds hold out whole groups).
+
+Labels come from the source catalogue (:data:`DEFAULT_SOURCES`: which file is which
+anatomy/region/contrast, written from the data README), never from what the classifier
+sees. The view label is the plane of the stored slices (:func:`sci_node.cls_features.view_of_image`).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from sci_node.cls_features import N_FEATURES, THUMB_SIZE, series_inputs, view_of_image
+from sci_node.errors import DataError
+from sci_node.evidence import HeaderEvidence
+
+ANATOMY = ("spine", "brain", "abdomen", "other")
+REGION = ("cervical", "thoracic", "lumbar")
+VIEW = ("sagittal", "axial", "coronal")
+SEQUENCE = ("T1w", "T2w", "T2starw", "other")
+TASKS = ("anatomy", "region", "view", "sequence")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One catalogue entry: a file (relative to its root) and what it is.
+
+    ``root`` is ``"data"`` (the ``--data`` folder), ``"nibabel"`` (nibabel's test data) or
+    ``"pydicom"`` (pydicom's test files). ``region`` ``"levels"`` = from the PAM50 level map.
+    """
+
+    root: str
+    path: str
+    group: str
+    anatomy: str
+    sequence: str
+    region: str | None = None
+    sidecar: bool = False
+
+
+_D = "data"
+DEFAULT_SOURCES: tuple[Source, ...] = tuple(
+    [Source(_D, f"ivadomed-data-testing/sub-{s}/anat/sub-{s}_{c}.nii.gz", g, "spine", q, "cervical", True)
+     for s, g in (("unf01", "p-unf01"), ("unf02", "p-unf02"), ("unf03", "p-unf03"))
+     for c, q in (("T1w", "T1w"), ("T2w", "T2w"), ("T2star", "T2starw"))]
+    + [Source(_D, f"sct-tutorial-data/sub-{s}/anat/sub-{s}_acq-{m}_MTS.nii.gz", g, "spine", "other", "cervical", True)
+       for s, g in (("01", "p-unf01"), ("03", "p-unf03"), ("05", "p-sub05")) for m in ("MToff", "MTon")]
+    + [Source(_D, f"sct-tutorial-data/sub-single/anat/sub-single_acq-{m}_MTS.nii.gz", "p-single", "spine", "other",
+              "cervical") for m in ("MToff", "MTon")]
+    + [Source(_D, "sct-tutorial-data/sub-single/dwi/sub-single_dwi.nii.gz", "p-single", "spine", "other", "cervical"),
+       # README: sub-lumbar "may be one session" with sub-single -> same group, to be safe.
+       Source(_D, "sct-tutorial-data/sub-lumbar/anat/sub-lumbar_T2w.nii.gz", "p-single", "spine", "T2w", "lumbar"),
+       Source(_D, "sct-tutorial-data/sub-ms/anat/sub-ms_T2w.nii.gz", "p-ms", "spine", "T2w", "cervical"),
+       Source(_D, "sct-testing-data/sub-PAM50small/anat/sub-PAM50small_T2w.nii.gz", "PAM50", "spine", "T2w", "levels"),
+       Source(_D, "nonspine/sub-spleen2/ct/sub-spleen2_ct.nii.gz", "ct-spleen2", "abdomen", "other"),
+       Source("nibabel", "anatomical.nii", "nib-spm", "brain", "T1w"),
+       Source("nibabel", "functional.nii", "nib-spm", "brain", "other"),
+       Source("nibabel", "example4d.nii.gz", "nib-4d", "brain", "other"),
+       Source("nibabel", "phantom_EPI_asc_CLEAR_2_1.PAR", "nib-phantom", "other", "other"),
+       Source("pydicom", "MR_small.dcm", "pyd-mrsmall", "brain", "T2w"),
+       Source("pydicom", "examples_overlay.dcm", "pyd-abdomen", "abdomen", "T1w")]
+)
+BIDS_SEQUENCE = {"T1w": "T1w", "T2w": "T2w", "T2star": "T2starw"}
+
+
+@dataclass
+class SampleSet:
+    """Stacked samples. ``thumbs (N, 3, S, S)``, ``features (N, F)``, ``labels[task] (N,)`` int64 (-1 = none)."""
+
+    thumbs: np.ndarray
+    features: np.ndarray
+    labels: dict[str, np.ndarray]
+    groups: np.ndarray  # (N,) str
+    real: np.ndarray  # (N,) bool: from a real acquisition (not synthetic)
+    stored: np.ndarray  # (N,) bool: the volume as stored (no crop / augmentation)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def subset(self, idx: np.ndarray) -> "SampleSet":
+        return SampleSet(self.thumbs[idx], self.features[idx], {k: v[idx] for k, v in self.labels.items()},
+                         self.groups[idx], self.real[idx], self.stored[idx], self.meta)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, thumbs=self.thumbs, features=self.features, groups=self.groups, real=self.real,
+                            stored=self.stored, **{f"label_{k}": v for k, v in self.labels.items()})
+
+    @classmethod
+    def load(cls, path: Path, meta: dict[str, Any]) -> "SampleSet":
+        z = np.load(path)
+        return cls(z["thumbs"], z["features"], {k: z[f"label_{k}"] for k in TASKS}, z["groups"], z["real"],
+                   z["stored"], meta)
+
+
+# -- loading ------------------------------------------------------------------------------
+
+def root_dir(root: str, data: Path) -> Path:
+    """Folder of a catalogue root."""
+    if root == "data":
+        return data
+    if root == "nibabel":
+        import nibabel.testing
+
+        return Path(nibabel.testing.data_path)
+    if root == "pydicom":
+        from pydicom.data import DATA_ROOT
+
+        return Path(DATA_ROOT) / "test_files"
+    raise DataError(f"unknown source root {root!r}")
+
+
+def _nib_to_sitk(path: Path) -> sitk.Image:
+    """Any nibabel-readable image (PAR/REC, MINC ...) as a 3-D LPS SimpleITK image (first volume)."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    arr = np.asanyarray(img.dataobj).astype(np.float32)
+    while arr.ndim > 3:
+        arr = arr[..., 0]
+    aff = np.asarray(img.affine, dtype=np.float64)
+    lps = np.diag([-1.0, -1.0, 1.0]) @ aff[:3, :3]
+    spacing = np.linalg.norm(lps, axis=0)
+    out = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(arr, (2, 1, 0))))
+    out.SetSpacing([float(s) for s in spacing])
+    out.SetDirection((lps / spacing).flatten().tolist())
+    out.SetOrigin((np.diag([-1.0, -1.0, 1.0]) @ aff[:3, 3]).tolist())
+    return out
+
+
+def load_source(src: Source, data: Path) -> tuple[sitk.Image, HeaderEvidence | None, Path]:
+    """Image, header evidence (sidecar / DICOM header; ``None`` when there is none) and file path."""
+    import json
+
+    path = root_dir(src.root, data) / src.path
+    if not path.is_file():
+        raise DataError(f"classifier training source {str(path)!r} does not exist")
+    ev: HeaderEvidence | None = None
+    if path.suffix == ".dcm":
+        import pydicom
+
+        ev = HeaderEvidence.from_dicom(pydicom.dcmread(path, stop_before_pixels=True))
+        image = sitk.ReadImage(str(path))
+    elif path.suffix.upper() == ".PAR":
+        image = _nib_to_sitk(path)
+    else:
+        image = sitk.ReadImage(str(path))
+    if src.sidecar:
+        side = path.with_name(path.name.replace(".nii.gz", ".json"))
+        if side.is_file():
+            ev = HeaderEvidence.from_bids_sidecar(json.loads(side.read_text(encoding="utf-8")))
+    return image, ev, path
+
+
+def file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- header sampling -------------------------------------------------------------------------
+
+#: Per-sequence protocol families: (ScanningSequence, SequenceVariant, acq, TE ms, TR ms, TI ms, flip deg).
+PROTOCOLS: dict[str, tuple[tuple[Any, ...], ...]] = {
+    "T1w": (("SE", "SK_SP", "2D", (8, 20), (400, 800), None, (70, 150)),
+            ("GR_IR", "SK_SP_MP", "3D", (2, 5), (1500, 2500), (800, 1100), (7, 12)),
+            ("GR", "SP", "2D", (2, 6), (150, 500), None, (60, 90)),
+            ("GR", "SK_SP_SS", "3D", (1.5, 3), (4, 8), None, (9, 15))),
+    "T2w": (("SE", "SK_SP_OSP", "2D", (80, 130), (2500, 6000), None, (90, 180)),
+            ("SE", "SK_SP_OSP", "3D", (90, 140), (1200, 2000), None, (100, 150))),
+    "T2starw": (("GR", "SP", "2D", (10, 30), (300, 900), None, (20, 40)),
+                ("GR", "SK_SP", "3D", (12, 25), (30, 60), None, (8, 15))),
+    "other": (("GR", "MTC_SP", "3D", (2, 5), (25, 45), None, (5, 12)),      # MT-on
+              ("GR", "SP", "3D", (2, 5), (25, 45), None, (5, 12)),          # MT-off / PD GRE
+              ("EP", "SK_SP", "2D", (55, 100), (3000, 9000), None, (90, 90)),  # DWI
+              ("EP", "SK", "2D", (25, 40), (1500, 3000), None, (60, 90)),      # BOLD EPI (GR-EPI)
+              ("IR", "SK_SP", "2D", (30, 80), (3000, 6000), (130, 250), (90, 150)),   # STIR
+              ("SE_IR", "SK_SP_OSP", "2D", (80, 130), (7000, 10000), (2000, 2800), (90, 150)),  # FLAIR
+              ("SE", "SK_SP", "2D", (15, 40), (2000, 4000), None, (90, 150))),  # PD
+}
+
+
+def sample_header(seq: str, rng: np.random.Generator) -> HeaderEvidence:
+    """A realistic random header of sequence class ``seq`` (no free text, no slice normal)."""
+    fams = PROTOCOLS[seq]
+    scan, var, acq, te, tr, ti, flip = fams[int(rng.integers(len(fams)))]
+
+    def u(r: tuple[float, float]) -> float:
+        return float(math.exp(rng.uniform(math.log(r[0]), math.log(r[1]))))
+
+    return HeaderEvidence(echo_time_ms=u(te), repetition_time_ms=u(tr), inversion_time_ms=u(ti) if ti else None,
+                          flip_angle_deg=float(rng.uniform(*flip)), scanning_sequence=tuple(scan.split("_")),
+                          sequence_variant=tuple(var.split("_")), mr_acquisition_type=acq)
+
+
+# -- augmentation of real volumes -------------------------------------------------------------
+
+def random_crop(image: sitk.Image, rng: np.random.Generator, min_frac: float = 0.4) -> sitk.Image:
+    """A random sub-box of a 3-D image (each axis keeps ``>= min_frac`` of its voxels, at least 1)."""
+    size = list(image.GetSize())
+    new = [max(1, int(round(s * rng.uniform(min_frac, 1.0)))) for s in size]
+    start = [int(rng.integers(0, s - n + 1)) for s, n in zip(size, new)]
+    return sitk.RegionOfInterest(image, new, start)
+
+
+def intensity_aug(image: sitk.Image, rng: np.random.Generator) -> sitk.Image:
+    """Random gamma on the robust range, multiplicative bias ramp and Gaussian noise (float32)."""
+    arr = sitk.GetArrayFromImage(image).astype(np.float32)
+    lo, hi = np.percentile(arr[:: max(1, arr.size // 100_000)], [1, 99]) if arr.size else (0.0, 1.0)
+    span = max(float(hi - lo), 1e-3)
+    x = np.clip((arr - lo) / span, 0, None) ** rng.uniform(0.7, 1.4)
+    ramp = np.linspace(1 - rng.uniform(0, 0.3), 1 + rng.uniform(0, 0.3), arr.shape[int(rng.integers(arr.ndim))])
+    shape = [1] * arr.ndim
+    shape[int(np.argmax([s == ramp.size for s in arr.shape]))] = ramp.size
+    x = x * ramp.reshape(shape) + rng.normal(0, rng.uniform(0, 0.04), arr.shape)
+    out = sitk.GetImageFromArray((x * span + lo).astype(np.float32))
+    out.CopyInformation(image)
+    return out
+
+
+def pam50_region(levels_img: sitk.Image, image: sitk.Image) -> int:
+    """Region (index in :data:`REGION`) of the centre of ``image`` from a vertebral-level map (SCT numbering)."""
+    size = image.GetSize()
+    centre = image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in size])
+    lev = sitk.GetArrayViewFromImage(levels_img)
+    idx = levels_img.TransformPhysicalPointToIndex(centre)
+    z = int(np.clip(idx[2], 0, lev.shape[0] - 1))
+    zs = np.nonzero(lev.reshape(lev.shape[0], -1).max(1) > 0)[0]
+    zz = zs[np.argmin(np.abs(zs - z))]
+    vals = lev[zz][lev[zz] > 0]
+    level = int(np.median(vals))
+    return level_to_region(level)
+
+
+def level_to_region(level: int) -> int:
+    """SCT vertebral level (1-7 C, 8-19 T, >= 20 L) -> index in :data:`REGION`."""
+    return 0 if level <= 7 else (1 if level <= 19 else 2)
+
+
+def labels_of(src: Source, image: sitk.Image, region: int, ev: HeaderEvidence | None) -> dict[str, int]:
+    """Label indices of one sample."""
+    spine = src.anatomy == "spine"
+    return {"anatomy": ANATOMY.index(src.anatomy), "region": region if spine else -1,
+            "view": VIEW.index(view_of_image(image)), "sequence": SEQUENCE.index(src.sequence)}
+
+
+def real_samples(src: Source, data: Path, n_aug: int, rng: np.random.Generator,
+                 levels: sitk.Image | None) -> Iterator[tuple[sitk.Image, HeaderEvidence | None, dict[str, int], bool]]:
+    """The stored volume, then ``n_aug`` random crops with intensity and header augmentation."""
+    from sci_node.cls_features import scalar_volume
+
+    image, ev, _ = load_source(src, data)
+    vol, _ = scalar_volume(image)
+    multi = image.GetDimension() == 4
+    for k in range(n_aug + 1):
+        img = vol if k == 0 else intensity_aug(random_crop(vol, rng), rng)
+        if multi and k > 0 and rng.random() < 0.7:
+            img = image  # keep the 4-D evidence (multi-volume flag) in most augmentations
+        if src.region == "levels":
+            if levels is None:
+                raise DataError(f"{src.path}: region from levels needs the PAM50small level map")
+            region = pam50_region(levels, img)
+        else:
+            region = REGION.index(src.region) if src.region else -1
+        hdr = ev
+        if k > 0:
+            r = rng.random()
+            hdr = None if r < 0.35 else (sample_header(src.sequence, rng) if (ev is None or r < 0.55) else ev)
+        yield img, hdr, labels_of(src, img, region, hdr), k == 0

@@ -1,0 +1,310 @@
+"""Training of the cord and lesion segmentation models (2-D / 2.5-D MONAI U-Nets on axial slices).
+
+``train_segmentation`` = leave-one-subject-out (LOSO) folds for validation, then a final model on
+every labelled subject, written as an artefact whose card carries the LOSO metrics. Everything
+the model sees goes through :mod:`sci_node.preprocess` (the same code as inference), and the
+final scores are computed by :class:`sci_node.predict_seg.Segmenter` on each source grid.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import structlog
+
+from sci_node import preprocess
+from sci_node.errors import ConfigError, DataError
+from trainer import __version__ as TRAINER_VERSION
+from trainer import data as tdata
+from trainer.lesions import LesionSpec, inject_lesions
+from trainer.seg_eval import evaluate_cord, evaluate_lesion
+
+log = structlog.get_logger(__name__)
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = Path(__file__).resolve().parent / "configs"
+LABELS = {
+    "cord": {"value": 1, "name": "Spinal cord",
+             "snomed": {"code": "2748008", "meaning": "Spinal cord", "scheme": "SCT"},
+             "category": {"code": "91723000", "meaning": "Anatomical Structure", "scheme": "SCT"}},
+    "lesion": {"value": 1, "name": "Lesion",
+               "snomed": {"code": "52988006", "meaning": "Lesion", "scheme": "SCT"},
+               "category": {"code": "49755003", "meaning": "Morphologically Abnormal Structure", "scheme": "SCT"}},
+}
+
+
+@dataclass
+class Vol:
+    """A training/validation volume on the model grid: ``(Z, Y, X)`` arrays, spacing ``(sz, sy, sx)`` mm."""
+
+    key: str
+    group: str
+    image: np.ndarray
+    label: np.ndarray
+    spacing: tuple[float, float, float]
+    cord: np.ndarray | None = None  # lesion model: the cord mask the lesions are injected in
+    synthetic: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_config(model_name: str, config: Path | None) -> dict[str, Any]:
+    """Read ``trainer/configs/<model>.toml`` (or ``config``); raise ``ConfigError`` naming the file."""
+    path = Path(config) if config else CONFIGS / f"{model_name}.toml"
+    try:
+        cfg = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"training config {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"training config {str(path)!r} is not valid TOML: {exc}") from None
+    missing = [k for k in ("model", "network", "preprocessing", "data", "train") if k not in cfg]
+    if missing:
+        raise ConfigError(f"training config {str(path)!r} lacks table(s) {', '.join(missing)}")
+    if cfg["model"].get("task") not in ("cord", "lesion"):
+        raise ConfigError(f"training config {str(path)!r}: model.task must be 'cord' or 'lesion', "
+                          f"got {cfg['model'].get('task')!r}")
+    cfg["_path"] = str(path)
+    return cfg
+
+
+def prep_spec(cfg: dict[str, Any]) -> preprocess.PrepSpec:
+    p = cfg["preprocessing"]
+    return preprocess.PrepSpec(spacing_yx=tuple(p["spacing_yx"]), z_spacing=p.get("z_spacing"),
+                               lower=p.get("lower", 0.5), upper=p.get("upper", 99.5), clip_max=p.get("clip_max", 1.5),
+                               patch_yx=tuple(p["patch_yx"]), context=int(p.get("context", 0)),
+                               threshold=float(p.get("threshold", 0.5)))
+
+
+def data_spec(cfg: dict[str, Any]) -> tdata.DataSpec:
+    d = cfg["data"]
+    return tdata.DataSpec(mask_suffix=d.get("mask_suffix", "seg-manual"), missing_mask=d.get("missing_mask", "error"),
+                          exclude=tuple(d.get("exclude", ())), same_person=d.get("same_person", []))
+
+
+def _resolve(p: str | Path) -> Path:
+    p = Path(p)
+    return p if p.is_absolute() else (REPO / p).resolve()
+
+
+def load_volumes(cases: list[tdata.Case], spec: preprocess.PrepSpec, task: str, margin_yx: int) -> list[Vol]:
+    """Preprocess each case with the inference preprocessing (model grid, normalised)."""
+    vols = []
+    for c in cases:
+        image, mask = tdata.load_case(c)
+        prep = preprocess.prepare(image, spec)
+        lab = preprocess.mask_to_model_grid(mask, prep.grid)
+        if not lab.any():
+            raise DataError(f"mask {str(c.mask)!r} is empty")
+        sp = tuple(float(s) for s in prep.grid.GetSpacing()[::-1])
+        arr = prep.array
+        if task == "lesion":  # the lesion model sees a box around the cord, as at inference
+            box = preprocess.roi_bbox(lab, (0, margin_yx, margin_yx))
+            arr, lab = preprocess.crop(arr, box), preprocess.crop(lab, box)
+        vols.append(Vol(c.key, c.group, arr, lab, sp, cord=lab if task == "lesion" else None,  # type: ignore[arg-type]
+                        extra={"case": c}))
+    return vols
+
+
+def synth_pool(cfg: dict[str, Any], spec: preprocess.PrepSpec, rng: np.random.Generator, task: str,
+               margin_yx: int) -> list[Vol]:
+    """Synthetic PAM50-derived volumes (empty list when ``[synth]`` is absent or ``pool = 0``)."""
+    scfg = cfg.get("synth", {})
+    n = int(scfg.get("pool", 0))
+    if n <= 0:
+        return []
+    from trainer.synth import load_template, synth_volume
+
+    tmpl = load_template(_resolve(scfg["template"]))
+    out = []
+    for i in range(n):
+        img, lab, sp = synth_volume(rng, tmpl, spec.spacing_yx, tuple(scfg.get("out_yx", (112, 112))))
+        img = preprocess.normalise(img, spec)
+        if task == "lesion":
+            box = preprocess.roi_bbox(lab, (0, margin_yx, margin_yx))
+            img, lab = preprocess.crop(img, box), preprocess.crop(lab, box)
+        out.append(Vol(f"synth-{i}", "synthetic", img, lab, sp, cord=lab if task == "lesion" else None, synthetic=True))
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _fold_vols(vols: list[Vol], synth: list[Vol], held: str | None, cfg: dict[str, Any]) -> list[Vol]:
+    train = [v for v in vols if v.group != held]
+    no_synth = held in cfg.get("synth", {}).get("exclude_when_validating", [])
+    return train + ([] if no_synth else synth)
+
+
+def lesion_spec(cfg: dict[str, Any]) -> LesionSpec:
+    gen = cfg.get("lesions", {}).get("generator", {})
+    return LesionSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in gen.items()})
+
+
+def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec) -> list[Vol]:
+    """Copies of cord volumes with freshly injected lesions (label = lesion mask)."""
+    out = []
+    for v in vols:
+        if v.cord is None:
+            raise DataError(f"volume {v.key} has no cord mask to place lesions in")
+        img, les = inject_lesions(rng, v.image, v.cord, v.spacing, lspec)
+        out.append(Vol(v.key, v.group, img, les, v.spacing, cord=v.cord, synthetic=v.synthetic, extra=v.extra))
+    return out
+
+
+def run_fold(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: list[Vol], val_vols: list[Vol],
+             seed: int, device: str, minutes: float, epochs: int, tag: str):
+    """Train one network; return ``(net, history)`` (history = per-epoch loss and val Dice)."""
+    from trainer.seg_loop import train_network
+
+    refresh = None
+    if cfg["model"]["task"] == "lesion":
+        lspec = lesion_spec(cfg)
+        val_vols = with_lesions(val_vols, np.random.default_rng(seed + 1), lspec)
+        refresh = lambda ep, rng: with_lesions(train_vols, rng, lspec)  # noqa: E731
+    return train_network(cfg, spec, train_vols, val_vols, seed=seed, device=device, minutes=minutes,
+                         epochs=epochs, tag=tag, refresh=refresh)
+
+
+def _card(cfg: dict[str, Any], spec: preprocess.PrepSpec, metrics: dict[str, Any], cases: list[tdata.Case],
+          splits: dict[str, Any], seed: int, epochs: int, history: list[dict[str, float]]) -> dict[str, Any]:
+    task = cfg["model"]["task"]
+    pre = spec.to_card()
+    return {
+        "name": cfg["model"]["name"], "version": cfg["model"]["version"], "kind": "segmentation",
+        "task": task, "description": cfg["model"].get("description", ""),
+        "architecture": {"class": cfg["network"]["class"], "args": cfg["network"]["args"]},
+        "preprocessing": pre, "postprocessing": cfg.get("post", {}),
+        "labels": [LABELS[task]], "metrics": metrics, "data_hash": tdata.data_hash(cases),
+        "training": {"config": {k: v for k, v in cfg.items() if not k.startswith("_")},
+                     "config_file": cfg["_path"], "command": cfg["_command"], "seed": seed, "epochs": epochs,
+                     "splits": splits, "history": history,
+                     "cases": [{"key": c.key, "group": c.group, "image": str(c.image), "mask": str(c.mask)}
+                               for c in cases]},
+        "trainer_version": TRAINER_VERSION, "git_commit": git_commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def train_segmentation(model_name: str, config: Path | None, data: Path | None, out: Path | None,
+                       epochs: int | None, seed: int, device: str) -> Path:
+    """Train ``cord`` or ``lesion``: LOSO validation folds, then the final model; write the artefact.
+
+    Parameters
+    ----------
+    model_name : str
+        ``cord`` or ``lesion`` (selects ``trainer/configs/<name>.toml`` unless ``config`` is given).
+    data : Path | None
+        Dataset root (overrides ``[data] root``).
+    out : Path | None
+        Artefact folder (default ``models/<name>/<version>/``).
+    epochs : int | None
+        Overrides ``[train] epochs`` (a time budget per run in the config also applies).
+
+    Returns
+    -------
+    Path
+        The artefact folder (``weights.pt`` + ``card.json``).
+    """
+    import torch
+
+    cfg = load_config(model_name, config)
+    # the output folder does not change the model, so the reproduce command leaves --out out
+    cfg["_command"] = " ".join(["sci-node", "train", model_name] + (["--config", str(config)] if config else [])
+                               + (["--data", str(data)] if data else [])
+                               + (["--epochs", str(epochs)] if epochs else []) + ["--seed", str(seed)])
+    tcfg = cfg["train"]
+    torch.set_num_threads(int(tcfg.get("threads", 2)))
+    spec = prep_spec(cfg)
+    task = cfg["model"]["task"]
+    n_epochs = int(epochs or tcfg["epochs"])
+    root = Path(data) if data else _resolve(cfg["data"]["root"])
+    cases = tdata.discover(root, data_spec(cfg))
+    include = cfg["data"].get("contrasts")
+    if include:
+        cases = [c for c in cases if c.contrast in include]
+        if not cases:
+            raise DataError(f"data folder {str(root)!r} has no labelled image of contrast {', '.join(include)}")
+    margin = int(cfg.get("lesions", {}).get("crop_margin_yx", 24))
+    vols = load_volumes(cases, spec, task, margin)
+    rng = np.random.default_rng(seed)
+    synth = synth_pool(cfg, spec, rng, task, margin)
+    log.info("train.start", model=model_name, cases=[v.key for v in vols], synthetic=len(synth), epochs=n_epochs)
+    metrics: dict[str, Any] = {"validation": "leave-one-subject-out", "per_case": {}}
+    splits: dict[str, Any] = {"folds": []}
+    groups = sorted({v.group for v in vols})
+    if tcfg.get("loso", True) and len(groups) > 1:
+        for g in groups:
+            train_v = _fold_vols(vols, synth, g, cfg)
+            val_v = [v for v in vols if v.group == g]
+            net, hist = run_fold(cfg, spec, train_v, val_v, seed, device, float(tcfg.get("fold_minutes", 4)),
+                                 n_epochs, tag=f"fold-{g}")
+            per = (evaluate_cord if task == "cord" else evaluate_lesion)(net, cfg, spec, val_v, device, seed)
+            metrics["per_case"].update(per)
+            splits["folds"].append({"held_out": g, "train": sorted({v.key for v in train_v if not v.synthetic}),
+                                    "synthetic": sum(v.synthetic for v in train_v), "val": [v.key for v in val_v],
+                                    "epochs_run": len(hist)})
+    metrics.update(summarise(metrics["per_case"], task))
+    out_dir = Path(out) if out else REPO / "models" / cfg["model"]["name"] / cfg["model"]["version"]
+    if not tcfg.get("final", True):  # comparison runs: LOSO metrics only, no artefact
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "loso_metrics.json").write_text(json.dumps({"metrics": metrics, "splits": splits}, indent=2))
+        return out_dir
+    final_epochs = int(epochs or tcfg.get("final_epochs", n_epochs))
+    net, hist = run_fold(cfg, spec, vols + synth, [], seed, device, float(tcfg.get("final_minutes", 6)),
+                         final_epochs, "final")
+    splits["final_train"] = sorted(v.key for v in vols)
+    card = _card(cfg, spec, metrics, cases, splits, seed, len(hist), hist)
+    from sci_node.artifact import write_artifact
+
+    write_artifact(out_dir, net.state_dict(), card)
+    log.info("train.done", model=model_name, out=str(out_dir), metrics={k: v for k, v in metrics.items() if k != "per_case"})
+    return out_dir
+
+
+def summarise(per_case: dict[str, dict[str, float]], task: str) -> dict[str, Any]:
+    """Mean and minimum of the per-case scores."""
+    if not per_case:
+        return {}
+    keys = ["dice", "hd95_mm"] + (["lesion_f1"] if task == "lesion" else [])
+    out: dict[str, Any] = {}
+    for k in keys:
+        vals = [v[k] for v in per_case.values() if k in v and v[k] is not None and np.isfinite(v[k])]
+        if vals:
+            out[f"{k}_mean"] = float(np.mean(vals))
+            out[f"{k}_min" if k != "hd95_mm" else f"{k}_max"] = float(np.min(vals) if k != "hd95_mm" else np.max(vals))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trainer.seg cord|lesion [--config F] [--out D] [--epochs N] [--seed S]`` (same as ``sci-node train``)."""
+    import argparse
+
+    from sci_node.logs import configure_logging
+
+    p = argparse.ArgumentParser(prog="python -m trainer.seg")
+    p.add_argument("model", choices=["cord", "lesion"])
+    p.add_argument("--config", type=Path)
+    p.add_argument("--data", type=Path)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    configure_logging("console", "INFO")
+    print(train_segmentation(a.model, a.config, a.data, a.out, a.epochs, a.seed, a.device))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The training loop of the 2-D / 2.5-D segmentation U-Nets: slice sampling, MONAI augmentation,
+DiceCE loss, an exponential moving average of the weights, per-epoch validation.
+
+Slices are ``(C, Y, X)`` patches of model-grid volumes (``C = 2*context+1``); labels ``(1, Y, X)``.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import structlog
+
+from sci_node import preprocess
+from sci_node.artifact import build_network
+
+log = structlog.get_logger(__name__)
+
+
+def augmentation(cfg: dict[str, Any]):
+    """MONAI dictionary transforms applied to each ``{"img": (C,Y,X), "lab": (1,Y,X)}`` sample."""
+    from monai import transforms as T
+
+    a = cfg.get("augment", {})
+    keys = ["img", "lab"]
+    return T.Compose([
+        T.RandAffined(keys, prob=a.get("affine_p", 0.7), rotate_range=a.get("rotate", 0.35),
+                      scale_range=a.get("scale", 0.15), shear_range=0.08, mode=("bilinear", "nearest"),
+                      padding_mode="zeros"),
+        T.Rand2DElasticd(keys, prob=a.get("elastic_p", 0.1), spacing=(24, 24), magnitude_range=(1, 2),
+                         mode=("bilinear", "nearest"), padding_mode="zeros"),
+        T.RandFlipd(keys, prob=0.5, spatial_axis=1),  # left-right: the cord is symmetric
+        T.RandBiasFieldd(["img"], prob=a.get("bias_p", 0.3), coeff_range=(0.0, 0.3)),
+        T.RandAdjustContrastd(["img"], prob=a.get("gamma_p", 0.4), gamma=(0.6, 1.6)),
+        T.RandGaussianSmoothd(["img"], prob=a.get("blur_p", 0.2), sigma_x=(0.3, 1.2), sigma_y=(0.3, 1.2)),
+        T.RandSimulateLowResolutiond(["img"], prob=a.get("lowres_p", 0.15), zoom_range=(0.5, 1.0),
+                                     upsample_mode="bilinear"),
+        T.RandGaussianNoised(["img"], prob=a.get("noise_p", 0.3), std=0.04),
+    ])
+
+
+class SliceSampler:
+    """Draws patches from volumes: a ``pos_fraction`` share centred near foreground."""
+
+    def __init__(self, vols: Sequence[Any], spec: preprocess.PrepSpec, rng: np.random.Generator,
+                 pos_fraction: float, synth_fraction: float) -> None:
+        self.real = [v for v in vols if not v.synthetic]
+        self.synth = [v for v in vols if v.synthetic]
+        self.spec, self.rng = spec, rng
+        self.pos_fraction, self.synth_fraction = pos_fraction, synth_fraction
+
+    def _pick(self):
+        pool = self.synth if (self.synth and (not self.real or self.rng.random() < self.synth_fraction)) else self.real
+        return pool[int(self.rng.integers(len(pool)))]
+
+    def sample(self) -> dict[str, np.ndarray]:
+        v = self._pick()
+        img, lab = v.image, v.label
+        ph, pw = self.spec.patch_yx
+        fg = np.argwhere(lab > 0)
+        if fg.size and self.rng.random() < self.pos_fraction:
+            z, y, x = fg[int(self.rng.integers(len(fg)))]
+            y += int(self.rng.integers(-ph // 4, ph // 4 + 1))
+            x += int(self.rng.integers(-pw // 4, pw // 4 + 1))
+        else:
+            z = int(self.rng.integers(img.shape[0]))
+            y, x = int(self.rng.integers(img.shape[1])), int(self.rng.integers(img.shape[2]))
+        k = self.spec.context
+        zs = np.clip(np.arange(z - k, z + k + 1), 0, img.shape[0] - 1)
+        sl = img[zs]
+        lb = lab[z][None]
+        sl, _ = preprocess.pad_to(sl, (ph, pw))
+        lb, _ = preprocess.pad_to(lb, (ph, pw))
+        pad_y, pad_x = (sl.shape[1] - img.shape[1]) // 2, (sl.shape[2] - img.shape[2]) // 2
+        y0 = int(np.clip(y + pad_y - ph // 2, 0, sl.shape[1] - ph))
+        x0 = int(np.clip(x + pad_x - pw // 2, 0, sl.shape[2] - pw))
+        return {"img": sl[:, y0:y0 + ph, x0:x0 + pw].astype(np.float32),
+                "lab": lb[:, y0:y0 + ph, x0:x0 + pw].astype(np.float32)}
+
+
+def _ema_update(ema, net, decay: float) -> None:
+    import torch
+
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), net.parameters()):
+            pe.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        for be, b in zip(ema.buffers(), net.buffers()):
+            be.copy_(b)
+
+
+def validate(net, val_vols: Sequence[Any], spec: preprocess.PrepSpec, device: str) -> float:
+    """Mean Dice (MONAI ``DiceMetric``) on the model grid of each validation volume."""
+    import torch
+    from monai.metrics import DiceMetric
+
+    from sci_node.predict_seg import infer_volume
+
+    metric = DiceMetric(include_background=True, reduction="mean")
+    for v in val_vols:
+        prob = infer_volume(net, v.image, spec, device)
+        pred = torch.from_numpy((prob >= spec.threshold)[None, None].astype(np.float32))
+        metric(pred, torch.from_numpy(v.label[None, None].astype(np.float32)))
+    return float(metric.aggregate().item()) if val_vols else float("nan")
+
+
+def train_network(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: Sequence[Any],
+                  val_vols: Sequence[Any], *, seed: int, device: str, minutes: float, epochs: int,
+                  tag: str, refresh=None):
+    """Train a fresh network from ``cfg["network"]``; return ``(ema_net, history)``.
+
+    Stops after ``epochs`` epochs or when ``minutes`` of wall time are used (whichever first).
+    ``refresh(epoch, rng)`` (optional) returns new training volumes at the start of each epoch
+    (the lesion model re-injects lesions).
+    """
+    import torch
+    from monai.losses import DiceCELoss
+    from monai.utils import set_determinism
+    from tqdm import tqdm
+
+    set_determinism(seed)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = build_network({"architecture": {"class": cfg["network"]["class"], "args": cfg["network"]["args"]}}).to(device)
+    ema = copy.deepcopy(net).eval()
+    t = cfg["train"]
+    steps, bs = int(t.get("steps_per_epoch", 50)), int(t.get("batch_size", 16))
+    opt = torch.optim.AdamW(net.parameters(), lr=float(t.get("lr", 2e-3)), weight_decay=1e-4)
+    base_lr, total = float(t.get("lr", 2e-3)), steps * epochs
+    loss_fn = DiceCELoss(sigmoid=True, batch=True)
+    aug = augmentation(cfg)
+    aug.set_random_state(seed=seed)
+    history: list[dict[str, float]] = []
+    t0 = time.monotonic()
+    step = 0
+    vols = list(train_vols)
+    for ep in range(epochs):
+        if refresh is not None:
+            vols = refresh(ep, rng)
+        sampler = SliceSampler(vols, spec, rng, float(t.get("pos_fraction", 0.67)), float(t.get("synth_fraction", 0.5)))
+        net.train()
+        losses = []
+        bar = tqdm(range(steps), desc=f"{tag} epoch {ep + 1}/{epochs}", leave=False, mininterval=5)
+        for _ in bar:
+            batch = [aug(sampler.sample()) for _ in range(bs)]
+            x = torch.stack([torch.as_tensor(b["img"]) for b in batch]).float().to(device)
+            y = torch.stack([torch.as_tensor(b["lab"]) for b in batch]).float().to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(net(x), (y > 0.5).float())
+            loss.backward()
+            opt.step()
+            step += 1
+            # cosine decay over whichever budget (steps or wall time) runs out first
+            frac = min(1.0, max(step / total, (time.monotonic() - t0) / (minutes * 60)))
+            for g in opt.param_groups:
+                g["lr"] = base_lr * (0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * frac)))
+            _ema_update(ema, net, float(t.get("ema", 0.98)))
+            losses.append(float(loss.item()))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", refresh=False)
+        ema.eval()
+        val = validate(ema, val_vols, spec, device) if val_vols else float("nan")
+        history.append({"epoch": ep + 1, "loss": float(np.mean(losses)), "val_dice": val,
+                        "minutes": (time.monotonic() - t0) / 60})
+        log.info("train.epoch", run=tag, epoch=ep + 1, loss=round(float(np.mean(losses)), 4),
+                 val_dice=None if np.isnan(val) else round(val, 4), minutes=round(history[-1]["minutes"], 2))
+        if time.monotonic() - t0 > minutes * 60:
+            log.info("train.time_budget_reached", run=tag, epochs_run=ep + 1, minutes=minutes)
+            break
+    return ema.eval(), history
