@@ -9,6 +9,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -22,6 +23,10 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+
+
+#: Verification SOP Class (C-ECHO).
+VERIFICATION_SOP_CLASS = UID("1.2.840.10008.1.1")
 
 
 class Status(IntEnum):

@@ -178,12 +178,20 @@ class HeaderEvidence:
         )
 
 
+def _safe_get(ds: Any, keyword: str) -> Any:
+    """``ds.get(keyword)``, turning pydicom's conversion errors of malformed values into ours."""
+    try:
+        return ds.get(keyword)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidDatasetError(f"{keyword} has an unreadable value: {exc}") from None
+
+
 def _flatten_enhanced(ds: Any) -> dict[str, Any]:
     """Top-level attributes plus those nested in Enhanced MR functional-group macros."""
     keys = ("ImageOrientationPatient", "EchoTime", "RepetitionTime", "InversionTime", "FlipAngle",
             "ScanningSequence", "SequenceVariant", "MRAcquisitionType", "SequenceName",
             "PulseSequenceName", "SeriesDescription", "BodyPartExamined")
-    out: dict[str, Any] = {k: ds.get(k) for k in keys if k in ds}
+    out: dict[str, Any] = {k: _safe_get(ds, k) for k in keys if k in ds}
     groups = []
     for seq_kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
         if seq_kw in ds and len(ds[seq_kw].value) > 0:
@@ -195,7 +203,7 @@ def _flatten_enhanced(ds: Any) -> dict[str, Any]:
                 item = grp[macro].value[0]
                 for k in keys:
                     if k not in out and k in item:
-                        out[k] = item.get(k)
+                        out[k] = _safe_get(item, k)
                 if "EffectiveEchoTime" in item and "EchoTime" not in out:
-                    out["EchoTime"] = item.get("EffectiveEchoTime")
+                    out["EchoTime"] = _safe_get(item, "EffectiveEchoTime")
     return out

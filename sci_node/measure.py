@@ -116,7 +116,7 @@ def lesion_table(lesion: np.ndarray, profile: CordProfile, m: np.ndarray) -> lis
         return []
     ax = si_axis(m)
     voxel = float(abs(np.linalg.det(m[:, :3])))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, sl in enumerate(ndi.find_objects(lab), start=1):
         comp = lab[sl] == i
         idx = np.argwhere(comp) + np.array([s.start for s in sl])

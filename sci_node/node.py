@@ -7,6 +7,7 @@ to ``pending`` at the next start.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -57,9 +58,13 @@ def run_node(cfg: NodeConfig, provider_factory: ProviderFactory = default_provid
         When the data dir cannot be opened or the port cannot be bound.
     """
     _log_config(cfg)
+    os.umask(0o077)  # everything the node writes (spool, index, WAL, results) is private to its user
     stop = stop or threading.Event()
     store = Store(cfg.data_dir)
     recovered = store.recover()
+    reindexed, removed_tmp = store.reconcile()
+    if reindexed or removed_tmp:
+        log.warning("node.reconciled_spool", reindexed=reindexed, removed_temp_files=removed_tmp)
     if recovered:
         log.warning("node.recovered_jobs", jobs=recovered, detail="jobs left running are pending again")
     job_ready, result_ready = threading.Event(), threading.Event()

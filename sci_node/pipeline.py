@@ -39,12 +39,18 @@ class _Segmenter(Protocol):
 class ModelSetLike(Protocol):
     """What the pipeline needs of :class:`sci_node.registry.ModelSet`."""
 
-    anatomy: _Classifier
-    region_view: _Classifier
-    sequence: _Classifier
-    cord: _Segmenter
-    lesion: _Segmenter
-    versions: Mapping[str, str]
+    @property
+    def anatomy(self) -> _Classifier: ...
+    @property
+    def region_view(self) -> _Classifier: ...
+    @property
+    def sequence(self) -> _Classifier: ...
+    @property
+    def cord(self) -> _Segmenter: ...
+    @property
+    def lesion(self) -> _Segmenter: ...
+    @property
+    def versions(self) -> Mapping[str, str]: ...
 
 
 @dataclass(frozen=True)

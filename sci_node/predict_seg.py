@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 from sci_node import postprocess, preprocess
 from sci_node.artifact import load_network
-from sci_node.errors import ModelError
+from sci_node.errors import InvalidSeriesError, ModelError
 
 if TYPE_CHECKING:
     import torch
@@ -117,6 +117,8 @@ class Segmenter:
             ``(Z, Y, X)`` mask on ``image``'s grid (the cord for the lesion model): the
             model only looks at a box around it and only keeps voxels in the dilated ROI.
         """
+        if image.GetDimension() not in (3, 4) or min(image.GetSize()[:3]) < 1:
+            raise InvalidSeriesError(f"cannot segment a {image.GetDimension()}-D image of size {image.GetSize()}")
         prepared = preprocess.prepare(image, self.spec)
         prob = self.predict_prob_model_grid(prepared, roi)
         mask = preprocess.to_source_grid(prob, prepared, threshold=self.spec.threshold)

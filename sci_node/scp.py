@@ -21,13 +21,13 @@ from typing import Any
 
 import structlog
 from pydicom.uid import UID, EnhancedMRImageStorage, MRImageStorage
-from pynetdicom.sop_class import Verification as VerificationSOPClass
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
 from sci_node.config import NodeConfig, TLSConfig
-from sci_node.dimse import STORAGE_TRANSFER_SYNTAXES, RejectReason, RejectResult, RejectSource, Status
+from sci_node.dimse import (STORAGE_TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS, RejectReason, RejectResult,
+                            RejectSource, Status)
 from sci_node.errors import ConfigError, StorageError
 from sci_node.store import InstanceKey, Store
 
@@ -90,7 +90,8 @@ def admission_refusal(deps: ScpDeps, calling_aet: str, host: str) -> tuple[Rejec
 def handle_requested(event: Event, deps: ScpDeps) -> None:
     """EVT_REQUESTED: bind the association's log context; reject what admission refuses."""
     try:
-        calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+        primitive = event.assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title if primitive is not None else "").strip()
         host = str(event.assoc.requestor.address)
         structlog.contextvars.bind_contextvars(calling_aet=calling, peer=host)
         refusal = admission_refusal(deps, calling, host)
@@ -130,17 +131,19 @@ def _instance_key(event: Event) -> InstanceKey | tuple[Status, str]:
     """The UIDs of the received data set, or the status + reason to refuse it with."""
     try:
         ds = event.dataset
-        uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
-                str(ds.SOPClassUID))
+        uids = [str(ds.get(kw) or "") for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                                                  "SOPClassUID")]
     except Exception as exc:  # corrupt / undecodable data set
         return Status.CANNOT_UNDERSTAND, f"cannot decode data set: {type(exc).__name__}: {exc}"[:300]
     study, series, sop, sop_class = (u.strip("\0 ") for u in uids)
-    if not (study and series and sop):
-        return Status.CANNOT_UNDERSTAND, "missing Study/Series/SOP Instance UID"
+    missing = [kw for kw, v in zip(("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"), (study, series, sop))
+               if not v]
+    if missing:
+        return Status.CANNOT_UNDERSTAND, f"missing {', '.join(missing)}"
     if sop_class != event.context.abstract_syntax:
         return Status.DATASET_SOP_CLASS_MISMATCH, (
             f"SOP Class UID {sop_class} does not match the presentation context {event.context.abstract_syntax}")
-    if sop != str(event.request.AffectedSOPInstanceUID):
+    if sop != str(getattr(event.request, "AffectedSOPInstanceUID", "")):
         return Status.CANNOT_UNDERSTAND, "SOP Instance UID differs from the request's Affected SOP Instance UID"
     problem = _pixel_problem(ds, str(event.context.transfer_syntax))
     if problem:
@@ -186,6 +189,10 @@ def handle_store(event: Event, deps: ScpDeps) -> int:
             log.warning("store.refused", status=f"0x{status:04X}", reason=why)
             return int(status)
         calling = str(event.assoc.requestor.ae_title).strip()
+        if deps.store.series_size(key.series_uid) >= deps.cfg.limits.max_instances_per_series:
+            log.warning("store.refused", reason="per-series instance cap reached", series_uid=key.series_uid,
+                        cap=deps.cfg.limits.max_instances_per_series)
+            return int(Status.OUT_OF_RESOURCES)
         try:
             is_new = deps.store.spool_instance(key, event.encoded_dataset(), calling_aet=calling)
         except StorageError as exc:
@@ -239,7 +246,7 @@ def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
 def build_ae(cfg: NodeConfig) -> AE:
     """The SCP's application entity: contexts, limits and timeouts from ``cfg``."""
     ae = AE(ae_title=cfg.ae_title)
-    ae.add_supported_context(VerificationSOPClass)
+    ae.add_supported_context(VERIFICATION_SOP_CLASS)
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(STORAGE_TRANSFER_SYNTAXES))
     ae.maximum_associations = cfg.limits.max_associations
@@ -265,5 +272,7 @@ def start_scp(cfg: NodeConfig, store: Store) -> ThreadedAssociationServer:
                                  ssl_context=server_ssl_context(cfg.tls))
     except OSError as exc:
         raise ConfigError(f"cannot listen on {cfg.bind}:{cfg.port}: {exc}") from exc
+    if server is None:  # only with block=True
+        raise ConfigError(f"cannot listen on {cfg.bind}:{cfg.port}")
     set_nodelay(server.socket)  # accepted sockets inherit it on Linux; handle_conn_open makes sure
     return server

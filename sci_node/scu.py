@@ -17,10 +17,9 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
 
 from sci_node.config import Destination, TLSConfig
-from sci_node.dimse import STORED_STATUSES, Status
+from sci_node.dimse import STORED_STATUSES, VERIFICATION_SOP_CLASS, Status
 from sci_node.errors import ConfigError, DataError, DicomNetworkError
 
 log = structlog.get_logger("sci_node.scu")
@@ -84,6 +83,12 @@ def open_association(dest: Destination, calling_ae: str, tls: TLSConfig,
         raise AssociationRejectedError(
             f"{dest} rejected the association ({rsp.result_str}, {rsp.source_str}: {rsp.reason_str})",
             permanent=rsp.result == 0x01)
+    if rsp is not None and getattr(rsp, "result", None) == 0x00:
+        proposed = sorted({str(getattr(cx.abstract_syntax, "name", cx.abstract_syntax))
+                           for cx in assoc.requestor.requested_contexts})
+        raise AssociationRejectedError(
+            f"{dest} accepted none of the proposed presentation contexts (no presentation context for "
+            f"{', '.join(proposed)}: SOP class or transfer syntax not supported)", permanent=True)
     raise DicomNetworkError(f"cannot associate with {dest}: connection refused, aborted or timed out")
 
 
@@ -96,7 +101,8 @@ def echo(dest: Destination, calling_ae: str = "SCINODE", tls: TLSConfig | None =
         When the association fails or the status is not Success (message names the peer).
     """
     t0 = time.perf_counter()
-    assoc = open_association(dest, calling_ae, tls or TLSConfig(), [(Verification, [ImplicitVRLittleEndian])])
+    assoc = open_association(dest, calling_ae, tls or TLSConfig(),
+                             [(VERIFICATION_SOP_CLASS, [ImplicitVRLittleEndian])])
     try:
         status = assoc.send_c_echo()
     finally:
@@ -136,7 +142,7 @@ def store_contexts(files: Sequence[tuple[Path, str, str]]) -> list[tuple[str, li
 
 
 def send_path(path: Path, dest: Destination, calling_ae: str = "SCINODE", tls: TLSConfig | None = None) -> int:
-    """C-STORE every DICOM file at/under ``path`` (bytes as stored); return 0 if all were stored.
+    """C-STORE every DICOM file at/under ``path`` in its own transfer syntax; return 0 if all were stored.
 
     Raises
     ------

@@ -111,7 +111,9 @@ def build_seg(volume: SeriesVolume, cord: np.ndarray, lesion: np.ndarray | None,
     if not cord.any():
         raise InvalidSeriesError("the cord mask is empty: no SEG to write")
     with_lesions = lesion is not None and bool(lesion.any())
-    layers = [cord > 0] + ([lesion > 0] if with_lesions else [])
+    layers = [cord > 0]
+    if with_lesions and lesion is not None:
+        layers.append(lesion > 0)
     pixels = source_order(volume, np.stack(layers, axis=-1).astype(np.uint8))
     src = volume.first
     series_uid = str(src.SeriesInstanceUID)

@@ -16,9 +16,10 @@ so the DICOM-SEG can reference exactly the instance (and frame) it was derived f
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pydicom
@@ -126,9 +127,9 @@ def _read(path: Path) -> Dataset:
         raise InvalidDatasetError(f"{str(path)!r} is not a readable DICOM file: {exc}") from None
 
 
-def _floats(value: object, n: int, what: str, ds: Dataset) -> np.ndarray:
+def _floats(value: Any, n: int, what: str, ds: Dataset) -> np.ndarray:
     try:
-        arr = np.asarray([float(v) for v in value], dtype=np.float64)  # type: ignore[union-attr]
+        arr = np.asarray([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError):
         arr = np.empty(0)
     if arr.shape != (n,) or not np.all(np.isfinite(arr)):
@@ -154,7 +155,7 @@ def _decode(ds: Dataset) -> np.ndarray:
         ) from None
 
 
-def _rescale(arr: np.ndarray, slope: object, intercept: object) -> np.ndarray:
+def _rescale(arr: np.ndarray, slope: Any, intercept: Any) -> np.ndarray:
     out = arr.astype(np.float32)
     s = float(slope) if slope not in (None, "") else 1.0
     i = float(intercept) if intercept not in (None, "") else 0.0
@@ -233,9 +234,14 @@ def _frames_of(ds: Dataset) -> list[_Slice]:
             thickness=float(thick) if thick not in (None, "") else None,
             ref=SourceRef(str(ds.SOPClassUID), sop, i + 1),
             dataset=ds,
-            pixels=lambda i=i, s=slope, c=intercept: _rescale(frames()[i], s, c),
+            pixels=functools.partial(_frame_pixels, frames, i, slope, intercept),
         ))
     return out
+
+
+def _frame_pixels(frames: Callable[[], np.ndarray], index: int, slope: Any, intercept: Any) -> np.ndarray:
+    """Frame ``index`` (0-based) of a decoded multi-frame array, rescaled, float32 (rows, columns)."""
+    return _rescale(frames()[index], slope, intercept)
 
 
 def _sort_and_check(slices: list[_Slice]) -> tuple[list[_Slice], float]:

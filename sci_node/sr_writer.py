@@ -110,7 +110,7 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], summary: Mapping[str, Any
             uid=derived_uid("sci-node-device", {}, "device"), name="sci-node", manufacturer_name="sci-node",
             model_name=f"sci-node {__version__}"))
     groups = [_cord_group(seg, summary, versions, series_uid)]
-    if summary.get("lesions") and int(seg.get("NumberOfSegments", len(seg.SegmentSequence))) >= 2:
+    if summary.get("lesions") and len(seg.SegmentSequence) >= 2:
         groups += _lesion_groups(seg, summary["lesions"], versions, series_uid)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
@@ -137,7 +137,8 @@ def read_measurements(sr: Dataset) -> list[dict[str, Any]]:
     """Flatten the report's numeric measurements: ``{"group", "name", "value", "unit", "derivation"}``."""
     out = []
     doc = sr if isinstance(sr, hd.sr.Comprehensive3DSR) else hd.sr.Comprehensive3DSR.from_dataset(sr)
-    for grp in doc.content.get_volumetric_roi_measurement_groups():
+    content: Any = doc.content  # a MeasurementReport once read back
+    for grp in content.get_volumetric_roi_measurement_groups():
         gid = grp.tracking_identifier
         for m in grp.get_measurements():
             der = m.derivation

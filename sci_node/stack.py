@@ -115,7 +115,7 @@ def resolve_credentials(state_dir: Path, user: str | None, password: str | None)
             raise ConfigError(f"Orthanc user {user!r} must not contain ':'")
         return OrthancCredentials(user, password)
     path = state_dir / "credentials.json"
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -197,7 +197,8 @@ def orthanc_config_values(cfg: NodeConfig, ports: StackPorts, creds: OrthancCred
 def write_orthanc_config(cfg: NodeConfig, ports: StackPorts, creds: OrthancCredentials) -> Path:
     """Write ``D/orthanc/orthanc.json`` (mode 0600) and create Orthanc's storage folder."""
     state = cfg.data_dir / "orthanc"
-    (state / "storage").mkdir(parents=True, exist_ok=True)
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (state / "storage").mkdir(mode=0o700, exist_ok=True)
     config = render_orthanc_config(CONFIG_TEMPLATE.read_text(encoding="utf-8"),
                                    orthanc_config_values(cfg, ports, creds))
     path = state / "orthanc.json"
@@ -245,7 +246,7 @@ class Stack:
 
     def client(self, timeout: float = 30.0) -> Any:
         """A pyorthanc client logged in with the stack's credentials."""
-        from pyorthanc import Orthanc
+        from pyorthanc import Orthanc  # type: ignore[import-untyped]
 
         return Orthanc(self.url, username=self.spec.creds.user, password=self.spec.creds.password,
                        timeout=timeout, trust_env=False)
@@ -304,24 +305,28 @@ class Stack:
     def wait_ready(self, timeout: float = 180.0) -> None:
         """Wait until Orthanc answers ``/system`` and C-ECHOes the node through its modality entry."""
         import httpx
+        from pyorthanc import Orthanc  # type: ignore[import-untyped]
 
         deadline = time.monotonic() + timeout
-        client = self.client(timeout=10.0)
-        for what, probe in (("orthanc", lambda: client.get_system()),
-                            ("node", lambda: client.post_modalities_id_echo(NODE_MODALITY, json={}))):
+        raw = Orthanc(self.url, username=self.spec.creds.user, password=self.spec.creds.password,
+                      return_raw_response=True, timeout=10.0, trust_env=False)
+        for what, probe in (("orthanc", lambda: raw.get_system()),
+                            ("node", lambda: raw.post_modalities_id_echo(NODE_MODALITY, json={}))):
             while True:
                 self.check_alive()
                 try:
-                    probe()
-                    break
+                    status, detail = probe().status_code, ""
                 except httpx.HTTPError as exc:
-                    if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 401:
-                        raise StackError(f"Orthanc at {self.url} rejected our credentials: is another "
-                                         "Orthanc running on that port?") from None
-                    if time.monotonic() > deadline:
-                        raise StackError(f"{what} not ready after {timeout:.0f} s: {exc}; last log lines:\n"
-                                         f"{self.log_tail(what)}") from None
-                    time.sleep(0.5)
+                    status, detail = 0, str(exc)
+                if status == 401:
+                    raise StackError(f"Orthanc at {self.url} rejected our credentials: is another "
+                                     "Orthanc running on that port?")
+                if status == 200:
+                    break
+                if time.monotonic() > deadline:
+                    raise StackError(f"{what} not ready after {timeout:.0f} s ({status or detail}); last log "
+                                     f"lines:\n{self.log_tail(what)}")
+                time.sleep(0.3)
             log.info("stack_child_ready", child=what)
 
     def stop(self, timeout: float = 30.0) -> dict[str, int | None]:
@@ -358,9 +363,14 @@ def _say(out: TextIO, text: str) -> None:
     out.flush()
 
 
-def ohif_study_url(base_url: str, study_uid: str) -> str:
-    """URL that opens one study in the OHIF viewer served by Orthanc."""
-    return f"{base_url}/ohif/viewer?StudyInstanceUIDs={study_uid}"
+def ohif_study_url(base_url: str, study_uid: str, seg_series_uid: str | None = None) -> str:
+    """URL that opens one study in the OHIF viewer served by Orthanc.
+
+    With ``seg_series_uid`` the SEG is the initial series: OHIF shows it overlaid on the MR it
+    references (``disableConfirmationPrompts`` in our app-config skips the "open it?" prompt).
+    """
+    url = f"{base_url}/ohif/viewer?StudyInstanceUIDs={study_uid}"
+    return url + (f"&initialSeriesInstanceUID={seg_series_uid}" if seg_series_uid else "")
 
 
 def _announce(stack: Stack, out: TextIO) -> None:
@@ -518,9 +528,11 @@ def run_demo(cfg: NodeConfig, http_port: int = 8042, dicom_port: int = 4242, nod
         t0 = time.monotonic()
         storescu(files, dicom_port)
         _say(out, f"sent {len(files)} sample instances (study {study_uid}); waiting for the segmentation...")
-        wait_for_modality(stack.client(), study_uid, "SEG", seg_timeout, alive=stack.check_alive)
+        client = stack.client()
+        segs = wait_for_modality(client, study_uid, "SEG", seg_timeout, alive=stack.check_alive)
+        seg_uid = client.get_series_id(segs[-1])["MainDicomTags"]["SeriesInstanceUID"]
         _say(out, f"DICOM-SEG in Orthanc {time.monotonic() - t0:.1f} s after the send")
-        _say(out, f"OHIF: {ohif_study_url(stack.url, study_uid)}")
+        _say(out, f"OHIF (log in as {spec.creds.user!r}): {ohif_study_url(stack.url, study_uid, seg_uid)}")
         if keep_running:
             return _run_until_signal(stack, out)
         return 0

@@ -264,10 +264,17 @@ class Store:
             self._db.close()
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE ... COMMIT), errors as :class:`StorageError`."""
+    def _tx(self, sync_commit: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT), errors as :class:`StorageError`.
+
+        ``sync_commit=False`` commits without fsyncing the WAL (synchronous=NORMAL): the
+        commit survives a process crash but not a power loss. Only for rows that
+        :meth:`reconcile` can rebuild from fsync'd spool files.
+        """
         with self._lock:
             try:
+                if not sync_commit:
+                    self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise StorageError(f"index {self.data_dir / 'index.sqlite3'}: {exc}") from exc
@@ -280,6 +287,10 @@ class Store:
                 if isinstance(exc, sqlite3.Error):
                     raise StorageError(f"index {self.data_dir / 'index.sqlite3'}: {exc}") from exc
                 raise
+            finally:
+                if not sync_commit:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("PRAGMA synchronous=FULL")
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -313,9 +324,14 @@ class Store:
             write_durable(path, data)
         except OSError as exc:
             raise StorageError(f"cannot write {path}: {exc}") from exc
+        return self._record_instance(key, path, calling_aet)
+
+    def _record_instance(self, key: InstanceKey, path: Path, calling_aet: str | None) -> bool:
         size = path.stat().st_size
         now = time.time()
-        with self._tx() as db:
+        # The file is already fsync'd: it is the durable copy. The row is rebuilt from it by
+        # reconcile() if a power loss drops this (not fsync'd) commit.
+        with self._tx(sync_commit=False) as db:
             row = db.execute("SELECT state, generation FROM series WHERE series_uid=?",
                              (key.series_uid,)).fetchone()
             if row is None:
@@ -344,6 +360,43 @@ class Store:
                            " size=?, transfer_syntax=? WHERE sop_uid=?",
                            (now, generation, size, key.transfer_syntax, key.sop_uid))
         return is_new
+
+    def reconcile(self) -> tuple[int, int]:
+        """At start-up: index spooled files the index lost (power loss), delete stale temp files.
+
+        Returns
+        -------
+        (recorded, removed)
+            Instances re-recorded; half-written temporary files removed (never acknowledged).
+        """
+        import pydicom
+
+        known = {r["path"] for r in self._query("SELECT path FROM instances")}
+        recorded = removed = 0
+        for f in sorted(self.spool_dir.rglob("*")):
+            if not f.is_file():
+                continue
+            if f.name.endswith(".tmp"):
+                f.unlink(missing_ok=True)
+                removed += 1
+                continue
+            if str(f.relative_to(self.data_dir)) in known:
+                continue
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+                key = InstanceKey(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
+                                  str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+            except Exception:
+                continue  # not ours to judge; left in place for an admin
+            if self.instance_path(key) == f:
+                self._record_instance(key, f, None)
+                recorded += 1
+        return recorded, removed
+
+    def series_size(self, series_uid: str) -> int:
+        """Instances recorded for a series (0 if unknown)."""
+        rows = self._query("SELECT n_instances FROM series WHERE series_uid=?", (series_uid,))
+        return int(rows[0][0]) if rows else 0
 
     def free_disk_mb(self) -> float:
         """Free space of the data directory's file system, in MiB."""

@@ -35,13 +35,26 @@ log = structlog.get_logger("sci_node.worker")
 class ProcessResult(Protocol):
     """What a processor returns (``sci_node.pipeline.PipelineResult`` satisfies it)."""
 
-    status: str  # "done" | "routed-out"
-    reason: str | None
-    routing: Mapping[str, Any]
-    outputs: tuple[Path, ...]
-    model_versions: Mapping[str, str]
-    timings: Mapping[str, float]
-    summary: Mapping[str, Any]
+    @property
+    def status(self) -> str: ...  # "done" | "routed-out"
+
+    @property
+    def reason(self) -> str | None: ...
+
+    @property
+    def routing(self) -> Mapping[str, Any]: ...
+
+    @property
+    def outputs(self) -> tuple[Path, ...]: ...
+
+    @property
+    def model_versions(self) -> Mapping[str, str]: ...
+
+    @property
+    def timings(self) -> Mapping[str, float]: ...
+
+    @property
+    def summary(self) -> Mapping[str, Any]: ...
 
 
 class Processor(Protocol):
@@ -208,6 +221,13 @@ class Worker(threading.Thread):
         self.destinations = [str(d) for d in cfg.destinations]
 
     def run(self) -> None:
+        try:  # load the models now, not on the first series (and say so if they are missing)
+            self.provider.current()
+        except SciNodeError as exc:
+            log.warning("worker.processor_unavailable", reason=str(exc),
+                        detail="jobs will fail with this reason until it is fixed (then `sci-node jobs retry`)")
+        except Exception:
+            log.exception("worker.processor_error")
         while not self.stop_event.is_set():
             try:
                 job = self.store.claim_job()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything sci-node needs on a fresh Debian/Ubuntu machine, idempotently:
-#   * Debian packages: orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools
+#   * Debian packages: orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools, chromium (viewer test)
 #   * the Python venv at .venv/ with sci-node installed in editable mode (+ test extras)
 #   * the pinned OHIF viewer (npm @ohif/app@3.13.2) under orthanc/ohif-dist/ (skipped with --no-ohif)
 # Re-running it only does what is missing.
@@ -16,17 +16,20 @@ for arg in "$@"; do
 done
 
 need_apt=0
-for cmd in Orthanc storescu storescp echoscu dciodvfy; do
+pkgs="orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools chromium"
+# npm only fetches the OHIF package; Debian's npm only when none is there (NodeSource ships its own)
+if [ "$WITH_OHIF" = 1 ] && ! command -v npm >/dev/null 2>&1; then need_apt=1; pkgs="$pkgs npm"; fi
+for cmd in Orthanc storescu storescp echoscu dciodvfy chromium; do
   command -v "$cmd" >/dev/null 2>&1 || need_apt=1
 done
 [ -e /usr/share/orthanc/plugins/libOrthancPython.so ] || [ -e /usr/share/orthanc/plugins-available/libOrthancPython.so ] || need_apt=1
 if [ "$need_apt" = 1 ]; then
   SUDO=""
   [ "$(id -u)" = 0 ] || SUDO="sudo"
-  echo "==> apt-get install orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools"
+  echo "==> apt-get install $pkgs"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
-    orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools >/dev/null
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $pkgs >/dev/null
   # The Debian package starts a system Orthanc on 4242/8042; sci-node runs its own.
   $SUDO systemctl disable --now orthanc >/dev/null 2>&1 || true
 fi

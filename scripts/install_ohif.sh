@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OHIF_VERSION=3.13.2
 OHIF_SHA512="WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA=="
-PATCH_LEVEL=2                       # bump when the patching below changes
+PATCH_LEVEL=4                       # bump when the patching below changes
 DEST="$ROOT/orthanc/ohif-dist"
 STAMP="$DEST/.sci-node-ohif"
 WANT="@ohif/app@$OHIF_VERSION patch $PATCH_LEVEL"
@@ -31,7 +31,9 @@ if [ "${OHIF_FORCE:-0}" != 1 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WAN
 fi
 command -v npm >/dev/null 2>&1 || { echo "install_ohif.sh: npm not found (apt-get install npm)" >&2; exit 1; }
 
-sha512_of() { openssl dgst -sha512 -binary "$1" | base64 -w0; }
+sha512_of() {
+  python3 -c 'import base64, hashlib, sys; print(base64.b64encode(hashlib.sha512(open(sys.argv[1], "rb").read()).digest()).decode())' "$1"
+}
 mkdir -p "$CACHE"
 if [ ! -f "$TGZ" ] || [ "$(sha512_of "$TGZ")" != "$OHIF_SHA512" ]; then
   echo "==> npm pack @ohif/app@$OHIF_VERSION (50 MB) into $CACHE"

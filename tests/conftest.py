@@ -28,6 +28,16 @@ VENV_BIN = Path(sys.executable).parent
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
+@pytest.fixture(autouse=True)
+def _fresh_structlog() -> Iterator[None]:
+    """In-process code logs to this test's streams: a CLI test run before may have configured
+    structlog with a capture stream pytest has closed since."""
+    import structlog
+
+    structlog.reset_defaults()
+    yield
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -83,7 +93,8 @@ def make_mr_series(out_dir: Path, n: int = 8, *, source: str = "MR_small.dcm", s
 def storescu(port: int, files: Sequence[Path], calling: str = "SCANNER", called: str = "SCINODE",
              timeout: float = 60, extra: Sequence[str] = (), debug: bool = False) -> subprocess.CompletedProcess[str]:
     """Run dcmtk ``storescu`` (verbose; ``debug`` prints the DIMSE status codes in hex)."""
-    cmd = ["storescu", "-d" if debug else "-v", "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port), *map(str, files)]
+    cmd = ["storescu", "-d" if debug else "-v", "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port),
+           *map(str, files)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=DCMTK_ENV)
 
 

@@ -22,6 +22,12 @@ from conftest import NodeProc, StoreSCP, free_port, make_mr_series, storescu, wa
 FAST_EXPORT = 'processor = "derived-sc"\n[export]\ninitial_backoff_seconds = 0.5\nmax_backoff_seconds = 2\n'
 
 
+def _job_field(node: NodeProc, job_id: int, name: str) -> object:
+    """A field of a job, None while the job does not exist yet."""
+    res = node.cli("jobs", "show", str(job_id), "--json")
+    return json.loads(res.stdout)[name] if res.returncode == 0 else None
+
+
 def _show(node: NodeProc, job_id: int) -> dict:
     res = node.cli("jobs", "show", str(job_id), "--json")
     assert res.returncode == 0, res.stderr
@@ -45,8 +51,7 @@ def test_destination_down_then_up_delivered_after_backoff(node_factory: Callable
     node = node_factory(FAST_EXPORT, "--allow-ae", "SCANNER", "--stable-seconds", "1",
                         "--destination", f"DEST@127.0.0.1:{dest_port}").start()
     assert storescu(node.port, make_mr_series(tmp_path / "s", n=4)).returncode == 0
-    wait_for(lambda: (node.data_dir / "index.sqlite3").exists() and node.cli("jobs", "list").stdout.count("done") == 1,
-             30, what="job done")
+    wait_for(lambda: _job_field(node, 1, "state") == "done", 30, what="job done")
     wait_for(lambda: _show(node, 1)["deliveries"][0]["attempts"] >= 2, 30, what="two failed attempts")
     entry = _show(node, 1)["deliveries"][0]
     assert entry["state"] == "pending" and "cannot associate" in entry["last_error"]
@@ -99,7 +104,7 @@ def test_permanent_rejections_fail_without_retry_storm_then_retry_resends(
                         "--destination", f"DEST@127.0.0.1:{rejecting.port}",
                         "--destination", f"DEST@127.0.0.1:{no_sc.port}").start()
     assert storescu(node.port, make_mr_series(tmp_path / "s", n=3)).returncode == 0
-    wait_for(lambda: node.cli("jobs", "list").stdout.count("failed") == 1, 40, what="job failed on delivery")
+    wait_for(lambda: _job_field(node, 1, "state") == "failed", 40, what="job failed on delivery")
     time.sleep(3.0)  # several backoff periods: a retry storm would show up as attempts > 1
     job = _show(node, 1)
     assert job["state"] == "failed" and job["delivery"] == "failed"

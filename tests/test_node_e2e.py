@@ -5,12 +5,15 @@ the instances were acknowledged loses nothing and still delivers exactly once.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import time
 from pathlib import Path
 from typing import Callable
 
 import pydicom
+import pytest
 
 from conftest import NodeProc, StoreSCP, echoscu, make_mr_series, storescu, wait_for
 
@@ -56,7 +59,7 @@ def test_series_in_result_out_exactly_once(node_factory: Callable[..., NodeProc]
 def test_resent_series_reruns_and_supersedes(node_factory: Callable[..., NodeProc],
                                              storescp_factory: Callable[..., StoreSCP], tmp_path: Path) -> None:
     dest = storescp_factory()
-    node = node_factory(PLUMBING, "--allow-ae", "SCANNER", "--stable-seconds", "1",
+    node = node_factory(PLUMBING, "--stable-seconds", "1",  # no --allow-ae: any calling AE, with a warning
                         "--destination", f"DEST@127.0.0.1:{dest.port}").start()
     series = make_mr_series(tmp_path / "series", n=4)
     assert storescu(node.port, series).returncode == 0
@@ -67,6 +70,10 @@ def test_resent_series_reruns_and_supersedes(node_factory: Callable[..., NodePro
     new, old = _jobs(node)
     assert old["superseded_by"] == new["id"] and new["generation"] == 2
     assert _spooled(node) == 4  # duplicates are idempotent in the spool
+    events = [json.loads(line) for line in node.log.read_text().splitlines() if line.startswith("{")]
+    (warning,) = [e for e in events if e["event"] == "node.accepts_any_ae"]
+    assert warning["level"] == "warning"
+    assert any(e["event"] == "node.config" and e["allowed_aes"] == [] for e in events)
 
 
 def test_kill9_after_ack_delivers_once_after_restart(node_factory: Callable[..., NodeProc],
@@ -80,9 +87,71 @@ def test_kill9_after_ack_delivers_once_after_restart(node_factory: Callable[...,
     assert res.returncode == 0, res.stdout + res.stderr
     node.kill9()  # acknowledged, not yet complete (stable_seconds not elapsed)
     assert _spooled(node) == 12 and dest.files() == []
+    private = [p for p in node.data_dir.rglob("*") if p.stat().st_mode & 0o077]
+    assert private == [], f"group/other-accessible: {private}"
     node.start()
     wait_for(lambda: len(dest.files()) >= 1, 60, what="the result after restart")
     time.sleep(2.0)
     assert len(dest.files()) == 1
     (job,) = _jobs(node)
     assert job["state"] == "done" and job["delivery"] == "delivered" and job["n_instances"] == 12
+
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample" / "series"
+
+
+@pytest.mark.slow
+def test_readme_sequence_with_the_default_processor(node_factory: Callable[..., NodeProc],
+                                                     storescp_factory: Callable[..., StoreSCP]) -> None:
+    """The issue's exact sequence (free ports instead of 11112/11113): a DICOM-SEG lands at DEST."""
+    dest = storescp_factory()
+    node = node_factory("", "--ae-title", "SCINODE", "--destination", "DEST@127.0.0.1", str(dest.port),
+                        "--stable-seconds", "2", "--allow-ae", "SCANNER").start(timeout=120)
+    files = sorted(SAMPLE.glob("*.dcm"))
+    res = storescu(node.port, files)
+    assert res.returncode == 0, res.stdout + res.stderr
+    t_acked = time.monotonic()
+
+    def seg_arrived() -> bool:
+        return any(pydicom.dcmread(f, stop_before_pixels=True).Modality == "SEG" for f in dest.files())
+
+    wait_for(seg_arrived, 300, interval=0.2, what="the DICOM-SEG at the destination")
+    latency = time.monotonic() - t_acked
+    wait_for(lambda: _jobs(node)[0]["delivery"] == "delivered", 60, what="all results delivered")
+    time.sleep(1.0)
+    modalities = sorted(pydicom.dcmread(f, stop_before_pixels=True).Modality for f in dest.files())
+    (job,) = _jobs(node)
+    assert job["state"] == "done", job
+    assert modalities.count("SEG") == 1 and len(modalities) == len(job["result"]["outputs"]), modalities
+    seg = next(ds for ds in map(pydicom.dcmread, dest.files()) if ds.Modality == "SEG")
+    assert seg.StudyInstanceUID == pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    print(f"last C-STORE -> SEG at destination: {latency:.2f} s (stable_seconds 2)")
+
+
+def _states(node: NodeProc) -> list[str]:
+    """Job states read straight from the index (read-only, fast enough to catch 'running')."""
+    db = node.data_dir / "index.sqlite3"
+    if not db.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+        return [r[0] for r in con.execute("SELECT state FROM jobs ORDER BY id")]
+
+
+@pytest.mark.slow
+def test_kill9_during_processing_delivers_once(node_factory: Callable[..., NodeProc],
+                                               storescp_factory: Callable[..., StoreSCP]) -> None:
+    dest = storescp_factory()
+    node = node_factory("", "--allow-ae", "SCANNER", "--stable-seconds", "1",
+                        "--destination", f"DEST@127.0.0.1:{dest.port}").start(timeout=120)
+    assert storescu(node.port, sorted(SAMPLE.glob("*.dcm"))).returncode == 0
+    wait_for(lambda: _states(node) == ["running"], 60, interval=0.02, what="the job running")
+    node.kill9()
+    assert dest.files() == []
+    node.start(timeout=120)
+    wait_for(lambda: _jobs(node) and _jobs(node)[0]["delivery"] == "delivered", 300, interval=0.5,
+             what="delivery after restart")
+    time.sleep(1.0)
+    (job,) = _jobs(node)
+    assert job["state"] == "done" and job["attempts"] == 2
+    modalities = sorted(pydicom.dcmread(f, stop_before_pixels=True).Modality for f in dest.files())
+    assert modalities.count("SEG") == 1 and len(modalities) == len(job["result"]["outputs"])

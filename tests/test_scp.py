@@ -160,3 +160,56 @@ def test_disk_error_gets_a700(scp: tuple[NodeConfig, Store], tmp_path: Path) -> 
     blocker.unlink()
     res = storescu(cfg.port, [f])
     assert res.returncode == 0 and store.counts()["instances"]["total"] == 1
+
+
+
+def test_undecodable_bytes_get_c210(scp: tuple[NodeConfig, Store], tmp_path: Path) -> None:
+    """A data set pydicom cannot parse, sent byte for byte (dcmtk refuses to send such files)."""
+    from pydicom.filebase import DicomBytesIO
+    from pynetdicom import AE, _config
+    from pynetdicom.dsutils import split_dataset
+    from pynetdicom.sop_class import MRImageStorage
+
+    cfg, store = scp
+    (good,) = make_mr_series(tmp_path / "s", n=1)
+    ds = pydicom.dcmread(good)
+    _, offset = split_dataset(good)
+    head = pydicom.Dataset()
+    head.SOPClassUID, head.SOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    pydicom.filewriter.write_dataset(fp, head)
+    noise = np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    corrupt = tmp_path / "corrupt.dcm"  # valid UIDs, then an element with a bogus VR and noise
+    corrupt.write_bytes(good.read_bytes()[:offset] + fp.getvalue() + b"\x10\x00\x10\x00Q\x01\xff\xff" + noise)
+    ae = AE("SCANNER")
+    ae.add_requested_context(MRImageStorage, ds.file_meta.TransferSyntaxUID)
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes without decoding them
+    try:
+        assoc = ae.associate("127.0.0.1", cfg.port, ae_title=cfg.ae_title)
+        assert assoc.is_established
+        status = assoc.send_c_store(corrupt)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+    assert status.Status == 0xC210
+    assert store.counts()["instances"]["total"] == 0
+    assert echoscu(cfg.port).returncode == 0
+
+
+def test_per_series_and_per_association_caps(tmp_path: Path) -> None:
+    cfg = load_config(None, {"port": free_port(), "data_dir": str(tmp_path / "data"),
+                             "limits": {"max_instances_per_series": 2, "max_instances_per_association": 3}})
+    store = Store(cfg.data_dir)
+    server = start_scp(cfg, store)
+    try:
+        res = storescu(cfg.port, make_mr_series(tmp_path / "a", n=3), debug=True)
+        assert _status_lines(res).count("0xa700") == 1 and store.series_size(
+            pydicom.dcmread(tmp_path / "a" / "slice000.dcm").SeriesInstanceUID) == 2
+        four = [p for name in "bcde" for p in make_mr_series(tmp_path / name, n=1)]
+        res = storescu(cfg.port, four, debug=True)  # 3 per association: the fourth is refused
+        assert _status_lines(res).count("0xa700") == 1 and store.counts()["instances"]["total"] == 5
+    finally:
+        server.shutdown()
+        store.close()

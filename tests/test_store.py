@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from sci_node.completion import SliceHeader, check_geometry
 from sci_node.errors import JobNotFoundError, StorageError
 from sci_node.store import InstanceKey, Store
 
@@ -35,6 +34,25 @@ def test_spool_is_durable_private_and_idempotent(tmp_path: Path) -> None:
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
     assert store.counts()["instances"] == {"total": 1}
     assert store.series_files("1.2.3.2") == [path]
+
+
+def test_reconcile_reindexes_lost_rows_and_drops_temp_files(tmp_path: Path) -> None:
+    from conftest import make_mr_series
+
+    import pydicom
+
+    (f,) = make_mr_series(tmp_path / "s", n=1)
+    ds = pydicom.dcmread(f)
+    store = Store(tmp_path / "d")
+    key = InstanceKey(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID,
+                      ds.file_meta.TransferSyntaxUID)
+    path = store.instance_path(key)  # as if the file was fsync'd but its row lost with the power
+    path.parent.mkdir(parents=True)
+    path.write_bytes(f.read_bytes())
+    (path.parent / ".x.dcm.123.tmp").write_bytes(b"half")
+    assert store.reconcile() == (1, 1)
+    assert store.series_files(ds.SeriesInstanceUID) == [path]
+    assert store.reconcile() == (0, 0)
 
 
 def test_uid_never_escapes_the_spool(tmp_path: Path) -> None:
@@ -121,18 +139,12 @@ def test_delivery_failure_fails_job_and_retry_resends(tmp_path: Path) -> None:
         store.retry_job(999)
 
 
-def test_geometry_check() -> None:
-    ax = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-    sl = [SliceHeader(f"s{i}", ax, (0.0, 0.0, z), 64, 64) for i, z in enumerate((0, 1, 2, 3, 6, 7))]
-    report, reason = check_geometry(sl)
-    assert reason is None and report["slice_step_mm"] == 1.0
-    assert report["gaps"] == [{"after_mm": 3.0, "step_mm": 3.0}]
-    _, reason = check_geometry(sl + [SliceHeader("dup", ax, (0.0, 0.0, 2.0), 64, 64)])
-    assert reason and "duplicate slice positions" in reason
-    _, reason = check_geometry(sl + [SliceHeader("sag", (0.0, 1.0, 0.0, 0.0, 0.0, -1.0), (0, 0, 9.0), 64, 64)])
-    assert reason and "mixed orientations" in reason
-    _, reason = check_geometry(sl + [SliceHeader("big", ax, (0.0, 0.0, 9.0), 128, 128)])
-    assert reason and "inconsistent matrix sizes" in reason
-    _, reason = check_geometry([SliceHeader("nogeo", None, None, 64, 64)])
-    assert reason and "missing ImageOrientationPatient" in reason
-
+def test_retry_of_a_failed_run_requeues_it(tmp_path: Path) -> None:
+    store = Store(tmp_path / "d")
+    store.spool_instance(_key("1.1"), b"a")
+    _complete(store)
+    job = store.finish_job(store.claim_job().id, "failed", "ModelError: no active version of cord", {})
+    assert job.state == "failed" and job.delivery == "none"
+    assert store.retry_job(job.id) == "rerun"
+    again = store.claim_job()
+    assert again is not None and again.id == job.id and again.attempts == 2 and again.reason is None

@@ -28,6 +28,8 @@ from trainer.cls_data import ANATOMY, REGION, SEQUENCE, TASKS, VIEW, DEFAULT_SOU
 log = structlog.get_logger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = {"anatomy": ANATOMY, "region": REGION, "view": VIEW, "sequence": SEQUENCE}
+#: Bump when the sample generators change (invalidates sample caches).
+SAMPLES_VERSION = 4
 MODEL_HEADS = {"anatomy": ("anatomy",), "region_view": ("region", "view"), "sequence": ("sequence",)}
 #: Coded concepts of the classes (SNOMED CT where one exists, else DCM / local "99SCINODE").
 CODES: dict[str, tuple[str, str, str]] = {
@@ -89,6 +91,7 @@ def build_samples(cfg: dict[str, Any], data: Path, seed: int) -> SampleSet:
     for f in hashed:
         digest.update(f.name.encode() + file_sha(f).encode())
     recipe = json.dumps({"data": {k: v for k, v in dcfg.items() if k != "cache"}, "seed": seed,
+                         "generator": SAMPLES_VERSION,
                          "prep": PREPROCESSING_ID, "sources": [s.__dict__ for s in sources]}, sort_keys=True)
     key = hashlib.sha256(digest.hexdigest().encode() + recipe.encode()).hexdigest()[:16]
     meta = {"data_hash": "sha256:" + digest.hexdigest(), "n_sources": len(sources)}
@@ -108,6 +111,7 @@ def _generate(cfg: dict[str, Any], sources: Sequence[Source], data: Path, pam_di
     import SimpleITK as sitk
     from tqdm import tqdm
 
+    from trainer.cls_scenes import scene_sample
     from trainer.cls_synth import load_pam50, pam50_sample, phantom_sample
 
     dcfg = cfg["data"]
@@ -125,6 +129,14 @@ def _generate(cfg: dict[str, Any], sources: Sequence[Source], data: Path, pam_di
             img, hdr, lab = pam50_sample(pam, rng)
             t, f = series_inputs(img, hdr)
             rows.append((t, f, lab, "PAM50", False, False))
+    scenes = dict(dcfg.get("n_scenes", {}))
+    for anatomy, n in scenes.items():
+        if anatomy not in ANATOMY:
+            raise ConfigError(f"data.n_scenes: unknown anatomy {anatomy!r}")
+        for _ in tqdm(range(int(n)), desc=f"synthetic {anatomy} scenes", unit="img", file=sys.stderr):
+            img, hdr, lab = scene_sample(rng, anatomy)
+            t, f = series_inputs(img, hdr)
+            rows.append((t, f, lab, "synth-scenes", False, False))
     for _ in range(int(dcfg.get("n_phantom", 0))):
         img, hdr, lab = phantom_sample(rng)
         t, f = series_inputs(img, hdr)
@@ -191,7 +203,7 @@ def fit(cfg: dict[str, Any], heads: Sequence[str], train: SampleSet, epochs: int
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             sched.step()
         post = {"loss": f"{total / len(perm):.3f}"}
         if val is not None:

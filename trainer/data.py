@@ -10,8 +10,8 @@ DICOM layout (one case per sub-folder)::
     <root>/<case>/dicom/...            one series, any file names
     <root>/<case>/<mask_suffix>.nii.gz mask on the series' grid
 
-Every image must have its mask unless ``missing_mask="skip"`` (the shared data has
-unlabelled images on purpose); masks must lie on their image's grid (size, spacing,
+Every image must have its mask, except those listed in ``unlabelled`` (the shared data has
+unlabelled images on purpose) or when ``missing_mask="skip"``; masks must lie on their image's grid (size, spacing,
 origin, direction within ``tol``). Violations raise :class:`DataError` naming the file.
 """
 from __future__ import annotations
@@ -66,6 +66,7 @@ class DataSpec:
 
     mask_suffix: str = "seg-manual"
     missing_mask: str = "error"  # "error" | "skip"
+    unlabelled: Sequence[str] = ()  # subjects or image stems known to have no mask: skipped, not an error
     exclude: Sequence[str] = ()  # dataset folder names or subject ids to leave out
     same_person: Sequence[Sequence[str]] = field(default_factory=list)
     tol: float = 1e-3
@@ -101,7 +102,7 @@ def _bids_cases(ds: Path, spec: DataSpec) -> list[Case]:
                 mask = cand
                 break
         if mask is None:
-            if spec.missing_mask == "skip":
+            if spec.missing_mask == "skip" or subject in spec.unlabelled or stem in spec.unlabelled:
                 log.info("dataset.unlabelled_skipped", image=str(img), mask_suffix=spec.mask_suffix)
                 continue
             raise DataError(f"image {str(img)!r} has no mask {stem}_{spec.mask_suffix}.nii.gz under "

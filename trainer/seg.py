@@ -84,6 +84,7 @@ def prep_spec(cfg: dict[str, Any]) -> preprocess.PrepSpec:
 def data_spec(cfg: dict[str, Any]) -> tdata.DataSpec:
     d = cfg["data"]
     return tdata.DataSpec(mask_suffix=d.get("mask_suffix", "seg-manual"), missing_mask=d.get("missing_mask", "error"),
+                          unlabelled=tuple(d.get("unlabelled", ())),
                           exclude=tuple(d.get("exclude", ())), same_person=d.get("same_person", []))
 
 

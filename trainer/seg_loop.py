@@ -79,6 +79,29 @@ class SliceSampler:
                 "lab": lb[:, y0:y0 + ph, x0:x0 + pw].astype(np.float32)}
 
 
+    def batch(self, size: int, groups: int, aug) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """``size`` augmented samples: ``(B, C, Y, X)`` images and ``(B, 1, Y, X)`` labels.
+
+        Samples are augmented in ``groups`` groups stacked along the channel axis (one random
+        draw of the MONAI transforms per group): same variety per epoch, a fraction of the cost.
+        """
+        import torch
+
+        c = 2 * self.spec.context + 1
+        xs, ys = [], []
+        per = int(np.ceil(size / groups))
+        for g in range(groups):
+            n = min(per, size - g * per)
+            if n <= 0:
+                break
+            samples = [self.sample() for _ in range(n)]
+            out = aug({"img": np.concatenate([s["img"] for s in samples]),
+                       "lab": np.concatenate([s["lab"] for s in samples])})
+            xs.append(torch.as_tensor(out["img"]).reshape(n, c, *self.spec.patch_yx))
+            ys.append(torch.as_tensor(out["lab"]).reshape(n, 1, *self.spec.patch_yx))
+        return torch.cat(xs).float(), torch.cat(ys).float()
+
+
 def _ema_update(ema, net, decay: float) -> None:
     import torch
 
@@ -130,6 +153,7 @@ def train_network(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: Se
     loss_fn = DiceCELoss(sigmoid=True, batch=True)
     aug = augmentation(cfg)
     aug.set_random_state(seed=seed)
+    groups = int(t.get("aug_groups", 4))
     history: list[dict[str, float]] = []
     t0 = time.monotonic()
     step = 0
@@ -142,9 +166,8 @@ def train_network(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: Se
         losses = []
         bar = tqdm(range(steps), desc=f"{tag} epoch {ep + 1}/{epochs}", leave=False, mininterval=5)
         for _ in bar:
-            batch = [aug(sampler.sample()) for _ in range(bs)]
-            x = torch.stack([torch.as_tensor(b["img"]) for b in batch]).float().to(device)
-            y = torch.stack([torch.as_tensor(b["lab"]) for b in batch]).float().to(device)
+            x, y = sampler.batch(bs, groups, aug)
+            x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(net(x), (y > 0.5).float())
             loss.backward()

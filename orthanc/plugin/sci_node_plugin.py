@@ -9,6 +9,7 @@ turns Orthanc events and HTTP requests into messages; nothing heavy runs in a ca
   come from the node itself -> an *asynchronous* Orthanc job ``POST /modalities/<node>/store``,
   recorded in the series' ``SciNodeForward`` metadata and in ``forwards.jsonl``. The node's own
   SEG/SR (Modality SEG/SR, RemoteAET = the node's AE title) are never forwarded, so nothing loops.
+  After a restart, series that never became stable (Orthanc was stopped first) are forwarded too.
 * REST routes under ``/sci-node/`` (behind Orthanc's authentication like the rest of its API):
 
   ==========================================  ====================================================
@@ -116,6 +117,17 @@ def _job_field(job: dict[str, Any], *names: str) -> str:
     return ""
 
 
+def _when(job: dict[str, Any], *names: str) -> str:
+    """A job timestamp (epoch seconds or text) as ``YYYY-MM-DD HH:MM:SS`` UTC."""
+    for name in names:
+        value = job.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return _dt.datetime.fromtimestamp(value, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        if value:
+            return str(value)
+    return ""
+
+
 def _job_study(job: dict[str, Any]) -> str:
     return _job_field(job, "study_uid", "study_instance_uid", "StudyInstanceUID")
 
@@ -135,6 +147,8 @@ class SciNodePlugin:
         self.plugin_dir = str(settings.get("PluginStateDir", self.data_dir))
         self.ohif_dir = os.path.realpath(str(settings.get("OhifDist", "")))
         self.forward_log = os.path.join(self.plugin_dir, "forwards.jsonl")
+        self.stable_age = float(settings.get("StableAge", 10))
+        self.recovery_window = int(settings.get("RecoveryWindow", 10000))
         self._log_lock = threading.Lock()
         cli = settings.get("NodeCli", ["sci-node"])
         cli = [cli] if isinstance(cli, str) else list(cli)
@@ -144,6 +158,9 @@ class SciNodePlugin:
 
     def on_change(self, change_type: Any, level: Any, resource_id: str) -> None:
         """Orthanc change callback: forward stable MR series; never raises."""
+        if change_type == orthanc.ChangeType.ORTHANC_STARTED:
+            threading.Thread(target=self._recover, name="sci-node-recover", daemon=True).start()
+            return
         if change_type != orthanc.ChangeType.STABLE_SERIES:
             return
         try:
@@ -151,7 +168,34 @@ class SciNodePlugin:
         except Exception as exc:  # noqa: BLE001 - a callback must never raise into Orthanc
             orthanc.LogError(f"sci-node: series {resource_id}: not forwarded: {exc!r}")
 
-    def _consider_series(self, series_id: str) -> None:
+    def _recover(self) -> None:
+        """Forward the series Orthanc received but never saw become stable (it was stopped first).
+
+        Orthanc forgets its stability timers when it stops, so a series still arriving then never
+        gets ``STABLE_SERIES``. After one ``StableAge`` (new instances meanwhile take the normal
+        path), every series created in the last ``RecoveryWindow`` changes that has no
+        ``SciNodeForward`` record goes through the usual filter (MR, not from the node).
+        """
+        time.sleep(self.stable_age + 1)
+        try:
+            last = int(json.loads(orthanc.RestApiGet("/changes?last")).get("Last", 0))
+            since = max(0, last - self.recovery_window)
+            changes = json.loads(orthanc.RestApiGet(f"/changes?since={since}&limit={self.recovery_window}"))
+            series = dict.fromkeys(c["ID"] for c in changes.get("Changes", []) if c.get("ChangeType") == "NewSeries")
+            for series_id in series:
+                try:
+                    orthanc.RestApiGet(f"/series/{series_id}/metadata/SciNodeForward")
+                    continue  # forwarded already
+                except Exception:  # noqa: BLE001 - no record (or the series is gone)
+                    pass
+                try:
+                    self._consider_series(series_id, reason="recovered-after-restart")
+                except Exception as exc:  # noqa: BLE001
+                    orthanc.LogInfo(f"sci-node: series {series_id}: not recovered: {exc!r}")
+        except Exception as exc:  # noqa: BLE001 - a background thread must not die loudly
+            orthanc.LogError(f"sci-node: recovery scan failed: {exc!r}")
+
+    def _consider_series(self, series_id: str, reason: str = "stable-series") -> None:
         series = json.loads(orthanc.RestApiGet(f"/series/{series_id}"))
         modality = str(series.get("MainDicomTags", {}).get("Modality", "")).upper()
         if modality not in self.forward_modalities:
@@ -161,7 +205,7 @@ class SciNodePlugin:
         if source == self.node_aet:
             orthanc.LogWarning(f"sci-node: series {series_id} came from the node ({source}): not forwarded")
             return
-        self.forward(series_id, reason="stable-series")
+        self.forward(series_id, reason=reason)
 
     @staticmethod
     def _remote_aet(instances: list[str]) -> str:
@@ -191,13 +235,20 @@ class SciNodePlugin:
         orthanc.LogWarning(f"sci-node: series {series_id} queued to {self.modality} (job {record['job']}, {reason})")
         return record
 
-    def forwards(self) -> list[dict[str, Any]]:
-        """Every recorded forward, oldest first."""
+    def forwards(self, with_state: bool = True) -> list[dict[str, Any]]:
+        """Every recorded forward, oldest first, with its Orthanc job's state (in-process query)."""
         try:
             with open(self.forward_log, encoding="utf-8") as fh:
-                return [json.loads(line) for line in fh if line.strip()]
+                records = [json.loads(line) for line in fh if line.strip()]
         except FileNotFoundError:
             return []
+        if with_state:
+            for rec in records[-200:]:
+                try:
+                    rec["job_state"] = json.loads(orthanc.RestApiGet(f"/jobs/{rec['job']}")).get("State")
+                except Exception:  # noqa: BLE001 - older than Orthanc's JobsHistorySize
+                    rec["job_state"] = "unknown"
+        return records
 
     # -- REST -------------------------------------------------------------------------------
 
@@ -306,14 +357,17 @@ def render_status_page(jobs: list[dict[str, Any]], error: str | None, forwards: 
         link = (f'<a href="/ohif/viewer?StudyInstanceUIDs={urllib.parse.quote(study)}">open in OHIF</a>'
                 if study else "")
         rows.append("<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in (
-            _job_field(job, "id", "job_id"), _job_field(job, "state", "status"),
+            _job_field(job, "id", "job_id"), _job_field(job, "state", "status"), _job_field(job, "delivery"),
             _job_field(job, "reason", "error"), _job_series(job),
-            _job_field(job, "created_at", "created", "queued_at"),
-            _job_field(job, "finished_at", "updated_at", "finished"))) + f"<td>{link}</td></tr>")
+            _when(job, "created_at", "created", "queued_at"),
+            _when(job, "finished_at", "updated_at", "finished"))) + f"<td>{link}</td></tr>")
     frows = [f"<tr><td>{esc(str(f.get('time', '')))}</td><td>{esc(str(f.get('reason', '')))}</td>"
              f"<td>{esc(str(f.get('series_uid', f.get('series', ''))))}</td><td>{esc(str(f.get('job', '')))}</td>"
+             f"<td>{esc(str(f.get('job_state', '')))}</td>"
              f"<td><a href=\"/ohif/viewer?StudyInstanceUIDs={urllib.parse.quote(str(f.get('study_uid', '')))}\">"
-             "open in OHIF</a></td></tr>" for f in reversed(forwards)]
+             "open in OHIF</a></td>"
+             f"<td><form method=\"post\" action=\"/sci-node/series/{esc(str(f.get('series', '')))}/process\">"
+             "<button>reprocess</button></form></td></tr>" for f in reversed(forwards)]
     note = f'<p class="err">node status unavailable: {esc(error)}</p>' if error else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>sci-node status</title>
 <meta http-equiv="refresh" content="10"><style>
@@ -321,10 +375,10 @@ body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse}} td
 .err{{color:#a00}}</style></head><body>
 <h1>sci-node</h1><p><a href="/app/explorer.html">Orthanc Explorer</a> · <a href="/ohif/">OHIF study list</a>
 · <a href="/sci-node/jobs">JSON</a></p>{note}
-<h2>Node jobs</h2><table><tr><th>job</th><th>state</th><th>reason</th><th>series UID</th><th>created</th>
-<th>finished</th><th></th></tr>{''.join(rows) or '<tr><td colspan="7">no jobs yet</td></tr>'}</table>
-<h2>Series forwarded by Orthanc</h2><table><tr><th>time</th><th>why</th><th>series UID</th><th>Orthanc job</th><th></th></tr>
-{''.join(frows) or '<tr><td colspan="5">none yet</td></tr>'}</table></body></html>"""
+<h2>Node jobs</h2><table><tr><th>job</th><th>state</th><th>delivery</th><th>reason</th><th>series UID</th><th>created (UTC)</th>
+<th>finished (UTC)</th><th></th></tr>{''.join(rows) or '<tr><td colspan="8">no jobs yet</td></tr>'}</table>
+<h2>Series forwarded by Orthanc</h2><table><tr><th>time</th><th>why</th><th>series UID</th><th>Orthanc job</th><th>job state</th><th></th><th></th></tr>
+{''.join(frows) or '<tr><td colspan="7">none yet</td></tr>'}</table></body></html>"""
 
 
 EXPLORER_JS = r"""
@@ -348,6 +402,7 @@ EXPLORER_JS = r"""
       error: function (x) { alert('sci-node: ' + x.status + ' ' + x.responseText); } });
   });
   $('#lookup').live('pagebeforecreate', function () {
+    if ($('#sci-node-status-link').length) { return; }
     $('<p>').append($('<a>').attr('href', '../sci-node/').attr('data-ajax', 'false').attr('id', 'sci-node-status-link')
       .text('sci-node jobs and status')).prependTo($('#lookup div[data-role=content]'));
   });
@@ -356,7 +411,8 @@ EXPLORER_JS = r"""
 
 
 def _install() -> None:
-    settings = json.loads(orthanc.GetConfiguration()).get("SciNode", {})
+    config = json.loads(orthanc.GetConfiguration())
+    settings = dict(config.get("SciNode", {}), StableAge=config.get("StableAge", 60))
     site = settings.get("SitePackages")
     if site and site not in sys.path:
         sys.path.insert(0, str(site))  # the venv's site-packages (same Python 3.11 ABI)

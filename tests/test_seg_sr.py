@@ -1,0 +1,138 @@
+"""DICOM-SEG and TID 1500 SR from a real cord mask: dciodvfy-clean, read back, right references."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.uid import generate_uid
+
+from dicom_validate import dciodvfy_errors
+from sci_node.errors import InvalidSeriesError
+from sci_node.measure import index_to_lps, summarize
+from sci_node.seg_writer import build_seg, frame_references
+from sci_node.series import SeriesVolume, read_series
+from sci_node.sr_writer import build_sr, read_measurements
+
+REPO = Path(__file__).resolve().parent.parent
+AXIAL = REPO / "tests" / "data" / "series" / "unf01_axial_T2w"
+VERSIONS = {"anatomy": "0.1.0", "region_view": "0.1.0", "sequence": "0.1.0", "cord": "0.1.0", "lesion": "0.1.0"}
+
+
+def _series_and_masks(vol: SeriesVolume | None = None) -> tuple[SeriesVolume, np.ndarray, np.ndarray]:
+    """The committed axial T2w series, its manual cord mask on the series grid, a lesion inside it."""
+    vol = vol or read_series(sorted(AXIAL.glob("*.dcm")))
+    mask = sitk.ReadImage(str(AXIAL / "cord_mask.nii.gz"))
+    cord = sitk.GetArrayFromImage(sitk.Resample(mask, vol.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    cord = cord.astype(np.uint8)
+    lesion = np.zeros_like(cord)
+    z, y, x = np.argwhere(cord)[np.argwhere(cord).shape[0] // 2]
+    lesion[z - 2:z + 2, y - 1:y + 2, x - 1:x + 2] = 1
+    return vol, cord, lesion * cord
+
+
+def _write(ds: pydicom.Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_seg_valid_and_frames_reference_their_source(tmp_path: Path) -> None:
+    vol, cord, lesion = _series_and_masks()
+    path = _write(build_seg(vol, cord, lesion, VERSIONS), tmp_path / "seg.dcm")
+    assert dciodvfy_errors(path) == []
+    seg = hd.seg.segread(path)
+    src = vol.first
+    assert seg.SegmentationType == "BINARY"
+    assert (seg.Rows, seg.Columns) == (src.Rows, src.Columns)
+    assert seg.StudyInstanceUID == src.StudyInstanceUID and seg.SeriesInstanceUID != src.SeriesInstanceUID
+    assert seg.FrameOfReferenceUID == src.FrameOfReferenceUID
+    d1, d2 = seg.get_segment_description(1), seg.get_segment_description(2)
+    assert (d1.segment_label, d1.segmented_property_type.value, d1.segmented_property_category.value) == \
+        ("Spinal cord", "2748008", "91723000")
+    assert (d2.segment_label, d2.segmented_property_type.value, d2.segmented_property_category.value) == \
+        ("Lesion", "52988006", "49755003")
+    algo = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algo.AlgorithmName == "sci-node" and "cord 0.1.0" in algo.AlgorithmVersion
+    assert "cord 0.1.0" in seg.SeriesDescription and "lesion 0.1.0" in str(seg.ContentCreatorName)
+    # empty frames omitted: one frame per non-empty (slice, segment)
+    refs = frame_references(seg)
+    assert len(refs) == int((cord.reshape(16, -1).any(1)).sum() + (lesion.reshape(16, -1).any(1)).sum())
+    z_of = {r.sop_instance_uid: z for z, r in enumerate(vol.refs)}
+    frames = seg.pixel_array
+    for i, (seg_no, sop_uid, frame_no) in enumerate(refs):
+        assert frame_no is None
+        truth = cord if seg_no == 1 else lesion
+        np.testing.assert_array_equal(frames[i], truth[z_of[sop_uid]])
+    # highdicom's own indexing gives the same masks back by source instance
+    uids = [r.sop_instance_uid for r in vol.refs]
+    back = seg.get_pixels_by_source_instance(uids, segment_numbers=[1, 2], skip_overlap_checks=True)
+    np.testing.assert_array_equal(back[..., 0], cord)
+    np.testing.assert_array_equal(back[..., 1], lesion)
+
+
+def test_seg_without_lesions_has_one_segment(tmp_path: Path) -> None:
+    vol, cord, _ = _series_and_masks()
+    path = _write(build_seg(vol, cord, np.zeros_like(cord), VERSIONS), tmp_path / "seg.dcm")
+    assert dciodvfy_errors(path) == []
+    assert len(pydicom.dcmread(path).SegmentSequence) == 1
+
+
+def test_empty_cord_is_refused() -> None:
+    vol, cord, _ = _series_and_masks()
+    with pytest.raises(InvalidSeriesError, match="cord mask is empty"):
+        build_seg(vol, np.zeros_like(cord), None, VERSIONS)
+
+
+def test_sr_valid_and_references_seg(tmp_path: Path) -> None:
+    vol, cord, lesion = _series_and_masks()
+    seg = build_seg(vol, cord, lesion, VERSIONS)
+    _write(seg, tmp_path / "seg.dcm")
+    summary = summarize(cord, lesion, index_to_lps(vol.image.GetOrigin(), vol.image.GetSpacing(),
+                                                   vol.image.GetDirection()))
+    path = _write(build_sr(seg, list(vol.datasets), summary, VERSIONS), tmp_path / "sr.dcm")
+    assert dciodvfy_errors(path) == []
+    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path))
+    assert sr.StudyInstanceUID == vol.first.StudyInstanceUID
+    evidence = {item.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
+    assert seg.SOPInstanceUID in evidence
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == ["Spinal cord", "Lesion 1"]
+    for g, number in zip(groups, (1, 2)):
+        ref = g.referenced_segment
+        assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
+        assert list(ref.referenced_segment_numbers) == [number]
+    ms = {(m["group"], m["name"], m["derivation"]): m for m in read_measurements(sr)}
+    assert ms[("Spinal cord", "Number of lesions", None)]["value"] == 1
+    assert ms[("Spinal cord", "Volume", None)]["value"] == pytest.approx(1227.0, rel=1e-3)
+    assert ms[("Spinal cord", "Area", "Mean")]["unit"] == "mm2"
+    assert 50 < ms[("Spinal cord", "Area", "Mean")]["value"] < 100  # adult cervical cord CSA
+    assert ms[("Lesion 1", "Volume", None)]["value"] == pytest.approx(float(lesion.sum()), rel=1e-3)
+    assert ms[("Lesion 1", "Length", None)]["value"] == pytest.approx(4.0, abs=0.5)  # 4 slices of 1 mm
+
+
+def test_seg_and_sr_from_enhanced_multiframe_source(tmp_path: Path) -> None:
+    legacy = [pydicom.dcmread(f) for f in sorted(AXIAL.glob("*.dcm"))]
+    random.Random(3).shuffle(legacy)
+    mf = hd.legacy.LegacyConvertedEnhancedMRImage(
+        legacy, series_instance_uid=generate_uid(), series_number=90, sop_instance_uid=generate_uid(),
+        instance_number=1)
+    mf_path = _write(mf, tmp_path / "enhanced.dcm")
+    vol, cord, lesion = _series_and_masks(read_series([mf_path]))
+    seg = build_seg(vol, cord, lesion, VERSIONS)
+    path = _write(seg, tmp_path / "seg.dcm")
+    assert dciodvfy_errors(path) == []
+    frame_of = {z: r.frame_number for z, r in enumerate(vol.refs)}
+    pixels = pydicom.dcmread(path).pixel_array
+    for i, (seg_no, uid, frame_no) in enumerate(frame_references(seg)):
+        assert uid == mf.SOPInstanceUID and frame_no is not None
+        z = next(z for z, f in frame_of.items() if f == frame_no)
+        np.testing.assert_array_equal(pixels[i], (cord if seg_no == 1 else lesion)[z])
+    summary = summarize(cord, lesion, index_to_lps(vol.image.GetOrigin(), vol.image.GetSpacing(),
+                                                   vol.image.GetDirection()))
+    sr_path = _write(build_sr(seg, list(vol.datasets), summary, VERSIONS), tmp_path / "sr.dcm")
+    assert dciodvfy_errors(sr_path) == []

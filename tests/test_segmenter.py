@@ -1,0 +1,95 @@
+"""The shipped cord (and lesion) models on committed small real crops (tests/data/seg, see its README)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from sci_node.errors import InvalidSeriesError, ModelError
+from sci_node.predict_seg import Segmenter
+
+REPO = Path(__file__).resolve().parents[1]
+SEG = Path(__file__).parent / "data" / "seg"
+CORD = REPO / "models" / "cord" / "0.1.0"
+LESION = REPO / "models" / "lesion" / "0.1.0"
+torch.set_num_threads(2)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+@pytest.fixture(scope="module")
+def cord() -> Segmenter:
+    return Segmenter.from_artifact(CORD)
+
+
+def _load(name: str) -> tuple[sitk.Image, np.ndarray]:
+    image = sitk.ReadImage(str(SEG / f"{name}.nii.gz"))
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / f"{name}_seg-manual.nii.gz")))
+    return image, mask
+
+
+def test_card_describes_the_model(cord: Segmenter) -> None:
+    assert (cord.name, cord.version) == ("cord", "0.1.0")
+    assert cord.card["labels"][0]["snomed"]["code"] == "2748008"
+    assert cord.card["labels"][0]["category"]["code"] == "91723000"
+    assert cord.card["metrics"]["validation"] == "leave-one-subject-out"
+    assert (CORD / "weights.pt").stat().st_size < 5_000_000
+
+
+def test_cord_dice_on_real_axial_crop(cord: Segmenter) -> None:
+    image, mask = _load("sub-unf01_T2w_crop")
+    pred = cord.predict(image)
+    assert pred.dtype == np.uint8 and pred.shape == mask.shape
+    assert _dice(pred, mask) >= 0.90
+
+
+@pytest.mark.parametrize("orientation", ["PIL", "ASL"])  # sagittal slices, both index orders
+def test_cord_dice_on_sagittal_geometry(cord: Segmenter, orientation: str) -> None:
+    """Same real voxels stored as a sagittal acquisition: the mask comes back on that grid."""
+    image, _ = _load("sub-unf01_T2w_crop")
+    mask_img = sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop_seg-manual.nii.gz"))
+    sag, sag_mask = sitk.DICOMOrient(image, orientation), sitk.DICOMOrient(mask_img, orientation)
+    pred = cord.predict(sag)
+    truth = sitk.GetArrayFromImage(sag_mask)
+    assert pred.shape == truth.shape
+    assert _dice(pred, truth) >= 0.90
+
+
+def test_cord_on_other_crops_is_reported(cord: Segmenter) -> None:
+    """MT-on GRE (5 mm slices) and the PAM50 T2w crop: the model finds the cord."""
+    for name in ("sub-05_acq-MTon_MTS_crop", "sub-PAM50small_T2w_crop"):
+        image, mask = _load(name)
+        assert _dice(cord.predict(image), mask) >= 0.80, name
+
+
+def test_lesion_model_stays_in_roi_and_finds_a_bright_blob() -> None:
+    lesion = Segmenter.from_artifact(LESION)
+    assert lesion.card["labels"][0]["snomed"]["code"] == "52988006"
+    image, cord_mask = _load("sub-unf01_T2w_crop")
+    empty = lesion.predict(image, roi=np.zeros_like(cord_mask))
+    assert not empty.any()
+    from trainer.lesions import LesionSpec, inject_lesions
+
+    arr = sitk.GetArrayFromImage(image).astype(np.float32)
+    les_arr, truth = inject_lesions(np.random.default_rng(5), arr, cord_mask, (1.0, 1.0, 1.0),
+                                    LesionSpec(count=(1, 1), length_mm=(8, 12), width_mm=(4, 5), contrast=(0.8, 1.0)))
+    les_img = sitk.GetImageFromArray(les_arr)
+    les_img.CopyInformation(image)
+    pred = lesion.predict(les_img, roi=cord_mask)
+    assert truth.any() and (pred & truth).any()
+
+
+def test_bad_inputs(cord: Segmenter, tmp_path: Path) -> None:
+    with pytest.raises(InvalidSeriesError, match="2-D"):
+        cord.predict(sitk.Image(8, 8, sitk.sitkFloat32))
+    image, mask = _load("sub-unf01_T2w_crop")
+    with pytest.raises(ModelError, match="roi shape"):
+        cord.predict(image, roi=mask[:-1])
+    with pytest.raises(ModelError, match="has no card.json"):
+        Segmenter.from_artifact(tmp_path)

@@ -1,0 +1,153 @@
+"""Segmentation trainer: one real epoch on a tiny BIDS subset → a real artefact; bad input → DataError."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from sci_node.artifact import load_network
+from sci_node.errors import ConfigError, DataError
+from sci_node.postprocess import dilate_mm
+from sci_node.predict_seg import Segmenter
+from trainer import data as tdata
+from trainer.lesions import LesionSpec, inject_lesions
+from trainer.seg import train_segmentation
+
+SEG = Path(__file__).parent / "data" / "seg"
+CONFIGS = Path(__file__).resolve().parents[1] / "trainer" / "configs"
+torch.set_num_threads(1)
+
+
+def _bids(root: Path, pairs: dict[str, str]) -> Path:
+    """A BIDS-like dataset from the committed crops: ``{subject_contrast: crop_name}``."""
+    for sub_con, crop in pairs.items():
+        sub = sub_con.split("_")[0]
+        (root / sub / "anat").mkdir(parents=True, exist_ok=True)
+        (root / "derivatives" / "labels" / sub / "anat").mkdir(parents=True, exist_ok=True)
+        shutil.copy(SEG / f"{crop}.nii.gz", root / sub / "anat" / f"{sub_con}.nii.gz")
+        shutil.copy(SEG / f"{crop}_seg-manual.nii.gz",
+                    root / "derivatives" / "labels" / sub / "anat" / f"{sub_con}_seg-manual.nii.gz")
+    return root
+
+
+def _tiny_config(model: str, tmp: Path) -> Path:
+    """The shipped config with a tiny budget, no synthetic pool (no PAM50 labels on a fresh clone)."""
+    text = (CONFIGS / f"{model}.toml").read_text()
+    for key, val in {"pool": "0", "steps_per_epoch": "2", "batch_size": "4", "val_trials": "1",
+                     "final_epochs": "1", "aug_groups": "2"}.items():
+        text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {val}", text)
+    path = tmp / f"{model}_tiny.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("model", ["cord", "lesion"])
+def test_one_epoch_writes_a_loadable_artifact(tmp_path: Path, model: str) -> None:
+    data = _bids(tmp_path / "ds", {"sub-unf01_T2w": "sub-unf01_T2w_crop",
+                                   "sub-05_acq-MTon_MTS": "sub-05_acq-MTon_MTS_crop"})
+    out = train_segmentation(model, _tiny_config(model, tmp_path), data, tmp_path / "art", epochs=1,
+                             seed=3, device="cpu")
+    net, card = load_network(out)  # verifies checksum, torch.load(weights_only=True)
+    assert isinstance(net, torch.nn.Module) and not net.training
+    assert card["name"] == model and card["kind"] == "segmentation"
+    assert card["architecture"]["class"] == "monai.networks.nets.UNet"
+    snomed = {"cord": "2748008", "lesion": "52988006"}[model]
+    assert card["labels"][0]["snomed"]["code"] == snomed
+    folds = card["training"]["splits"]["folds"]
+    assert sorted(f["held_out"] for f in folds) == ["sub-05", "sub-unf01"]
+    for f in folds:  # never scored on a training subject
+        assert all(not k.startswith(f["held_out"] + "_") for k in f["train"])
+    assert set(card["metrics"]["per_case"]) == {"sub-unf01_T2w", "sub-05_acq-MTon_MTS"}
+    assert card["training"]["command"].startswith(f"sci-node train {model}")
+    assert len(card["data_hash"]) == 64 and card["training"]["seed"] == 3
+    seg = Segmenter.from_artifact(out)
+    image = sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))
+    roi = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop_seg-manual.nii.gz")))
+    pred = seg.predict(image, roi=roi if model == "lesion" else None)
+    assert pred.dtype == np.uint8 and pred.shape == roi.shape
+    if model == "lesion":
+        near = dilate_mm(roi, (1.0, 1.0, 1.0), 2.5)  # ROI dilation 1 mm + resampling slack
+        assert not (pred & (near == 0)).any()
+        assert json.loads((out / "card.json").read_text())["postprocessing"]["roi_dilate_mm"] == 1.0
+
+
+def test_missing_mask_names_the_image(tmp_path: Path) -> None:
+    data = _bids(tmp_path / "ds", {"sub-unf01_T2w": "sub-unf01_T2w_crop"})
+    (data / "derivatives" / "labels" / "sub-unf01" / "anat" / "sub-unf01_T2w_seg-manual.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"sub-unf01_T2w\.nii\.gz.*has no mask"):
+        tdata.discover(data, tdata.DataSpec())
+    with pytest.raises(DataError, match="sub-unf01_T2w.nii.gz"):
+        train_segmentation("cord", _tiny_config("cord", tmp_path), data, tmp_path / "art", 1, 0, "cpu")
+
+
+def test_mask_geometry_mismatch_names_the_mask(tmp_path: Path) -> None:
+    data = _bids(tmp_path / "ds", {"sub-unf01_T2w": "sub-unf01_T2w_crop"})
+    mpath = data / "derivatives" / "labels" / "sub-unf01" / "anat" / "sub-unf01_T2w_seg-manual.nii.gz"
+    mask = sitk.ReadImage(str(mpath))
+    mask.SetOrigin(tuple(o + 0.5 for o in mask.GetOrigin()))
+    sitk.WriteImage(mask, str(mpath))
+    case = tdata.discover(data, tdata.DataSpec())[0]
+    with pytest.raises(DataError, match=r"sub-unf01_T2w_seg-manual\.nii\.gz.*origin"):
+        tdata.load_case(case)
+    sitk.WriteImage(sitk.ReadImage(str(SEG / "sub-05_acq-MTon_MTS_crop_seg-manual.nii.gz")), str(mpath))
+    with pytest.raises(DataError, match=r"sub-unf01_T2w_seg-manual\.nii\.gz.*size"):
+        tdata.load_case(case)
+
+
+def test_empty_folder_and_unknown_config(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty.*holds no labelled image"):
+        tdata.discover(tmp_path / "empty", tdata.DataSpec())
+    with pytest.raises(DataError, match="does not exist"):
+        tdata.discover(tmp_path / "nope", tdata.DataSpec())
+    with pytest.raises(ConfigError, match="nope.toml"):
+        train_segmentation("cord", tmp_path / "nope.toml", tmp_path, None, 1, 0, "cpu")
+
+
+def test_dicom_folder_dataset(tmp_path: Path) -> None:
+    """A DICOM series folder with its NIfTI mask is a case; the mask geometry is checked."""
+    image = sitk.Cast(sitk.ReadImage(str(SEG / "sub-05_acq-MTon_MTS_crop.nii.gz")), sitk.sitkInt16)
+    case_dir = tmp_path / "dcm" / "case1"
+    (case_dir / "dicom").mkdir(parents=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    direction = image.GetDirection()
+    series_uid = "1.2.826.0.1.3680043.8.498.1"
+    for k in range(image.GetDepth()):
+        sl = image[:, :, k]
+        for tag, val in {"0008|0060": "MR", "0020|000e": series_uid, "0020|0013": str(k + 1),
+                         "0020|0037": "\\".join(f"{d:.6f}" for d in direction[:3] + direction[3:6]),
+                         "0020|0032": "\\".join(f"{p:.6f}" for p in image.TransformIndexToPhysicalPoint((0, 0, k))),
+                         "0018|0050": f"{image.GetSpacing()[2]:.4f}"}.items():
+            sl.SetMetaData(tag, val)
+        writer.SetFileName(str(case_dir / "dicom" / f"im{k:03d}.dcm"))
+        writer.Execute(sl)
+    shutil.copy(SEG / "sub-05_acq-MTon_MTS_crop_seg-manual.nii.gz", case_dir / "seg-manual.nii.gz")
+    cases = tdata.discover(tmp_path / "dcm", tdata.DataSpec())
+    assert [c.subject for c in cases] == ["case1"]
+    img, mask = tdata.load_case(cases[0])
+    assert img.GetSize() == mask.GetSize() and sitk.GetArrayFromImage(mask).sum() == 1784
+    (case_dir / "seg-manual.nii.gz").unlink()
+    with pytest.raises(DataError, match="case1.*has no mask"):
+        tdata.discover(tmp_path / "dcm", tdata.DataSpec())
+
+
+def test_synthetic_lesions_stay_in_the_cord() -> None:
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))).astype(np.float32)
+    cord = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop_seg-manual.nii.gz")))
+    rng = np.random.default_rng(0)
+    found = 0
+    for _ in range(5):
+        out, les = inject_lesions(rng, image, cord, (1.0, 1.0, 1.0), LesionSpec(count=(1, 2), length_mm=(4, 12)))
+        assert les.dtype == np.uint8 and not (les & (cord == 0)).any()
+        assert np.array_equal(out[cord == 0], image[cord == 0])  # nothing changes outside the cord
+        if les.any():
+            found += 1
+            assert out[les > 0].mean() > image[les > 0].mean()  # hyperintense
+    assert found >= 4
