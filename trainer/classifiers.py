@@ -182,12 +182,16 @@ def fit(cfg: dict[str, Any], heads: Sequence[str], train: SampleSet, epochs: int
         weights[h] = torch.as_tensor(np.sqrt(w), dtype=torch.float32, device=device)
     opt = torch.optim.AdamW(net.parameters(), lr=float(tcfg.get("lr", 3e-3)), weight_decay=float(tcfg.get("weight_decay", 1e-4)))
     batch, drop = int(tcfg.get("batch_size", 64)), float(tcfg.get("header_dropout", 0.25))
+    n_pool = len(thumbs) + (max(0, int(tcfg.get("real_repeat", 1)) - 1)) * int(np.sum(train.real))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(tcfg.get("lr", 3e-3)), total_steps=max(1, epochs * (
-        (len(thumbs) + batch - 1) // batch)))
+        (n_pool + batch - 1) // batch)))
+    # real acquisitions are repeated ``real_repeat`` times per epoch (they are few next to the synthetic ones)
+    pool = np.concatenate([np.arange(len(thumbs))]
+                          + [np.nonzero(train.real)[0]] * max(0, int(tcfg.get("real_repeat", 1)) - 1))
     bar = tqdm(range(epochs), desc=desc, unit="epoch", file=sys.stderr, leave=False)
     for _ in bar:
         net.train()
-        perm = rng.permutation(len(thumbs))
+        perm = pool[rng.permutation(len(pool))]
         total = 0.0
         for i in range(0, len(perm), batch):
             idx = torch.as_tensor(perm[i:i + batch])
@@ -234,11 +238,14 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature ``T`` minimising the NLL of ``softmax(logits / T)`` (grid over 0.05..20, log-spaced)."""
+    """Temperature ``T`` minimising the NLL of ``softmax(logits / T)`` (grid over 0.25..20, log-spaced).
+
+    The lower bound keeps a head that made no out-of-fold error from being sharpened without limit.
+    """
     if len(labels) == 0:
         return 1.0
     best, best_nll = 1.0, np.inf
-    for t in np.exp(np.linspace(np.log(0.05), np.log(20.0), 241)):
+    for t in np.exp(np.linspace(np.log(0.25), np.log(20.0), 201)):
         p = _softmax(logits / t)[np.arange(len(labels)), labels]
         nll = float(-np.mean(np.log(np.clip(p, 1e-12, 1.0))))
         if nll < best_nll:

@@ -243,8 +243,9 @@ def train_segmentation(model_name: str, config: Path | None, data: Path | None, 
     log.info("train.start", model=model_name, cases=[v.key for v in vols], synthetic=len(synth), epochs=n_epochs)
     metrics: dict[str, Any] = {"validation": "leave-one-subject-out", "per_case": {}}
     splits: dict[str, Any] = {"folds": []}
-    groups = sorted({v.group for v in vols})
-    if tcfg.get("loso", True) and len(groups) > 1:
+    all_groups = sorted({v.group for v in vols})
+    groups = [g for g in all_groups if g in tcfg.get("loso_groups", all_groups)]  # comparisons: a subset
+    if tcfg.get("loso", True) and len(all_groups) > 1:
         for g in groups:
             train_v = _fold_vols(vols, synth, g, cfg)
             val_v = [v for v in vols if v.group == g]
