@@ -9,7 +9,7 @@ ports in a temporary data dir, sends the committed sample series with dcmtk ``st
   (Orthanc's StableAge + forward + node stable wait + pipeline + C-STORE back),
 * ``sr_after_send_s``: the same for the SR.
 
-Usage: ``.venv/bin/python bench/stack_latency.py [--stable-seconds 1] [--processor pipeline]``
+Usage: ``.venv/bin/python bench/stack_latency.py [--stable-seconds 1] [--processor pipeline] [--models-dir DIR]``
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stable-seconds", type=float, default=1.0)
     ap.add_argument("--processor", default="pipeline", choices=["pipeline", "derived-sc"])
+    ap.add_argument("--models-dir", type=Path, default=REPO / "models", help="model registry (default: the repo's)")
     args = ap.parse_args()
     files = sample_series_files(SAMPLE_DIR)
     import pydicom
@@ -59,7 +60,7 @@ def main() -> int:
     study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     with tempfile.TemporaryDirectory() as tmp:
         toml = Path(tmp) / "node.toml"
-        toml.write_text(f'processor = "{args.processor}"\n')
+        toml.write_text(f'processor = "{args.processor}"\nmodels_dir = "{args.models_dir}"\n')
         cfg = load_config(toml, {"data_dir": str(Path(tmp) / "D"), "stable_seconds": args.stable_seconds})
         ports = StackPorts(_free_port(), _free_port(), _free_port())
         spec = StackSpec(cfg, ports, OrthancCredentials("bench", "bench-pw"), config_file=toml)

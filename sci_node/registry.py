@@ -102,6 +102,15 @@ def load_model(art_dir: Path, device: str = "cpu") -> "Classifier | Segmenter":
     return Segmenter.from_artifact(art_dir, device=device)
 
 
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``; other values unchanged."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -264,6 +273,7 @@ class ModelRegistry:
         ModelError
             A model has no active version or its artefact is corrupt.
         """
+        device = resolve_device(device)
         token = self.state_token()
         active = self.active()
         missing = [n for n in MODEL_NAMES if n not in active]

@@ -213,7 +213,8 @@ def write_orthanc_config(cfg: NodeConfig, ports: StackPorts, creds: OrthancCrede
 
 # -- processes ------------------------------------------------------------------------------
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when its parent dies (Linux PR_SET_PDEATHSIG)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
@@ -270,7 +271,7 @@ class Stack:
         with open(self.log_dir / f"{name}.log", "ab") as logf:
             self.procs[name] = subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                cwd=str(REPO_ROOT), start_new_session=True, preexec_fn=_die_with_parent)
+                cwd=str(REPO_ROOT), start_new_session=True, preexec_fn=die_with_parent)
         log.info("stack_child_started", child=name, pid=self.procs[name].pid)
 
     def start(self) -> None:
@@ -483,10 +484,15 @@ def storescu(files: Sequence[Path], port: int, calling_ae: str = "SCANNER", call
 def wait_for_modality(client: Any, study_uid: str, modality: str, timeout: float,
                       alive: Any = None) -> list[str]:
     """Poll ``POST /tools/find`` until a series of ``modality`` exists in the study; its Orthanc ids."""
+    import httpx
+
     deadline = time.monotonic() + timeout
     query = {"Level": "Series", "Query": {"StudyInstanceUID": study_uid, "Modality": modality}}
     while True:
-        found = client.post_tools_find(json=query)
+        try:
+            found = client.post_tools_find(json=query)
+        except httpx.TransportError:  # e.g. Orthanc closed an idle keep-alive connection: ask again
+            found = []
         if found:
             return list(found)
         if alive is not None:

@@ -16,13 +16,15 @@ Outputs (all uncompressed Explicit VR Little Endian MR Image Storage, 16-bit uns
 * ``tests/data/series/brain_axial_T1w/``   non-spine: nibabel's test-data ``anatomical.nii`` (MIT)
 
 Geometry: the NIfTI affine (RAS) is converted to DICOM patient LPS; ImagePositionPatient /
-ImageOrientationPatient are exact. Intensities are rescaled linearly to 0..4095 (12 bits
+ImageOrientationPatient are exact. Acquisition headers: the source's BIDS sidecar values when it has
+one (sub-unf01: spine-generic 3-D T2 SPACE), otherwise typical values for the contrast. Intensities are rescaled linearly to 0..4095 (12 bits
 stored), without RescaleSlope (MR Image IOD). UIDs are derived deterministically from the
 series name (``pydicom.uid.generate_uid(entropy_srcs=...)``) so re-running gives identical files.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +40,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 #: MR acquisition parameters consistent with each contrast (typical 1.5/3 T protocols).
 CONTRASTS = {
-    "T2w": dict(ScanningSequence="SE", SequenceVariant=["SK", "SP"], ScanOptions="", EchoTime=110.0,
-                RepetitionTime=3500.0, FlipAngle=90.0, EchoTrainLength=16, SequenceName="*tse2d1_16"),
+    # 3-D variable-flip-angle TSE (SPACE), as in the spine-generic protocol sidecars
+    "T2w": dict(ScanningSequence="SE", SequenceVariant=["SK", "SP", "OSP"], ScanOptions="PFP", EchoTime=120.0,
+                RepetitionTime=1500.0, FlipAngle=120.0, EchoTrainLength=76, SequenceName="*spcR_100"),
     "T1w": dict(ScanningSequence=["GR", "IR"], SequenceVariant=["SK", "SP", "MP"], ScanOptions="",
                 EchoTime=3.0, RepetitionTime=2300.0, FlipAngle=9.0, EchoTrainLength=1,
                 InversionTime=900.0, SequenceName="*tfl3d1"),
@@ -69,27 +72,40 @@ class SeriesSpec:
     crop: tuple[slice, slice, slice] | None = None  # in the source NIfTI's voxel axes
     mask: Path | None = None
     series_number: int = 1
-    mr_acquisition_type: str = "2D"
+    mr_acquisition_type: str = "3D"
+    #: source voxel axis to upsample x2 (linear) so the in-plane pixels become square
+    upsample_axis: int | None = None
 
 
-def _reorient(img: nib.Nifti1Image, view: str, crop: tuple[slice, ...] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Return data (cols, rows, slices) and its RAS affine after crop + reorientation."""
+def _reorient(img: nib.Nifti1Image, view: str, crop: tuple[slice, ...] | None,
+              upsample_axis: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Return data (cols, rows, slices) and its RAS affine after crop, upsampling, reorientation."""
     data = np.asarray(img.dataobj, dtype=np.float32)
     affine = img.affine.copy()
     if crop is not None:
         start = np.array([s.start or 0 for s in crop] + [1.0])
         data = data[crop]
         affine[:3, 3] = (affine @ start)[:3]
+    if upsample_axis is not None:
+        data, affine = _upsample2(data, affine, upsample_axis)
     cur = ornt.io_orientation(affine)
     want = ornt.axcodes2ornt(VIEWS[view])
     tr = ornt.ornt_transform(cur, want)
+    shape = data.shape
     data = ornt.apply_orientation(data, tr)
-    affine = affine @ ornt.inv_ornt_aff(tr, img.shape if crop is None else _crop_shape(img.shape, crop))
+    affine = affine @ ornt.inv_ornt_aff(tr, shape)
     return data, affine
 
 
-def _crop_shape(shape: tuple[int, ...], crop: tuple[slice, ...]) -> tuple[int, ...]:
-    return tuple(len(range(*s.indices(n))) for s, n in zip(crop, shape))
+def _upsample2(data: np.ndarray, affine: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Linear x2 upsampling along ``axis``: samples at k/2, k = 0 .. 2(n-1); origin unchanged."""
+    moved = np.moveaxis(data, axis, 0)
+    out = np.empty((2 * moved.shape[0] - 1, *moved.shape[1:]), dtype=np.float32)
+    out[0::2] = moved
+    out[1::2] = 0.5 * (moved[:-1] + moved[1:])
+    aff = affine.copy()
+    aff[:3, axis] /= 2.0
+    return np.moveaxis(out, 0, axis), aff
 
 
 def _to_uint12(data: np.ndarray) -> np.ndarray:
@@ -126,7 +142,7 @@ def _base_dataset(spec: SeriesSpec, study_uid: str, patient: str) -> Dataset:
     ds.DeidentificationMethod = "Converted from anonymised public NIfTI; no original header"
     ds.BodyPartExamined = spec.body_part
     ds.MRAcquisitionType = spec.mr_acquisition_type
-    for k, v in CONTRASTS[spec.contrast].items():
+    for k, v in {**CONTRASTS[spec.contrast], **_sidecar_headers(spec.source)}.items():
         setattr(ds, k, v)
     ds.NumberOfAverages = 1
     ds.ImagingFrequency = 123.2
@@ -151,6 +167,26 @@ def _base_dataset(spec: SeriesSpec, study_uid: str, patient: str) -> Dataset:
     return ds
 
 
+def _sidecar_headers(source: Path) -> dict[str, object]:
+    """Acquisition parameters from the source's BIDS sidecar, when it has one (times s -> ms)."""
+    side = source.with_name(source.name.removesuffix(".gz").removesuffix(".nii") + ".json")
+    if not side.is_file():
+        return {}
+    js = json.loads(side.read_text(encoding="utf-8"))
+    out: dict[str, object] = {}
+    for key, scale in (("EchoTime", 1000.0), ("RepetitionTime", 1000.0), ("InversionTime", 1000.0),
+                       ("FlipAngle", 1.0), ("EchoTrainLength", 1.0), ("MagneticFieldStrength", 1.0)):
+        if key in js:
+            out[key] = round(float(js[key]) * scale, 4) if scale != 1.0 else js[key]
+    for key in ("ScanningSequence", "SequenceVariant", "ScanOptions"):
+        if key in js:
+            out[key] = str(js[key]).split("_")
+    for key in ("MRAcquisitionType",):
+        if key in js:
+            out[key] = str(js[key])
+    return out
+
+
 def spine(spec: SeriesSpec) -> bool:
     """True for the spine series (study description)."""
     return "SPINE" in spec.body_part
@@ -159,7 +195,7 @@ def spine(spec: SeriesSpec) -> bool:
 def write_series(spec: SeriesSpec, study_uid: str, patient: str) -> list[Path]:
     """Convert ``spec.source`` to one DICOM file per slice in ``spec.out_dir``."""
     img = nib.load(str(spec.source))
-    data, affine = _reorient(img, spec.view, spec.crop)
+    data, affine = _reorient(img, spec.view, spec.crop, spec.upsample_axis)
     pix = _to_uint12(data)
     lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :]
     col_step, row_step = np.linalg.norm(lps[:, 0]), np.linalg.norm(lps[:, 1])
@@ -218,11 +254,11 @@ def specs(data: Path) -> list[SeriesSpec]:
                    mask=unf / "derivatives/labels/sub-unf01/anat/sub-unf01_T2w_seg-manual.nii.gz", series_number=4),
         SeriesSpec("test-pam50-sag-t2w", pam / "sub-PAM50small/anat/sub-PAM50small_T2w.nii.gz",
                    tests / "pam50_sag_T2w", "T2w", "sagittal", "CSPINE", "T2 TSE SAG cervical",
-                   crop=(slice(27, 43), slice(0, 70), slice(130, 275)),
+                   crop=(slice(27, 43), slice(0, 70), slice(150, 275)), upsample_axis=2,
                    mask=pam / "derivatives/labels/sub-PAM50small/anat/sub-PAM50small_T2w_seg-manual.nii.gz",
                    series_number=5),
         SeriesSpec("test-brain-ax-t1w", Path(data_path) / "anatomical.nii", tests / "brain_axial_T1w",
-                   "T1w", "axial", "HEAD", "T1 MPRAGE AX brain", series_number=2, mr_acquisition_type="3D"),
+                   "T1w", "axial", "HEAD", "T1 MPRAGE AX brain", series_number=2),
     ]
 
 

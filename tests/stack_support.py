@@ -24,6 +24,7 @@ import pydicom
 from pyorthanc import Orthanc
 
 from conftest import DCMTK_ENV, free_port, wait_for
+from sci_node.stack import die_with_parent
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = sorted((REPO / "sample" / "series").glob("*.dcm"))
@@ -78,7 +79,8 @@ class StackProc:
         env = {**os.environ, "SCI_ORTHANC_USER": USER, "SCI_ORTHANC_PASSWORD": PASSWORD}
         out = open(self.out_path, "w", encoding="utf-8")
         self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, cwd=REPO, text=True)
+                                     env=env, cwd=REPO, text=True,
+                                     preexec_fn=die_with_parent)  # a killed pytest takes the stack along
         out.close()
         wait_for(lambda: "Ctrl-C stops both" in self.output() or self.proc.poll() is not None, timeout,
                  interval=0.3, what="sci-node stack to come up")
@@ -106,8 +108,11 @@ class StackProc:
         assert res.returncode == 0, res.stdout + res.stderr
 
     def find_series(self, study_uid: str, modality: str) -> list[str]:
-        return list(self.client().post_tools_find(json={"Level": "Series", "Query": {
-            "StudyInstanceUID": study_uid, "Modality": modality}}))
+        query = {"Level": "Series", "Query": {"StudyInstanceUID": study_uid, "Modality": modality}}
+        try:
+            return list(self.client().post_tools_find(json=query))
+        except httpx.TransportError:  # an idle keep-alive connection closed under us: once more
+            return list(self.client().post_tools_find(json=query))
 
     def sci_node_jobs(self, path: str = "/sci-node/jobs") -> dict[str, Any]:
         r = httpx.get(self.url + path, auth=(USER, PASSWORD), timeout=60, trust_env=False)

@@ -35,8 +35,8 @@ def test_infer_folder_of_mixed_inputs(tmp_path: Path, capsys: pytest.CaptureFixt
     vol = read_series(files)
     sitk.WriteImage(vol.image, str(nifti))
     nifti.with_name("sub-unf01_T2w.json").write_text(json.dumps({  # BIDS sidecar: header evidence
-        "EchoTime": 0.11, "RepetitionTime": 3.5, "FlipAngle": 90, "ScanningSequence": "SE",
-        "SequenceVariant": "SK_SP", "MRAcquisitionType": "2D", "BodyPartExamined": "CSPINE",
+        "EchoTime": 0.12, "RepetitionTime": 1.5, "FlipAngle": 120, "ScanningSequence": "SE",
+        "SequenceVariant": "SK_SP_OSP", "MRAcquisitionType": "3D", "BodyPartExamined": "SPINE",
         "ImageOrientationPatientDICOM": [float(v) for v in vol.first.ImageOrientationPatient]}))
     out = tmp_path / "out"
 

@@ -187,3 +187,32 @@ sequence = "T1w"
     clf = Classifier.from_artifact(models / "anatomy" / "9.9.9-test")
     probs = clf.predict(sitk.ReadImage(str(FIX / "spine_ax_T2w_cervical.nii.gz")), HeaderEvidence())
     assert set(probs["anatomy"]) == {"spine", "brain", "abdomen", "other"}
+
+
+def test_train_missing_source_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("""
+[model]
+name = "sequence"
+version = "0.0.1"
+[data]
+n_aug = 1
+[network]
+args = {}
+[train]
+epochs = 1
+[[sources]]
+root = "data"
+path = "sub-x/anat/sub-x_T2w.nii.gz"
+group = "x"
+anatomy = "spine"
+sequence = "T2w"
+""")
+    rc = main(["train", "sequence", "--train-config", str(cfg), "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert rc == 1
+    assert "sub-x_T2w.nii.gz" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    bad = tmp_path / "wrongname.toml"
+    bad.write_text(cfg.read_text().replace('name = "sequence"', 'name = "anatomy"'))
+    assert main(["train", "sequence", "--train-config", str(bad), "--data", str(tmp_path)]) == 2
+    assert "model.name 'anatomy' is not 'sequence'" in capsys.readouterr().err

@@ -2,9 +2,9 @@
 
 The browser opens the OHIF URL of the processed sample study (with the SEG as the initial
 series, so OHIF overlays it on the MR), logged in through an ``Authorization`` header. The test
-checks the DOM (the study's series are listed), the DICOMweb requests the page made to
-Orthanc (QIDO-RS of the study, WADO-RS of the MR and of the SEG) and that the screenshot shows
-the coloured overlay on the grey MR. ``SCI_DOCS_SCREENSHOT=docs/img/ohif-seg.png`` also saves
+checks the DOM (the study's series are listed; the segmentation panel lists "Spinal cord"),
+the DICOMweb requests the page made to Orthanc (QIDO-RS of the study, WADO-RS of the SEG)
+and that the screenshot shows the coloured overlay on the grey MR. ``SCI_DOCS_SCREENSHOT=docs/img/ohif-seg.png`` also saves
 the screenshot there.
 """
 from __future__ import annotations
@@ -70,6 +70,9 @@ def test_ohif_opens_study_with_seg_overlay(processed: ProcessedStudy, tmp_path: 
         while time.monotonic() < deadline and overlay < 50:
             time.sleep(2)
             overlay = overlay_pixels(browser.screenshot(shot))
+        # the segmentation panel lists the SEG's segments (segment 1 is always the cord)
+        browser.evaluate("document.querySelector('[data-cy=panelSegmentation-btn]')?.click()")
+        panel = browser.wait_for("document.body.innerText.includes('Spinal cord')", 30)
         time.sleep(2)  # let the last tiles render for the picture
         browser.screenshot(shot)
         requests = [e["params"]["request"]["url"] for e in browser.events
@@ -77,6 +80,7 @@ def test_ohif_opens_study_with_seg_overlay(processed: ProcessedStudy, tmp_path: 
         statuses = {e["params"]["response"]["url"]: e["params"]["response"]["status"] for e in browser.events
                     if e.get("method") == "Network.responseReceived"}
     assert overlay >= 50, f"no segmentation overlay visible in {shot} ({overlay} coloured pixels)"
+    assert panel, "OHIF's segmentation panel does not list the 'Spinal cord' segment"
     dicomweb = [u for u in requests if "/dicom-web/" in u]
     assert any("/dicom-web/studies?" in u or f"/dicom-web/studies/{study}/series?" in u for u in dicomweb), dicomweb
     assert any(f"/series/{seg_uid}" in u for u in dicomweb), "the SEG was never fetched"

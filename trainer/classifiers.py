@@ -153,6 +153,8 @@ def _generate(cfg: dict[str, Any], sources: Sequence[Source], data: Path, pam_di
 
 def _net_args(cfg: dict[str, Any], heads: Sequence[str]) -> dict[str, Any]:
     args = dict(cfg["network"].get("args", {}))
+    if cfg["network"].get("header_expert", False):
+        args["n_header_features"] = N_HEADER_FEATURES
     args.update(in_channels=3, image_size=THUMB_SIZE, n_features=N_FEATURES,
                 heads={h: len(CLASSES[h]) for h in heads})
     return args
@@ -305,11 +307,14 @@ def head_metrics(h: str, logits: np.ndarray, s: SampleSet, scored: np.ndarray, t
 
     conf = probs.max(1)
     kept = ok & (conf >= abstain)
+    has_hdr = s.features[:, FEATURE_NAMES.index("has_te")] > 0
     return {
         "accuracy": acc(ok), "n": int(ok.sum()),
         "accuracy_real": acc(ok & s.real), "n_real": int((ok & s.real).sum()),
         "accuracy_stored_volumes": acc(ok & s.stored), "n_stored_volumes": int((ok & s.stored).sum()),
         "accuracy_synthetic": acc(ok & ~s.real), "n_synthetic": int((ok & ~s.real).sum()),
+        "accuracy_real_with_header": acc(ok & s.real & has_hdr), "n_real_with_header": int((ok & s.real & has_hdr).sum()),
+        "accuracy_real_without_header": acc(ok & s.real & ~has_hdr),
         "per_class_recall": {c: acc(ok & (lab == i)) for i, c in enumerate(CLASSES[h]) if (ok & (lab == i)).any()},
         "per_group": {g: acc(ok & (s.groups == g)) for g in dict.fromkeys(s.groups[ok].tolist())},
         "ece_uncalibrated": round(ece(_softmax(logits[ok]), lab[ok]), 4),

@@ -92,7 +92,7 @@ class SampleSet:
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, thumbs=self.thumbs, features=self.features, groups=self.groups, real=self.real,
-                            stored=self.stored, **{f"label_{k}": v for k, v in self.labels.items()})
+                            stored=self.stored, **{f"label_{k}": v for k, v in self.labels.items()})  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: Path, meta: dict[str, Any]) -> "SampleSet":
@@ -110,11 +110,11 @@ def root_dir(root: str, data: Path) -> Path:
     if root == "nibabel":
         import nibabel.testing
 
-        return Path(nibabel.testing.data_path)
+        return Path(str(nibabel.testing.data_path))
     if root == "pydicom":
         from pydicom.data import DATA_ROOT
 
-        return Path(DATA_ROOT) / "test_files"
+        return Path(str(DATA_ROOT)) / "test_files"
     raise DataError(f"unknown source root {root!r}")
 
 
@@ -122,7 +122,7 @@ def _nib_to_sitk(path: Path) -> sitk.Image:
     """Any nibabel-readable image (PAR/REC, MINC ...) as a 3-D LPS SimpleITK image (first volume)."""
     import nibabel as nib
 
-    img = nib.load(str(path))
+    img: Any = nib.load(str(path))
     arr = np.asanyarray(img.dataobj).astype(np.float32)
     while arr.ndim > 3:
         arr = arr[..., 0]

@@ -112,16 +112,19 @@ def _ema_update(ema, net, decay: float) -> None:
             be.copy_(b)
 
 
-def validate(net, val_vols: Sequence[Any], spec: preprocess.PrepSpec, device: str) -> float:
+def validate(net, val_vols: Sequence[Any], spec: preprocess.PrepSpec, device: str, roi_dilate_mm: float = 1.0) -> float:
     """Mean Dice (MONAI ``DiceMetric``) on the model grid of each validation volume."""
     import torch
     from monai.metrics import DiceMetric
 
+    from sci_node.postprocess import dilate_mm
     from sci_node.predict_seg import infer_volume
 
     metric = DiceMetric(include_background=True, reduction="mean")
     for v in val_vols:
         prob = infer_volume(net, v.image, spec, device)
+        if v.cord is not None:  # lesion model: kept inside the cord, as at inference
+            prob = prob * dilate_mm(v.cord, v.spacing, roi_dilate_mm)
         pred = torch.from_numpy((prob >= spec.threshold)[None, None].astype(np.float32))
         metric(pred, torch.from_numpy(v.label[None, None].astype(np.float32)))
     return float(metric.aggregate().item()) if val_vols else float("nan")
@@ -181,7 +184,8 @@ def train_network(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: Se
             losses.append(float(loss.item()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", refresh=False)
         ema.eval()
-        val = validate(ema, val_vols, spec, device) if val_vols else float("nan")
+        val = (validate(ema, val_vols, spec, device, float(cfg.get("post", {}).get("roi_dilate_mm", 1.0)))
+               if val_vols else float("nan"))
         history.append({"epoch": ep + 1, "loss": float(np.mean(losses)), "val_dice": val,
                         "minutes": (time.monotonic() - t0) / 60})
         log.info("train.epoch", run=tag, epoch=ep + 1, loss=round(float(np.mean(losses)), 4),

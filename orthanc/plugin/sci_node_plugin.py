@@ -159,7 +159,12 @@ class SciNodePlugin:
     def on_change(self, change_type: Any, level: Any, resource_id: str) -> None:
         """Orthanc change callback: forward stable MR series; never raises."""
         if change_type == orthanc.ChangeType.ORTHANC_STARTED:
-            threading.Thread(target=self._recover, name="sci-node-recover", daemon=True).start()
+            try:  # only what Orthanc held before this start: later series take the normal path
+                upto = int(json.loads(orthanc.RestApiGet("/changes?last")).get("Last", 0))
+            except Exception as exc:  # noqa: BLE001
+                orthanc.LogError(f"sci-node: recovery skipped: {exc!r}")
+                return
+            threading.Thread(target=self._recover, args=(upto,), name="sci-node-recover", daemon=True).start()
             return
         if change_type != orthanc.ChangeType.STABLE_SERIES:
             return
@@ -168,20 +173,21 @@ class SciNodePlugin:
         except Exception as exc:  # noqa: BLE001 - a callback must never raise into Orthanc
             orthanc.LogError(f"sci-node: series {resource_id}: not forwarded: {exc!r}")
 
-    def _recover(self) -> None:
+    def _recover(self, upto: int) -> None:
         """Forward the series Orthanc received but never saw become stable (it was stopped first).
 
         Orthanc forgets its stability timers when it stops, so a series still arriving then never
-        gets ``STABLE_SERIES``. After one ``StableAge`` (new instances meanwhile take the normal
-        path), every series created in the last ``RecoveryWindow`` changes that has no
+        gets ``STABLE_SERIES``. After one ``StableAge``, every series created in the last
+        ``RecoveryWindow`` changes up to this start (change ``upto``) that is stable now (one
+        that got new instances since is unstable and takes the normal path) and has no
         ``SciNodeForward`` record goes through the usual filter (MR, not from the node).
         """
         time.sleep(self.stable_age + 1)
         try:
-            last = int(json.loads(orthanc.RestApiGet("/changes?last")).get("Last", 0))
-            since = max(0, last - self.recovery_window)
+            since = max(0, upto - self.recovery_window)
             changes = json.loads(orthanc.RestApiGet(f"/changes?since={since}&limit={self.recovery_window}"))
-            series = dict.fromkeys(c["ID"] for c in changes.get("Changes", []) if c.get("ChangeType") == "NewSeries")
+            series = dict.fromkeys(c["ID"] for c in changes.get("Changes", [])
+                                   if c.get("ChangeType") == "NewSeries" and int(c.get("Seq", 0)) <= upto)
             for series_id in series:
                 try:
                     orthanc.RestApiGet(f"/series/{series_id}/metadata/SciNodeForward")
@@ -197,6 +203,8 @@ class SciNodePlugin:
 
     def _consider_series(self, series_id: str, reason: str = "stable-series") -> None:
         series = json.loads(orthanc.RestApiGet(f"/series/{series_id}"))
+        if reason != "stable-series" and not series.get("IsStable", True):
+            return  # still receiving: STABLE_SERIES will come
         modality = str(series.get("MainDicomTags", {}).get("Modality", "")).upper()
         if modality not in self.forward_modalities:
             orthanc.LogInfo(f"sci-node: series {series_id} modality {modality!r}: not forwarded")

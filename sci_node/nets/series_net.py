@@ -37,11 +37,19 @@ class SeriesNet(nn.Module):
         Width of the fused hidden layer.
     dropout : float
         Dropout before the heads, in ``[0, 1)``.
+    n_header_features : int
+        The last ``n_header_features`` of the feature vector (DICOM header evidence) feed a
+        separate small MLP whose logits are **added** to those of the image branch (a product
+        of experts: header and image evidence each contribute, neither hides the other).
+        0 = all features go to the image branch.
     """
+
+    feature_mean: torch.Tensor
+    feature_std: torch.Tensor
 
     def __init__(self, *, in_channels: int = 3, image_size: int = 32, n_features: int = 0,
                  heads: Mapping[str, int], channels: Sequence[int] = (8, 16, 32), hidden: int = 64,
-                 dropout: float = 0.2) -> None:
+                 dropout: float = 0.2, n_header_features: int = 0) -> None:
         super().__init__()
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
@@ -53,17 +61,27 @@ class SeriesNet(nn.Module):
             raise ValueError(f"bad n_features={n_features}, hidden={hidden} or dropout={dropout}")
         if not heads or any(int(n) < 2 for n in heads.values()):
             raise ValueError(f"heads must map names to >= 2 classes, got {dict(heads)}")
+        if not 0 <= n_header_features <= n_features:
+            raise ValueError(f"n_header_features {n_header_features} must be in [0, n_features={n_features}]")
+        self.n_header = int(n_header_features)
         chans = [in_channels, *[int(c) for c in channels]]
         self.encoder = nn.Sequential(*[_conv_block(a, b) for a, b in zip(chans[:-1], chans[1:])],
                                      nn.AdaptiveAvgPool2d(2), nn.Flatten())
         self.register_buffer("feature_mean", torch.zeros(n_features))
         self.register_buffer("feature_std", torch.ones(n_features))
-        self.fuse = nn.Sequential(nn.Linear(chans[-1] * 4 + n_features, hidden), nn.ReLU(inplace=True),
-                                  nn.Dropout(dropout))
+        self.fuse = nn.Sequential(nn.Linear(chans[-1] * 4 + n_features - self.n_header, hidden),
+                                  nn.ReLU(inplace=True), nn.Dropout(dropout))
         self.heads = nn.ModuleDict({name: nn.Linear(hidden, int(n)) for name, n in heads.items()})
+        if self.n_header:
+            self.header = nn.Sequential(nn.Linear(self.n_header, 32), nn.ReLU(inplace=True))
+            self.header_heads = nn.ModuleDict({name: nn.Linear(32, int(n)) for name, n in heads.items()})
 
     def forward(self, thumbs: torch.Tensor, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per head, each ``(B, n_classes)``."""
         feats = (features - self.feature_mean) / self.feature_std
-        z = self.fuse(torch.cat([self.encoder(thumbs), feats], dim=1))
-        return {name: head(z) for name, head in self.heads.items()}
+        split = feats.shape[1] - self.n_header
+        z = self.fuse(torch.cat([self.encoder(thumbs), feats[:, :split]], dim=1))
+        if not self.n_header:
+            return {name: head(z) for name, head in self.heads.items()}
+        zh = self.header(feats[:, split:])
+        return {name: head(z) + self.header_heads[name](zh) for name, head in self.heads.items()}
