@@ -23,16 +23,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def make_series(tmp: Path) -> Path:
-    """50-slice sagittal T2w from PAM50small (x 10:60) into ``tmp``; the sample if data is absent."""
+    """50-slice sagittal T2w (70 x 549 px, 1 mm iso) from PAM50small (x 10:60); the sample if data is absent."""
     data = REPO.parent / "shared" / "data" / "spine"
     src = data / "sct-testing-data/sub-PAM50small/anat/sub-PAM50small_T2w.nii.gz"
     if not src.is_file():
         return REPO / "sample" / "series"
     spec_mod = importlib.util.spec_from_file_location("mss", REPO / "scripts" / "make_sample_series.py")
     mss = importlib.util.module_from_spec(spec_mod)
+    sys.modules["mss"] = mss  # dataclasses need the module registered
     spec_mod.loader.exec_module(mss)  # type: ignore[union-attr]
     spec = mss.SeriesSpec("bench-pam50-sag50", src, tmp / "sag50", "T2w", "sagittal", "SPINE",
-                          "T2 TSE SAG whole spine", crop=(slice(10, 60), slice(0, 70), slice(0, 275)))
+                          "T2 SAG whole spine", crop=(slice(10, 60), slice(0, 70), slice(0, 275)),
+                          upsample_axis=2)
     mss.write_series(spec, mss._uid("bench", "study"), "bench")
     return tmp / "sag50"
 

@@ -39,7 +39,8 @@ class SliceHeader:
     """Geometry of one 2-D slice (a single-frame instance or one frame of a multi-frame one).
 
     ``orientation`` is the 6 direction cosines (row, column) in patient LPS; ``position``
-    the (x, y, z) of the first voxel in mm; ``rows``/``cols`` the matrix size.
+    the (x, y, z) of the first voxel in mm; ``rows``/``cols`` the matrix size; ``spacing``
+    the Pixel Spacing (between rows, between columns) in mm when present.
     """
 
     source: str
@@ -47,6 +48,7 @@ class SliceHeader:
     position: tuple[float, float, float] | None
     rows: int
     cols: int
+    spacing: tuple[float, ...] | None = None
 
 
 def check_geometry(slices: Sequence[SliceHeader]) -> tuple[dict[str, Any], str | None]:
@@ -69,6 +71,9 @@ def check_geometry(slices: Sequence[SliceHeader]) -> tuple[dict[str, Any], str |
         return report, f"inconsistent matrix sizes {sorted(sizes)}"
     if any(s.rows <= 0 or s.cols <= 0 for s in slices):
         return report, f"invalid matrix size {slices[0].rows}x{slices[0].cols}"
+    bad_spacing = [s.spacing for s in slices if s.spacing is not None and not min(s.spacing) > 0]
+    if bad_spacing:
+        return report, f"invalid PixelSpacing {list(bad_spacing[0])} in {len(bad_spacing)} slice(s): must be > 0 mm"
     missing = [s.source for s in slices if s.orientation is None or s.position is None]
     if missing:
         return report, f"missing ImageOrientationPatient/ImagePositionPatient in {len(missing)} slice(s)"
@@ -120,7 +125,8 @@ def read_slice_headers(files: Sequence[Path]) -> tuple[list[SliceHeader], list[s
             else:
                 pos = _floats(ds.get("ImagePositionPatient"), 3)
                 slices.append(SliceHeader(f.name, _floats(ds.get("ImageOrientationPatient"), 6),
-                                          pos if pos is None else (pos[0], pos[1], pos[2]), rows, cols))
+                                          pos if pos is None else (pos[0], pos[1], pos[2]), rows, cols,
+                                          _floats(ds.get("PixelSpacing"), 2)))
         except Exception as exc:  # any unreadable spool file is reported, never raised
             problems.append(f"{f.name}: {type(exc).__name__}: {exc}"[:200])
     return slices, problems

@@ -230,6 +230,8 @@ def _validate(cfg: NodeConfig, errors: list[str]) -> None:
         errors.append("tls: enabled needs cert_file and key_file")
     if cfg.tls.require_client_cert and cfg.tls.ca_file is None:
         errors.append("tls: require_client_cert needs ca_file")
+    if cfg.retention_days is not None and not cfg.retention_days > 0:
+        errors.append(f"retention_days: {cfg.retention_days} must be > 0 (or unset: keep everything)")
     if cfg.limits.max_associations < 1:
         errors.append(f"limits.max_associations: {cfg.limits.max_associations} must be >= 1")
     if not 0 <= cfg.routing.min_confidence <= 1:

@@ -19,6 +19,7 @@ from sci_node import __version__
 from sci_node.completion import CompletionMonitor
 from sci_node.config import NodeConfig
 from sci_node.export import Exporter
+from sci_node.retention import RetentionSweeper
 from sci_node.scp import start_scp
 from sci_node.store import Store
 from sci_node.worker import ProviderFactory, Worker, default_provider
@@ -32,7 +33,8 @@ def _log_config(cfg: NodeConfig) -> None:
              destinations=[str(d) for d in cfg.destinations],
              allowed_aes=[a.ae_title + (f"@{a.host}" if a.host else "") for a in cfg.allowed_aes],
              stable_seconds=cfg.stable_seconds, workers=cfg.workers, device=cfg.device, tls=cfg.tls.enabled,
-             max_associations=cfg.limits.max_associations, min_free_disk_mb=cfg.limits.min_free_disk_mb)
+             max_associations=cfg.limits.max_associations, min_free_disk_mb=cfg.limits.min_free_disk_mb,
+             retention_days=cfg.retention_days)
     if cfg.accepts_any_ae:
         log.warning("node.accepts_any_ae", detail="allowed_aes is empty: every calling AE title is accepted")
     if not cfg.destinations:
@@ -72,9 +74,12 @@ def run_node(cfg: NodeConfig, provider_factory: ProviderFactory = default_provid
                for i in range(cfg.workers)]
     exporter = Exporter(cfg, store, result_ready, stop)
     monitor = CompletionMonitor(cfg, store, job_ready)
+    sweeper = RetentionSweeper(cfg, store) if cfg.retention_days is not None else None
     for t in (*workers, exporter):
         t.start()
     monitor.start()
+    if sweeper is not None:
+        sweeper.start()
     job_ready.set()
     result_ready.set()
     server = None
@@ -95,6 +100,8 @@ def run_node(cfg: NodeConfig, provider_factory: ProviderFactory = default_provid
         if server is not None:
             server.shutdown()
         monitor.stop()
+        if sweeper is not None:
+            sweeper.stop()
         job_ready.set()
         result_ready.set()
         deadline = time.monotonic() + 30

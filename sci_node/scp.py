@@ -164,7 +164,10 @@ def _pixel_problem(ds: Any, transfer_syntax: str) -> str | None:
         bits = int(ds.get("BitsAllocated") or 0)
         if bits not in (1, 8, 16, 32, 64):
             return f"invalid Bits Allocated {bits}"
-        n = rows * cols * int(ds.get("SamplesPerPixel") or 1) * int(ds.get("NumberOfFrames") or 1)
+        samples, frames = int(ds.get("SamplesPerPixel") or 1), int(ds.get("NumberOfFrames") or 1)
+        if samples < 1 or frames < 1:
+            return f"invalid Samples per Pixel {samples} / Number of Frames {frames}"
+        n = rows * cols * samples * frames
         expected = (n * bits + 7) // 8
         have = len(ds.PixelData)
         if have < expected:

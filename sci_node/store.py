@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -327,11 +328,14 @@ class Store:
         return self._record_instance(key, path, calling_aet)
 
     def _record_instance(self, key: InstanceKey, path: Path, calling_aet: str | None) -> bool:
-        size = path.stat().st_size
         now = time.time()
         # The file is already fsync'd: it is the durable copy. The row is rebuilt from it by
         # reconcile() if a power loss drops this (not fsync'd) commit.
         with self._tx(sync_commit=False) as db:
+            try:  # under the lock: a retention purge may have moved the series away meanwhile
+                size = path.stat().st_size
+            except OSError as exc:
+                raise StorageError(f"cannot record {path}: {exc}") from exc
             row = db.execute("SELECT state, generation FROM series WHERE series_uid=?",
                              (key.series_uid,)).fetchone()
             if row is None:
@@ -592,6 +596,62 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE outbox SET attempts=attempts+1, last_error=?, next_attempt_at=? WHERE id=?",
                        (error, next_attempt_at, entry_id))
+
+    # -- retention ------------------------------------------------------------------------
+
+    def expired_series(self, cutoff: float) -> list[tuple[str, int]]:
+        """Complete series whose latest job is finished and delivered (or routed out with nothing
+        to deliver) since before ``cutoff`` (epoch s): ``(series_uid, generation)`` pairs.
+
+        Series whose latest job failed, is pending/running or still has results to send are kept.
+        """
+        rows = self._query(
+            "SELECT s.series_uid, s.generation FROM series s JOIN jobs j ON j.id ="
+            " (SELECT MAX(id) FROM jobs WHERE series_uid = s.series_uid)"
+            " WHERE s.state='complete' AND j.generation = s.generation AND j.finished_at IS NOT NULL"
+            " AND (j.delivery='delivered' OR (j.state='routed-out' AND j.delivery='none'))"
+            " AND COALESCE((SELECT MAX(sent_at) FROM outbox WHERE job_id=j.id), j.finished_at) <= ?",
+            (cutoff,))
+        return [(r[0], int(r[1])) for r in rows]
+
+    def purge_series(self, series_uid: str, generation: int) -> bool:
+        """Delete a complete series' spooled instances and its jobs' result folders (retention).
+
+        The series folder is moved aside and its rows deleted in one locked transaction, only
+        if the series is still complete at ``generation``: an instance arriving meanwhile either
+        re-opened the series first (nothing is purged) or finds its file gone and is refused
+        (:meth:`_record_instance`), never acknowledged and lost. Job and outbox rows stay (audit).
+
+        Returns
+        -------
+        bool
+            False when the series changed meanwhile and was kept.
+        """
+        trash = self.data_dir / f".purge-{uuid.uuid4().hex}"
+        with self._tx() as db:
+            row = db.execute("SELECT study_uid FROM series WHERE series_uid=? AND state='complete'"
+                             " AND generation=?", (series_uid, generation)).fetchone()
+            if row is None:
+                return False
+            series_dir = self.spool_dir / _safe_name(row["study_uid"]) / _safe_name(series_uid)
+            job_ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE series_uid=?", (series_uid,))]
+            os.mkdir(trash, 0o700)
+            if series_dir.exists():
+                os.replace(series_dir, trash / "spool")
+            try:
+                db.execute("DELETE FROM instances WHERE series_uid=?", (series_uid,))
+                db.execute("DELETE FROM series WHERE series_uid=?", (series_uid,))
+            except BaseException:
+                if (trash / "spool").exists():
+                    os.replace(trash / "spool", series_dir)
+                raise
+        for job_id in job_ids:
+            if (self.results_dir / str(job_id)).exists():
+                os.replace(self.results_dir / str(job_id), trash / f"result-{job_id}")
+        shutil.rmtree(trash, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            series_dir.parent.rmdir()  # the study folder, if that was its last series
+        return True
 
     # -- status ---------------------------------------------------------------------------
 

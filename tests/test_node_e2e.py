@@ -35,6 +35,12 @@ def test_series_in_result_out_exactly_once(node_factory: Callable[..., NodeProc]
     dest = storescp_factory()
     node = node_factory(PLUMBING, "--ae-title", "SCINODE", "--allow-ae", "SCANNER", "--stable-seconds", "1.5",
                         "--destination", f"DEST@127.0.0.1:{dest.port}").start()
+    (corrupt,) = make_mr_series(tmp_path / "corrupt", n=1)
+    ds = pydicom.dcmread(corrupt)
+    ds.PixelData = ds.PixelData[:100]
+    ds.save_as(corrupt)
+    res = storescu(node.port, [corrupt], debug=True)
+    assert "0xc210" in (res.stdout + res.stderr).lower()  # and the node keeps serving:
     series = make_mr_series(tmp_path / "series", n=10)
     res = storescu(node.port, series)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -294,6 +294,16 @@ def loso(cfg: dict[str, Any], heads: Sequence[str], samples: SampleSet, epochs: 
     return oof, scored, groups
 
 
+def _binary_spine(h: str, pred: np.ndarray, lab: np.ndarray, ok: np.ndarray, real: np.ndarray) -> dict[str, Any]:
+    """Anatomy only: accuracy of the routing-relevant decision spine vs not spine."""
+    if h != "anatomy":
+        return {}
+    sp = CLASSES[h].index("spine")
+    hit = (pred == sp) == (lab == sp)
+    return {"spine_vs_rest_accuracy": round(float(np.mean(hit[ok])), 4) if ok.any() else None,
+            "spine_vs_rest_accuracy_real": round(float(np.mean(hit[ok & real])), 4) if (ok & real).any() else None}
+
+
 def head_metrics(h: str, logits: np.ndarray, s: SampleSet, scored: np.ndarray, temp: float,
                  abstain: float) -> dict[str, Any]:
     """LOSO metrics of one head (accuracy overall / real / stored volumes, per class, per group, ECE)."""
@@ -315,6 +325,7 @@ def head_metrics(h: str, logits: np.ndarray, s: SampleSet, scored: np.ndarray, t
         "accuracy_synthetic": acc(ok & ~s.real), "n_synthetic": int((ok & ~s.real).sum()),
         "accuracy_real_with_header": acc(ok & s.real & has_hdr), "n_real_with_header": int((ok & s.real & has_hdr).sum()),
         "accuracy_real_without_header": acc(ok & s.real & ~has_hdr),
+        **_binary_spine(h, pred, lab, ok, s.real),
         "per_class_recall": {c: acc(ok & (lab == i)) for i, c in enumerate(CLASSES[h]) if (ok & (lab == i)).any()},
         "per_group": {g: acc(ok & (s.groups == g)) for g in dict.fromkeys(s.groups[ok].tolist())},
         "ece_uncalibrated": round(ece(_softmax(logits[ok]), lab[ok]), 4),
@@ -381,7 +392,19 @@ def train_classifier(model: str, config: Path | None, data: Path | None, out: Pa
             metrics[h] = head_metrics(h, oof[h], samples, scored, temps[h], abstain)
     net = fit(cfg, heads, samples, epochs, seed, device, desc=f"final {model}")
     out = Path(out) if out else REPO / "models" / model / cfg["model"]["version"]
-    card = {
+    card = _card(cfg, model, heads, metrics, temps, abstain, samples, groups, seed, epochs, device,
+                 config is not None)
+    card["training"]["wall_seconds"] = round(time.time() - t0, 1)
+    write_artifact(out, net.state_dict(), card)
+    log.info("classifier artefact written", model=model, path=str(out), seconds=round(time.time() - t0, 1))
+    return out
+
+
+def _card(cfg: dict[str, Any], model: str, heads: Sequence[str], metrics: dict[str, Any], temps: dict[str, float],
+          abstain: float, samples: SampleSet, groups: list[str], seed: int, epochs: int, device: str,
+          custom_config: bool) -> dict[str, Any]:
+    """The model card of a trained classifier (see :mod:`sci_node.artifact` and :mod:`sci_node.predict_cls`)."""
+    return {
         "name": model, "version": cfg["model"]["version"], "kind": "classifier",
         "description": cfg["model"].get("description", ""),
         "architecture": {"class": "sci_node.nets.SeriesNet", "args": _net_args(cfg, heads)},
@@ -395,14 +418,11 @@ def train_classifier(model: str, config: Path | None, data: Path | None, out: Pa
         "metrics": metrics, "data_hash": samples.meta["data_hash"],
         "training": {"config": {k: v for k, v in cfg.items() if not k.startswith("_")}, "config_file": cfg["_path"],
                      "command": f"sci-node train {model} --seed {seed} --epochs {epochs}"
-                                + (f" --train-config {cfg['_path']}" if config else ""),
+                                + (f" --train-config {cfg['_path']}" if custom_config else ""),
                      "seed": seed, "epochs": epochs, "device": device, "n_samples": int(len(samples.groups)),
                      "splits": {"scheme": "LOSO", "held_out_groups": groups,
-                                "group_sizes": {g: int(np.sum(samples.groups == g)) for g in dict.fromkeys(samples.groups.tolist())}},
-                     "wall_seconds": round(time.time() - t0, 1)},
+                                "group_sizes": {g: int(np.sum(samples.groups == g))
+                                                for g in dict.fromkeys(samples.groups.tolist())}}},
         "trainer_version": TRAINER_VERSION, "git_commit": _git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    write_artifact(out, net.state_dict(), card)
-    log.info("classifier artefact written", model=model, path=str(out), seconds=round(time.time() - t0, 1))
-    return out
