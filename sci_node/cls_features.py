@@ -168,6 +168,7 @@ def series_inputs(image: sitk.Image, evidence: HeaderEvidence | None,
     raw = sitk.GetArrayViewFromImage(vol)
     lo, hi = _robust_scale(np.asarray(raw))
     grid = _thumbs(vol, lo, size)
+    grid = np.where(np.isfinite(grid), grid, lo)  # NaN/inf voxels (some NIfTI) count as background
     scaled = np.clip((grid - lo) / (hi - lo), 0.0, 1.5)
     c = size // 2
     thumbs = np.stack([
@@ -182,7 +183,7 @@ def series_inputs(image: sitk.Image, evidence: HeaderEvidence | None,
     fg = scaled > 0.1
     hist, _ = np.histogram(scaled[fg], bins=_HIST_BINS, range=(0.0, 1.5))
     hist = hist / max(1, int(fg.sum()))
-    finite = np.asarray(raw)[:: 1]
+    finite = np.nan_to_num(np.asarray(raw), nan=0.0, posinf=0.0, neginf=0.0)
     geo = [*np.abs(_slice_normal(vol)).tolist(), *np.log1p(pmax - pmin).tolist(),
            math.log(float(np.mean(inplane))), math.log(sp[ax]), math.log(vol.GetSize()[ax]),
            1.0 if n_vol > 1 else 0.0, float(np.mean(finite < -500.0))]

@@ -212,3 +212,11 @@ sequence = "T2w"
     bad.write_text(cfg.read_text().replace('name = "sequence"', 'name = "anatomy"'))
     assert main(["train", "sequence", "--train-config", str(bad), "--data", str(tmp_path)]) == 2
     assert "model.name 'anatomy' is not 'sequence'" in capsys.readouterr().err
+
+
+def test_non_finite_voxels_give_finite_probabilities(shipped: dict[str, Classifier]) -> None:
+    arr = np.full((6, 40, 40), np.nan, np.float32)
+    arr[:, 10:30, 10:30] = 100.0
+    probs = shipped["anatomy"].predict(sitk.GetImageFromArray(arr), None)["anatomy"]
+    assert all(math.isfinite(p) for p in probs.values())
+    assert math.isclose(sum(probs.values()), 1.0, abs_tol=1e-4)

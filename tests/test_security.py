@@ -201,3 +201,34 @@ def test_retention_purges_delivered_series_only(node_factory: Callable[..., Node
     wait_for(lambda: len(dest.files()) == 2, 60, what="the re-sent series' result")
     assert node.stop() == 0
     assert '"retention.purged"' in node.log.read_text()
+
+
+def test_retention_purge_never_loses_an_instance_arriving_meanwhile(tmp_path: Path) -> None:
+    """The purge/ingest race, step by step on the real store: an instance whose file was written just
+    before the purge moved its series away is refused (StorageError -> 0xA700), not acknowledged."""
+    from sci_node.config import load_config
+    from sci_node.errors import ConfigError, StorageError
+    from sci_node.retention import purge_expired
+    from sci_node.store import InstanceKey, Store, write_durable
+
+    store = Store(tmp_path / "d")
+    key = InstanceKey("1.2.3.1", "1.2.3.2", "1.2.3.3.1", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1")
+    store.spool_instance(key, b"\0" * 128 + b"DICM")
+    (row,) = store.quiet_series(1e12)
+    store.complete_series(row, {})
+    job = store.finish_job(store.claim_job().id, "done", None, {"status": "done"}, [tmp_path / "r.dcm"], ["D@h:1"])
+    (store.results_dir / str(job.id)).mkdir()
+    assert purge_expired(store, 1.0) == 0  # delivered? not yet: kept
+    (entry,) = store.outbox_for_job(job.id)
+    store.mark_sent(entry.id)
+    assert purge_expired(store, 1.0) == 0  # delivered, but not a day ago
+    late = InstanceKey(key.study_uid, key.series_uid, "1.2.3.3.2", key.sop_class_uid, key.transfer_syntax)
+    write_durable(store.instance_path(late), b"late")  # the SCP wrote the file, has not recorded it yet
+    assert purge_expired(store, 1.0, now=time.time() + 86400 + 1) == 1
+    assert not store.instance_path(key).exists() and not (store.results_dir / str(job.id)).exists()
+    with pytest.raises(StorageError, match="cannot record"):
+        store._record_instance(late, store.instance_path(late), "SCANNER")  # -> 0xA700, the peer re-sends
+    assert store.spool_instance(late, b"late again") is True  # a re-send is a new series for the node
+    assert store.series_size(key.series_uid) == 1 and store.job(job.id).delivery == "delivered"
+    with pytest.raises(ConfigError, match="retention_days"):
+        load_config(None, {"retention_days": 0})

@@ -39,9 +39,9 @@ CODES: dict[str, tuple[str, str, str]] = {
     "lumbar": ("122496007", "SCT", "Lumbar spine"),
     "sagittal": ("30730003", "SCT", "Sagittal"), "axial": ("62824007", "SCT", "Transverse"),
     "coronal": ("81654009", "SCT", "Coronal"),
-    "T1w": ("110805", "DCM", "T1 Weighted MR Signal Intensity"),
-    "T2w": ("110806", "DCM", "T2 Weighted MR Signal Intensity"),
-    "T2starw": ("110807", "DCM", "T2* Weighted MR Signal Intensity"),
+    "T1w": ("110804", "DCM", "T1 Weighted MR Signal Intensity"),
+    "T2w": ("110805", "DCM", "T2 Weighted MR Signal Intensity"),
+    "T2starw": ("110806", "DCM", "T2* Weighted MR Signal Intensity"),
 }
 
 
@@ -181,7 +181,8 @@ def fit(cfg: dict[str, Any], heads: Sequence[str], train: SampleSet, epochs: int
     for h in heads:
         counts = np.bincount(train.labels[h][train.labels[h] >= 0], minlength=len(CLASSES[h])).astype(np.float64)
         w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(counts), 0.0)
-        weights[h] = torch.as_tensor(np.sqrt(w), dtype=torch.float32, device=device)
+        power = float(tcfg.get("class_weight_power", 0.5))  # 0.5 = sqrt of inverse class frequency
+        weights[h] = torch.as_tensor(w ** power, dtype=torch.float32, device=device)
     opt = torch.optim.AdamW(net.parameters(), lr=float(tcfg.get("lr", 3e-3)), weight_decay=float(tcfg.get("weight_decay", 1e-4)))
     batch, drop = int(tcfg.get("batch_size", 64)), float(tcfg.get("header_dropout", 0.25))
     n_pool = len(thumbs) + (max(0, int(tcfg.get("real_repeat", 1)) - 1)) * int(np.sum(train.real))
