@@ -143,9 +143,12 @@ def build_seg(volume: SeriesVolume, cord: np.ndarray, lesion: np.ndarray | None,
 
 def frame_references(seg: Dataset) -> list[tuple[int, str, int | None]]:
     """``(segment_number, referenced SOPInstanceUID, referenced frame or None)`` per SEG frame."""
+    shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else None
     out = []
     for item in seg.PerFrameFunctionalGroupsSequence:
-        seg_no = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        # a one-segment SEG carries the segment identification in the shared groups
+        ident = item if "SegmentIdentificationSequence" in item else shared
+        seg_no = int(ident.SegmentIdentificationSequence[0].ReferencedSegmentNumber)  # type: ignore[union-attr]
         src = item.DerivationImageSequence[0].SourceImageSequence[0]
         frame = src.get("ReferencedFrameNumber")
         out.append((seg_no, str(src.ReferencedSOPInstanceUID), int(frame) if frame is not None else None))

@@ -20,7 +20,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from sci_node import __version__
-from sci_node.seg_writer import (CORD_TYPE, LESION_TYPE, SR_SERIES_OFFSET, derived_uid, versions_text)
+from sci_node.seg_writer import (CORD_TYPE, LESION_TYPE, SR_SERIES_OFFSET, derived_uid, frame_references,
+                                 versions_text)
 
 _SCT = "SCT"
 NUMBER_OF_LESIONS = hd.sr.CodedConcept("246206008", _SCT, "Number of lesions")
@@ -38,6 +39,28 @@ DERIVATIONS = {
     "median": hd.sr.CodedConcept("260528009", _SCT, "Median"),
 }
 IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", _SCT, "Imaging procedure")
+
+
+def referenced_segment(seg: Dataset, segment_number: int) -> hd.sr.ReferencedSegment:
+    """Reference to one SEG segment with the source images its frames were derived from.
+
+    Built by hand: ``ReferencedSegment.from_segmentation`` (highdicom 0.28) fails on a
+    one-segment SEG, whose segment identification sits in the shared functional groups.
+    """
+    sop_class = {}
+    for series in seg.ReferencedSeriesSequence:
+        for inst in series.ReferencedInstanceSequence:
+            sop_class[str(inst.ReferencedSOPInstanceUID)] = str(inst.ReferencedSOPClassUID)
+    frames: dict[str, list[int]] = {}
+    for seg_no, uid, frame in frame_references(seg):
+        if seg_no == segment_number:
+            frames.setdefault(uid, [])
+            if frame is not None and frame not in frames[uid]:
+                frames[uid].append(frame)
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=str(seg.SOPClassUID), sop_instance_uid=str(seg.SOPInstanceUID), segment_number=segment_number,
+        source_images=[hd.sr.SourceImageForSegmentation(sop_class[uid], uid, sorted(f) or None)
+                       for uid, f in frames.items()])
 
 
 def _algo(versions: Mapping[str, str]) -> hd.sr.AlgorithmIdentification:
@@ -63,7 +86,7 @@ def _cord_group(seg: Dataset, summary: Mapping[str, Any], versions: Mapping[str,
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(series_uid, versions, "track-cord"),
                                                      identifier="Spinal cord"),
-        referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, 1),
+        referenced_segment=referenced_segment(seg, 1),
         finding_type=CORD_TYPE,
         algorithm_id=_algo(versions),
         finding_sites=[hd.sr.FindingSite(CORD_TYPE)],
@@ -78,7 +101,7 @@ def _lesion_groups(seg: Dataset, lesions: Sequence[Mapping[str, Any]], versions:
         out.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=derived_uid(series_uid, versions, f"track-lesion-{les['id']}"), identifier=f"Lesion {les['id']}"),
-            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, 2),
+            referenced_segment=referenced_segment(seg, 2),
             finding_type=LESION_TYPE,
             algorithm_id=_algo(versions),
             finding_sites=[hd.sr.FindingSite(CORD_TYPE)],

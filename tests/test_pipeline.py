@@ -58,6 +58,9 @@ def _check_done(res: PipelineResult, view: str) -> None:
 
 
 def test_axial_t2w_cord_dice_from_seg(pipeline: Pipeline, tmp_path: Path) -> None:
+    """Dice regression read back from the SEG itself. sub-unf01 is in the shipped cord model's
+    final training set (the only labelled T2w subjects are unf01 and PAM50): this guards the
+    DICOM chain (geometry, SEG encoding) and model regressions, not generalisation."""
     folder = SERIES / "unf01_axial_T2w"
     res = pipeline.run_dicom(sorted(folder.glob("*.dcm")), tmp_path)
     _check_done(res, "axial")

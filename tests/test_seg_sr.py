@@ -74,11 +74,20 @@ def test_seg_valid_and_frames_reference_their_source(tmp_path: Path) -> None:
     np.testing.assert_array_equal(back[..., 1], lesion)
 
 
-def test_seg_without_lesions_has_one_segment(tmp_path: Path) -> None:
+def test_seg_and_sr_without_lesions(tmp_path: Path) -> None:
     vol, cord, _ = _series_and_masks()
-    path = _write(build_seg(vol, cord, np.zeros_like(cord), VERSIONS), tmp_path / "seg.dcm")
+    seg = build_seg(vol, cord, np.zeros_like(cord), VERSIONS)
+    path = _write(seg, tmp_path / "seg.dcm")
     assert dciodvfy_errors(path) == []
     assert len(pydicom.dcmread(path).SegmentSequence) == 1
+    assert {s for s, _, _ in frame_references(seg)} == {1}
+    summary = summarize(cord, None, index_to_lps(vol.image.GetOrigin(), vol.image.GetSpacing(),
+                                                 vol.image.GetDirection()))
+    sr_path = _write(build_sr(seg, list(vol.datasets), summary, VERSIONS), tmp_path / "sr.dcm")
+    assert dciodvfy_errors(sr_path) == []
+    ms = read_measurements(pydicom.dcmread(sr_path))
+    assert {m["group"] for m in ms} == {"Spinal cord"}
+    assert next(m["value"] for m in ms if m["name"] == "Number of lesions") == 0
 
 
 def test_empty_cord_is_refused() -> None:

@@ -1,10 +1,11 @@
 """The OHIF viewer served by Orthanc under /ohif/, in headless Chromium (Debian ``chromium``).
 
 The browser opens the OHIF URL of the processed sample study (with the SEG as the initial
-series, so OHIF overlays it on the MR), logged in through an ``Authorization`` header. The test
-checks the DOM (the study's series are listed; the segmentation panel lists "Spinal cord"),
-the DICOMweb requests the page made to Orthanc (QIDO-RS of the study, WADO-RS of the SEG)
-and that the screenshot shows the coloured overlay on the grey MR. ``SCI_DOCS_SCREENSHOT=docs/img/ohif-seg.png`` also saves
+series, so OHIF overlays it on the MR), logged in through an ``Authorization`` header. The
+test checks the DOM (the study's series are listed; the segmentation panel lists "Spinal
+cord", and clicking it brings the slice at the segment's centre), the DICOMweb requests the
+page made to Orthanc (QIDO-RS of the study, WADO-RS of the SEG) and that the screenshot shows
+the coloured overlay on the grey MR. ``SCI_DOCS_SCREENSHOT=docs/img/ohif-seg.png`` also saves
 the screenshot there.
 """
 from __future__ import annotations
@@ -29,6 +30,14 @@ HIDE_NAGS = ("sessionStorage.setItem('investigationalUseDialog', 'hidden');"
              "localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));")
 
 
+CLICK_CORD_SEGMENT = """(() => {
+  const el = [...document.querySelectorAll('*')]
+    .find(e => e.children.length === 0 && e.textContent.trim() === 'Spinal cord');
+  if (el) { el.click(); }
+  return !!el;
+})()"""
+
+
 @pytest.fixture(scope="module")
 def processed(tmp_path_factory: pytest.TempPathFactory) -> ProcessedStudy:
     return shared_stack(tmp_path_factory.mktemp("orthanc-stack"))
@@ -39,10 +48,11 @@ def overlay_pixels(png: Path) -> int:
 
     The MR and the viewport text are grey/white; OHIF's own accents are blue. The node's
     segments are green (cord) and red (lesions), so count saturated pixels that are not
-    blue-dominant, inside the viewport (right of the study browser, inside its border).
+    blue-dominant, inside the viewport (right of the study browser, left of the segmentation
+    panel, inside the viewport border; window 1400 px wide).
     """
     rgb = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)  # (H, W, 3)
-    view = rgb[70:-70, 310:-80]
+    view = rgb[70:-70, 310:1080]
     r, g, b = view[..., 0], view[..., 1], view[..., 2]
     saturated = view.max(axis=-1) - view.min(axis=-1) > 60
     bluish = (b >= r) & (b >= g)
@@ -66,13 +76,15 @@ def test_ohif_opens_study_with_seg_overlay(processed: ProcessedStudy, tmp_path: 
         text = browser.wait_for(f"document.body.innerText.includes({mr_desc!r}) && "
                                 "document.body.innerText.includes('SEG') && document.body.innerText", 90)
         assert text, f"OHIF did not list the study's series; page text: {browser.evaluate('document.body.innerText')!r}"
+        # the segmentation panel lists the SEG's segments (segment 1 is always the cord);
+        # clicking the segment makes OHIF jump to the slice at its centre
+        browser.evaluate("document.querySelector('[data-cy=panelSegmentation-btn]')?.click()")
+        panel = browser.wait_for("document.body.innerText.includes('Spinal cord')", 60)
+        browser.evaluate(CLICK_CORD_SEGMENT)
         deadline, overlay = time.monotonic() + 120, 0
         while time.monotonic() < deadline and overlay < 50:
             time.sleep(2)
             overlay = overlay_pixels(browser.screenshot(shot))
-        # the segmentation panel lists the SEG's segments (segment 1 is always the cord)
-        browser.evaluate("document.querySelector('[data-cy=panelSegmentation-btn]')?.click()")
-        panel = browser.wait_for("document.body.innerText.includes('Spinal cord')", 30)
         time.sleep(2)  # let the last tiles render for the picture
         browser.screenshot(shot)
         requests = [e["params"]["request"]["url"] for e in browser.events
