@@ -192,9 +192,7 @@ def run_job(job: Job, store: Store, provider: ProcessorProvider, destinations: S
         state = result.status if result.status in ("done", "routed-out") else "failed"
         reason = result.reason if state != "failed" else f"processor returned status {result.status!r}"
         return store.finish_job(job.id, state, reason, record, outputs, destinations)
-    except (InvalidSeriesError, ModelError) as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-    except SciNodeError as exc:
+    except SciNodeError as exc:  # InvalidSeriesError, ModelError, InvalidDatasetError ...
         reason = f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # a bug in a processor must fail the job, not the worker
         log.error("job.crashed", job_id=job.id, error=traceback.format_exc(limit=8))

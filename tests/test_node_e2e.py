@@ -161,3 +161,14 @@ def test_kill9_during_processing_delivers_once(node_factory: Callable[..., NodeP
     assert job["state"] == "done" and job["attempts"] == 2
     modalities = sorted(pydicom.dcmread(f, stop_before_pixels=True).Modality for f in dest.files())
     assert modalities.count("SEG") == 1 and len(modalities) == len(job["result"]["outputs"])
+
+
+def test_missing_models_fail_the_job_with_the_reason(node_factory: Callable[..., NodeProc],
+                                                    tmp_path: Path) -> None:
+    (tmp_path / "no-models").mkdir()
+    node = node_factory("", "--models-dir", str(tmp_path / "no-models"), "--stable-seconds", "1").start()
+    assert storescu(node.port, make_mr_series(tmp_path / "s", n=3)).returncode == 0
+    wait_for(lambda: len(_jobs(node)) == 1 and _jobs(node)[0]["state"] == "failed", 30, what="failed job")
+    (job,) = _jobs(node)
+    assert job["reason"].startswith("ModelError:") and job["delivery"] == "none"
+    assert echoscu(node.port).returncode == 0  # the node itself keeps running

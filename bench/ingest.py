@@ -1,0 +1,88 @@
+"""Ingest throughput: the same MR instances C-STOREd into sci-node, dcmtk storescp and Orthanc.
+
+The committed sample series (``sample/series``, 38 sagittal slices) is copied ``--copies``
+times with new UIDs (default 10 -> 380 instances, ~18 MB). One client, dcmtk ``storescu``
+with ``TCP_NODELAY=1``, sends all of them on one association to each server in turn:
+
+* ``storescp``: dcmtk ``storescp -od OUT +xa +uf`` (writes files, no fsync, no index);
+* ``sci-node``: ``sci-node serve`` with a long ``stable_seconds`` (no processing during the
+  bench; every instance fsync'd and indexed in SQLite before Success);
+* ``orthanc``: ``/usr/sbin/Orthanc`` with a minimal config (no plugins, SQLite index).
+
+Each round starts fresh servers (empty storage) and sends to the three in a rotating order,
+so machine load affects them alike. Prints one JSON line per send and a summary: median
+instances/s and the ratio to storescp's median rate.
+
+Usage (from the repo root)::
+
+    .venv/bin/python bench/ingest.py [--copies 10] [--rounds 3] [--json-out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+from common import (SAMPLE, emit, machine, replicate, start_node, start_orthanc, start_storescp, stop,
+                    storescu)
+
+SERVERS = ("storescp", "sci-node", "orthanc")
+
+
+def send_to(server: str, files: list[Path], work: Path) -> float:
+    """Start ``server`` fresh in ``work``, send ``files``, stop it; the send's wall time (s)."""
+    if server == "storescp":
+        proc, port = start_storescp(work / "out")
+        called = "DEST"
+    elif server == "sci-node":
+        proc, port = start_node(work / "node", stable=3600, processor="derived-sc")
+        called = "SCINODE"
+    else:
+        proc, port, _ = start_orthanc(work / "orthanc")
+        called = "ORTHANC"
+    try:
+        return storescu(port, files, called)
+    finally:
+        stop(proc)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--series", type=Path, default=SAMPLE)
+    ap.add_argument("--copies", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json-out", type=Path)
+    args = ap.parse_args()
+    emit({"bench": "machine", **machine()}, args.json_out)
+    tmp = Path(tempfile.mkdtemp(prefix="scinode-ingest-"))
+    try:
+        files = replicate(args.series, args.copies, tmp / "files")
+        mb = sum(f.stat().st_size for f in files) / 1e6
+        times: dict[str, list[float]] = {s: [] for s in SERVERS}
+        for r in range(args.rounds):
+            order = SERVERS[r % 3:] + SERVERS[:r % 3]
+            for server in order:
+                work = tmp / f"{server}-{r}"
+                dt = send_to(server, files, work)
+                times[server].append(dt)
+                emit({"bench": "ingest", "server": server, "round": r, "instances": len(files),
+                      "mb": round(mb, 1), "seconds": round(dt, 3), "inst_per_s": round(len(files) / dt, 1)},
+                     args.json_out)
+                shutil.rmtree(work, ignore_errors=True)
+        ref = len(files) / statistics.median(times["storescp"])
+        for server in SERVERS:
+            med = statistics.median(times[server])
+            rate = len(files) / med
+            emit({"bench": "ingest-summary", "server": server, "instances": len(files), "mb": round(mb, 1),
+                  "median_s": round(med, 3), "inst_per_s": round(rate, 1), "mb_per_s": round(mb / med, 2),
+                  "ratio_to_storescp": round(rate / ref, 3), "rounds": [round(t, 3) for t in times[server]]},
+                 args.json_out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
