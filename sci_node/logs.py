@@ -14,6 +14,12 @@ import structlog
 from sci_node.config import LogFormat
 
 
+def _stderr_logger(*_args: object) -> structlog.PrintLogger:
+    """A logger on the *current* ``sys.stderr`` (looked up per logger, not frozen at configure time,
+    so a replaced stream, e.g. under pytest capture, is followed)."""
+    return structlog.PrintLogger(file=sys.stderr)
+
+
 def configure_logging(fmt: LogFormat | str = LogFormat.AUTO, level: str = "INFO") -> None:
     """Configure structlog and the stdlib root logger (pynetdicom logs through it).
 
@@ -38,7 +44,7 @@ def configure_logging(fmt: LogFormat | str = LogFormat.AUTO, level: str = "INFO"
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
     # pynetdicom is chatty at INFO (it logs every PDU summary); keep it at WARNING.

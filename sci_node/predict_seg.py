@@ -45,7 +45,8 @@ def infer_volume(net: "torch.nn.Module", array: np.ndarray, spec: preprocess.Pre
     with torch.inference_mode():
         for z0 in range(0, stacked.shape[0], batch_slices):
             x = torch.from_numpy(np.ascontiguousarray(stacked[z0:z0 + batch_slices])).float().to(device)
-            logits = sliding_window_inference(x, roi_size=spec.patch_yx, sw_batch_size=batch_slices,
+            # 64 windows per forward pass: sw_batch_size=16 was ~3x slower on 2 CPU cores
+            logits = sliding_window_inference(x, roi_size=spec.patch_yx, sw_batch_size=64,
                                               predictor=net, overlap=0.25, mode="gaussian")
             prob = torch.sigmoid(logits)[:, 0].cpu().numpy()
             out[z0:z0 + batch_slices] = prob[:, inner[0], inner[1]]

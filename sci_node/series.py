@@ -220,7 +220,8 @@ def _frames_of(ds: Dataset) -> list[_Slice]:
         pos, ori, meas = (_group(ds, i, s) for s in
                           ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence"))
         if pos is None or ori is None or meas is None or "PixelSpacing" not in meas:
-            raise InvalidSeriesError(f"instance {sop} frame {i + 1}: plane position, orientation or pixel measures missing")
+            raise InvalidSeriesError(
+                f"instance {sop} frame {i + 1}: plane position, orientation or pixel measures missing")
         rescale = _group(ds, i, "PixelValueTransformationSequence")
         slope = rescale.get("RescaleSlope") if rescale is not None else None
         intercept = rescale.get("RescaleIntercept") if rescale is not None else None

@@ -111,7 +111,8 @@ def _lesion_groups(seg: Dataset, lesions: Sequence[Mapping[str, Any]], versions:
     return out
 
 
-def build_sr(seg: Dataset, sources: Sequence[Dataset], summary: Mapping[str, Any], versions: Mapping[str, str]) -> hd.sr.Comprehensive3DSR:
+def build_sr(seg: Dataset, sources: Sequence[Dataset], summary: Mapping[str, Any],
+             versions: Mapping[str, str]) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 measurement report of one series.
 
     Parameters
