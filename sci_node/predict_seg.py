@@ -48,7 +48,7 @@ def infer_volume(net: "torch.nn.Module", array: np.ndarray, spec: preprocess.Pre
             # 64 windows per forward pass: sw_batch_size=16 was ~3x slower on 2 CPU cores
             logits = sliding_window_inference(x, roi_size=spec.patch_yx, sw_batch_size=64,
                                               predictor=net, overlap=0.25, mode="gaussian")
-            prob = torch.sigmoid(logits)[:, 0].cpu().numpy()
+            prob = torch.sigmoid(logits)[:, 0].cpu().numpy()  # type: ignore[arg-type]
             out[z0:z0 + batch_slices] = prob[:, inner[0], inner[1]]
     return out
 

@@ -87,7 +87,7 @@ def predictions_png(cord_dir: Path, out: Path = Path("docs/img/cord_predictions.
         ax.imshow(arr[k], cmap="gray", aspect=sp[1] / sp[0])
         if mask[k].any():
             ax.contour(mask[k], [0.5], colors="r", linewidths=0.8)
-        ax.set_title(f"{title}\nslice {k} of the acquisition", fontsize=9)
+        ax.set_title(f"{title}\narray slice {k} (first numpy axis)", fontsize=9)
         ax.axis("off")
     plt.tight_layout()
     plt.savefig(out, dpi=80)

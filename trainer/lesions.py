@@ -12,6 +12,7 @@ intensities), masks uint8. Pure functions: randomness comes from the ``Generator
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -28,6 +29,11 @@ class LesionSpec:
     roughness: tuple[float, float] = (0.0, 0.35)
     texture: tuple[float, float] = (0.0, 0.25)
     min_fraction: float = 0.5  # voxel lesion fraction counted as lesion in the mask
+
+    @classmethod
+    def from_config(cls, gen: dict[str, Any]) -> "LesionSpec":
+        """From the ``[lesions.generator]`` table (lists become tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in gen.items()})  # type: ignore[arg-type]
 
 
 def cord_direction(cord: np.ndarray, z: int, spacing: tuple[float, float, float], half: int = 3) -> np.ndarray:

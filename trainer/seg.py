@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 import structlog
 
 from sci_node import preprocess
@@ -106,6 +105,8 @@ def load_volumes(cases: list[tdata.Case], spec: preprocess.PrepSpec, task: str, 
         arr = prep.array
         if task == "lesion":  # the lesion model sees a box around the cord, as at inference
             box = preprocess.roi_bbox(lab, (0, margin_yx, margin_yx))
+            if box is None:
+                raise DataError(f"mask {str(c.mask)!r} is empty on the model grid")
             arr, lab = preprocess.crop(arr, box), preprocess.crop(lab, box)
         vols.append(Vol(c.key, c.group, arr, lab, sp, cord=lab if task == "lesion" else None,  # type: ignore[arg-type]
                         extra={"case": c}))
@@ -128,6 +129,8 @@ def synth_pool(cfg: dict[str, Any], spec: preprocess.PrepSpec, rng: np.random.Ge
         img = preprocess.normalise(img, spec)
         if task == "lesion":
             box = preprocess.roi_bbox(lab, (0, margin_yx, margin_yx))
+            if box is None:  # the random length missed the cord: keep it as a negative example
+                continue
             img, lab = preprocess.crop(img, box), preprocess.crop(lab, box)
         out.append(Vol(f"synth-{i}", "synthetic", img, lab, sp, cord=lab if task == "lesion" else None, synthetic=True))
     return out
@@ -148,8 +151,7 @@ def _fold_vols(vols: list[Vol], synth: list[Vol], held: str | None, cfg: dict[st
 
 
 def lesion_spec(cfg: dict[str, Any]) -> LesionSpec:
-    gen = cfg.get("lesions", {}).get("generator", {})
-    return LesionSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in gen.items()})
+    return LesionSpec.from_config(cfg.get("lesions", {}).get("generator", {}))
 
 
 def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec) -> list[Vol]:
@@ -197,6 +199,28 @@ def _card(cfg: dict[str, Any], spec: preprocess.PrepSpec, metrics: dict[str, Any
     }
 
 
+def _loso(cfg: dict[str, Any], spec: preprocess.PrepSpec, vols: list[Vol], synth: list[Vol], seed: int,
+          device: str, n_epochs: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Leave-one-group-out folds: train without the group, score it on its source grids."""
+    task, tcfg = cfg["model"]["task"], cfg["train"]
+    metrics: dict[str, Any] = {"validation": "leave-one-subject-out", "per_case": {}}
+    splits: dict[str, Any] = {"folds": []}
+    all_groups = sorted({v.group for v in vols})
+    groups = [g for g in all_groups if g in tcfg.get("loso_groups", all_groups)]  # comparisons: a subset
+    if tcfg.get("loso", True) and len(all_groups) > 1:
+        for g in groups:
+            train_v = _fold_vols(vols, synth, g, cfg)
+            val_v = [v for v in vols if v.group == g]
+            net, hist = run_fold(cfg, spec, train_v, val_v, seed, device, float(tcfg.get("fold_minutes", 4)),
+                                 n_epochs, tag=f"fold-{g}")
+            per = (evaluate_cord if task == "cord" else evaluate_lesion)(net, cfg, spec, val_v, device, seed)
+            metrics["per_case"].update(per)
+            splits["folds"].append({"held_out": g, "train": sorted({v.key for v in train_v if not v.synthetic}),
+                                    "synthetic": sum(v.synthetic for v in train_v), "val": [v.key for v in val_v],
+                                    "epochs_run": len(hist)})
+    return metrics, splits
+
+
 def train_segmentation(model_name: str, config: Path | None, data: Path | None, out: Path | None,
                        epochs: int | None, seed: int, device: str) -> Path:
     """Train ``cord`` or ``lesion``: LOSO validation folds, then the final model; write the artefact.
@@ -241,21 +265,7 @@ def train_segmentation(model_name: str, config: Path | None, data: Path | None, 
     rng = np.random.default_rng(seed)
     synth = synth_pool(cfg, spec, rng, task, margin)
     log.info("train.start", model=model_name, cases=[v.key for v in vols], synthetic=len(synth), epochs=n_epochs)
-    metrics: dict[str, Any] = {"validation": "leave-one-subject-out", "per_case": {}}
-    splits: dict[str, Any] = {"folds": []}
-    all_groups = sorted({v.group for v in vols})
-    groups = [g for g in all_groups if g in tcfg.get("loso_groups", all_groups)]  # comparisons: a subset
-    if tcfg.get("loso", True) and len(all_groups) > 1:
-        for g in groups:
-            train_v = _fold_vols(vols, synth, g, cfg)
-            val_v = [v for v in vols if v.group == g]
-            net, hist = run_fold(cfg, spec, train_v, val_v, seed, device, float(tcfg.get("fold_minutes", 4)),
-                                 n_epochs, tag=f"fold-{g}")
-            per = (evaluate_cord if task == "cord" else evaluate_lesion)(net, cfg, spec, val_v, device, seed)
-            metrics["per_case"].update(per)
-            splits["folds"].append({"held_out": g, "train": sorted({v.key for v in train_v if not v.synthetic}),
-                                    "synthetic": sum(v.synthetic for v in train_v), "val": [v.key for v in val_v],
-                                    "epochs_run": len(hist)})
+    metrics, splits = _loso(cfg, spec, vols, synth, seed, device, n_epochs)
     metrics.update(summarise(metrics["per_case"], task))
     out_dir = Path(out) if out else REPO / "models" / cfg["model"]["name"] / cfg["model"]["version"]
     if not tcfg.get("final", True):  # comparison runs: LOSO metrics only, no artefact

@@ -76,8 +76,7 @@ def evaluate_lesion(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, vols: S
     """Per held-out case: synthetic lesions injected in the source image (inside the reference cord),
     lesion model restricted to that cord; Dice (pooled over trials), mean HD95, pooled lesion-wise F1."""
     seg = segmenter_for(net, cfg, spec, device)
-    lspec = LesionSpec(**{k: tuple(v) if isinstance(v, list) else v
-                          for k, v in cfg.get("lesions", {}).get("generator", {}).items()})
+    lspec = LesionSpec.from_config(cfg.get("lesions", {}).get("generator", {}))
     n = int(cfg.get("lesions", {}).get("val_trials", 4))
     out: dict[str, dict[str, Any]] = {}
     for v in vols:

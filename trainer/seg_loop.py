@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import structlog
 
 from sci_node import preprocess
 from sci_node.artifact import build_network
+
+if TYPE_CHECKING:
+    import torch
 
 log = structlog.get_logger(__name__)
 
@@ -127,7 +130,7 @@ def validate(net, val_vols: Sequence[Any], spec: preprocess.PrepSpec, device: st
             prob = prob * dilate_mm(v.cord, v.spacing, roi_dilate_mm)
         pred = torch.from_numpy((prob >= spec.threshold)[None, None].astype(np.float32))
         metric(pred, torch.from_numpy(v.label[None, None].astype(np.float32)))
-    return float(metric.aggregate().item()) if val_vols else float("nan")
+    return float(metric.aggregate().item()) if val_vols else float("nan")  # type: ignore[union-attr]
 
 
 def train_network(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: Sequence[Any],

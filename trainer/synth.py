@@ -38,7 +38,7 @@ class Template:
 def _load_las(path: Path) -> np.ndarray:
     import nibabel as nib
 
-    arr = np.asanyarray(nib.load(str(path)).dataobj).astype(np.float32)
+    arr = np.asanyarray(nib.load(str(path)).dataobj).astype(np.float32)  # type: ignore[attr-defined]
     # nibabel (i, j, k) in LAS → (Z, Y, X) with Y pointing posterior
     return np.ascontiguousarray(np.transpose(arr, (2, 1, 0))[:, ::-1, :])
 

@@ -1,0 +1,115 @@
+"""Retrain → register → activate → hot swap into a *running* node, between jobs.
+
+A cord model is really trained (one epoch, tiny subset of the committed crops), registered
+and activated with the admin CLI while ``sci-node serve`` runs; the next series the node
+processes records the new version, the series before it the old one, and the SEG that
+reaches the destination names the model version it was made with. Rollback brings the
+old version back for the series after that.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from conftest import NodeProc, StoreSCP, storescu, wait_for
+from sci_node.cli import main
+from sci_node.config import REPO_ROOT
+from sci_node.registry import ModelRegistry
+from trainer.seg import train_segmentation
+
+SERIES = REPO_ROOT / "tests" / "data" / "series" / "unf01_axial_T2w"
+SEG_CROPS = REPO_ROOT / "tests" / "data" / "seg"
+NEW_VERSION = "0.2.0-hotswap"
+
+
+def _copy_series(dst: Path) -> list[Path]:
+    """The committed axial series under a fresh Series Instance UID (a new acquisition)."""
+    dst.mkdir(parents=True)
+    series_uid = generate_uid()
+    out = []
+    for f in sorted(SERIES.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(dst / f.name, enforce_file_format=True)
+        out.append(dst / f.name)
+    return out
+
+
+def _train_tiny_cord(tmp: Path) -> Path:
+    """One real epoch on two committed crops → an artefact with version ``NEW_VERSION``."""
+    root = tmp / "ds"
+    for sub_con, crop in {"sub-unf01_T2w": "sub-unf01_T2w_crop",
+                          "sub-05_acq-MTon_MTS": "sub-05_acq-MTon_MTS_crop"}.items():
+        sub = sub_con.split("_")[0]
+        (root / sub / "anat").mkdir(parents=True, exist_ok=True)
+        (root / "derivatives" / "labels" / sub / "anat").mkdir(parents=True, exist_ok=True)
+        shutil.copy(SEG_CROPS / f"{crop}.nii.gz", root / sub / "anat" / f"{sub_con}.nii.gz")
+        shutil.copy(SEG_CROPS / f"{crop}_seg-manual.nii.gz",
+                    root / "derivatives" / "labels" / sub / "anat" / f"{sub_con}_seg-manual.nii.gz")
+    text = (REPO_ROOT / "trainer" / "configs" / "cord.toml").read_text()
+    for key, val in {"pool": "0", "steps_per_epoch": "2", "batch_size": "4", "val_trials": "1",
+                     "final_epochs": "1", "aug_groups": "2", "version": f'"{NEW_VERSION}"'}.items():
+        text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {val}", text)
+    cfg = tmp / "cord_tiny.toml"
+    cfg.write_text(text)
+    return train_segmentation("cord", cfg, root, tmp / "art", epochs=1, seed=1, device="cpu")
+
+
+def _job(node: NodeProc, job_id: int) -> dict:
+    res = node.cli("jobs", "show", str(job_id), "--json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def _run_series(node: NodeProc, tmp: Path, name: str, job_id: int) -> dict:
+    assert storescu(node.port, _copy_series(tmp / name)).returncode == 0
+    wait_for(lambda: _job(node, job_id)["state"] in ("done", "routed-out", "failed"), 240,
+             interval=0.5, what=f"job {job_id} to finish")
+    return _job(node, job_id)
+
+
+@pytest.mark.slow
+def test_activation_is_hot_swapped_between_jobs(tmp_path: Path, node_factory: Callable[..., NodeProc],
+                                                storescp_factory: Callable[..., StoreSCP]) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(REPO_ROOT / "models", models, ignore=shutil.ignore_patterns(".registry.lock"))
+    art = _train_tiny_cord(tmp_path)
+    dest = storescp_factory()
+    node = node_factory(f'models_dir = "{models}"\nstable_seconds = 1\n'
+                        f'destinations = ["DEST@127.0.0.1:{dest.port}"]\n').start()
+
+    first = _run_series(node, tmp_path, "s1", 1)
+    assert first["state"] == "done", first
+    assert first["result"]["model_versions"]["cord"] == "0.1.0"
+
+    # register + activate with the admin CLI while the node is running
+    assert main(["models", "--models-dir", str(models), "--log-level", "ERROR", "add", str(art), "--activate"]) == 0
+    assert ModelRegistry(models).active()["cord"] == NEW_VERSION
+
+    second = _run_series(node, tmp_path, "s2", 2)
+    assert second["state"] in ("done", "routed-out"), second  # a 1-epoch model may find no cord
+    assert second["result"]["model_versions"]["cord"] == NEW_VERSION
+
+    assert main(["models", "--models-dir", str(models), "--log-level", "ERROR", "rollback", "cord"]) == 0
+    third = _run_series(node, tmp_path, "s3", 3)
+    assert third["result"]["model_versions"]["cord"] == "0.1.0"
+
+    # the SEGs that reached the destination name the cord version they were made with
+    seg_versions = set()
+    for f in dest.files():
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        if ds.Modality == "SEG":
+            algo = ds.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+            seg_versions.add(re.search(r"cord (\S+?)(,|$)", str(algo.AlgorithmVersion)).group(1))
+    expected = {"0.1.0"} | ({NEW_VERSION} if second["state"] == "done" else set())
+    assert seg_versions == expected
+    assert node.log.read_text().count('"models.loaded"') == 3, "models not reloaded once per activation change"
