@@ -21,8 +21,10 @@ import structlog
 
 from sci_node.cls_features import FEATURE_NAMES, N_FEATURES, N_HEADER_FEATURES, PREPROCESSING_ID, THUMB_SIZE, series_inputs
 from sci_node.errors import ConfigError, DataError
+from sci_node.artifact import sha256_file as file_sha
 from trainer import __version__ as TRAINER_VERSION
-from trainer.cls_data import ANATOMY, REGION, SEQUENCE, TASKS, VIEW, DEFAULT_SOURCES, SampleSet, Source, file_sha, \
+from trainer import git_commit
+from trainer.cls_data import ANATOMY, REGION, SEQUENCE, TASKS, VIEW, DEFAULT_SOURCES, SampleSet, Source, \
     load_source, real_samples, root_dir
 
 log = structlog.get_logger(__name__)
@@ -340,14 +342,6 @@ def head_metrics(h: str, logits: np.ndarray, s: SampleSet, scored: np.ndarray, t
 
 # -- the command --------------------------------------------------------------------------------
 
-def _git_commit() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _labels(heads: Sequence[str]) -> list[dict[str, Any]]:
@@ -424,6 +418,6 @@ def _card(cfg: dict[str, Any], model: str, heads: Sequence[str], metrics: dict[s
                      "splits": {"scheme": "LOSO", "held_out_groups": groups,
                                 "group_sizes": {g: int(np.sum(samples.groups == g))
                                                 for g in dict.fromkeys(samples.groups.tolist())}}},
-        "trainer_version": TRAINER_VERSION, "git_commit": _git_commit(),
+        "trainer_version": TRAINER_VERSION, "git_commit": git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -11,7 +11,6 @@ sees. The view label is the plane of the stored slices (:func:`sci_node.cls_feat
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,12 +159,6 @@ def load_source(src: Source, data: Path) -> tuple[sitk.Image, HeaderEvidence | N
     return image, ev, path
 
 
-def file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- header sampling -------------------------------------------------------------------------

@@ -8,7 +8,6 @@ final scores are computed by :class:`sci_node.predict_seg.Segmenter` on each sou
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 import tomllib
@@ -22,6 +21,7 @@ import structlog
 from sci_node import preprocess
 from sci_node.errors import ConfigError, DataError
 from trainer import __version__ as TRAINER_VERSION
+from trainer import git_commit
 from trainer import data as tdata
 from trainer.lesions import LesionSpec, inject_lesions
 from trainer.seg_eval import evaluate_cord, evaluate_lesion
@@ -134,14 +134,6 @@ def synth_pool(cfg: dict[str, Any], spec: preprocess.PrepSpec, rng: np.random.Ge
             img, lab = preprocess.crop(img, box), preprocess.crop(lab, box)
         out.append(Vol(f"synth-{i}", "synthetic", img, lab, sp, cord=lab if task == "lesion" else None, synthetic=True))
     return out
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _fold_vols(vols: list[Vol], synth: list[Vol], held: str | None, cfg: dict[str, Any]) -> list[Vol]:
