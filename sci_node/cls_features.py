@@ -184,7 +184,11 @@ def series_inputs(image: sitk.Image, evidence: HeaderEvidence | None,
     hist, _ = np.histogram(scaled[fg], bins=_HIST_BINS, range=(0.0, 1.5))
     hist = hist / max(1, int(fg.sum()))
     finite = np.nan_to_num(np.asarray(raw), nan=0.0, posinf=0.0, neginf=0.0)
-    geo = [*np.abs(_slice_normal(vol)).tolist(), *np.log1p(pmax - pmin).tolist(),
+    # The header's slice normal (ImageOrientationPatient) is exact; the spacing heuristic of
+    # slice_axis() only stands in for it when there is no header (e.g. NIfTI without sidecar).
+    normal = (np.asarray(evidence.slice_normal, np.float64) if evidence is not None
+              and evidence.slice_normal is not None else _slice_normal(vol))
+    geo = [*np.abs(normal).tolist(), *np.log1p(pmax - pmin).tolist(),
            math.log(float(np.mean(inplane))), math.log(sp[ax]), math.log(vol.GetSize()[ax]),
            1.0 if n_vol > 1 else 0.0, float(np.mean(finite < -500.0))]
     feats = np.concatenate([np.asarray(geo, np.float32), hist.astype(np.float32),

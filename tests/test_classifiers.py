@@ -220,3 +220,18 @@ def test_non_finite_voxels_give_finite_probabilities(shipped: dict[str, Classifi
     probs = shipped["anatomy"].predict(sitk.GetImageFromArray(arr), None)["anatomy"]
     assert all(math.isfinite(p) for p in probs.values())
     assert math.isclose(sum(probs.values()), 1.0, abs_tol=1e-4)
+
+
+def test_header_slice_normal_beats_the_spacing_heuristic(shipped: dict[str, Classifier],
+                                                         cases: dict[str, sitk.Image]) -> None:
+    """Sagittal slices of 1 mm with 3.2 x 1.6 mm pixels: the thickest-axis heuristic alone would
+    take the 3.2 mm in-plane axis for the slice axis; ImageOrientationPatient says sagittal."""
+    sag = cases["sag"]
+    spacing = (sag.GetSpacing()[0], 3.2, sag.GetSpacing()[2])
+    size = [sag.GetSize()[0], int(sag.GetSize()[1] * sag.GetSpacing()[1] / 3.2), sag.GetSize()[2]]
+    coarse = sitk.Resample(sag, size, sitk.Transform(), sitk.sitkLinear, sag.GetOrigin(), spacing,
+                           sag.GetDirection(), 0.0, sitk.sitkFloat32)
+    assert view_of_image(coarse) != "sagittal"  # the case the header must fix
+    normal = tuple(float(v) for v in np.asarray(sag.GetDirection()).reshape(3, 3)[:, 0])
+    probs = shipped["region_view"].predict(coarse, HeaderEvidence(slice_normal=normal))
+    assert _top(probs["view"]) == "sagittal"
