@@ -33,8 +33,8 @@ from common import (SAMPLE, emit, free_port, replicate, resample_series, start_n
 
 
 def _seg_arrived(out: Path) -> bool:
-    """storescp names files after the SOP class's modality prefix (``SEG...``)."""
-    return any(p.name.startswith("SEG") for p in out.iterdir())
+    """storescp names files after the SOP class: ``SG.<uid>`` for Segmentation Storage."""
+    return any(p.name.startswith("SG.") for p in out.iterdir())
 
 
 def bench_direct(tmp: Path, inputs: dict[str, Path], rounds: int, stable: float, json_out: Path | None) -> None:

@@ -64,9 +64,19 @@ def _assoc_socket(event: Event) -> socket.socket | None:
 
 # -- handlers ---------------------------------------------------------------------------------
 
+#: Seconds pynetdicom's DUL loop sleeps when it found nothing to do (its default 0.001 s).
+#: Each C-STORE waits on this poll: 0.5 ms cut the ingest time of 380 instances by ~20 %
+#: (docs/benchmarks.md); shorter gains nothing more. Cost: an *idle* open association uses
+#: ~8 % of a core instead of ~5 %.
+DUL_LOOP_DELAY_S = 0.0005
+
+
 def handle_conn_open(event: Event) -> None:
-    """EVT_CONN_OPEN: TCP_NODELAY on the accepted socket."""
+    """EVT_CONN_OPEN: TCP_NODELAY on the accepted socket; a shorter DUL poll delay."""
     set_nodelay(_assoc_socket(event))
+    dul = getattr(event.assoc, "dul", None)
+    if dul is not None and hasattr(dul, "_run_loop_delay"):  # private in pynetdicom 3.0: guard it
+        dul._run_loop_delay = DUL_LOOP_DELAY_S
 
 
 def admission_refusal(deps: ScpDeps, calling_aet: str, host: str) -> tuple[RejectResult, RejectSource,
