@@ -19,13 +19,13 @@ import pytest
 from pydicom.uid import generate_uid
 
 from conftest import NodeProc, StoreSCP, storescu, wait_for
+from test_trainer_seg import _bids, _tiny_config
 from sci_node.cli import main
 from sci_node.config import REPO_ROOT
 from sci_node.registry import ModelRegistry
 from trainer.seg import train_segmentation
 
 SERIES = REPO_ROOT / "tests" / "data" / "series" / "unf01_axial_T2w"
-SEG_CROPS = REPO_ROOT / "tests" / "data" / "seg"
 NEW_VERSION = "0.2.0-hotswap"
 
 
@@ -46,22 +46,11 @@ def _copy_series(dst: Path) -> list[Path]:
 
 def _train_tiny_cord(tmp: Path) -> Path:
     """One real epoch on two committed crops → an artefact with version ``NEW_VERSION``."""
-    root = tmp / "ds"
-    for sub_con, crop in {"sub-unf01_T2w": "sub-unf01_T2w_crop",
-                          "sub-05_acq-MTon_MTS": "sub-05_acq-MTon_MTS_crop"}.items():
-        sub = sub_con.split("_")[0]
-        (root / sub / "anat").mkdir(parents=True, exist_ok=True)
-        (root / "derivatives" / "labels" / sub / "anat").mkdir(parents=True, exist_ok=True)
-        shutil.copy(SEG_CROPS / f"{crop}.nii.gz", root / sub / "anat" / f"{sub_con}.nii.gz")
-        shutil.copy(SEG_CROPS / f"{crop}_seg-manual.nii.gz",
-                    root / "derivatives" / "labels" / sub / "anat" / f"{sub_con}_seg-manual.nii.gz")
-    text = (REPO_ROOT / "trainer" / "configs" / "cord.toml").read_text()
-    for key, val in {"pool": "0", "steps_per_epoch": "2", "batch_size": "4", "val_trials": "1",
-                     "final_epochs": "1", "aug_groups": "2", "version": f'"{NEW_VERSION}"'}.items():
-        text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {val}", text)
-    cfg = tmp / "cord_tiny.toml"
-    cfg.write_text(text)
-    return train_segmentation("cord", cfg, root, tmp / "art", epochs=1, seed=1, device="cpu")
+    data = _bids(tmp / "ds", {"sub-unf01_T2w": "sub-unf01_T2w_crop",
+                              "sub-05_acq-MTon_MTS": "sub-05_acq-MTon_MTS_crop"})
+    cfg = _tiny_config("cord", tmp)
+    cfg.write_text(re.sub(r'(?m)^version = .*$', f'version = "{NEW_VERSION}"', cfg.read_text()))
+    return train_segmentation("cord", cfg, data, tmp / "art", epochs=1, seed=1, device="cpu")
 
 
 def _job(node: NodeProc, job_id: int) -> dict | None:

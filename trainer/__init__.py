@@ -1,6 +1,8 @@
 """sci-node offline trainer: datasets, synthetic images and lesions, training loops, artefacts."""
 from __future__ import annotations
 
+from pathlib import Path
+
 __version__ = "0.1.0"
 
 
@@ -15,3 +17,23 @@ def git_commit() -> str:
                               timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def read_toml_config(path: Path) -> dict:
+    """Parse a training config TOML file.
+
+    Raises
+    ------
+    sci_node.errors.ConfigError
+        Naming the file when it is missing or not valid TOML.
+    """
+    import tomllib
+
+    from sci_node.errors import ConfigError
+
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"training config {str(path)!r} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"training config {str(path)!r} is not valid TOML: {exc}") from None

@@ -12,7 +12,6 @@ import hashlib
 import json
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +22,7 @@ from sci_node.cls_features import FEATURE_NAMES, N_FEATURES, N_HEADER_FEATURES, 
 from sci_node.errors import ConfigError, DataError
 from sci_node.artifact import sha256_file as file_sha
 from trainer import __version__ as TRAINER_VERSION
-from trainer import git_commit
+from trainer import git_commit, read_toml_config
 from trainer.cls_data import ANATOMY, REGION, SEQUENCE, TASKS, VIEW, DEFAULT_SOURCES, SampleSet, Source, \
     load_source, real_samples, root_dir
 
@@ -52,12 +51,7 @@ CODES: dict[str, tuple[str, str, str]] = {
 def load_cls_config(model: str, path: Path | None) -> dict[str, Any]:
     """Read a classifier training config (default ``trainer/configs/MODEL.toml``) and check it."""
     path = Path(path) if path else REPO / "trainer" / "configs" / f"{model}.toml"
-    try:
-        cfg = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"training config {str(path)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"training config {str(path)!r} is not valid TOML: {exc}") from None
+    cfg = read_toml_config(path)
     problems = [f"missing [{s}]" for s in ("model", "data", "network", "train") if s not in cfg]
     if not problems and cfg["model"].get("name") != model:
         problems.append(f"model.name {cfg['model'].get('name')!r} is not {model!r}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import structlog
 from sci_node import preprocess
 from sci_node.errors import ConfigError, DataError
 from trainer import __version__ as TRAINER_VERSION
-from trainer import git_commit
+from trainer import git_commit, read_toml_config
 from trainer import data as tdata
 from trainer.lesions import LesionSpec, inject_lesions
 from trainer.seg_eval import evaluate_cord, evaluate_lesion
@@ -56,12 +55,7 @@ class Vol:
 def load_config(model_name: str, config: Path | None) -> dict[str, Any]:
     """Read ``trainer/configs/<model>.toml`` (or ``config``); raise ``ConfigError`` naming the file."""
     path = Path(config) if config else CONFIGS / f"{model_name}.toml"
-    try:
-        cfg = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"training config {str(path)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"training config {str(path)!r} is not valid TOML: {exc}") from None
+    cfg = read_toml_config(path)
     missing = [k for k in ("model", "network", "preprocessing", "data", "train") if k not in cfg]
     if missing:
         raise ConfigError(f"training config {str(path)!r} lacks table(s) {', '.join(missing)}")
