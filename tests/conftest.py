@@ -7,6 +7,7 @@ Nagle), our node sets TCP_NODELAY itself.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import signal
@@ -187,6 +188,26 @@ class NodeProc:
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "sci_node.cli"]
         return subprocess.run([*cmd, *argv, "--config", str(self.config), "--data-dir", str(self.data_dir)],
                               capture_output=True, text=True, timeout=60)
+
+    def jobs(self, limit: int = 20) -> list[dict]:
+        """``sci-node jobs list --json``: the most recent jobs first."""
+        res = self.cli("jobs", "list", "--json", "--limit", str(limit))
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+
+    def job_if_exists(self, job_id: int) -> dict | None:
+        """``sci-node jobs show ID --json``, or None while the job does not exist yet."""
+        res = self.cli("jobs", "show", str(job_id), "--json")
+        if res.returncode != 0:
+            assert "does not exist" in res.stderr, res.stderr
+            return None
+        return json.loads(res.stdout)
+
+    def job(self, job_id: int) -> dict:
+        """``sci-node jobs show ID --json`` of a job that must exist."""
+        job = self.job_if_exists(job_id)
+        assert job is not None, f"job {job_id} does not exist"
+        return job
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """Export outbox: backoff while the destination is down, permanent rejections, ``jobs retry``."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,18 +20,6 @@ from conftest import NodeProc, StoreSCP, free_port, make_mr_series, storescu, wa
 FAST_EXPORT = 'processor = "derived-sc"\n[export]\ninitial_backoff_seconds = 0.5\nmax_backoff_seconds = 2\n'
 
 
-def _job_field(node: NodeProc, job_id: int, name: str) -> object:
-    """A field of a job, None while the job does not exist yet."""
-    res = node.cli("jobs", "show", str(job_id), "--json")
-    return json.loads(res.stdout)[name] if res.returncode == 0 else None
-
-
-def _show(node: NodeProc, job_id: int) -> dict:
-    res = node.cli("jobs", "show", str(job_id), "--json")
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
-
-
 def test_backoff_and_classification() -> None:
     policy = ExportPolicy(initial_backoff_seconds=2, max_backoff_seconds=30, max_attempts=5)
     assert [backoff_seconds(policy, n) for n in (1, 2, 3, 4, 5, 6)] == [2, 4, 8, 16, 30, 30]
@@ -50,13 +37,13 @@ def test_destination_down_then_up_delivered_after_backoff(node_factory: Callable
     node = node_factory(FAST_EXPORT, "--allow-ae", "SCANNER", "--stable-seconds", "1",
                         "--destination", f"DEST@127.0.0.1:{dest_port}").start()
     assert storescu(node.port, make_mr_series(tmp_path / "s", n=4)).returncode == 0
-    wait_for(lambda: _job_field(node, 1, "state") == "done", 30, what="job done")
-    wait_for(lambda: _show(node, 1)["deliveries"][0]["attempts"] >= 2, 30, what="two failed attempts")
-    entry = _show(node, 1)["deliveries"][0]
+    wait_for(lambda: (node.job_if_exists(1) or {}).get("state") == "done", 30, what="job done")
+    wait_for(lambda: node.job(1)["deliveries"][0]["attempts"] >= 2, 30, what="two failed attempts")
+    entry = node.job(1)["deliveries"][0]
     assert entry["state"] == "pending" and "cannot associate" in entry["last_error"]
     dest = storescp_factory(port=dest_port)
     wait_for(lambda: len(dest.files()) == 1, 30, what="delivery after the destination came back")
-    wait_for(lambda: _show(node, 1)["delivery"] == "delivered", 10, what="delivered state")
+    wait_for(lambda: node.job(1)["delivery"] == "delivered", 10, what="delivered state")
     time.sleep(1.5)
     assert len(dest.files()) == 1
 
@@ -103,9 +90,9 @@ def test_permanent_rejections_fail_without_retry_storm_then_retry_resends(
                         "--destination", f"DEST@127.0.0.1:{rejecting.port}",
                         "--destination", f"DEST@127.0.0.1:{no_sc.port}").start()
     assert storescu(node.port, make_mr_series(tmp_path / "s", n=3)).returncode == 0
-    wait_for(lambda: _job_field(node, 1, "state") == "failed", 40, what="job failed on delivery")
+    wait_for(lambda: (node.job_if_exists(1) or {}).get("state") == "failed", 40, what="job failed on delivery")
     time.sleep(3.0)  # several backoff periods: a retry storm would show up as attempts > 1
-    job = _show(node, 1)
+    job = node.job(1)
     assert job["state"] == "failed" and job["delivery"] == "failed"
     by_port = {int(d["destination"].rsplit(":", 1)[1]): d for d in job["deliveries"]}
     assert all(d["state"] == "failed" and d["attempts"] == 1 for d in by_port.values())
@@ -120,6 +107,6 @@ def test_permanent_rejections_fail_without_retry_storm_then_retry_resends(
     res = node.cli("jobs", "retry", "1")
     assert res.returncode == 0 and "queued for sending again" in res.stdout
     wait_for(lambda: len(rejecting.received) == 1 and len(no_sc.received) == 1, 30, what="resend after retry")
-    wait_for(lambda: _show(node, 1)["delivery"] == "delivered", 10, what="delivered")
-    assert _show(node, 1)["state"] == "done"
+    wait_for(lambda: node.job(1)["delivery"] == "delivered", 10, what="delivered")
+    assert node.job(1)["state"] == "done"
     assert node.cli("jobs", "retry", "999").returncode != 0

@@ -10,7 +10,6 @@ retry storm (tests/test_export.py); kill -9 after the last ack (tests/test_node_
 from __future__ import annotations
 
 import contextlib
-import json
 import sqlite3
 import subprocess
 import threading
@@ -77,12 +76,6 @@ def spool_sops(data_dir: Path, allow_tmp: bool = False) -> dict[str, Path]:
     return out
 
 
-def _jobs(node: NodeProc) -> list[dict]:
-    res = node.cli("jobs", "list", "--json")
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
-
-
 def test_kill9_during_ingest_loses_no_acknowledged_instance(node_factory: Callable[..., NodeProc],
                                                             storescp_factory: Callable[..., StoreSCP],
                                                             tmp_path: Path) -> None:
@@ -123,7 +116,7 @@ def test_kill9_during_ingest_loses_no_acknowledged_instance(node_factory: Callab
     wait_for(lambda: len(dest.files()) >= 1, 60, what="the series' result")
     time.sleep(2.0)
     assert len(dest.files()) == 1
-    (job,) = _jobs(node)
+    (job,) = node.jobs()
     assert job["state"] == "done" and job["delivery"] == "delivered" and job["n_instances"] == 300
     print(f"kill -9 after {len(acked)} acknowledged instances: {len(acked)} on disk, 0 lost; "
           f"{len(rest)} re-sent; 1 result delivered")
@@ -144,9 +137,9 @@ def test_kill9_during_processing_delivers_exactly_once(node_factory: Callable[..
     assert dest.files() == []
     assert len(spool_sops(node.data_dir)) == 200
     node.start()
-    wait_for(lambda: bool(_jobs(node)) and _jobs(node)[0]["delivery"] == "delivered", 60, what="delivery")
+    wait_for(lambda: bool(node.jobs()) and node.jobs()[0]["delivery"] == "delivered", 60, what="delivery")
     time.sleep(2.0)
-    (job,) = _jobs(node)
+    (job,) = node.jobs()
     assert job["state"] == "done" and job["attempts"] == 2 and job["n_instances"] == 200
     assert len(dest.files()) == 1
     assert '"node.recovered_jobs"' in node.log.read_text()
@@ -310,15 +303,15 @@ def test_destination_refusing_the_sop_class_fails_once_no_retry_storm(node_facto
                             "--allow-ae", "SCANNER", "--stable-seconds", "1",
                             "--destination", f"DEST@127.0.0.1:{port}").start()
         assert storescu(node.port, make_mr_series(tmp_path / "s", n=3)).returncode == 0
-        wait_for(lambda: bool(_jobs(node)) and _jobs(node)[0]["state"] == "failed", 40, what="job failed")
+        wait_for(lambda: bool(node.jobs()) and node.jobs()[0]["state"] == "failed", 40, what="job failed")
         time.sleep(4.0)  # many backoff periods (0.2 s doubling to 1 s): a retry storm would show here
-        (job,) = _jobs(node)
+        (job,) = node.jobs()
         assert job["delivery"] == "failed" and "no presentation context" in job["reason"], job
         # (the readiness probe, a bare TCP connect, shows as one "Association Received" without context)
         attempts = log.read_text(errors="replace").count("Association Acknowledged")
         assert attempts == 1, f"{attempts} associations at the destination"
         assert list(out.iterdir()) == []
-        shown = json.loads(node.cli("jobs", "show", str(job["id"]), "--json").stdout)
+        shown = node.job(job["id"])
         assert [d["attempts"] for d in shown["deliveries"]] == [1]
     finally:
         dest.kill()

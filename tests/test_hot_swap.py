@@ -8,7 +8,6 @@ old version back for the series after that.
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -53,26 +52,15 @@ def _train_tiny_cord(tmp: Path) -> Path:
     return train_segmentation("cord", cfg, data, tmp / "art", epochs=1, seed=1, device="cpu")
 
 
-def _job(node: NodeProc, job_id: int) -> dict | None:
-    """The job as ``sci-node jobs show ID --json`` prints it, or None while it does not exist yet."""
-    res = node.cli("jobs", "show", str(job_id), "--json")
-    if res.returncode != 0:
-        assert "does not exist" in res.stderr, res.stderr
-        return None
-    return json.loads(res.stdout)
-
-
 def _finished(node: NodeProc, job_id: int) -> bool:
-    job = _job(node, job_id)
+    job = node.job_if_exists(job_id)
     return job is not None and job["state"] in ("done", "routed-out", "failed")
 
 
 def _run_series(node: NodeProc, tmp: Path, name: str, job_id: int) -> dict:
     assert storescu(node.port, _copy_series(tmp / name)).returncode == 0
     wait_for(lambda: _finished(node, job_id), 240, interval=0.5, what=f"job {job_id} to finish")
-    job = _job(node, job_id)
-    assert job is not None
-    return job
+    return node.job(job_id)
 
 
 @pytest.mark.slow

@@ -20,12 +20,6 @@ from conftest import NodeProc, StoreSCP, echoscu, make_mr_series, storescu, wait
 PLUMBING = 'processor = "derived-sc"\n'
 
 
-def _jobs(node: NodeProc) -> list[dict]:
-    res = node.cli("jobs", "list", "--json")
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
-
-
 def _spooled(node: NodeProc) -> int:
     return sum(1 for _ in (node.data_dir / "spool").rglob("*.dcm"))
 
@@ -51,7 +45,7 @@ def test_series_in_result_out_exactly_once(node_factory: Callable[..., NodeProc]
     (result,) = dest.files()
     ds = pydicom.dcmread(result)
     assert ds.StudyInstanceUID == pydicom.dcmread(series[0]).StudyInstanceUID
-    (job,) = _jobs(node)
+    (job,) = node.jobs()
     assert job["state"] == "done" and job["delivery"] == "delivered" and job["n_instances"] == 10
     assert latency < 1.5 + 20
     # the node's other faces: an unknown AE is rejected, status reads the index
@@ -72,8 +66,8 @@ def test_resent_series_reruns_and_supersedes(node_factory: Callable[..., NodePro
     wait_for(lambda: len(dest.files()) == 1, 60, what="first result")
     assert storescu(node.port, series).returncode == 0  # the same series again: a re-run
     wait_for(lambda: len(dest.files()) == 2, 60, what="second result")
-    wait_for(lambda: len(_jobs(node)) == 2 and _jobs(node)[0]["delivery"] == "delivered", 20, what="job 2")
-    new, old = _jobs(node)
+    wait_for(lambda: len(node.jobs()) == 2 and node.jobs()[0]["delivery"] == "delivered", 20, what="job 2")
+    new, old = node.jobs()
     assert old["superseded_by"] == new["id"] and new["generation"] == 2
     assert _spooled(node) == 4  # duplicates are idempotent in the spool
     events = [json.loads(line) for line in node.log.read_text().splitlines() if line.startswith("{")]
@@ -99,7 +93,7 @@ def test_kill9_after_ack_delivers_once_after_restart(node_factory: Callable[...,
     wait_for(lambda: len(dest.files()) >= 1, 60, what="the result after restart")
     time.sleep(2.0)
     assert len(dest.files()) == 1
-    (job,) = _jobs(node)
+    (job,) = node.jobs()
     assert job["state"] == "done" and job["delivery"] == "delivered" and job["n_instances"] == 12
 
 
@@ -123,10 +117,10 @@ def test_readme_sequence_with_the_default_processor(node_factory: Callable[..., 
 
     wait_for(seg_arrived, 300, interval=0.2, what="the DICOM-SEG at the destination")
     latency = time.monotonic() - t_acked
-    wait_for(lambda: _jobs(node)[0]["delivery"] == "delivered", 60, what="all results delivered")
+    wait_for(lambda: node.jobs()[0]["delivery"] == "delivered", 60, what="all results delivered")
     time.sleep(1.0)
     modalities = sorted(pydicom.dcmread(f, stop_before_pixels=True).Modality for f in dest.files())
-    (job,) = _jobs(node)
+    (job,) = node.jobs()
     assert job["state"] == "done", job
     assert modalities.count("SEG") == 1 and len(modalities) == len(job["result"]["outputs"]), modalities
     seg = next(ds for ds in map(pydicom.dcmread, dest.files()) if ds.Modality == "SEG")
@@ -154,10 +148,10 @@ def test_kill9_during_processing_delivers_once(node_factory: Callable[..., NodeP
     node.kill9()
     assert dest.files() == []
     node.start(timeout=120)
-    wait_for(lambda: _jobs(node) and _jobs(node)[0]["delivery"] == "delivered", 300, interval=0.5,
+    wait_for(lambda: node.jobs() and node.jobs()[0]["delivery"] == "delivered", 300, interval=0.5,
              what="delivery after restart")
     time.sleep(1.0)
-    (job,) = _jobs(node)
+    (job,) = node.jobs()
     assert job["state"] == "done" and job["attempts"] == 2
     modalities = sorted(pydicom.dcmread(f, stop_before_pixels=True).Modality for f in dest.files())
     assert modalities.count("SEG") == 1 and len(modalities) == len(job["result"]["outputs"])
@@ -168,7 +162,7 @@ def test_missing_models_fail_the_job_with_the_reason(node_factory: Callable[...,
     (tmp_path / "no-models").mkdir()
     node = node_factory("", "--models-dir", str(tmp_path / "no-models"), "--stable-seconds", "1").start()
     assert storescu(node.port, make_mr_series(tmp_path / "s", n=3)).returncode == 0
-    wait_for(lambda: len(_jobs(node)) == 1 and _jobs(node)[0]["state"] == "failed", 30, what="failed job")
-    (job,) = _jobs(node)
+    wait_for(lambda: len(node.jobs()) == 1 and node.jobs()[0]["state"] == "failed", 30, what="failed job")
+    (job,) = node.jobs()
     assert job["reason"].startswith("ModelError:") and job["delivery"] == "none"
     assert echoscu(node.port).returncode == 0  # the node itself keeps running

@@ -91,7 +91,7 @@ def test_tls_scp_with_client_certs_and_tls_export(node_factory: Callable[..., No
         time.sleep(1.5)
         (result,) = list(dest_out.iterdir())
         assert pydicom.dcmread(result).StudyInstanceUID == pydicom.dcmread(series[0]).StudyInstanceUID
-        jobs = json.loads(node.cli("jobs", "list", "--json").stdout)
+        jobs = node.jobs()
         assert [(j["state"], j["delivery"]) for j in jobs] == [("done", "delivered")]
         # failed handshakes did not hurt the node
         assert _echo_tls(node.port, ["+tls", str(pki["client_key"]), str(pki["client_crt"]), *ca]).returncode == 0
@@ -146,7 +146,7 @@ def test_no_phi_in_info_log_and_private_modes(node_factory: Callable[..., NodePr
         res.stderr.count("Received Store Response (Success)") == 4, res.stdout + res.stderr
     wait_for(lambda: len(dest.files()) == 1, 60, what="the result")
     assert str(pydicom.dcmread(dest.files()[0]).PatientID) == PHI["PatientID"]  # PHI did flow through the node
-    wait_for(lambda: json.loads(node.cli("jobs", "list", "--json").stdout)[0]["delivery"] == "delivered", 20,
+    wait_for(lambda: node.jobs()[0]["delivery"] == "delivered", 20,
              what="delivered")
     # every file and folder the node created is private to its user (umask 077, mode 0600/0700)
     entries = [node.data_dir, *node.data_dir.rglob("*")]
@@ -177,7 +177,7 @@ def test_retention_purges_delivered_series_only(node_factory: Callable[..., Node
     bad_series = pydicom.dcmread(bad[0]).SeriesInstanceUID
 
     def jobs() -> dict[str, dict]:
-        return {j["series_uid"]: j for j in json.loads(node.cli("jobs", "list", "--json").stdout)}
+        return {j["series_uid"]: j for j in node.jobs()}
 
     wait_for(lambda: len(jobs()) == 2 and jobs()[good_series]["delivery"] == "delivered", 60, what="delivery")
     t_delivered = time.time()
