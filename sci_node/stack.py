@@ -28,6 +28,7 @@ stack in a network namespace or firewall the DICOM port.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -444,12 +445,19 @@ def run_stack(cfg: NodeConfig, http_port: int = 8042, dicom_port: int = 4242, no
         0 after a clean stop.
     """
     spec = _spec(cfg, StackPorts(http_port, dicom_port, node_port), orthanc_user, orthanc_password, config_file)
+    with _running(spec, out) as stack:
+        return _run_until_signal(stack, out)
+
+
+@contextlib.contextmanager
+def _running(spec: StackSpec, out: TextIO) -> Iterator[Stack]:
+    """Start Orthanc + the node, wait until both answer, say where to look; stop both on exit."""
     stack = Stack(spec)
     try:
         stack.start()
         stack.wait_ready()
         _announce(stack, out)
-        return _run_until_signal(stack, out)
+        yield stack
     finally:
         stack.stop()
 
@@ -502,11 +510,10 @@ def wait_for_modality(client: Any, study_uid: str, modality: str, timeout: float
         time.sleep(1.0)
 
 
-def _iter_study_uids(files: Sequence[Path]) -> Iterator[str]:
+def _study_uid(path: Path) -> str:
     import pydicom
 
-    for path in files:
-        yield str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
+    return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
 
 
 def run_demo(cfg: NodeConfig, http_port: int = 8042, dicom_port: int = 4242, node_port: int = 11112,
@@ -524,13 +531,9 @@ def run_demo(cfg: NodeConfig, http_port: int = 8042, dicom_port: int = 4242, nod
         A child died, the sample is missing, storescu failed or no SEG arrived in time.
     """
     files = sample_series_files(sample_dir)
-    study_uid = next(_iter_study_uids(files[:1]))
+    study_uid = _study_uid(files[0])
     spec = _spec(cfg, StackPorts(http_port, dicom_port, node_port), orthanc_user, orthanc_password, config_file)
-    stack = Stack(spec)
-    try:
-        stack.start()
-        stack.wait_ready()
-        _announce(stack, out)
+    with _running(spec, out) as stack:
         t0 = time.monotonic()
         storescu(files, dicom_port)
         _say(out, f"sent {len(files)} sample instances (study {study_uid}); waiting for the segmentation...")
@@ -542,5 +545,3 @@ def run_demo(cfg: NodeConfig, http_port: int = 8042, dicom_port: int = 4242, nod
         if keep_running:
             return _run_until_signal(stack, out)
         return 0
-    finally:
-        stack.stop()
