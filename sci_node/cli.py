@@ -121,7 +121,7 @@ def _train(args: argparse.Namespace, cfg: NodeConfig) -> int:
     from trainer.cli import train
 
     return train(args.model, config=args.train_config, data=args.data, out=args.out,
-                 epochs=args.epochs, seed=args.seed, device=args.device or "cpu")
+                 epochs=args.epochs, seed=args.seed, device=args.device or "cpu", keep_folds=args.keep_folds)
 
 
 def _models(args: argparse.Namespace, cfg: NodeConfig) -> int:
@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--keep-folds", dest="keep_folds", type=Path,
+                   help="segmentation models: also write each leave-one-subject-out fold network here")
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("models", help="model registry: list, add, activate, rollback")

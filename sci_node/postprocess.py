@@ -36,6 +36,59 @@ def keep_components(mask: np.ndarray, spacing: tuple[float, float, float], *, mi
     return np.isin(lab, np.nonzero(keep)[0] + 1).astype(np.uint8)
 
 
+def near_centerline(mask: np.ndarray, spacing: tuple[float, float, float], max_dist_mm: float,
+                    candidates: int = 5) -> np.ndarray:
+    """Keep the components that lie on the cord's line: drop blobs away from it (airway, fat, coil edges).
+
+    Each of the ``candidates`` components longest along Z (the cord runs along Z on the
+    canonical axial grid) proposes a centreline: its per-slice centroid, interpolated over the
+    slices it misses. A component lies on that line when the mean in-plane distance of its
+    voxels to the line is at most ``max_dist_mm``. The line whose components cover the most
+    slices (then the most voxels) wins, so a cord split by thick or weak slices into pieces
+    shorter than a false blob still wins, and all its pieces are kept.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        ``(Z, Y, X)`` mask on an axial grid (Z = inferior→superior).
+    spacing : tuple[float, float, float]
+        ``(sz, sy, sx)`` in mm.
+    max_dist_mm : float
+        Largest mean in-plane distance (mm) of a kept component; ``<= 0`` disables the filter.
+    candidates : int
+        How many of the longest components are tried as the reference.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(Z, Y, X)`` uint8 mask.
+    """
+    lab, n = components(mask)
+    if n <= 1 or max_dist_mm <= 0:
+        return (mask > 0).astype(np.uint8)
+    zz, yy, xx = np.nonzero(lab)
+    ids = lab[zz, yy, xx]
+    sizes = np.bincount(ids, minlength=n + 1)
+    idx = np.arange(1, n + 1)
+    extent = np.asarray(ndi.maximum(zz, ids, idx)) - np.asarray(ndi.minimum(zz, ids, idx)) + 1
+    order = np.lexsort((sizes[1:], extent))[::-1][:candidates] + 1
+    all_z = np.arange(mask.shape[0])
+    best_score, best_keep = (-1, -1), np.zeros(0, np.int64)
+    for ref in order:
+        sel = ids == ref
+        rz = np.unique(zz[sel])
+        line_y = np.interp(all_z, rz, ndi.mean(yy[sel], zz[sel], rz))
+        line_x = np.interp(all_z, rz, ndi.mean(xx[sel], zz[sel], rz))
+        dist = np.hypot((yy - line_y[zz]) * spacing[1], (xx - line_x[zz]) * spacing[2])
+        mean_dist = np.bincount(ids, weights=dist, minlength=n + 1)[1:] / np.maximum(sizes[1:], 1)
+        keep = np.nonzero(mean_dist <= max_dist_mm)[0] + 1
+        on_line = np.isin(ids, keep)
+        score = (len(np.unique(zz[on_line])), int(on_line.sum()))
+        if score > best_score:
+            best_score, best_keep = score, keep
+    return np.isin(lab, best_keep).astype(np.uint8)
+
+
 def dilate_mm(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
     """Dilate a ``(Z, Y, X)`` mask by an ellipsoid of ``radius_mm`` (at least the 6-neighbourhood in-plane)."""
     if radius_mm <= 0:

@@ -121,9 +121,27 @@ class Segmenter:
         if image.GetDimension() not in (3, 4) or min(image.GetSize()[:3]) < 1:
             raise InvalidSeriesError(f"cannot segment a {image.GetDimension()}-D image of size {image.GetSize()}")
         prepared = preprocess.prepare(image, self.spec)
-        prob = self.predict_prob_model_grid(prepared, roi)
-        mask = preprocess.to_source_grid(prob, prepared, threshold=self.spec.threshold)
-        spacing = tuple(float(s) for s in image.GetSpacing()[:3][::-1])
+        return self.finish(self.predict_prob_model_grid(prepared, roi), prepared)
+
+    def finish(self, prob: np.ndarray, prepared: preprocess.Prepared, threshold: float | None = None) -> np.ndarray:
+        """Model-grid probabilities → post-processed uint8 mask on the source grid.
+
+        Parameters
+        ----------
+        prob : numpy.ndarray
+            ``(Z, Y, X)`` float32 probabilities on ``prepared.grid``.
+        threshold : float | None
+            Foreground threshold; ``None`` uses the card's (``preprocessing.threshold``). The
+            trainer passes a grid of values to calibrate it on the validation folds.
+        """
+        thr = self.spec.threshold if threshold is None else float(threshold)
+        max_dist = float(self.post.get("max_centerline_distance_mm", 0.0))
+        if max_dist > 0:  # on the canonical axial grid, where Z runs along the cord
+            sz, sy, sx = prepared.grid.GetSpacing()[::-1]
+            keep = postprocess.near_centerline(prob >= thr, (sz, sy, sx), max_dist)
+            prob = prob * keep
+        mask = preprocess.to_source_grid(prob, prepared, threshold=thr)
+        spacing = tuple(float(s) for s in prepared.source.GetSpacing()[:3][::-1])
         return postprocess.keep_components(
             mask, spacing,  # type: ignore[arg-type]
             min_volume_mm3=float(self.post.get("min_volume_mm3", 0.0)),

@@ -6,13 +6,16 @@ references the source instance (and frame) it was derived from. Segment 1 "Spina
 (SCT 52988006, category Morphologically Abnormal Structure SCT 49755003) only when lesions
 were found. The AlgorithmIdentificationSequence names "sci-node" and every model version.
 The SEG is a new series in the source study; its UIDs are derived from the source series
-UID and the model versions, so re-processing the same series with the same models gives the
-same instance (a PACS overwrites it instead of piling up copies).
+UID, the set of source instances and the model versions (:func:`source_key`), so
+re-processing the same series with the same models gives the same instance (a PACS
+overwrites it instead of piling up copies), while a series that changed (a late instance
+re-opened it) or new models give new UIDs: one UID never names two different contents.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -35,6 +38,13 @@ SR_SERIES_OFFSET = 9901
 def versions_text(versions: Mapping[str, str]) -> str:
     """``"cord 0.1.0, lesion 0.1.0, ..."`` in a stable order."""
     return ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
+
+
+def source_key(datasets: Sequence[Dataset]) -> str:
+    """``SeriesInstanceUID`` plus a digest of the sorted SOP Instance UIDs of the source instances."""
+    uids = sorted(str(ds.SOPInstanceUID) for ds in datasets)
+    digest = hashlib.sha256("\\".join(uids).encode("ascii", "replace")).hexdigest()[:32]
+    return f"{datasets[0].SeriesInstanceUID}:{digest}"
 
 
 def derived_uid(source_series_uid: str, versions: Mapping[str, str], what: str) -> str:
@@ -116,7 +126,7 @@ def build_seg(volume: SeriesVolume, cord: np.ndarray, lesion: np.ndarray | None,
         layers.append(lesion > 0)
     pixels = source_order(volume, np.stack(layers, axis=-1).astype(np.uint8))
     src = volume.first
-    series_uid = str(src.SeriesInstanceUID)
+    series_uid = source_key(volume.datasets)
     vtext = versions_text(versions)
     seg = hd.seg.Segmentation(
         source_images=list(volume.datasets),

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from sci_node import __version__
-from sci_node.seg_writer import (CORD_TYPE, LESION_TYPE, SR_SERIES_OFFSET, derived_uid, frame_references,
+from sci_node.seg_writer import (CORD_TYPE, LESION_TYPE, SR_SERIES_OFFSET, derived_uid, frame_references, source_key,
                                  versions_text)
 
 _SCT = "SCT"
@@ -127,7 +127,7 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], summary: Mapping[str, Any
         Model name -> version.
     """
     source = sources[0]
-    series_uid = str(source.SeriesInstanceUID)
+    series_uid = source_key(sources)
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(

@@ -145,3 +145,24 @@ def test_seg_and_sr_from_enhanced_multiframe_source(tmp_path: Path) -> None:
                                                    vol.image.GetDirection()))
     sr_path = _write(build_sr(seg, list(vol.datasets), summary, VERSIONS), tmp_path / "sr.dcm")
     assert dciodvfy_errors(sr_path) == []
+
+
+def test_output_uids_are_stable_per_content_and_change_with_the_series() -> None:
+    """Same instances + same models → same SEG/SR UIDs (a PACS overwrites); a series that gained
+    or lost an instance, or other model versions → new UIDs (one UID never names two contents)."""
+    files = sorted(AXIAL.glob("*.dcm"))
+    vol, cord, lesion = _series_and_masks()
+    seg = build_seg(vol, cord, lesion, VERSIONS)
+    again = build_seg(*_series_and_masks(), VERSIONS)
+    assert (seg.SOPInstanceUID, seg.SeriesInstanceUID) == (again.SOPInstanceUID, again.SeriesInstanceUID)
+    sr = build_sr(seg, list(vol.datasets), {"lesion_count": 0, "cord_volume_mm3": 1.0, "cord_length_mm": 1.0,
+                                            "csa_mm2": {}, "lesions": []}, VERSIONS)
+    fewer = read_series(files[1:])  # the same series UID without its first slice
+    small, cord2, lesion2 = _series_and_masks(fewer)
+    seg2 = build_seg(small, cord2, lesion2, VERSIONS)
+    assert seg2.SOPInstanceUID != seg.SOPInstanceUID and seg2.SeriesInstanceUID != seg.SeriesInstanceUID
+    sr2 = build_sr(seg2, list(small.datasets), {"lesion_count": 0, "cord_volume_mm3": 1.0, "cord_length_mm": 1.0,
+                                                "csa_mm2": {}, "lesions": []}, VERSIONS)
+    assert sr2.SOPInstanceUID != sr.SOPInstanceUID
+    newer = build_seg(vol, cord, lesion, {**VERSIONS, "cord": "0.2.0"})
+    assert newer.SOPInstanceUID != seg.SOPInstanceUID

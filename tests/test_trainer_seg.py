@@ -66,6 +66,11 @@ def test_one_epoch_writes_a_loadable_artifact(tmp_path: Path, model: str) -> Non
     assert set(card["metrics"]["per_case"]) == {"sub-unf01_T2w", "sub-05_acq-MTon_MTS"}
     assert card["training"]["command"].startswith(f"sci-node train {model}")
     assert len(card["data_hash"]) == 64 and card["training"]["seed"] == 3
+    cal = card["metrics"]["threshold_calibration"]  # the shipped threshold comes from the folds
+    assert card["preprocessing"]["threshold"] == cal["chosen"] in cal["grid"]
+    for key, row in card["metrics"]["per_case"].items():  # each group scored at the others' threshold
+        group = key.split("_")[0]
+        assert row["threshold"] == cal["chosen_per_held_out_group"][group]
     seg = Segmenter.from_artifact(out)
     image = sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))
     roi = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop_seg-manual.nii.gz")))

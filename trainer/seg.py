@@ -7,6 +7,8 @@ final scores are computed by :class:`sci_node.predict_seg.Segmenter` on each sou
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import sys
 import time
@@ -186,29 +188,50 @@ def _card(cfg: dict[str, Any], spec: preprocess.PrepSpec, metrics: dict[str, Any
 
 
 def _loso(cfg: dict[str, Any], spec: preprocess.PrepSpec, vols: list[Vol], synth: list[Vol], seed: int,
-          device: str, n_epochs: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Leave-one-group-out folds: train without the group, score it on its source grids."""
+          device: str, n_epochs: int, keep_folds: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Leave-one-group-out folds: train without the group, score it on its source grids.
+
+    Each fold's held-out cases are scored on a grid of thresholds (``[train] thresholds``);
+    :func:`trainer.seg_eval.calibrate` picks the shipped threshold and reports every group at
+    the threshold chosen on the other groups. ``keep_folds`` also writes each fold network as
+    an artefact (``DIR/<group>/``) for later analysis.
+    """
+    from trainer.seg_eval import calibrate
+
     task, tcfg = cfg["model"]["task"], cfg["train"]
     metrics: dict[str, Any] = {"validation": "leave-one-subject-out", "per_case": {}}
     splits: dict[str, Any] = {"folds": []}
     all_groups = sorted({v.group for v in vols})
     groups = [g for g in all_groups if g in tcfg.get("loso_groups", all_groups)]  # comparisons: a subset
+    grid = [float(t) for t in tcfg.get("thresholds", [spec.threshold])]
+    fold_results: dict[str, Any] = {}
     if tcfg.get("loso", True) and len(all_groups) > 1:
         for g in groups:
             train_v = _fold_vols(vols, synth, g, cfg)
             val_v = [v for v in vols if v.group == g]
             net, hist = run_fold(cfg, spec, train_v, val_v, seed, device, float(tcfg.get("fold_minutes", 4)),
                                  n_epochs, tag=f"fold-{g}")
-            per = (evaluate_cord if task == "cord" else evaluate_lesion)(net, cfg, spec, val_v, device, seed)
-            metrics["per_case"].update(per)
-            splits["folds"].append({"held_out": g, "train": sorted({v.key for v in train_v if not v.synthetic}),
-                                    "synthetic": sum(v.synthetic for v in train_v), "val": [v.key for v in val_v],
-                                    "epochs_run": len(hist)})
+            fold_results[g] = (evaluate_cord if task == "cord" else evaluate_lesion)(
+                net, cfg, spec, [v.extra["case"] for v in val_v], device, seed, grid)
+            fold = {"held_out": g, "train": sorted({v.key for v in train_v if not v.synthetic}),
+                    "synthetic": sum(v.synthetic for v in train_v), "val": [v.key for v in val_v],
+                    "epochs_run": len(hist)}
+            splits["folds"].append(fold)
+            if keep_folds is not None:
+                from sci_node.artifact import write_artifact
+
+                card = _card(cfg, spec, {"held_out": g, "per_threshold": fold_results[g]}, [], {"fold": fold},
+                             seed, len(hist), hist)
+                card["version"] = f"{card['version']}+loso-{g}"
+                write_artifact(Path(keep_folds) / g, net.state_dict(), card)
+        threshold, per_case, info = calibrate(fold_results, task)
+        metrics["per_case"] = per_case
+        metrics["threshold_calibration"] = info
     return metrics, splits
 
 
 def train_segmentation(model_name: str, config: Path | None, data: Path | None, out: Path | None,
-                       epochs: int | None, seed: int, device: str) -> Path:
+                       epochs: int | None, seed: int, device: str, keep_folds: Path | None = None) -> Path:
     """Train ``cord`` or ``lesion``: LOSO validation folds, then the final model; write the artefact.
 
     Parameters
@@ -221,6 +244,8 @@ def train_segmentation(model_name: str, config: Path | None, data: Path | None, 
         Artefact folder (default ``models/<name>/<version>/``).
     epochs : int | None
         Overrides ``[train] epochs`` (a time budget per run in the config also applies).
+    keep_folds : Path | None
+        Also write each LOSO fold's network as an artefact under this folder.
 
     Returns
     -------
@@ -251,7 +276,9 @@ def train_segmentation(model_name: str, config: Path | None, data: Path | None, 
     rng = np.random.default_rng(seed)
     synth = synth_pool(cfg, spec, rng, task, margin)
     log.info("train.start", model=model_name, cases=[v.key for v in vols], synthetic=len(synth), epochs=n_epochs)
-    metrics, splits = _loso(cfg, spec, vols, synth, seed, device, n_epochs)
+    metrics, splits = _loso(cfg, spec, vols, synth, seed, device, n_epochs, keep_folds)
+    if "threshold_calibration" in metrics:  # ship the threshold chosen on the folds
+        spec = dataclasses.replace(spec, threshold=float(metrics["threshold_calibration"]["chosen"]))
     metrics.update(summarise(metrics["per_case"], task))
     out_dir = Path(out) if out else REPO / "models" / cfg["model"]["name"] / cfg["model"]["version"]
     if not tcfg.get("final", True):  # comparison runs: LOSO metrics only, no artefact
@@ -298,9 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--keep-folds", type=Path, help="also write each LOSO fold network as an artefact here")
     a = p.parse_args(argv)
     configure_logging("console", "INFO")
-    print(train_segmentation(a.model, a.config, a.data, a.out, a.epochs, a.seed, a.device))
+    print(train_segmentation(a.model, a.config, a.data, a.out, a.epochs, a.seed, a.device, a.keep_folds))
     return 0
 
 

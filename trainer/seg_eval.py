@@ -42,17 +42,24 @@ def _spacing(img: sitk.Image) -> tuple[float, float, float]:
     return tuple(float(s) for s in img.GetSpacing()[:3][::-1])  # type: ignore[return-value]
 
 
-def evaluate_cord(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, vols: Sequence[Any], device: str,
-                  seed: int) -> dict[str, dict[str, Any]]:
-    """Per held-out case: Dice and HD95 of the predicted cord vs the reference mask on the source grid."""
+def evaluate_cord(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, cases: Sequence[tdata.Case], device: str,
+                  seed: int, thresholds: Sequence[float] | None = None) -> dict[float, dict[str, dict[str, Any]]]:
+    """Per threshold, per held-out case: Dice and HD95 of the predicted cord vs the reference on the source grid.
+
+    The network runs once per case; each threshold of ``thresholds`` (default: the card's) is
+    then applied through :meth:`Segmenter.finish`, the node's own post-processing.
+    """
     seg = segmenter_for(net, cfg, spec, device)
-    out: dict[str, dict[str, Any]] = {}
-    for v in vols:
-        case: tdata.Case = v.extra["case"]
+    grid = list(thresholds) if thresholds else [spec.threshold]
+    out: dict[float, dict[str, dict[str, Any]]] = {t: {} for t in grid}
+    for case in cases:
         image, mask = tdata.load_case(case)
-        pred = seg.predict(image)
-        res = scores(pred, sitk.GetArrayFromImage(mask), _spacing(image))
-        out[case.key] = {"subject": case.subject, "contrast": case.contrast, **res}
+        prepared = preprocess.prepare(image, seg.spec)
+        prob = seg.predict_prob_model_grid(prepared)
+        truth = sitk.GetArrayFromImage(mask)
+        for t in grid:
+            res = scores(seg.finish(prob, prepared, t), truth, _spacing(image))
+            out[t][case.key] = {"subject": case.subject, "contrast": case.contrast, **res}
     return out
 
 
@@ -71,33 +78,91 @@ def lesion_trials(image: sitk.Image, cord: sitk.Image, spec: LesionSpec, n: int,
     return trials
 
 
-def evaluate_lesion(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, vols: Sequence[Any], device: str,
-                    seed: int) -> dict[str, dict[str, Any]]:
-    """Per held-out case: synthetic lesions injected in the source image (inside the reference cord),
-    lesion model restricted to that cord; Dice (pooled over trials), mean HD95, pooled lesion-wise F1."""
+def evaluate_lesion(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, cases: Sequence[tdata.Case], device: str,
+                    seed: int, thresholds: Sequence[float] | None = None) -> dict[float, dict[str, dict[str, Any]]]:
+    """Per threshold, per held-out case: synthetic lesions injected in the source image (inside the
+    reference cord), lesion model restricted to that cord; Dice (pooled over trials), mean HD95,
+    pooled lesion-wise F1."""
     seg = segmenter_for(net, cfg, spec, device)
     lspec = LesionSpec.from_config(cfg.get("lesions", {}).get("generator", {}))
     n = int(cfg.get("lesions", {}).get("val_trials", 4))
-    out: dict[str, dict[str, Any]] = {}
-    for v in vols:
-        case: tdata.Case = v.extra["case"]
+    grid = list(thresholds) if thresholds else [spec.threshold]
+    out: dict[float, dict[str, dict[str, Any]]] = {t: {} for t in grid}
+    for case in cases:
         image, mask = tdata.load_case(case)
-        inter = tot = 0.0
-        tp = fp = fn = 0.0
-        hds = []
+        acc = {t: {"inter": 0.0, "tot": 0.0, "tp": 0.0, "fp": 0.0, "fn": 0.0, "hds": []} for t in grid}
         for img, cord_arr, truth in lesion_trials(image, mask, lspec, n, seed):
-            pred = seg.predict(img, roi=cord_arr)
-            inter += float((pred & truth).sum())
-            tot += float(pred.sum() + truth.sum())
-            f = lesion_f1(pred, truth)
-            tp, fp, fn = tp + f["tp"], fp + f["fp"], fn + f["fn"]
-            hd = scores(pred, truth, _spacing(img))["hd95_mm"]
-            if hd is not None:
-                hds.append(hd)
-        prec = tp / (tp + fp) if tp + fp else 0.0
-        rec = tp / (tp + fn) if tp + fn else 0.0
-        out[case.key] = {"subject": case.subject, "contrast": case.contrast, "dice": 2 * inter / tot if tot else 0.0,
-                         "hd95_mm": float(np.mean(hds)) if hds else None, "lesion_precision": prec,
-                         "lesion_recall": rec, "lesion_f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
-                         "true_lesions": tp + fn, "trials": n}
+            prepared = preprocess.prepare(img, seg.spec)
+            prob = seg.predict_prob_model_grid(prepared, roi=cord_arr)
+            for t in grid:
+                pred = seg.finish(prob, prepared, t)
+                a = acc[t]
+                a["inter"] += float((pred & truth).sum())
+                a["tot"] += float(pred.sum() + truth.sum())
+                f = lesion_f1(pred, truth)
+                a["tp"], a["fp"], a["fn"] = a["tp"] + f["tp"], a["fp"] + f["fp"], a["fn"] + f["fn"]
+                hd = scores(pred, truth, _spacing(img))["hd95_mm"]
+                if hd is not None:
+                    a["hds"].append(hd)
+        for t, a in acc.items():
+            out[t][case.key] = {"subject": case.subject, "contrast": case.contrast, **_lesion_summary(a, n)}
     return out
+
+
+def _lesion_summary(a: dict[str, Any], trials: int) -> dict[str, Any]:
+    tp, fp, fn = a["tp"], a["fp"], a["fn"]
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / (tp + fn) if tp + fn else 0.0
+    return {"dice": 2 * a["inter"] / a["tot"] if a["tot"] else 0.0,
+            "hd95_mm": float(np.mean(a["hds"])) if a["hds"] else None, "lesion_precision": prec,
+            "lesion_recall": rec, "lesion_f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+            "true_lesions": tp + fn, "trials": trials}
+
+
+def objective(per_case: dict[str, dict[str, Any]], task: str) -> float:
+    """What threshold calibration maximises: mean Dice (cord) or mean of Dice and lesion F1 (lesion)."""
+    if not per_case:
+        return float("nan")
+    vals = [(r["dice"] + r["lesion_f1"]) / 2 if task == "lesion" else r["dice"] for r in per_case.values()]
+    return float(np.mean(vals))
+
+
+def calibrate(fold_results: dict[str, dict[float, dict[str, dict[str, Any]]]], task: str
+              ) -> tuple[float, dict[str, dict[str, Any]], dict[str, Any]]:
+    """Pick the threshold on the LOSO folds, honestly.
+
+    Parameters
+    ----------
+    fold_results : dict
+        ``{held_out_group: {threshold: {case_key: scores}}}`` from :func:`evaluate_cord` /
+        :func:`evaluate_lesion` on each fold's held-out cases.
+
+    Returns
+    -------
+    tuple
+        ``(threshold, per_case, info)``: the threshold that maximises :func:`objective` over all
+        folds (shipped in the final card); ``per_case`` scores where each group is scored at the
+        threshold chosen on the **other** groups only (nested: the reported numbers never use a
+        threshold tuned on the case they score); ``info`` the grid and its objective values.
+    """
+    groups = list(fold_results)
+    grid = sorted(next(iter(fold_results.values()))) if groups else []
+
+    def best(use: list[str]) -> float:
+        def score(t: float) -> float:
+            merged = {k: v for g in use for k, v in fold_results[g][t].items()}
+            return objective(merged, task)
+        return max(grid, key=lambda t: (score(t), -abs(t - 0.5)))
+
+    per_case: dict[str, dict[str, Any]] = {}
+    chosen_for: dict[str, float] = {}
+    for g in groups:
+        others = [h for h in groups if h != g] or [g]
+        t = best(others)
+        chosen_for[g] = t
+        per_case.update({k: {**v, "threshold": t} for k, v in fold_results[g][t].items()})
+    final = best(groups) if groups else 0.5
+    info = {"grid": grid, "chosen": final, "chosen_per_held_out_group": chosen_for,
+            "objective_all_folds": {str(t): objective({k: v for g in groups for k, v in fold_results[g][t].items()}, task)
+                                    for t in grid}}
+    return final, per_case, info

@@ -21,13 +21,34 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
-def augmentation(cfg: dict[str, Any]):
+class RandomIntensityCurve:
+    """A random piecewise-linear intensity curve (not monotone): new contrasts from one image.
+
+    Maps normalised intensities ``[0, clip_max]`` through ``knots`` random levels; the darkest
+    input (air) stays dark. Turns a T2w cord/CSF pattern into T1w-like or flat ones, so the
+    network leans on shape as well as contrast (the idea of global intensity non-linear
+    augmentation). Called by MONAI's ``RandLambdad`` on ``(C, Y, X)`` arrays.
+    """
+
+    def __init__(self, seed: int, knots: int = 7, clip_max: float = 1.5) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.x = np.linspace(0.0, clip_max, knots)
+
+    def __call__(self, img):
+        y = self.rng.uniform(0.0, 1.2, self.x.size)
+        y[0] = self.rng.uniform(0.0, 0.15)
+        out = np.interp(np.asarray(img, dtype=np.float32), self.x, y).astype(np.float32)
+        return type(img)(out) if not isinstance(img, np.ndarray) else out
+
+
+def augmentation(cfg: dict[str, Any], seed: int = 0):
     """MONAI dictionary transforms applied to each ``{"img": (C,Y,X), "lab": (1,Y,X)}`` sample."""
     from monai import transforms as T
 
     a = cfg.get("augment", {})
     keys = ["img", "lab"]
     return T.Compose([
+        T.RandLambdad(["img"], func=RandomIntensityCurve(seed), prob=a.get("curve_p", 0.0)),
         T.RandAffined(keys, prob=a.get("affine_p", 0.7), rotate_range=a.get("rotate", 0.35),
                       scale_range=a.get("scale", 0.15), shear_range=0.08, mode=("bilinear", "nearest"),
                       padding_mode="zeros"),
@@ -157,7 +178,7 @@ def train_network(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: Se
     opt = torch.optim.AdamW(net.parameters(), lr=float(t.get("lr", 2e-3)), weight_decay=1e-4)
     base_lr, total = float(t.get("lr", 2e-3)), steps * epochs
     loss_fn = DiceCELoss(sigmoid=True, batch=True)
-    aug = augmentation(cfg)
+    aug = augmentation(cfg, seed)
     aug.set_random_state(seed=seed)
     groups = int(t.get("aug_groups", 4))
     history: list[dict[str, float]] = []

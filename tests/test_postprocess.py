@@ -1,0 +1,63 @@
+"""Post-processing and threshold calibration: pure functions on real arrays."""
+from __future__ import annotations
+
+import numpy as np
+
+from sci_node.postprocess import keep_components, near_centerline
+from trainer.seg_eval import calibrate
+from trainer.seg_loop import RandomIntensityCurve
+
+
+def _tube(shape=(40, 64, 64), centre=(32, 32), radius=4, z=slice(None)) -> np.ndarray:
+    zz, yy, xx = np.indices(shape)
+    m = ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius ** 2)
+    out = np.zeros(shape, np.uint8)
+    out[z] = m[z]
+    return out
+
+
+def test_centerline_keeps_split_cord_and_drops_off_line_blob() -> None:
+    cord = _tube(z=slice(0, 18)) | _tube(z=slice(22, 40))  # split by two weak slices
+    blob = np.zeros_like(cord)
+    blob[10:30, 8:16, 30:36] = 1  # 20 mm anterior, longer in Y than the cord is wide
+    spacing = (1.0, 1.0, 1.0)
+    out = near_centerline(cord | blob, spacing, 10.0)
+    assert (out == cord).all()
+    # the size filter alone keeps the blob (it is a large component)
+    assert keep_components(cord | blob, spacing, min_fraction_of_largest=0.05)[15, 10, 32] == 1
+
+
+def test_centerline_reference_is_the_longest_component_and_filter_can_be_disabled() -> None:
+    cord = _tube(radius=2)  # thin but runs through every slice
+    fat = np.zeros_like(cord)
+    fat[15:22, 45:60, 5:30] = 1  # bigger volume, short in Z, 20+ mm away
+    assert fat.sum() > cord.sum()
+    out = near_centerline(cord | fat, (2.0, 0.8, 0.8), 10.0)
+    assert (out == cord).all()
+    assert (near_centerline(cord | fat, (2.0, 0.8, 0.8), 0.0) == (cord | fat)).all()
+
+
+def test_calibration_is_nested() -> None:
+    """Each group is scored at the threshold the *other* groups prefer."""
+    def row(d: float) -> dict:
+        return {"dice": d, "subject": "s", "contrast": "T2w"}
+
+    folds = {
+        "a": {0.3: {"a_T2w": row(0.9)}, 0.5: {"a_T2w": row(0.5)}},
+        "b": {0.3: {"b_T2w": row(0.8)}, 0.5: {"b_T2w": row(0.7)}},
+        "c": {0.3: {"c_T2w": row(0.1)}, 0.5: {"c_T2w": row(0.95)}},
+    }
+    final, per_case, info = calibrate(folds, "cord")
+    assert info["chosen_per_held_out_group"] == {"a": 0.5, "b": 0.5, "c": 0.3}
+    assert per_case["a_T2w"]["dice"] == 0.5 and per_case["c_T2w"]["dice"] == 0.1
+    assert final == 0.5  # mean 0.717 at 0.5 vs 0.6 at 0.3
+
+
+def test_random_intensity_curve_keeps_air_dark_and_shape() -> None:
+    img = np.linspace(0, 1.5, 64 * 64, dtype=np.float32).reshape(1, 64, 64)
+    curve = RandomIntensityCurve(seed=1)
+    outs = [curve(img) for _ in range(20)]
+    assert all(o.shape == img.shape and o.dtype == np.float32 for o in outs)
+    assert all(float(o[0, 0, 0]) <= 0.15 for o in outs)
+    # not monotone for at least one draw: contrast can flip
+    assert any((np.diff(o.ravel()) < 0).any() for o in outs)

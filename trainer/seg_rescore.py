@@ -1,0 +1,116 @@
+"""Re-score kept LOSO fold networks with the current config's thresholds and post-processing.
+
+Thresholds and post-processing do not change the weights, so they can be re-calibrated
+without retraining: each fold network (written by ``sci-node train MODEL --keep-folds DIR``)
+is run again on its held-out cases, :func:`trainer.seg_eval.calibrate` picks the threshold
+(nested, as in training), and the shipped artefact's card gets the new threshold,
+post-processing and validation metrics. The weights are not touched; the card records the
+re-scoring command. Running ``sci-node train MODEL --seed S`` with the same config gives
+the same fold networks, hence the same card.
+
+``python -m trainer.seg_rescore cord --folds /tmp/folds/cord --artifact models/cord/0.2.0 [--config F]``
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from sci_node.artifact import load_network, write_artifact
+from sci_node.errors import DataError, ModelError
+from trainer import data as tdata
+from trainer.seg import _resolve, data_spec, load_config, prep_spec, summarise
+from trainer.seg_eval import calibrate, evaluate_cord, evaluate_lesion
+
+log = structlog.get_logger(__name__)
+
+
+def _fold_dirs(folds: Path) -> list[Path]:
+    dirs = sorted(p for p in Path(folds).iterdir() if (p / "card.json").is_file()) if Path(folds).is_dir() else []
+    if not dirs:
+        raise ModelError(f"no fold artefact (a folder with card.json) under {str(folds)!r}")
+    return dirs
+
+
+def rescore_folds(model: str, cfg: dict[str, Any], folds: Path, device: str = "cpu"
+                  ) -> tuple[dict[str, Any], dict[str, dict[float, dict[str, dict[str, Any]]]]]:
+    """Evaluate every kept fold on its held-out cases over ``cfg[train][thresholds]``.
+
+    Returns
+    -------
+    tuple
+        ``(metrics, fold_results)``: card-style metrics (nested-calibrated ``per_case``,
+        summary, ``threshold_calibration``) and the raw ``{group: {threshold: {case: scores}}}``.
+    """
+    spec = prep_spec(cfg)
+    grid = [float(t) for t in cfg["train"].get("thresholds", [spec.threshold])]
+    cases = {c.key: c for c in tdata.discover(_resolve(cfg["data"]["root"]), data_spec(cfg))}
+    evaluate = evaluate_cord if cfg["model"]["task"] == "cord" else evaluate_lesion
+    seed = 0
+    fold_results: dict[str, dict[float, dict[str, dict[str, Any]]]] = {}
+    for d in _fold_dirs(folds):
+        net, card = load_network(d, device=device)
+        fold = card["training"]["splits"]["fold"]
+        seed = int(card["training"].get("seed", 0))
+        missing = [k for k in fold["val"] if k not in cases]
+        if missing:
+            raise DataError(f"fold {str(d)!r}: held-out case(s) {', '.join(missing)} not found in the data folder")
+        fold_results[fold["held_out"]] = evaluate(net, cfg, spec, [cases[k] for k in fold["val"]], device, seed, grid)
+        log.info("rescore.fold", model=model, held_out=fold["held_out"])
+    _, per_case, info = calibrate(fold_results, cfg["model"]["task"])
+    metrics: dict[str, Any] = {"validation": "leave-one-subject-out", "per_case": per_case,
+                               "threshold_calibration": info}
+    metrics.update(summarise(per_case, cfg["model"]["task"]))
+    return metrics, fold_results
+
+
+def update_artifact(art_dir: Path, cfg: dict[str, Any], metrics: dict[str, Any], command: str) -> Path:
+    """Rewrite ``art_dir``'s card with the calibrated threshold, the config's post-processing and ``metrics``."""
+    net, card = load_network(Path(art_dir))
+    if card.get("name") != cfg["model"]["name"]:
+        raise ModelError(f"artefact {str(art_dir)!r} is model {card.get('name')!r}, not {cfg['model']['name']!r}")
+    spec = dataclasses.replace(prep_spec(cfg), threshold=float(metrics["threshold_calibration"]["chosen"]))
+    card["preprocessing"] = spec.to_card()
+    card["postprocessing"] = cfg.get("post", {})
+    card["metrics"] = metrics
+    card.setdefault("training", {})["rescored"] = {
+        "command": command, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "thresholds": metrics["threshold_calibration"]["grid"], "postprocessing": cfg.get("post", {})}
+    card.pop("weights_sha256", None)
+    return write_artifact(Path(art_dir), net.state_dict(), card)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: re-score folds, print the per-threshold table, update the artefact (unless ``--dry-run``)."""
+    from sci_node.logs import configure_logging
+
+    p = argparse.ArgumentParser(prog="python -m trainer.seg_rescore", description=__doc__.splitlines()[0])
+    p.add_argument("model", choices=["cord", "lesion"])
+    p.add_argument("--folds", type=Path, required=True, help="folder written by --keep-folds")
+    p.add_argument("--artifact", type=Path, help="shipped artefact whose card is updated")
+    p.add_argument("--config", type=Path)
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    configure_logging("console", "INFO")
+    cfg = load_config(a.model, a.config)
+    metrics, raw = rescore_folds(a.model, cfg, a.folds, a.device)
+    for g, per_t in raw.items():
+        for t, rows in sorted(per_t.items()):
+            print(g, t, json.dumps({k: {m: (round(v, 3) if isinstance(v, float) else v) for m, v in r.items()
+                                        if m in ("dice", "hd95_mm", "lesion_f1")} for k, r in rows.items()}))
+    print(json.dumps({k: v for k, v in metrics.items() if k != "per_case"}, indent=1))
+    if a.artifact:
+        command = " ".join(["python -m trainer.seg_rescore", a.model, "--folds", str(a.folds), "--artifact",
+                            str(a.artifact)] + (["--config", str(a.config)] if a.config else []))
+        print(update_artifact(a.artifact, cfg, metrics, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
