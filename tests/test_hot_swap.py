@@ -26,6 +26,7 @@ from trainer.seg import train_segmentation
 
 SERIES = REPO_ROOT / "tests" / "data" / "series" / "unf01_axial_T2w"
 NEW_VERSION = "0.2.0-hotswap"
+SHIPPED = ModelRegistry(REPO_ROOT / "models").active()["cord"]  # the version active in the repo
 
 
 def _copy_series(dst: Path) -> list[Path]:
@@ -75,7 +76,7 @@ def test_activation_is_hot_swapped_between_jobs(tmp_path: Path, node_factory: Ca
 
     first = _run_series(node, tmp_path, "s1", 1)
     assert first["state"] == "done", first
-    assert first["result"]["model_versions"]["cord"] == "0.1.0"
+    assert first["result"]["model_versions"]["cord"] == SHIPPED
 
     # register + activate with the admin CLI while the node is running
     assert main(["models", "--models-dir", str(models), "--log-level", "ERROR", "add", str(art), "--activate"]) == 0
@@ -87,7 +88,7 @@ def test_activation_is_hot_swapped_between_jobs(tmp_path: Path, node_factory: Ca
 
     assert main(["models", "--models-dir", str(models), "--log-level", "ERROR", "rollback", "cord"]) == 0
     third = _run_series(node, tmp_path, "s3", 3)
-    assert third["result"]["model_versions"]["cord"] == "0.1.0"
+    assert third["result"]["model_versions"]["cord"] == SHIPPED
 
     # the SEGs that reached the destination name the cord version they were made with
     seg_versions = set()
@@ -96,6 +97,6 @@ def test_activation_is_hot_swapped_between_jobs(tmp_path: Path, node_factory: Ca
         if ds.Modality == "SEG":
             algo = ds.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
             seg_versions.add(re.search(r"cord (\S+?)(,|$)", str(algo.AlgorithmVersion)).group(1))
-    expected = {"0.1.0"} | ({NEW_VERSION} if second["state"] == "done" else set())
+    expected = {SHIPPED} | ({NEW_VERSION} if second["state"] == "done" else set())
     assert seg_versions == expected
     assert node.log.read_text().count('"models.loaded"') == 3, "models not reloaded once per activation change"

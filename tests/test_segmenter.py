@@ -10,11 +10,13 @@ import torch
 
 from sci_node.errors import InvalidSeriesError, ModelError
 from sci_node.predict_seg import Segmenter
+from sci_node.registry import ModelRegistry
 
 REPO = Path(__file__).resolve().parents[1]
 SEG = Path(__file__).parent / "data" / "seg"
-CORD = REPO / "models" / "cord" / "0.1.0"
-LESION = REPO / "models" / "lesion" / "0.1.0"
+ACTIVE = ModelRegistry(REPO / "models").active()  # the versions the node ships and runs
+CORD = REPO / "models" / "cord" / ACTIVE["cord"]
+LESION = REPO / "models" / "lesion" / ACTIVE["lesion"]
 torch.set_num_threads(2)
 
 
@@ -35,7 +37,7 @@ def _load(name: str) -> tuple[sitk.Image, np.ndarray]:
 
 
 def test_card_describes_the_model(cord: Segmenter) -> None:
-    assert (cord.name, cord.version) == ("cord", "0.1.0")
+    assert (cord.name, cord.version) == ("cord", ACTIVE["cord"])
     assert cord.card["labels"][0]["snomed"]["code"] == "2748008"
     assert cord.card["labels"][0]["category"]["code"] == "91723000"
     assert cord.card["metrics"]["validation"] == "leave-one-subject-out"

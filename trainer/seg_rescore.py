@@ -3,7 +3,8 @@
 Thresholds and post-processing do not change the weights, so they can be re-calibrated
 without retraining: each fold network (written by ``sci-node train MODEL --keep-folds DIR``)
 is run again on its held-out cases, :func:`trainer.seg_eval.calibrate` picks the threshold
-(nested, as in training), and the shipped artefact's card gets the new threshold,
+(nested, as in training), each fold artefact gets the threshold chosen without its held-out
+group, and the shipped artefact's card gets the new threshold,
 post-processing and validation metrics. The weights are not touched; the card records the
 re-scoring command. Running ``sci-node train MODEL --seed S`` with the same config gives
 the same fold networks, hence the same card.
@@ -86,6 +87,22 @@ def update_artifact(art_dir: Path, cfg: dict[str, Any], metrics: dict[str, Any],
     return write_artifact(Path(art_dir), net.state_dict(), card)
 
 
+def update_folds(folds: Path, cfg: dict[str, Any], metrics: dict[str, Any],
+                 fold_results: dict[str, dict[float, dict[str, dict[str, Any]]]]) -> None:
+    """Give each fold artefact the threshold chosen **without** its held-out group, the config's
+    post-processing and its per-threshold scores, so running a fold network through the node
+    (``trainer.infer_check``) is an honest held-out test."""
+    chosen = metrics["threshold_calibration"]["chosen_per_held_out_group"]
+    for d in _fold_dirs(folds):
+        net, card = load_network(d)
+        group = card["training"]["splits"]["fold"]["held_out"]
+        spec = dataclasses.replace(prep_spec(cfg), threshold=float(chosen[group]))
+        card["preprocessing"], card["postprocessing"] = spec.to_card(), cfg.get("post", {})
+        card["metrics"] = {"held_out": group, "per_threshold": fold_results[group]}
+        card.pop("weights_sha256", None)
+        write_artifact(d, net.state_dict(), card)
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: re-score folds, print the per-threshold table, update the artefact (unless ``--dry-run``)."""
     from sci_node.logs import configure_logging
@@ -105,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             print(g, t, json.dumps({k: {m: (round(v, 3) if isinstance(v, float) else v) for m, v in r.items()
                                         if m in ("dice", "hd95_mm", "lesion_f1")} for k, r in rows.items()}))
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_case"}, indent=1))
+    update_folds(a.folds, cfg, metrics, raw)
     if a.artifact:
         command = " ".join(["python -m trainer.seg_rescore", a.model, "--folds", str(a.folds), "--artifact",
                             str(a.artifact)] + (["--config", str(a.config)] if a.config else []))
