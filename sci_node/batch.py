@@ -123,6 +123,9 @@ def run_batch(input: Path, out: Path, cfg: NodeConfig, device: str = "cpu", stre
     stream = stream or sys.stdout
     items = find_inputs(Path(input))
     device = _resolve_device(device)
+    from sci_node.predict_seg import configure_threads
+
+    configure_threads(cfg.torch_threads)
     models = ModelRegistry(cfg.models_dir).load_active(device)
     pipeline = Pipeline(models, cfg.routing, device)
     out = Path(out)

@@ -38,6 +38,8 @@ def _add_config_flags(p: argparse.ArgumentParser, node_flags: bool = False) -> N
         p.add_argument("--stable-seconds", type=float, help="seconds without a new instance before a series is complete")
         p.add_argument("--workers", type=int, help="number of processing workers")
         p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="inference device")
+        p.add_argument("--torch-threads", dest="torch_threads", type=int,
+                       help="torch threads for inference (default 0 = CPUs minus one, shared by the workers)")
 
 
 def _config_from_args(args: argparse.Namespace) -> NodeConfig:
@@ -54,6 +56,7 @@ def _config_from_args(args: argparse.Namespace) -> NodeConfig:
         "stable_seconds": getattr(args, "stable_seconds", None),
         "workers": getattr(args, "workers", None),
         "device": getattr(args, "device", None),
+        "torch_threads": getattr(args, "torch_threads", None),
     }
     return load_config(getattr(args, "config", None), overrides)
 
@@ -208,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, help="folder (or file) of DICOM series and/or NIfTI volumes")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--torch-threads", dest="torch_threads", type=int,
+                   help="torch threads (default 0 = CPUs minus one)")
     p.set_defaults(handler=_infer)
 
     p = sub.add_parser("train", help="train one of the five models (offline trainer)")

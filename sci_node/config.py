@@ -116,6 +116,11 @@ class NodeConfig:
     stable_seconds: float = 10.0
     workers: int = 1
     device: str = "cpu"
+    #: torch intra-op threads for inference; 0 = auto: the CPUs this process may use minus one
+    #: (the SCP, Orthanc, the OS), divided among the workers, at least 1. Oversubscribed torch
+    #: threads are very slow: 2 threads on 2 cores with one core busy took 8 s instead of 0.5 s
+    #: for one series (docs/benchmarks.md).
+    torch_threads: int = 0
     #: what the worker runs on a complete series: "pipeline" (the models) or "derived-sc"
     #: (a built-in plumbing check that returns one derived Secondary Capture per series)
     processor: str = "pipeline"
@@ -220,6 +225,8 @@ def _validate(cfg: NodeConfig, errors: list[str]) -> None:
         errors.append(f"stable_seconds: {cfg.stable_seconds} must be > 0")
     if cfg.workers < 1:
         errors.append(f"workers: {cfg.workers} must be >= 1")
+    if cfg.torch_threads < 0:
+        errors.append(f"torch_threads: {cfg.torch_threads} must be >= 0 (0 = auto)")
     if cfg.device not in ("cpu", "cuda", "auto"):
         errors.append(f"device: {cfg.device!r} must be cpu, cuda or auto")
     if cfg.processor not in ("pipeline", "derived-sc"):

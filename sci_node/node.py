@@ -69,6 +69,11 @@ def run_node(cfg: NodeConfig, provider_factory: ProviderFactory = default_provid
         log.warning("node.reconciled_spool", reindexed=reindexed, removed_temp_files=removed_tmp)
     if recovered:
         log.warning("node.recovered_jobs", jobs=recovered, detail="jobs left running are pending again")
+    if cfg.processor == "pipeline":
+        from sci_node.predict_seg import configure_threads
+
+        log.info("node.torch_threads", threads=configure_threads(cfg.torch_threads, cfg.workers),
+                 workers=cfg.workers)
     job_ready, result_ready = threading.Event(), threading.Event()
     workers = [Worker(cfg, store, provider_factory(cfg), job_ready, result_ready, stop, name=f"worker-{i + 1}")
                for i in range(cfg.workers)]

@@ -53,6 +53,30 @@ def infer_volume(net: "torch.nn.Module", array: np.ndarray, spec: preprocess.Pre
     return out
 
 
+def configure_threads(requested: int, workers: int = 1) -> int:
+    """Set torch's intra-op thread count once per process; return it.
+
+    Parameters
+    ----------
+    requested : int
+        Threads wanted; 0 = auto: the CPUs this process may run on, minus one left for the
+        DICOM server and the OS, divided among ``workers``, at least 1.
+    workers : int
+        Worker threads that run inference concurrently in this process.
+    """
+    import os
+
+    import torch
+
+    if requested > 0:
+        n = requested
+    else:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = max(1, (cpus - 1) // max(1, workers))
+    torch.set_num_threads(n)
+    return n
+
+
 class Segmenter:
     """One segmentation model ready to predict.
 
@@ -104,7 +128,10 @@ class Segmenter:
         roi_m, box = self._roi_box(prepared, roi)
         if box is None:
             return np.zeros(prepared.array.shape, np.float32)
-        prob = infer_volume(self.net, preprocess.crop(prepared.array, box), self.spec, self.device)
+        array = preprocess.crop(prepared.array, box)
+        if self.post.get("mask_input_to_roi"):  # the network sees the (dilated) ROI only, as in training
+            array = array * preprocess.crop(roi_m, box)
+        prob = infer_volume(self.net, array, self.spec, self.device)
         return preprocess.paste(prob, box, prepared.array.shape) * roi_m
 
     def predict(self, image: sitk.Image, roi: np.ndarray | None = None) -> np.ndarray:

@@ -56,3 +56,25 @@ def test_example_config_is_valid() -> None:
     cfg = load_config(REPO_ROOT / "sci-node.example.toml")
     assert cfg.destinations[0].ae_title == "ORTHANC"
     assert cfg.routing.lesion_sequences == ("T2w", "T2starw")
+
+
+def test_torch_threads_default_auto_and_bad_value(tmp_path: Path) -> None:
+    import os
+
+    import torch
+
+    from sci_node.predict_seg import configure_threads
+
+    assert load_config(None).torch_threads == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text("torch_threads = -1\n")
+    with pytest.raises(ConfigError, match="torch_threads: -1"):
+        load_config(bad)
+    before = torch.get_num_threads()
+    try:
+        cpus = len(os.sched_getaffinity(0))
+        assert configure_threads(0) == max(1, cpus - 1) == torch.get_num_threads()
+        assert configure_threads(0, workers=cpus) == 1
+        assert configure_threads(3) == 3 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

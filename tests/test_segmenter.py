@@ -95,3 +95,32 @@ def test_bad_inputs(cord: Segmenter, tmp_path: Path) -> None:
         cord.predict(image, roi=mask[:-1])
     with pytest.raises(ModelError, match="has no card.json"):
         Segmenter.from_artifact(tmp_path)
+
+
+def test_lesion_input_masked_to_roi_ignores_everything_outside_it() -> None:
+    """``post.mask_input_to_roi``: the network sees only the dilated cord, so changing the image
+    outside it (CSF, fat, other bright tissue) cannot change the lesion mask."""
+    shipped = Segmenter.from_artifact(LESION)
+    card = {**shipped.card, "postprocessing": {**shipped.card["postprocessing"], "mask_input_to_roi": True}}
+    lesion = Segmenter(shipped.net, card)
+    image, cord_mask = _load("sub-unf01_T2w_crop")
+    from sci_node.postprocess import dilate_mm
+    from trainer.lesions import LesionSpec, inject_lesions
+
+    arr = sitk.GetArrayFromImage(image).astype(np.float32)
+    les_arr, truth = inject_lesions(np.random.default_rng(5), arr, cord_mask, (1.0, 1.0, 1.0),
+                                    LesionSpec(count=(1, 1), length_mm=(8, 12), width_mm=(4, 5), contrast=(0.8, 1.0)))
+    outside = dilate_mm(cord_mask, (1.0, 1.0, 1.0), 4.0) == 0
+    noisy = les_arr.copy()
+    # bright blobs outside the cord, within the image's range (the percentile scaling stays similar)
+    rng = np.random.default_rng(0)
+    noisy[outside] = np.where(rng.random(int(outside.sum())) < 0.3, float(np.percentile(les_arr, 99)),
+                              les_arr[outside])
+    preds = []
+    for a in (les_arr, noisy):
+        img = sitk.GetImageFromArray(a)
+        img.CopyInformation(image)
+        preds.append(lesion.predict(img, roi=cord_mask))
+    assert truth.any()
+    # normalisation uses whole-volume percentiles, so allow a few boundary voxels to differ
+    assert int((preds[0] != preds[1]).sum()) <= max(3, int(0.1 * preds[0].sum()))

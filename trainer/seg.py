@@ -142,15 +142,31 @@ def lesion_spec(cfg: dict[str, Any]) -> LesionSpec:
     return LesionSpec.from_config(cfg.get("lesions", {}).get("generator", {}))
 
 
-def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec) -> list[Vol]:
-    """Copies of cord volumes with freshly injected lesions (label = lesion mask)."""
+def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec,
+                 mask_to_cord_mm: float | None = None) -> list[Vol]:
+    """Copies of cord volumes with freshly injected lesions (label = lesion mask).
+
+    ``mask_to_cord_mm`` (the lesion card's ``post.mask_input_to_roi``): the image is then set
+    to 0 outside the cord dilated by that many mm, after the injection — what the node's
+    :meth:`~sci_node.predict_seg.Segmenter.predict_prob_model_grid` feeds the network.
+    """
+    from sci_node.postprocess import dilate_mm
+
     out = []
     for v in vols:
         if v.cord is None:
             raise DataError(f"volume {v.key} has no cord mask to place lesions in")
         img, les = inject_lesions(rng, v.image, v.cord, v.spacing, lspec)
+        if mask_to_cord_mm is not None:
+            img = img * dilate_mm(v.cord, v.spacing, mask_to_cord_mm)
         out.append(Vol(v.key, v.group, img, les, v.spacing, cord=v.cord, synthetic=v.synthetic, extra=v.extra))
     return out
+
+
+def input_mask_mm(cfg: dict[str, Any]) -> float | None:
+    """The cord-ROI dilation (mm) outside which the lesion model's input is zeroed, or None."""
+    post = cfg.get("post", {})
+    return float(post.get("roi_dilate_mm", 1.0)) if post.get("mask_input_to_roi") else None
 
 
 def run_fold(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: list[Vol], val_vols: list[Vol],
@@ -161,8 +177,9 @@ def run_fold(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: list[Vo
     refresh = None
     if cfg["model"]["task"] == "lesion":
         lspec = lesion_spec(cfg)
-        val_vols = with_lesions(val_vols, np.random.default_rng(seed + 1), lspec)
-        refresh = lambda ep, rng: with_lesions(train_vols, rng, lspec)  # noqa: E731
+        mask_mm = input_mask_mm(cfg)
+        val_vols = with_lesions(val_vols, np.random.default_rng(seed + 1), lspec, mask_mm)
+        refresh = lambda ep, rng: with_lesions(train_vols, rng, lspec, mask_mm)  # noqa: E731
     return train_network(cfg, spec, train_vols, val_vols, seed=seed, device=device, minutes=minutes,
                          epochs=epochs, tag=tag, refresh=refresh)
 
