@@ -292,8 +292,10 @@ def _metric_summary(card: Mapping[str, Any]) -> str:
         m = metrics.get(head) or {}
         if m.get("accuracy") is not None:
             parts.append(f"{head} LOSO acc {m['accuracy']:.3f} (real {m.get('accuracy_real') or 0:.3f}, n={m.get('n')})")
-    if not parts:
-        for key, val in metrics.items():
+    if not parts:  # segmentation: LOSO Dice (and lesion-wise F1) first, then the rest
+        first = [k for k in ("dice_mean", "dice_min", "lesion_f1_mean") if k in metrics]
+        for key in first + [k for k in metrics if k not in first]:
+            val = metrics[key]
             if isinstance(val, (int, float)) and not isinstance(val, bool):
                 parts.append(f"{key}={val:.3f}" if isinstance(val, float) else f"{key}={val}")
     return "; ".join(parts[:4]) or "-"

@@ -78,11 +78,23 @@ def lesion_trials(image: sitk.Image, cord: sitk.Image, spec: LesionSpec, n: int,
     return trials
 
 
+def clean_trial(image: sitk.Image, cord: sitk.Image) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
+    """The held-out image itself, without lesions: ``(canonical image, cord, empty lesion mask)``.
+
+    Scored with the injected trials, so false lesions on lesion-free cord count against
+    precision and Dice (what a radiologist would see on a healthy scan).
+    """
+    img_c = preprocess.canonicalise(preprocess.as_scalar_float(image))
+    cord_arr = sitk.GetArrayFromImage(preprocess.canonicalise(cord)).astype(np.uint8)
+    return img_c, cord_arr, np.zeros(cord_arr.shape, np.uint8)
+
+
 def evaluate_lesion(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, cases: Sequence[tdata.Case], device: str,
                     seed: int, thresholds: Sequence[float] | None = None) -> dict[float, dict[str, dict[str, Any]]]:
     """Per threshold, per held-out case: synthetic lesions injected in the source image (inside the
-    reference cord), lesion model restricted to that cord; Dice (pooled over trials), mean HD95,
-    pooled lesion-wise F1."""
+    reference cord), plus the lesion-free image itself; lesion model restricted to that cord;
+    Dice (pooled over trials), mean HD95, pooled lesion-wise F1, false lesions on the
+    lesion-free image."""
     seg = segmenter_for(net, cfg, spec, device)
     lspec = LesionSpec.from_config(cfg.get("lesions", {}).get("generator", {}))
     n = int(cfg.get("lesions", {}).get("val_trials", 4))
@@ -90,8 +102,8 @@ def evaluate_lesion(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, cases: 
     out: dict[float, dict[str, dict[str, Any]]] = {t: {} for t in grid}
     for case in cases:
         image, mask = tdata.load_case(case)
-        acc = {t: {"inter": 0.0, "tot": 0.0, "tp": 0.0, "fp": 0.0, "fn": 0.0, "hds": []} for t in grid}
-        for img, cord_arr, truth in lesion_trials(image, mask, lspec, n, seed):
+        acc = {t: {"inter": 0.0, "tot": 0.0, "tp": 0.0, "fp": 0.0, "fn": 0.0, "hds": [], "clean_fp": 0.0} for t in grid}
+        for img, cord_arr, truth in [*lesion_trials(image, mask, lspec, n, seed), clean_trial(image, mask)]:
             prepared = preprocess.prepare(img, seg.spec)
             prob = seg.predict_prob_model_grid(prepared, roi=cord_arr)
             for t in grid:
@@ -101,6 +113,8 @@ def evaluate_lesion(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, cases: 
                 a["tot"] += float(pred.sum() + truth.sum())
                 f = lesion_f1(pred, truth)
                 a["tp"], a["fp"], a["fn"] = a["tp"] + f["tp"], a["fp"] + f["fp"], a["fn"] + f["fn"]
+                if not truth.any():  # the lesion-free image: every component is a false lesion
+                    a["clean_fp"] += f["fp"]
                 hd = scores(pred, truth, _spacing(img))["hd95_mm"]
                 if hd is not None:
                     a["hds"].append(hd)
@@ -116,7 +130,7 @@ def _lesion_summary(a: dict[str, Any], trials: int) -> dict[str, Any]:
     return {"dice": 2 * a["inter"] / a["tot"] if a["tot"] else 0.0,
             "hd95_mm": float(np.mean(a["hds"])) if a["hds"] else None, "lesion_precision": prec,
             "lesion_recall": rec, "lesion_f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
-            "true_lesions": tp + fn, "trials": trials}
+            "true_lesions": tp + fn, "trials": trials, "false_lesions_lesion_free": a["clean_fp"]}
 
 
 def objective(per_case: dict[str, dict[str, Any]], task: str) -> float:

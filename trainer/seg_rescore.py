@@ -74,8 +74,9 @@ def rescore_folds(model: str, cfg: dict[str, Any], folds: Path, device: str = "c
 def update_artifact(art_dir: Path, cfg: dict[str, Any], metrics: dict[str, Any], command: str) -> Path:
     """Rewrite ``art_dir``'s card with the calibrated threshold, the config's post-processing and ``metrics``."""
     net, card = load_network(Path(art_dir))
-    if card.get("name") != cfg["model"]["name"]:
-        raise ModelError(f"artefact {str(art_dir)!r} is model {card.get('name')!r}, not {cfg['model']['name']!r}")
+    if (card.get("name"), card.get("version")) != (cfg["model"]["name"], cfg["model"]["version"]):
+        raise ModelError(f"artefact {str(art_dir)!r} is {card.get('name')} {card.get('version')}, but the config "
+                         f"describes {cfg['model']['name']} {cfg['model']['version']}: pass its own --config")
     spec = dataclasses.replace(prep_spec(cfg), threshold=float(metrics["threshold_calibration"]["chosen"]))
     card["preprocessing"] = spec.to_card()
     card["postprocessing"] = cfg.get("post", {})
@@ -113,8 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifact", type=Path, help="shipped artefact whose card is updated")
     p.add_argument("--config", type=Path)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = CPUs minus one)")
     a = p.parse_args(argv)
     configure_logging("console", "INFO")
+    from sci_node.predict_seg import configure_threads
+
+    configure_threads(a.threads)
     cfg = load_config(a.model, a.config)
     metrics, raw = rescore_folds(a.model, cfg, a.folds, a.device)
     for g, per_t in raw.items():
