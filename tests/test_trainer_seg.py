@@ -156,3 +156,21 @@ def test_synthetic_lesions_stay_in_the_cord() -> None:
             found += 1
             assert out[les > 0].mean() > image[les > 0].mean()  # hyperintense
     assert found >= 4
+
+
+def test_lesion_training_copies_clean_and_masked() -> None:
+    """``clean_fraction`` copies stay lesion-free (empty label, image untouched); ``mask_to_cord_mm``
+    zeroes the image outside the dilated cord, as the node does at inference."""
+    from trainer.seg import Vol, with_lesions
+
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))).astype(np.float32)
+    cord = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop_seg-manual.nii.gz"))).astype(np.uint8)
+    vol = Vol("k", "g", image, cord, (1.0, 1.0, 1.0), cord=cord)
+    spec = LesionSpec(count=(1, 2), length_mm=(4, 12))
+    clean = with_lesions([vol] * 4, np.random.default_rng(1), spec, clean_fraction=1.0)
+    assert all(not v.label.any() and np.array_equal(v.image, image) for v in clean)
+    sick = with_lesions([vol] * 4, np.random.default_rng(1), spec, clean_fraction=0.0)
+    assert sum(v.label.any() for v in sick) >= 3
+    masked = with_lesions([vol], np.random.default_rng(1), spec, mask_to_cord_mm=1.0)[0]
+    near = dilate_mm(cord, (1.0, 1.0, 1.0), 1.0) > 0
+    assert not masked.image[~near].any() and masked.image[near].any()

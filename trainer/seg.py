@@ -143,8 +143,11 @@ def lesion_spec(cfg: dict[str, Any]) -> LesionSpec:
 
 
 def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec,
-                 mask_to_cord_mm: float | None = None) -> list[Vol]:
+                 mask_to_cord_mm: float | None = None, clean_fraction: float = 0.0) -> list[Vol]:
     """Copies of cord volumes with freshly injected lesions (label = lesion mask).
+
+    ``clean_fraction`` of the copies (drawn per volume) get no lesion and an empty label:
+    healthy cords the network must leave unmarked (false lesions on healthy scans).
 
     ``mask_to_cord_mm`` (the lesion card's ``post.mask_input_to_roi``): the image is then set
     to 0 outside the cord dilated by that many mm, after the injection — what the node's
@@ -156,7 +159,10 @@ def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec,
     for v in vols:
         if v.cord is None:
             raise DataError(f"volume {v.key} has no cord mask to place lesions in")
-        img, les = inject_lesions(rng, v.image, v.cord, v.spacing, lspec)
+        if clean_fraction > 0 and rng.random() < clean_fraction:
+            img, les = v.image.copy(), np.zeros(v.image.shape, np.uint8)
+        else:
+            img, les = inject_lesions(rng, v.image, v.cord, v.spacing, lspec)
         if mask_to_cord_mm is not None:
             img = img * dilate_mm(v.cord, v.spacing, mask_to_cord_mm)
         out.append(Vol(v.key, v.group, img, les, v.spacing, cord=v.cord, synthetic=v.synthetic, extra=v.extra))
@@ -179,7 +185,8 @@ def run_fold(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: list[Vo
         lspec = lesion_spec(cfg)
         mask_mm = input_mask_mm(cfg)
         val_vols = with_lesions(val_vols, np.random.default_rng(seed + 1), lspec, mask_mm)
-        refresh = lambda ep, rng: with_lesions(train_vols, rng, lspec, mask_mm)  # noqa: E731
+        clean = float(cfg.get("lesions", {}).get("clean_fraction", 0.0))
+        refresh = lambda ep, rng: with_lesions(train_vols, rng, lspec, mask_mm, clean)  # noqa: E731
     return train_network(cfg, spec, train_vols, val_vols, seed=seed, device=device, minutes=minutes,
                          epochs=epochs, tag=tag, refresh=refresh)
 
