@@ -53,17 +53,31 @@ def write_artifact(out_dir: Path, state_dict: Mapping[str, "torch.Tensor"], card
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    wpath = out_dir / WEIGHTS
-    torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, wpath)
+    torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, out_dir / WEIGHTS)
+    return write_card(out_dir, card)
+
+
+def write_card(art_dir: Path, card: Mapping[str, Any]) -> Path:
+    """(Re)write ``card.json`` of an artefact folder whose ``weights.pt`` is in place.
+
+    ``weights_sha256`` is filled in from the weights file; the card is replaced atomically.
+    Used after new weights (:func:`write_artifact`) and to update a card alone (re-scoring).
+
+    Raises
+    ------
+    ModelError
+        A required card key is missing.
+    """
+    art_dir = Path(art_dir)
     full = dict(card)
-    full["weights_sha256"] = sha256_file(wpath)
+    full["weights_sha256"] = sha256_file(art_dir / WEIGHTS)
     missing = [k for k in REQUIRED_CARD_KEYS if k not in full]
     if missing:
-        raise ModelError(f"model card for {out_dir} lacks {', '.join(missing)}")
-    tmp = out_dir / (CARD + ".tmp")
+        raise ModelError(f"model card for {art_dir} lacks {', '.join(missing)}")
+    tmp = art_dir / (CARD + ".tmp")
     tmp.write_text(json.dumps(full, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / CARD)
-    return out_dir
+    os.replace(tmp, art_dir / CARD)
+    return art_dir
 
 
 def read_card(art_dir: Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from sci_node.artifact import load_network, write_artifact
+from sci_node.artifact import load_network, verify_artifact, write_card
 from sci_node.errors import DataError, ModelError
 from trainer import data as tdata
 from trainer.seg import _resolve, data_spec, load_config, prep_spec, summarise
@@ -73,7 +73,7 @@ def rescore_folds(model: str, cfg: dict[str, Any], folds: Path, device: str = "c
 
 def update_artifact(art_dir: Path, cfg: dict[str, Any], metrics: dict[str, Any], command: str) -> Path:
     """Rewrite ``art_dir``'s card with the calibrated threshold, the config's post-processing and ``metrics``."""
-    net, card = load_network(Path(art_dir))
+    card = verify_artifact(Path(art_dir))  # the weights stay as they are: checked, not rewritten
     if (card.get("name"), card.get("version")) != (cfg["model"]["name"], cfg["model"]["version"]):
         raise ModelError(f"artefact {str(art_dir)!r} is {card.get('name')} {card.get('version')}, but the config "
                          f"describes {cfg['model']['name']} {cfg['model']['version']}: pass its own --config")
@@ -84,8 +84,7 @@ def update_artifact(art_dir: Path, cfg: dict[str, Any], metrics: dict[str, Any],
     card.setdefault("training", {})["rescored"] = {
         "command": command, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "thresholds": metrics["threshold_calibration"]["grid"], "postprocessing": cfg.get("post", {})}
-    card.pop("weights_sha256", None)
-    return write_artifact(Path(art_dir), net.state_dict(), card)
+    return write_card(Path(art_dir), card)
 
 
 def update_folds(folds: Path, cfg: dict[str, Any], metrics: dict[str, Any],
@@ -95,13 +94,12 @@ def update_folds(folds: Path, cfg: dict[str, Any], metrics: dict[str, Any],
     (``trainer.infer_check``) is an honest held-out test."""
     chosen = metrics["threshold_calibration"]["chosen_per_held_out_group"]
     for d in _fold_dirs(folds):
-        net, card = load_network(d)
+        card = verify_artifact(d)
         group = card["training"]["splits"]["fold"]["held_out"]
         spec = dataclasses.replace(prep_spec(cfg), threshold=float(chosen[group]))
         card["preprocessing"], card["postprocessing"] = spec.to_card(), cfg.get("post", {})
         card["metrics"] = {"held_out": group, "per_threshold": fold_results[group]}
-        card.pop("weights_sha256", None)
-        write_artifact(d, net.state_dict(), card)
+        write_card(d, card)
 
 
 def main(argv: list[str] | None = None) -> int:
