@@ -6,7 +6,7 @@ the trainer also uses for validation, so training-time scores come from the same
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import SimpleITK as sitk
@@ -51,6 +51,13 @@ def infer_volume(net: "torch.nn.Module", array: np.ndarray, spec: preprocess.Pre
             prob = torch.sigmoid(logits)[:, 0].cpu().numpy()  # type: ignore[arg-type]
             out[z0:z0 + batch_slices] = prob[:, inner[0], inner[1]]
     return out
+
+
+def roi_dilate_mm(post: Mapping[str, Any]) -> float:
+    """How far (mm) the ROI (the cord, for the lesion model) is dilated: the card's
+    ``postprocessing.roi_dilate_mm``, 2 mm when absent. The trainer reads it here too, so the
+    mask it trains and validates with is the one inference applies."""
+    return float(post.get("roi_dilate_mm", 2.0))
 
 
 def configure_threads(requested: int, workers: int = 1) -> int:
@@ -116,7 +123,7 @@ class Segmenter:
         roi_img.CopyInformation(ref)
         roi_m = preprocess.mask_to_model_grid(roi_img, prepared.grid)
         sz, sy, sx = prepared.grid.GetSpacing()[::-1]
-        roi_m = postprocess.dilate_mm(roi_m, (sz, sy, sx), float(self.post.get("roi_dilate_mm", 2.0)))
+        roi_m = postprocess.dilate_mm(roi_m, (sz, sy, sx), roi_dilate_mm(self.post))
         margin_mm = float(self.post.get("roi_margin_mm", 16.0))
         box = preprocess.roi_bbox(roi_m, (0, int(margin_mm / sy), int(margin_mm / sx)))
         return roi_m, box

@@ -171,8 +171,10 @@ def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec,
 
 def input_mask_mm(cfg: dict[str, Any]) -> float | None:
     """The cord-ROI dilation (mm) outside which the lesion model's input is zeroed, or None."""
+    from sci_node.predict_seg import roi_dilate_mm
+
     post = cfg.get("post", {})
-    return float(post.get("roi_dilate_mm", 1.0)) if post.get("mask_input_to_roi") else None
+    return roi_dilate_mm(post) if post.get("mask_input_to_roi") else None
 
 
 def run_fold(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: list[Vol], val_vols: list[Vol],

@@ -14,6 +14,7 @@ import structlog
 
 from sci_node import preprocess
 from sci_node.artifact import build_network
+from sci_node.predict_seg import roi_dilate_mm
 
 if TYPE_CHECKING:
     import torch
@@ -136,7 +137,7 @@ def _ema_update(ema, net, decay: float) -> None:
             be.copy_(b)
 
 
-def validate(net, val_vols: Sequence[Any], spec: preprocess.PrepSpec, device: str, roi_dilate_mm: float = 1.0) -> float:
+def validate(net, val_vols: Sequence[Any], spec: preprocess.PrepSpec, device: str, roi_mm: float = 2.0) -> float:
     """Mean Dice (MONAI ``DiceMetric``) on the model grid of each validation volume."""
     import torch
     from monai.metrics import DiceMetric
@@ -148,7 +149,7 @@ def validate(net, val_vols: Sequence[Any], spec: preprocess.PrepSpec, device: st
     for v in val_vols:
         prob = infer_volume(net, v.image, spec, device)
         if v.cord is not None:  # lesion model: kept inside the cord, as at inference
-            prob = prob * dilate_mm(v.cord, v.spacing, roi_dilate_mm)
+            prob = prob * dilate_mm(v.cord, v.spacing, roi_mm)
         pred = torch.from_numpy((prob >= spec.threshold)[None, None].astype(np.float32))
         metric(pred, torch.from_numpy(v.label[None, None].astype(np.float32)))
     return float(metric.aggregate().item()) if val_vols else float("nan")  # type: ignore[union-attr]
@@ -208,7 +209,7 @@ def train_network(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: Se
             losses.append(float(loss.item()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", refresh=False)
         ema.eval()
-        val = (validate(ema, val_vols, spec, device, float(cfg.get("post", {}).get("roi_dilate_mm", 1.0)))
+        val = (validate(ema, val_vols, spec, device, roi_dilate_mm(cfg.get("post", {})))
                if val_vols else float("nan"))
         history.append({"epoch": ep + 1, "loss": float(np.mean(losses)), "val_dice": val,
                         "minutes": (time.monotonic() - t0) / 60})
