@@ -52,7 +52,7 @@ def test_one_epoch_writes_a_loadable_artifact(tmp_path: Path, model: str) -> Non
     data = _bids(tmp_path / "ds", {"sub-unf01_T2w": "sub-unf01_T2w_crop",
                                    "sub-05_acq-MTon_MTS": "sub-05_acq-MTon_MTS_crop"})
     out = train_segmentation(model, _tiny_config(model, tmp_path), data, tmp_path / "art", epochs=1,
-                             seed=3, device="cpu")
+                             seed=3, device="cpu", keep_folds=tmp_path / "folds")
     net, card = load_network(out)  # verifies checksum, torch.load(weights_only=True)
     assert isinstance(net, torch.nn.Module) and not net.training
     assert card["name"] == model and card["kind"] == "segmentation"
@@ -71,6 +71,13 @@ def test_one_epoch_writes_a_loadable_artifact(tmp_path: Path, model: str) -> Non
     for key, row in card["metrics"]["per_case"].items():  # each group scored at the others' threshold
         group = key.split("_")[0]
         assert row["threshold"] == cal["chosen_per_held_out_group"][group]
+    fold_hashes = set()
+    for f in folds:  # each kept fold network describes what it trained on, never its held-out subject
+        _, fcard = load_network(tmp_path / "folds" / f["held_out"])
+        assert fcard["training"]["splits"]["fold"]["held_out"] == f["held_out"]
+        assert sorted(c["key"] for c in fcard["training"]["cases"]) == f["train"]
+        fold_hashes.add(fcard["data_hash"])
+    assert len(fold_hashes) == 2 and card["data_hash"] not in fold_hashes
     seg = Segmenter.from_artifact(out)
     image = sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))
     roi = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop_seg-manual.nii.gz")))

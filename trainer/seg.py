@@ -246,8 +246,9 @@ def _loso(cfg: dict[str, Any], spec: preprocess.PrepSpec, vols: list[Vol], synth
             if keep_folds is not None:
                 from sci_node.artifact import write_artifact
 
-                card = _card(cfg, spec, {"held_out": g, "per_threshold": fold_results[g]}, [], {"fold": fold},
-                             seed, len(hist), hist)
+                fold_cases = [v.extra["case"] for v in train_v if not v.synthetic]  # what this fold trained on
+                card = _card(cfg, spec, {"held_out": g, "per_threshold": fold_results[g]}, fold_cases,
+                             {"fold": fold}, seed, len(hist), hist)
                 card["version"] = f"{card['version']}+loso-{g}"
                 write_artifact(Path(keep_folds) / g, net.state_dict(), card)
         threshold, per_case, info = calibrate(fold_results, task)
