@@ -60,6 +60,44 @@ def roi_dilate_mm(post: Mapping[str, Any]) -> float:
     return float(post.get("roi_dilate_mm", 2.0))
 
 
+def output_roi_mm(post: Mapping[str, Any]) -> float | None:
+    """How far (mm) beyond the ROI a prediction may reach on the **source grid**: the card's
+    ``postprocessing.output_roi_mm`` (0 = inside the ROI itself: lesions are intramedullary, so
+    nothing outside the cord mask is a lesion); ``None`` when absent (only the model-grid
+    restriction to the ROI dilated by :func:`roi_dilate_mm` applies)."""
+    v = post.get("output_roi_mm")
+    return None if v is None else float(v)
+
+
+def roi_input(array: np.ndarray, roi: np.ndarray, post: Mapping[str, Any]) -> np.ndarray:
+    """What a ROI model (the lesion model) is fed, in training and at inference alike.
+
+    Parameters
+    ----------
+    array : numpy.ndarray
+        ``(Z, Y, X)`` float32 normalised model-grid intensities.
+    roi : numpy.ndarray
+        ``(Z, Y, X)`` uint8 ROI on the same grid, already dilated by :func:`roi_dilate_mm`.
+    post : Mapping
+        The card's ``postprocessing``: ``mask_input_to_roi`` zeroes everything outside the ROI;
+        ``roi_normalise = "median"`` then divides by the median intensity inside the ROI (the
+        cord's own level = 1, so "brighter than this cord" means the same on every contrast and
+        scanner) and clips to ``[0, roi_clip_max]`` (default 4).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(Z, Y, X)`` float32.
+    """
+    if not post.get("mask_input_to_roi"):
+        return array
+    out = (array * (roi > 0)).astype(np.float32)
+    if post.get("roi_normalise") == "median" and roi.any():
+        level = max(float(np.median(out[roi > 0])), 1e-3)
+        out = np.clip(out / level, 0.0, float(post.get("roi_clip_max", 4.0))).astype(np.float32)
+    return out
+
+
 def configure_threads(requested: int, workers: int = 1) -> int:
     """Set torch's intra-op thread count once per process; return it.
 
@@ -135,9 +173,7 @@ class Segmenter:
         roi_m, box = self._roi_box(prepared, roi)
         if box is None:
             return np.zeros(prepared.array.shape, np.float32)
-        array = preprocess.crop(prepared.array, box)
-        if self.post.get("mask_input_to_roi"):  # the network sees the (dilated) ROI only, as in training
-            array = array * preprocess.crop(roi_m, box)
+        array = roi_input(preprocess.crop(prepared.array, box), preprocess.crop(roi_m, box), self.post)
         prob = infer_volume(self.net, array, self.spec, self.device)
         return preprocess.paste(prob, box, prepared.array.shape) * roi_m
 
@@ -155,9 +191,10 @@ class Segmenter:
         if image.GetDimension() not in (3, 4) or min(image.GetSize()[:3]) < 1:
             raise InvalidSeriesError(f"cannot segment a {image.GetDimension()}-D image of size {image.GetSize()}")
         prepared = preprocess.prepare(image, self.spec)
-        return self.finish(self.predict_prob_model_grid(prepared, roi), prepared)
+        return self.finish(self.predict_prob_model_grid(prepared, roi), prepared, roi=roi)
 
-    def finish(self, prob: np.ndarray, prepared: preprocess.Prepared, threshold: float | None = None) -> np.ndarray:
+    def finish(self, prob: np.ndarray, prepared: preprocess.Prepared, threshold: float | None = None,
+               roi: np.ndarray | None = None, min_volume_mm3: float | None = None) -> np.ndarray:
         """Model-grid probabilities → post-processed uint8 mask on the source grid.
 
         Parameters
@@ -167,6 +204,11 @@ class Segmenter:
         threshold : float | None
             Foreground threshold; ``None`` uses the card's (``preprocessing.threshold``). The
             trainer passes a grid of values to calibrate it on the validation folds.
+        roi : numpy.ndarray | None
+            ``(Z, Y, X)`` mask on the source grid (the cord, for the lesion model); with the
+            card's ``output_roi_mm`` set, the mask is cut to it dilated by that many mm.
+        min_volume_mm3 : float | None
+            Smallest component kept; ``None`` uses the card's (``postprocessing.min_volume_mm3``).
         """
         thr = self.spec.threshold if threshold is None else float(threshold)
         max_dist = float(self.post.get("max_centerline_distance_mm", 0.0))
@@ -176,7 +218,10 @@ class Segmenter:
             prob = prob * keep
         mask = preprocess.to_source_grid(prob, prepared, threshold=thr)
         spacing = tuple(float(s) for s in prepared.source.GetSpacing()[:3][::-1])
+        keep_mm = output_roi_mm(self.post)
+        if roi is not None and keep_mm is not None:
+            mask = mask * postprocess.dilate_mm(roi, spacing, keep_mm)  # type: ignore[arg-type]
         return postprocess.keep_components(
             mask, spacing,  # type: ignore[arg-type]
-            min_volume_mm3=float(self.post.get("min_volume_mm3", 0.0)),
+            min_volume_mm3=float(self.post.get("min_volume_mm3", 0.0) if min_volume_mm3 is None else min_volume_mm3),
             min_fraction_of_largest=float(self.post.get("min_fraction_of_largest", 0.0)))

@@ -61,3 +61,29 @@ def test_random_intensity_curve_keeps_air_dark_and_shape() -> None:
     assert all(float(o[0, 0, 0]) <= 0.15 for o in outs)
     # not monotone for at least one draw: contrast can flip
     assert any((np.diff(o.ravel()) < 0).any() for o in outs)
+
+
+def test_calibration_of_threshold_and_minimum_volume_is_nested() -> None:
+    """With ``[train] min_volumes_mm3`` the grid holds ``threshold@volume`` pairs; each group is
+    scored at the pair the other groups prefer, and the card gets both values."""
+    from sci_node.preprocess import PrepSpec
+    from trainer.seg_eval import apply_setting, parse_setting, setting_grid
+
+    cfg = {"train": {"thresholds": [0.3, 0.5], "min_volumes_mm3": [2, 10]}, "post": {"min_volume_mm3": 2.0}}
+    spec = PrepSpec(spacing_yx=(0.8, 0.8), patch_yx=(32, 32), threshold=0.5)
+    grid = setting_grid(cfg, spec)
+    assert grid == ["0.3@2", "0.3@10", "0.5@2", "0.5@10"]
+    assert parse_setting("0.5@10") == (0.5, 10.0) and parse_setting(0.4) == (0.4, None) and parse_setting("0.4") == (0.4, None)
+
+    def row(d: float) -> dict:
+        return {"dice": d, "lesion_f1": d, "subject": "s", "contrast": "T2w"}
+
+    scores = {"a": {"0.5@10": 0.9}, "b": {"0.5@10": 0.8}, "c": {"0.3@2": 0.9, "0.5@10": 0.2}}
+    folds = {g: {k: {f"{g}_T2w": row(s.get(k, 0.1))} for k in grid} for g, s in scores.items()}
+    final, per_case, info = calibrate(folds, "lesion")
+    assert final == "0.5@10" and info["chosen_per_held_out_group"]["c"] == "0.5@10"
+    assert per_case["c_T2w"]["dice"] == 0.2  # scored at the others' choice, not its own best
+    assert (per_case["a_T2w"]["threshold"], per_case["a_T2w"]["min_volume_mm3"]) == parse_setting(
+        info["chosen_per_held_out_group"]["a"])
+    spec2, post = apply_setting(cfg, spec, final)
+    assert spec2.threshold == 0.5 and post["min_volume_mm3"] == 10.0 and cfg["post"]["min_volume_mm3"] == 2.0

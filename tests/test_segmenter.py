@@ -124,3 +124,33 @@ def test_lesion_input_masked_to_roi_ignores_everything_outside_it() -> None:
     assert truth.any()
     # normalisation uses whole-volume percentiles, so allow a few boundary voxels to differ
     assert int((preds[0] != preds[1]).sum()) <= max(3, int(0.1 * preds[0].sum()))
+
+
+def test_lesion_output_cut_to_the_cord_itself() -> None:
+    """``post.output_roi_mm = 0``: lesions are intramedullary, so a bright rim just outside the
+    cord mask (CSF partial volume, which the 1 mm input ROI lets the network see) is never
+    reported as a lesion; without the cut, the network marks some of it."""
+    shipped = Segmenter.from_artifact(LESION)
+    assert shipped.post.get("output_roi_mm") == 0.0  # the shipped lesion card cuts to the cord
+    image, cord_mask = _load("sub-unf01_T2w_crop")
+    from sci_node.postprocess import dilate_mm
+    from trainer.lesions import LesionSpec, inject_lesions
+
+    arr = sitk.GetArrayFromImage(image).astype(np.float32)
+    les_arr, truth = inject_lesions(np.random.default_rng(5), arr, cord_mask, (1.0, 1.0, 1.0),
+                                    LesionSpec(count=(1, 1), length_mm=(8, 12), width_mm=(4, 5), contrast=(0.8, 1.0)))
+    rim = (dilate_mm(cord_mask, (1.0, 1.0, 1.0), 1.0) > 0) & (cord_mask == 0)
+    # a bright, lesion-like rim next to the lesion: what CSF partial volume at the mask's edge looks like
+    near = dilate_mm(truth, (1.0, 1.0, 1.0), 3.0) > 0
+    les_arr[rim & near] = float(les_arr[truth > 0].max())
+    img = sitk.GetImageFromArray(les_arr)
+    img.CopyInformation(image)
+    preds = {}
+    for keep in (0.0, None):
+        post = {k: v for k, v in shipped.post.items() if k != "output_roi_mm"}
+        if keep is not None:
+            post["output_roi_mm"] = keep
+        preds[keep] = Segmenter(shipped.net, {**shipped.card, "postprocessing": post}).predict(img, roi=cord_mask)
+    assert (preds[0.0] & truth).any(), "the lesion itself is still found"
+    assert not (preds[0.0] & (cord_mask == 0)).any(), "nothing outside the cord mask"
+    assert (preds[None] & rim).any(), "without the cut the network marks the bright rim (the case this guards)"

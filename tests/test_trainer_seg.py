@@ -18,6 +18,7 @@ from sci_node.predict_seg import Segmenter
 from trainer import data as tdata
 from trainer.lesions import LesionSpec, inject_lesions
 from trainer.seg import train_segmentation
+from trainer.seg_eval import parse_setting
 
 SEG = Path(__file__).parent / "data" / "seg"
 CONFIGS = Path(__file__).resolve().parents[1] / "trainer" / "configs"
@@ -67,10 +68,14 @@ def test_one_epoch_writes_a_loadable_artifact(tmp_path: Path, model: str) -> Non
     assert card["training"]["command"].startswith(f"sci-node train {model}")
     assert len(card["data_hash"]) == 64 and card["training"]["seed"] == 3
     cal = card["metrics"]["threshold_calibration"]  # the shipped threshold comes from the folds
-    assert card["preprocessing"]["threshold"] == cal["chosen"] in cal["grid"]
-    for key, row in card["metrics"]["per_case"].items():  # each group scored at the others' threshold
+    assert cal["chosen"] in cal["grid"]
+    thr, vol = parse_setting(cal["chosen"])
+    assert card["preprocessing"]["threshold"] == thr
+    if model == "lesion":  # the lesion config also calibrates the smallest lesion kept
+        assert vol is not None and card["postprocessing"]["min_volume_mm3"] == vol
+    for key, row in card["metrics"]["per_case"].items():  # each group scored at the others' setting
         group = key.split("_")[0]
-        assert row["threshold"] == cal["chosen_per_held_out_group"][group]
+        assert (row["threshold"], row.get("min_volume_mm3")) == parse_setting(cal["chosen_per_held_out_group"][group])
     fold_hashes = set()
     for f in folds:  # each kept fold network describes what it trained on, never its held-out subject
         _, fcard = load_network(tmp_path / "folds" / f["held_out"])
@@ -84,9 +89,9 @@ def test_one_epoch_writes_a_loadable_artifact(tmp_path: Path, model: str) -> Non
     pred = seg.predict(image, roi=roi if model == "lesion" else None)
     assert pred.dtype == np.uint8 and pred.shape == roi.shape
     if model == "lesion":
-        near = dilate_mm(roi, (1.0, 1.0, 1.0), 2.5)  # ROI dilation 1 mm + resampling slack
-        assert not (pred & (near == 0)).any()
-        assert json.loads((out / "card.json").read_text())["postprocessing"]["roi_dilate_mm"] == 1.0
+        assert not (pred & (roi == 0)).any()  # output_roi_mm = 0: lesions only inside the cord mask
+        post = json.loads((out / "card.json").read_text())["postprocessing"]
+        assert post["roi_dilate_mm"] == 1.0 and post["output_roi_mm"] == 0.0
 
 
 def test_missing_mask_names_the_image(tmp_path: Path) -> None:
@@ -181,3 +186,24 @@ def test_lesion_training_copies_clean_and_masked() -> None:
     masked = with_lesions([vol], np.random.default_rng(1), spec, mask_to_cord_mm=1.0)[0]
     near = dilate_mm(cord, (1.0, 1.0, 1.0), 1.0) > 0
     assert not masked.image[~near].any() and masked.image[near].any()
+    # roi_normalise = "median": training divides by the ROI's median, exactly as inference does
+    post = {"roi_normalise": "median"}
+    normed = with_lesions([vol], np.random.default_rng(1), spec, mask_to_cord_mm=1.0, post=post)[0]
+    assert np.median(normed.image[near]) == pytest.approx(1.0)
+    assert np.allclose(normed.image, np.clip(masked.image / np.median(masked.image[near]), 0, 4))
+
+
+def test_roi_input_is_the_cords_own_scale() -> None:
+    """The lesion model's input (``predict_seg.roi_input``) does not depend on how bright this
+    cord is overall: scaling the image leaves it unchanged (below the clip)."""
+    from sci_node.predict_seg import roi_input
+
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))).astype(np.float32)
+    cord = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop_seg-manual.nii.gz"))).astype(np.uint8)
+    roi = dilate_mm(cord, (1.0, 1.0, 1.0), 1.0)
+    post = {"mask_input_to_roi": True, "roi_normalise": "median", "roi_clip_max": 100.0}
+    a = roi_input(image / image.max(), roi, post)
+    assert np.allclose(a, roi_input(3.7 * image / image.max(), roi, post), atol=1e-5)
+    assert np.median(a[roi > 0]) == pytest.approx(1.0) and not a[roi == 0].any()
+    assert np.array_equal(roi_input(image, roi, {}), image)  # no ROI settings: the input is untouched
+    assert np.array_equal(roi_input(image, roi, {"mask_input_to_roi": True}), image * (roi > 0))

@@ -2,6 +2,7 @@
 ``python -m trainer.examples models/cord/0.1.0`` (cord predictions on unlabelled real scans)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import matplotlib
@@ -12,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sci_node import preprocess  # noqa: E402
-from trainer.lesions import LesionSpec, inject_lesions  # noqa: E402
+from trainer.lesions import inject_lesions  # noqa: E402
 from trainer.synth import load_template, synth_volume  # noqa: E402
 
 D = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spine"
@@ -32,10 +33,13 @@ def example_pngs() -> None:
     rng = np.random.default_rng(3)
     im, m, sp = synth_volume(rng, tmpl, (0.8, 0.8))
     rows.append(("synthetic (PAM50 labels)", preprocess.normalise(im, spec), m, sp))
+    from trainer.seg import lesion_spec, load_config
+
+    lspec = dataclasses.replace(lesion_spec(load_config("lesion", None)), count=(2, 3))  # the shipped generator
     fig, axes = plt.subplots(len(rows), 4, figsize=(12, 3 * len(rows)))
     for r, (name, arr, cord, sp) in enumerate(rows):
         rng = np.random.default_rng(10 + r)
-        les_img, les = inject_lesions(rng, arr, cord, sp, LesionSpec(count=(2, 3)))
+        les_img, les = inject_lesions(rng, arr, cord, sp, lspec)
         z = int(np.argmax(les.sum((1, 2)))) if les.any() else arr.shape[0] // 2
         box = preprocess.roi_bbox(cord[z][None], (0, 20, 20))
         ys, xs = box[1], box[2]

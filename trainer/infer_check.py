@@ -291,8 +291,13 @@ def fold_eval_dice(card: dict[str, Any], key: str) -> tuple[float | None, float 
     per = card.get("metrics", {}).get("per_threshold", {})
     if thr is None:
         return None, None
+    from trainer.seg_eval import parse_setting
+
+    vol = card.get("postprocessing", {}).get("min_volume_mm3")
     for t, cases in per.items():
-        if abs(float(t) - float(thr)) < 1e-9 and key in cases:
+        t_thr, t_vol = parse_setting(t)
+        same_vol = t_vol is None or vol is None or abs(t_vol - float(vol)) < 1e-9
+        if abs(t_thr - float(thr)) < 1e-9 and same_vol and key in cases:
             return cases[key].get("dice"), float(thr)
     return None, float(thr)
 

@@ -29,6 +29,9 @@ class LesionSpec:
     roughness: tuple[float, float] = (0.0, 0.35)
     texture: tuple[float, float] = (0.0, 0.25)
     min_fraction: float = 0.5  # voxel lesion fraction counted as lesion in the mask
+    # the cord intensity percentile the contrast starts from: 50 = the median cord voxel; 90 =
+    # above the bright cord tissue (T2*w grey matter), so that every lesion is hyperintense
+    reference_percentile: float = 50.0
 
     @classmethod
     def from_config(cls, gen: dict[str, Any]) -> "LesionSpec":
@@ -87,6 +90,10 @@ def inject_lesions(rng: np.random.Generator, image: np.ndarray, cord: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Add synthetic hyperintense lesions inside ``cord``.
 
+    A lesion's intensity is ``ref + c * (top - ref)`` (times its texture, never darker than
+    the voxel it replaces): ``ref`` the ``spec.reference_percentile`` of the cord's
+    intensities, ``top`` the image's 99th percentile, ``c`` drawn from ``spec.contrast``.
+
     Parameters
     ----------
     image : numpy.ndarray
@@ -110,7 +117,7 @@ def inject_lesions(rng: np.random.Generator, image: np.ndarray, cord: np.ndarray
         return out, lesion.astype(np.uint8)
     sp = np.asarray(spacing, dtype=float)
     cord_vals = image[cord > 0]
-    cord_level = float(np.median(cord_vals))
+    cord_level = float(np.percentile(cord_vals, spec.reference_percentile))
     top = float(np.percentile(image, 99.0))
     for _ in range(int(rng.integers(spec.count[0], spec.count[1] + 1))):
         centre = idx[rng.integers(len(idx))].astype(float)

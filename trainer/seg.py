@@ -7,8 +7,6 @@ final scores are computed by :class:`sci_node.predict_seg.Segmenter` on each sou
 """
 from __future__ import annotations
 
-import dataclasses
-
 import json
 import sys
 import time
@@ -25,7 +23,7 @@ from trainer import __version__ as TRAINER_VERSION
 from trainer import git_commit, read_toml_config
 from trainer import data as tdata
 from trainer.lesions import LesionSpec, inject_lesions
-from trainer.seg_eval import evaluate_cord, evaluate_lesion
+from trainer.seg_eval import apply_setting, evaluate_cord, evaluate_lesion, setting_grid
 
 log = structlog.get_logger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +141,8 @@ def lesion_spec(cfg: dict[str, Any]) -> LesionSpec:
 
 
 def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec,
-                 mask_to_cord_mm: float | None = None, clean_fraction: float = 0.0) -> list[Vol]:
+                 mask_to_cord_mm: float | None = None, clean_fraction: float = 0.0,
+                 post: dict[str, Any] | None = None) -> list[Vol]:
     """Copies of cord volumes with freshly injected lesions (label = lesion mask).
 
     ``clean_fraction`` of the copies (drawn per volume) get no lesion and an empty label:
@@ -151,9 +150,12 @@ def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec,
 
     ``mask_to_cord_mm`` (the lesion card's ``post.mask_input_to_roi``): the image is then set
     to 0 outside the cord dilated by that many mm, after the injection — what the node's
-    :meth:`~sci_node.predict_seg.Segmenter.predict_prob_model_grid` feeds the network.
+    :meth:`~sci_node.predict_seg.Segmenter.predict_prob_model_grid` feeds the network, through
+    the same :func:`~sci_node.predict_seg.roi_input` (``post``: the config's ``[post]``, e.g.
+    ``roi_normalise``).
     """
     from sci_node.postprocess import dilate_mm
+    from sci_node.predict_seg import roi_input
 
     out = []
     for v in vols:
@@ -164,7 +166,7 @@ def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec,
         else:
             img, les = inject_lesions(rng, v.image, v.cord, v.spacing, lspec)
         if mask_to_cord_mm is not None:
-            img = img * dilate_mm(v.cord, v.spacing, mask_to_cord_mm)
+            img = roi_input(img, dilate_mm(v.cord, v.spacing, mask_to_cord_mm), {**(post or {}), "mask_input_to_roi": True})
         out.append(Vol(v.key, v.group, img, les, v.spacing, cord=v.cord, synthetic=v.synthetic, extra=v.extra))
     return out
 
@@ -186,11 +188,17 @@ def run_fold(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: list[Vo
     if cfg["model"]["task"] == "lesion":
         lspec = lesion_spec(cfg)
         mask_mm = input_mask_mm(cfg)
-        val_vols = with_lesions(val_vols, np.random.default_rng(seed + 1), lspec, mask_mm)
+        post = cfg.get("post", {})
+        val_vols = with_lesions(val_vols, np.random.default_rng(seed + 1), lspec, mask_mm, post=post)
         clean = float(cfg.get("lesions", {}).get("clean_fraction", 0.0))
-        refresh = lambda ep, rng: with_lesions(train_vols, rng, lspec, mask_mm, clean)  # noqa: E731
+        refresh = lambda ep, rng: with_lesions(train_vols, rng, lspec, mask_mm, clean, post)  # noqa: E731
     return train_network(cfg, spec, train_vols, val_vols, seed=seed, device=device, minutes=minutes,
                          epochs=epochs, tag=tag, refresh=refresh)
+
+
+def jsonable_settings(per_setting: dict[Any, Any]) -> dict[str, Any]:
+    """Per-setting results with string keys (as JSON stores them)."""
+    return {str(k): v for k, v in per_setting.items()}
 
 
 def _card(cfg: dict[str, Any], spec: preprocess.PrepSpec, metrics: dict[str, Any], cases: list[tdata.Case],
@@ -229,7 +237,7 @@ def _loso(cfg: dict[str, Any], spec: preprocess.PrepSpec, vols: list[Vol], synth
     splits: dict[str, Any] = {"folds": []}
     all_groups = sorted({v.group for v in vols})
     groups = [g for g in all_groups if g in tcfg.get("loso_groups", all_groups)]  # comparisons: a subset
-    grid = [float(t) for t in tcfg.get("thresholds", [spec.threshold])]
+    grid = setting_grid(cfg, spec)
     fold_results: dict[str, Any] = {}
     if tcfg.get("loso", True) and len(all_groups) > 1:
         for g in groups:
@@ -247,7 +255,7 @@ def _loso(cfg: dict[str, Any], spec: preprocess.PrepSpec, vols: list[Vol], synth
                 from sci_node.artifact import write_artifact
 
                 fold_cases = [v.extra["case"] for v in train_v if not v.synthetic]  # what this fold trained on
-                card = _card(cfg, spec, {"held_out": g, "per_threshold": fold_results[g]}, fold_cases,
+                card = _card(cfg, spec, {"held_out": g, "per_threshold": jsonable_settings(fold_results[g])}, fold_cases,
                              {"fold": fold}, seed, len(hist), hist)
                 card["version"] = f"{card['version']}+loso-{g}"
                 write_artifact(Path(keep_folds) / g, net.state_dict(), card)
@@ -304,8 +312,9 @@ def train_segmentation(model_name: str, config: Path | None, data: Path | None, 
     synth = synth_pool(cfg, spec, rng, task, margin)
     log.info("train.start", model=model_name, cases=[v.key for v in vols], synthetic=len(synth), epochs=n_epochs)
     metrics, splits = _loso(cfg, spec, vols, synth, seed, device, n_epochs, keep_folds)
-    if "threshold_calibration" in metrics:  # ship the threshold chosen on the folds
-        spec = dataclasses.replace(spec, threshold=float(metrics["threshold_calibration"]["chosen"]))
+    if "threshold_calibration" in metrics:  # ship the threshold (and minimum volume) chosen on the folds
+        spec, post = apply_setting(cfg, spec, metrics["threshold_calibration"]["chosen"])
+        cfg = {**cfg, "post": post}
     metrics.update(summarise(metrics["per_case"], task))
     out_dir = Path(out) if out else REPO / "models" / cfg["model"]["name"] / cfg["model"]["version"]
     if not tcfg.get("final", True):  # comparison runs: LOSO metrics only, no artefact

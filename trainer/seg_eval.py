@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from sci_node import preprocess
-from sci_node.postprocess import lesion_f1
+from sci_node.postprocess import keep_components, lesion_f1
 from sci_node.predict_seg import Segmenter
 from trainer import data as tdata
 from trainer.lesions import LesionSpec, inject_lesions
@@ -31,6 +31,41 @@ def scores(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, flo
     return {"dice": dice, "hd95_mm": hd}
 
 
+
+def setting_grid(cfg: dict[str, Any], spec: preprocess.PrepSpec) -> list[float | str]:
+    """The post-processing settings calibrated on the folds.
+
+    ``[train] thresholds`` (default: the card's threshold) and, when given,
+    ``[train] min_volumes_mm3`` (the smallest component kept): every pair becomes a
+    ``"threshold@volume"`` entry; with thresholds only, the entries are the float thresholds.
+    """
+    thresholds = [float(t) for t in cfg["train"].get("thresholds", [spec.threshold])]
+    volumes = cfg["train"].get("min_volumes_mm3")
+    if not volumes:
+        return list(thresholds)
+    return [f"{t:g}@{float(v):g}" for t in thresholds for v in volumes]
+
+
+def parse_setting(key: float | str) -> tuple[float, float | None]:
+    """``(threshold, min_volume_mm3 or None)`` of a grid entry (also its JSON string form)."""
+    if isinstance(key, str) and "@" in key:
+        t, v = key.split("@", 1)
+        return float(t), float(v)
+    return float(key), None
+
+
+def apply_setting(cfg: dict[str, Any], spec: preprocess.PrepSpec, key: float | str
+                  ) -> tuple[preprocess.PrepSpec, dict[str, Any]]:
+    """``(spec, post)`` for a card: the threshold into ``spec``, the minimum volume into ``post``."""
+    import dataclasses
+
+    t, v = parse_setting(key)
+    post = dict(cfg.get("post", {}))
+    if v is not None:
+        post["min_volume_mm3"] = v
+    return dataclasses.replace(spec, threshold=t), post
+
+
 def segmenter_for(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, device: str) -> Segmenter:
     """An in-memory Segmenter with the card fields inference reads."""
     card = {"name": cfg["model"]["name"], "version": cfg["model"]["version"], "kind": "segmentation",
@@ -43,22 +78,24 @@ def _spacing(img: sitk.Image) -> tuple[float, float, float]:
 
 
 def evaluate_cord(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, cases: Sequence[tdata.Case], device: str,
-                  seed: int, thresholds: Sequence[float] | None = None) -> dict[float, dict[str, dict[str, Any]]]:
-    """Per threshold, per held-out case: Dice and HD95 of the predicted cord vs the reference on the source grid.
+                  seed: int, thresholds: Sequence[float | str] | None = None) -> dict[Any, dict[str, dict[str, Any]]]:
+    """Per setting, per held-out case: Dice and HD95 of the predicted cord vs the reference on the source grid.
 
-    The network runs once per case; each threshold of ``thresholds`` (default: the card's) is
+    The network runs once per case; each setting of ``thresholds`` (thresholds or
+    ``"threshold@volume"`` entries of :func:`setting_grid`; default: the card's threshold) is
     then applied through :meth:`Segmenter.finish`, the node's own post-processing.
     """
     seg = segmenter_for(net, cfg, spec, device)
     grid = list(thresholds) if thresholds else [spec.threshold]
-    out: dict[float, dict[str, dict[str, Any]]] = {t: {} for t in grid}
+    out: dict[Any, dict[str, dict[str, Any]]] = {t: {} for t in grid}
     for case in cases:
         image, mask = tdata.load_case(case)
         prepared = preprocess.prepare(image, seg.spec)
         prob = seg.predict_prob_model_grid(prepared)
         truth = sitk.GetArrayFromImage(mask)
         for t in grid:
-            res = scores(seg.finish(prob, prepared, t), truth, _spacing(image))
+            thr, vol = parse_setting(t)
+            res = scores(seg.finish(prob, prepared, thr, min_volume_mm3=vol), truth, _spacing(image))
             out[t][case.key] = {"subject": case.subject, "contrast": case.contrast, **res}
     return out
 
@@ -89,35 +126,58 @@ def clean_trial(image: sitk.Image, cord: sitk.Image) -> tuple[sitk.Image, np.nda
     return img_c, cord_arr, np.zeros(cord_arr.shape, np.uint8)
 
 
+def _lesion_pred(seg: Segmenter, prob: np.ndarray, prepared: preprocess.Prepared, setting: float | str,
+                 cord: np.ndarray, base: dict[float, np.ndarray]) -> np.ndarray:
+    """The node's lesion mask for one grid setting; ``base`` caches one resampling per threshold."""
+    thr, vol = parse_setting(setting)
+    if vol is None:
+        return seg.finish(prob, prepared, thr, roi=cord)
+    if thr not in base:
+        base[thr] = seg.finish(prob, prepared, thr, roi=cord, min_volume_mm3=0.0)
+    spacing = _spacing(prepared.source)
+    return keep_components(base[thr], spacing, min_volume_mm3=vol,
+                           min_fraction_of_largest=float(seg.post.get("min_fraction_of_largest", 0.0)))
+
+
+def _accumulate(a: dict[str, Any], pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float],
+                weight: float) -> None:
+    """Add one trial's voxel and lesion counts (times ``weight``) to the accumulator ``a``."""
+    a["inter"] += weight * float((pred & truth).sum())
+    a["tot"] += weight * float(pred.sum() + truth.sum())
+    f = lesion_f1(pred, truth)
+    for k in ("tp", "fp", "fn"):
+        a[k] += weight * f[k]
+    if not truth.any():  # the lesion-free image: every component is a false lesion
+        a["clean_fp"] += f["fp"]
+    hd = scores(pred, truth, spacing)["hd95_mm"]
+    if hd is not None:
+        a["hds"].append(hd)
+
+
 def evaluate_lesion(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, cases: Sequence[tdata.Case], device: str,
-                    seed: int, thresholds: Sequence[float] | None = None) -> dict[float, dict[str, dict[str, Any]]]:
-    """Per threshold, per held-out case: synthetic lesions injected in the source image (inside the
-    reference cord), plus the lesion-free image itself; lesion model restricted to that cord;
-    Dice (pooled over trials), mean HD95, pooled lesion-wise F1, false lesions on the
-    lesion-free image."""
+                    seed: int, thresholds: Sequence[float | str] | None = None) -> dict[Any, dict[str, dict[str, Any]]]:
+    """Per setting (see :func:`evaluate_cord`), per held-out case: ``[lesions] val_trials`` copies
+    with synthetic lesions injected in the source image (inside the reference cord), plus the
+    lesion-free image itself, counted once per 4 injected copies (so its false lesions weigh the
+    same whatever the number of trials); lesion model restricted to that cord. Dice (pooled over
+    trials), mean HD95, pooled lesion-wise F1, false lesions on the lesion-free image."""
     seg = segmenter_for(net, cfg, spec, device)
     lspec = LesionSpec.from_config(cfg.get("lesions", {}).get("generator", {}))
     n = int(cfg.get("lesions", {}).get("val_trials", 4))
+    clean_weight = float(max(1, n // 4))
     grid = list(thresholds) if thresholds else [spec.threshold]
-    out: dict[float, dict[str, dict[str, Any]]] = {t: {} for t in grid}
+    out: dict[Any, dict[str, dict[str, Any]]] = {t: {} for t in grid}
     for case in cases:
         image, mask = tdata.load_case(case)
-        acc = {t: {"inter": 0.0, "tot": 0.0, "tp": 0.0, "fp": 0.0, "fn": 0.0, "hds": [], "clean_fp": 0.0} for t in grid}
-        for img, cord_arr, truth in [*lesion_trials(image, mask, lspec, n, seed), clean_trial(image, mask)]:
+        acc: dict[Any, dict[str, Any]] = {t: {"inter": 0.0, "tot": 0.0, "tp": 0.0, "fp": 0.0, "fn": 0.0, "hds": [],
+                                              "clean_fp": 0.0} for t in grid}
+        trials = [(*tr, 1.0) for tr in lesion_trials(image, mask, lspec, n, seed)]
+        for img, cord_arr, truth, weight in [*trials, (*clean_trial(image, mask), clean_weight)]:
             prepared = preprocess.prepare(img, seg.spec)
             prob = seg.predict_prob_model_grid(prepared, roi=cord_arr)
+            base: dict[float, np.ndarray] = {}
             for t in grid:
-                pred = seg.finish(prob, prepared, t)
-                a = acc[t]
-                a["inter"] += float((pred & truth).sum())
-                a["tot"] += float(pred.sum() + truth.sum())
-                f = lesion_f1(pred, truth)
-                a["tp"], a["fp"], a["fn"] = a["tp"] + f["tp"], a["fp"] + f["fp"], a["fn"] + f["fn"]
-                if not truth.any():  # the lesion-free image: every component is a false lesion
-                    a["clean_fp"] += f["fp"]
-                hd = scores(pred, truth, _spacing(img))["hd95_mm"]
-                if hd is not None:
-                    a["hds"].append(hd)
+                _accumulate(acc[t], _lesion_pred(seg, prob, prepared, t, cord_arr, base), truth, _spacing(img), weight)
         for t, a in acc.items():
             out[t][case.key] = {"subject": case.subject, "contrast": case.contrast, **_lesion_summary(a, n)}
     return out
@@ -166,7 +226,7 @@ def calibrate(fold_results: dict[str, dict[float, dict[str, dict[str, Any]]]], t
         def score(t: float) -> float:
             merged = {k: v for g in use for k, v in fold_results[g][t].items()}
             return objective(merged, task)
-        return max(grid, key=lambda t: (score(t), -abs(t - 0.5)))
+        return max(grid, key=lambda t: (score(t), -abs(parse_setting(t)[0] - 0.5), -(parse_setting(t)[1] or 0.0)))
 
     per_case: dict[str, dict[str, Any]] = {}
     chosen_for: dict[str, float] = {}
@@ -174,7 +234,9 @@ def calibrate(fold_results: dict[str, dict[float, dict[str, dict[str, Any]]]], t
         others = [h for h in groups if h != g] or [g]
         t = best(others)
         chosen_for[g] = t
-        per_case.update({k: {**v, "threshold": t} for k, v in fold_results[g][t].items()})
+        thr, vol = parse_setting(t)
+        extra = {"threshold": thr} if vol is None else {"threshold": thr, "min_volume_mm3": vol}
+        per_case.update({k: {**v, **extra} for k, v in fold_results[g][t].items()})
     final = best(groups) if groups else 0.5
     info = {"grid": grid, "chosen": final, "chosen_per_held_out_group": chosen_for,
             "objective_all_folds": {str(t): objective({k: v for g in groups for k, v in fold_results[g][t].items()}, task)

@@ -23,15 +23,19 @@ def _fmt(v: Any) -> str:
 
 
 def table(folders: list[Path]) -> str:
-    """One row per held-out case: model, subject, contrast, Dice, HD95 (mm), lesion-wise P/R/F1."""
-    rows = ["| model | held-out subject | contrast | Dice | HD95 (mm) | lesion P | lesion R | lesion F1 |",
-            "|---|---|---|---|---|---|---|---|"]
+    """One row per held-out case: model, subject, contrast, Dice, HD95 (mm), lesion-wise P/R/F1,
+    false lesions on the lesion-free image, and the setting it was scored at (the threshold and,
+    for the lesion model, the smallest lesion kept — chosen on the other folds)."""
+    rows = ["| model | held-out subject | contrast | Dice | HD95 (mm) | lesion P | lesion R | lesion F1 "
+            "| false lesions, lesion-free image | threshold / min. volume (mm³) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for f in folders:
         name, m = _metrics(f)
         for key, r in sorted(m.get("per_case", {}).items()):
+            setting = _fmt(r.get("threshold")) + ("" if r.get("min_volume_mm3") is None else f" / {r['min_volume_mm3']:g}")
             rows.append(f"| {name} | {r['subject']} | {r['contrast']} | {_fmt(r['dice'])} | {_fmt(r.get('hd95_mm'))} "
                         f"| {_fmt(r.get('lesion_precision'))} | {_fmt(r.get('lesion_recall'))} "
-                        f"| {_fmt(r.get('lesion_f1'))} |")
+                        f"| {_fmt(r.get('lesion_f1'))} | {_fmt(r.get('false_lesions_lesion_free'))} | {setting} |")
     return "\n".join(rows)
 
 

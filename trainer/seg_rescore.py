@@ -14,7 +14,6 @@ the same fold networks, hence the same card.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -26,8 +25,8 @@ import structlog
 from sci_node.artifact import load_network, verify_artifact, write_card
 from sci_node.errors import DataError, ModelError
 from trainer import data as tdata
-from trainer.seg import _resolve, data_spec, load_config, prep_spec, summarise
-from trainer.seg_eval import calibrate, evaluate_cord, evaluate_lesion
+from trainer.seg import _resolve, data_spec, jsonable_settings, load_config, prep_spec, summarise
+from trainer.seg_eval import apply_setting, calibrate, evaluate_cord, evaluate_lesion, setting_grid
 
 log = structlog.get_logger(__name__)
 
@@ -50,7 +49,7 @@ def rescore_folds(model: str, cfg: dict[str, Any], folds: Path, device: str = "c
         summary, ``threshold_calibration``) and the raw ``{group: {threshold: {case: scores}}}``.
     """
     spec = prep_spec(cfg)
-    grid = [float(t) for t in cfg["train"].get("thresholds", [spec.threshold])]
+    grid = setting_grid(cfg, spec)
     cases = {c.key: c for c in tdata.discover(_resolve(cfg["data"]["root"]), data_spec(cfg))}
     evaluate = evaluate_cord if cfg["model"]["task"] == "cord" else evaluate_lesion
     seed = 0
@@ -77,13 +76,13 @@ def update_artifact(art_dir: Path, cfg: dict[str, Any], metrics: dict[str, Any],
     if (card.get("name"), card.get("version")) != (cfg["model"]["name"], cfg["model"]["version"]):
         raise ModelError(f"artefact {str(art_dir)!r} is {card.get('name')} {card.get('version')}, but the config "
                          f"describes {cfg['model']['name']} {cfg['model']['version']}: pass its own --config")
-    spec = dataclasses.replace(prep_spec(cfg), threshold=float(metrics["threshold_calibration"]["chosen"]))
+    spec, post = apply_setting(cfg, prep_spec(cfg), metrics["threshold_calibration"]["chosen"])
     card["preprocessing"] = spec.to_card()
-    card["postprocessing"] = cfg.get("post", {})
+    card["postprocessing"] = post
     card["metrics"] = metrics
     card.setdefault("training", {})["rescored"] = {
         "command": command, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "thresholds": metrics["threshold_calibration"]["grid"], "postprocessing": cfg.get("post", {})}
+        "thresholds": metrics["threshold_calibration"]["grid"], "postprocessing": post}
     return write_card(Path(art_dir), card)
 
 
@@ -96,9 +95,9 @@ def update_folds(folds: Path, cfg: dict[str, Any], metrics: dict[str, Any],
     for d in _fold_dirs(folds):
         card = verify_artifact(d)
         group = card["training"]["splits"]["fold"]["held_out"]
-        spec = dataclasses.replace(prep_spec(cfg), threshold=float(chosen[group]))
-        card["preprocessing"], card["postprocessing"] = spec.to_card(), cfg.get("post", {})
-        card["metrics"] = {"held_out": group, "per_threshold": fold_results[group]}
+        spec, post = apply_setting(cfg, prep_spec(cfg), chosen[group])
+        card["preprocessing"], card["postprocessing"] = spec.to_card(), post
+        card["metrics"] = {"held_out": group, "per_threshold": jsonable_settings(fold_results[group])}
         write_card(d, card)
 
 
