@@ -20,17 +20,19 @@ if TYPE_CHECKING:
 
 
 def infer_volume(net: "torch.nn.Module", array: np.ndarray, spec: preprocess.PrepSpec, device: str = "cpu",
-                 batch_slices: int = 16) -> np.ndarray:
+                 batch_slices: int = 16, z_spacing: float = 1.0) -> np.ndarray:
     """Foreground probability of every axial slice of a model-grid volume.
 
     Parameters
     ----------
     net : torch.nn.Module
-        2-D network, ``2*spec.context+1`` input channels, 1 output channel (logits).
+        2-D network, ``spec.in_channels`` input channels, 1 output channel (logits).
     array : numpy.ndarray
         ``(Z, Y, X)`` float32 normalised model-grid intensities.
     spec : PrepSpec
-        Gives ``patch_yx`` (sliding-window ROI) and ``context``.
+        Gives ``patch_yx`` (sliding-window ROI), ``context`` and ``thickness_channel``.
+    z_spacing : float
+        Slice spacing (mm) of ``array``; read only with ``spec.thickness_channel``.
 
     Returns
     -------
@@ -41,6 +43,9 @@ def infer_volume(net: "torch.nn.Module", array: np.ndarray, spec: preprocess.Pre
     from monai.inferers import sliding_window_inference
 
     stacked, inner = preprocess.pad_to(preprocess.with_context(array, spec.context), spec.patch_yx)
+    if spec.thickness_channel:
+        thick = np.full((stacked.shape[0], 1, *stacked.shape[2:]), preprocess.thickness_value(z_spacing), np.float32)
+        stacked = np.concatenate([stacked, thick], axis=1)
     out = np.zeros(array.shape, np.float32)
     with torch.inference_mode():
         for z0 in range(0, stacked.shape[0], batch_slices):
@@ -143,6 +148,10 @@ class Segmenter:
             self.spec = preprocess.PrepSpec.from_card(card["preprocessing"])
         except (KeyError, ValueError, TypeError, IndexError) as exc:
             raise ModelError(f"model {self.name} {self.version}: bad preprocessing in card: {exc}") from None
+        in_ch = card.get("architecture", {}).get("args", {}).get("in_channels")
+        if in_ch is not None and int(in_ch) != self.spec.in_channels:
+            raise ModelError(f"model {self.name} {self.version}: the network takes {in_ch} input channels, but its "
+                             f"preprocessing feeds {self.spec.in_channels}")
         self.post: dict[str, Any] = dict(card.get("postprocessing", {}))
 
     @classmethod
@@ -168,13 +177,14 @@ class Segmenter:
 
     def predict_prob_model_grid(self, prepared: preprocess.Prepared, roi: np.ndarray | None = None) -> np.ndarray:
         """``(Z, Y, X)`` float32 probabilities on ``prepared.grid`` (zero outside the ROI)."""
+        z_spacing = float(prepared.grid.GetSpacing()[2])
         if roi is None:
-            return infer_volume(self.net, prepared.array, self.spec, self.device)
+            return infer_volume(self.net, prepared.array, self.spec, self.device, z_spacing=z_spacing)
         roi_m, box = self._roi_box(prepared, roi)
         if box is None:
             return np.zeros(prepared.array.shape, np.float32)
         array = roi_input(preprocess.crop(prepared.array, box), preprocess.crop(roi_m, box), self.post)
-        prob = infer_volume(self.net, array, self.spec, self.device)
+        prob = infer_volume(self.net, array, self.spec, self.device, z_spacing=z_spacing)
         return preprocess.paste(prob, box, prepared.array.shape) * roi_m
 
     def predict(self, image: sitk.Image, roi: np.ndarray | None = None) -> np.ndarray:

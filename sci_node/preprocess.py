@@ -54,6 +54,9 @@ class PrepSpec:
         Neighbouring slices on each side fed as channels (0 = 2-D, 1 = 2.5-D with 3 channels).
     threshold : float
         Probability threshold of the foreground.
+    thickness_channel : bool
+        Feed the slice spacing as one more, constant input channel (:func:`thickness_value`), so
+        a 2-D network can tell thick slices (partial-volume edges) from thin ones.
     """
 
     spacing_yx: tuple[float, float] = (0.8, 0.8)
@@ -64,6 +67,7 @@ class PrepSpec:
     patch_yx: tuple[int, int] = (96, 96)
     context: int = 0
     threshold: float = 0.5
+    thickness_channel: bool = False
 
     def to_card(self) -> dict[str, Any]:
         """JSON-able dict for a model card."""
@@ -73,6 +77,7 @@ class PrepSpec:
             "normalisation": {"kind": "percentile", "lower": self.lower, "upper": self.upper,
                               "clip_max": self.clip_max},
             "patch_yx": list(self.patch_yx), "context_slices": self.context, "threshold": self.threshold,
+            "thickness_channel": self.thickness_channel,
         }
 
     @classmethod
@@ -86,7 +91,13 @@ class PrepSpec:
                    z_spacing=None if zs is None else float(zs),
                    lower=float(norm["lower"]), upper=float(norm["upper"]), clip_max=float(norm["clip_max"]),
                    patch_yx=(int(pre["patch_yx"][0]), int(pre["patch_yx"][1])),
-                   context=int(pre.get("context_slices", 0)), threshold=float(pre.get("threshold", 0.5)))
+                   context=int(pre.get("context_slices", 0)), threshold=float(pre.get("threshold", 0.5)),
+                   thickness_channel=bool(pre.get("thickness_channel", False)))
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels of the network: ``2*context+1`` slices, plus 1 with ``thickness_channel``."""
+        return 2 * self.context + 1 + int(self.thickness_channel)
 
 
 @dataclass(frozen=True)
@@ -250,6 +261,11 @@ def to_source_grid(prob: np.ndarray, prepared: Prepared, threshold: float | None
     if threshold is None:
         return out.astype(np.float32)
     return (out >= threshold).astype(np.uint8)
+
+
+def thickness_value(z_spacing_mm: float) -> float:
+    """The thickness channel's constant: slice spacing / 5 mm, clipped to [0, 2]."""
+    return float(np.clip(z_spacing_mm / 5.0, 0.0, 2.0))
 
 
 def with_context(volume: np.ndarray, context: int) -> np.ndarray:

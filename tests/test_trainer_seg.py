@@ -207,3 +207,38 @@ def test_roi_input_is_the_cords_own_scale() -> None:
     assert np.median(a[roi > 0]) == pytest.approx(1.0) and not a[roi == 0].any()
     assert np.array_equal(roi_input(image, roi, {}), image)  # no ROI settings: the input is untouched
     assert np.array_equal(roi_input(image, roi, {"mask_input_to_roi": True}), image * (roi > 0))
+
+
+def test_thickness_channel_reaches_the_network_in_training_and_inference() -> None:
+    """``preprocessing.thickness_channel``: one more input channel holding slice spacing / 5 mm,
+    appended after augmentation in training and by ``infer_volume`` at inference; a card whose
+    network does not take that many channels is refused."""
+    from sci_node.errors import ModelError
+    from sci_node.predict_seg import infer_volume
+    from sci_node.preprocess import PrepSpec, thickness_value
+    from trainer.seg import Vol
+    from trainer.seg_loop import SliceSampler, augmentation
+
+    spec = PrepSpec(patch_yx=(32, 32), thickness_channel=True)
+    assert spec.in_channels == 2 and PrepSpec.from_card(spec.to_card()) == spec
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))).astype(np.float32)
+    cord = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop_seg-manual.nii.gz"))).astype(np.uint8)
+    vols = [Vol("thin", "g", image / image.max(), cord, (1.0, 1.0, 1.0)),
+            Vol("thick", "g", image / image.max(), cord, (5.0, 1.0, 1.0))]
+    cfg = {"augment": {"bias_p": 1.0, "gamma_p": 1.0, "noise_p": 1.0, "curve_p": 1.0}}  # intensity transforms on
+    x, y = SliceSampler(vols, spec, np.random.default_rng(0), 0.5, 0.0).batch(8, 2, augmentation(cfg, 0))
+    assert x.shape == (8, 2, 32, 32) and y.shape == (8, 1, 32, 32)
+    per_sample = x[:, 1].reshape(8, -1)
+    assert (per_sample.max(1).values == per_sample.min(1).values).all()  # constant, untouched by augmentation
+    assert all(np.isclose(v, [thickness_value(1.0), thickness_value(5.0)]).any() for v in per_sample[:, 0].numpy())
+    # inference: a 1x1 convolution that reads the second channel only returns sigmoid(thickness)
+    net = torch.nn.Conv2d(2, 1, 1)
+    with torch.no_grad():
+        net.weight[:] = torch.tensor([0.0, 1.0]).view(1, 2, 1, 1)
+        net.bias.zero_()
+    prob = infer_volume(net, image[:3] / image.max(), spec, z_spacing=5.0)
+    assert np.allclose(prob, 1 / (1 + np.exp(-thickness_value(5.0))), atol=1e-5)
+    card = {"name": "lesion", "version": "x", "preprocessing": spec.to_card(),
+            "architecture": {"args": {"in_channels": 1}}}
+    with pytest.raises(ModelError, match="takes 1 input channels"):
+        Segmenter(net, card)

@@ -71,7 +71,8 @@ def prep_spec(cfg: dict[str, Any]) -> preprocess.PrepSpec:
     return preprocess.PrepSpec(spacing_yx=tuple(p["spacing_yx"]), z_spacing=p.get("z_spacing"),
                                lower=p.get("lower", 0.5), upper=p.get("upper", 99.5), clip_max=p.get("clip_max", 1.5),
                                patch_yx=tuple(p["patch_yx"]), context=int(p.get("context", 0)),
-                               threshold=float(p.get("threshold", 0.5)))
+                               threshold=float(p.get("threshold", 0.5)),
+                               thickness_channel=bool(p.get("thickness_channel", False)))
 
 
 def data_spec(cfg: dict[str, Any]) -> tdata.DataSpec:
@@ -297,6 +298,10 @@ def train_segmentation(model_name: str, config: Path | None, data: Path | None, 
     tcfg = cfg["train"]
     torch.set_num_threads(int(tcfg.get("threads", 2)))
     spec = prep_spec(cfg)
+    in_ch = cfg["network"]["args"].get("in_channels")
+    if in_ch != spec.in_channels:
+        raise ConfigError(f"training config {cfg['_path']!r}: network.args.in_channels = {in_ch}, but the "
+                          f"preprocessing feeds {spec.in_channels} (2*context+1, +1 with thickness_channel)")
     task = cfg["model"]["task"]
     n_epochs = int(epochs or tcfg["epochs"])
     root = Path(data) if data else _resolve(cfg["data"]["root"])

@@ -101,7 +101,7 @@ class SliceSampler:
         y0 = int(np.clip(y + pad_y - ph // 2, 0, sl.shape[1] - ph))
         x0 = int(np.clip(x + pad_x - pw // 2, 0, sl.shape[2] - pw))
         return {"img": sl[:, y0:y0 + ph, x0:x0 + pw].astype(np.float32),
-                "lab": lb[:, y0:y0 + ph, x0:x0 + pw].astype(np.float32)}
+                "lab": lb[:, y0:y0 + ph, x0:x0 + pw].astype(np.float32), "sz": float(v.spacing[0])}
 
 
     def batch(self, size: int, groups: int, aug) -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -109,6 +109,8 @@ class SliceSampler:
 
         Samples are augmented in ``groups`` groups stacked along the channel axis (one random
         draw of the MONAI transforms per group): same variety per epoch, a fraction of the cost.
+        With ``spec.thickness_channel`` each sample's slice-spacing channel is appended after the
+        augmentation (intensity transforms must not touch it), as :func:`infer_volume` does.
         """
         import torch
 
@@ -122,7 +124,11 @@ class SliceSampler:
             samples = [self.sample() for _ in range(n)]
             out = aug({"img": np.concatenate([s["img"] for s in samples]),
                        "lab": np.concatenate([s["lab"] for s in samples])})
-            xs.append(torch.as_tensor(out["img"]).reshape(n, c, *self.spec.patch_yx))
+            x = torch.as_tensor(out["img"]).reshape(n, c, *self.spec.patch_yx)
+            if self.spec.thickness_channel:
+                thick = torch.tensor([preprocess.thickness_value(s["sz"]) for s in samples], dtype=x.dtype)
+                x = torch.cat([x, thick.view(n, 1, 1, 1).expand(n, 1, *self.spec.patch_yx)], dim=1)
+            xs.append(x)
             ys.append(torch.as_tensor(out["lab"]).reshape(n, 1, *self.spec.patch_yx))
         return torch.cat(xs).float(), torch.cat(ys).float()
 
@@ -147,7 +153,7 @@ def validate(net, val_vols: Sequence[Any], spec: preprocess.PrepSpec, device: st
 
     metric = DiceMetric(include_background=True, reduction="mean")
     for v in val_vols:
-        prob = infer_volume(net, v.image, spec, device)
+        prob = infer_volume(net, v.image, spec, device, z_spacing=float(v.spacing[0]))
         if v.cord is not None:  # lesion model: kept inside the cord, as at inference
             prob = prob * dilate_mm(v.cord, v.spacing, roi_mm)
         pred = torch.from_numpy((prob >= spec.threshold)[None, None].astype(np.float32))
