@@ -231,7 +231,20 @@ class Segmenter:
         keep_mm = output_roi_mm(self.post)
         if roi is not None and keep_mm is not None:
             mask = mask * postprocess.dilate_mm(roi, spacing, keep_mm)  # type: ignore[arg-type]
+        return self.keep_components(mask, spacing, min_volume_mm3)  # type: ignore[arg-type]
+
+    def keep_components(self, mask: np.ndarray, spacing: tuple[float, float, float],
+                        min_volume_mm3: float | None = None) -> np.ndarray:
+        """The last step of :meth:`finish`: drop components below the card's size limits.
+
+        Parameters
+        ----------
+        mask : numpy.ndarray
+            ``(Z, Y, X)`` uint8 mask on the source grid, spacing ``(sz, sy, sx)`` in mm.
+        min_volume_mm3 : float | None
+            Smallest component kept; ``None`` uses the card's (``postprocessing.min_volume_mm3``).
+        """
         return postprocess.keep_components(
-            mask, spacing,  # type: ignore[arg-type]
+            mask, spacing,
             min_volume_mm3=float(self.post.get("min_volume_mm3", 0.0) if min_volume_mm3 is None else min_volume_mm3),
             min_fraction_of_largest=float(self.post.get("min_fraction_of_largest", 0.0)))

@@ -171,8 +171,8 @@ def test_synthetic_lesions_stay_in_the_cord() -> None:
 
 
 def test_lesion_training_copies_clean_and_masked() -> None:
-    """``clean_fraction`` copies stay lesion-free (empty label, image untouched); ``mask_to_cord_mm``
-    zeroes the image outside the dilated cord, as the node does at inference."""
+    """``clean_fraction`` copies stay lesion-free (empty label, image untouched); ``post.mask_input_to_roi``
+    zeroes the image outside the cord dilated by ``post.roi_dilate_mm``, as the node does at inference."""
     from trainer.seg import Vol, with_lesions
 
     image = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))).astype(np.float32)
@@ -183,12 +183,12 @@ def test_lesion_training_copies_clean_and_masked() -> None:
     assert all(not v.label.any() and np.array_equal(v.image, image) for v in clean)
     sick = with_lesions([vol] * 4, np.random.default_rng(1), spec, clean_fraction=0.0)
     assert sum(v.label.any() for v in sick) >= 3
-    masked = with_lesions([vol], np.random.default_rng(1), spec, mask_to_cord_mm=1.0)[0]
+    masked = with_lesions([vol], np.random.default_rng(1), spec, post={"mask_input_to_roi": True, "roi_dilate_mm": 1.0})[0]
     near = dilate_mm(cord, (1.0, 1.0, 1.0), 1.0) > 0
     assert not masked.image[~near].any() and masked.image[near].any()
     # roi_normalise = "median": training divides by the ROI's median, exactly as inference does
-    post = {"roi_normalise": "median"}
-    normed = with_lesions([vol], np.random.default_rng(1), spec, mask_to_cord_mm=1.0, post=post)[0]
+    post = {"mask_input_to_roi": True, "roi_dilate_mm": 1.0, "roi_normalise": "median"}
+    normed = with_lesions([vol], np.random.default_rng(1), spec, post=post)[0]
     assert np.median(normed.image[near]) == pytest.approx(1.0)
     assert np.allclose(normed.image, np.clip(masked.image / np.median(masked.image[near]), 0, 4))
 

@@ -141,23 +141,23 @@ def lesion_spec(cfg: dict[str, Any]) -> LesionSpec:
     return LesionSpec.from_config(cfg.get("lesions", {}).get("generator", {}))
 
 
-def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec,
-                 mask_to_cord_mm: float | None = None, clean_fraction: float = 0.0,
+def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec, clean_fraction: float = 0.0,
                  post: dict[str, Any] | None = None) -> list[Vol]:
     """Copies of cord volumes with freshly injected lesions (label = lesion mask).
 
     ``clean_fraction`` of the copies (drawn per volume) get no lesion and an empty label:
     healthy cords the network must leave unmarked (false lesions on healthy scans).
 
-    ``mask_to_cord_mm`` (the lesion card's ``post.mask_input_to_roi``): the image is then set
-    to 0 outside the cord dilated by that many mm, after the injection — what the node's
-    :meth:`~sci_node.predict_seg.Segmenter.predict_prob_model_grid` feeds the network, through
-    the same :func:`~sci_node.predict_seg.roi_input` (``post``: the config's ``[post]``, e.g.
-    ``roi_normalise``).
+    ``post`` is the config's ``[post]`` table (the card's ``postprocessing``). With
+    ``mask_input_to_roi`` the image is fed, after the injection, through
+    :func:`~sci_node.predict_seg.roi_input` with the cord dilated by
+    :func:`~sci_node.predict_seg.roi_dilate_mm`: what the node's
+    :meth:`~sci_node.predict_seg.Segmenter.predict_prob_model_grid` feeds the network.
     """
     from sci_node.postprocess import dilate_mm
-    from sci_node.predict_seg import roi_input
+    from sci_node.predict_seg import roi_dilate_mm, roi_input
 
+    post = post or {}
     out = []
     for v in vols:
         if v.cord is None:
@@ -166,18 +166,10 @@ def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec,
             img, les = v.image.copy(), np.zeros(v.image.shape, np.uint8)
         else:
             img, les = inject_lesions(rng, v.image, v.cord, v.spacing, lspec)
-        if mask_to_cord_mm is not None:
-            img = roi_input(img, dilate_mm(v.cord, v.spacing, mask_to_cord_mm), {**(post or {}), "mask_input_to_roi": True})
+        if post.get("mask_input_to_roi"):
+            img = roi_input(img, dilate_mm(v.cord, v.spacing, roi_dilate_mm(post)), post)
         out.append(Vol(v.key, v.group, img, les, v.spacing, cord=v.cord, synthetic=v.synthetic, extra=v.extra))
     return out
-
-
-def input_mask_mm(cfg: dict[str, Any]) -> float | None:
-    """The cord-ROI dilation (mm) outside which the lesion model's input is zeroed, or None."""
-    from sci_node.predict_seg import roi_dilate_mm
-
-    post = cfg.get("post", {})
-    return roi_dilate_mm(post) if post.get("mask_input_to_roi") else None
 
 
 def run_fold(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: list[Vol], val_vols: list[Vol],
@@ -188,11 +180,10 @@ def run_fold(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: list[Vo
     refresh = None
     if cfg["model"]["task"] == "lesion":
         lspec = lesion_spec(cfg)
-        mask_mm = input_mask_mm(cfg)
         post = cfg.get("post", {})
-        val_vols = with_lesions(val_vols, np.random.default_rng(seed + 1), lspec, mask_mm, post=post)
+        val_vols = with_lesions(val_vols, np.random.default_rng(seed + 1), lspec, post=post)
         clean = float(cfg.get("lesions", {}).get("clean_fraction", 0.0))
-        refresh = lambda ep, rng: with_lesions(train_vols, rng, lspec, mask_mm, clean, post)  # noqa: E731
+        refresh = lambda ep, rng: with_lesions(train_vols, rng, lspec, clean, post)  # noqa: E731
     return train_network(cfg, spec, train_vols, val_vols, seed=seed, device=device, minutes=minutes,
                          epochs=epochs, tag=tag, refresh=refresh)
 

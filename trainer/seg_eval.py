@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from sci_node import preprocess
-from sci_node.postprocess import keep_components, lesion_f1
+from sci_node.postprocess import lesion_f1
 from sci_node.predict_seg import Segmenter
 from trainer import data as tdata
 from trainer.lesions import LesionSpec, inject_lesions
@@ -29,7 +29,6 @@ def scores(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, flo
         hd = float(compute_hausdorff_distance(p, t, include_background=True, percentile=95,
                                               spacing=list(spacing)).item())
     return {"dice": dice, "hd95_mm": hd}
-
 
 
 def setting_grid(cfg: dict[str, Any], spec: preprocess.PrepSpec) -> list[float | str]:
@@ -134,9 +133,7 @@ def _lesion_pred(seg: Segmenter, prob: np.ndarray, prepared: preprocess.Prepared
         return seg.finish(prob, prepared, thr, roi=cord)
     if thr not in base:
         base[thr] = seg.finish(prob, prepared, thr, roi=cord, min_volume_mm3=0.0)
-    spacing = _spacing(prepared.source)
-    return keep_components(base[thr], spacing, min_volume_mm3=vol,
-                           min_fraction_of_largest=float(seg.post.get("min_fraction_of_largest", 0.0)))
+    return seg.keep_components(base[thr], _spacing(prepared.source), vol)
 
 
 def _accumulate(a: dict[str, Any], pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float],
