@@ -24,9 +24,13 @@ import SimpleITK as sitk
 from sci_node.evidence import HeaderEvidence
 
 __all__ = ["FEATURE_NAMES", "N_FEATURES", "THUMB_SIZE", "series_inputs", "slice_axis", "view_of_image",
-           "scalar_volume", "header_features", "PREPROCESSING_ID"]
+           "scalar_volume", "header_features", "PREPROCESSING_ID", "PREPROCESSING_IDS"]
 
-PREPROCESSING_ID = "cls-thumbs-v1"
+#: The feature version the trainer writes into new cards. v2 stretches thin slabs for the
+#: thumbnails (:func:`_thickened`); v1 did not. A card names its version and gets exactly the
+#: features it was trained on, so older artefacts stay usable (rollback).
+PREPROCESSING_ID = "cls-thumbs-v2"
+PREPROCESSING_IDS = ("cls-thumbs-v1", "cls-thumbs-v2")
 THUMB_SIZE = 32
 _SCAN = ("SE", "GR", "IR", "EP", "RM")
 _VARIANT = ("SK", "SS", "SP", "MP", "OSP", "MTC", "TRSS")
@@ -114,13 +118,40 @@ def _robust_scale(values: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _thumbs(vol: sitk.Image, lo: float, size: int) -> np.ndarray:
-    """``(S, S, S)`` raw-valued grid ``(Z=I→S, Y=A→P, X=R→L)`` covering the bounding box."""
+def _thickened(vol: sitk.Image, min_extent: float) -> sitk.Image:
+    """``vol`` with each axis thinner than ``min_extent`` (mm) stretched to it about its centre.
+
+    Only the voxel spacing (and the origin, so the centre stays put) changes; the voxel values
+    do not. A single slice of a 350 mm field of view is 1–5 mm thick while the thumbnail grid
+    steps by 11 mm: without this, no grid point falls inside the slice and the image is lost.
+    """
+    size = np.asarray(vol.GetSize(), np.float64)
+    sp = np.asarray(vol.GetSpacing(), np.float64)
+    new_sp = np.maximum(sp, min_extent / size)
+    if np.allclose(new_sp, sp):
+        return vol
+    centre = np.asarray(vol.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2).tolist()))
+    direction = np.asarray(vol.GetDirection(), np.float64).reshape(3, 3)
+    out = sitk.Image(vol)
+    out.SetSpacing(new_sp.tolist())
+    out.SetOrigin((centre - direction @ (new_sp * (size - 1) / 2)).tolist())
+    return out
+
+
+def _thumbs(vol: sitk.Image, lo: float, size: int, thicken: bool = True) -> np.ndarray:
+    """``(S, S, S)`` raw-valued grid ``(Z=I→S, Y=A→P, X=R→L)`` covering the bounding box.
+
+    With ``thicken`` (features v2), axes thinner than 3 grid steps (single slices, thin slabs)
+    are stretched to 3 steps (:func:`_thickened`), so the central thumbnails always cut
+    through the image.
+    """
     pmin, pmax = _bbox(vol)
     extent = float(max(pmax - pmin))
     spacing = extent / size
     center = (pmin + pmax) / 2.0
     origin = center - spacing * (size - 1) / 2.0
+    if thicken:
+        vol = _thickened(vol, 3.0 * spacing)
     return sitk.GetArrayFromImage(sitk.Resample(
         vol, [size] * 3, sitk.Transform(), sitk.sitkLinear, origin.tolist(), [spacing] * 3,
         [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0], lo, sitk.sitkFloat32)).astype(np.float32)
@@ -145,7 +176,7 @@ def header_features(ev: HeaderEvidence | None) -> np.ndarray:
 
 
 def series_inputs(image: sitk.Image, evidence: HeaderEvidence | None,
-                  size: int = THUMB_SIZE) -> tuple[np.ndarray, np.ndarray]:
+                  size: int = THUMB_SIZE, prep_id: str = PREPROCESSING_ID) -> tuple[np.ndarray, np.ndarray]:
     """Classifier inputs of one series.
 
     Parameters
@@ -156,6 +187,8 @@ def series_inputs(image: sitk.Image, evidence: HeaderEvidence | None,
         Header evidence; ``None`` = nothing known.
     size : int
         Thumbnail edge ``S`` in grid voxels.
+    prep_id : str
+        Feature version, one of :data:`PREPROCESSING_IDS` (a card's ``preprocessing.id``).
 
     Returns
     -------
@@ -167,7 +200,9 @@ def series_inputs(image: sitk.Image, evidence: HeaderEvidence | None,
     vol, n_vol = scalar_volume(image)
     raw = sitk.GetArrayViewFromImage(vol)
     lo, hi = _robust_scale(np.asarray(raw))
-    grid = _thumbs(vol, lo, size)
+    if prep_id not in PREPROCESSING_IDS:
+        raise ValueError(f"unknown classifier feature version {prep_id!r}")
+    grid = _thumbs(vol, lo, size, thicken=prep_id != "cls-thumbs-v1")
     grid = np.where(np.isfinite(grid), grid, lo)  # NaN/inf voxels (some NIfTI) count as background
     scaled = np.clip((grid - lo) / (hi - lo), 0.0, 1.5)
     c = size // 2

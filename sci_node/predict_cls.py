@@ -8,8 +8,9 @@ The card of a classifier artefact carries, besides the common keys of
 :mod:`sci_node.artifact`: ``heads`` (head -> ordered class names, the order of the
 network's logits), ``calibration`` (``temperature`` per head, fitted on the
 leave-one-subject-out predictions; ``abstain_below``: the probability under which the
-classifier abstains) and ``preprocessing.id`` (must be
-:data:`sci_node.cls_features.PREPROCESSING_ID`).
+classifier abstains) and ``preprocessing.id`` (one of
+:data:`sci_node.cls_features.PREPROCESSING_IDS`: the card gets the feature version it was
+trained on).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from sci_node.artifact import load_network
-from sci_node.cls_features import N_FEATURES, PREPROCESSING_ID, series_inputs
+from sci_node.cls_features import N_FEATURES, PREPROCESSING_IDS, series_inputs
 from sci_node.errors import ModelError
 from sci_node.evidence import HeaderEvidence
 
@@ -45,8 +46,8 @@ def check_classifier_card(card: Mapping[str, Any], where: str) -> None:
     if card.get("kind") != "classifier":
         raise ModelError(f"{where}: kind {card.get('kind')!r} is not 'classifier'")
     prep = card.get("preprocessing") or {}
-    if prep.get("id") != PREPROCESSING_ID:
-        raise ModelError(f"{where}: preprocessing id {prep.get('id')!r} is not {PREPROCESSING_ID!r} "
+    if prep.get("id") not in PREPROCESSING_IDS:
+        raise ModelError(f"{where}: preprocessing id {prep.get('id')!r} is not one of {PREPROCESSING_IDS!r} "
                          "(trained for another version of sci_node.cls_features)")
     if int(prep.get("n_features", -1)) != N_FEATURES:
         raise ModelError(f"{where}: n_features {prep.get('n_features')!r} != {N_FEATURES}")
@@ -83,6 +84,7 @@ class Classifier:
         self.temperature: dict[str, float] = {h: float(calib.get("temperature", {}).get(h, 1.0)) for h in self.heads}
         self.abstain_below: float = float(calib.get("abstain_below", 0.5))
         self.thumb_size: int = int(card["preprocessing"].get("thumb_size", 32))
+        self.prep_id: str = str(card["preprocessing"]["id"])
 
     @classmethod
     def from_artifact(cls, art_dir: Path, device: str = "cpu") -> "Classifier":
@@ -112,7 +114,7 @@ class Classifier:
         evidence : HeaderEvidence | None
             Header evidence; free-text fields are ignored.
         """
-        thumbs, feats = series_inputs(image, evidence, size=self.thumb_size)
+        thumbs, feats = series_inputs(image, evidence, size=self.thumb_size, prep_id=self.prep_id)
         probs = self.predict_arrays(thumbs[None], feats[None])
         return {h: {c: float(p) for c, p in zip(self.heads[h], probs[h][0])} for h in self.heads}
 

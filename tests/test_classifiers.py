@@ -37,7 +37,8 @@ def _nibabel_file(name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def shipped() -> dict[str, Classifier]:
-    return {n: Classifier.from_artifact(REPO / "models" / n / "0.1.0") for n in ("anatomy", "region_view", "sequence")}
+    active = json.loads((REPO / "models" / "registry.json").read_text())["active"]
+    return {n: Classifier.from_artifact(REPO / "models" / n / active[n]) for n in ("anatomy", "region_view", "sequence")}
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +236,39 @@ def test_header_slice_normal_beats_the_spacing_heuristic(shipped: dict[str, Clas
     normal = tuple(float(v) for v in np.asarray(sag.GetDirection()).reshape(3, 3)[:, 0])
     probs = shipped["region_view"].predict(coarse, HeaderEvidence(slice_normal=normal))
     assert _top(probs["view"]) == "sagittal"
+
+
+def test_single_thin_slice_of_a_large_field_of_view_keeps_its_image() -> None:
+    """pydicom's abdominal MR is one 1 mm slice of a 350 mm field of view: the thumbnail grid
+    steps by 11 mm, so without thickening no grid point fell inside the slice and the classifier
+    saw a blank image (and a zero intensity histogram)."""
+    image = sitk.ReadImage(str(_pydicom_file("examples_overlay.dcm")))
+    assert image.GetSize()[2] == 1 and image.GetSpacing()[2] == pytest.approx(1.0)
+    thumbs, feats = series_inputs(image, None)
+    axial = thumbs[0]
+    assert axial.max() > 0.5 and (axial > 0.1).mean() > 0.2
+    thick = sitk.Image(image)
+    thick.SetSpacing((*image.GetSpacing()[:2], 20.0))  # the same pixels as a 20 mm slab
+    thick.SetOrigin(thick.TransformContinuousIndexToPhysicalPoint((0, 0, -0.5 + 0.5 / 20.0)))
+    np.testing.assert_allclose(series_inputs(thick, None)[0][0], axial, atol=0.05)
+    # a card trained on feature version 1 still gets exactly the features it was trained on
+    assert not series_inputs(image, None, prep_id="cls-thumbs-v1")[0][0].any()
+    with pytest.raises(ValueError, match="cls-thumbs-v9"):
+        series_inputs(image, None, prep_id="cls-thumbs-v9")
+    old = Classifier.from_artifact(REPO / "models" / "anatomy" / "0.1.0")  # rollback target, v1 features
+    assert old.prep_id == "cls-thumbs-v1"
+    assert math.isclose(sum(old.predict(image, None)["anatomy"].values()), 1.0, abs_tol=1e-4)
+
+
+def test_a_sidecar_normal_that_contradicts_the_stored_slices_is_dropped(cases: dict[str, sitk.Image]) -> None:
+    """ivadomed's sub-unf01 T1w/T2w sidecars describe a sagittal acquisition of NIfTI volumes
+    stored axially: the trainer keeps the sidecar's TE/TR but not its slice normal."""
+    from trainer.cls_data import stored_grid_evidence
+
+    sagittal = HeaderEvidence.from_bids_sidecar({"EchoTime": 0.12, "RepetitionTime": 1.5,
+                                                 "ImageOrientationPatientDICOM": [0, 1, 0, 0, 0, -1]})
+    assert sagittal.view == "sagittal" and view_of_image(cases["ax"]) == "axial"
+    fixed = stored_grid_evidence(sagittal, cases["ax"])
+    assert fixed is not None and fixed.slice_normal is None and fixed.echo_time_ms == pytest.approx(120.0)
+    assert stored_grid_evidence(sagittal, cases["sag"]) is sagittal
+    assert stored_grid_evidence(None, cases["ax"]) is None

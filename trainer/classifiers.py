@@ -30,7 +30,7 @@ log = structlog.get_logger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = {"anatomy": ANATOMY, "region": REGION, "view": VIEW, "sequence": SEQUENCE}
 #: Bump when the sample generators change (invalidates sample caches).
-SAMPLES_VERSION = 4
+SAMPLES_VERSION = 5
 MODEL_HEADS = {"anatomy": ("anatomy",), "region_view": ("region", "view"), "sequence": ("sequence",)}
 #: Coded concepts of the classes (SNOMED CT where one exists, else DCM / local "99SCINODE").
 CODES: dict[str, tuple[str, str, str]] = {

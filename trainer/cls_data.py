@@ -11,6 +11,7 @@ sees. The view label is the plane of the stored slices (:func:`sci_node.cls_feat
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,7 +157,21 @@ def load_source(src: Source, data: Path) -> tuple[sitk.Image, HeaderEvidence | N
         side = path.with_name(path.name.replace(".nii.gz", ".json"))
         if side.is_file():
             ev = HeaderEvidence.from_bids_sidecar(json.loads(side.read_text(encoding="utf-8")))
-    return image, ev, path
+    return image, stored_grid_evidence(ev, image), path
+
+
+def stored_grid_evidence(ev: HeaderEvidence | None, image: sitk.Image) -> HeaderEvidence | None:
+    """``ev`` without its slice normal when that normal contradicts the stored image's slices.
+
+    A BIDS sidecar describes the acquisition; a NIfTI resliced afterwards keeps it. The
+    ivadomed ``sub-unf01`` T1w and T2w sidecars say sagittal (``ImageOrientationPatientDICOM``)
+    while their NIfTI volumes are axial crops. In a DICOM series, what the node sees,
+    ImageOrientationPatient always describes the stored slices, so training on the
+    contradiction would teach a conflict the node never meets.
+    """
+    if ev is None or ev.view is None or ev.view == view_of_image(image):
+        return ev
+    return dataclasses.replace(ev, slice_normal=None)
 
 
 
