@@ -170,6 +170,41 @@ def test_synthetic_lesions_stay_in_the_cord() -> None:
     assert found >= 4
 
 
+def test_reference_contrast_is_relative_to_the_cord_whatever_the_field_of_view() -> None:
+    """``contrast_mode = "reference"``: a lesion's core is ``cord p90 x (1 + c)``, so adding bright
+    tissue elsewhere in the image (CSF, fat: the image p99) does not change it; with "top" it does."""
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))).astype(np.float32)
+    cord = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop_seg-manual.nii.gz")))
+    bright = image.copy()
+    bright[cord == 0] *= 3.0  # the same cord in a brighter surrounding
+    ref = float(np.percentile(image[cord > 0], 90))
+
+    def core(img: np.ndarray, mode: str) -> float:
+        spec = LesionSpec(count=(1, 1), length_mm=(12, 12), width_mm=(5, 5), contrast=(0.5, 0.5), texture=(0, 0),
+                          roughness=(0, 0), reference_percentile=90.0, contrast_mode=mode)
+        out, les = inject_lesions(np.random.default_rng(3), img, cord, (1.0, 1.0, 1.0), spec)
+        assert les.any()
+        return float(np.percentile(out[les > 0], 90))
+
+    assert core(image, "reference") == pytest.approx(1.5 * ref, rel=0.02)
+    assert core(bright, "reference") == pytest.approx(core(image, "reference"), rel=1e-6)
+    assert core(bright, "top") > 1.2 * core(image, "top")
+    with pytest.raises(ValueError, match="contrast_mode 'max'"):
+        LesionSpec(contrast_mode="max")
+
+
+def test_test_generator_defaults_to_the_training_generator() -> None:
+    from trainer.lesions import lesion_spec
+
+    train = {"contrast": [0.1, 1.5], "contrast_mode": "reference"}
+    assert lesion_spec({"lesions": {"generator": train}}, "test_generator").contrast == (0.1, 1.5)
+    cfg = {"lesions": {"generator": train, "test_generator": {"contrast": [0.25, 1.0]}}}
+    assert lesion_spec(cfg, "test_generator") == LesionSpec(contrast=(0.25, 1.0))
+    assert lesion_spec(cfg).contrast_mode == "reference"
+    with pytest.raises(ConfigError, match=r"lesions.test_generator.*contrast_mode 'x'"):
+        lesion_spec({"_path": "f.toml", "lesions": {"test_generator": {"contrast_mode": "x"}}}, "test_generator")
+
+
 def test_lesion_training_copies_clean_and_masked() -> None:
     """``clean_fraction`` copies stay lesion-free (empty label, image untouched); ``post.mask_input_to_roi``
     zeroes the image outside the cord dilated by ``post.roi_dilate_mm``, as the node does at inference."""

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from sci_node.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class LesionSpec:
@@ -32,6 +34,14 @@ class LesionSpec:
     # the cord intensity percentile the contrast starts from: 50 = the median cord voxel; 90 =
     # above the bright cord tissue (T2*w grey matter), so that every lesion is hyperintense
     reference_percentile: float = 50.0
+    # "top": lesion = ref + c * (image p99 - ref), so the brightening depends on what else is in
+    # the field of view (CSF, fat); "reference": lesion = ref * (1 + c), a brightening relative
+    # to the cord itself, the same on every image
+    contrast_mode: str = "top"
+
+    def __post_init__(self) -> None:
+        if self.contrast_mode not in ("top", "reference"):
+            raise ValueError(f"lesion contrast_mode {self.contrast_mode!r} is not 'top' or 'reference'")
 
     @classmethod
     def from_config(cls, gen: dict[str, Any]) -> "LesionSpec":
@@ -90,9 +100,10 @@ def inject_lesions(rng: np.random.Generator, image: np.ndarray, cord: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Add synthetic hyperintense lesions inside ``cord``.
 
-    A lesion's intensity is ``ref + c * (top - ref)`` (times its texture, never darker than
-    the voxel it replaces): ``ref`` the ``spec.reference_percentile`` of the cord's
-    intensities, ``top`` the image's 99th percentile, ``c`` drawn from ``spec.contrast``.
+    A lesion's intensity is ``ref + c * (top - ref)`` (``spec.contrast_mode = "top"``) or
+    ``ref * (1 + c)`` (``"reference"``), times its texture and never darker than the voxel it
+    replaces: ``ref`` the ``spec.reference_percentile`` of the cord's intensities, ``top`` the
+    image's 99th percentile, ``c`` drawn from ``spec.contrast``.
 
     Parameters
     ----------
@@ -125,9 +136,26 @@ def inject_lesions(rng: np.random.Generator, image: np.ndarray, cord: np.ndarray
         box, frac = _one_lesion(rng, image.shape, sp, centre, axis, spec)
         frac = frac * (cord[box] > 0)
         c = rng.uniform(*spec.contrast)
-        target = cord_level + c * max(top - cord_level, 0.3 * max(cord_level, 0.2))
+        if spec.contrast_mode == "reference":
+            target = cord_level * (1.0 + c) if cord_level > 0 else cord_level + c
+        else:
+            target = cord_level + c * max(top - cord_level, 0.3 * max(cord_level, 0.2))
         tex = 1.0 + rng.uniform(*spec.texture) * ndi.gaussian_filter(rng.standard_normal(frac.shape), 0.7) * 2
         region = out[box]
         out[box] = region * (1 - frac) + frac * np.maximum(region, target * tex.astype(np.float32))
         lesion[box] = np.maximum(lesion[box], frac)
     return out, (lesion >= spec.min_fraction).astype(np.uint8)
+
+
+def lesion_spec(cfg: dict[str, Any], table: str = "generator") -> LesionSpec:
+    """The lesion generator of ``[lesions.<table>]``.
+
+    ``"generator"`` makes the training lesions; ``"test_generator"`` the lesions of the
+    held-out evaluation, and defaults to the training generator when the config has none.
+    """
+    les = cfg.get("lesions", {})
+    gen = les.get(table) if table in les else les.get("generator", {})
+    try:
+        return LesionSpec.from_config(gen)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"training config {cfg.get('_path', '?')!r}: bad [lesions.{table}]: {exc}") from None

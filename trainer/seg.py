@@ -22,7 +22,7 @@ from sci_node.errors import ConfigError, DataError
 from trainer import __version__ as TRAINER_VERSION
 from trainer import git_commit, read_toml_config
 from trainer import data as tdata
-from trainer.lesions import LesionSpec, inject_lesions
+from trainer.lesions import LesionSpec, inject_lesions, lesion_spec
 from trainer.seg_eval import apply_setting, evaluate_cord, evaluate_lesion, setting_grid
 
 log = structlog.get_logger(__name__)
@@ -135,10 +135,6 @@ def _fold_vols(vols: list[Vol], synth: list[Vol], held: str | None, cfg: dict[st
     train = [v for v in vols if v.group != held]
     no_synth = held in cfg.get("synth", {}).get("exclude_when_validating", [])
     return train + ([] if no_synth else synth)
-
-
-def lesion_spec(cfg: dict[str, Any]) -> LesionSpec:
-    return LesionSpec.from_config(cfg.get("lesions", {}).get("generator", {}))
 
 
 def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec, clean_fraction: float = 0.0,

@@ -13,7 +13,7 @@ from sci_node import preprocess
 from sci_node.postprocess import lesion_f1
 from sci_node.predict_seg import Segmenter
 from trainer import data as tdata
-from trainer.lesions import LesionSpec, inject_lesions
+from trainer.lesions import LesionSpec, inject_lesions, lesion_spec
 
 
 def scores(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float]) -> dict[str, float | None]:
@@ -154,12 +154,12 @@ def _accumulate(a: dict[str, Any], pred: np.ndarray, truth: np.ndarray, spacing:
 def evaluate_lesion(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, cases: Sequence[tdata.Case], device: str,
                     seed: int, thresholds: Sequence[float | str] | None = None) -> dict[Any, dict[str, dict[str, Any]]]:
     """Per setting (see :func:`evaluate_cord`), per held-out case: ``[lesions] val_trials`` copies
-    with synthetic lesions injected in the source image (inside the reference cord), plus the
+    with synthetic lesions (``[lesions.test_generator]``, default the training generator) injected in the source image (inside the reference cord), plus the
     lesion-free image itself, counted once per 4 injected copies (so its false lesions weigh the
     same whatever the number of trials); lesion model restricted to that cord. Dice (pooled over
     trials), mean HD95, pooled lesion-wise F1, false lesions on the lesion-free image."""
     seg = segmenter_for(net, cfg, spec, device)
-    lspec = LesionSpec.from_config(cfg.get("lesions", {}).get("generator", {}))
+    lspec = lesion_spec(cfg, "test_generator")
     n = int(cfg.get("lesions", {}).get("val_trials", 4))
     clean_weight = float(max(1, n // 4))
     grid = list(thresholds) if thresholds else [spec.threshold]
