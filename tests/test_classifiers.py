@@ -37,8 +37,8 @@ def _nibabel_file(name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def shipped() -> dict[str, Classifier]:
-    active = json.loads((REPO / "models" / "registry.json").read_text())["active"]
-    return {n: Classifier.from_artifact(REPO / "models" / n / active[n]) for n in ("anatomy", "region_view", "sequence")}
+    reg = ModelRegistry(REPO / "models")
+    return {n: Classifier.from_artifact(reg.path_of(n, reg.active()[n])) for n in ("anatomy", "region_view", "sequence")}
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from sci_node.registry import ModelRegistry
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -16,23 +18,19 @@ def _fmt(v: object) -> str:
     return "–" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
 
-def _active(models_dir: Path) -> dict[str, str]:
-    """Active versions from the registry file of ``models_dir``."""
-    return dict(json.loads((models_dir / "registry.json").read_text())["active"])
-
-
 def report(models_dir: Path, versions: dict[str, str] | None = None) -> str:
     """Summary table (one row per head) and per-group tables for the classifiers.
 
     ``versions`` maps model name to version; default: the registry's active versions.
     """
-    versions = versions or _active(models_dir)
+    reg = ModelRegistry(models_dir)
+    versions = versions or reg.active()
     lines = ["| model | head | LOSO acc. all held-out samples (n) | real crops (n) | stored real volumes (n) | "
              "synthetic (n) | temperature | ECE raw → calibrated | coverage @ p≥0.5 | acc. when not abstaining |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     groups: list[str] = []
     for name in ("anatomy", "region_view", "sequence"):
-        card = json.loads((models_dir / name / versions[name] / "card.json").read_text())
+        card = json.loads((reg.path_of(name, versions[name]) / "card.json").read_text())
         for head in card["heads"]:
             m = card["metrics"].get(head)
             if not m:

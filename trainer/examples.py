@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sci_node import preprocess  # noqa: E402
-from trainer.lesions import inject_lesions  # noqa: E402
+from trainer.lesions import inject_lesions, lesion_spec  # noqa: E402
 from trainer.synth import load_template, synth_volume  # noqa: E402
 
 D = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spine"
@@ -33,7 +33,7 @@ def example_pngs() -> None:
     rng = np.random.default_rng(3)
     im, m, sp = synth_volume(rng, tmpl, (0.8, 0.8))
     rows.append(("synthetic (PAM50 labels)", preprocess.normalise(im, spec), m, sp))
-    from trainer.seg import lesion_spec, load_config
+    from trainer.seg import load_config
 
     lspec = dataclasses.replace(lesion_spec(load_config("lesion", None)), count=(2, 3))  # the shipped generator
     fig, axes = plt.subplots(len(rows), 4, figsize=(12, 3 * len(rows)))

@@ -154,10 +154,11 @@ def _accumulate(a: dict[str, Any], pred: np.ndarray, truth: np.ndarray, spacing:
 def evaluate_lesion(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, cases: Sequence[tdata.Case], device: str,
                     seed: int, thresholds: Sequence[float | str] | None = None) -> dict[Any, dict[str, dict[str, Any]]]:
     """Per setting (see :func:`evaluate_cord`), per held-out case: ``[lesions] val_trials`` copies
-    with synthetic lesions (``[lesions.test_generator]``, default the training generator) injected in the source image (inside the reference cord), plus the
-    lesion-free image itself, counted once per 4 injected copies (so its false lesions weigh the
-    same whatever the number of trials); lesion model restricted to that cord. Dice (pooled over
-    trials), mean HD95, pooled lesion-wise F1, false lesions on the lesion-free image."""
+    with synthetic lesions (``[lesions.test_generator]``, default the training generator)
+    injected in the source image (inside the reference cord), plus the lesion-free image itself,
+    counted once per 4 injected copies (so its false lesions weigh the same whatever the number
+    of trials); lesion model restricted to that cord. Dice (pooled over trials), mean HD95,
+    pooled lesion-wise F1, false lesions on the lesion-free image."""
     seg = segmenter_for(net, cfg, spec, device)
     lspec = lesion_spec(cfg, "test_generator")
     n = int(cfg.get("lesions", {}).get("val_trials", 4))
