@@ -30,7 +30,8 @@ def infer_volume(net: "torch.nn.Module", array: np.ndarray, spec: preprocess.Pre
     array : numpy.ndarray
         ``(Z, Y, X)`` float32 normalised model-grid intensities.
     spec : PrepSpec
-        Gives ``patch_yx`` (sliding-window ROI), ``context`` and ``thickness_channel``.
+        Gives ``patch_yx`` (sliding-window ROI), ``context``, ``thickness_channel`` and
+        ``flip_x_tta`` (mean of the logits of each slice and of its left-right mirror).
     z_spacing : float
         Slice spacing (mm) of ``array``; read only with ``spec.thickness_channel``.
 
@@ -47,15 +48,25 @@ def infer_volume(net: "torch.nn.Module", array: np.ndarray, spec: preprocess.Pre
         thick = np.full((stacked.shape[0], 1, *stacked.shape[2:]), preprocess.thickness_value(z_spacing), np.float32)
         stacked = np.concatenate([stacked, thick], axis=1)
     out = np.zeros(array.shape, np.float32)
+    predictor = _flip_x_mean(net) if spec.flip_x_tta else net
     with torch.inference_mode():
         for z0 in range(0, stacked.shape[0], batch_slices):
             x = torch.from_numpy(np.ascontiguousarray(stacked[z0:z0 + batch_slices])).float().to(device)
             # 64 windows per forward pass: sw_batch_size=16 was ~3x slower on 2 CPU cores
             logits = sliding_window_inference(x, roi_size=spec.patch_yx, sw_batch_size=64,
-                                              predictor=net, overlap=0.25, mode="gaussian")
+                                              predictor=predictor, overlap=0.25, mode="gaussian")
             prob = torch.sigmoid(logits)[:, 0].cpu().numpy()  # type: ignore[arg-type]
             out[z0:z0 + batch_slices] = prob[:, inner[0], inner[1]]
     return out
+
+
+def _flip_x_mean(net: "torch.nn.Module"):
+    """A predictor returning the mean logits of a ``(B, C, Y, X)`` batch and of its X mirror."""
+    import torch
+
+    def predict(x: "torch.Tensor") -> "torch.Tensor":
+        return 0.5 * (net(x) + torch.flip(net(torch.flip(x, (3,))), (3,)))
+    return predict
 
 
 def roi_dilate_mm(post: Mapping[str, Any]) -> float:

@@ -34,6 +34,10 @@ import SimpleITK as sitk
 CANONICAL = "LPS"
 
 
+CARD_KEYS = frozenset({"orientation", "slice_axis", "spacing_yx_mm", "z_spacing_mm", "normalisation", "patch_yx",
+                       "context_slices", "threshold", "thickness_channel", "flip_x_tta"})
+
+
 @dataclass(frozen=True)
 class PrepSpec:
     """Preprocessing parameters of one model (stored in its card under ``preprocessing``).
@@ -57,6 +61,10 @@ class PrepSpec:
     thickness_channel : bool
         Feed the slice spacing as one more, constant input channel (:func:`thickness_value`), so
         a 2-D network can tell thick slices (partial-volume edges) from thin ones.
+    flip_x_tta : bool
+        Test-time augmentation: average the logits of each slice and of its left-right mirror
+        (X axis of the canonical grid). Only for networks trained with left-right flips; it
+        doubles the inference cost. Up to cord 0.2.0 no card had it (``False``).
     """
 
     spacing_yx: tuple[float, float] = (0.8, 0.8)
@@ -68,6 +76,7 @@ class PrepSpec:
     context: int = 0
     threshold: float = 0.5
     thickness_channel: bool = False
+    flip_x_tta: bool = False
 
     def to_card(self) -> dict[str, Any]:
         """JSON-able dict for a model card."""
@@ -77,12 +86,19 @@ class PrepSpec:
             "normalisation": {"kind": "percentile", "lower": self.lower, "upper": self.upper,
                               "clip_max": self.clip_max},
             "patch_yx": list(self.patch_yx), "context_slices": self.context, "threshold": self.threshold,
-            "thickness_channel": self.thickness_channel,
+            "thickness_channel": self.thickness_channel, "flip_x_tta": self.flip_x_tta,
         }
 
     @classmethod
     def from_card(cls, pre: Mapping[str, Any]) -> "PrepSpec":
-        """Inverse of :meth:`to_card` (raises ``KeyError``/``ValueError`` on a bad dict)."""
+        """Inverse of :meth:`to_card` (raises ``KeyError``/``ValueError`` on a bad dict).
+
+        A setting this node does not know (written by a newer trainer) is a ``ValueError``:
+        running the model without it would not be the model that was validated.
+        """
+        unknown = sorted(set(pre) - CARD_KEYS)
+        if unknown:
+            raise ValueError(f"unknown preprocessing setting(s) {', '.join(unknown)}: this node cannot apply them")
         norm = pre["normalisation"]
         if pre.get("orientation", CANONICAL) != CANONICAL:
             raise ValueError(f"unsupported orientation {pre.get('orientation')!r}")
@@ -92,7 +108,8 @@ class PrepSpec:
                    lower=float(norm["lower"]), upper=float(norm["upper"]), clip_max=float(norm["clip_max"]),
                    patch_yx=(int(pre["patch_yx"][0]), int(pre["patch_yx"][1])),
                    context=int(pre.get("context_slices", 0)), threshold=float(pre.get("threshold", 0.5)),
-                   thickness_channel=bool(pre.get("thickness_channel", False)))
+                   thickness_channel=bool(pre.get("thickness_channel", False)),
+                   flip_x_tta=bool(pre.get("flip_x_tta", False)))
 
     @property
     def in_channels(self) -> int:

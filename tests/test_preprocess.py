@@ -54,12 +54,15 @@ def test_identity_spacing_round_trip_is_exact() -> None:
     np.testing.assert_array_equal(back, sitk.GetArrayFromImage(mask))
 
 
-def test_prepspec_card_round_trip_and_bad_orientation() -> None:
+def test_prepspec_card_round_trip_bad_orientation_and_unknown_setting() -> None:
     spec = preprocess.PrepSpec(spacing_yx=(0.5, 0.6), context=1, patch_yx=(64, 80), threshold=0.4)
     assert preprocess.PrepSpec.from_card(spec.to_card()) == spec
     bad = spec.to_card() | {"orientation": "RAS"}
     with pytest.raises(ValueError, match="RAS"):
         preprocess.PrepSpec.from_card(bad)
+    newer = spec.to_card() | {"flip_z_tta": True}  # a setting from a newer trainer: refused, not ignored
+    with pytest.raises(ValueError, match="flip_z_tta"):
+        preprocess.PrepSpec.from_card(newer)
 
 
 def test_normalise_constant_and_context_and_crop_paste() -> None:

@@ -277,3 +277,59 @@ def test_thickness_channel_reaches_the_network_in_training_and_inference() -> No
             "architecture": {"args": {"in_channels": 1}}}
     with pytest.raises(ModelError, match="takes 1 input channels"):
         Segmenter(net, card)
+
+
+def test_flip_x_tta_averages_the_slice_and_its_left_right_mirror() -> None:
+    """``preprocessing.flip_x_tta``: the shipped cord network's probabilities become exactly
+    mirror-equivariant (mean of the logits of a slice and of its X mirror); without it they are
+    not. The setting survives the card round trip and is honoured by a :class:`Segmenter`."""
+    from sci_node.predict_seg import infer_volume
+    from sci_node.preprocess import PrepSpec
+
+    net, card = load_network(Path(__file__).parents[1] / "models" / "cord" / "0.2.0")
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))).astype(np.float32)
+    a = np.ascontiguousarray(image[4:7, :64, :64] / np.percentile(image, 99.5))  # one 64x64 window
+    plain, tta = PrepSpec(patch_yx=(64, 64)), PrepSpec(patch_yx=(64, 64), flip_x_tta=True)
+    mirrored = np.ascontiguousarray(a[..., ::-1])
+    p_tta = infer_volume(net, a, tta)
+    assert np.allclose(infer_volume(net, mirrored, tta)[..., ::-1], p_tta, atol=1e-5)
+    p_plain = infer_volume(net, a, plain)
+    assert np.abs(infer_volume(net, mirrored, plain)[..., ::-1] - p_plain).max() > 1e-3
+    assert (p_plain > 0.5).any() and np.abs(p_tta - p_plain).max() > 1e-3
+    assert PrepSpec.from_card(tta.to_card()) == tta and PrepSpec.from_card(plain.to_card()) == plain
+    card = dict(card, preprocessing=dict(card["preprocessing"], flip_x_tta=True))
+    assert Segmenter(net, card).spec.flip_x_tta and not Segmenter(net, dict(card, preprocessing={
+        k: v for k, v in card["preprocessing"].items() if k != "flip_x_tta"})).spec.flip_x_tta
+
+
+def test_cord_free_canal_volumes_stay_in_every_fold_and_are_drawn_at_their_share() -> None:
+    """``[synth] canal_pool``: synthetic thecal sacs below the conus with an empty cord label,
+    made without the PAM50 template, so they stay in the fold that holds the template image out
+    (the PAM50-derived volumes leave it); the sampler draws them at ``canal_fraction``."""
+    from sci_node.preprocess import PrepSpec
+    from trainer.seg import Vol, _fold_vols, synth_pool
+    from trainer.seg_loop import SliceSampler
+    from trainer.synth import synth_canal_volume
+
+    img, mask, (sz, sy, sx) = synth_canal_volume(np.random.default_rng(3))
+    assert img.shape[1:] == (112, 112) and img.shape == mask.shape and not mask.any()
+    assert np.isfinite(img).all() and img.std() > 0.05 and 0.8 <= sz <= 6.0 and (sy, sx) == (0.8, 0.8)
+    spec = PrepSpec(patch_yx=(64, 64))
+    cfg = {"synth": {"pool": 0, "canal_pool": 2, "exclude_when_validating": ["sub-PAM50small"]}}
+    canal = synth_pool(cfg, spec, np.random.default_rng(0), "cord", 8)
+    assert [v.group for v in canal] == ["synthetic-canal"] * 2 and all(v.synthetic and not v.label.any() for v in canal)
+    assert synth_pool(cfg, spec, np.random.default_rng(0), "lesion", 8) == []
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))).astype(np.float32)
+    cord = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop_seg-manual.nii.gz"))).astype(np.uint8)
+    real = [Vol("a", "sub-unf01", image / image.max(), cord, (1.0, 1.0, 1.0)),
+            Vol("b", "sub-PAM50small", image / image.max(), cord, (1.0, 1.0, 1.0))]
+    pam = [Vol("synth-0", "synthetic", image / image.max(), cord, (1.0, 1.0, 1.0), synthetic=True)]
+    held_template = _fold_vols(real, pam + canal, "sub-PAM50small", cfg)
+    assert [v.key for v in held_template] == ["a", "canal-0", "canal-1"]
+    assert [v.key for v in _fold_vols(real, pam + canal, "sub-unf01", cfg)] == ["b", "synth-0", "canal-0", "canal-1"]
+    sampler = SliceSampler(real + pam + canal, spec, np.random.default_rng(1), 0.6, 0.5, canal_fraction=0.25)
+    picks = [sampler._pick().group for _ in range(4000)]
+    assert 0.22 < picks.count("synthetic-canal") / 4000 < 0.28
+    assert 0.33 < picks.count("synthetic") / 4000 < 0.42  # half of the rest
+    default = SliceSampler(real + canal, spec, np.random.default_rng(1), 0.6, 0.5)  # canal_fraction 0: never
+    assert all(default._pick().group != "synthetic-canal" for _ in range(200))

@@ -1,5 +1,7 @@
 """Example PNGs for docs/img/: ``python -m trainer.examples`` (synthetic images and lesions),
-``python -m trainer.examples models/cord/0.1.0`` (cord predictions on unlabelled real scans)."""
+``python -m trainer.examples models/cord/0.1.0`` (cord predictions on unlabelled real scans),
+``python -m trainer.examples --below-conus /tmp/folds/cord/sub-PAM50small`` (the PAM50small
+reference's lower end against a held-out fold network, and synthetic canal volumes)."""
 from __future__ import annotations
 
 import dataclasses
@@ -99,10 +101,47 @@ def predictions_png(cord_dir: Path, out: Path = Path("docs/img/cord_predictions.
     return out
 
 
+def below_conus_png(fold_dir: Path, out: Path = Path("docs/img/pam50_below_conus.png")) -> Path:
+    """Axial PAM50small slices around the lower end of its reference cord (green) with the
+    prediction of ``fold_dir`` (a network that never saw the template, threshold 0.4, red),
+    and a row of :func:`trainer.synth.synth_canal_volume` examples."""
+    from sci_node.predict_seg import Segmenter
+    from trainer.synth import synth_canal_volume
+
+    rel = "sct-testing-data/{}/anat/sub-PAM50small_T2w{}.nii.gz"
+    img = sitk.ReadImage(str(D / rel.format("sub-PAM50small", "")))
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(D / rel.format("derivatives/labels/sub-PAM50small", "_seg-manual"))))
+    seg = Segmenter.from_artifact(fold_dir)
+    prepared = preprocess.prepare(img, seg.spec)
+    pred = seg.finish(seg.predict_prob_model_grid(prepared), prepared, 0.4)
+    arr, end = sitk.GetArrayFromImage(img), int(np.nonzero((ref > 0.5).any((1, 2)))[0][0])
+    zs, crop = [12, 26, 32, 36, 40, 120], (slice(15, 55), slice(15, 55))
+    fig, ax = plt.subplots(2, len(zs), figsize=(2.2 * len(zs), 5.2))
+    rng = np.random.default_rng(1)
+    for i, z in enumerate(zs):
+        ax[0, i].imshow(arr[z][crop], cmap="gray")
+        for m, colour in ((ref[z][crop] > 0.5, "lime"), (pred[z][crop], "red")):
+            if m.any():
+                ax[0, i].contour(m, [0.5], colors=colour, linewidths=1)
+        ax[0, i].set_title(f"slice {z} ({(z - end) * 2:+d} mm)", fontsize=8)
+        syn, _, sp = synth_canal_volume(rng)
+        ax[1, i].imshow(syn[syn.shape[0] // 2], cmap="gray")
+        ax[1, i].set_title(f"synthetic canal, {sp[0]:.1f} mm", fontsize=8)
+    for a in ax.ravel():
+        a.axis("off")
+    fig.suptitle(f"PAM50small: reference cord (green) ends at slice {end}; held-out fold network (red)", fontsize=9)
+    plt.tight_layout()
+    plt.savefig(out, dpi=70)
+    plt.close(fig)
+    return out
+
+
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) > 1:  # python -m trainer.examples models/cord/0.1.0
+    if len(sys.argv) > 2 and sys.argv[1] == "--below-conus":
+        below_conus_png(Path(sys.argv[2]))
+    elif len(sys.argv) > 1:  # python -m trainer.examples models/cord/0.1.0
         predictions_png(Path(sys.argv[1]))
     else:
         example_pngs()

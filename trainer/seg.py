@@ -72,7 +72,8 @@ def prep_spec(cfg: dict[str, Any]) -> preprocess.PrepSpec:
                                lower=p.get("lower", 0.5), upper=p.get("upper", 99.5), clip_max=p.get("clip_max", 1.5),
                                patch_yx=tuple(p["patch_yx"]), context=int(p.get("context", 0)),
                                threshold=float(p.get("threshold", 0.5)),
-                               thickness_channel=bool(p.get("thickness_channel", False)))
+                               thickness_channel=bool(p.get("thickness_channel", False)),
+                               flip_x_tta=bool(p.get("flip_x_tta", False)))
 
 
 def data_spec(cfg: dict[str, Any]) -> tdata.DataSpec:
@@ -110,17 +111,29 @@ def load_volumes(cases: list[tdata.Case], spec: preprocess.PrepSpec, task: str, 
 
 def synth_pool(cfg: dict[str, Any], spec: preprocess.PrepSpec, rng: np.random.Generator, task: str,
                margin_yx: int) -> list[Vol]:
-    """Synthetic PAM50-derived volumes (empty list when ``[synth]`` is absent or ``pool = 0``)."""
+    """Synthetic volumes: ``[synth] pool`` PAM50-derived ones (group ``synthetic``) and, for the
+    cord, ``canal_pool`` cord-free thecal sacs below the conus (group ``synthetic-canal``, not
+    template-derived). Empty list when ``[synth]`` is absent or both counts are 0."""
     scfg = cfg.get("synth", {})
     n = int(scfg.get("pool", 0))
-    if n <= 0:
-        return []
+    out_yx = tuple(scfg.get("out_yx", (112, 112)))
+    out: list[Vol] = []
+    if n > 0:
+        out = pam50_pool(n, scfg, spec, rng, task, margin_yx, out_yx)
+    # drawn after the PAM50 pool, so adding canal volumes leaves the PAM50 ones unchanged
+    return out + (canal_pool(int(scfg.get("canal_pool", 0)), spec, rng, out_yx) if task == "cord" else [])
+
+
+def pam50_pool(n: int, scfg: dict[str, Any], spec: preprocess.PrepSpec, rng: np.random.Generator, task: str,
+               margin_yx: int, out_yx: tuple[int, ...]) -> list[Vol]:
+    """``n`` normalised PAM50-derived volumes (:func:`trainer.synth.synth_volume`), cropped to the
+    cord's box for the lesion task."""
     from trainer.synth import load_template, synth_volume
 
     tmpl = load_template(_resolve(scfg["template"]))
     out = []
     for i in range(n):
-        img, lab, sp = synth_volume(rng, tmpl, spec.spacing_yx, tuple(scfg.get("out_yx", (112, 112))))
+        img, lab, sp = synth_volume(rng, tmpl, spec.spacing_yx, (int(out_yx[0]), int(out_yx[1])))
         img = preprocess.normalise(img, spec)
         if task == "lesion":
             box = preprocess.roi_bbox(lab, (0, margin_yx, margin_yx))
@@ -131,10 +144,24 @@ def synth_pool(cfg: dict[str, Any], spec: preprocess.PrepSpec, rng: np.random.Ge
     return out
 
 
+def canal_pool(n: int, spec: preprocess.PrepSpec, rng: np.random.Generator, out_yx: tuple[int, ...]) -> list[Vol]:
+    """``n`` normalised cord-free canal volumes (:func:`trainer.synth.synth_canal_volume`), empty labels."""
+    from trainer.synth import synth_canal_volume
+
+    out = []
+    for i in range(n):
+        img, lab, sp = synth_canal_volume(rng, spec.spacing_yx, (int(out_yx[0]), int(out_yx[1])))
+        out.append(Vol(f"canal-{i}", "synthetic-canal", preprocess.normalise(img, spec), lab, sp, synthetic=True))
+    return out
+
+
 def _fold_vols(vols: list[Vol], synth: list[Vol], held: str | None, cfg: dict[str, Any]) -> list[Vol]:
+    """Training volumes of the fold holding out group ``held``. The PAM50-derived synthetic
+    volumes are dropped when ``held`` is in ``[synth] exclude_when_validating``; the
+    template-free ones (``synthetic-canal``) stay."""
     train = [v for v in vols if v.group != held]
     no_synth = held in cfg.get("synth", {}).get("exclude_when_validating", [])
-    return train + ([] if no_synth else synth)
+    return train + [v for v in synth if not (no_synth and v.group == "synthetic")]
 
 
 def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec, clean_fraction: float = 0.0,

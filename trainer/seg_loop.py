@@ -69,17 +69,22 @@ class SliceSampler:
     """Draws patches from volumes: a ``pos_fraction`` share centred near foreground."""
 
     def __init__(self, vols: Sequence[Any], spec: preprocess.PrepSpec, rng: np.random.Generator,
-                 pos_fraction: float, synth_fraction: float) -> None:
+                 pos_fraction: float, synth_fraction: float, canal_fraction: float = 0.0) -> None:
         self.real = [v for v in vols if not v.synthetic]
-        self.synth = [v for v in vols if v.synthetic]
+        self.canal = [v for v in vols if v.group == "synthetic-canal"]
+        self.synth = [v for v in vols if v.synthetic and v.group != "synthetic-canal"]
         self.spec, self.rng = spec, rng
-        self.pos_fraction, self.synth_fraction = pos_fraction, synth_fraction
+        self.pos_fraction, self.synth_fraction, self.canal_fraction = pos_fraction, synth_fraction, canal_fraction
 
     def _pick(self):
+        """A volume: a cord-free canal one with probability ``canal_fraction`` (when there are
+        any), else a PAM50 synthetic one with probability ``synth_fraction``, else a real one."""
+        if self.canal and (self.rng.random() < self.canal_fraction or not (self.real or self.synth)):
+            return self.canal[int(self.rng.integers(len(self.canal)))]
         pool = self.synth if (self.synth and (not self.real or self.rng.random() < self.synth_fraction)) else self.real
         return pool[int(self.rng.integers(len(pool)))]
 
-    def sample(self) -> dict[str, np.ndarray]:
+    def sample(self) -> dict[str, Any]:
         v = self._pick()
         img, lab = v.image, v.label
         ph, pw = self.spec.patch_yx
@@ -195,7 +200,8 @@ def train_network(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: Se
     for ep in range(epochs):
         if refresh is not None:
             vols = refresh(ep, rng)
-        sampler = SliceSampler(vols, spec, rng, float(t.get("pos_fraction", 0.67)), float(t.get("synth_fraction", 0.5)))
+        sampler = SliceSampler(vols, spec, rng, float(t.get("pos_fraction", 0.67)), float(t.get("synth_fraction", 0.5)),
+                               float(t.get("canal_fraction", 0.0)))
         net.train()
         losses = []
         bar = tqdm(range(steps), desc=f"{tag} epoch {ep + 1}/{epochs}", leave=False, mininterval=5)

@@ -134,6 +134,15 @@ def synth_volume(rng: np.random.Generator, t: Template, spacing_yx: tuple[float,
     z1 = min(t.cord.shape[0], z0 + n)
     img = _tissue_image(rng, t, z0, z1)
     cord = t.cord[z0:z1].astype(np.float32)
+    return _acquire(rng, img, cord, length_mm, spacing_yx, out_yx, max_tilt_deg)
+
+
+def _acquire(rng: np.random.Generator, img: np.ndarray, cord: np.ndarray, length_mm: float,
+             spacing_yx: tuple[float, float], out_yx: tuple[int, int], max_tilt_deg: float
+             ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """A random acquisition of a 0.5 mm tissue image ``img`` and its cord map ``cord`` (both
+    ``(Z, Y, X)`` float32): slab averaging and anisotropic blur, a random 3-D rotation onto the
+    model-like output grid, bias field and noise. Returns ``(image, mask, (sz, sy, sx))``."""
     sz = float(rng.choice([rng.uniform(0.8, 1.5), rng.uniform(2.0, 6.0)]))
     # acquisition resolution: slab averaging along Z, anisotropic in-plane blur (thick sagittal slices)
     res = np.array([sz, rng.uniform(0.5, 1.2), rng.uniform(0.5, 1.2)])
@@ -154,3 +163,70 @@ def synth_volume(rng: np.random.Generator, t: Template, spacing_yx: tuple[float,
     bias = ndi.zoom(bias, [s / b for s, b in zip(out_shape, bias.shape)], order=1)[: out_shape[0], : out_shape[1], : out_shape[2]]
     image = image * bias + rng.standard_normal(out_shape).astype(np.float32) * rng.uniform(0.0, 0.05)
     return image.astype(np.float32), mask.astype(np.uint8), (sz, spacing_yx[0], spacing_yx[1])
+
+
+def _drift(rng: np.random.Generator, n: int, max_mm: float) -> np.ndarray:
+    """``(n,)`` smooth random offsets (0.5 mm voxels) of at most about ``max_mm`` along Z."""
+    d = ndi.gaussian_filter1d(rng.standard_normal(n), sigma=max(2.0, n / 4))
+    return d / (np.abs(d).max() + 1e-6) * rng.uniform(0, max_mm) / TEMPLATE_SPACING
+
+
+def _canal_tissue(rng: np.random.Generator, n: int, size: int = 141) -> np.ndarray:
+    """Random-intensity image of a spinal canal **below the conus**, ``(n, size, size)`` at 0.5 mm.
+
+    A CSF-filled thecal sac (elliptic, 10–18 × 14–24 mm, irregular border, drifting along Z)
+    holding 6–30 nerve roots (the cauda equina, 0.8–2.4 mm thick, mostly dorsal), an epidural
+    shell, a vertebral column in front with bodies and discs alternating along Z, and smooth
+    random background tissues. There is no cord anywhere: the label is empty.
+    """
+    shape = (n, size, size)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    c = (size - 1) / 2.0
+    cy, cx = c + _drift(rng, n, 6.0), c + _drift(rng, n, 6.0)
+    ry, rx = rng.uniform(5, 9) / TEMPLATE_SPACING, rng.uniform(7, 12) / TEMPLATE_SPACING
+    dy, dx = (yy[None] - cy[:, None, None]) / ry, (xx[None] - cx[:, None, None]) / rx
+    rr = np.sqrt(dy ** 2 + dx ** 2) * (1 + 0.08 * smooth_noise(rng, shape, 3.0))
+    sac = rr < 1.0
+    roots = np.zeros(shape, bool)
+    for _ in range(int(rng.integers(6, 31))):
+        a = rng.uniform(0, 2 * np.pi) if rng.random() < 0.3 else rng.uniform(0.15 * np.pi, 0.85 * np.pi)  # dorsal
+        f = np.sqrt(rng.uniform(0.0, 0.7))
+        py = cy + f * ry * np.sin(a) + np.linspace(0, rng.uniform(-4, 4), n)
+        px = cx + f * rx * np.cos(a) + np.linspace(0, rng.uniform(-6, 6), n)
+        r = rng.uniform(0.4, 1.2) / TEMPLATE_SPACING
+        roots |= (yy[None] - py[:, None, None]) ** 2 + (xx[None] - px[:, None, None]) ** 2 < r ** 2
+    roots &= sac
+    shell = (rr >= 1.0) & (rr < 1.0 + rng.uniform(0.1, 0.4))
+    period = rng.uniform(28, 40) / TEMPLATE_SPACING  # vertebral body + disc
+    disc = (np.mod(np.arange(n) + rng.uniform(0, period), period) < period * rng.uniform(0.2, 0.35))[:, None, None]
+    body_r = rng.uniform(13, 20) / TEMPLATE_SPACING
+    body_cy = cy - ry - rng.uniform(2, 5) / TEMPLATE_SPACING - body_r
+    body = ((yy[None] - body_cy[:, None, None]) / body_r) ** 2 + ((xx[None] - cx[:, None, None]) / (1.2 * body_r)) ** 2 < 1
+    field = smooth_noise(rng, tuple(max(4, s // 8) for s in shape), 1.0)
+    field = ndi.zoom(field, [s / f for s, f in zip(shape, field.shape)], order=1)[: shape[0], : shape[1], : shape[2]]
+    k = int(rng.integers(2, 6))
+    bg = rng.uniform(0.0, 1.0, k)[np.digitize(field, np.sort(rng.uniform(-1.2, 1.2, k - 1)))]
+    m_csf, m_root, m_shell, m_body, m_disc = rng.uniform(0.0, 1.0, 5)
+    if abs(m_csf - m_root) < 0.15:  # keep the roots visible in the CSF in most samples
+        m_root = float(np.clip(m_csf + np.sign(rng.standard_normal()) * rng.uniform(0.15, 0.6), 0, 1))
+    img = np.where(body, np.where(disc, m_disc, m_body), bg)
+    img = np.where(shell, m_shell, img)
+    img = np.where(sac, np.where(roots, m_root, m_csf), img).astype(np.float32)
+    return img + smooth_noise(rng, shape, rng.uniform(0.5, 2.0)) * rng.uniform(0.0, 0.08)
+
+
+def synth_canal_volume(rng: np.random.Generator, spacing_yx: tuple[float, float] = (0.8, 0.8),
+                       out_yx: tuple[int, int] = (112, 112), max_tilt_deg: float = 25.0
+                       ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """One synthetic volume of the thecal sac below the conus (cauda equina, no cord) and its
+    empty cord mask, acquired like :func:`synth_volume`. Not derived from the PAM50 template,
+    so it may be used when the template image is the held-out case.
+
+    Returns
+    -------
+    image, mask, spacing
+        As :func:`synth_volume`; ``mask`` is all zero.
+    """
+    length_mm = rng.uniform(30, 90)
+    img = _canal_tissue(rng, int(length_mm / TEMPLATE_SPACING))
+    return _acquire(rng, img, np.zeros_like(img), length_mm, spacing_yx, out_yx, max_tilt_deg)
