@@ -34,10 +34,6 @@ import SimpleITK as sitk
 CANONICAL = "LPS"
 
 
-CARD_KEYS = frozenset({"orientation", "slice_axis", "spacing_yx_mm", "z_spacing_mm", "normalisation", "patch_yx",
-                       "context_slices", "threshold", "thickness_channel", "flip_x_tta"})
-
-
 @dataclass(frozen=True)
 class PrepSpec:
     """Preprocessing parameters of one model (stored in its card under ``preprocessing``).
@@ -96,7 +92,7 @@ class PrepSpec:
         A setting this node does not know (written by a newer trainer) is a ``ValueError``:
         running the model without it would not be the model that was validated.
         """
-        unknown = sorted(set(pre) - CARD_KEYS)
+        unknown = sorted(set(pre) - set(cls().to_card()))
         if unknown:
             raise ValueError(f"unknown preprocessing setting(s) {', '.join(unknown)}: this node cannot apply them")
         norm = pre["normalisation"]

@@ -24,6 +24,7 @@ from trainer import git_commit, read_toml_config
 from trainer import data as tdata
 from trainer.lesions import LesionSpec, inject_lesions, lesion_spec
 from trainer.seg_eval import apply_setting, evaluate_cord, evaluate_lesion, setting_grid
+from trainer.seg_loop import CANAL_GROUP
 
 log = structlog.get_logger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -112,11 +113,12 @@ def load_volumes(cases: list[tdata.Case], spec: preprocess.PrepSpec, task: str, 
 def synth_pool(cfg: dict[str, Any], spec: preprocess.PrepSpec, rng: np.random.Generator, task: str,
                margin_yx: int) -> list[Vol]:
     """Synthetic volumes: ``[synth] pool`` PAM50-derived ones (group ``synthetic``) and, for the
-    cord, ``canal_pool`` cord-free thecal sacs below the conus (group ``synthetic-canal``, not
+    cord, ``canal_pool`` cord-free thecal sacs below the conus (group ``CANAL_GROUP``, not
     template-derived). Empty list when ``[synth]`` is absent or both counts are 0."""
     scfg = cfg.get("synth", {})
     n = int(scfg.get("pool", 0))
-    out_yx = tuple(scfg.get("out_yx", (112, 112)))
+    yx = scfg.get("out_yx", (112, 112))
+    out_yx = (int(yx[0]), int(yx[1]))
     out: list[Vol] = []
     if n > 0:
         out = pam50_pool(n, scfg, spec, rng, task, margin_yx, out_yx)
@@ -125,7 +127,7 @@ def synth_pool(cfg: dict[str, Any], spec: preprocess.PrepSpec, rng: np.random.Ge
 
 
 def pam50_pool(n: int, scfg: dict[str, Any], spec: preprocess.PrepSpec, rng: np.random.Generator, task: str,
-               margin_yx: int, out_yx: tuple[int, ...]) -> list[Vol]:
+               margin_yx: int, out_yx: tuple[int, int]) -> list[Vol]:
     """``n`` normalised PAM50-derived volumes (:func:`trainer.synth.synth_volume`), cropped to the
     cord's box for the lesion task."""
     from trainer.synth import load_template, synth_volume
@@ -133,7 +135,7 @@ def pam50_pool(n: int, scfg: dict[str, Any], spec: preprocess.PrepSpec, rng: np.
     tmpl = load_template(_resolve(scfg["template"]))
     out = []
     for i in range(n):
-        img, lab, sp = synth_volume(rng, tmpl, spec.spacing_yx, (int(out_yx[0]), int(out_yx[1])))
+        img, lab, sp = synth_volume(rng, tmpl, spec.spacing_yx, out_yx)
         img = preprocess.normalise(img, spec)
         if task == "lesion":
             box = preprocess.roi_bbox(lab, (0, margin_yx, margin_yx))
@@ -144,21 +146,21 @@ def pam50_pool(n: int, scfg: dict[str, Any], spec: preprocess.PrepSpec, rng: np.
     return out
 
 
-def canal_pool(n: int, spec: preprocess.PrepSpec, rng: np.random.Generator, out_yx: tuple[int, ...]) -> list[Vol]:
+def canal_pool(n: int, spec: preprocess.PrepSpec, rng: np.random.Generator, out_yx: tuple[int, int]) -> list[Vol]:
     """``n`` normalised cord-free canal volumes (:func:`trainer.synth.synth_canal_volume`), empty labels."""
     from trainer.synth import synth_canal_volume
 
     out = []
     for i in range(n):
-        img, lab, sp = synth_canal_volume(rng, spec.spacing_yx, (int(out_yx[0]), int(out_yx[1])))
-        out.append(Vol(f"canal-{i}", "synthetic-canal", preprocess.normalise(img, spec), lab, sp, synthetic=True))
+        img, lab, sp = synth_canal_volume(rng, spec.spacing_yx, out_yx)
+        out.append(Vol(f"canal-{i}", CANAL_GROUP, preprocess.normalise(img, spec), lab, sp, synthetic=True))
     return out
 
 
 def _fold_vols(vols: list[Vol], synth: list[Vol], held: str | None, cfg: dict[str, Any]) -> list[Vol]:
     """Training volumes of the fold holding out group ``held``. The PAM50-derived synthetic
     volumes are dropped when ``held`` is in ``[synth] exclude_when_validating``; the
-    template-free ones (``synthetic-canal``) stay."""
+    template-free ones (``CANAL_GROUP``) stay."""
     train = [v for v in vols if v.group != held]
     no_synth = held in cfg.get("synth", {}).get("exclude_when_validating", [])
     return train + [v for v in synth if not (no_synth and v.group == "synthetic")]

@@ -65,14 +65,18 @@ def augmentation(cfg: dict[str, Any], seed: int = 0):
     ])
 
 
+#: Group of the cord-free synthetic canal volumes (``trainer.seg.canal_pool``): drawn at ``canal_fraction``.
+CANAL_GROUP = "synthetic-canal"
+
+
 class SliceSampler:
     """Draws patches from volumes: a ``pos_fraction`` share centred near foreground."""
 
     def __init__(self, vols: Sequence[Any], spec: preprocess.PrepSpec, rng: np.random.Generator,
                  pos_fraction: float, synth_fraction: float, canal_fraction: float = 0.0) -> None:
         self.real = [v for v in vols if not v.synthetic]
-        self.canal = [v for v in vols if v.group == "synthetic-canal"]
-        self.synth = [v for v in vols if v.synthetic and v.group != "synthetic-canal"]
+        self.canal = [v for v in vols if v.group == CANAL_GROUP]
+        self.synth = [v for v in vols if v.synthetic and v.group != CANAL_GROUP]
         self.spec, self.rng = spec, rng
         self.pos_fraction, self.synth_fraction, self.canal_fraction = pos_fraction, synth_fraction, canal_fraction
 

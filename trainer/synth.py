@@ -67,6 +67,12 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float)
     return (n - n.mean()) / (n.std() + 1e-6)
 
 
+def _coarse_field(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Smooth noise drawn on a grid 8× coarser than ``shape`` and zoomed (linear) up to it."""
+    field = smooth_noise(rng, tuple(max(4, s // 8) for s in shape), 1.0)
+    return ndi.zoom(field, [s / f for s, f in zip(shape, field.shape)], order=1)[: shape[0], : shape[1], : shape[2]]
+
+
 def _tissue_image(rng: np.random.Generator, t: Template, z0: int, z1: int) -> np.ndarray:
     """Random-intensity image of template slices ``z0:z1`` at 0.5 mm, ``(Z, Y, X)`` float32."""
     wm, gm = t.wm[z0:z1].astype(np.float32), t.gm[z0:z1].astype(np.float32)
@@ -79,11 +85,9 @@ def _tissue_image(rng: np.random.Generator, t: Template, z0: int, z1: int) -> np
     shape = wm.shape
     # background: K soft-tissue classes from thresholded smooth noise (fat, muscle, disc, ...)
     k = int(rng.integers(2, 6))
-    field = smooth_noise(rng, tuple(max(4, s // 8) for s in shape), 1.0)
-    field = ndi.zoom(field, [s / f for s, f in zip(shape, field.shape)], order=1)[: shape[0], : shape[1], : shape[2]]
+    field = _coarse_field(rng, shape)
     cuts = np.sort(rng.uniform(-1.2, 1.2, k - 1))
-    bg_cls = np.digitize(field, cuts)
-    bg = rng.uniform(0.0, 1.0, k)[bg_cls]
+    bg = rng.uniform(0.0, 1.0, k)[np.digitize(field, cuts)]
     means = rng.uniform(0.0, 1.0, 5)  # wm, gm, csf, shell, bone
     if abs(means[2] - means[0]) < 0.15:  # keep the cord/CSF boundary visible in most samples
         means[2] = np.clip(means[0] + np.sign(rng.standard_normal()) * rng.uniform(0.15, 0.6), 0, 1)
@@ -202,9 +206,9 @@ def _canal_tissue(rng: np.random.Generator, n: int, size: int = 141) -> np.ndarr
     body_r = rng.uniform(13, 20) / TEMPLATE_SPACING
     body_cy = cy - ry - rng.uniform(2, 5) / TEMPLATE_SPACING - body_r
     body = ((yy[None] - body_cy[:, None, None]) / body_r) ** 2 + ((xx[None] - cx[:, None, None]) / (1.2 * body_r)) ** 2 < 1
-    field = smooth_noise(rng, tuple(max(4, s // 8) for s in shape), 1.0)
-    field = ndi.zoom(field, [s / f for s, f in zip(shape, field.shape)], order=1)[: shape[0], : shape[1], : shape[2]]
+    field = _coarse_field(rng, shape)
     k = int(rng.integers(2, 6))
+    # as in _tissue_image, but the class intensities are drawn before the cuts
     bg = rng.uniform(0.0, 1.0, k)[np.digitize(field, np.sort(rng.uniform(-1.2, 1.2, k - 1)))]
     m_csf, m_root, m_shell, m_body, m_disc = rng.uniform(0.0, 1.0, 5)
     if abs(m_csf - m_root) < 0.15:  # keep the roots visible in the CSF in most samples
