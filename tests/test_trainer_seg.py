@@ -61,9 +61,11 @@ def test_one_epoch_writes_a_loadable_artifact(tmp_path: Path, model: str) -> Non
     snomed = {"cord": "2748008", "lesion": "52988006"}[model]
     assert card["labels"][0]["snomed"]["code"] == snomed
     folds = card["training"]["splits"]["folds"]
-    assert sorted(f["held_out"] for f in folds) == ["sub-05", "sub-unf01"]
+    assert card["metrics"]["validation"] == "subject-grouped 2-fold"  # folds = 5, capped by the 2 persons
+    assert sorted(g for f in folds for g in f["held_out_groups"]) == ["sub-05", "sub-unf01"]
+    fold_of = {g: f["held_out"] for f in folds for g in f["held_out_groups"]}
     for f in folds:  # never scored on a training subject
-        assert all(not k.startswith(f["held_out"] + "_") for k in f["train"])
+        assert all(not k.startswith(g + "_") for g in f["held_out_groups"] for k in f["train"])
     assert set(card["metrics"]["per_case"]) == {"sub-unf01_T2w", "sub-05_acq-MTon_MTS"}
     assert card["training"]["command"].startswith(f"sci-node train {model}")
     assert len(card["data_hash"]) == 64 and card["training"]["seed"] == 3
@@ -74,8 +76,8 @@ def test_one_epoch_writes_a_loadable_artifact(tmp_path: Path, model: str) -> Non
     if model == "lesion":  # the lesion config also calibrates the smallest lesion kept
         assert vol is not None and card["postprocessing"]["min_volume_mm3"] == vol
     for key, row in card["metrics"]["per_case"].items():  # each group scored at the others' setting
-        group = key.split("_")[0]
-        assert (row["threshold"], row.get("min_volume_mm3")) == parse_setting(cal["chosen_per_held_out_group"][group])
+        fold = fold_of[key.split("_")[0]]
+        assert (row["threshold"], row.get("min_volume_mm3")) == parse_setting(cal["chosen_per_held_out_group"][fold])
     fold_hashes = set()
     for f in folds:  # each kept fold network describes what it trained on, never its held-out subject
         _, fcard = load_network(tmp_path / "folds" / f["held_out"])
@@ -324,9 +326,9 @@ def test_cord_free_canal_volumes_stay_in_every_fold_and_are_drawn_at_their_share
     real = [Vol("a", "sub-unf01", image / image.max(), cord, (1.0, 1.0, 1.0)),
             Vol("b", "sub-PAM50small", image / image.max(), cord, (1.0, 1.0, 1.0))]
     pam = [Vol("synth-0", "synthetic", image / image.max(), cord, (1.0, 1.0, 1.0), synthetic=True)]
-    held_template = _fold_vols(real, pam + canal, "sub-PAM50small", cfg)
+    held_template = _fold_vols(real, pam + canal, ["sub-PAM50small"], cfg)
     assert [v.key for v in held_template] == ["a", "canal-0", "canal-1"]
-    assert [v.key for v in _fold_vols(real, pam + canal, "sub-unf01", cfg)] == ["b", "synth-0", "canal-0", "canal-1"]
+    assert [v.key for v in _fold_vols(real, pam + canal, ["sub-unf01"], cfg)] == ["b", "synth-0", "canal-0", "canal-1"]
     sampler = SliceSampler(real + pam + canal, spec, np.random.default_rng(1), 0.6, 0.5, canal_fraction=0.25)
     picks = [sampler._pick().group for _ in range(4000)]
     assert 0.22 < picks.count("synthetic-canal") / 4000 < 0.28

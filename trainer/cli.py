@@ -13,7 +13,7 @@ SEGMENTERS = ("cord", "lesion")
 
 
 def train(model: str, config: Path | None, data: Path | None, out: Path | None, epochs: int | None,
-          seed: int, device: str, keep_folds: Path | None = None) -> int:
+          seed: int, device: str, keep_folds: Path | None = None, work_dir: Path | None = None) -> int:
     """Train ``model`` and write its artefact; return the exit code (0).
 
     Raises
@@ -28,7 +28,7 @@ def train(model: str, config: Path | None, data: Path | None, out: Path | None, 
     elif model in SEGMENTERS:
         from trainer.seg import train_segmentation
 
-        path = train_segmentation(model, config, data, out, epochs, seed, device, keep_folds)
+        path = train_segmentation(model, config, data, out, epochs, seed, device, keep_folds, work_dir)
     else:
         raise ConfigError(f"unknown model {model!r} (expected one of {', '.join(CLASSIFIERS + SEGMENTERS)})")
     log.info("model trained", model=model, artefact=str(path))

@@ -17,6 +17,7 @@ origin, direction within ``tol``). Violations raise :class:`DataError` naming th
 from __future__ import annotations
 
 import hashlib
+import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -54,6 +55,7 @@ class Case:
     contrast: str
     image: Path
     mask: Path | None = None
+    dataset: str = ""
 
     @property
     def key(self) -> str:
@@ -70,6 +72,15 @@ class DataSpec:
     exclude: Sequence[str] = ()  # dataset folder names or subject ids to leave out
     same_person: Sequence[Sequence[str]] = field(default_factory=list)
     tol: float = 1e-3
+    #: image stem -> stem whose mask it shares (same grid, e.g. an MT-off/MT-on pair)
+    mask_from: dict[str, str] = field(default_factory=dict)
+    #: groups that are never held out (population templates: not persons)
+    train_only: Sequence[str] = ()
+
+
+def is_unlabelled(subject: str, stem: str, spec: DataSpec) -> bool:
+    """True when ``subject`` or ``stem`` matches an ``unlabelled`` entry (exact or fnmatch pattern)."""
+    return any(fnmatch.fnmatchcase(subject, pat) or fnmatch.fnmatchcase(stem, pat) for pat in spec.unlabelled)
 
 
 def _stem(p: Path) -> str:
@@ -87,28 +98,34 @@ def _group_of(subject: str, spec: DataSpec) -> str:
     return subject
 
 
+BIDS_KINDS = ("anat", "func")  # image folders read (dwi and ct are not segmentation inputs)
+
+
 def _bids_cases(ds: Path, spec: DataSpec) -> list[Case]:
     cases: list[Case] = []
-    for img in sorted(ds.glob("sub-*/anat/*.nii*")):
-        subject = img.parts[-3]
+    images = sorted(p for kind in BIDS_KINDS for p in ds.glob(f"sub-*/{kind}/*.nii*"))
+    for img in images:
+        subject, kind = img.parts[-3], img.parts[-2]
         if subject in spec.exclude:
             continue
         stem = _stem(img)
         contrast = stem[len(subject) + 1:]
-        mask = None
-        for ext in NII:
-            cand = ds / "derivatives" / "labels" / subject / "anat" / f"{stem}_{spec.mask_suffix}{ext}"
-            if cand.is_file():
-                mask = cand
-                break
+        mask_stem = spec.mask_from.get(stem, stem)
+        labels = ds / "derivatives" / "labels" / subject / kind
+        mask = next((labels / f"{mask_stem}_{spec.mask_suffix}{ext}" for ext in NII
+                     if (labels / f"{mask_stem}_{spec.mask_suffix}{ext}").is_file()), None)
         if mask is None:
-            if spec.missing_mask == "skip" or subject in spec.unlabelled or stem in spec.unlabelled:
+            if spec.missing_mask == "skip" or is_unlabelled(subject, stem, spec):
                 log.info("dataset.unlabelled_skipped", image=str(img), mask_suffix=spec.mask_suffix)
                 continue
-            raise DataError(f"image {str(img)!r} has no mask {stem}_{spec.mask_suffix}.nii.gz under "
-                            f"{str(ds / 'derivatives' / 'labels' / subject / 'anat')!r}")
-        cases.append(Case(subject, _group_of(subject, spec), contrast, img, mask))
+            raise DataError(f"image {str(img)!r} has no mask {mask_stem}_{spec.mask_suffix}.nii.gz under "
+                            f"{str(labels)!r}")
+        cases.append(Case(subject, _group_of(subject, spec), contrast, img, mask, dataset=ds.name))
     return cases
+
+
+def _has_bids(d: Path) -> bool:
+    return any(any(d.glob(f"sub-*/{kind}")) for kind in BIDS_KINDS)
 
 
 def _dicom_cases(root: Path, spec: DataSpec) -> list[Case]:
@@ -138,11 +155,10 @@ def discover(root: Path, spec: DataSpec) -> list[Case]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {str(root)!r} does not exist")
-    if any(root.glob("sub-*/anat")):
+    if _has_bids(root):
         datasets: Iterable[Path] = [root]
     else:
-        datasets = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name not in spec.exclude
-                    and any(d.glob("sub-*/anat"))]
+        datasets = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name not in spec.exclude and _has_bids(d)]
     cases = [c for ds in datasets for c in _bids_cases(ds, spec)]
     if not datasets:
         cases = _dicom_cases(root, spec)
@@ -186,14 +202,18 @@ def check_geometry(image: sitk.Image, mask: sitk.Image, mask_path: Path, tol: fl
                         f"(max abs diff {np.max(np.abs(di - dm)):.4f})")
 
 
-def load_case(case: Case, tol: float = 1e-3) -> tuple[sitk.Image, sitk.Image]:
-    """Read a case's image and mask (binary uint8), checking the mask geometry."""
+def load_case(case: Case, tol: float = 1e-3, mask_threshold: float = 0.5) -> tuple[sitk.Image, sitk.Image]:
+    """Read a case's image and mask (binary uint8: value >= ``mask_threshold``), checking the mask geometry.
+
+    The threshold matters only for partial-volume maps (the MNI-Poly-AMU template's cord map,
+    values 0..1 in steps of 0.125); binary 0/1 masks are unchanged by it.
+    """
     image = read_image(case.image)
     if case.mask is None:
         raise DataError(f"case {case.key!r} ({str(case.image)!r}) has no mask")
     mask = read_image(case.mask)
     check_geometry(image, mask, case.mask, tol)
-    mask = sitk.Cast(mask > 0, sitk.sitkUInt8)
+    mask = sitk.Cast(sitk.Cast(mask, sitk.sitkFloat32) >= float(mask_threshold), sitk.sitkUInt8)
     if image.GetDimension() == 4:
         raise DataError(f"image {str(case.image)!r} is 4-D; segmentation training needs 3-D images")
     return image, mask
@@ -212,6 +232,24 @@ def data_hash(cases: Sequence[Case]) -> str:
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()
+
+
+def kfold_groups(cases: Sequence[Case], k: int, train_only: Sequence[str] = ()) -> list[tuple[str, list[str]]]:
+    """Subject-grouped k-fold: ``[(fold_name, held_out_groups), ...]``.
+
+    Groups (persons) are ordered by (dataset folder, group) and dealt round-robin into ``k``
+    folds, so each dataset's subjects spread over the folds. Groups in ``train_only``
+    (population templates) are never held out. Deterministic: no random draw.
+    """
+    firsts: dict[str, str] = {}
+    for c in cases:
+        firsts.setdefault(c.group, c.dataset)
+    order = sorted((firsts[g], g) for g in firsts if g not in set(train_only))
+    k = max(1, min(int(k), len(order)))
+    folds: list[list[str]] = [[] for _ in range(k)]
+    for i, (_, g) in enumerate(order):
+        folds[i % k].append(g)
+    return [(f"fold{i}", sorted(f)) for i, f in enumerate(folds) if f]
 
 
 def loso_folds(cases: Sequence[Case]) -> list[tuple[str, list[Case], list[Case]]]:

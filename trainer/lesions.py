@@ -159,3 +159,63 @@ def lesion_spec(cfg: dict[str, Any], table: str = "generator") -> LesionSpec:
         return LesionSpec.from_config(gen)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"training config {cfg.get('_path', '?')!r}: bad [lesions.{table}]: {exc}") from None
+
+
+def inject_lookalikes(rng: np.random.Generator, image: np.ndarray, cord: np.ndarray,
+                      spacing: tuple[float, float, float]) -> np.ndarray:
+    """Hard negatives: hyperintense look-alikes of a lesion inside the cord mask, **not** lesions.
+
+    One of, drawn at random:
+
+    * ``"canal"``: the central canal, a thin bright line (Gaussian profile, sigma 0.3-0.6 mm)
+      running along the cord's centre through every slice, brightness between the cord level
+      and the CSF level;
+    * ``"rim"``: CSF partial volume, the cord's outer voxel layer pulled a random fraction
+      (0.2-0.7) of the way towards the CSF level (the image's 99th percentile on T2w, at least
+      1.3 times the cord's 90th percentile);
+    * ``"flow"``: a flow artefact, a faint bright band (1-2 voxels) repeated across the cord
+      in a few consecutive slices.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        ``(Z, Y, X)`` float32 normalised intensities.
+    cord : numpy.ndarray
+        ``(Z, Y, X)`` uint8 cord mask on the same grid.
+    spacing : tuple[float, float, float]
+        ``(sz, sy, sx)`` in mm.
+
+    Returns
+    -------
+    numpy.ndarray
+        New ``(Z, Y, X)`` float32 image; the lesion label of the volume is unchanged.
+    """
+    out = image.astype(np.float32, copy=True)
+    inside = cord > 0
+    if not inside.any():
+        return out
+    level = float(np.percentile(image[inside], 90.0))
+    top = max(float(np.percentile(image, 99.0)), 1.3 * level)  # CSF level; at least 30 % above the cord
+    kind = ("canal", "rim", "flow")[int(rng.integers(3))]
+    if kind == "rim":
+        rim = inside & ~ndi.binary_erosion(inside, structure=np.ones((1, 3, 3), bool))
+        f = rng.uniform(0.2, 0.7)
+        out[rim] = out[rim] * (1 - f) + f * np.maximum(out[rim], top)
+        return out
+    zs = np.unique(np.nonzero(inside)[0])
+    if kind == "flow":
+        z0 = int(rng.integers(len(zs)))
+        zs = zs[z0:z0 + int(rng.integers(1, 4))]
+    yy, xx = np.mgrid[0:image.shape[1], 0:image.shape[2]]
+    sigma = rng.uniform(0.3, 0.6)
+    amp = level + rng.uniform(0.1, 0.8) * (top - level)
+    for z in zs:
+        cy, cx = ndi.center_of_mass(inside[z])
+        if kind == "canal":
+            d2 = ((yy - cy) * spacing[1]) ** 2 + ((xx - cx) * spacing[2]) ** 2
+            w = np.exp(-d2 / (2 * sigma ** 2))
+        else:  # a band across the cord along x
+            w = np.exp(-(((yy - cy - rng.uniform(-2, 2)) * spacing[1]) ** 2) / (2 * (2 * sigma) ** 2))
+        w = (w * inside[z]).astype(np.float32)
+        out[z] = out[z] * (1 - w) + w * np.maximum(out[z], amp)
+    return out

@@ -22,7 +22,7 @@ from sci_node.errors import ConfigError, DataError
 from trainer import __version__ as TRAINER_VERSION
 from trainer import git_commit, read_toml_config
 from trainer import data as tdata
-from trainer.lesions import LesionSpec, inject_lesions, lesion_spec
+from trainer.lesions import LesionSpec, inject_lesions, inject_lookalikes, lesion_spec
 from trainer.seg_eval import apply_setting, evaluate_cord, evaluate_lesion, setting_grid
 from trainer.seg_loop import CANAL_GROUP
 
@@ -81,7 +81,8 @@ def data_spec(cfg: dict[str, Any]) -> tdata.DataSpec:
     d = cfg["data"]
     return tdata.DataSpec(mask_suffix=d.get("mask_suffix", "seg-manual"), missing_mask=d.get("missing_mask", "error"),
                           unlabelled=tuple(d.get("unlabelled", ())),
-                          exclude=tuple(d.get("exclude", ())), same_person=d.get("same_person", []))
+                          exclude=tuple(d.get("exclude", ())), same_person=d.get("same_person", []),
+                          mask_from=dict(d.get("mask_from", {})), train_only=tuple(d.get("train_only", ())))
 
 
 def _resolve(p: str | Path) -> Path:
@@ -157,21 +158,24 @@ def canal_pool(n: int, spec: preprocess.PrepSpec, rng: np.random.Generator, out_
     return out
 
 
-def _fold_vols(vols: list[Vol], synth: list[Vol], held: str | None, cfg: dict[str, Any]) -> list[Vol]:
-    """Training volumes of the fold holding out group ``held``. The PAM50-derived synthetic
-    volumes are dropped when ``held`` is in ``[synth] exclude_when_validating``; the
+def _fold_vols(vols: list[Vol], synth: list[Vol], held: list[str], cfg: dict[str, Any]) -> list[Vol]:
+    """Training volumes of the fold holding out the groups ``held``. The PAM50-derived synthetic
+    volumes are dropped when a held group is in ``[synth] exclude_when_validating``; the
     template-free ones (``CANAL_GROUP``) stay."""
-    train = [v for v in vols if v.group != held]
-    no_synth = held in cfg.get("synth", {}).get("exclude_when_validating", [])
+    train = [v for v in vols if v.group not in held]
+    no_synth = bool(set(held) & set(cfg.get("synth", {}).get("exclude_when_validating", [])))
     return train + [v for v in synth if not (no_synth and v.group == "synthetic")]
 
 
 def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec, clean_fraction: float = 0.0,
-                 post: dict[str, Any] | None = None) -> list[Vol]:
+                 post: dict[str, Any] | None = None, lookalike_fraction: float = 0.0) -> list[Vol]:
     """Copies of cord volumes with freshly injected lesions (label = lesion mask).
 
     ``clean_fraction`` of the copies (drawn per volume) get no lesion and an empty label:
     healthy cords the network must leave unmarked (false lesions on healthy scans).
+    ``lookalike_fraction`` of the copies first get a hyperintense look-alike
+    (:func:`trainer.lesions.inject_lookalikes`: central canal, CSF partial-volume rim, flow
+    band) that is *not* labelled: hard negatives.
 
     ``post`` is the config's ``[post]`` table (the card's ``postprocessing``). With
     ``mask_input_to_roi`` the image is fed, after the injection, through
@@ -187,18 +191,38 @@ def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec, c
     for v in vols:
         if v.cord is None:
             raise DataError(f"volume {v.key} has no cord mask to place lesions in")
+        base = v.image
+        if lookalike_fraction > 0 and rng.random() < lookalike_fraction:
+            base = inject_lookalikes(rng, v.image, v.cord, v.spacing)
         if clean_fraction > 0 and rng.random() < clean_fraction:
-            img, les = v.image.copy(), np.zeros(v.image.shape, np.uint8)
+            img, les = base.copy(), np.zeros(v.image.shape, np.uint8)
         else:
-            img, les = inject_lesions(rng, v.image, v.cord, v.spacing, lspec)
+            img, les = inject_lesions(rng, base, v.cord, v.spacing, lspec)
         if post.get("mask_input_to_roi"):
             img = roi_input(img, dilate_mm(v.cord, v.spacing, roi_dilate_mm(post)), post)
         out.append(Vol(v.key, v.group, img, les, v.spacing, cord=v.cord, synthetic=v.synthetic, extra=v.extra))
     return out
 
 
+def cord_with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec, fraction: float) -> list[Vol]:
+    """The cord training volumes, a ``fraction`` of them (drawn anew each epoch) with synthetic
+    hyperintense lesions injected inside the cord and the **cord label unchanged**.
+
+    A lesion is part of the cord: without this the cord model reads a bright intramedullary
+    lesion as CSF, cuts it out of the cord mask, and the lesion model (whose output is cut to
+    the cord) loses it.
+    """
+    out = []
+    for v in vols:
+        if v.label.any() and rng.random() < fraction:
+            img, _ = inject_lesions(rng, v.image, v.label, v.spacing, lspec)
+            v = Vol(v.key, v.group, img, v.label, v.spacing, synthetic=v.synthetic, extra=v.extra)
+        out.append(v)
+    return out
+
+
 def run_fold(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: list[Vol], val_vols: list[Vol],
-             seed: int, device: str, minutes: float, epochs: int, tag: str):
+             seed: int, device: str, minutes: float, epochs: int, tag: str, checkpoint: Path | None = None):
     """Train one network; return ``(net, history)`` (history = per-epoch loss and val Dice)."""
     from trainer.seg_loop import train_network
 
@@ -208,9 +232,13 @@ def run_fold(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: list[Vo
         post = cfg.get("post", {})
         val_vols = with_lesions(val_vols, np.random.default_rng(seed + 1), lspec, post=post)
         clean = float(cfg.get("lesions", {}).get("clean_fraction", 0.0))
-        refresh = lambda ep, rng: with_lesions(train_vols, rng, lspec, clean, post)  # noqa: E731
+        look = float(cfg.get("lesions", {}).get("lookalike_fraction", 0.0))
+        refresh = lambda ep, rng: with_lesions(train_vols, rng, lspec, clean, post, look)  # noqa: E731
+    elif float(cfg["train"].get("lesion_fraction", 0.0)) > 0:
+        frac, lspec = float(cfg["train"]["lesion_fraction"]), lesion_spec(cfg)
+        refresh = lambda ep, rng: cord_with_lesions(train_vols, rng, lspec, frac)  # noqa: E731
     return train_network(cfg, spec, train_vols, val_vols, seed=seed, device=device, minutes=minutes,
-                         epochs=epochs, tag=tag, refresh=refresh)
+                         epochs=epochs, tag=tag, refresh=refresh, checkpoint=checkpoint)
 
 
 def jsonable_settings(per_setting: dict[Any, Any]) -> dict[str, Any]:
@@ -238,52 +266,96 @@ def _card(cfg: dict[str, Any], spec: preprocess.PrepSpec, metrics: dict[str, Any
     }
 
 
+def cv_folds(cfg: dict[str, Any], cases: list[tdata.Case], vols: list[Vol]) -> list[tuple[str, list[str]]]:
+    """The validation folds ``[(name, held_out_groups)]``.
+
+    ``[train] folds = K`` gives subject-grouped K-fold (:func:`trainer.data.kfold_groups`);
+    without it, leave-one-group-out. Groups in ``[data] train_only`` (population templates)
+    are never held out; ``[train] loso_groups`` restricts LOSO to a subset (comparisons).
+    """
+    tcfg = cfg["train"]
+    train_only = set(cfg["data"].get("train_only", ()))
+    if tcfg.get("folds"):
+        return tdata.kfold_groups(cases, int(tcfg["folds"]), sorted(train_only))
+    all_groups = sorted({v.group for v in vols} - train_only)
+    return [(g, [g]) for g in all_groups if g in tcfg.get("loso_groups", all_groups)]
+
+
+def _fold_result_path(work: Path | None, name: str) -> Path | None:
+    return None if work is None else Path(work) / name / "result.json"
+
+
+def _run_cv_fold(cfg: dict[str, Any], spec: preprocess.PrepSpec, vols: list[Vol], synth: list[Vol], name: str,
+                 held: list[str], seed: int, device: str, n_epochs: int, grid: list[Any],
+                 work: Path | None, keep_folds: Path | None) -> tuple[dict[Any, Any], dict[str, Any]]:
+    """Train the fold holding out ``held`` and score its cases; ``(per_setting_results, split)``.
+
+    With ``work``, a finished fold's result is read back instead of retrained, and an
+    unfinished one resumes from its per-epoch checkpoint (``work/<name>/ckpt.pt``).
+    """
+    res_path = _fold_result_path(work, name)
+    if res_path is not None and res_path.is_file():
+        saved = json.loads(res_path.read_text())
+        log.info("train.fold_reused", fold=name, held_out=held, path=str(res_path))
+        return {s: r for s, r in saved["results"]}, saved["split"]
+    task = cfg["model"]["task"]
+    train_v = _fold_vols(vols, synth, held, cfg)
+    val_v = [v for v in vols if v.group in held]
+    ckpt = None if work is None else Path(work) / name / "ckpt.pt"
+    net, hist = run_fold(cfg, spec, train_v, val_v, seed, device, float(cfg["train"].get("fold_minutes", 4)),
+                         n_epochs, tag=f"fold-{name}", checkpoint=ckpt)
+    results = (evaluate_cord if task == "cord" else evaluate_lesion)(
+        net, cfg, spec, [v.extra["case"] for v in val_v], device, seed, grid)
+    split = {"held_out": name, "held_out_groups": held,
+             "train": sorted({v.key for v in train_v if not v.synthetic}),
+             "synthetic": sum(v.synthetic for v in train_v), "val": [v.key for v in val_v], "epochs_run": len(hist)}
+    for folder in [d for d in (keep_folds, work) if d is not None]:
+        from sci_node.artifact import write_artifact
+
+        fold_cases = [v.extra["case"] for v in train_v if not v.synthetic]  # what this fold trained on
+        card = _card(cfg, spec, {"held_out": held, "per_threshold": jsonable_settings(results)}, fold_cases,
+                     {"fold": split}, seed, len(hist), hist)
+        card["version"] = f"{card['version']}+cv-{name}"
+        write_artifact(Path(folder) / name, net.state_dict(), card)
+    if res_path is not None:
+        res_path.write_text(json.dumps({"results": [[s, r] for s, r in results.items()], "split": split}))
+    return results, split
+
+
 def _loso(cfg: dict[str, Any], spec: preprocess.PrepSpec, vols: list[Vol], synth: list[Vol], seed: int,
-          device: str, n_epochs: int, keep_folds: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Leave-one-group-out folds: train without the group, score it on its source grids.
+          device: str, n_epochs: int, keep_folds: Path | None = None, cases: list[tdata.Case] | None = None,
+          work: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Cross-validation folds (:func:`cv_folds`): train without the fold's groups, score them on
+    their source grids.
 
     Each fold's held-out cases are scored on a grid of thresholds (``[train] thresholds``);
-    :func:`trainer.seg_eval.calibrate` picks the shipped threshold and reports every group at
-    the threshold chosen on the other groups. ``keep_folds`` also writes each fold network as
-    an artefact (``DIR/<group>/``) for later analysis.
+    :func:`trainer.seg_eval.calibrate` picks the shipped threshold and reports every fold at
+    the threshold chosen on the other folds. ``keep_folds`` also writes each fold network as
+    an artefact (``DIR/<fold>/``) for later analysis; ``work`` makes the run resumable.
     """
     from trainer.seg_eval import calibrate
 
-    task, tcfg = cfg["model"]["task"], cfg["train"]
-    metrics: dict[str, Any] = {"validation": "leave-one-subject-out", "per_case": {}}
+    task = cfg["model"]["task"]
+    folds = cv_folds(cfg, cases or [v.extra["case"] for v in vols], vols)
+    kind = f"subject-grouped {len(folds)}-fold" if cfg["train"].get("folds") else "leave-one-subject-out"
+    metrics: dict[str, Any] = {"validation": kind, "per_case": {}}
     splits: dict[str, Any] = {"folds": []}
-    all_groups = sorted({v.group for v in vols})
-    groups = [g for g in all_groups if g in tcfg.get("loso_groups", all_groups)]  # comparisons: a subset
     grid = setting_grid(cfg, spec)
     fold_results: dict[str, Any] = {}
-    if tcfg.get("loso", True) and len(all_groups) > 1:
-        for g in groups:
-            train_v = _fold_vols(vols, synth, g, cfg)
-            val_v = [v for v in vols if v.group == g]
-            net, hist = run_fold(cfg, spec, train_v, val_v, seed, device, float(tcfg.get("fold_minutes", 4)),
-                                 n_epochs, tag=f"fold-{g}")
-            fold_results[g] = (evaluate_cord if task == "cord" else evaluate_lesion)(
-                net, cfg, spec, [v.extra["case"] for v in val_v], device, seed, grid)
-            fold = {"held_out": g, "train": sorted({v.key for v in train_v if not v.synthetic}),
-                    "synthetic": sum(v.synthetic for v in train_v), "val": [v.key for v in val_v],
-                    "epochs_run": len(hist)}
-            splits["folds"].append(fold)
-            if keep_folds is not None:
-                from sci_node.artifact import write_artifact
-
-                fold_cases = [v.extra["case"] for v in train_v if not v.synthetic]  # what this fold trained on
-                card = _card(cfg, spec, {"held_out": g, "per_threshold": jsonable_settings(fold_results[g])}, fold_cases,
-                             {"fold": fold}, seed, len(hist), hist)
-                card["version"] = f"{card['version']}+loso-{g}"
-                write_artifact(Path(keep_folds) / g, net.state_dict(), card)
-        threshold, per_case, info = calibrate(fold_results, task)
+    if cfg["train"].get("loso", True) and len(folds) > 1:
+        for name, held in folds:
+            fold_results[name], split = _run_cv_fold(cfg, spec, vols, synth, name, held, seed, device, n_epochs,
+                                                     grid, work, keep_folds)
+            splits["folds"].append(split)
+        threshold, per_case, info = calibrate(fold_results, task, cfg["train"].get("max_false_lesions_per_scan"))
         metrics["per_case"] = per_case
         metrics["threshold_calibration"] = info
     return metrics, splits
 
 
 def train_segmentation(model_name: str, config: Path | None, data: Path | None, out: Path | None,
-                       epochs: int | None, seed: int, device: str, keep_folds: Path | None = None) -> Path:
+                       epochs: int | None, seed: int, device: str, keep_folds: Path | None = None,
+                       work_dir: Path | None = None) -> Path:
     """Train ``cord`` or ``lesion``: LOSO validation folds, then the final model; write the artefact.
 
     Parameters
@@ -298,6 +370,10 @@ def train_segmentation(model_name: str, config: Path | None, data: Path | None, 
         Overrides ``[train] epochs`` (a time budget per run in the config also applies).
     keep_folds : Path | None
         Also write each LOSO fold's network as an artefact under this folder.
+    work_dir : Path | None
+        Resumable run: each finished fold's scores and network go to ``work_dir/<fold>/``, and
+        every network (folds and final) checkpoints each epoch to ``…/ckpt.pt``. Running the
+        same command again skips finished folds and resumes the interrupted network.
 
     Returns
     -------
@@ -323,8 +399,10 @@ def train_segmentation(model_name: str, config: Path | None, data: Path | None, 
     root = Path(data) if data else _resolve(cfg["data"]["root"])
     cases = tdata.discover(root, data_spec(cfg))
     include = cfg["data"].get("contrasts")
-    if include:
-        cases = [c for c in cases if c.contrast in include]
+    if include:  # exact names or fnmatch patterns ("*T2starw" = gm-challenge's run-1_T2starw)
+        import fnmatch
+
+        cases = [c for c in cases if any(fnmatch.fnmatchcase(c.contrast, pat) for pat in include)]
         if not cases:
             raise DataError(f"data folder {str(root)!r} has no labelled image of contrast {', '.join(include)}")
     margin = int(cfg.get("lesions", {}).get("crop_margin_yx", 24))
@@ -332,7 +410,7 @@ def train_segmentation(model_name: str, config: Path | None, data: Path | None, 
     rng = np.random.default_rng(seed)
     synth = synth_pool(cfg, spec, rng, task, margin)
     log.info("train.start", model=model_name, cases=[v.key for v in vols], synthetic=len(synth), epochs=n_epochs)
-    metrics, splits = _loso(cfg, spec, vols, synth, seed, device, n_epochs, keep_folds)
+    metrics, splits = _loso(cfg, spec, vols, synth, seed, device, n_epochs, keep_folds, cases, work_dir)
     if "threshold_calibration" in metrics:  # ship the threshold (and minimum volume) chosen on the folds
         spec, post = apply_setting(cfg, spec, metrics["threshold_calibration"]["chosen"])
         cfg = {**cfg, "post": post}
@@ -344,7 +422,7 @@ def train_segmentation(model_name: str, config: Path | None, data: Path | None, 
         return out_dir
     final_epochs = int(epochs or tcfg.get("final_epochs", n_epochs))
     net, hist = run_fold(cfg, spec, vols + synth, [], seed, device, float(tcfg.get("final_minutes", 6)),
-                         final_epochs, "final")
+                         final_epochs, "final", checkpoint=None if work_dir is None else Path(work_dir) / "final" / "ckpt.pt")
     splits["final_train"] = sorted(v.key for v in vols)
     card = _card(cfg, spec, metrics, cases, splits, seed, len(hist), hist)
     from sci_node.artifact import write_artifact
@@ -360,6 +438,11 @@ def summarise(per_case: dict[str, dict[str, float]], task: str) -> dict[str, Any
         return {}
     keys = ["dice", "hd95_mm"] + (["lesion_f1"] if task == "lesion" else [])
     out: dict[str, Any] = {}
+    if task == "lesion":  # every held-out real scan is healthy: its lesion-free image's false lesions
+        fl = [v["false_lesions_lesion_free"] for v in per_case.values() if "false_lesions_lesion_free" in v]
+        if fl:
+            out["false_lesions_per_healthy_scan"] = float(np.mean(fl))
+            out["healthy_scans"] = len(fl)
     for k in keys:
         vals = [v[k] for v in per_case.values() if k in v and v[k] is not None and np.isfinite(v[k])]
         if vals:
@@ -383,9 +466,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--keep-folds", type=Path, help="also write each LOSO fold network as an artefact here")
+    p.add_argument("--work-dir", type=Path, help="resumable run: fold results and per-epoch checkpoints here")
     a = p.parse_args(argv)
     configure_logging("console", "INFO")
-    print(train_segmentation(a.model, a.config, a.data, a.out, a.epochs, a.seed, a.device, a.keep_folds))
+    print(train_segmentation(a.model, a.config, a.data, a.out, a.epochs, a.seed, a.device, a.keep_folds,
+                             a.work_dir))
     return 0
 
 

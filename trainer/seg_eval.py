@@ -199,9 +199,13 @@ def objective(per_case: dict[str, dict[str, Any]], task: str) -> float:
     return float(np.mean(vals))
 
 
-def calibrate(fold_results: dict[str, dict[float, dict[str, dict[str, Any]]]], task: str
-              ) -> tuple[float, dict[str, dict[str, Any]], dict[str, Any]]:
-    """Pick the threshold on the LOSO folds, honestly.
+def calibrate(fold_results: dict[str, dict[float, dict[str, dict[str, Any]]]], task: str,
+              max_false_per_scan: float | None = None) -> tuple[float, dict[str, dict[str, Any]], dict[str, Any]]:
+    """Pick the threshold on the validation folds, honestly.
+
+    With ``max_false_per_scan`` (lesion model) only the settings whose mean number of false
+    lesions per lesion-free real scan is at most that rate compete; when none is, the settings
+    with the fewest false lesions do. The stated false-alarm rate comes first, Dice and F1 second.
 
     Parameters
     ----------
@@ -224,7 +228,17 @@ def calibrate(fold_results: dict[str, dict[float, dict[str, dict[str, Any]]]], t
         def score(t: float) -> float:
             merged = {k: v for g in use for k, v in fold_results[g][t].items()}
             return objective(merged, task)
-        return max(grid, key=lambda t: (score(t), -abs(parse_setting(t)[0] - 0.5), -(parse_setting(t)[1] or 0.0)))
+
+        def false_rate(t: float) -> float:
+            vals = [v.get("false_lesions_lesion_free", 0.0) for g in use for v in fold_results[g][t].values()]
+            return float(np.mean(vals)) if vals else 0.0
+
+        cands = list(grid)
+        if max_false_per_scan is not None and cands:
+            ok = [t for t in cands if false_rate(t) <= max_false_per_scan]
+            low = min(false_rate(t) for t in cands)
+            cands = ok or [t for t in cands if false_rate(t) == low]
+        return max(cands, key=lambda t: (score(t), -abs(parse_setting(t)[0] - 0.5), -(parse_setting(t)[1] or 0.0)))
 
     per_case: dict[str, dict[str, Any]] = {}
     chosen_for: dict[str, float] = {}
@@ -237,6 +251,7 @@ def calibrate(fold_results: dict[str, dict[float, dict[str, dict[str, Any]]]], t
         per_case.update({k: {**v, **extra} for k, v in fold_results[g][t].items()})
     final = best(groups) if groups else 0.5
     info = {"grid": grid, "chosen": final, "chosen_per_held_out_group": chosen_for,
+            "max_false_lesions_per_scan": max_false_per_scan,
             "objective_all_folds": {str(t): objective({k: v for g in groups for k, v in fold_results[g][t].items()}, task)
                                     for t in grid}}
     return final, per_case, info

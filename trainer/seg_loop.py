@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -170,14 +171,47 @@ def validate(net, val_vols: Sequence[Any], spec: preprocess.PrepSpec, device: st
     return float(metric.aggregate().item()) if val_vols else float("nan")  # type: ignore[union-attr]
 
 
+def _save_checkpoint(path: Path, epoch: int, step: int, history: list[dict[str, float]], net, ema, opt) -> None:
+    """Atomically write the training state after ``epoch`` epochs (tmp file + rename)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    plain = [{k: float(v) for k, v in h.items()} for h in history]  # no numpy scalars: weights_only loads it
+    torch.save({"epoch": epoch, "step": step, "history": plain, "net": net.state_dict(),
+                "ema": ema.state_dict(), "opt": opt.state_dict()}, tmp)
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path, net, ema, opt) -> tuple[int, int, list[dict[str, float]], float]:
+    """Restore a :func:`_save_checkpoint` state; ``(epochs_done, step, history, minutes_used)``."""
+    import torch
+
+    # numpy float scalars: history entries of checkpoints written before they were made plain floats
+    allowed = [np._core.multiarray.scalar, np.dtype, type(np.dtype(np.float64))]
+    with torch.serialization.safe_globals(allowed):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    net.load_state_dict(state["net"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    hist = list(state["history"])
+    return int(state["epoch"]), int(state["step"]), hist, float(hist[-1]["minutes"]) if hist else 0.0
+
+
 def train_network(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: Sequence[Any],
                   val_vols: Sequence[Any], *, seed: int, device: str, minutes: float, epochs: int,
-                  tag: str, refresh=None):
+                  tag: str, refresh=None, checkpoint: Path | None = None):
     """Train a fresh network from ``cfg["network"]``; return ``(ema_net, history)``.
 
     Stops after ``epochs`` epochs or when ``minutes`` of wall time are used (whichever first).
     ``refresh(epoch, rng)`` (optional) returns new training volumes at the start of each epoch
     (the lesion model re-injects lesions).
+
+    With ``[train] epoch_seeding = true`` every epoch re-seeds numpy, torch and the MONAI
+    augmentation from ``(seed, epoch)``, so a run resumed from ``checkpoint`` (written after
+    every epoch: weights, EMA, optimiser, step, history, wall time used) gives the same
+    weights as an uninterrupted one. Without it, the legacy single-seed stream is used (the
+    shipped 0.x models reproduce) and a resumed run differs from an uninterrupted one.
     """
     import torch
     from monai.losses import DiceCELoss
@@ -199,9 +233,18 @@ def train_network(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: Se
     groups = int(t.get("aug_groups", 4))
     history: list[dict[str, float]] = []
     t0 = time.monotonic()
-    step = 0
+    step, first = 0, 0
+    per_epoch = bool(t.get("epoch_seeding", False))
+    if checkpoint is not None and Path(checkpoint).is_file():
+        first, step, history, used = _load_checkpoint(Path(checkpoint), net, ema, opt)
+        t0 -= used * 60
+        log.info("train.resumed", run=tag, from_epoch=first, checkpoint=str(checkpoint))
     vols = list(train_vols)
-    for ep in range(epochs):
+    for ep in range(first, epochs):
+        if per_epoch:
+            rng = np.random.default_rng([seed, ep])
+            torch.manual_seed(seed * 100_003 + ep)
+            aug.set_random_state(seed=(seed * 100_003 + ep) % (2**32))
         if refresh is not None:
             vols = refresh(ep, rng)
         sampler = SliceSampler(vols, spec, rng, float(t.get("pos_fraction", 0.67)), float(t.get("synth_fraction", 0.5)),
@@ -220,17 +263,20 @@ def train_network(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: Se
             # cosine decay over whichever budget (steps or wall time) runs out first
             frac = min(1.0, max(step / total, (time.monotonic() - t0) / (minutes * 60)))
             for g in opt.param_groups:
-                g["lr"] = base_lr * (0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * frac)))
+                g["lr"] = float(base_lr * (0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * frac))))
             _ema_update(ema, net, float(t.get("ema", 0.98)))
             losses.append(float(loss.item()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", refresh=False)
         ema.eval()
+        every = max(1, int(t.get("val_every", 1)))  # per-epoch validation of large held-out volumes is costly
         val = (validate(ema, val_vols, spec, device, roi_dilate_mm(cfg.get("post", {})))
-               if val_vols else float("nan"))
+               if val_vols and ((ep + 1) % every == 0 or ep + 1 == epochs) else float("nan"))
         history.append({"epoch": ep + 1, "loss": float(np.mean(losses)), "val_dice": val,
                         "minutes": (time.monotonic() - t0) / 60})
         log.info("train.epoch", run=tag, epoch=ep + 1, loss=round(float(np.mean(losses)), 4),
                  val_dice=None if np.isnan(val) else round(val, 4), minutes=round(history[-1]["minutes"], 2))
+        if checkpoint is not None:
+            _save_checkpoint(Path(checkpoint), ep + 1, step, history, net, ema, opt)
         if time.monotonic() - t0 > minutes * 60:
             log.info("train.time_budget_reached", run=tag, epochs_run=ep + 1, minutes=minutes)
             break

@@ -63,7 +63,7 @@ def rescore_folds(model: str, cfg: dict[str, Any], folds: Path, device: str = "c
             raise DataError(f"fold {str(d)!r}: held-out case(s) {', '.join(missing)} not found in the data folder")
         fold_results[fold["held_out"]] = evaluate(net, cfg, spec, [cases[k] for k in fold["val"]], device, seed, grid)
         log.info("rescore.fold", model=model, held_out=fold["held_out"])
-    _, per_case, info = calibrate(fold_results, cfg["model"]["task"])
+    _, per_case, info = calibrate(fold_results, cfg["model"]["task"], cfg["train"].get("max_false_lesions_per_scan"))
     metrics: dict[str, Any] = {"validation": "leave-one-subject-out", "per_case": per_case,
                                "threshold_calibration": info}
     metrics.update(summarise(per_case, cfg["model"]["task"]))
