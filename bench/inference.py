@@ -1,7 +1,7 @@
 """Inference cost per series: wall time and peak RSS per stage, and series per hour at saturation.
 
 1. Per stage: :meth:`sci_node.pipeline.Pipeline.run_dicom` with the registry's active models on
-   the sagittal sample series (``sample/series``) and the axial test series
+   the sagittal lumbar series (``tests/data/series/lumbar_sag_T2w``) and the axial test series
    (``tests/data/series/unf01_axial_T2w``), each run in a fresh process so the peak RSS is
    that series' own (process high-water mark after each stage: load, classify, segment,
    write). Model loading is timed apart (``model_load_s``).

@@ -1,6 +1,6 @@
 """Ingest throughput: the same MR instances C-STOREd into sci-node, dcmtk storescp and Orthanc.
 
-The committed sample series (``sample/series``, 38 sagittal slices) is copied ``--copies``
+The committed lumbar series (``tests/data/series/lumbar_sag_T2w``, 38 sagittal slices) is copied ``--copies``
 times with new UIDs (default 10 -> 380 instances, ~18 MB). One client, dcmtk ``storescu``
 with ``TCP_NODELAY=1``, sends all of them on one association to each server in turn:
 

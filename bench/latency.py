@@ -10,7 +10,7 @@ Two paths, each on a warm node (one warm-up series first, which includes model l
   ``/tools/find`` shows the SEG series in the study, and that minus both stable waits
   (Orthanc's StableAge + the node's own stable wait).
 
-Inputs: the committed sagittal sample series (38 slices) and, with ``--slices 50``, the same
+Inputs: the committed sagittal lumbar series (``tests/data/series/lumbar_sag_T2w``, 38 slices) and, with ``--slices 50``, the same
 series resampled to 50 slices (same field of view) - the target is "<= 6 s beyond the stable
 wait for a 50-slice sagittal T2w". Each round sends a fresh copy (new UIDs).
 

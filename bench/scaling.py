@@ -1,6 +1,6 @@
 """Scaling: pipeline time per stage vs number of slices and vs in-plane matrix.
 
-The sagittal sample series (``sample/series``, 38 slices of 201 x 112 px, 1 mm) is resampled
+The sagittal lumbar series (``tests/data/series/lumbar_sag_T2w``, 38 slices of 201 x 112 px, 1 mm) is resampled
 (same field of view, linear interpolation, :func:`common.resample_series`) to
 
 * ``--slices`` (default 25, 50, 100, 200) slices at the source matrix, and

@@ -1,7 +1,8 @@
 """Time the embedded stack end to end: scanner -> Orthanc -> node -> SEG back in Orthanc.
 
 Starts ``sci-node stack`` pieces in-process (:class:`sci_node.stack.Stack`) on free loopback
-ports in a temporary data dir, sends the committed sample series with dcmtk ``storescu``
+ports in a temporary data dir, sends the committed 38-slice lumbar series
+(``tests/data/series/lumbar_sag_T2w``, the demo sample until issue #15) with dcmtk ``storescu``
 (with and without ``TCP_NODELAY=1``) and reports, as JSON:
 
 * ``storescu_s`` / ``storescu_nagle_s``: the C-STORE of the series into Orthanc,
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from sci_node.config import load_config  # noqa: E402
-from sci_node.stack import (SAMPLE_DIR, OrthancCredentials, Stack, StackPorts, StackSpec,  # noqa: E402
+from sci_node.stack import (OrthancCredentials, Stack, StackPorts, StackSpec,  # noqa: E402
                             sample_series_files, wait_for_modality)
 
 
@@ -54,7 +55,7 @@ def main() -> int:
     ap.add_argument("--processor", default="pipeline", choices=["pipeline", "derived-sc"])
     ap.add_argument("--models-dir", type=Path, default=REPO / "models", help="model registry (default: the repo's)")
     args = ap.parse_args()
-    files = sample_series_files(SAMPLE_DIR)
+    files = sample_series_files(REPO / "tests" / "data" / "series" / "lumbar_sag_T2w")
     import pydicom
 
     study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)

@@ -8,7 +8,10 @@ have: the outputs are committed, this script documents and reproduces them)::
 
 Outputs (all uncompressed Explicit VR Little Endian MR Image Storage, 16-bit unsigned):
 
-* ``sample/series/``                       demo: sagittal T2w lumbar spine (sct_tutorial_data, MIT)
+* ``sample/series/``                       demo: sagittal T2w cervical spine, brainstem to upper thoracic
+  (sub-errsm22 of the 2014 spinalcordtoolbox test data, MIT; unlabelled, never used for training)
+* ``tests/data/series/lumbar_sag_T2w/``    sagittal T2w lumbar spine, conus and cauda equina (sct_tutorial_data,
+  MIT): what the models must not mark (no cord below the conus, no lesion); the demo sample until issue #15
 * ``tests/data/series/unf01_axial_T2w/``   axial T2w cervical, 16 slices (ivadomed data-testing / spine-generic)
   with ``cord_mask.nii.gz`` (the manual cord mask, unchanged grid)
 * ``tests/data/series/pam50_sag_T2w/``     sagittal T2w PAM50 template crop (sct_testing_data, MIT)
@@ -246,8 +249,15 @@ def specs(data: Path) -> list[SeriesSpec]:
     unf = data / "ivadomed-data-testing"
     pam = data / "sct-testing-data"
     return [
+        # PSR volume (384 A->P x 225 I->S x 52 R->L, 1 mm): the 16 sagittal slices around the midline
+        # (the cord is in slices 24-35 of the source) and the 120 mm A-P band from the vertebral bodies
+        # to the neck muscles behind the canal; the whole S-I extent (foramen magnum to T4).
+        SeriesSpec("sample-errsm22-sag-t2w", data / "sct-history/sub-errsm22/anat/sub-errsm22_T2w.nii.gz",
+                   REPO / "sample" / "series", "T2w", "sagittal", "CSPINE", "T2 SPACE SAG cervical",
+                   crop=(slice(176, 296), slice(0, 225), slice(22, 38)), series_number=1),
+        # the former demo sample: name (UID seeds) and crop unchanged, so its files are byte-identical
         SeriesSpec("sample-lumbar-sag-t2w", data / "sct-tutorial-data/sub-lumbar/anat/sub-lumbar_T2w.nii.gz",
-                   REPO / "sample" / "series", "T2w", "sagittal", "LSPINE", "T2 TSE SAG lumbar",
+                   tests / "lumbar_sag_T2w", "T2w", "sagittal", "LSPINE", "T2 TSE SAG lumbar",
                    crop=(slice(0, 38), slice(0, 112), slice(0, 201)), series_number=3),
         SeriesSpec("test-unf01-ax-t2w", unf / "sub-unf01/anat/sub-unf01_T2w.nii.gz",
                    tests / "unf01_axial_T2w", "T2w", "axial", "CSPINE", "T2 TSE AX cervical",
