@@ -12,7 +12,7 @@ from typing import Any
 
 from sci_node.config import NodeConfig
 from sci_node.errors import StorageError
-from sci_node.store import Job, Store
+from sci_node.store import Job, OutboxEntry, Store
 
 
 def _open(cfg: NodeConfig) -> Store:
@@ -106,7 +106,10 @@ def show_job(cfg: NodeConfig, job_id: int, as_json: bool = False) -> int:
         outbox = store.outbox_for_job(job_id)
     finally:
         store.close()
-    doc = _job_dict(job) | {"deliveries": [asdict(e) for e in outbox]}
+    pending = [e.next_attempt_at for e in outbox if e.state == "pending"]
+    doc = _job_dict(job) | {"deliveries": [asdict(e) | {"next_attempt": _iso(e.next_attempt_at)
+                                                         if e.state == "pending" else None} for e in outbox],
+                            "next_attempt": _iso(min(pending)) if pending else None}
     if as_json:
         print(json.dumps(doc, indent=2, default=str))
         return 0
@@ -123,11 +126,26 @@ def show_job(cfg: NodeConfig, job_id: int, as_json: bool = False) -> int:
             print(f"  {key:<12} {json.dumps(result[key], default=str)}")
     if job.geometry:
         print(f"  geometry     {json.dumps(job.geometry)}")
-    print(f"  delivery     {job.delivery}")
+    print(f"  delivery     {job.delivery}" + (f" (next attempt {_ts(min(pending))})" if pending else ""))
     for e in outbox:
         print(f"    -> {e.destination:<28} {e.state:<9} attempts {e.attempts}"
-              + (f"  sent {_ts(e.sent_at)}" if e.sent_at else "") + (f"  ({e.last_error})" if e.last_error else ""))
+              + (f"  sent {_ts(e.sent_at)}" if e.sent_at else "") + _next_attempt(e)
+              + (f"  ({e.last_error})" if e.last_error else ""))
     return 0
+
+
+def _iso(t: float) -> str:
+    """An epoch time as ISO 8601 in UTC, to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _next_attempt(e: OutboxEntry, now: float | None = None) -> str:
+    """``"  next attempt <local time> (in N s)"`` for a pending delivery ("retry" once one failed)."""
+    if e.state != "pending":
+        return ""
+    wait = e.next_attempt_at - (time.time() if now is None else now)
+    when = "due now" if wait <= 0 else f"in {wait:.0f} s"
+    return f"  next {'retry' if e.attempts else 'attempt'} {_ts(e.next_attempt_at)} ({when})"
 
 
 def retry_job(cfg: NodeConfig, job_id: int) -> int:

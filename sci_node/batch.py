@@ -127,7 +127,7 @@ def run_batch(input: Path, out: Path, cfg: NodeConfig, device: str = "cpu", stre
 
     configure_threads(cfg.torch_threads)
     models = ModelRegistry(cfg.models_dir).load_active(device)
-    pipeline = Pipeline(models, cfg.routing, device)
+    pipeline = Pipeline(models, cfg.routing, device, cfg.max_missing_fraction)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     reports = []
@@ -157,7 +157,8 @@ def _run_one(pipeline: Any, item: BatchItem, out_dir: Path) -> dict[str, Any]:
     summary = dict(res.summary)
     report.update(
         status=res.status, reason=res.reason, routing=res.routing,
-        lesions=summary.pop("lesions", []), measurements=summary, timings=res.timings,
+        lesions=summary.pop("lesions", []), missing_slices=summary.pop("missing_slices", []),
+        notes=list(getattr(res, "notes", ())), measurements=summary, timings=res.timings,
         model_versions=res.model_versions,
         outputs=[p.name for p in res.outputs], masks=[p.name for p in res.masks], previews=[p.name for p in previews])
     _write_json(out_dir / "report.json", report)

@@ -120,11 +120,18 @@ def _infer(args: argparse.Namespace, cfg: NodeConfig) -> int:
     return run_batch(args.input, args.out, cfg, device=args.device or cfg.device)
 
 
+def _route(args: argparse.Namespace, cfg: NodeConfig) -> int:
+    from sci_node.route_report import run_route
+
+    return run_route(args.input, cfg, as_json=args.json, device=args.device or "cpu")
+
+
 def _train(args: argparse.Namespace, cfg: NodeConfig) -> int:
     from trainer.cli import train
 
     return train(args.model, config=args.train_config, data=args.data, out=args.out,
-                 epochs=args.epochs, seed=args.seed, device=args.device or "cpu", keep_folds=args.keep_folds)
+                 epochs=args.epochs, seed=args.seed, device=args.device or "cpu", keep_folds=args.keep_folds,
+                 work_dir=args.work_dir)
 
 
 def _models(args: argparse.Namespace, cfg: NodeConfig) -> int:
@@ -215,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads (default 0 = CPUs minus one)")
     p.set_defaults(handler=_infer)
 
+    p = sub.add_parser("route", help="print the routing decision of every series under INPUT (no segmentation)")
+    _add_config_flags(p)
+    p.add_argument("input", type=Path, help="folder (or file) of DICOM series and/or NIfTI volumes")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.set_defaults(handler=_route)
+
     p = sub.add_parser("train", help="train one of the five models (offline trainer)")
     _add_config_flags(p)
     p.add_argument("model", choices=["anatomy", "region_view", "sequence", "cord", "lesion"])
@@ -226,7 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--keep-folds", dest="keep_folds", type=Path,
-                   help="segmentation models: also write each leave-one-subject-out fold network here")
+                   help="segmentation models: also write each cross-validation fold network here")
+    p.add_argument("--work-dir", dest="work_dir", type=Path,
+                   help="segmentation models: resumable run (fold results and per-epoch checkpoints); "
+                        "re-run the same command to resume")
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("models", help="model registry: list, add, activate, rollback")

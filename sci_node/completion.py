@@ -1,5 +1,10 @@
 """Series completion: "no new instance for ``stable_seconds``" plus a geometry check.
 
+A series whose last association ended in A-ABORT (ours or the peer's: a dropped link, a
+crashed sender) is not quiet before ``abort_grace_seconds`` after the abort either: the sender
+gets that long to resend. Processed after it, the job's geometry says ``incomplete_transfer``
+and its results say "incomplete transfer".
+
 An apscheduler ``BackgroundScheduler`` polls the index. A quiet series is checked
 (consistent orientation and matrix size, no duplicate slice positions, gaps reported),
 marked complete and its job enqueued in one transaction; a late instance re-opens the
@@ -163,7 +168,7 @@ class CompletionMonitor:
     Parameters
     ----------
     cfg
-        Uses ``stable_seconds``.
+        Uses ``stable_seconds`` and ``abort_grace_seconds``.
     store
         The node's store.
     on_job
@@ -191,7 +196,8 @@ class CompletionMonitor:
         """One pass: complete every series quiet for ``stable_seconds``; return the new job ids."""
         jobs: list[int] = []
         try:
-            for series in self.store.quiet_series(time.time() - self.cfg.stable_seconds):
+            now = time.time()
+            for series in self.store.quiet_series(now - self.cfg.stable_seconds, now - self.cfg.abort_grace_seconds):
                 job_id = self._complete(series)
                 if job_id is not None:
                     jobs.append(job_id)
@@ -204,12 +210,16 @@ class CompletionMonitor:
     def _complete(self, series: SeriesRow) -> int | None:
         files = self.store.series_files(series.series_uid)
         report, reason = check_series(files)
+        if series.aborted_at is not None:  # no resend came within the grace period
+            report["incomplete_transfer"] = {"aborted_at": series.aborted_at,
+                                             "grace_seconds": self.cfg.abort_grace_seconds}
         job_id = self.store.complete_series(series, report, reason)
         if job_id is None:
             return None  # an instance arrived meanwhile; check again later
         fields = dict(job_id=job_id, study_uid=series.study_uid, series_uid=series.series_uid,
                       generation=series.generation, instances=series.n_instances,
-                      calling_aet=series.calling_aet, gaps=len(report.get("gaps", [])))
+                      calling_aet=series.calling_aet, gaps=len(report.get("gaps", [])),
+                      incomplete_transfer=series.aborted_at is not None)
         if reason:
             log.warning("audit.series_received", invalid_reason=reason, **fields)
         else:

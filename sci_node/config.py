@@ -76,6 +76,11 @@ class Limits:
     max_instances_per_association: int = 100_000
     max_instances_per_series: int = 5_000
     min_free_disk_mb: int = 500
+    #: seconds a new TCP connection has to send its A-ASSOCIATE-RQ (TLS handshake included);
+    #: until then it holds no association slot, after it it is closed (health checks, scanners)
+    association_request_timeout_seconds: float = 5.0
+    #: connections allowed to wait for their A-ASSOCIATE-RQ at once; one more is closed at once
+    max_pending_connections: int = 64
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,12 @@ class NodeConfig:
     data_dir: Path = Path("var/sci-node")
     models_dir: Path = REPO_ROOT / "models"
     stable_seconds: float = 10.0
+    #: a series whose last association ended in A-ABORT (ours or the peer's) waits this long
+    #: after the abort for a resend before it completes (then marked "incomplete transfer")
+    abort_grace_seconds: float = 60.0
+    #: largest fraction of a series' regular slice grid that may be missing; slices missing
+    #: within it are interpolated for inference and get no SEG frame, more is refused
+    max_missing_fraction: float = 0.25
     workers: int = 1
     device: str = "cpu"
     #: torch intra-op threads for inference; 0 = auto: the CPUs this process may use minus one
@@ -223,6 +234,10 @@ def _validate(cfg: NodeConfig, errors: list[str]) -> None:
         errors.append(f"port: {cfg.port} is not in 1..65535")
     if cfg.stable_seconds <= 0:
         errors.append(f"stable_seconds: {cfg.stable_seconds} must be > 0")
+    if cfg.abort_grace_seconds < 0:
+        errors.append(f"abort_grace_seconds: {cfg.abort_grace_seconds} must be >= 0")
+    if not 0 <= cfg.max_missing_fraction < 1:
+        errors.append(f"max_missing_fraction: {cfg.max_missing_fraction} must be in [0, 1)")
     if cfg.workers < 1:
         errors.append(f"workers: {cfg.workers} must be >= 1")
     if cfg.torch_threads < 0:
@@ -241,6 +256,11 @@ def _validate(cfg: NodeConfig, errors: list[str]) -> None:
         errors.append(f"retention_days: {cfg.retention_days} must be > 0 (or unset: keep everything)")
     if cfg.limits.max_associations < 1:
         errors.append(f"limits.max_associations: {cfg.limits.max_associations} must be >= 1")
+    if not 0 < cfg.limits.association_request_timeout_seconds <= 60:
+        errors.append(f"limits.association_request_timeout_seconds: {cfg.limits.association_request_timeout_seconds}"
+                      " must be in (0, 60]")
+    if cfg.limits.max_pending_connections < 1:
+        errors.append(f"limits.max_pending_connections: {cfg.limits.max_pending_connections} must be >= 1")
     if not 0 <= cfg.routing.min_confidence <= 1:
         errors.append(f"routing.min_confidence: {cfg.routing.min_confidence} must be in [0, 1]")
 

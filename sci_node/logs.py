@@ -47,9 +47,40 @@ def configure_logging(fmt: LogFormat | str = LogFormat.AUTO, level: str = "INFO"
         logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
-    # pynetdicom is chatty at INFO (it logs every PDU summary); keep it at WARNING.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING if lvl <= logging.INFO else lvl)
+    _route_stdlib_logging(shared, renderer)
+    # pynetdicom is chatty at INFO (it logs every PDU summary); keep it (and pydicom) at WARNING.
+    for name in ("pynetdicom", "pydicom", "py.warnings"):
+        logging.getLogger(name).setLevel(logging.WARNING if lvl <= logging.INFO else lvl)
+
+
+class _StderrHandler(logging.Handler):
+    """A stdlib handler that prints through structlog's :class:`~structlog.PrintLogger`: the same
+    (current) ``sys.stderr`` and the same per-file lock, so concurrent lines never interleave."""
+
+    _ours = True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _stderr_logger().msg(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+def _route_stdlib_logging(shared: list[structlog.types.Processor], renderer: structlog.types.Processor) -> None:
+    """Render stdlib records (pynetdicom, pydicom, ``warnings``) with our processors: one format,
+    JSON lines in production. Replaces the handler an earlier call installed; others are kept."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_ours", False)]:
+        root.removeHandler(handler)
+    handler = _StderrHandler()
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer],
+    ))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # pydicom reports most decoding problems with warnings.warn
 
 
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:

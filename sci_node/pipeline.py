@@ -20,7 +20,7 @@ import structlog
 from sci_node import measure, routing
 from sci_node.config import RoutingRules
 from sci_node.errors import InvalidDatasetError, InvalidSeriesError
-from sci_node.series import SeriesVolume, read_series
+from sci_node.series import MAX_MISSING_FRACTION, SeriesVolume, read_series
 
 log = structlog.get_logger("sci_node.pipeline")
 
@@ -67,7 +67,8 @@ class PipelineResult:
     """Outcome of one series (see docs/architecture.md, "Pipeline contract").
 
     ``segmented`` carries the image and masks for callers that render previews (batch); it
-    is None when the series was routed out.
+    is None when the series was routed out. ``notes`` are warnings the SEG/SR descriptions also
+    carry: missing slices, an incomplete transfer.
     """
 
     status: str  # "done" | "routed-out"
@@ -79,6 +80,7 @@ class PipelineResult:
     summary: dict[str, Any]
     masks: tuple[Path, ...] = ()
     segmented: Segmented | None = field(default=None, repr=False, compare=False)
+    notes: tuple[str, ...] = ()
 
 
 def _peak_rss_mb() -> float:
@@ -113,18 +115,27 @@ class Pipeline:
         ``cfg.routing``.
     device
         ``"cpu"`` or ``"cuda"`` (the models were loaded on it; recorded in the log).
+    max_missing_fraction
+        ``cfg.max_missing_fraction``: a DICOM series lacking more of its slice grid is refused.
     """
 
-    def __init__(self, models: ModelSetLike, rules: RoutingRules, device: str = "cpu") -> None:
+    def __init__(self, models: ModelSetLike, rules: RoutingRules, device: str = "cpu",
+                 max_missing_fraction: float = MAX_MISSING_FRACTION) -> None:
         self.models = models
         self.rules = rules
         self.device = device
+        self.max_missing_fraction = max_missing_fraction
         self.versions = {str(k): str(v) for k, v in dict(models.versions).items()}
 
     # -- public API ---------------------------------------------------------------------
 
-    def run_dicom(self, files: Sequence[Path], out_dir: Path) -> PipelineResult:
+    def run_dicom(self, files: Sequence[Path], out_dir: Path, notes: Sequence[str] = ()) -> PipelineResult:
         """Process the DICOM files of one series; write ``seg.dcm``/``sr.dcm`` into ``out_dir``.
+
+        Slices missing from the series are inferred on (interpolated, see
+        :mod:`sci_node.series`) and get no SEG frame; they are listed in the summary
+        (``missing_slices``) and noted in the result and the SEG/SR descriptions, after the
+        caller's ``notes`` (e.g. ``"incomplete transfer"``).
 
         Raises
         ------
@@ -136,12 +147,13 @@ class Pipeline:
         from sci_node.evidence import HeaderEvidence
 
         clock = _Clock()
-        vol = read_series(files)
+        vol = read_series(files, self.max_missing_fraction)
         evidence = HeaderEvidence.from_dicom(vol.first)
         clock.lap("load")
         series_uid = str(vol.first.get("SeriesInstanceUID", ""))
-        result = self._process(vol.image, evidence, Path(out_dir), clock, vol)
-        self._log(result, series_uid=series_uid, instances=len(files))
+        all_notes = (*notes, *missing_notes(vol))
+        result = self._process(vol.image, evidence, Path(out_dir), clock, vol, all_notes)
+        self._log(result, series_uid=series_uid, instances=len(files), missing_slices=len(vol.missing))
         return result
 
     def run_nifti(self, path: Path, out_dir: Path) -> PipelineResult:
@@ -163,38 +175,39 @@ class Pipeline:
     # -- stages -------------------------------------------------------------------------
 
     def _process(self, image: sitk.Image, evidence: Any, out_dir: Path, clock: _Clock,
-                 vol: SeriesVolume | None) -> PipelineResult:
+                 vol: SeriesVolume | None, notes: Sequence[str] = ()) -> PipelineResult:
         decision = routing.route(lambda name: getattr(self.models, name).predict(image, evidence), self.rules)
         clock.lap("classify")
+        gaps = {"missing_slices": list(vol.missing)} if vol is not None and vol.missing else {}
         if decision.routed_out:
-            return self._result("routed-out", decision.reason, decision, clock, {})
+            return self._result("routed-out", decision.reason, decision, clock, gaps, notes=tuple(notes))
         cord = np.asarray(self.models.cord.predict(image), dtype=np.uint8)
         lesion = None
         if decision.segment_lesions:
             lesion = np.asarray(self.models.lesion.predict(image, roi=cord), dtype=np.uint8) * (cord.max() > 0)
         clock.lap("segment")
         m = measure.index_to_lps(image.GetOrigin(), image.GetSpacing()[:3], image.GetDirection())
-        summary = measure.summarize(cord, lesion, m)
+        summary = {**measure.summarize(cord, lesion, m), **gaps}
         if not cord.any():
             clock.lap("write")
             return self._result("routed-out", "the cord model found no spinal cord in this series",
-                                decision, clock, summary)
+                                decision, clock, summary, notes=tuple(notes))
         out_dir.mkdir(parents=True, exist_ok=True)
         masks = write_masks(image, cord, lesion, out_dir)
-        outputs = self._write_dicom(vol, cord, lesion, summary, out_dir) if vol is not None else ()
+        outputs = self._write_dicom(vol, cord, lesion, summary, out_dir, notes) if vol is not None else ()
         clock.lap("write")
         return self._result("done", None, decision, clock, summary, outputs=outputs, masks=masks,
-                            segmented=Segmented(image, cord, lesion))
+                            segmented=Segmented(image, cord, lesion), notes=tuple(notes))
 
     def _write_dicom(self, vol: SeriesVolume, cord: np.ndarray, lesion: np.ndarray | None,
-                     summary: Mapping[str, Any], out_dir: Path) -> tuple[Path, ...]:
+                     summary: Mapping[str, Any], out_dir: Path, notes: Sequence[str] = ()) -> tuple[Path, ...]:
         from sci_node.seg_writer import build_seg
         from sci_node.sr_writer import build_sr
 
-        seg = build_seg(vol, cord, lesion, self.versions)
+        seg = build_seg(vol, cord, lesion, self.versions, notes)
         seg_path = out_dir / SEG_NAME
         seg.save_as(seg_path, enforce_file_format=True)
-        sr = build_sr(seg, list(vol.datasets), summary, self.versions)
+        sr = build_sr(seg, list(vol.datasets), summary, self.versions, notes)
         sr_path = out_dir / SR_NAME
         sr.save_as(sr_path, enforce_file_format=True)
         return (seg_path, sr_path)
@@ -213,6 +226,12 @@ class Pipeline:
                  labels={h: v.get("label") for h, v in result.routing.items() if isinstance(v, dict)},
                  lesion_count=result.summary.get("lesion_count"), timings=result.timings,
                  model_versions=result.model_versions, device=self.device, **context)
+
+
+def missing_notes(vol: SeriesVolume) -> tuple[str, ...]:
+    """``("1 slice missing",)`` when the series lacks slices of its grid, else ``()``."""
+    n = len(vol.missing)
+    return (f"{n} slice{'s' if n > 1 else ''} missing",) if n else ()
 
 
 # -- I/O adapters ---------------------------------------------------------------------------

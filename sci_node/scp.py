@@ -2,9 +2,15 @@
 
 One handler per DIMSE service, all registered in :func:`event_handlers`; dependencies
 (config, store) are bound handler arguments. Handlers never raise and never infer:
-the C-STORE handler reads the four UIDs it needs from the header, writes
-``event.encoded_dataset()`` (the bytes as sent, with a file meta header) durably to the
-spool, records it, and returns a named :class:`~sci_node.dimse.Status`.
+the C-STORE handler decodes the data set strictly under the negotiated transfer syntax
+(:mod:`sci_node.decoding`: a data set in the other VR mode gets ``0xC210``), reads the four
+UIDs it needs from the header, writes ``event.encoded_dataset()`` (the bytes as sent, with a
+file meta header) durably to the spool, records it, and returns a named
+:class:`~sci_node.dimse.Status`.
+
+Before any of this, the connection gate (:mod:`sci_node.gate`) lets a TCP connection become
+an association (and hold one of ``limits.max_associations`` slots) only once it has sent an
+A-ASSOCIATE-RQ, within ``limits.association_request_timeout_seconds``.
 
 Admission happens when the A-ASSOCIATE-RQ arrives (``EVT_REQUESTED``): an unknown calling
 AE (or an allowed AE from the wrong host) is rejected permanently with reason "calling AE
@@ -24,11 +30,14 @@ from pydicom.uid import UID, EnhancedMRImageStorage, MRImageStorage
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from sci_node.config import NodeConfig, TLSConfig
 from sci_node.dimse import (STORAGE_TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS, RejectReason, RejectResult,
                             RejectSource, Status)
-from sci_node.errors import ConfigError, StorageError
+from sci_node.decoding import decode_strict
+from sci_node.errors import ConfigError, InvalidDatasetError, StorageError
+from sci_node.gate import ConnectionGate, GatedAssociationServer, gate_handlers
 from sci_node.store import InstanceKey, Store
 
 log = structlog.get_logger("sci_node.scp")
@@ -45,6 +54,9 @@ class ScpDeps:
     store: Store
     #: instances stored per live association (keyed by ``id(assoc)``), for the audit line and caps
     stored: dict[int, int] = field(default_factory=dict)
+    #: series each live association stored instances of: how it ends (release or abort) is
+    #: recorded on them (:meth:`Store.association_ended`, the abort grace period)
+    series: dict[int, set[str]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -121,14 +133,40 @@ def handle_established(event: Event, deps: ScpDeps) -> None:
     """EVT_ESTABLISHED: start counting this association's instances."""
     with deps.lock:
         deps.stored[id(event.assoc)] = 0
-    log.info("association.accepted", contexts=len(event.assoc.accepted_contexts))
+    log.info("association.accepted", contexts=len(event.assoc.accepted_contexts),
+             refused_sop_classes=refused_sop_classes(event.assoc.rejected_contexts))
+
+
+def refused_sop_classes(contexts: Any, limit: int = 24) -> list[str]:
+    """The SOP classes of the presentation contexts negotiation refused, as ``"name (UID): why"``.
+
+    One entry per SOP class and reason, at most ``limit`` (dcmtk's storescu proposes ~120
+    storage classes by default), then ``"... N more"``.
+    """
+    seen: dict[str, None] = {}
+    for cx in contexts:
+        uid = UID(str(cx.abstract_syntax or ""))
+        seen[f"{uid.name if uid.name != str(uid) else 'unknown'} ({uid}): {str(cx.status).lower()}"] = None
+    out = list(seen)
+    return out if len(out) <= limit else [*out[:limit], f"... {len(out) - limit} more"]
 
 
 def handle_closed(event: Event, deps: ScpDeps) -> None:
-    """EVT_RELEASED / EVT_ABORTED: one audit line per association."""
+    """EVT_RELEASED / EVT_ABORTED: one audit line per association; how it ended, on its series.
+
+    An abort (ours or the peer's, a dropped link included) makes the series it sent wait
+    ``abort_grace_seconds`` for a resend; a release clears that (:meth:`Store.association_ended`).
+    """
     with deps.lock:
         n = deps.stored.pop(id(event.assoc), 0)
-    log.info("association.closed", how=event.event.name, instances_stored=n)
+        series = sorted(deps.series.pop(id(event.assoc), ()))
+    aborted = event.event is evt.EVT_ABORTED
+    try:
+        deps.store.association_ended(series, aborted=aborted)
+    except Exception as exc:  # a notification handler must never raise
+        log.error("association.end_not_recorded", reason=str(exc)[:200], series=len(series))
+    log.info("association.closed", how=event.event.name, instances_stored=n,
+             **({"series_awaiting_resend": len(series)} if aborted and series else {}))
     structlog.contextvars.clear_contextvars()
 
 
@@ -139,10 +177,13 @@ def handle_echo(event: Event) -> int:
 
 def _instance_key(event: Event) -> InstanceKey | tuple[Status, str]:
     """The UIDs of the received data set, or the status + reason to refuse it with."""
-    try:
-        ds = event.dataset
+    try:  # strictly under the negotiated syntax: pydicom's silent VR-mode fallback would spool corrupt bytes
+        stream = getattr(event.request, "DataSet", None)  # the C-STORE's data set bytes (BytesIO)
+        ds = decode_strict(stream.getvalue() if stream is not None else b"", str(event.context.transfer_syntax))
         uids = [str(ds.get(kw) or "") for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
                                                   "SOPClassUID")]
+    except InvalidDatasetError as exc:  # mis-encoded, truncated, undecodable
+        return Status.CANNOT_UNDERSTAND, str(exc)[:300]
     except Exception as exc:  # corrupt / undecodable data set
         return Status.CANNOT_UNDERSTAND, f"cannot decode data set: {type(exc).__name__}: {exc}"[:300]
     study, series, sop, sop_class = (u.strip("\0 ") for u in uids)
@@ -213,6 +254,7 @@ def handle_store(event: Event, deps: ScpDeps) -> int:
             return int(Status.OUT_OF_RESOURCES)
         with deps.lock:
             deps.stored[aid] = deps.stored.get(aid, 0) + 1
+            deps.series.setdefault(aid, set()).add(key.series_uid)
         log.debug("store.ok", sop_uid=key.sop_uid, series_uid=key.series_uid, duplicate=not is_new)
         return int(Status.SUCCESS)
     except Exception as exc:  # never raise out of a DIMSE handler
@@ -230,6 +272,7 @@ def event_handlers(deps: ScpDeps) -> list[tuple[Any, ...]]:
         (evt.EVT_ABORTED, handle_closed, [deps]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [deps]),
+        *gate_handlers(),
     ]
 
 
@@ -280,12 +323,14 @@ def start_scp(cfg: NodeConfig, store: Store) -> ThreadedAssociationServer:
     """
     ae = build_ae(cfg)
     deps = ScpDeps(cfg, store)
-    try:
-        server = ae.start_server((cfg.bind, cfg.port), block=False, evt_handlers=event_handlers(deps),
-                                 ssl_context=server_ssl_context(cfg.tls))
+    try:  # AE.start_server(block=False), with the connection gate (sci_node.gate) in front
+        server = ae.make_server((cfg.bind, cfg.port), evt_handlers=event_handlers(deps),
+                                ssl_context=server_ssl_context(cfg.tls), server_class=GatedAssociationServer,
+                                gate=ConnectionGate(cfg.limits))
     except OSError as exc:
         raise ConfigError(f"cannot listen on {cfg.bind}:{cfg.port}: {exc}") from exc
-    if server is None:  # only with block=True
-        raise ConfigError(f"cannot listen on {cfg.bind}:{cfg.port}")
+    threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{cfg.port}",
+                     daemon=True).start()
+    ae._servers.append(server)  # as AE.start_server does: server.shutdown() removes it from there
     set_nodelay(server.socket)  # accepted sockets inherit it on Linux; handle_conn_open makes sure
     return server

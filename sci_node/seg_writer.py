@@ -1,7 +1,13 @@
 """DICOM-SEG of the cord (and lesions) through highdicom. Returns datasets, writes nothing.
 
-BINARY segmentation, empty frames omitted, same rows/columns as the source; each frame
-references the source instance (and frame) it was derived from. Segment 1 "Spinal cord"
+Encoding (:func:`seg_encoding`): BINARY (1 bit per pixel) when every frame starts on a byte
+boundary (Rows x Columns a multiple of 8), else FRACTIONAL with a Maximum Fractional Value of 1
+(one byte per pixel, values 0/1). A bit-packed frame that does not start on a byte boundary
+cannot be served by Orthanc 1.10's DICOMweb (``/frames/N`` answers 400) nor, when the packed
+length is odd and padded, read whole by OHIF 3.13 (it expects the unpadded length): such a SEG
+never displays (docs/node.md, "SEG encoding"). Empty frames omitted, same rows/columns as the source; each frame references the
+source instance (and frame) it was derived from; slices the series lacks (interpolated for
+inference, see :mod:`sci_node.series`) get no frame. Segment 1 "Spinal cord"
 (SCT 2748008, category Anatomical Structure SCT 91723000); segment 2 "Lesion"
 (SCT 52988006, category Morphologically Abnormal Structure SCT 49755003) only when lesions
 were found. The AlgorithmIdentificationSequence names "sci-node" and every model version.
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from enum import StrEnum
 from typing import Mapping, Sequence
 
 import highdicom as hd
@@ -33,6 +40,35 @@ LESION_TYPE = hd.sr.CodedConcept("52988006", "SCT", "Lesion")
 LESION_CATEGORY = hd.sr.CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure")
 SEG_SERIES_OFFSET = 9900
 SR_SERIES_OFFSET = 9901
+
+
+class SegEncoding(StrEnum):
+    """How the SEG's frames are stored (DICOM Segmentation Type)."""
+
+    BINARY = "BINARY"  # 1 bit per pixel, frames packed back to back
+    FRACTIONAL = "FRACTIONAL"  # 1 byte per pixel; we write 0/1 with MaximumFractionalValue 1
+
+
+def seg_encoding(rows: int, columns: int) -> SegEncoding:
+    """BINARY when a bit-packed frame is a whole number of bytes, else FRACTIONAL (max 1).
+
+    Measured with Orthanc 1.10.1 + OHIF 3.13.2 on a 99 x 99 series (docs/node.md, "SEG
+    encoding"; tests/test_viewer.py): a BINARY SEG's ``/frames/N`` answer 400 and, when the
+    packed length is odd (padded), OHIF shows "Loading SEG..." forever; the FRACTIONAL one (8x
+    larger before compression) is served, passes dciodvfy and is overlaid. LABELMAP (Label Map
+    Segmentation Storage) is unknown to dciodvfy and dcmtk, and OHIF drew it without colour.
+    """
+    return SegEncoding.BINARY if (rows * columns) % 8 == 0 else SegEncoding.FRACTIONAL
+
+
+def described(prefix: str, versions: Mapping[str, str], notes: Sequence[str] = ()) -> str:
+    """``"sci-node SEG [1 slice missing] (cord 0.1.0, ...)"``, at most 64 characters (LO).
+
+    Notes (missing slices, an incomplete transfer) come before the model versions so that
+    truncation to 64 characters cuts the versions, never the warning.
+    """
+    flags = f" [{'; '.join(notes)}]" if notes else ""
+    return f"{prefix}{flags} ({versions_text(versions)})"[:64]
 
 
 def versions_text(versions: Mapping[str, str]) -> str:
@@ -83,21 +119,23 @@ def _segments(versions: Mapping[str, str], with_lesions: bool) -> list[hd.seg.Se
 def source_order(volume: SeriesVolume, masks: np.ndarray) -> np.ndarray:
     """Reorder ``(Z, ...)`` volume-order masks into the order highdicom expects.
 
-    Single-frame sources: volume order (= ``volume.datasets`` order). A multi-frame source:
-    frame-number order of its one instance.
+    Single-frame sources: volume order (= ``volume.datasets`` order) without the slices the
+    series lacks. A multi-frame source: frame-number order of its one instance.
     """
+    present = [k for k, ref in enumerate(volume.refs) if ref is not None]
     if not volume.multiframe:
-        return masks
+        return masks[present]
     if len(volume.datasets) != 1:
         raise InvalidSeriesError(f"a SEG can reference one multi-frame instance, the series has {len(volume.datasets)}")
-    out = np.zeros_like(masks)
-    for k, ref in enumerate(volume.refs):
-        out[int(ref.frame_number) - 1] = masks[k]  # type: ignore[arg-type]
+    out = np.zeros((int(volume.first.get("NumberOfFrames", len(present))), *masks.shape[1:]), dtype=masks.dtype)
+    for k in present:
+        out[int(volume.refs[k].frame_number) - 1] = masks[k]  # type: ignore[arg-type, union-attr]
     return out
 
 
 def build_seg(volume: SeriesVolume, cord: np.ndarray, lesion: np.ndarray | None,
-              versions: Mapping[str, str]) -> hd.seg.Segmentation:
+              versions: Mapping[str, str], notes: Sequence[str] = (),
+              encoding: SegEncoding | None = None) -> hd.seg.Segmentation:
     """Build the DICOM-SEG of one series.
 
     Parameters
@@ -109,6 +147,11 @@ def build_seg(volume: SeriesVolume, cord: np.ndarray, lesion: np.ndarray | None,
         empty -> no lesion segment.
     versions
         Model name -> version, e.g. ``{"cord": "0.1.0", "lesion": "0.1.0"}``.
+    notes
+        Warnings for the reader (e.g. ``"1 slice missing"``, ``"incomplete transfer"``); they
+        lead the Series and Content Description.
+    encoding
+        None: :func:`seg_encoding` of the source matrix (BINARY only when byte-aligned).
 
     Raises
     ------
@@ -128,10 +171,14 @@ def build_seg(volume: SeriesVolume, cord: np.ndarray, lesion: np.ndarray | None,
     src = volume.first
     series_uid = source_key(volume.datasets)
     vtext = versions_text(versions)
+    kind = encoding or seg_encoding(int(src.Rows), int(src.Columns))
     seg = hd.seg.Segmentation(
         source_images=list(volume.datasets),
         pixel_array=pixels,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segmentation_type=hd.seg.SegmentationTypeValues(kind.value),
+        # used only by FRACTIONAL: one byte per pixel holding 0 or 1, which OHIF reads as binary
+        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+        max_fractional_value=1,
         segment_descriptions=_segments(versions, with_lesions),
         series_instance_uid=derived_uid(series_uid, versions, "seg-series"),
         series_number=int(src.get("SeriesNumber") or 0) + SEG_SERIES_OFFSET,
@@ -141,13 +188,13 @@ def build_seg(volume: SeriesVolume, cord: np.ndarray, lesion: np.ndarray | None,
         manufacturer_model_name="sci-node",
         software_versions=f"sci-node {__version__}",
         device_serial_number="sci-node",
-        content_description=f"sci-node {vtext}"[:64],
+        content_description=described("sci-node", versions, notes),
         content_creator_name=f"sci-node^{vtext}"[:64],
         content_label="SCINODE",
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=True,
     )
-    seg.SeriesDescription = f"sci-node SEG ({vtext})"[:64]
+    seg.SeriesDescription = described("sci-node SEG", versions, notes)
     return seg
 
 

@@ -4,7 +4,15 @@ Slices are ordered by their ImagePositionPatient projected on the slice normal
 (``row_cosine x column_cosine``), never by InstanceNumber. A series is refused with an
 :class:`~sci_node.errors.InvalidSeriesError` naming the reason when its slices do not form
 one regular grid: mixed orientations, sizes or pixel spacings, duplicate positions,
-non-uniform slice spacing, positions not stacked along the normal (shear / gantry tilt).
+non-uniform slice spacing (a gap that is not a whole number of steps), positions not stacked
+along the normal (shear / gantry tilt), or more than ``max_missing_fraction`` of the grid
+missing.
+
+Missing slices (a gap of k steps: k - 1 slices the sender never sent or we refused) do not
+stop processing: the volume is the full regular grid, a missing slice is interpolated
+linearly between its present neighbours so the models see a regular volume, and its
+:attr:`SeriesVolume.refs` entry is None, so no result ever references an instance that does
+not exist (the SEG gets no frame there).
 
 Single-frame MR/CT-like images and multi-frame Enhanced (or Legacy Converted Enhanced)
 images are supported; for the latter every frame's position, orientation, spacing and
@@ -34,6 +42,8 @@ ORIENTATION_TOL = 1e-4
 SPACING_RTOL = 0.01
 #: Absolute tolerance (mm) on in-plane offsets between consecutive slices (shear).
 SHEAR_TOL_MM = 0.05
+#: Default largest fraction of the regular slice grid that may be missing (see ``NodeConfig``).
+MAX_MISSING_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -71,15 +81,21 @@ class SeriesVolume:
         float32 ``SimpleITK.Image`` in patient LPS; array order ``(Z, Y, X)`` =
         (slice, row, column); slice ``k`` is ``refs[k]``.
     refs
-        One :class:`SourceRef` per slice, in volume order.
+        One :class:`SourceRef` per slice, in volume order; None for a slice missing from the
+        series (interpolated; the first and last slices are always present).
     datasets
         The distinct source datasets (file order of first use in the sorted volume),
         pixel data included; pass these to highdicom.
     """
 
     image: sitk.Image
-    refs: tuple[SourceRef, ...]
+    refs: tuple[SourceRef | None, ...]
     datasets: tuple[Dataset, ...]
+
+    @property
+    def missing(self) -> tuple[int, ...]:
+        """Volume indices ``z`` of the slices the series lacks (interpolated), ascending."""
+        return tuple(z for z, ref in enumerate(self.refs) if ref is None)
 
     @property
     def first(self) -> Dataset:
@@ -89,11 +105,14 @@ class SeriesVolume:
     @property
     def multiframe(self) -> bool:
         """True when the slices are frames of a multi-frame instance."""
-        return self.refs[0].frame_number is not None
+        return self.refs[0] is not None and self.refs[0].frame_number is not None
 
 
-def read_series(files: Sequence[Path]) -> SeriesVolume:
+def read_series(files: Sequence[Path], max_missing_fraction: float = MAX_MISSING_FRACTION) -> SeriesVolume:
     """Read the DICOM files of one series into a :class:`SeriesVolume`.
+
+    ``max_missing_fraction`` is the largest share of the regular slice grid that may be
+    missing (0 refuses any gap).
 
     Raises
     ------
@@ -105,10 +124,11 @@ def read_series(files: Sequence[Path]) -> SeriesVolume:
     if not files:
         raise InvalidSeriesError("series has no instances")
     datasets = [_read(Path(f)) for f in files]
-    return volume_from_datasets(datasets)
+    return volume_from_datasets(datasets, max_missing_fraction)
 
 
-def volume_from_datasets(datasets: Sequence[Dataset]) -> SeriesVolume:
+def volume_from_datasets(datasets: Sequence[Dataset],
+                         max_missing_fraction: float = MAX_MISSING_FRACTION) -> SeriesVolume:
     """Build the volume from already-read datasets (see :func:`read_series`)."""
     uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(uids) > 1:
@@ -116,8 +136,9 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> SeriesVolume:
     slices: list[_Slice] = []
     for ds in datasets:
         slices.extend(_slices_of(ds))
-    ordered, step = _sort_and_check(slices)
-    return _assemble(ordered, step)
+    ordered, index, step = _sort_and_check(slices)
+    check_missing(len(ordered), int(index[-1]) + 1, step, max_missing_fraction)
+    return _assemble(ordered, index, step)
 
 
 def _read(path: Path) -> Dataset:
@@ -245,8 +266,76 @@ def _frame_pixels(frames: Callable[[], np.ndarray], index: int, slope: Any, inte
     return _rescale(frames()[index], slope, intercept)
 
 
-def _sort_and_check(slices: list[_Slice]) -> tuple[list[_Slice], float]:
-    """Order slices along the normal and check they form one regular grid; return (slices, step mm)."""
+def slice_grid(dist: np.ndarray) -> tuple[np.ndarray, float]:
+    """Place sorted slice distances on one regular grid.
+
+    Parameters
+    ----------
+    dist
+        ``(N,)`` positions along the slice normal (mm), ascending, no duplicates, N >= 2.
+
+    Returns
+    -------
+    index, step
+        ``(N,)`` int grid index of each slice (``index[0] == 0``) and the grid step (mm): the
+        median of the gaps of about the smallest one; a gap of ``k`` steps leaves ``k - 1``
+        grid slices missing. When fewer than half of the gaps are that smallest one (a
+        series missing most of its slices, where the smallest gap may span several steps),
+        that gap divided by 2, 3 or 4 is tried too.
+
+    Raises
+    ------
+    InvalidSeriesError
+        A gap is not a whole number of steps (within ``SPACING_RTOL`` per step).
+    """
+    gaps = np.diff(dist)
+    at_unit = np.round(gaps / gaps.min()) == 1
+    unit = float(np.median(gaps[at_unit]))
+    for divisor in range(1, 5 if 2 * at_unit.sum() < gaps.size else 2):
+        step = unit / divisor
+        k = np.round(gaps / step).astype(int)
+        bad = (k < 1) | (np.abs(gaps - k * step) > SPACING_RTOL * step * np.maximum(k, 1))
+        if not bad.any():
+            return np.concatenate([[0], np.cumsum(k)]), step
+        if divisor == 1:
+            i = int(np.argmax(bad))
+            why = (f"non-uniform slice spacing: gap {gaps[i]:.3f} mm between slices {i} and {i + 1} is not a whole "
+                   f"number of the {step:.3f} mm slice step (extra or displaced slices?)")
+    raise InvalidSeriesError(why)
+
+
+def check_missing(n_present: int, n_grid: int, step: float, max_missing_fraction: float) -> None:
+    """Refuse a series whose regular grid lacks more than ``max_missing_fraction`` of its slices.
+
+    Raises
+    ------
+    InvalidSeriesError
+        Naming how many slices are missing and the allowed fraction.
+    """
+    missing = n_grid - n_present
+    if missing > max_missing_fraction * n_grid:
+        raise InvalidSeriesError(
+            f"too many missing slices: {missing} of {n_grid} on the {step:.3f} mm grid are missing "
+            f"({100 * missing / n_grid:.0f} %, more than max_missing_fraction {max_missing_fraction:g})")
+
+
+def fill_missing(arr: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Interpolate the missing slices of a ``(Z, Y, X)`` stack linearly along Z.
+
+    ``present`` is the ``(N,)`` ascending slice indices that hold data, ``present[0] == 0`` and
+    ``present[-1] == Z - 1``; every other slice is replaced, in a copy, by the distance-weighted
+    mean of its nearest present neighbours.
+    """
+    out = np.array(arr, dtype=np.float32, copy=True)
+    for lo, hi in zip(present[:-1], present[1:]):
+        for z in range(int(lo) + 1, int(hi)):
+            w = np.float32((z - lo) / (hi - lo))
+            out[z] = (1 - w) * out[lo] + w * out[hi]
+    return out
+
+
+def _sort_and_check(slices: list[_Slice]) -> tuple[list[_Slice], np.ndarray, float]:
+    """Order slices along the normal, check they lie on one regular grid; return (slices, grid index, step mm)."""
     first = slices[0]
     for s in slices[1:]:
         if s.shape != first.shape:
@@ -267,32 +356,33 @@ def _sort_and_check(slices: list[_Slice]) -> tuple[list[_Slice], float]:
     ordered = [slices[i] for i in order]
     dist = dist[order]
     if len(ordered) == 1:
-        return ordered, float(first.thickness or 1.0)
+        return ordered, np.zeros(1, dtype=int), float(first.thickness or 1.0)
     gaps = np.diff(dist)
     dup = int(np.argmin(gaps))
     if gaps[dup] < 1e-3:
         raise InvalidSeriesError(
             f"duplicate slice position {np.round(ordered[dup].position, 3).tolist()} "
             f"({ordered[dup].ref.sop_instance_uid} and {ordered[dup + 1].ref.sop_instance_uid})")
-    step = float(np.median(gaps))
-    bad = np.abs(gaps - step) > SPACING_RTOL * step
-    if bad.any():
-        k = int(np.argmax(bad))
-        raise InvalidSeriesError(
-            f"non-uniform slice spacing: gap {gaps[k]:.3f} mm between slices {k} and {k + 1} "
-            f"vs median {step:.3f} mm (missing or extra slices?)")
+    index, step = slice_grid(dist)
     offsets = np.array([s.position for s in ordered]) - ordered[0].position
     shear = offsets - np.outer(dist - dist[0], normal)
     if np.max(np.linalg.norm(shear, axis=1)) > SHEAR_TOL_MM + 1e-3 * step * len(ordered):
         raise InvalidSeriesError(
             f"slice positions are not stacked along the slice normal (in-plane offset "
             f"{np.max(np.linalg.norm(shear, axis=1)):.3f} mm: gantry tilt or sheared stack)")
-    return ordered, step
+    return ordered, index, step
 
 
-def _assemble(ordered: list[_Slice], step: float) -> SeriesVolume:
+def _assemble(ordered: list[_Slice], index: np.ndarray, step: float) -> SeriesVolume:
     first = ordered[0]
-    arr = np.stack([s.pixels() for s in ordered]).astype(np.float32, copy=False)
+    arr = np.zeros((int(index[-1]) + 1, *first.shape), dtype=np.float32)
+    for s, z in zip(ordered, index):
+        arr[z] = s.pixels()
+    if len(ordered) < arr.shape[0]:
+        arr = fill_missing(arr, index)
+    refs: list[SourceRef | None] = [None] * arr.shape[0]
+    for s, z in zip(ordered, index):
+        refs[z] = s.ref
     img = sitk.GetImageFromArray(arr)  # (Z, Y, X) -> x = column, y = row, z = slice
     row_c, col_c = first.orientation[:3], first.orientation[3:]
     normal = np.cross(row_c, col_c)
@@ -302,7 +392,7 @@ def _assemble(ordered: list[_Slice], step: float) -> SeriesVolume:
     seen: dict[int, Dataset] = {}
     for s in ordered:
         seen.setdefault(id(s.dataset), s.dataset)
-    return SeriesVolume(image=img, refs=tuple(s.ref for s in ordered), datasets=tuple(seen.values()))
+    return SeriesVolume(image=img, refs=tuple(refs), datasets=tuple(seen.values()))
 
 
 def find_dicom_files(root: Path) -> dict[str, list[Path]]:

@@ -20,8 +20,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from sci_node import __version__
-from sci_node.seg_writer import (CORD_TYPE, LESION_TYPE, SR_SERIES_OFFSET, derived_uid, frame_references, source_key,
-                                 versions_text)
+from sci_node.seg_writer import (CORD_TYPE, LESION_TYPE, SR_SERIES_OFFSET, derived_uid, described, frame_references,
+                                 source_key, versions_text)
 
 _SCT = "SCT"
 NUMBER_OF_LESIONS = hd.sr.CodedConcept("246206008", _SCT, "Number of lesions")
@@ -112,7 +112,7 @@ def _lesion_groups(seg: Dataset, lesions: Sequence[Mapping[str, Any]], versions:
 
 
 def build_sr(seg: Dataset, sources: Sequence[Dataset], summary: Mapping[str, Any],
-             versions: Mapping[str, str]) -> hd.sr.Comprehensive3DSR:
+             versions: Mapping[str, str], notes: Sequence[str] = ()) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 measurement report of one series.
 
     Parameters
@@ -125,6 +125,8 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], summary: Mapping[str, Any
         :func:`sci_node.measure.summarize` output.
     versions
         Model name -> version.
+    notes
+        Warnings (missing slices, incomplete transfer) that lead the Series Description.
     """
     source = sources[0]
     series_uid = source_key(sources)
@@ -153,7 +155,7 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], summary: Mapping[str, Any
         is_final=False,
         is_verified=False,
     )
-    sr.SeriesDescription = f"sci-node measurements ({versions_text(versions)})"[:64]
+    sr.SeriesDescription = described("sci-node measurements", versions, notes)
     return sr
 
 

@@ -19,7 +19,8 @@ States
 series: ``receiving`` -> ``complete`` (-> ``receiving`` again, generation + 1, when a late
 or re-sent instance arrives).
 jobs: ``pending`` -> ``running`` -> ``done`` | ``routed-out`` | ``failed``; ``superseded``
-when a newer generation of the series replaced the job before it ran.
+when a newer generation of the series replaced the job before it ran, or re-opened the series
+while it ran (checked when the outcome is written, see :meth:`Store.finish_job`).
 job delivery: ``none`` | ``pending`` | ``delivered`` | ``failed``.
 outbox: ``pending`` -> ``sent`` | ``failed`` | ``cancelled`` (superseded).
 """
@@ -55,7 +56,8 @@ CREATE TABLE IF NOT EXISTS series (
     calling_aet TEXT,
     first_received_at REAL NOT NULL,
     last_received_at REAL NOT NULL,
-    completed_at REAL
+    completed_at REAL,
+    aborted_at REAL
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state, last_received_at);
 CREATE TABLE IF NOT EXISTS instances (
@@ -131,6 +133,9 @@ class SeriesRow:
     n_instances: int
     last_received_at: float
     calling_aet: str | None
+    #: when the last association that sent instances of this series ended in A-ABORT (None:
+    #: released normally, or a later association released)
+    aborted_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -255,6 +260,9 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(series)")}
+            if "aborted_at" not in columns:  # an index written before the abort grace existed
+                self._db.execute("ALTER TABLE series ADD COLUMN aborted_at REAL")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open the data directory {str(self.data_dir)!r}: {exc}") from exc
@@ -312,8 +320,9 @@ class Store:
         """Write an instance durably, then record it; return False for a duplicate SOP instance.
 
         A duplicate replaces the file atomically and counts once. An instance of a series
-        that was already complete re-opens it (generation + 1): the completion check will
-        then enqueue a job that supersedes the earlier one.
+        that was already complete re-opens it (generation + 1) and cancels the earlier
+        generations' unsent results: the completion check will then enqueue a job that
+        supersedes the earlier one.
 
         Raises
         ------
@@ -347,6 +356,7 @@ class Store:
                 generation = row["generation"] + 1
                 db.execute("UPDATE series SET state='receiving', generation=?, last_received_at=?,"
                            " calling_aet=? WHERE series_uid=?", (generation, now, calling_aet, key.series_uid))
+                _hold_stale_results(db, key.series_uid, generation)
             else:
                 generation = row["generation"]
                 db.execute("UPDATE series SET last_received_at=? WHERE series_uid=?", (now, key.series_uid))
@@ -409,12 +419,31 @@ class Store:
 
     # -- completion ----------------------------------------------------------------------
 
-    def quiet_series(self, received_before: float) -> list[SeriesRow]:
-        """Series still receiving whose last instance arrived before ``received_before`` (epoch s)."""
+    def quiet_series(self, received_before: float, aborted_before: float | None = None) -> list[SeriesRow]:
+        """Series still receiving whose last instance arrived before ``received_before`` (epoch s).
+
+        With ``aborted_before``, a series whose last association was aborted is only quiet once
+        that abort happened before ``aborted_before`` (the grace period for a resend is over).
+        """
         rows = self._query("SELECT * FROM series WHERE state='receiving' AND last_received_at <= ?"
-                           " ORDER BY last_received_at", (received_before,))
+                           " AND (aborted_at IS NULL OR aborted_at <= ?) ORDER BY last_received_at",
+                           (received_before, float("inf") if aborted_before is None else aborted_before))
         return [SeriesRow(r["series_uid"], r["study_uid"], r["generation"], r["n_instances"],
-                          r["last_received_at"], r["calling_aet"]) for r in rows]
+                          r["last_received_at"], r["calling_aet"], r["aborted_at"]) for r in rows]
+
+    def association_ended(self, series_uids: Sequence[str], aborted: bool) -> None:
+        """Record how the association that sent instances of ``series_uids`` ended.
+
+        An A-ABORT (ours or the peer's) marks those still receiving as aborted now (their
+        completion waits for a resend, see :meth:`quiet_series`); a normal release clears the
+        mark: the last association delivered what it meant to.
+        """
+        if not series_uids:
+            return
+        marks = ",".join("?" * len(series_uids))
+        with self._tx() as db:
+            db.execute(f"UPDATE series SET aborted_at=? WHERE state='receiving' AND series_uid IN ({marks})",
+                       (time.time() if aborted else None, *series_uids))
 
     def series_files(self, series_uid: str) -> list[Path]:
         """Absolute paths of every spooled instance of a series (sorted by SOP instance UID)."""
@@ -435,7 +464,7 @@ class Store:
         """
         now = time.time()
         with self._tx() as db:
-            cur = db.execute("UPDATE series SET state='complete', completed_at=? WHERE series_uid=?"
+            cur = db.execute("UPDATE series SET state='complete', completed_at=?, aborted_at=NULL WHERE series_uid=?"
                              " AND state='receiving' AND generation=? AND last_received_at=?",
                              (now, series.series_uid, series.generation, series.last_received_at))
             if cur.rowcount != 1:
@@ -483,21 +512,29 @@ class Store:
 
     def finish_job(self, job_id: int, state: str, reason: str | None, result: Mapping[str, Any],
                    outputs: Sequence[Path] = (), destinations: Sequence[str] = ()) -> Job:
-        """Record a job's outcome and, unless it was superseded meanwhile, queue its outputs.
+        """Record a job's outcome and, unless its series moved on meanwhile, queue its outputs.
 
         One outbox entry per (output, destination), in one transaction with the state change,
-        so a crash either re-runs the job or sends its results, never both.
+        so a crash either re-runs the job or sends its results, never both. In that same
+        transaction the job's generation is compared with its series': a series re-opened by a
+        late instance while the job ran (or already completed again: ``superseded_by``) makes the
+        job ``superseded`` and nothing of it is queued: its results were computed on a series
+        that is no longer the one received.
         """
         if state not in ("done", "routed-out", "failed"):
             raise ValueError(f"finish_job: state {state!r} is not done, routed-out or failed")
         now = time.time()
         with self._tx() as db:
-            row = db.execute("SELECT superseded_by FROM jobs WHERE id=?", (job_id,)).fetchone()
+            row = db.execute("SELECT j.superseded_by, j.generation, s.generation AS current FROM jobs j"
+                             " LEFT JOIN series s ON s.series_uid = j.series_uid WHERE j.id=?", (job_id,)).fetchone()
             if row is None:
                 raise JobNotFoundError(f"job {job_id} does not exist")
+            stale = _stale_reason(row["superseded_by"], row["generation"], row["current"])
+            if stale is not None:
+                state, reason = "superseded", stale
             db.execute("UPDATE jobs SET state=?, reason=?, finished_at=?, result=? WHERE id=?",
                        (state, reason, now, json.dumps(dict(result), default=str), job_id))
-            if row["superseded_by"] is None:
+            if stale is None:
                 for out in outputs:
                     for dest in destinations:
                         db.execute("INSERT INTO outbox (job_id, destination, path, state, next_attempt_at,"
@@ -663,6 +700,31 @@ class Store:
             out[table] = {r["state"]: r["n"] for r in rows}
         out["instances"] = {"total": self._query("SELECT COUNT(*) FROM instances")[0][0]}
         return out
+
+
+def _hold_stale_results(db: sqlite3.Connection, series_uid: str, generation: int) -> None:
+    """A series was re-opened: cancel the not yet sent results of its earlier generations.
+
+    They were computed on a series that is no longer the one received; the new generation's
+    job replaces them (as :meth:`Store.complete_series` would, only later).
+    """
+    jobs = [r[0] for r in db.execute("SELECT DISTINCT o.job_id FROM outbox o JOIN jobs j ON j.id = o.job_id"
+                                     " WHERE j.series_uid=? AND j.generation<? AND o.state='pending'",
+                                     (series_uid, generation))]
+    for job_id in jobs:
+        db.execute("UPDATE outbox SET state='cancelled', last_error=? WHERE job_id=? AND state='pending'",
+                   (f"series re-opened (generation {generation}) before delivery", job_id))
+        _refresh_delivery(db, job_id)
+
+
+def _stale_reason(superseded_by: int | None, generation: int, current: int | None) -> str | None:
+    """Why a finishing job must not deliver (its series moved on), or None."""
+    if superseded_by is not None:
+        return f"superseded by job {superseded_by}"
+    if current is not None and current != generation:
+        return (f"series re-opened while the job ran (generation {generation} -> {current}): "
+                "results not delivered, the new generation's job replaces them")
+    return None
 
 
 def _job_of(db: sqlite3.Connection, entry_id: int) -> int:

@@ -60,11 +60,12 @@ class ProcessResult(Protocol):
 class Processor(Protocol):
     """Turns the files of one complete series into result files under ``out_dir``.
 
-    Raises :class:`~sci_node.errors.InvalidSeriesError` (the series cannot be processed)
+    ``notes`` are warnings about the series (``"incomplete transfer"``) that its results must
+    carry. Raises :class:`~sci_node.errors.InvalidSeriesError` (the series cannot be processed)
     or :class:`~sci_node.errors.ModelError`.
     """
 
-    def process(self, files: Sequence[Path], out_dir: Path) -> ProcessResult: ...
+    def process(self, files: Sequence[Path], out_dir: Path, notes: Sequence[str] = ()) -> ProcessResult: ...
 
 
 class ProcessorProvider(Protocol):
@@ -84,12 +85,13 @@ class SimpleResult:
     model_versions: Mapping[str, str] = field(default_factory=dict)
     timings: Mapping[str, float] = field(default_factory=dict)
     summary: Mapping[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
 
 class DerivedSCProcessor:
     """Plumbing check: writes one Secondary Capture of the middle slice (uint8, MONOCHROME2)."""
 
-    def process(self, files: Sequence[Path], out_dir: Path) -> ProcessResult:
+    def process(self, files: Sequence[Path], out_dir: Path, notes: Sequence[str] = ()) -> ProcessResult:
         import highdicom as hd
         import numpy as np
         import pydicom
@@ -115,7 +117,8 @@ class DerivedSCProcessor:
         out = out_dir / "derived-sc.dcm"
         sc.save_as(out, enforce_file_format=True)
         return SimpleResult(status="done", outputs=(out,), model_versions={"derived-sc": "1"},
-                            timings={"total": time.perf_counter() - t0}, summary={"slices": len(datasets)})
+                            timings={"total": time.perf_counter() - t0}, summary={"slices": len(datasets)},
+                            notes=tuple(notes))
 
 
 class FixedProvider:
@@ -134,8 +137,8 @@ class _PipelineAdapter:
     def __init__(self, pipeline: Any) -> None:
         self.pipeline = pipeline
 
-    def process(self, files: Sequence[Path], out_dir: Path) -> ProcessResult:
-        result: ProcessResult = self.pipeline.run_dicom(list(files), out_dir)
+    def process(self, files: Sequence[Path], out_dir: Path, notes: Sequence[str] = ()) -> ProcessResult:
+        result: ProcessResult = self.pipeline.run_dicom(list(files), out_dir, notes)
         return result
 
 
@@ -165,7 +168,8 @@ class RegistryPipelineProvider:
         token = registry.state_token()
         if self._processor is None or token != self._token:
             models = registry.load_active(self.cfg.device)
-            self._processor = _PipelineAdapter(Pipeline(models, self.cfg.routing, self.cfg.device))
+            self._processor = _PipelineAdapter(Pipeline(models, self.cfg.routing, self.cfg.device,
+                                                        self.cfg.max_missing_fraction))
             self._token = token
             log.info("models.loaded", models_dir=str(self.cfg.models_dir), token=str(token))
         return self._processor
@@ -178,25 +182,39 @@ def default_provider(cfg: NodeConfig) -> ProcessorProvider:
     return RegistryPipelineProvider(cfg)
 
 
+def job_notes(job: Job) -> tuple[str, ...]:
+    """Warnings the completion check recorded for the job's series (``"incomplete transfer"``)."""
+    geometry = job.geometry or {}
+    return ("incomplete transfer",) if geometry.get("incomplete_transfer") else ()
+
+
 def run_job(job: Job, store: Store, provider: ProcessorProvider, destinations: Sequence[str]) -> Job:
-    """Process one claimed job and record its outcome (never raises for a bad series/model)."""
+    """Process one claimed job and record its outcome (never raises for a bad series/model).
+
+    The processor's notes (missing slices, incomplete transfer) are kept in the job's result
+    and lead its reason; a failed job's reason starts with the job's own notes too.
+    """
     files = store.series_files(job.series_uid)
     out_dir = store.results_dir / str(job.id) / f"attempt-{job.attempts}"
     t0 = time.perf_counter()
     try:
-        result = provider.current().process(files, out_dir)
+        result = provider.current().process(files, out_dir, job_notes(job))
         outputs = tuple(Path(p) for p in result.outputs)
+        notes = [str(n) for n in getattr(result, "notes", ())]
         record = {"status": result.status, "routing": dict(result.routing), "outputs": [str(p) for p in outputs],
                   "model_versions": dict(result.model_versions), "timings": dict(result.timings),
-                  "summary": dict(result.summary), "seconds": round(time.perf_counter() - t0, 3)}
+                  "summary": dict(result.summary), "notes": notes, "seconds": round(time.perf_counter() - t0, 3)}
         state = result.status if result.status in ("done", "routed-out") else "failed"
         reason = result.reason if state != "failed" else f"processor returned status {result.status!r}"
+        if notes:
+            reason = "; ".join([*notes, *([reason] if reason else [])])
         return store.finish_job(job.id, state, reason, record, outputs, destinations)
     except SciNodeError as exc:  # InvalidSeriesError, ModelError, InvalidDatasetError ...
         reason = f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # a bug in a processor must fail the job, not the worker
         log.error("job.crashed", job_id=job.id, error=traceback.format_exc(limit=8))
         reason = f"internal error: {type(exc).__name__}: {exc}"
+    reason = "; ".join([*job_notes(job), reason])  # e.g. "incomplete transfer; InvalidSeriesError: ..."
     return store.finish_job(job.id, "failed", reason[:1000], {"seconds": round(time.perf_counter() - t0, 3)})
 
 

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pydicom
 import pytest
+import structlog
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification
 
@@ -219,7 +220,12 @@ def test_association_limit_refuses_one_more_with_reason_and_pdu_limit(tmp_path: 
         held = [ae.associate("127.0.0.1", cfg.port, ae_title="SCINODE") for _ in range(2)]
         assert all(a.is_established for a in held)
         assert held[0].acceptor.maximum_length == 16384  # the SCP's max PDU, as advertised in the A-ASSOCIATE-AC
-        extra = ae.associate("127.0.0.1", cfg.port, ae_title="SCINODE")
+        with structlog.testing.capture_logs() as events:  # the refusal is logged with the slots in use
+            extra = ae.associate("127.0.0.1", cfg.port, ae_title="SCINODE")
+            wait_for(lambda: any(e["event"] == "association.rejected" for e in events), 5, what="the log line")
+        (line,) = [e for e in events if e["event"] == "association.rejected"]
+        assert line["reason"] == "local limit exceeded" and line["max_associations"] == 2
+        assert line["slots_in_use"] == 3, line  # the two held and the one refused
         assert extra.is_rejected
         rj = extra.acceptor.primitive
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02), rj  # transient, local limit exceeded

@@ -213,3 +213,79 @@ def test_per_series_and_per_association_caps(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         store.close()
+
+
+def _send_as(port: int, path: Path, ae_title: str = "SCINODE") -> int:
+    """C-STORE ``path``'s data set bytes exactly as they are in the file (pynetdicom, undecoded),
+    on a presentation context with the transfer syntax its file meta names."""
+    from pynetdicom import AE, _config
+    from pynetdicom.sop_class import MRImageStorage
+
+    meta = pydicom.filereader.read_file_meta_info(path)  # the data set itself may not be readable
+    ae = AE("SCANNER")
+    ae.add_requested_context(MRImageStorage, meta.TransferSyntaxUID)
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
+        assert assoc.is_established
+        try:
+            return int(assoc.send_c_store(path).Status)
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+
+
+def _file_claiming(path: Path, ds: pydicom.Dataset, claimed_ts: str, implicit_body: bool) -> Path:
+    """A file whose meta claims ``claimed_ts`` but whose data set is encoded in the other (or same) VR mode."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import encode
+
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    meta.TransferSyntaxUID = claimed_ts
+    fp = DicomBytesIO()
+    fp.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    body = encode(ds, implicit_body, True)
+    assert body is not None
+    path.write_bytes(fp.getvalue() + body)
+    return path
+
+
+def test_mis_encoded_data_sets_refused_with_c210_both_directions(scp: tuple[NodeConfig, Store],
+                                                                  tmp_path: Path) -> None:
+    """Issue #16 item 3: Implicit VR bytes on an Explicit VR context and the reverse are refused with
+    0xC210 (conformance statement §3.2.4), never acknowledged and spooled under the wrong syntax;
+    the same data sets correctly encoded are stored, and dcmtk reads what was stored."""
+    import structlog
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    cfg, store = scp
+    sources = make_mr_series(tmp_path / "s", n=4)
+    cases = []  # (file, context syntax, body implicit?, expected status)
+    for i, (ts, implicit_body) in enumerate(((ExplicitVRLittleEndian, True), (ImplicitVRLittleEndian, False),
+                                             (ExplicitVRLittleEndian, False), (ImplicitVRLittleEndian, True))):
+        ds = pydicom.dcmread(sources[i])
+        wrong = implicit_body != (ts == ImplicitVRLittleEndian)
+        cases.append((_file_claiming(tmp_path / f"case{i}.dcm", ds, ts, implicit_body), wrong))
+    with structlog.testing.capture_logs() as events:
+        statuses = [_send_as(cfg.port, f) for f, _ in cases]
+    assert statuses == [0xC210, 0xC210, 0x0000, 0x0000], [hex(s) for s in statuses]
+    reasons = [e["reason"] for e in events if e["event"] == "store.refused"]
+    assert reasons == [
+        "data set is encoded in Implicit VR, but the presentation context negotiated Explicit VR Little Endian "
+        "(1.2.840.10008.1.2.1), which is Explicit VR",
+        "data set is encoded in Explicit VR, but the presentation context negotiated Implicit VR Little Endian "
+        "(1.2.840.10008.1.2), which is Implicit VR"], reasons
+    assert store.counts()["instances"]["total"] == 2
+    spooled = sorted(store.spool_dir.rglob("*.dcm"))
+    assert len(spooled) == 2
+    for f in spooled:  # dcmtk reads the stored files strictly (no autodetection of the encoding)
+        res = subprocess.run(["dcmdump", "-q", "+E", str(f)], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0 and "error" not in (res.stdout + res.stderr).lower(), res.stderr
+    stored_uids = {str(pydicom.dcmread(f).SOPInstanceUID) for f in spooled}
+    assert stored_uids == {str(pydicom.dcmread(sources[i]).SOPInstanceUID) for i in (2, 3)}
+    assert echoscu(cfg.port).returncode == 0

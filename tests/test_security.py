@@ -7,6 +7,7 @@ Certificates are a throwaway CA made with ``openssl`` in each test; the peers ar
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -104,9 +105,22 @@ def test_tls_without_client_cert_requirement_accepts_anonymous_clients(node_fact
                                                                        tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     node = node_factory(_tls_toml(pki, require_client_cert=False), "--allow-ae", "SCANNER").start()
+    # a peer that connects and never starts the TLS handshake (a TCP health check) stalls nobody: the
+    # handshake runs in the connection's own thread, and the node hangs up at the request deadline (5 s)
+    silent = socket.create_connection(("127.0.0.1", node.port))
+    t0 = time.monotonic()
     res = _echo_tls(node.port, ["+tla", "+cf", str(pki["ca_crt"])])
     assert res.returncode == 0, res.stdout + res.stderr
-    assert echoscu(node.port).returncode != 0  # plain TCP is still refused: TLS only
+    silent.settimeout(15)
+    assert silent.recv(1) == b"" and time.monotonic() - t0 < 10
+    silent.close()
+    socket.create_connection(("127.0.0.1", node.port)).close()  # connect-and-close, the usual health check
+    assert echoscu(node.port).returncode != 0  # plain DICOM on the TLS port: the handshake fails
+    time.sleep(0.5)
+    assert node.stop() == 0
+    events = [json.loads(x) for x in node.log.read_text().splitlines() if x.strip()]
+    reasons = [e["reason"] for e in events if e["event"] == "connection.refused"]
+    assert {"request-timeout", "closed-before-request", "tls-handshake-failed"} <= set(reasons), reasons
 
 
 def test_allow_list_pins_host_and_logs_rejection(node_factory: Callable[..., NodeProc], tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 from dicom_validate import dciodvfy_errors
 from sci_node.errors import InvalidSeriesError
 from sci_node.measure import index_to_lps, summarize
-from sci_node.seg_writer import build_seg, frame_references
+from sci_node.seg_writer import SegEncoding, build_seg, frame_references, seg_encoding
 from sci_node.series import SeriesVolume, read_series
 from sci_node.sr_writer import build_sr, read_measurements
 
@@ -46,7 +46,8 @@ def test_seg_valid_and_frames_reference_their_source(tmp_path: Path) -> None:
     assert dciodvfy_errors(path) == []
     seg = hd.seg.segread(path)
     src = vol.first
-    assert seg.SegmentationType == "BINARY"
+    # 141 x 131 pixels: a bit-packed frame would not start on a byte boundary
+    assert seg.SegmentationType == "FRACTIONAL" and seg.MaximumFractionalValue == 1 and seg.BitsAllocated == 8
     assert (seg.Rows, seg.Columns) == (src.Rows, src.Columns)
     assert seg.StudyInstanceUID == src.StudyInstanceUID and seg.SeriesInstanceUID != src.SeriesInstanceUID
     assert seg.FrameOfReferenceUID == src.FrameOfReferenceUID
@@ -166,3 +167,55 @@ def test_output_uids_are_stable_per_content_and_change_with_the_series() -> None
     assert sr2.SOPInstanceUID != sr.SOPInstanceUID
     newer = build_seg(vol, cord, lesion, {**VERSIONS, "cord": "0.2.0"})
     assert newer.SOPInstanceUID != seg.SOPInstanceUID
+
+
+def test_encoding_binary_only_when_frames_are_byte_aligned(tmp_path: Path) -> None:
+    assert [seg_encoding(r, c) for r, c in ((99, 99), (270, 270), (330, 330), (141, 131))] == \
+        [SegEncoding.FRACTIONAL] * 4
+    assert [seg_encoding(r, c) for r, c in ((201, 112), (64, 64), (256, 256))] == [SegEncoding.BINARY] * 3
+    # a 128 x 128 crop of the axial series: byte-aligned frames, so BINARY (1 bit per pixel)
+    files = []
+    for f in sorted(AXIAL.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.PixelData, ds.Rows, ds.Columns = ds.pixel_array[:128, :128].copy().tobytes(), 128, 128
+        ds.save_as(tmp_path / f.name, enforce_file_format=True)
+        files.append(tmp_path / f.name)
+    vol = read_series(files)
+    cord = np.zeros(vol.image.GetSize()[::-1], dtype=np.uint8)
+    cord[3:9, 60:70, 50:60] = 1
+    path = _write(build_seg(vol, cord, None, VERSIONS), tmp_path / "seg.dcm")
+    assert dciodvfy_errors(path) == []
+    seg = pydicom.dcmread(path)
+    assert seg.SegmentationType == "BINARY" and seg.BitsAllocated == 1
+    assert len(seg.PixelData) == 128 * 128 * 6 // 8
+    np.testing.assert_array_equal(seg.pixel_array, cord[3:9])
+
+
+def test_seg_and_sr_of_series_with_a_missing_slice(tmp_path: Path) -> None:
+    files = sorted(AXIAL.glob("*.dcm"))
+    full = read_series(files)
+    gone = full.refs[7].sop_instance_uid  # an interior slice the node never received
+    vol, cord, lesion = _series_and_masks(read_series([f for f in files if pydicom.dcmread(
+        f, stop_before_pixels=True).SOPInstanceUID != gone]))
+    assert vol.missing == (7,) and vol.image.GetSize() == full.image.GetSize()
+    assert cord[7].any()  # the cord runs through the missing slice: the mask has it, the SEG must not
+    seg = build_seg(vol, cord, lesion, VERSIONS, notes=["1 slice missing"])
+    path = _write(seg, tmp_path / "seg.dcm")
+    assert dciodvfy_errors(path) == []
+    received = {r.sop_instance_uid for r in vol.refs if r is not None}
+    refs = frame_references(seg)
+    assert {uid for _, uid, _ in refs} <= received and gone not in {uid for _, uid, _ in refs}
+    listed = {str(i.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
+    assert listed == received and len(received) == 15
+    z_of = {r.sop_instance_uid: z for z, r in enumerate(vol.refs) if r is not None}
+    frames = pydicom.dcmread(path).pixel_array
+    for i, (seg_no, uid, _) in enumerate(refs):
+        np.testing.assert_array_equal(frames[i], (cord if seg_no == 1 else lesion)[z_of[uid]])
+    assert seg.SeriesDescription.startswith("sci-node SEG [1 slice missing] (")
+    assert seg.ContentDescription.startswith("sci-node [1 slice missing]")
+    summary = summarize(cord, lesion, index_to_lps(vol.image.GetOrigin(), vol.image.GetSpacing(),
+                                                   vol.image.GetDirection()))
+    sr = build_sr(seg, list(vol.datasets), summary, VERSIONS, notes=["1 slice missing"])
+    sr_path = _write(sr, tmp_path / "sr.dcm")
+    assert dciodvfy_errors(sr_path) == []
+    assert sr.SeriesDescription.startswith("sci-node measurements [1 slice missing] (")

@@ -100,12 +100,42 @@ def test_bad_series_rejected_with_reason(tmp_path: Path, mutate: str, reason: st
         ds.Rows = 32
     elif mutate == "gap":
         pos = [float(pydicom.dcmread(p).ImagePositionPatient[2]) for p in paths]
-        ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1], max(pos) + 7.5]
+        # 3.7 mm past the last slice: not a whole number of 2.5 mm steps (missing slices would be)
+        ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1], max(pos) + 3.7]
     elif mutate == "spacing":
         ds.PixelSpacing = [0.5, 0.5]
     ds.save_as(paths[0], enforce_file_format=True)
     with pytest.raises(InvalidSeriesError, match=reason):
         read_series(paths)
+
+
+def test_missing_slices_interpolated_and_referenced_as_missing(tmp_path: Path) -> None:
+    paths = _stack(tmp_path, n=8)
+    by_z = sorted(paths, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    kept = [p for i, p in enumerate(by_z) if i not in (3, 5)]  # two interior slices never arrived
+    vol = read_series(kept)
+    arr = sitk.GetArrayFromImage(vol.image)
+    base = _mr_small().pixel_array.astype(np.float32)
+    assert arr.shape == (8, 64, 64) and vol.image.GetSpacing()[2] == pytest.approx(2.5)
+    assert vol.missing == (3, 5) and [r is None for r in vol.refs].count(True) == 2
+    for k in (0, 1, 2, 4, 6, 7):  # present slices are the data; missing ones the mean of their neighbours
+        np.testing.assert_array_equal(arr[k], base + 100 * k)
+        assert vol.refs[k] is not None
+        assert float(next(d for d in vol.datasets if d.SOPInstanceUID == vol.refs[k].sop_instance_uid)
+                     .ImagePositionPatient[2]) == pytest.approx(6.6406 + 2.5 * k)
+    np.testing.assert_allclose(arr[3], base + 300, rtol=1e-6)
+    np.testing.assert_allclose(arr[5], base + 500, rtol=1e-6)
+    assert len(vol.datasets) == 6
+    with pytest.raises(InvalidSeriesError, match="missing"):
+        read_series(kept, max_missing_fraction=0.0)
+
+
+def test_series_missing_most_slices_refused(tmp_path: Path) -> None:
+    paths = _stack(tmp_path, n=10)
+    by_z = sorted(paths, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    with pytest.raises(InvalidSeriesError,
+                       match=r"too many missing slices: 6 of 10 .* \(60 %, more than max_missing_fraction 0.25\)"):
+        read_series([by_z[0], by_z[4], by_z[6], by_z[9]])
 
 
 def test_mixed_series_rejected(tmp_path: Path) -> None:

@@ -84,6 +84,54 @@ def test_late_instance_reopens_and_supersedes(tmp_path: Path) -> None:
     assert new.state == "pending" and new.n_instances == 2 and new.generation == 2
 
 
+def test_job_whose_series_reopened_while_running_does_not_deliver(tmp_path: Path) -> None:
+    store = Store(tmp_path / "d")
+    store.spool_instance(_key("1.1"), b"a")
+    job1 = _complete(store)
+    running = store.claim_job()
+    store.spool_instance(_key("1.2"), b"b")  # late, while job 1 runs: generation 2, not yet complete
+    done = store.finish_job(running.id, "done", None, {"status": "done"}, [Path("/r/seg.dcm")], ["D@h:1"])
+    assert done.id == job1 and done.state == "superseded" and done.delivery == "none"
+    assert "re-opened while the job ran (generation 1 -> 2)" in (done.reason or "")
+    assert store.outbox_for_job(job1) == [] and store.due_outbox() == []
+    assert done.result == {"status": "done"}  # what it computed stays on record
+    job2 = _complete(store)  # the complete series' job delivers
+    store.finish_job(store.claim_job().id, "done", None, {"status": "done"}, [Path("/r/seg2.dcm")], ["D@h:1"])
+    assert [e.path for e in store.due_outbox()] == ["/r/seg2.dcm"] and store.job(job2).delivery == "pending"
+
+
+def test_aborted_association_holds_series_until_grace_and_release_clears(tmp_path: Path) -> None:
+    store = Store(tmp_path / "d")
+    store.spool_instance(_key("1.1"), b"a")
+    store.association_ended(["1.2.3.2"], aborted=True)
+    (row,) = store.quiet_series(1e12)  # no grace asked: quiet, carrying the abort time
+    assert row.aborted_at is not None
+    assert store.quiet_series(1e12, aborted_before=row.aborted_at - 1) == []  # grace not over
+    assert [r.series_uid for r in store.quiet_series(1e12, aborted_before=row.aborted_at)] == ["1.2.3.2"]
+    store.spool_instance(_key("1.2"), b"b")
+    store.association_ended(["1.2.3.2"], aborted=False)  # the resend was released normally
+    (row,) = store.quiet_series(1e12, aborted_before=0.0)
+    assert row.aborted_at is None
+    store.association_ended(["1.2.3.2"], aborted=True)
+    (row,) = store.quiet_series(1e12)
+    assert store.complete_series(row, {}) is not None
+    store.spool_instance(_key("1.3"), b"c")  # generation 2 starts without the old abort mark
+    (row,) = store.quiet_series(1e12, aborted_before=0.0)
+    assert row.generation == 2 and row.aborted_at is None
+
+
+def test_reopened_series_cancels_results_not_yet_sent(tmp_path: Path) -> None:
+    store = Store(tmp_path / "d")
+    store.spool_instance(_key("1.1"), b"a")
+    job1 = _complete(store)
+    store.finish_job(store.claim_job().id, "done", None, {"status": "done"}, [Path("/r/seg.dcm")], ["D@h:1", "E@h:2"])
+    (sent, waiting) = store.outbox_for_job(job1)
+    store.mark_sent(sent.id)  # delivered to D before the late instance; E still waits
+    store.spool_instance(_key("1.2"), b"b")  # late, after job 1 finished: generation 2 receiving
+    assert [e.state for e in store.outbox_for_job(job1)] == ["sent", "cancelled"]
+    assert store.due_outbox() == [] and store.job(job1).delivery == "delivered"
+
+
 def test_pending_job_superseded_and_stale_completion_ignored(tmp_path: Path) -> None:
     store = Store(tmp_path / "d")
     store.spool_instance(_key("1.1"), b"a")
