@@ -33,7 +33,8 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProc]:
     """One node for the whole corpus (plumbing processor, series complete after 1.5 s)."""
     d = tmp_path_factory.mktemp("badinput-node")
     cfg = d / "node.toml"
-    cfg.write_text('processor = "derived-sc"\nallowed_aes = ["SCANNER"]\nstable_seconds = 1.5\n')
+    cfg.write_text('processor = "derived-sc"\nallowed_aes = ["SCANNER"]\nstable_seconds = 1.5\n'
+                   'abort_grace_seconds = 3\n')
     proc = NodeProc(free_port(), d / "data", cfg, d / "node.log")
     proc.start()
     try:
@@ -203,6 +204,7 @@ def test_association_aborted_mid_series(node: NodeProc, tmp_path: Path) -> None:
     wait_for(lambda: _job_of(node, series[0].SeriesInstanceUID) is not None, 30, what="the job")
     job = _job_of(node, series[0].SeriesInstanceUID)
     assert job["state"] == "done" and job["n_instances"] == 3
+    assert "incomplete transfer" in json.dumps(job)  # no resend within the grace period: marked as such
     log = [json.loads(x) for x in node.log.read_text().splitlines() if x.startswith("{")]
     assert any(e["event"] == "association.closed" and e["how"] == "EVT_ABORTED" and e["instances_stored"] == 3
                for e in log)
