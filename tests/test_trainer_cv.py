@@ -192,3 +192,35 @@ def test_coarse_to_fine_matches_full_inference_on_a_large_field_of_view() -> Non
     calls.clear()
     coarse_to_fine(infer, small, sp, seg.spec, 8.0, 20.0, seg.spec.threshold)
     assert calls == [small.shape]
+
+
+def test_partial_run_assembles_an_artefact_that_names_its_pending_folds(tmp_path: Path) -> None:
+    import json
+    import re
+
+    from sci_node.artifact import load_network
+    from trainer.seg import train_segmentation
+    from trainer.seg_assemble import assemble
+
+    data = tmp_path / "ds"
+    _put(data, "anat", "sub-unf01_T2w", "sub-unf01_T2w_crop")
+    _put(data, "anat", "sub-05_acq-MTon_MTS", "sub-05_acq-MTon_MTS_crop")
+    text = (CONFIGS / "cord.toml").read_text()
+    for key, val in {"pool": "0", "steps_per_epoch": "2", "batch_size": "4", "final_epochs": "1", "epochs": "1",
+                     "aug_groups": "2"}.items():
+        text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {val}", text)
+    text = text.replace('root = "../shared/data/spine"', f'root = "{data}"')
+    config = tmp_path / "cord_tiny.toml"
+    config.write_text(text)
+    work = tmp_path / "work"
+    full = train_segmentation("cord", config, data, tmp_path / "full", None, 1, "cpu", work_dir=work)
+    assert json.loads((work / "fold0" / "result.json").read_text())["split"]["held_out"] == "fold0"
+    (work / "fold1" / "result.json").unlink()  # the session ended before fold1 was scored
+    out = assemble("cord", config, work, tmp_path / "partial", seed=1)
+    net, card = load_network(out)
+    assert card["metrics"]["validation"].startswith("subject-grouped 2-fold, 1 of 2 folds finished (pending: fold1)")
+    assert [f["fold"] for f in card["metrics"]["folds_pending"]] == ["fold1"]
+    held = card["metrics"]["folds_pending"][0]["held_out_groups"]
+    assert not any(k.startswith(held[0]) for k in card["metrics"]["per_case"])  # only finished folds are scored
+    _, full_card = load_network(full)  # the same final network as the complete run
+    assert card["weights_sha256"] == full_card["weights_sha256"]

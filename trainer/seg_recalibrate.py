@@ -1,0 +1,141 @@
+"""Score a shipped segmentation artefact on subjects it never trained on, and re-calibrate it.
+
+The weights are not touched. Every labelled case of the data folder (``[data]`` of the given
+training config) whose split group is **not** among the artefact's training groups, and is
+not a population template (``[data] train_only``), is scored through the node's own
+:class:`~sci_node.predict_seg.Segmenter` over the config's grid of thresholds (and, for the
+lesion model, smallest lesions). Each group is one "fold" of
+:func:`trainer.seg_eval.calibrate`, so every reported number uses the setting chosen on the
+*other* groups, with the config's stated false-lesion rate (``[train]
+max_false_lesions_per_scan``) for the lesion model. Every held-out scan is healthy: the
+lesion-free image itself is the real-scan false-alarm test, the injected copies give Dice and
+lesion-wise F1.
+
+``--out DIR --version V`` writes a new artefact (the same weights, a card with the chosen
+setting, the new table and the command); without them only the table is printed::
+
+    python -m trainer.seg_recalibrate lesion --artifact models/lesion/0.4.0 --out models/lesion/0.4.1 --version 0.4.1
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from sci_node import preprocess
+from sci_node.artifact import load_network, write_artifact
+from sci_node.errors import DataError
+from trainer import data as tdata
+from trainer.seg import _resolve, data_spec, load_config, summarise
+from trainer.seg_eval import apply_setting, calibrate, evaluate_cord, evaluate_lesion, setting_grid
+
+log = structlog.get_logger(__name__)
+
+
+def eval_config(card: dict[str, Any], cfg: dict[str, Any], trials: int | None) -> dict[str, Any]:
+    """The artefact's own training config (network, post-processing, lesion generator) with the
+    given config's ``[data]`` and calibration grid (``[train]`` thresholds, smallest lesions,
+    false-lesion rate)."""
+    own = copy.deepcopy(card["training"]["config"])
+    own["data"] = cfg["data"]
+    for key in ("thresholds", "min_volumes_mm3", "max_false_lesions_per_scan"):
+        if key in cfg["train"]:
+            own["train"][key] = cfg["train"][key]
+    own["post"] = dict(card.get("postprocessing", own.get("post", {})))
+    if trials is not None:
+        own.setdefault("lesions", {})["val_trials"] = int(trials)
+    own["_path"] = cfg["_path"]
+    return own
+
+
+def unseen_cases(card: dict[str, Any], cfg: dict[str, Any]) -> list[tdata.Case]:
+    """Labelled cases of ``cfg``'s data whose group the artefact did not train on (templates excluded)."""
+    cases = tdata.discover(_resolve(cfg["data"]["root"]), data_spec(cfg))
+    include = cfg["data"].get("contrasts")
+    if include:
+        import fnmatch
+
+        cases = [c for c in cases if any(fnmatch.fnmatchcase(c.contrast, p) for p in include)]
+    seen = {c["group"] for c in card["training"].get("cases", [])}
+    seen_subjects = {c["key"].split("_")[0] for c in card["training"].get("cases", [])}
+    skip = set(cfg["data"].get("train_only", ()))
+    out = [c for c in cases if c.group not in seen | skip and c.subject not in seen_subjects]
+    if not out:
+        raise DataError(f"no labelled case in {cfg['data']['root']!r} outside the artefact's training groups")
+    return out
+
+
+def recalibrate(model: str, artifact: Path, cfg: dict[str, Any], trials: int | None, device: str = "cpu"
+                ) -> tuple[dict[str, Any], dict[str, Any], list[tdata.Case]]:
+    """``(metrics, eval_cfg, cases)``: nested per-group scores of ``artifact`` on unseen subjects."""
+    net, card = load_network(Path(artifact), device=device)
+    ecfg = eval_config(card, cfg, trials)
+    spec = preprocess.PrepSpec.from_card(card["preprocessing"])
+    grid = setting_grid(ecfg, spec)
+    cases = unseen_cases(card, cfg)
+    evaluate = evaluate_cord if model == "cord" else evaluate_lesion
+    results: dict[str, Any] = {}
+    for group in sorted({c.group for c in cases}):
+        results[group] = evaluate(net, ecfg, spec, [c for c in cases if c.group == group], device,
+                                  int(card["training"].get("seed", 0)), grid)
+        log.info("recalibrate.group", model=model, group=group)
+    _, per_case, info = calibrate(results, model, ecfg["train"].get("max_false_lesions_per_scan"))
+    metrics: dict[str, Any] = {"validation": f"subjects unseen by {card['name']} {card['version']} "
+                                             f"(nested: each group scored at the setting chosen on the others)",
+                               "per_case": per_case, "threshold_calibration": info}
+    metrics.update(summarise(per_case, model))
+    return metrics, ecfg, cases
+
+
+def write_recalibrated(artifact: Path, out: Path, version: str, metrics: dict[str, Any], ecfg: dict[str, Any],
+                       cases: list[tdata.Case], command: str) -> Path:
+    """The same weights under ``out`` with the chosen setting and ``metrics`` in a new card."""
+    net, card = load_network(Path(artifact))
+    spec, post = apply_setting(ecfg, preprocess.PrepSpec.from_card(card["preprocessing"]),
+                               metrics["threshold_calibration"]["chosen"])
+    new = copy.deepcopy(card)
+    new.update({"version": version, "preprocessing": spec.to_card(), "postprocessing": post, "metrics": metrics,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    new["training"]["recalibrated"] = {
+        "from": f"{card['name']} {card['version']}", "command": command, "metrics_before": card.get("metrics", {}),
+        "calibration_cases": [{"key": c.key, "group": c.group} for c in cases],
+        "calibration_data_hash": tdata.data_hash(cases)}
+    return write_artifact(Path(out), net.state_dict(), new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: print the per-case table; with ``--out`` and ``--version`` write the new artefact."""
+    from sci_node.logs import configure_logging
+    from sci_node.predict_seg import configure_threads
+
+    p = argparse.ArgumentParser(prog="python -m trainer.seg_recalibrate", description=__doc__.splitlines()[0])
+    p.add_argument("model", choices=["cord", "lesion"])
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--config", type=Path, help="training config whose [data] and grid are used (default: MODEL.toml)")
+    p.add_argument("--trials", type=int, help="lesion injections per case (default: the config's val_trials)")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--version")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    configure_logging("console", "INFO")
+    configure_threads(a.threads)
+    cfg = load_config(a.model, a.config)
+    metrics, ecfg, cases = recalibrate(a.model, a.artifact, cfg, a.trials)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "per_case"}, indent=1))
+    for key, row in sorted(metrics["per_case"].items()):
+        print(key, json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+                               if k not in ("subject",)}))
+    if a.out and a.version:
+        command = "python -m trainer.seg_recalibrate " + " ".join(argv if argv is not None else sys.argv[1:])
+        print(write_recalibrated(a.artifact, a.out, a.version, metrics, ecfg, cases, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
