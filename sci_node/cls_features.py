@@ -218,14 +218,16 @@ def series_inputs(image: sitk.Image, evidence: HeaderEvidence | None,
     fg = scaled > 0.1
     hist, _ = np.histogram(scaled[fg], bins=_HIST_BINS, range=(0.0, 1.5))
     hist = hist / max(1, int(fg.sum()))
-    finite = np.nan_to_num(np.asarray(raw), nan=0.0, posinf=0.0, neginf=0.0)
+    # share of voxels below -500 (CT air/lung); non-finite voxels count as not below (as 0 did before, no copy)
+    arr = np.asarray(raw)
+    below = float(np.count_nonzero((arr < -500.0) & (arr > -np.inf))) / max(1, int(arr.size))
     # The header's slice normal (ImageOrientationPatient) is exact; the spacing heuristic of
     # slice_axis() only stands in for it when there is no header (e.g. NIfTI without sidecar).
     normal = (np.asarray(evidence.slice_normal, np.float64) if evidence is not None
               and evidence.slice_normal is not None else _slice_normal(vol))
     geo = [*np.abs(normal).tolist(), *np.log1p(pmax - pmin).tolist(),
            math.log(float(np.mean(inplane))), math.log(sp[ax]), math.log(vol.GetSize()[ax]),
-           1.0 if n_vol > 1 else 0.0, float(np.mean(finite < -500.0))]
+           1.0 if n_vol > 1 else 0.0, below]
     feats = np.concatenate([np.asarray(geo, np.float32), hist.astype(np.float32),
                             np.asarray([fg.mean()], np.float32), header_features(evidence)])
     return np.ascontiguousarray(thumbs), feats.astype(np.float32)

@@ -96,6 +96,12 @@ class HeaderEvidence:
         ``"2D"`` or ``"3D"``.
     sequence_name : str | None
         (0018,0024), e.g. ``"_tfl3d1_16"``, ``"*tse2d1_15"``.
+    echo_train_length : float | None
+        (0018,0091) EchoTrainLength (echoes per excitation; TSE/FSE turbo factor, EPI lines).
+    magnetic_field_t : float | None
+        (0018,0087) MagneticFieldStrength in tesla.
+    diffusion_b_value : float | None
+        (0018,9087) DiffusionBValue in s/mm² (Enhanced MR diffusion macro).
     series_description, body_part_examined : str | None
         Free text; recorded, never used as classifier input.
     """
@@ -109,6 +115,9 @@ class HeaderEvidence:
     sequence_variant: tuple[str, ...] | None = None
     mr_acquisition_type: str | None = None
     sequence_name: str | None = None
+    echo_train_length: float | None = None
+    magnetic_field_t: float | None = None
+    diffusion_b_value: float | None = None
     series_description: str | None = None
     body_part_examined: str | None = None
 
@@ -150,6 +159,9 @@ class HeaderEvidence:
             sequence_variant=_codes(src.get("SequenceVariant")),
             mr_acquisition_type=acq.upper() if acq else None,
             sequence_name=_text(src.get("SequenceName") or src.get("PulseSequenceName")),
+            echo_train_length=_num(src.get("EchoTrainLength"), "EchoTrainLength"),
+            magnetic_field_t=_num(src.get("MagneticFieldStrength"), "MagneticFieldStrength"),
+            diffusion_b_value=_num(src.get("DiffusionBValue"), "DiffusionBValue"),
             series_description=_text(src.get("SeriesDescription")),
             body_part_examined=_text(src.get("BodyPartExamined")),
         )
@@ -173,6 +185,8 @@ class HeaderEvidence:
             sequence_variant=_codes(sidecar.get("SequenceVariant")),
             mr_acquisition_type=acq.upper() if acq else None,
             sequence_name=_text(sidecar.get("SequenceName") or sidecar.get("PulseSequenceDetails")),
+            echo_train_length=_num(sidecar.get("EchoTrainLength"), "EchoTrainLength"),
+            magnetic_field_t=_num(sidecar.get("MagneticFieldStrength"), "MagneticFieldStrength"),
             series_description=_text(sidecar.get("SeriesDescription")),
             body_part_examined=_text(sidecar.get("BodyPartExamined")),
         )
@@ -187,10 +201,16 @@ def _safe_get(ds: Any, keyword: str) -> Any:
 
 
 def _flatten_enhanced(ds: Any) -> dict[str, Any]:
-    """Top-level attributes plus those nested in Enhanced MR functional-group macros."""
+    """Top-level attributes plus those nested in Enhanced MR functional-group macros.
+
+    Enhanced MR objects have no ScanningSequence / SequenceVariant; their MR Pulse Sequence
+    module and MR Modifier macros say the same thing in other words, which
+    :func:`_enhanced_codes` translates (only when the classic attributes are absent).
+    """
     keys = ("ImageOrientationPatient", "EchoTime", "RepetitionTime", "InversionTime", "FlipAngle",
             "ScanningSequence", "SequenceVariant", "MRAcquisitionType", "SequenceName",
-            "PulseSequenceName", "SeriesDescription", "BodyPartExamined")
+            "PulseSequenceName", "SeriesDescription", "BodyPartExamined", "EchoTrainLength",
+            "MagneticFieldStrength", "DiffusionBValue", *_ENHANCED_KEYS)
     out: dict[str, Any] = {k: _safe_get(ds, k) for k in keys if k in ds}
     groups = []
     for seq_kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
@@ -198,7 +218,7 @@ def _flatten_enhanced(ds: Any) -> dict[str, Any]:
             groups.append(ds[seq_kw].value[0])
     for grp in groups:
         for macro in ("PlaneOrientationSequence", "MRTimingAndRelatedParametersSequence", "MREchoSequence",
-                      "MRModifierSequence"):
+                      "MRModifierSequence", "MRImagingModifierSequence", "MRDiffusionSequence"):
             if macro in grp and len(grp[macro].value) > 0:
                 item = grp[macro].value[0]
                 for k in keys:
@@ -206,4 +226,47 @@ def _flatten_enhanced(ds: Any) -> dict[str, Any]:
                         out[k] = _safe_get(item, k)
                 if "EffectiveEchoTime" in item and "EchoTime" not in out:
                     out["EchoTime"] = _safe_get(item, "EffectiveEchoTime")
+                if "InversionTimes" in item and "InversionTime" not in out:
+                    out["InversionTime"] = _safe_get(item, "InversionTimes")
+    if "ScanningSequence" not in out:
+        scan, variant = _enhanced_codes(out)
+        if scan:
+            out["ScanningSequence"] = scan
+        if variant and "SequenceVariant" not in out:
+            out["SequenceVariant"] = variant
     return out
+
+
+#: Enhanced MR (MR Pulse Sequence module, MR Modifier / Imaging Modifier macros) attributes
+#: that map onto the classic ScanningSequence / SequenceVariant codes.
+_ENHANCED_KEYS = ("EchoPulseSequence", "EchoPlanarPulseSequence", "InversionRecovery", "MagnetizationTransfer",
+                  "SteadyStatePulseSequence", "Spoiling")
+
+
+def _enhanced_codes(attrs: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Classic (ScanningSequence, SequenceVariant) codes from Enhanced MR attributes.
+
+    EchoPulseSequence SPIN -> SE, GRADIENT -> GR, BOTH -> SE + GR; EchoPlanarPulseSequence
+    YES -> EP; InversionRecovery YES -> IR; MagnetizationTransfer ON/OFF_RESONANCE -> MTC;
+    SteadyStatePulseSequence TIME_REVERSED -> TRSS, any other steady state -> SS; Spoiling
+    RF/GRADIENT/RF_AND_GRADIENT -> SP.
+    """
+    def up(key: str) -> str:
+        return str(attrs.get(key) or "").strip().upper()
+
+    scan = {"SPIN": ["SE"], "GRADIENT": ["GR"], "BOTH": ["SE", "GR"]}.get(up("EchoPulseSequence"), [])
+    if up("EchoPlanarPulseSequence") == "YES":
+        scan.append("EP")
+    if up("InversionRecovery") == "YES":
+        scan.append("IR")
+    variant = []
+    if up("MagnetizationTransfer") in ("ON_RESONANCE", "OFF_RESONANCE"):
+        variant.append("MTC")
+    ss = up("SteadyStatePulseSequence")
+    if ss == "TIME_REVERSED":
+        variant.append("TRSS")
+    elif ss and ss != "NONE":
+        variant.append("SS")
+    if up("Spoiling") in ("RF", "GRADIENT", "RF_AND_GRADIENT"):
+        variant.append("SP")
+    return scan, variant

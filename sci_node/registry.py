@@ -288,10 +288,14 @@ class ModelRegistry:
 def _metric_summary(card: Mapping[str, Any]) -> str:
     metrics = card.get("metrics") or {}
     parts = []
+    scheme = "CV" if "fold" in str(metrics.get("validation", "")) else "LOSO"
     for head in card.get("heads") or {}:
         m = metrics.get(head) or {}
         if m.get("accuracy") is not None:
-            parts.append(f"{head} LOSO acc {m['accuracy']:.3f} (real {m.get('accuracy_real') or 0:.3f}, n={m.get('n')})")
+            parts.append(f"{head} {scheme} acc {m['accuracy']:.3f} (real {m.get('accuracy_real') or 0:.3f}, n={m.get('n')})")
+            series = (m.get("real_series") or {}).get("as_available") or {}
+            if series.get("accuracy") is not None:
+                parts[-1] += f", real series {series['accuracy']:.3f} (n={series['n']})"
     if not parts:  # segmentation: LOSO Dice (and lesion-wise F1) first, then the rest
         first = [k for k in ("dice_mean", "dice_min", "lesion_f1_mean") if k in metrics]
         for key in first + [k for k in metrics if k not in first]:

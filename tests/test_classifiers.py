@@ -272,3 +272,133 @@ def test_a_sidecar_normal_that_contradicts_the_stored_slices_is_dropped(cases: d
     assert fixed is not None and fixed.slice_normal is None and fixed.echo_time_ms == pytest.approx(120.0)
     assert stored_grid_evidence(sagittal, cases["sag"]) is sagittal
     assert stored_grid_evidence(None, cases["ax"]) is None
+
+
+# -- header rules in the shipped sequence model, `sci-node route`, the scoring command, k-fold --------------
+
+T1_SE = HeaderEvidence(echo_time_ms=10.0, repetition_time_ms=600.0, flip_angle_deg=90.0, scanning_sequence=("SE",),
+                       sequence_variant=("SK", "SP"), mr_acquisition_type="2D")
+
+
+def test_shipped_sequence_takes_a_complete_header_from_the_physics_rules(shipped: dict[str, Classifier],
+                                                                        cases: dict[str, sitk.Image]) -> None:
+    """Issue 14: a sagittal T1w spin echo (TR 600, TE 10) was called T2w (p=0.84) by the image network."""
+    seq = shipped["sequence"]
+    assert seq.rules_head == "sequence" and 0.9 < seq.rules_confidence < 1.0
+    probs, how = seq.predict_explained(cases["sag"], T1_SE)
+    assert _top(probs["sequence"]) == "T1w" and probs["sequence"]["T1w"] == pytest.approx(seq.rules_confidence)
+    assert how["sequence"].startswith("header rule spin-echo")
+    probs, how = seq.predict_explained(cases["sag"], None)  # no header: the image network decides
+    assert how["sequence"].startswith("network") and _top(probs["sequence"]) == "T2w"
+    assert seq.predict(cases["sag"], T1_SE) == seq.predict_explained(cases["sag"], T1_SE)[0]
+
+
+def test_route_command_reports_every_level_without_segmenting(capsys: pytest.CaptureFixture[str]) -> None:
+    series = REPO / "tests" / "data" / "series"
+    rc = main(["route", str(series), "--json", "--log-level", "ERROR"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    by_name = {s["name"].split("_", 1)[1].rsplit("_", 1)[0]: s for s in out["series"]}
+    assert set(by_name) >= {"T1_MPRAGE_AX_brain", "T2_TSE_SAG_cervical", "T2_TSE_AX_cervical"}
+    assert len(out["series"]) == len(list(series.glob("*/0001.dcm")))  # every DICOM series of the folder
+    for s in out["series"]:
+        assert s["status"] in ("routed-in", "routed-out") and s["rule"] and s["versions"]["anatomy"]
+        for d in s["levels"].values():
+            assert math.isclose(sum(d["probs"].values()), 1.0, abs_tol=1e-3) and d["decided_by"]
+    brain = by_name["T1_MPRAGE_AX_brain"]
+    assert brain["status"] == "routed-out" and brain["rule"] == "route-out: anatomy != spine"
+    assert "sequence" not in brain["levels"]  # the hierarchy stops at the first routing-out decision
+    for name in ("T2_TSE_SAG_cervical", "T2_TSE_AX_cervical"):
+        s = by_name[name]
+        assert s["status"] == "routed-in" and s["rule"].startswith("segment cord+lesions")
+        assert s["levels"]["sequence"]["label"] == "T2w"
+        assert s["levels"]["sequence"]["decided_by"].startswith("header rule spin-echo")
+    assert not list(series.rglob("seg.dcm"))
+    # text form, and a file that is not a readable series: failed with the reason infer gives
+    assert main(["route", str(FIX / "spine_sag_T2w_lumbar.nii.gz"), "--log-level", "ERROR"]) == 0
+    text = capsys.readouterr().out
+    assert "anatomy" in text and "rule: " in text and "by network" in text
+
+
+def test_route_command_names_the_reason_of_an_unreadable_series(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    ds = pydicom.dcmread(_pydicom_file("MR_small.dcm"))
+    del ds.PixelData  # an MR instance without pixels (e.g. a modality/object we do not read)
+    ds.save_as(tmp_path / "nopixels.dcm")
+    rc = main(["route", str(tmp_path), "--json", "--log-level", "ERROR"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 1
+    assert out["series"][0]["status"] == "failed" and "no pixel data" in out["series"][0]["reason"]
+
+
+def test_score_command_accuracy_and_confusion(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.cls_score import bids_labels, main as score_main
+
+    assert bids_labels("sub-1_acq-MTon_MTS.nii.gz") == {"sequence": "other"}
+    assert bids_labels("sub-1_T2star.nii.gz") == {"sequence": "T2starw"} and bids_labels("x.nii") == {}
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for name in ("spine_sag_T2w_lumbar.nii.gz", "spine_ax_T2w_cervical.nii.gz"):
+        (folder / name.replace("T2w_", "").replace(".nii.gz", "_T2w.nii.gz")).write_bytes((FIX / name).read_bytes())
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,anatomy,region\nspine_sag_lumbar_T2w.nii.gz,spine,lumbar\n"
+                      "spine_ax_cervical_T2w.nii.gz,spine,cervical\n")
+    assert score_main([str(folder), "--labels", str(labels), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    lv = res["levels"]
+    assert lv["anatomy"]["n"] == 2 and lv["sequence"]["n"] == 2 and lv["view"]["n"] == 2 and lv["region"]["n"] == 2
+    assert lv["view"]["accuracy"] == 1.0 and lv["view"]["confusion"]["axial"]["axial"] == 1
+    assert sum(lv["sequence"]["confusion"]["T2w"].values()) == 2
+    assert score_main([str(folder), "--labels", str(labels), "--no-header"]) == 0
+    md = capsys.readouterr().out
+    assert "| level | series | accuracy | abstained |" in md and "**view** (rows: truth" in md
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,anatomy\nx,spine\n")
+    assert score_main([str(folder), "--labels", str(bad)]) == 2
+    assert "needs a 'path' column" in capsys.readouterr().err
+
+
+def test_group_folds_keep_persons_together_and_balance() -> None:
+    from trainer.classifiers import assign_folds
+
+    sizes = {"a": 50, "b": 40, "c": 30, "d": 20, "e": 10, "f": 10}
+    folds = assign_folds(list(sizes), sizes, 3)
+    assert sorted(g for f in folds for g in f) == sorted(sizes)  # every group in exactly one fold
+    loads = [sum(sizes[g] for g in f) for f in folds]
+    assert max(loads) - min(loads) <= 20
+    assert folds == assign_folds(list(reversed(sizes)), sizes, 3)  # deterministic
+    assert len(assign_folds(["x", "y"], {"x": 1, "y": 1}, 5)) == 2
+
+
+def test_shipped_anatomy_and_region_read_the_image_not_the_protocol(shipped: dict[str, Classifier],
+                                                                   cases: dict[str, sitk.Image]) -> None:
+    """0.3.0: TE/TR/sequence codes say nothing about anatomy or region; only the slice normal of the header is used."""
+    for name in ("anatomy", "region_view"):
+        clf = shipped[name]
+        assert clf.header_features is False and clf.rules_head is None
+        for case in ("sag", "ax"):
+            bare, _ = clf.predict_explained(cases[case], HeaderEvidence())
+            epi = HeaderEvidence(echo_time_ms=30.0, repetition_time_ms=3000.0, scanning_sequence=("EP",))
+            assert clf.predict(cases[case], epi) == bare
+            assert clf.predict(cases[case], T2_TSE) == bare
+
+
+def test_report_tables_from_the_shipped_cards() -> None:
+    """The validation tables of docs/classifiers.md come from the active cards (per-series held-out predictions)."""
+    from trainer.cls_report import hierarchy_table, report
+
+    text = report(REPO / "models")
+    assert "| anatomy | anatomy |" in text and "| with header: acc. (n) |" in text
+    table = hierarchy_table(REPO / "models")
+    rows = [r for r in table.splitlines() if r.startswith(("| with header", "| header removed"))]
+    assert len(rows) == 2 and all(int(r.split("|")[2]) > 10 for r in rows)  # spine series counted in both
+
+
+def test_ct_air_feature_counts_non_finite_voxels_as_not_below() -> None:
+    from sci_node.cls_features import FEATURE_NAMES
+
+    arr = np.zeros((4, 5, 5), np.float32)
+    arr[0, 0, :4] = [np.nan, np.inf, -np.inf, -900.0]
+    arr[1] = -1000.0
+    _, feats = series_inputs(sitk.GetImageFromArray(arr), None)
+    assert feats[FEATURE_NAMES.index("frac_below_minus500")] == pytest.approx(26 / 100)

@@ -2,9 +2,10 @@
 
 Pipeline: catalogue sources (real volumes + nibabel/pydicom test images) and synthetic
 samples -> :func:`sci_node.cls_features.series_inputs` (the node's own preprocessing) ->
-leave-one-subject-out (LOSO) folds over the person groups (never scoring a group a fold
+subject-grouped k-fold cross-validation over the person groups (never scoring a group a fold
 trained on) -> temperature scaling per head on the out-of-fold logits -> final network
-on all samples -> artefact (``weights.pt`` + ``card.json``) with the LOSO table.
+on all samples -> artefact (``weights.pt`` + ``card.json``) with the validation table.
+The ``sequence`` model can carry the MR-physics header rules (:mod:`sci_node.header_rules`).
 """
 from __future__ import annotations
 
@@ -23,14 +24,15 @@ from sci_node.errors import ConfigError, DataError
 from sci_node.artifact import sha256_file as file_sha
 from trainer import __version__ as TRAINER_VERSION
 from trainer import git_commit, read_toml_config
+from trainer.cls_metrics import fit_temperature, head_metrics, header_present, rule_confidence
 from trainer.cls_data import ANATOMY, REGION, SEQUENCE, TASKS, VIEW, DEFAULT_SOURCES, SampleSet, Source, \
-    load_source, real_samples, root_dir
+    load_source, real_samples, root_dir, source_file
 
 log = structlog.get_logger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = {"anatomy": ANATOMY, "region": REGION, "view": VIEW, "sequence": SEQUENCE}
 #: Bump when the sample generators change (invalidates sample caches).
-SAMPLES_VERSION = 5
+SAMPLES_VERSION = 7
 MODEL_HEADS = {"anatomy": ("anatomy",), "region_view": ("region", "view"), "sequence": ("sequence",)}
 #: Coded concepts of the classes (SNOMED CT where one exists, else DCM / local "99SCINODE").
 CODES: dict[str, tuple[str, str, str]] = {
@@ -77,7 +79,8 @@ def build_samples(cfg: dict[str, Any], data: Path, seed: int) -> SampleSet:
     """All samples of the config (real augmentations + synthetic), cached when ``data.cache`` is set."""
     dcfg = cfg["data"]
     sources = sources_of(cfg)
-    files = [root_dir(s.root, data) / s.path for s in sources]
+    files = [source_file(s, data) if s.path.endswith(".mosaic") else root_dir(s.root, data) / s.path
+             for s in sources]
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise DataError(f"classifier training source {str(missing[0])!r} does not exist")
@@ -90,7 +93,7 @@ def build_samples(cfg: dict[str, Any], data: Path, seed: int) -> SampleSet:
                          "generator": SAMPLES_VERSION,
                          "prep": PREPROCESSING_ID, "sources": [s.__dict__ for s in sources]}, sort_keys=True)
     key = hashlib.sha256(digest.hexdigest().encode() + recipe.encode()).hexdigest()[:16]
-    meta = {"data_hash": "sha256:" + digest.hexdigest(), "n_sources": len(sources)}
+    meta = {"data_hash": "sha256:" + digest.hexdigest(), "n_sources": len(sources), "samples_key": key}
     cache = Path(dcfg["cache"]).with_suffix(f".{key}.npz") if dcfg.get("cache") else None
     if cache is not None and cache.is_file():
         log.info("classifier samples from cache", path=str(cache))
@@ -113,18 +116,18 @@ def _generate(cfg: dict[str, Any], sources: Sequence[Source], data: Path, pam_di
     dcfg = cfg["data"]
     rng = np.random.default_rng(seed)
     levels = sitk.ReadImage(str(data / dcfg["levels"])) if dcfg.get("levels") else None
-    rows: list[tuple[np.ndarray, np.ndarray, dict[str, int], str, bool, bool]] = []
+    rows: list[tuple[np.ndarray, np.ndarray, dict[str, int], str, bool, int, int]] = []
     for src in tqdm(sources, desc="real sources", unit="vol", file=sys.stderr):
         for img, hdr, lab, stored in real_samples(src, data, int(dcfg.get("n_aug", 10)), rng, levels):
             t, f = series_inputs(img, hdr)
-            rows.append((t, f, lab, src.group, True, stored))
+            rows.append((t, f, lab, src.group, True, stored, _rule_index(hdr)))
     n_pam = int(dcfg.get("n_pam50", 0))
     if n_pam:
         pam = load_pam50(pam_dir)  # type: ignore[arg-type]
         for _ in tqdm(range(n_pam), desc="PAM50 synthetic", unit="img", file=sys.stderr):
             img, hdr, lab = pam50_sample(pam, rng)
             t, f = series_inputs(img, hdr)
-            rows.append((t, f, lab, "PAM50", False, False))
+            rows.append((t, f, lab, "PAM50", False, 0, _rule_index(hdr)))
     scenes = dict(dcfg.get("n_scenes", {}))
     for anatomy, n in scenes.items():
         if anatomy not in ANATOMY:
@@ -132,20 +135,47 @@ def _generate(cfg: dict[str, Any], sources: Sequence[Source], data: Path, pam_di
         for _ in tqdm(range(int(n)), desc=f"synthetic {anatomy} scenes", unit="img", file=sys.stderr):
             img, hdr, lab = scene_sample(rng, anatomy)
             t, f = series_inputs(img, hdr)
-            rows.append((t, f, lab, "synth-scenes", False, False))
+            rows.append((t, f, lab, "synth-scenes", False, 0, _rule_index(hdr)))
     for _ in range(int(dcfg.get("n_phantom", 0))):
         img, hdr, lab = phantom_sample(rng)
         t, f = series_inputs(img, hdr)
-        rows.append((t, f, lab, "synth-phantom", False, False))
+        rows.append((t, f, lab, "synth-phantom", False, 0, _rule_index(hdr)))
     if not rows:
         raise DataError("no classifier training samples (empty source catalogue)")
     return SampleSet(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]),
                      {k: np.asarray([r[2][k] for r in rows], np.int64) for k in TASKS},
                      np.asarray([r[3] for r in rows]), np.asarray([r[4] for r in rows]),
-                     np.asarray([r[5] for r in rows]))
+                     np.asarray([r[5] for r in rows], np.int8), np.asarray([r[6] for r in rows], np.int64))
+
+
+def _rule_index(hdr: Any) -> int:
+    """Index in SEQUENCE of the physics rule's class for this header, -1 when no rule fires."""
+    from sci_node.header_rules import sequence_from_header
+
+    label = sequence_from_header(hdr).label
+    return SEQUENCE.index(label) if label else -1
 
 
 # -- training ---------------------------------------------------------------------------------
+
+DEFAULT_NET = "sci_node.nets.SeriesNet"
+#: Network classes the trainer builds: the node's own nets, and the torchvision comparison nets.
+NET_PREFIXES = ("sci_node.nets.", "trainer.cls_arch.")
+
+
+def _net_class(cfg: dict[str, Any]) -> Any:
+    """The ``[network] class`` (default :data:`DEFAULT_NET`), imported."""
+    import importlib
+
+    path = str(cfg["network"].get("class", DEFAULT_NET))
+    if not path.startswith(NET_PREFIXES) or "." not in path:
+        raise ConfigError(f"network.class {path!r} must start with one of {NET_PREFIXES}")
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"network.class {path!r} cannot be imported: {exc}") from None
+
 
 def _net_args(cfg: dict[str, Any], heads: Sequence[str]) -> dict[str, Any]:
     args = dict(cfg["network"].get("args", {}))
@@ -158,16 +188,14 @@ def _net_args(cfg: dict[str, Any], heads: Sequence[str]) -> dict[str, Any]:
 
 def fit(cfg: dict[str, Any], heads: Sequence[str], train: SampleSet, epochs: int, seed: int, device: str,
         val: SampleSet | None = None, desc: str = "train") -> Any:
-    """Train a fresh :class:`SeriesNet` on ``train``; per-epoch progress bar with loss and held-out accuracy."""
+    """Train a fresh network (``[network] class``, default SeriesNet) on ``train``; progress bar with loss and held-out accuracy."""
     import torch
     from tqdm import tqdm
-
-    from sci_node.nets import SeriesNet
 
     tcfg = cfg["train"]
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = SeriesNet(**_net_args(cfg, heads)).to(device)
+    net = _net_class(cfg)(**_net_args(cfg, heads)).to(device)
     feats = torch.as_tensor(train.features)
     net.feature_mean.copy_(feats.mean(0))
     net.feature_std.copy_(feats.std(0).clamp_min(1e-3))
@@ -229,109 +257,61 @@ def predict_logits(net: Any, s: SampleSet, device: str) -> dict[str, np.ndarray]
     return {h: v.cpu().numpy() for h, v in out.items()}
 
 
-# -- validation and calibration ---------------------------------------------------------------
+# -- validation (subject-grouped k-fold) ------------------------------------------------------
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+def assign_folds(groups: Sequence[str], sizes: dict[str, int], k: int) -> list[list[str]]:
+    """Split person groups into ``k`` folds of similar sample counts (largest group first, greedy).
 
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature ``T`` minimising the NLL of ``softmax(logits / T)`` (grid over 0.25..20, log-spaced).
-
-    The lower bound keeps a head that made no out-of-fold error from being sharpened without limit.
+    Deterministic: ties go to the lower fold index, groups of equal size in name order.
     """
-    if len(labels) == 0:
-        return 1.0
-    best, best_nll = 1.0, np.inf
-    for t in np.exp(np.linspace(np.log(0.25), np.log(20.0), 201)):
-        p = _softmax(logits / t)[np.arange(len(labels)), labels]
-        nll = float(-np.mean(np.log(np.clip(p, 1e-12, 1.0))))
-        if nll < best_nll:
-            best, best_nll = float(t), nll
-    return best
+    folds: list[list[str]] = [[] for _ in range(max(1, min(k, len(groups))))]
+    load = [0] * len(folds)
+    for g in sorted(groups, key=lambda g: (-sizes[g], g)):
+        i = min(range(len(folds)), key=lambda j: (load[j], j))
+        folds[i].append(g)
+        load[i] += sizes[g]
+    return folds
 
 
-def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error (equal-width confidence bins)."""
-    if len(labels) == 0:
-        return 0.0
-    conf, pred = probs.max(1), probs.argmax(1)
-    edges = np.linspace(0, 1, bins + 1)
-    total = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            total += m.mean() * abs(float(np.mean(pred[m] == labels[m])) - float(conf[m].mean()))
-    return float(total)
+def group_kfold(cfg: dict[str, Any], heads: Sequence[str], samples: SampleSet, epochs: int, seed: int,
+                device: str, work: Path | None) -> tuple[dict[str, np.ndarray], np.ndarray, list[list[str]]]:
+    """Out-of-fold logits: each fold of person groups is scored by a network trained without it.
 
+    ``[validation] k`` folds over the groups (``skip_groups``: never held out, e.g. templates and
+    synthetic samples). With ``work``, each finished fold's logits are saved there and reused when
+    the same run is started again (resumable).
 
-def loso(cfg: dict[str, Any], heads: Sequence[str], samples: SampleSet, epochs: int, seed: int,
-         device: str) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
-    """Out-of-fold logits: each group is scored by a network trained without it.
-
-    Returns the logits per head ``(N, K)``, a mask of the scored samples and the held-out groups.
+    Returns the logits per head ``(N, K)``, a mask of the scored samples and the folds' groups.
     """
-    wanted = set(cfg.get("validation", {}).get("skip_groups", []))
-    groups = [g for g in dict.fromkeys(samples.groups.tolist())
-              if g not in wanted and any((samples.labels[h][samples.groups == g] >= 0).any() for h in heads)]
+    vcfg = cfg.get("validation", {})
+    skip = set(vcfg.get("skip_groups", []))
+    names = [g for g in dict.fromkeys(samples.groups.tolist())
+             if g not in skip and any((samples.labels[h][samples.groups == g] >= 0).any() for h in heads)]
+    sizes = {g: int(np.sum(samples.groups == g)) for g in names}
+    folds = assign_folds(names, sizes, int(vcfg.get("k", 5)))
     oof = {h: np.zeros((len(samples.groups), len(CLASSES[h])), np.float32) for h in heads}
     scored = np.zeros(len(samples.groups), bool)
-    for k, g in enumerate(groups):
-        held = samples.groups == g
-        net = fit(cfg, heads, samples.subset(np.nonzero(~held)[0]), epochs, seed + k, device,
-                  val=samples.subset(np.nonzero(held)[0]), desc=f"LOSO {k + 1}/{len(groups)} hold-out {g}")
-        logits = predict_logits(net, samples.subset(np.nonzero(held)[0]), device)
+    for k, fold in enumerate(folds):
+        held = np.isin(samples.groups, fold)
+        done = work / f"fold-{k}.npz" if work is not None else None
+        if done is not None and done.is_file():
+            z = np.load(done)
+            logits = {h: z[h] for h in heads}
+            log.info("cv fold reused", fold=k, path=str(done))
+        else:
+            net = fit(cfg, heads, samples.subset(np.nonzero(~held)[0]), epochs, seed + k, device,
+                      val=samples.subset(np.nonzero(held)[0]), desc=f"fold {k + 1}/{len(folds)}")
+            logits = predict_logits(net, samples.subset(np.nonzero(held)[0]), device)
+            if done is not None:
+                done.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(done, **logits)  # type: ignore[arg-type]
         for h in heads:
             oof[h][held] = logits[h]
         scored |= held
-        log.info("loso fold", held_out=g, **{h: round(float(np.mean(
+        log.info("cv fold", fold=k, held_out=fold, **{h: round(float(np.mean(
             logits[h].argmax(1)[samples.labels[h][held] >= 0] == samples.labels[h][held][samples.labels[h][held] >= 0]))
             if (samples.labels[h][held] >= 0).any() else float("nan"), 3) for h in heads})
-    return oof, scored, groups
-
-
-def _binary_spine(h: str, pred: np.ndarray, lab: np.ndarray, ok: np.ndarray, real: np.ndarray) -> dict[str, Any]:
-    """Anatomy only: accuracy of the routing-relevant decision spine vs not spine."""
-    if h != "anatomy":
-        return {}
-    sp = CLASSES[h].index("spine")
-    hit = (pred == sp) == (lab == sp)
-    return {"spine_vs_rest_accuracy": round(float(np.mean(hit[ok])), 4) if ok.any() else None,
-            "spine_vs_rest_accuracy_real": round(float(np.mean(hit[ok & real])), 4) if (ok & real).any() else None}
-
-
-def head_metrics(h: str, logits: np.ndarray, s: SampleSet, scored: np.ndarray, temp: float,
-                 abstain: float) -> dict[str, Any]:
-    """LOSO metrics of one head (accuracy overall / real / stored volumes, per class, per group, ECE)."""
-    lab = s.labels[h]
-    ok = scored & (lab >= 0)
-    probs = _softmax(logits / temp)
-    pred = probs.argmax(1)
-
-    def acc(m: np.ndarray) -> float | None:
-        return round(float(np.mean(pred[m] == lab[m])), 4) if m.any() else None
-
-    conf = probs.max(1)
-    kept = ok & (conf >= abstain)
-    has_hdr = s.features[:, FEATURE_NAMES.index("has_te")] > 0
-    return {
-        "accuracy": acc(ok), "n": int(ok.sum()),
-        "accuracy_real": acc(ok & s.real), "n_real": int((ok & s.real).sum()),
-        "accuracy_stored_volumes": acc(ok & s.stored), "n_stored_volumes": int((ok & s.stored).sum()),
-        "accuracy_synthetic": acc(ok & ~s.real), "n_synthetic": int((ok & ~s.real).sum()),
-        "accuracy_real_with_header": acc(ok & s.real & has_hdr), "n_real_with_header": int((ok & s.real & has_hdr).sum()),
-        "accuracy_real_without_header": acc(ok & s.real & ~has_hdr),
-        **_binary_spine(h, pred, lab, ok, s.real),
-        "per_class_recall": {c: acc(ok & (lab == i)) for i, c in enumerate(CLASSES[h]) if (ok & (lab == i)).any()},
-        "per_group": {g: acc(ok & (s.groups == g)) for g in dict.fromkeys(s.groups[ok].tolist())},
-        "ece_uncalibrated": round(ece(_softmax(logits[ok]), lab[ok]), 4),
-        "ece_calibrated": round(ece(probs[ok], lab[ok]), 4), "temperature": round(temp, 4),
-        "abstain_below": abstain, "coverage": round(float(kept.sum() / max(1, ok.sum())), 4),
-        "accuracy_when_not_abstaining": acc(kept),
-        "stored_volume_errors": [{"group": str(s.groups[i]), "true": CLASSES[h][lab[i]], "pred": CLASSES[h][pred[i]],
-                                  "p": round(float(conf[i]), 3)} for i in np.nonzero(ok & s.stored & (pred != lab))[0]],
-    }
+    return oof, scored, folds
 
 
 # -- the command --------------------------------------------------------------------------------
@@ -349,7 +329,7 @@ def _labels(heads: Sequence[str]) -> list[dict[str, Any]]:
 
 def train_classifier(model: str, config: Path | None, data: Path | None, out: Path | None, epochs: int | None,
                      seed: int, device: str) -> Path:
-    """Train ``anatomy``, ``region_view`` or ``sequence``: LOSO validation, calibration, final model, artefact.
+    """Train ``anatomy``, ``region_view`` or ``sequence``: grouped k-fold validation, calibration, final model, artefact.
 
     Returns the artefact folder (default ``models/MODEL/VERSION``).
     """
@@ -367,49 +347,97 @@ def train_classifier(model: str, config: Path | None, data: Path | None, out: Pa
     epochs = int(epochs if epochs is not None else cfg["train"].get("epochs", 30))
     torch.set_num_threads(int(cfg["train"].get("threads", 2)))
     t0 = time.time()
-    samples = build_samples(cfg, data, seed)
+    samples = model_samples(cfg, build_samples(cfg, data, seed))
     log.info("classifier samples", model=model, n=len(samples.groups), groups=sorted(set(samples.groups.tolist())))
     abstain = float(cfg.get("calibration", {}).get("abstain_below", 0.5))
-    metrics: dict[str, Any] = {"validation": "leave-one-subject-out (groups = persons; PAM50 real+synthetic = one group)"}
+    vcfg = cfg.get("validation", {})
+    metrics: dict[str, Any] = {"validation": f"subject-grouped {int(vcfg.get('k', 5))}-fold cross-validation "
+                                             "(groups = persons; templates and synthetic samples never held out)"}
     temps = {h: 1.0 for h in heads}
-    groups: list[str] = []
-    if cfg.get("validation", {}).get("loso", True):
-        oof, scored, groups = loso(cfg, heads, samples, epochs, seed, device)
+    folds: list[list[str]] = []
+    rules = _rules_of(cfg, samples)
+    if vcfg.get("cv", vcfg.get("loso", True)):
+        oof, scored, folds = group_kfold(cfg, heads, samples, epochs, seed, device, _work_dir(cfg, model, samples,
+                                                                                                seed, epochs))
         for h in heads:
             ok = scored & (samples.labels[h] >= 0)
             temps[h] = fit_temperature(oof[h][ok], samples.labels[h][ok])
-            metrics[h] = head_metrics(h, oof[h], samples, scored, temps[h], abstain)
+            metrics[h] = head_metrics(h, oof[h], samples, scored, temps[h], abstain, rules=h in rules)
+    if rules:
+        metrics["header_rules"] = rules
     net = fit(cfg, heads, samples, epochs, seed, device, desc=f"final {model}")
     out = Path(out) if out else REPO / "models" / model / cfg["model"]["version"]
-    card = _card(cfg, model, heads, metrics, temps, abstain, samples, groups, seed, epochs, device,
+    card = _card(cfg, model, heads, metrics, temps, abstain, samples, folds, seed, epochs, device,
                  config is not None)
+    if rules:
+        card["calibration"]["header_rules"] = rules["sequence"]
     card["training"]["wall_seconds"] = round(time.time() - t0, 1)
     write_artifact(out, net.state_dict(), card)
     log.info("classifier artefact written", model=model, path=str(out), seconds=round(time.time() - t0, 1))
     return out
 
 
+def model_samples(cfg: dict[str, Any], samples: SampleSet) -> SampleSet:
+    """``samples`` as the model of ``cfg`` sees them: without the header features when ``header_features = false``.
+
+    Image + geometry only: the header's TE/TR/codes say nothing about anatomy or region (in this data they only
+    correlate through a few protocols: EPI = the spine fMRI/DWI); the slice normal (geometry) stays.
+    """
+    if cfg["network"].get("header_features", True):
+        return samples
+    samples.header = header_present(samples)
+    samples.features = samples.features.copy()
+    samples.features[:, N_FEATURES - N_HEADER_FEATURES:] = 0.0
+    return samples
+
+
+def _rules_of(cfg: dict[str, Any], samples: SampleSet) -> dict[str, dict[str, Any]]:
+    """``{"sequence": {...}}`` when the config turns the header rules on (``[network] header_rules``), else ``{}``."""
+    from sci_node.header_rules import RULES_ID
+
+    if not cfg["network"].get("header_rules", False) or cfg["model"]["name"] != "sequence":
+        return {}
+    conf, hits, n = rule_confidence(samples)
+    return {"sequence": {"id": RULES_ID, "head": "sequence", "confidence": round(conf, 4),
+                         "fallback": "network with the header features" if cfg["network"].get(
+                             "header_features", True) else "network on the image alone",
+                         "measured_on": f"{hits}/{n} training samples whose header fired a rule agree with their label"}}
+
+
+def _work_dir(cfg: dict[str, Any], model: str, samples: SampleSet, seed: int, epochs: int) -> Path | None:
+    """Folder of this run's finished folds (resumable), next to the sample cache; ``None`` without a cache."""
+    cache = cfg["data"].get("cache")
+    if not cache:
+        return None
+    recipe = json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}, sort_keys=True, default=str)
+    # the sample key covers the data, the [data] recipe, the seed and the generator version
+    key = hashlib.sha256((recipe + samples.meta["samples_key"] + f"{seed}/{epochs}").encode()).hexdigest()[:12]
+    return Path(cache).parent / "cls-cv" / f"{model}-{key}"
+
+
 def _card(cfg: dict[str, Any], model: str, heads: Sequence[str], metrics: dict[str, Any], temps: dict[str, float],
-          abstain: float, samples: SampleSet, groups: list[str], seed: int, epochs: int, device: str,
+          abstain: float, samples: SampleSet, folds: list[list[str]], seed: int, epochs: int, device: str,
           custom_config: bool) -> dict[str, Any]:
     """The model card of a trained classifier (see :mod:`sci_node.artifact` and :mod:`sci_node.predict_cls`)."""
     return {
         "name": model, "version": cfg["model"]["version"], "kind": "classifier",
         "description": cfg["model"].get("description", ""),
-        "architecture": {"class": "sci_node.nets.SeriesNet", "args": _net_args(cfg, heads)},
+        "architecture": {"class": cfg["network"].get("class", DEFAULT_NET), "args": _net_args(cfg, heads)},
         "preprocessing": {"id": PREPROCESSING_ID, "module": "sci_node.cls_features", "thumb_size": THUMB_SIZE,
+                          "header_features": bool(cfg["network"].get("header_features", True)),
                           "n_features": N_FEATURES, "feature_names": list(FEATURE_NAMES),
                           "orientation": "LPS-aligned isotropic grid over the bounding box",
                           "normalisation": "percentile 1-99 -> [0, 1.5]"},
         "heads": {h: list(CLASSES[h]) for h in heads}, "labels": _labels(heads),
-        "calibration": {"method": "temperature scaling on LOSO out-of-fold logits", "temperature": temps,
+        "calibration": {"method": "temperature scaling on cross-validation out-of-fold logits", "temperature": temps,
                         "abstain_below": abstain},
         "metrics": metrics, "data_hash": samples.meta["data_hash"],
         "training": {"config": {k: v for k, v in cfg.items() if not k.startswith("_")}, "config_file": cfg["_path"],
                      "command": f"sci-node train {model} --seed {seed} --epochs {epochs}"
                                 + (f" --train-config {cfg['_path']}" if custom_config else ""),
                      "seed": seed, "epochs": epochs, "device": device, "n_samples": int(len(samples.groups)),
-                     "splits": {"scheme": "LOSO", "held_out_groups": groups,
+                     "splits": {"scheme": "subject-grouped k-fold", "folds": folds,
+                                "held_out_groups": [g for f in folds for g in f],
                                 "group_sizes": {g: int(np.sum(samples.groups == g))
                                                 for g in dict.fromkeys(samples.groups.tolist())}}},
         "trainer_version": TRAINER_VERSION, "git_commit": git_commit(),

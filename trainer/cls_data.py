@@ -3,7 +3,7 @@
 Every sample is what the node's classifier sees — :func:`sci_node.cls_features.series_inputs`
 of a ``SimpleITK.Image`` plus a :class:`HeaderEvidence` — together with its labels
 (anatomy, region, view, sequence; ``-1`` = unknown/not applicable) and its **group**
-(the person it comes from: leave-one-subject-out folds hold out whole groups).
+(the person it comes from: cross-validation folds hold out whole groups).
 
 Labels come from the source catalogue (:data:`DEFAULT_SOURCES`: which file is which
 anatomy/region/contrast, written from the data README), never from what the classifier
@@ -37,18 +37,31 @@ class Source:
 
     ``root`` is ``"data"`` (the ``--data`` folder), ``"nibabel"`` (nibabel's test data) or
     ``"pydicom"`` (pydicom's test files). ``region`` ``"levels"`` = from the PAM50 level map.
+    ``sequence`` ``None`` = not known (e.g. the AMU 7 T image, whose contrast upstream does
+    not state): the sample trains and scores the other heads only. ``n_aug`` overrides the
+    config's number of random crops for this file (e.g. the 19 near-identical series of one
+    person in ``nonspine-mr``). A path ending in ``.mosaic`` means the first DICOM file of
+    that folder, a Siemens MOSAIC un-tiled into its slices.
     """
 
     root: str
     path: str
     group: str
     anatomy: str
-    sequence: str
+    sequence: str | None
     region: str | None = None
     sidecar: bool = False
+    n_aug: int | None = None
 
 
 _D = "data"
+_GM = (("9418", "gm-9418"), ("9604", "gm-9604"), ("9669", "gm-9669"), ("9709Ses1", "gm-9709"),
+       ("9709Ses2", "gm-9709"), ("10062Ses1", "gm-10062"), ("10062Ses2", "gm-10062"))
+_DCM_QA = tuple(f"nonspine-mr/dcm_qa/{o}/{o}{k}" for o in ("ax", "cor", "sag")
+                for k in ("asc35", "asc36", "desc35", "desc36", "int35", "int36"))
+#: Groups = persons (data README, "Subject groups for splitting"). Templates (PAM50,
+#: MNI-Poly-AMU) are population averages: kept on the training side (``[validation]
+#: train_only_groups``), never scored.
 DEFAULT_SOURCES: tuple[Source, ...] = tuple(
     [Source(_D, f"ivadomed-data-testing/sub-{s}/anat/sub-{s}_{c}.nii.gz", g, "spine", q, "cervical", True)
      for s, g in (("unf01", "p-unf01"), ("unf02", "p-unf02"), ("unf03", "p-unf03"))
@@ -61,8 +74,21 @@ DEFAULT_SOURCES: tuple[Source, ...] = tuple(
        # README: sub-lumbar "may be one session" with sub-single -> same group, to be safe.
        Source(_D, "sct-tutorial-data/sub-lumbar/anat/sub-lumbar_T2w.nii.gz", "p-single", "spine", "T2w", "lumbar"),
        Source(_D, "sct-tutorial-data/sub-ms/anat/sub-ms_T2w.nii.gz", "p-ms", "spine", "T2w", "cervical"),
-       Source(_D, "sct-testing-data/sub-PAM50small/anat/sub-PAM50small_T2w.nii.gz", "PAM50", "spine", "T2w", "levels"),
-       Source(_D, "nonspine/sub-spleen2/ct/sub-spleen2_ct.nii.gz", "ct-spleen2", "abdomen", "other"),
+       Source(_D, "sct-testing-data/sub-PAM50small/anat/sub-PAM50small_T2w.nii.gz", "PAM50", "spine", "T2w", "levels")]
+    # sct-history: full field-of-view sagittal T2w (brain stem to upper thoracic; the centre is cervical)
+    + [Source(_D, f"sct-history/sub-errsm{n}/anat/sub-errsm{n}_T2w.nii.gz", f"errsm{n}", "spine", "T2w", "cervical")
+       for n in ("11", "18", "20", "21", "22", "23")]
+    + [Source(_D, "sct-history/sub-errsm18/anat/sub-errsm18_T2star.nii.gz", "errsm18", "spine", "T2starw", "cervical")]
+    + [Source(_D, f"sct-history/sub-errsm23/anat/sub-errsm23_acq-{m}_MTS.nii.gz", "errsm23", "spine", "other",
+              "cervical") for m in ("MToff", "MTon")]
+    + [Source(_D, f"gm-challenge/sub-{s}/anat/sub-{s}_run-{r}_T2starw.nii.gz", g, "spine", "T2starw", "cervical", True,
+              n_aug=8) for s, g in _GM for r in (1, 2)]
+    + [Source(_D, "amu7t/sub-amu7t/anat/sub-amu7t_acq-7T_image.nii.gz", "amu7t", "spine", None, "cervical"),
+       Source(_D, "templates/sub-MNIPolyAMUds/anat/sub-MNIPolyAMUds_T2w.nii.gz", "tpl-MNIPolyAMU", "spine", "T2w"),
+       Source(_D, "fmri-leipzig/sub-ZS001/func/sub-ZS001_task-rest_desc-mocomean_bold.nii.gz", "fmri-ZS001", "spine",
+              "other", "cervical", True)]
+    + [Source(_D, f"{d}.mosaic", "dcmqa-crlab", "brain", "other", n_aug=3) for d in _DCM_QA]
+    + [Source(_D, "nonspine/sub-spleen2/ct/sub-spleen2_ct.nii.gz", "ct-spleen2", "abdomen", "other"),
        Source("nibabel", "anatomical.nii", "nib-spm", "brain", "T1w"),
        Source("nibabel", "functional.nii", "nib-spm", "brain", "other"),
        Source("nibabel", "example4d.nii.gz", "nib-4d", "brain", "other"),
@@ -83,22 +109,28 @@ class SampleSet:
     groups: np.ndarray  # (N,) str
     real: np.ndarray  # (N,) bool: from a real acquisition (not synthetic)
     stored: np.ndarray  # (N,) bool: the volume as stored (no crop / augmentation)
+    rule: np.ndarray  # (N,) int: index in SEQUENCE of the header rule's class, -1 = no rule fired
     meta: dict[str, Any] = field(default_factory=dict)
+    #: (N,) bool: the sample came with acquisition parameters; set when the header features are
+    #: blanked for a model that does not use them (else read from the features)
+    header: np.ndarray | None = None
 
     def subset(self, idx: np.ndarray) -> "SampleSet":
         return SampleSet(self.thumbs[idx], self.features[idx], {k: v[idx] for k, v in self.labels.items()},
-                         self.groups[idx], self.real[idx], self.stored[idx], self.meta)
+                         self.groups[idx], self.real[idx], self.stored[idx], self.rule[idx], self.meta,
+                         None if self.header is None else self.header[idx])
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, thumbs=self.thumbs, features=self.features, groups=self.groups, real=self.real,
-                            stored=self.stored, **{f"label_{k}": v for k, v in self.labels.items()})  # type: ignore[arg-type]
+                            stored=self.stored, rule=self.rule,
+                            **{f"label_{k}": v for k, v in self.labels.items()})  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: Path, meta: dict[str, Any]) -> "SampleSet":
         z = np.load(path)
         return cls(z["thumbs"], z["features"], {k: z[f"label_{k}"] for k in TASKS}, z["groups"], z["real"],
-                   z["stored"], meta)
+                   z["stored"], z["rule"], meta)
 
 
 # -- loading ------------------------------------------------------------------------------
@@ -141,6 +173,8 @@ def load_source(src: Source, data: Path) -> tuple[sitk.Image, HeaderEvidence | N
     import json
 
     path = root_dir(src.root, data) / src.path
+    if path.suffix == ".mosaic":
+        return _mosaic(path.with_suffix(""))
     if not path.is_file():
         raise DataError(f"classifier training source {str(path)!r} does not exist")
     ev: HeaderEvidence | None = None
@@ -158,6 +192,40 @@ def load_source(src: Source, data: Path) -> tuple[sitk.Image, HeaderEvidence | N
         if side.is_file():
             ev = HeaderEvidence.from_bids_sidecar(json.loads(side.read_text(encoding="utf-8")))
     return image, stored_grid_evidence(ev, image), path
+
+
+def source_file(src: Source, data: Path) -> Path:
+    """The file a catalogue entry reads (the first DICOM file of a ``.mosaic`` folder)."""
+    path = root_dir(src.root, data) / src.path
+    if path.suffix == ".mosaic":
+        files = sorted(p for p in path.with_suffix("").iterdir() if p.is_file()) if path.with_suffix("").is_dir() else []
+        if not files:
+            raise DataError(f"classifier training source {str(path.with_suffix(''))!r} holds no DICOM file")
+        return files[0]
+    return path
+
+
+def _mosaic(folder: Path) -> tuple[sitk.Image, HeaderEvidence | None, Path]:
+    """First file of a Siemens MOSAIC series, un-tiled (nibabel's MosaicWrapper) into a 3-D LPS image."""
+    import warnings
+
+    import pydicom
+
+    path = source_file(Source("data", str(folder) + ".mosaic", "", "other", None), Path("/"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nibabel warns that its DICOM readers are experimental
+        from nibabel.nicom import dicomwrappers
+
+        wrapper = dicomwrappers.wrapper_from_file(str(path))
+        arr = np.asarray(wrapper.get_data(), np.float32)
+        aff = np.asarray(wrapper.affine, np.float64)  # array index -> DICOM patient (LPS) mm
+    spacing = np.linalg.norm(aff[:3, :3], axis=0)
+    out = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(arr, (2, 1, 0))))
+    out.SetSpacing([float(v) for v in spacing])
+    out.SetDirection((aff[:3, :3] / spacing).flatten().tolist())
+    out.SetOrigin(aff[:3, 3].tolist())
+    ev = HeaderEvidence.from_dicom(pydicom.dcmread(path, stop_before_pixels=True))
+    return out, stored_grid_evidence(ev, out), path
 
 
 def stored_grid_evidence(ev: HeaderEvidence | None, image: sitk.Image) -> HeaderEvidence | None:
@@ -259,20 +327,40 @@ def labels_of(src: Source, image: sitk.Image, region: int, ev: HeaderEvidence | 
     """Label indices of one sample."""
     spine = src.anatomy == "spine"
     return {"anatomy": ANATOMY.index(src.anatomy), "region": region if spine else -1,
-            "view": VIEW.index(view_of_image(image)), "sequence": SEQUENCE.index(src.sequence)}
+            "view": VIEW.index(view_of_image(image)),
+            "sequence": SEQUENCE.index(src.sequence) if src.sequence else -1}
+
+
+def has_header(ev: HeaderEvidence | None) -> bool:
+    """True when ``ev`` carries acquisition parameters (a sequence code or TE/TR), not only geometry."""
+    return ev is not None and bool(ev.scanning_sequence or ev.echo_time_ms or ev.repetition_time_ms)
+
+
+#: ``SampleSet.stored`` values: a random crop, the stored volume with its header as available,
+#: the stored volume with its header removed (only for volumes that have one).
+CROP, STORED, STORED_NO_HEADER = 0, 1, 2
 
 
 def real_samples(src: Source, data: Path, n_aug: int, rng: np.random.Generator,
-                 levels: sitk.Image | None) -> Iterator[tuple[sitk.Image, HeaderEvidence | None, dict[str, int], bool]]:
-    """The stored volume, then ``n_aug`` random crops with intensity and header augmentation."""
+                 levels: sitk.Image | None) -> Iterator[tuple[sitk.Image, HeaderEvidence | None, dict[str, int], int]]:
+    """The stored volume (with its header, and again without it), then random crops.
+
+    Crops get intensity augmentation and header augmentation (the true header kept, dropped
+    (35 %) or, for volumes without one, replaced by a header sampled from its class's
+    protocol ranges). The last item of each tuple is :data:`CROP`, :data:`STORED` or
+    :data:`STORED_NO_HEADER`.
+    """
     from sci_node.cls_features import scalar_volume
 
     image, ev, _ = load_source(src, data)
     vol, _ = scalar_volume(image)
     multi = image.GetDimension() == 4
-    for k in range(n_aug + 1):
-        img = vol if k == 0 else intensity_aug(random_crop(vol, rng), rng)
-        if multi and k > 0 and rng.random() < 0.7:
+    n_aug = n_aug if src.n_aug is None else int(src.n_aug)
+    variants = [(STORED, ev)] + ([(STORED_NO_HEADER, None)] if has_header(ev) else [])
+    variants += [(CROP, ev)] * n_aug
+    for kind, hdr in variants:
+        img = vol if kind != CROP else intensity_aug(random_crop(vol, rng), rng)
+        if multi and kind == CROP and rng.random() < 0.7:
             img = image  # keep the 4-D evidence (multi-volume flag) in most augmentations
         if src.region == "levels":
             if levels is None:
@@ -280,8 +368,8 @@ def real_samples(src: Source, data: Path, n_aug: int, rng: np.random.Generator,
             region = pam50_region(levels, img)
         else:
             region = REGION.index(src.region) if src.region else -1
-        hdr = ev
-        if k > 0:
+        if kind == CROP:
             r = rng.random()
-            hdr = None if r < 0.35 else (sample_header(src.sequence, rng) if (ev is None or r < 0.55) else ev)
-        yield img, hdr, labels_of(src, img, region, hdr), k == 0
+            sampled = sample_header(src.sequence, rng) if src.sequence else None
+            hdr = None if r < 0.35 else (sampled if (not has_header(ev) or r < 0.55) else ev)
+        yield img, hdr, labels_of(src, img, region, hdr), kind

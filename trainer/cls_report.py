@@ -1,4 +1,4 @@
-"""Markdown LOSO validation tables of the routing classifiers, from their model cards.
+"""Markdown cross-validation tables of the routing classifiers, from their model cards.
 
 ``python -m trainer.cls_report [MODELS_DIR]`` prints the tables written into ``docs/classifiers.md``
 (for the versions active in ``MODELS_DIR/registry.json``).
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Mapping
 
 from sci_node.registry import ModelRegistry
 
@@ -25,7 +26,7 @@ def report(models_dir: Path, versions: dict[str, str] | None = None) -> str:
     """
     reg = ModelRegistry(models_dir)
     versions = versions or reg.active()
-    lines = ["| model | head | LOSO acc. all held-out samples (n) | real crops (n) | stored real volumes (n) | "
+    lines = ["| model | head | CV acc. all held-out samples (n) | real crops (n) | stored real volumes (n) | "
              "synthetic (n) | temperature | ECE raw → calibrated | coverage @ p≥0.5 | acc. when not abstaining |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     groups: list[str] = []
@@ -47,8 +48,125 @@ def report(models_dir: Path, versions: dict[str, str] | None = None) -> str:
                           + ("; errors on stored volumes: " + ", ".join(
                               f"{e['group']} {e['true']}→{e['pred']} (p={e['p']})" for e in m["stored_volume_errors"])
                              if m["stored_volume_errors"] else "; no error on stored volumes") + ".")
-    return "\n".join(lines) + "\n" + "\n".join(groups) + "\n"
+    return "\n".join(lines) + "\n" + "\n".join(groups) + "\n\n" + real_series_table(reg, versions) + "\n"
 
+
+def real_series_table(reg: ModelRegistry, versions: dict[str, str]) -> str:
+    """Held-out **real series** (stored volumes of subjects outside the fold's training set): with their
+    DICOM/BIDS header, with the header removed, abstention on spine series, non-spine series routed in.
+
+    Cards written before the grouped k-fold trainer (no ``real_series`` metrics) are skipped.
+    """
+    lines = ["| model | head | with header: acc. (n) | header removed: acc. (n) | as available: acc. (n) | "
+             "network only, with header | abstention on real spine series | non-spine routed in |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in ("anatomy", "region_view", "sequence"):
+        card = json.loads((reg.path_of(name, versions[name]) / "card.json").read_text())
+        for head in card["heads"]:
+            rs = (card["metrics"].get(head) or {}).get("real_series")
+            if not rs:
+                continue
+            w, r, a = rs["with_header"], rs["header_removed"], rs["as_available"]
+            absn = a.get("abstention_rate_spine")
+            routed = (f"{a['non_spine_routed_in']} / {a['n_non_spine']} ({', '.join(a['routed_in_series']) or '–'})"
+                      if "non_spine_routed_in" in a else "–")
+            lines.append(f"| {name} {versions[name]} | {head} | {_fmt(w['accuracy'])} ({w['n']}) | "
+                         f"{_fmt(r['accuracy'])} ({r['n']}) | {_fmt(a['accuracy'])} ({a['n']}) | "
+                         f"{_fmt(w['accuracy_network_only'])} | "
+                         f"{_fmt(absn)} ({a['n_spine']}) | {routed} |")
+    return "\n".join(lines)
+
+
+
+
+_Key = tuple[int, str]
+
+
+def _held_out_predictions(models_dir: Path, versions: dict[str, str] | None
+                          ) -> tuple[dict[_Key, dict[str, dict[str, float]]], dict[_Key, tuple[str, str]],
+                                     dict[_Key, str | None]]:
+    """Per (sample index, condition): head -> serving probabilities; anatomy truth and group; sequence truth."""
+    reg = ModelRegistry(models_dir)
+    versions = versions or reg.active()
+    preds: dict[_Key, dict[str, dict[str, float]]] = {}
+    truth: dict[_Key, tuple[str, str]] = {}
+    seq_truth: dict[_Key, str | None] = {}
+    for name, heads in (("anatomy", ("anatomy",)), ("region_view", ("region", "view")), ("sequence", ("sequence",))):
+        card = json.loads((reg.path_of(name, versions[name]) / "card.json").read_text())
+        for head in heads:
+            rs = (card["metrics"].get(head) or {}).get("real_series") or {}
+            for p in rs.get("predictions", []):
+                key = (p["i"], p["condition"])
+                preds.setdefault(key, {})[head] = p["probs"]
+                if head == "anatomy":
+                    truth[key] = (p["true"], p["group"])
+                if head == "sequence":
+                    seq_truth[key] = p["true"]
+    return preds, truth, seq_truth
+
+
+def _tally_row(cond: str, members: list[_Key], preds: dict[_Key, dict[str, dict[str, float]]],
+               truth: dict[_Key, tuple[str, str]], seq_truth: dict[_Key, str | None]) -> str:
+    """One table row: route every member with the default rules and count the outcomes."""
+    from collections import Counter
+
+    from sci_node.config import RoutingRules
+    from sci_node.routing import route
+
+    rules = RoutingRules()
+    tally: Counter[str] = Counter()
+    routed_in: set[str] = set()
+    for key in members:
+        p = preds[key]
+        table: dict[str, Mapping[str, Mapping[str, float]]] = {
+            "anatomy": {"anatomy": p["anatomy"]}, "region_view": {"region": p["region"], "view": p["view"]},
+            "sequence": {"sequence": p["sequence"]}}
+        d = route(table.__getitem__, rules)
+        spine, wanted = truth[key][0] == "spine", seq_truth.get(key) in rules.cord_sequences
+        tally["spine" if spine else "non-spine"] += 1
+        if not spine:
+            if not d.routed_out:
+                tally["non-spine routed in"] += 1
+                routed_in.add(truth[key][1])
+            continue
+        tally["segmentable"] += wanted
+        if d.routed_out:
+            tally["abstained" if d.rule.startswith("abstain") else ("wrong out" if wanted else "other out")] += 1
+        else:
+            tally["segmented" if wanted else "other in"] += 1
+    n_sp = tally["spine"]
+    return (f"| {cond.replace('_', ' ')} | {n_sp} | {tally['abstained']} ({tally['abstained'] / max(1, n_sp):.1%}) | "
+            f"{tally['segmentable']} | {tally['segmented']} | {tally['wrong out']} | {tally['other out']} | "
+            f"{tally['other in']} | {tally['non-spine']} | {tally['non-spine routed in']} "
+            f"({', '.join(sorted(routed_in)) or '–'}) |")
+
+
+def hierarchy_table(models_dir: Path, versions: dict[str, str] | None = None) -> str:
+    """The three cards' held-out predictions on the same real series, run through the node's routing.
+
+    Each stored real series (with its header, and again with the header removed) gets the anatomy,
+    region/view and sequence probabilities of a fold that did not train on its person (the three
+    models use the same samples; their folds can differ, since a model's folds hold only groups
+    with labels for its heads), and :func:`sci_node.routing.route` with the default
+    :class:`sci_node.config.RoutingRules` decides. Rows: with the header, header removed, and "as
+    available" (each series once, with its header when it has one).
+    """
+    preds, truth, seq_truth = _held_out_predictions(models_dir, versions)
+    keys = [k for k in preds if len(preds[k]) == 4 and k in truth]
+    if not keys:
+        return "(no card with per-series predictions: retrain with the grouped k-fold trainer)"
+    # A header-removed copy is the sample right after its stored original (trainer.cls_data.real_samples),
+    # so it is a copy exactly when (i - 1, "with_header") exists.
+    with_hdr = {k[0] for k in keys if k[1] == "with_header"}
+    sets = {"with_header": [k for k in keys if k[1] == "with_header"],
+            "header_removed": [k for k in keys if k[1] == "header_removed"],
+            "as_available": [k for k in keys if k[1] == "with_header" or k[0] - 1 not in with_hdr]}
+    rows = [_tally_row(cond, members, preds, truth, seq_truth) for cond, members in sets.items()]
+    return "\n".join(["| real series | spine series | spine: abstained (rate) | spine, T1w/T2w/T2\\*w (segmentable) | "
+                      "… segmented | … routed out by a wrong class | spine MT/DWI/EPI: routed out | "
+                      "… segmented as T1w/T2w/T2\\*w (wrong) | non-spine series | non-spine routed in |",
+                      "|---|---|---|---|---|---|---|---|---|---|", *rows])
 
 if __name__ == "__main__":
-    sys.stdout.write(report(Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "models"))
+    _dir = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "models"
+    sys.stdout.write(report(_dir) + "\n" + hierarchy_table(_dir) + "\n")

@@ -58,16 +58,25 @@ class Scene:
 
 
 def _head(s: Scene, rng: np.random.Generator, cz: float) -> None:
+    """Scalp, skull, cortex folded at the scale a thumbnail resolves, ventricles, cerebellum, brain stem, eyes."""
     r = np.array([rng.uniform(65, 80), rng.uniform(82, 98), rng.uniform(65, 76)])
     for shell, tissue in ((0, FAT), (4, BONE), (9, CSF), (11, GM), (15, CORD)):
         s.ellipsoid((cz, 0, 0), tuple(r - shell), tissue)
-    # gyri: grey matter folds into the white matter (smooth random field), then the ventricles
-    wm = s.lab == CORD
-    if wm.any():
-        field = ndi.gaussian_filter(rng.standard_normal(s.shape).astype(np.float32), 2.0)
-        s.lab[wm & (field > np.quantile(field[wm], 0.65))] = GM
+    brain = (s.lab == CORD) | (s.lab == GM)
+    if brain.any():
+        # gyri and CSF-filled sulci on a 6-10 mm scale (visible at 6-8 mm per thumbnail pixel)
+        field = ndi.gaussian_filter(rng.standard_normal(s.shape).astype(np.float32), float(rng.uniform(2.5, 4.0)))
+        q = field[brain]
+        s.lab[(s.lab == CORD) & (field > np.quantile(q, rng.uniform(0.45, 0.65)))] = GM
+        s.lab[brain & (field > np.quantile(q, rng.uniform(0.9, 0.96)))] = CSF
+        s.lab[brain & (np.abs(s.x) < 1.5) & (s.z > cz - 10) & (s.y < 0.8 * r[1])] = CSF  # interhemispheric fissure
+    vent = rng.uniform(0.7, 1.6)  # ventricle size (age)
     for side in (-1, 1):
-        s.ellipsoid((cz + 5, -5, side * 7), (12, 25, 5), CSF)
+        s.ellipsoid((cz + 8, -5 + rng.normal(0, 3), side * 9), (14 * vent, 32, 6 * vent), CSF)
+        s.ellipsoid((cz - 0.3 * r[0], -r[1] + 8, side * 32), (11, 11, 11), CSF)  # eyes (vitreous)
+    s.ellipsoid((cz - 4, 4, 0), (12, 9, 2.5 * vent), CSF)  # third ventricle
+    s.ellipsoid((cz - 0.6 * r[0], 0.45 * r[1], 0), (22, 28, 48), GM)  # cerebellum
+    s.cylinder((8, 0), (11, 13), cz - r[0] - 30, cz - 15, CORD)  # brain stem
 
 
 def _column(s: Scene, rng: np.random.Generator, region: str, yc: float, z0: float, z1: float) -> None:
@@ -155,8 +164,11 @@ def render(s: Scene, rng: np.random.Generator, seq: str, ct: bool) -> sitk.Image
         col = MR[:, SEQUENCE.index(seq)]
         vals = np.clip(col + rng.normal(0, 0.07, col.shape), 0, None).astype(np.float32)
         vals[[AIR, GAS, LUNG]] = col[[AIR, GAS, LUNG]]
+        if seq == "other" and rng.random() < 0.5:  # fat-suppressed EPI / DWI: scalp and marrow fat dark
+            vals[[FAT, MARROW]] *= 0.15
         coarse = rng.standard_normal((3, 3, 3)).astype(np.float32)
-        bias = np.exp(0.25 * ndi.zoom(coarse, [n / 3 for n in s.shape], order=1)[: s.shape[0], : s.shape[1], : s.shape[2]])
+        # bias amplitude from 1.5 T (flat) to 7 T (strong B1 inhomogeneity)
+        bias = np.exp(rng.uniform(0.1, 0.6) * ndi.zoom(coarse, [n / 3 for n in s.shape], order=1)[: s.shape[0], : s.shape[1], : s.shape[2]])
         arr = vals[s.lab] * bias + rng.normal(0, rng.uniform(0.01, 0.04), s.shape).astype(np.float32)
         arr = np.abs(arr) * float(rng.uniform(200, 3000))
     img = sitk.GetImageFromArray(arr.astype(np.float32))
@@ -166,15 +178,32 @@ def render(s: Scene, rng: np.random.Generator, seq: str, ct: bool) -> sitk.Image
 
 
 def acquire(img: sitk.Image, rng: np.random.Generator, view: str, centre: np.ndarray, fov: tuple[float, float],
-            air: float) -> sitk.Image:
-    """Resample ``img`` onto an acquisition in ``view`` (in-plane FOV ``(rows, cols)`` mm) centred at ``centre``."""
+            air: float, lowres: bool = False) -> sitk.Image:
+    """Resample ``img`` onto an acquisition in ``view`` (in-plane FOV ``(rows, cols)`` mm) centred at ``centre``.
+
+    The grid is one of: a 2-D stack (2-6 mm slices), a 3-D isotropic slab (0.8-1.2 mm,
+    40-64 partitions), or, for axial views, a few thick slabs (5-16 mm). ``lowres``: an
+    EPI-like matrix (1.8-3.5 mm pixels).
+    """
     from trainer.cls_synth import _frame
 
     inplane = float(rng.uniform(0.6, 1.4)) * max(fov) / 300
-    thick = float(rng.uniform(max(2.0, 1.8 * inplane), 6.0))
-    n = int(rng.integers(8, 30)) if view != "axial" else int(rng.integers(6, 40))
+    mode = rng.random()
+    if lowres:  # EPI-like: coarse matrix (64-128) whatever the field of view
+        inplane = max(inplane, float(rng.uniform(1.8, 3.5)))
+    if mode < 0.2 and not lowres:  # 3-D isotropic slab (e.g. 1 mm sagittal, 40-64 partitions)
+        inplane = thick = float(rng.uniform(0.8, 1.2))
+        n = int(rng.integers(40, 65))
+    elif view == "axial" and mode < 0.5:  # thick axial slabs (5-16 mm, few slices)
+        thick, n = float(rng.uniform(5.0, 16.0)), int(rng.integers(3, 21))
+    else:
+        low = max(2.0, 1.8 * inplane)
+        thick = float(rng.uniform(low, max(6.0, low + 1.0)))
+        n = int(rng.integers(8, 30)) if view != "axial" else int(rng.integers(6, 40))
+    if rng.random() < 0.08:  # localisers and single-slice series
+        n = int(rng.integers(1, 4))
     size = [int(fov[1] / inplane), int(fov[0] / inplane), n]
-    size = [min(s, 384) for s in size]
+    size = [max(8, min(s, 448)) for s in size[:2]] + [n]
     spacing = [fov[1] / size[0], fov[0] / size[1], thick]
     d = _frame(view, rng, max_tilt=10.0)
     origin = centre - d @ (np.asarray(spacing) * (np.asarray(size) - 1) / 2.0)
@@ -194,8 +223,10 @@ def scene_sample(rng: np.random.Generator, anatomy: str) -> tuple[sitk.Image, He
         region = REGION.index(reg)
         s, col = trunk(rng, reg)
         view = ("sagittal", "axial", "coronal")[int(rng.choice(3, p=[0.5, 0.4, 0.1]))]
-        fov = (rng.uniform(200, 340), rng.uniform(150, 260)) if view != "axial" else (
-            (rng.uniform(120, 220),) * 2 if rng.random() < 0.6 else (rng.uniform(40, 120),) * 2)
+        # sagittal/coronal: from tight crops to full fields of view (brain stem to thoracic, up to 420 x 400 mm);
+        # axial: whole neck/trunk sections or tight crops around the canal (0.3-0.5 mm pixels)
+        fov = (rng.uniform(180, 420), rng.uniform(150, 400)) if view != "axial" else (
+            (rng.uniform(120, 220),) * 2 if rng.random() < 0.5 else (rng.uniform(40, 120),) * 2)
         centre = np.array([col[2], col[1] + rng.normal(0, 8), col[0] + rng.normal(0, 30)])
     elif anatomy == "abdomen":
         s, _ = trunk(rng, "lumbar" if rng.random() < 0.7 else "thoracic")
@@ -209,7 +240,7 @@ def scene_sample(rng: np.random.Generator, anatomy: str) -> tuple[sitk.Image, He
     elif anatomy == "brain":
         s = head(rng)
         view = ("sagittal", "axial", "coronal")[int(rng.integers(3))]
-        zoom = rng.random() < 0.5  # half the brain exams are zoomed crops (20-200 mm) inside the head
+        zoom = rng.random() < 0.3  # 30 % of the brain exams are zoomed crops (20-200 mm) inside the head
         fov = (float(np.exp(rng.uniform(np.log(20), np.log(200)))) if zoom else rng.uniform(200, 260),) * 2
         spread = 30.0 if zoom else 10.0
         centre = np.array([rng.normal(0, spread), rng.normal(0, spread), 40 + rng.normal(0, spread)])
@@ -219,7 +250,7 @@ def scene_sample(rng: np.random.Generator, anatomy: str) -> tuple[sitk.Image, He
         fov = (float(np.exp(rng.uniform(np.log(40), np.log(260)))),) * 2
         centre = np.array([rng.normal(0, 10), rng.normal(0, 10), rng.normal(0, 40)])
     img = render(s, rng, seq, ct)
-    out = acquire(img, rng, view, centre, fov, -1000.0 if ct else 0.0)
+    out = acquire(img, rng, view, centre, fov, -1000.0 if ct else 0.0, lowres=seq == "other" and rng.random() < 0.4)
     hdr = None if ct or rng.random() < 0.4 else sample_header(seq, rng)
     return out, hdr, {"anatomy": ANATOMY.index(anatomy), "region": region,
                       "view": ("sagittal", "axial", "coronal").index(view_of_image(out)),

@@ -90,9 +90,9 @@ def _frame(view: str, rng: np.random.Generator, max_tilt: float = 12.0) -> np.nd
 
 def _grid(view: str, rng: np.random.Generator) -> tuple[list[int], list[float]]:
     """Size (x, y, z) and spacing (mm) of a random acquisition in ``view``."""
-    inplane = float(rng.uniform(0.45, 1.0))
-    if view == "axial":
-        thick = float(rng.uniform(2.5, 8.0))
+    inplane = float(rng.uniform(0.3, 1.0))
+    if view == "axial":  # 2.5-8 mm stacks, or 5-16 mm thick slabs (half each)
+        thick = float(rng.uniform(2.5, 8.0)) if rng.random() < 0.5 else float(rng.uniform(5.0, 16.0))
         n = int(rng.integers(4, 30))
         fov = float(rng.uniform(40, 70))
         return [int(fov / inplane)] * 2 + [n], [inplane, inplane, thick]
