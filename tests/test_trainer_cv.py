@@ -224,3 +224,31 @@ def test_partial_run_assembles_an_artefact_that_names_its_pending_folds(tmp_path
     assert not any(k.startswith(held[0]) for k in card["metrics"]["per_case"])  # only finished folds are scored
     _, full_card = load_network(full)  # the same final network as the complete run
     assert card["weights_sha256"] == full_card["weights_sha256"]
+
+
+def test_recalibration_scores_only_unseen_persons_and_keeps_the_weights(tmp_path: Path) -> None:
+    import re
+
+    from sci_node.artifact import load_network
+    from trainer.seg_recalibrate import recalibrate, write_recalibrated
+
+    data = tmp_path / "ds"
+    _put(data, "anat", "sub-unf01_T2w", "sub-unf01_T2w_crop")  # 0.2.0 trained on sub-unf01: not scored
+    _put(data, "anat", "sub-newA_T2w", "sub-unf01_T2w_crop")
+    _put(data, "anat", "sub-newB_T2w", "sub-PAM50small_T2w_crop")
+    text = (CONFIGS / "cord.toml").read_text().replace('root = "../shared/data/spine"', f'root = "{data}"')
+    config = tmp_path / "cord.toml"
+    config.write_text(re.sub(r"(?m)^thresholds = .*$", "thresholds = [0.3, 0.5]", text))
+    cfg = load_config("cord", config)
+    art = Path(__file__).resolve().parents[1] / "models" / "cord" / "0.2.0"
+    metrics, ecfg, cases = recalibrate("cord", art, cfg, None, post={"coarse_step_mm": 8.0})
+    assert sorted(c.subject for c in cases) == ["sub-newA", "sub-newB"]
+    assert set(metrics["per_case"]) == {"sub-newA_T2w", "sub-newB_T2w"}
+    assert set(metrics["threshold_calibration"]["chosen_per_held_out_group"]) == {"sub-newA", "sub-newB"}
+    out = write_recalibrated(art, tmp_path / "out", "0.2.9", metrics, ecfg, cases, "test")
+    _, card = load_network(out)
+    _, old = load_network(art)
+    assert card["version"] == "0.2.9" and card["weights_sha256"] == old["weights_sha256"]
+    assert card["postprocessing"]["coarse_step_mm"] == 8.0
+    assert card["preprocessing"]["threshold"] == metrics["threshold_calibration"]["chosen"]
+    assert card["training"]["recalibrated"]["from"] == "cord 0.2.0"

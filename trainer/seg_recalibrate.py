@@ -39,17 +39,18 @@ log = structlog.get_logger(__name__)
 
 
 def eval_config(card: dict[str, Any], cfg: dict[str, Any], trials: int | None,
-                setting: str | None = None) -> dict[str, Any]:
+                setting: str | None = None, post: dict[str, float] | None = None) -> dict[str, Any]:
     """The artefact's own training config (network, post-processing, lesion generator) with the
     given config's ``[data]`` and calibration grid (``[train]`` thresholds, smallest lesions,
     false-lesion rate); ``setting`` (``"T"`` or ``"T@V"``) replaces the grid by that one setting
-    (the artefact's own, for a before/after table)."""
+    (the artefact's own, for a before/after table); ``post`` overrides post-processing keys
+    (e.g. ``coarse_step_mm``), used in the scoring and written to the new card."""
     own = copy.deepcopy(card["training"]["config"])
     own["data"] = cfg["data"]
     for key in ("thresholds", "min_volumes_mm3", "max_false_lesions_per_scan"):
         if key in cfg["train"]:
             own["train"][key] = cfg["train"][key]
-    own["post"] = dict(card.get("postprocessing", own.get("post", {})))
+    own["post"] = {**card.get("postprocessing", own.get("post", {})), **(post or {})}
     if setting is not None:
         t, _, v = setting.partition("@")
         own["train"]["thresholds"] = [float(t)]
@@ -81,10 +82,11 @@ def unseen_cases(card: dict[str, Any], cfg: dict[str, Any]) -> list[tdata.Case]:
 
 
 def recalibrate(model: str, artifact: Path, cfg: dict[str, Any], trials: int | None, device: str = "cpu",
-                setting: str | None = None) -> tuple[dict[str, Any], dict[str, Any], list[tdata.Case]]:
+                setting: str | None = None, post: dict[str, float] | None = None
+                ) -> tuple[dict[str, Any], dict[str, Any], list[tdata.Case]]:
     """``(metrics, eval_cfg, cases)``: nested per-group scores of ``artifact`` on unseen subjects."""
     net, card = load_network(Path(artifact), device=device)
-    ecfg = eval_config(card, cfg, trials, setting)
+    ecfg = eval_config(card, cfg, trials, setting, post)
     spec = preprocess.PrepSpec.from_card(card["preprocessing"])
     grid = setting_grid(ecfg, spec)
     cases = unseen_cases(card, cfg)
@@ -129,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, help="training config whose [data] and grid are used (default: MODEL.toml)")
     p.add_argument("--trials", type=int, help="lesion injections per case (default: the config's val_trials)")
     p.add_argument("--setting", help="score this one setting only (T or T@V, e.g. the artefact's own 0.6@5)")
+    p.add_argument("--post", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a post-processing key (number) for the scoring and the new card, e.g. coarse_step_mm=8")
     p.add_argument("--out", type=Path)
     p.add_argument("--version")
     p.add_argument("--threads", type=int, default=1)
@@ -136,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("console", "INFO")
     configure_threads(a.threads)
     cfg = load_config(a.model, a.config)
-    metrics, ecfg, cases = recalibrate(a.model, a.artifact, cfg, a.trials, setting=a.setting)
+    try:
+        post = {k: float(v) for k, v in (item.split("=", 1) for item in a.post)}
+    except ValueError:
+        raise DataError(f"--post takes KEY=NUMBER, got {a.post!r}") from None
+    metrics, ecfg, cases = recalibrate(a.model, a.artifact, cfg, a.trials, setting=a.setting, post=post)
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_case"}, indent=1))
     for key, row in sorted(metrics["per_case"].items()):
         print(key, json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
