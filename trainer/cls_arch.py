@@ -17,6 +17,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from sci_node.nets.series_net import SeriesNet
+
 __all__ = ["TorchvisionSeriesNet", "BACKBONES"]
 
 BACKBONES = ("resnet18", "mobilenet_v3_small", "efficientnet_b0")
@@ -39,7 +41,7 @@ def _encoder(name: str) -> tuple[nn.Module, int]:
     return net, int(n_out)
 
 
-class TorchvisionSeriesNet(nn.Module):
+class TorchvisionSeriesNet(SeriesNet):
     """A torchvision image encoder + the SeriesNet feature fusion and heads.
 
     Parameters
@@ -58,7 +60,7 @@ class TorchvisionSeriesNet(nn.Module):
     def __init__(self, *, backbone: str = "resnet18", in_channels: int = 3, image_size: int = 32,
                  n_features: int = 0, heads: Mapping[str, int], hidden: int = 64, dropout: float = 0.2,
                  n_header_features: int = 0) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # SeriesNet's own encoder is not built; fusion, heads and forward are shared
         if in_channels != 3:
             raise ValueError(f"in_channels must be 3 for a torchvision backbone, got {in_channels}")
         if image_size < 32 or not heads or any(int(n) < 2 for n in heads.values()):
@@ -67,24 +69,7 @@ class TorchvisionSeriesNet(nn.Module):
             raise ValueError(f"bad n_header_features={n_header_features}, hidden={hidden} or dropout={dropout}")
         self.n_header = int(n_header_features)
         self.encoder, n_img = _encoder(backbone)
-        self.register_buffer("feature_mean", torch.zeros(n_features))
-        self.register_buffer("feature_std", torch.ones(n_features))
-        self.fuse = nn.Sequential(nn.Linear(n_img + n_features - self.n_header, hidden), nn.ReLU(inplace=True),
-                                  nn.Dropout(dropout))
-        self.heads = nn.ModuleDict({name: nn.Linear(hidden, int(n)) for name, n in heads.items()})
-        if self.n_header:
-            self.header = nn.Sequential(nn.Linear(self.n_header, 32), nn.ReLU(inplace=True))
-            self.header_heads = nn.ModuleDict({name: nn.Linear(32, int(n)) for name, n in heads.items()})
-
-    def forward(self, thumbs: torch.Tensor, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits per head, each ``(B, n_classes)``."""
-        feats = (features - self.feature_mean) / self.feature_std
-        split = feats.shape[1] - self.n_header
-        z = self.fuse(torch.cat([self.encoder(thumbs), feats[:, :split]], dim=1))
-        if not self.n_header:
-            return {name: head(z) for name, head in self.heads.items()}
-        zh = self.header(feats[:, split:])
-        return {name: head(z) + self.header_heads[name](zh) for name, head in self.heads.items()}
+        self._fusion(n_img, n_features, hidden, dropout, heads)
 
 
 def compare(model: str, backbones: list[str], folds: list[int], epochs: int, seed: int,

@@ -67,9 +67,14 @@ class SeriesNet(nn.Module):
         chans = [in_channels, *[int(c) for c in channels]]
         self.encoder = nn.Sequential(*[_conv_block(a, b) for a, b in zip(chans[:-1], chans[1:])],
                                      nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self._fusion(chans[-1] * 4, n_features, hidden, dropout, heads)
+
+    def _fusion(self, n_img: int, n_features: int, hidden: int, dropout: float, heads: Mapping[str, int]) -> None:
+        """The feature standardisation buffers, the fusion layer of ``n_img`` image features with
+        the non-header features, the heads and (with ``self.n_header``) the header expert."""
         self.register_buffer("feature_mean", torch.zeros(n_features))
         self.register_buffer("feature_std", torch.ones(n_features))
-        self.fuse = nn.Sequential(nn.Linear(chans[-1] * 4 + n_features - self.n_header, hidden),
+        self.fuse = nn.Sequential(nn.Linear(n_img + n_features - self.n_header, hidden),
                                   nn.ReLU(inplace=True), nn.Dropout(dropout))
         self.heads = nn.ModuleDict({name: nn.Linear(hidden, int(n)) for name, n in heads.items()})
         if self.n_header:
