@@ -9,7 +9,8 @@ import struct
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pydicom
@@ -42,6 +43,20 @@ GARBAGE: list[bytes] = [
     _associate_rq(300, b"\x00\x01\x00\x00" + b"SCINODE".ljust(16) + b"SCANNER".ljust(16)),  # cut short
     bytes(64),  # zeros
 ]
+
+
+@contextmanager
+def _scp(tmp_path: Path, **limits: Any) -> Iterator[tuple[Any, Any]]:
+    """An in-process SCP on a free port with these ``[limits]``: ``(cfg, server)``; shut down after."""
+    cfg = load_config(None, {"port": free_port(), "data_dir": str(tmp_path / "data"),
+                             "limits": {"min_free_disk_mb": 1, **limits}})
+    store = Store(cfg.data_dir)
+    server = start_scp(cfg, store)
+    try:
+        yield cfg, server
+    finally:
+        server.shutdown()
+        store.close()
 
 
 def _json_events(log_path: Path) -> list[dict]:
@@ -91,43 +106,31 @@ def test_probes_and_garbage_do_not_lock_a_scanner_out(node_factory: Callable[...
 
 
 def test_silent_connections_hold_no_slot_and_are_closed_at_the_deadline(tmp_path: Path) -> None:
-    cfg = load_config(None, {"port": free_port(), "data_dir": str(tmp_path / "data"),
-                             "limits": {"max_associations": 2, "association_request_timeout_seconds": 2.0,
-                                        "min_free_disk_mb": 1}})
-    store = Store(cfg.data_dir)
-    server = start_scp(cfg, store)
     held: list[socket.socket] = []
-    try:
-        with structlog.testing.capture_logs() as events:
-            t0 = time.monotonic()
-            held = [socket.create_connection(("127.0.0.1", cfg.port)) for _ in range(10)]
-            res = echoscu(cfg.port)  # 10 silent peers, 2 slots: the real association still gets one
-            assert res.returncode == 0, res.stdout + res.stderr
-            assert len(server.active_associations) <= 1
-            for s in held:  # the node hangs up on each silent peer at the deadline
-                s.settimeout(10)
-                assert s.recv(1) == b""
-            elapsed = time.monotonic() - t0
-            wait_for(lambda: sum(e["event"] == "connection.refused" for e in events) >= 10, 5, what="the log")
-        assert 1.5 <= elapsed < 5, elapsed
-        refused = [e for e in events if e["event"] == "connection.refused"]
-        assert [e["reason"] for e in refused] == [Refusal.TIMEOUT] * 10
-        assert all("within 2 s" in e["detail"] and e["max_associations"] == 2 for e in refused)
-    finally:
-        for s in held:
-            s.close()
-        server.shutdown()
-        store.close()
+    with _scp(tmp_path, max_associations=2, association_request_timeout_seconds=2.0) as (cfg, server):
+        try:
+            with structlog.testing.capture_logs() as events:
+                t0 = time.monotonic()
+                held = [socket.create_connection(("127.0.0.1", cfg.port)) for _ in range(10)]
+                res = echoscu(cfg.port)  # 10 silent peers, 2 slots: the real association still gets one
+                assert res.returncode == 0, res.stdout + res.stderr
+                assert len(server.active_associations) <= 1
+                for s in held:  # the node hangs up on each silent peer at the deadline
+                    s.settimeout(10)
+                    assert s.recv(1) == b""
+                elapsed = time.monotonic() - t0
+                wait_for(lambda: sum(e["event"] == "connection.refused" for e in events) >= 10, 5, what="the log")
+            assert 1.5 <= elapsed < 5, elapsed
+            refused = [e for e in events if e["event"] == "connection.refused"]
+            assert [e["reason"] for e in refused] == [Refusal.TIMEOUT] * 10
+            assert all("within 2 s" in e["detail"] and e["max_associations"] == 2 for e in refused)
+        finally:
+            for s in held:
+                s.close()
 
 
 def test_pending_connection_cap_closes_the_excess_at_once(tmp_path: Path) -> None:
-    cfg = load_config(None, {"port": free_port(), "data_dir": str(tmp_path / "data"),
-                             "limits": {"max_pending_connections": 3, "association_request_timeout_seconds": 5.0,
-                                        "min_free_disk_mb": 1}})
-    store = Store(cfg.data_dir)
-    server = start_scp(cfg, store)
-    held: list[socket.socket] = []
-    try:
+    with _scp(tmp_path, max_pending_connections=3, association_request_timeout_seconds=5.0) as (cfg, server):
         with structlog.testing.capture_logs() as events:
             held = [socket.create_connection(("127.0.0.1", cfg.port)) for _ in range(3)]
             wait_for(lambda: server.gate.pending == 3, 5, what="3 pending connections")
@@ -141,17 +144,10 @@ def test_pending_connection_cap_closes_the_excess_at_once(tmp_path: Path) -> Non
             assert echoscu(cfg.port).returncode == 0  # the cap was per moment, not sticky
         refused = Counter(e["reason"] for e in events if e["event"] == "connection.refused")
         assert refused == {Refusal.TOO_MANY_PENDING: 1, Refusal.CLOSED: 3}, refused
-    finally:
-        server.shutdown()
-        store.close()
 
 
 def test_refused_sop_classes_named_in_the_association_line(tmp_path: Path) -> None:
-    cfg = load_config(None, {"port": free_port(), "data_dir": str(tmp_path / "data"),
-                             "limits": {"min_free_disk_mb": 1}})
-    store = Store(cfg.data_dir)
-    server = start_scp(cfg, store)
-    try:
+    with _scp(tmp_path) as (cfg, _):
         ct = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
         (mr,) = make_mr_series(tmp_path / "mr", n=1)
         ct.save_as(tmp_path / "ct.dcm")
@@ -166,9 +162,6 @@ def test_refused_sop_classes_named_in_the_association_line(tmp_path: Path) -> No
             "CT Image Storage (1.2.840.10008.5.1.4.1.1.2): abstract syntax not supported"], first
         assert len(second["refused_sop_classes"]) == 25 and second["refused_sop_classes"][-1].endswith(" more")
         assert all("MR Image Storage" not in x for x in second["refused_sop_classes"])
-    finally:
-        server.shutdown()
-        store.close()
 
 
 def test_judge_first_pdu() -> None:
