@@ -85,6 +85,22 @@ def data_spec(cfg: dict[str, Any]) -> tdata.DataSpec:
                           mask_from=dict(d.get("mask_from", {})), train_only=tuple(d.get("train_only", ())))
 
 
+def config_cases(cfg: dict[str, Any], root: Path | None = None) -> list[tdata.Case]:
+    """The labelled cases of ``[data]`` under ``root`` (default ``[data] root``), kept to
+    ``[data] contrasts`` when given (exact names or fnmatch patterns: ``"*T2starw"`` is
+    gm-challenge's ``run-1_T2starw``). Raises ``DataError`` when no case is left."""
+    import fnmatch
+
+    root = Path(root) if root else _resolve(cfg["data"]["root"])
+    cases = tdata.discover(root, data_spec(cfg))
+    include = cfg["data"].get("contrasts")
+    if include:
+        cases = [c for c in cases if any(fnmatch.fnmatchcase(c.contrast, pat) for pat in include)]
+        if not cases:
+            raise DataError(f"data folder {str(root)!r} has no labelled image of contrast {', '.join(include)}")
+    return cases
+
+
 def _resolve(p: str | Path) -> Path:
     p = Path(p)
     return p if p.is_absolute() else (REPO / p).resolve()
@@ -397,14 +413,7 @@ def train_segmentation(model_name: str, config: Path | None, data: Path | None, 
     task = cfg["model"]["task"]
     n_epochs = int(epochs or tcfg["epochs"])
     root = Path(data) if data else _resolve(cfg["data"]["root"])
-    cases = tdata.discover(root, data_spec(cfg))
-    include = cfg["data"].get("contrasts")
-    if include:  # exact names or fnmatch patterns ("*T2starw" = gm-challenge's run-1_T2starw)
-        import fnmatch
-
-        cases = [c for c in cases if any(fnmatch.fnmatchcase(c.contrast, pat) for pat in include)]
-        if not cases:
-            raise DataError(f"data folder {str(root)!r} has no labelled image of contrast {', '.join(include)}")
+    cases = config_cases(cfg, root)
     margin = int(cfg.get("lesions", {}).get("crop_margin_yx", 24))
     vols = load_volumes(cases, spec, task, margin)
     rng = np.random.default_rng(seed)

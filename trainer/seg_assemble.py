@@ -24,7 +24,7 @@ import structlog
 from sci_node.artifact import build_network, write_artifact
 from sci_node.errors import DataError
 from trainer import data as tdata
-from trainer.seg import REPO, _card, _resolve, cv_folds, data_spec, load_config, prep_spec, summarise
+from trainer.seg import REPO, _card, config_cases, cv_folds, load_config, prep_spec, summarise
 from trainer.seg_eval import apply_setting, calibrate
 
 log = structlog.get_logger(__name__)
@@ -69,12 +69,7 @@ def assemble(model: str, config: Path | None, work: Path, out: Path | None, seed
     cfg["_command"] = " ".join(["sci-node", "train", model] + (["--config", str(config)] if config else [])
                                + ["--seed", str(seed)])
     task = cfg["model"]["task"]
-    cases = tdata.discover(_resolve(cfg["data"]["root"]), data_spec(cfg))
-    include = cfg["data"].get("contrasts")
-    if include:
-        import fnmatch
-
-        cases = [c for c in cases if any(fnmatch.fnmatchcase(c.contrast, p) for p in include)]
+    cases = config_cases(cfg)
     results, splits, pending = finished_folds(cfg, cases, work)
     if not results:
         raise DataError(f"no finished fold under {str(work)!r}")

@@ -32,7 +32,7 @@ from sci_node import preprocess
 from sci_node.artifact import load_network, write_artifact
 from sci_node.errors import DataError
 from trainer import data as tdata
-from trainer.seg import _resolve, data_spec, load_config, summarise
+from trainer.seg import config_cases, load_config, summarise
 from trainer.seg_eval import apply_setting, calibrate, evaluate_cord, evaluate_lesion, setting_grid
 
 log = structlog.get_logger(__name__)
@@ -66,12 +66,7 @@ def eval_config(card: dict[str, Any], cfg: dict[str, Any], trials: int | None,
 
 def unseen_cases(card: dict[str, Any], cfg: dict[str, Any]) -> list[tdata.Case]:
     """Labelled cases of ``cfg``'s data whose group the artefact did not train on (templates excluded)."""
-    cases = tdata.discover(_resolve(cfg["data"]["root"]), data_spec(cfg))
-    include = cfg["data"].get("contrasts")
-    if include:
-        import fnmatch
-
-        cases = [c for c in cases if any(fnmatch.fnmatchcase(c.contrast, p) for p in include)]
+    cases = config_cases(cfg)
     seen = {c["group"] for c in card["training"].get("cases", [])}
     seen_subjects = {c["key"].split("_")[0] for c in card["training"].get("cases", [])}
     skip = set(cfg["data"].get("train_only", ()))
