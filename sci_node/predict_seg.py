@@ -266,9 +266,9 @@ class Segmenter:
         if roi is None:
             step = float(self.post.get("coarse_step_mm", 0.0))
             if step > 0:
-                sp = tuple(float(v) for v in prepared.grid.GetSpacing()[::-1])
+                sz, sy, sx = (float(v) for v in prepared.grid.GetSpacing()[::-1])
                 return coarse_to_fine(lambda a: infer_volume(self.net, a, self.spec, self.device, z_spacing=z_spacing),
-                                      prepared.array, sp, self.spec, step, float(self.post.get("coarse_margin_mm", 20.0)),
+                                      prepared.array, (sz, sy, sx), self.spec, step, float(self.post.get("coarse_margin_mm", 20.0)),
                                       self.spec.threshold)
             return infer_volume(self.net, prepared.array, self.spec, self.device, z_spacing=z_spacing)
         roi_m, box = self._roi_box(prepared, roi)

@@ -187,8 +187,8 @@ def _load_checkpoint(path: Path, net, ema, opt) -> tuple[int, int, list[dict[str
     """Restore a :func:`_save_checkpoint` state; ``(epochs_done, step, history, minutes_used)``."""
     import torch
 
-    # numpy float scalars: history entries of checkpoints written before they were made plain floats
-    allowed = [np._core.multiarray.scalar, np.dtype, type(np.dtype(np.float64))]
+    # numpy float scalars (a learning rate): checkpoints written before they were made plain floats
+    allowed = [np._core.multiarray.scalar, np.dtype, type(np.dtype(np.float64))]  # type: ignore[attr-defined]
     with torch.serialization.safe_globals(allowed):
         state = torch.load(path, map_location="cpu", weights_only=True)
     net.load_state_dict(state["net"])
