@@ -11,6 +11,7 @@ from dataclasses import asdict
 from typing import Any
 
 from sci_node.config import NodeConfig
+from sci_node.engine.ledger import Ledger
 from sci_node.errors import StorageError
 from sci_node.store import Job, OutboxEntry, Store
 
@@ -48,15 +49,22 @@ def _job_dict(job: Job) -> dict[str, Any]:
 
 def print_status(cfg: NodeConfig, as_json: bool = False) -> int:
     """Queue depth, series/outbox counts, the last jobs and the active models."""
+    from sci_node.engine.status import engine_status, format_engine
+
     store = _open(cfg)
     try:
         counts = store.counts()
         last = store.jobs(limit=5)
+        engine = engine_status(cfg, store)
     finally:
         store.close()
     models = _active_models(cfg)
+    from sci_node.corrections import summary as corrections_summary, summary_line
+
+    corrections = corrections_summary(cfg)
     if as_json:
-        print(json.dumps({"data_dir": str(cfg.data_dir), "counts": counts, "models": models,
+        print(json.dumps({"data_dir": str(cfg.data_dir), "counts": counts, "models": models, "engine": engine,
+                          "corrections": corrections,
                           "last_jobs": [_job_dict(j) for j in last]}, indent=2, default=str))
         return 0
     jobs = counts["jobs"]
@@ -67,6 +75,9 @@ def print_status(cfg: NodeConfig, as_json: bool = False) -> int:
           + f"; {counts['instances']['total']} instances spooled")
     print("outbox        " + (", ".join(f"{k} {v}" for k, v in sorted(counts["outbox"].items())) or "empty"))
     print("models        " + (", ".join(f"{k}={v}" for k, v in models.items()) or "none active"))
+    print("corrections   " + summary_line(corrections))
+    for line in format_engine(engine):
+        print(line)
     if last:
         print("last jobs")
         _print_table(last)
@@ -104,12 +115,15 @@ def show_job(cfg: NodeConfig, job_id: int, as_json: bool = False) -> int:
     try:
         job = store.job(job_id)
         outbox = store.outbox_for_job(job_id)
+        dispatches = Ledger(store).of_job(job_id)
     finally:
         store.close()
     pending = [e.next_attempt_at for e in outbox if e.state == "pending"]
     doc = _job_dict(job) | {"deliveries": [asdict(e) | {"next_attempt": _iso(e.next_attempt_at)
                                                          if e.state == "pending" else None} for e in outbox],
-                            "next_attempt": _iso(min(pending)) if pending else None}
+                            "next_attempt": _iso(min(pending)) if pending else None,
+                            "worker": (job.result or {}).get("worker"),
+                            "dispatches": [asdict(d) for d in dispatches]}
     if as_json:
         print(json.dumps(doc, indent=2, default=str))
         return 0
@@ -121,6 +135,11 @@ def show_job(cfg: NodeConfig, job_id: int, as_json: bool = False) -> int:
           f"attempts {job.attempts}")
     if job.superseded_by:
         print(f"  superseded   by job {job.superseded_by}")
+    if result.get("worker"):
+        print(f"  worker       {result['worker']}")
+    for d in dispatches:
+        print(f"  dispatch     {d.token[:12]} {d.state:<10} queue {d.queue}, worker {d.worker or '-'}"
+              + (f"  ({d.note})" if d.note else ""))
     for key in ("routing", "model_versions", "timings", "summary", "outputs"):
         if result.get(key):
             print(f"  {key:<12} {json.dumps(result[key], default=str)}")

@@ -40,6 +40,22 @@ def _add_config_flags(p: argparse.ArgumentParser, node_flags: bool = False) -> N
         p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="inference device")
         p.add_argument("--torch-threads", dest="torch_threads", type=int,
                        help="torch threads for inference (default 0 = CPUs minus one, shared by the workers)")
+        _add_engine_flags(p)
+
+
+def _add_engine_flags(p: argparse.ArgumentParser, worker: bool = False) -> None:
+    if not worker:
+        p.add_argument("--engine", choices=["local", "celery"],
+                       help="local: models run in this process (default); celery: dispatch to `sci-node worker`s")
+    p.add_argument("--broker", metavar="URL", help="Celery broker, e.g. redis://127.0.0.1:6379/0 ([engine] broker_url)")
+    p.add_argument("--store", metavar="URL", help="Redis for payloads and results (default: the broker if Redis)")
+    p.add_argument("--queue", help="the queue jobs go to / this worker consumes (default cpu; GPU workers: gpu)")
+
+
+def _engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"kind": getattr(args, "engine", None), "broker_url": getattr(args, "broker", None),
+            "store_url": getattr(args, "store", None), "queue": getattr(args, "queue", None),
+            "concurrency": getattr(args, "concurrency", None)}
 
 
 def _config_from_args(args: argparse.Namespace) -> NodeConfig:
@@ -57,6 +73,7 @@ def _config_from_args(args: argparse.Namespace) -> NodeConfig:
         "workers": getattr(args, "workers", None),
         "device": getattr(args, "device", None),
         "torch_threads": getattr(args, "torch_threads", None),
+        "engine": _engine_overrides(args),
     }
     return load_config(getattr(args, "config", None), overrides)
 
@@ -82,6 +99,12 @@ def _serve(args: argparse.Namespace, cfg: NodeConfig) -> int:
     from sci_node.node import run_node
 
     return run_node(cfg)
+
+
+def _worker(args: argparse.Namespace, cfg: NodeConfig) -> int:
+    from sci_node.engine.remote import run_worker
+
+    return run_worker(cfg, name=args.name)
 
 
 def _status(args: argparse.Namespace, cfg: NodeConfig) -> int:
@@ -129,9 +152,29 @@ def _route(args: argparse.Namespace, cfg: NodeConfig) -> int:
 def _train(args: argparse.Namespace, cfg: NodeConfig) -> int:
     from trainer.cli import train
 
+    if args.corrections is not None:
+        from trainer.cli import train_with_corrections
+
+        return train_with_corrections(args.model, cfg, args.corrections, config=args.train_config, data=args.data,
+                                      out=args.out, epochs=args.epochs, seed=args.seed, device=args.device or "cpu",
+                                      work_dir=args.work_dir)
     return train(args.model, config=args.train_config, data=args.data, out=args.out,
                  epochs=args.epochs, seed=args.seed, device=args.device or "cpu", keep_folds=args.keep_folds,
                  work_dir=args.work_dir)
+
+
+def _corrections(args: argparse.Namespace, cfg: NodeConfig) -> int:
+    from sci_node import corrections_cli as cc
+
+    if args.corrections_cmd == "show":
+        return cc.show_correction(cfg, args.correction_id, as_json=args.json)
+    if args.corrections_cmd == "export":
+        return cc.export_cli(cfg, args.out_dir, deidentify=args.deidentify)
+    if args.corrections_cmd == "ingest":
+        return cc.ingest_files(cfg, args.files, origin=args.origin, as_json=args.json)
+    if args.corrections_cmd == "purge":
+        return cc.purge(cfg)
+    return cc.list_corrections(cfg, as_json=args.json)
 
 
 def _models(args: argparse.Namespace, cfg: NodeConfig) -> int:
@@ -179,8 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, node_flags=True)
     p.set_defaults(handler=_serve)
 
-    p = sub.add_parser("status", help="queue depth, last jobs, active models")
+    p = sub.add_parser("worker", help="run a Celery inference worker for a gateway node (docs/scale-out.md)")
     _add_config_flags(p)
+    _add_engine_flags(p, worker=True)
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="inference device")
+    p.add_argument("--concurrency", type=int, help="tasks run at once (default 1)")
+    p.add_argument("--torch-threads", dest="torch_threads", type=int,
+                   help="torch threads (default 0 = CPUs minus one, shared by the tasks)")
+    p.add_argument("--name", help="worker name (default sci-node-PID@HOST)")
+    p.set_defaults(handler=_worker)
+
+    p = sub.add_parser("status", help="queue depth, last jobs, active models, the engine and its workers")
+    _add_config_flags(p)
+    _add_engine_flags(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_status)
 
@@ -244,7 +298,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", dest="work_dir", type=Path,
                    help="segmentation models: resumable run (fold results and per-epoch checkpoints); "
                         "re-run the same command to resume")
+    p.add_argument("--corrections", nargs="?", const="data-dir", default=None, metavar="DIR",
+                   help="cord/lesion: fine-tune the active model on the shared data plus the site's corrections "
+                        "(an exported DIR, or without DIR: exported, de-identified, from --data-dir)")
     p.set_defaults(handler=_train)
+
+    p = sub.add_parser("corrections", help="radiologists' corrected SEGs: list, show, export as training data")
+    _add_config_flags(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    csub = p.add_subparsers(dest="corrections_cmd", metavar="ACTION")
+    csub.add_parser("list", help="every correction (recorded, refused, expired), newest first")
+    cs = csub.add_parser("show", help="one correction: who, when, change measures, files")
+    cs.add_argument("correction_id", type=int)
+    ce = csub.add_parser("export", help="write the recorded corrections as trainer input (BIDS-like)")
+    ce.add_argument("out_dir", type=Path)
+    ce.add_argument("--deidentify", action=argparse.BooleanOptionalAction, default=True,
+                    help="strip patient identity (default; --no-deidentify keeps it)")
+    ci = csub.add_parser("ingest", help="record corrected SEG files (the Orthanc plugin calls this)")
+    ci.add_argument("files", type=Path, nargs="+")
+    ci.add_argument("--origin", default="cli", help="who handed them over (recorded)")
+    csub.add_parser("purge", help="apply [corrections] retention_days now")
+    for action_parser in csub.choices.values():  # flags after the action too
+        for flag in ("--config", "--data-dir"):
+            action_parser.add_argument(flag, type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        action_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.set_defaults(handler=_corrections, corrections_cmd="list")
 
     p = sub.add_parser("models", help="model registry: list, add, activate, rollback")
     _add_config_flags(p)

@@ -108,6 +108,61 @@ class RoutingRules:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """Where complete series are processed (``[engine]``; docs/scale-out.md).
+
+    ``kind = "local"`` (the default) runs the models in the node's own worker threads, exactly
+    as without this section. ``kind = "celery"`` makes the node a gateway: each complete series
+    is dispatched as a Celery task through ``broker_url`` to ``sci-node worker`` processes on
+    any machine; the series' instances and the results travel through ``store_url`` (Redis,
+    default: the broker itself when it is Redis), under their own keys with an expiry.
+    """
+
+    kind: str = "local"
+    broker_url: str | None = None
+    #: Redis for the payloads, heartbeats and results (default: ``broker_url`` if it is Redis)
+    store_url: str | None = None
+    #: the queue jobs are dispatched to (GPU workers consume ``gpu``, CPU workers ``cpu``)
+    queue: str = "cpu"
+    #: a dispatched job whose result has not come back this long after dispatch is dispatched again
+    lease_seconds: float = 900.0
+    #: a worker running a task refreshes its heartbeat this often; 3 missed beats = worker lost
+    heartbeat_seconds: float = 2.0
+    #: expiry of the payload and result keys in the store
+    payload_ttl_seconds: float = 86_400.0
+    #: key prefix in the store (several gateways may share one Redis)
+    namespace: str = "sci-node"
+    #: ``sci-node worker``: tasks run at once in one worker process
+    concurrency: int = 1
+    #: jobs out at the broker or the workers at once (bounds the payloads held in Redis)
+    max_outstanding: int = 32
+
+    @property
+    def redis_url(self) -> str | None:
+        """The Redis URL of the payload store (``store_url``, else a Redis ``broker_url``)."""
+        if self.store_url:
+            return self.store_url
+        if self.broker_url and self.broker_url.split(":", 1)[0] in ("redis", "rediss"):
+            return self.broker_url
+        return None
+
+
+@dataclass(frozen=True)
+class CorrectionsPolicy:
+    """Radiologists' corrections of our SEGs (``[corrections]``; docs/corrections.md)."""
+
+    #: delete a correction's images and masks this long after it was received (None: keep them);
+    #: its change measures stay for the statistics
+    retention_days: float | None = None
+    #: ``sci-node status`` and ``/sci-node/``: mean original-vs-corrected cord Dice over the last N
+    status_window: int = 20
+    #: a cord model whose mean Dice over the window is below this is flagged "heavily corrected"
+    heavy_dice_below: float = 0.8
+    #: ``sci-node train ... --corrections``: share of the correction patients held out for scoring
+    heldout_fraction: float = 0.2
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything the running node and the CLI need, validated and immutable."""
 
@@ -142,6 +197,8 @@ class NodeConfig:
     limits: Limits = field(default_factory=Limits)
     export: ExportPolicy = field(default_factory=ExportPolicy)
     routing: RoutingRules = field(default_factory=RoutingRules)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    corrections: CorrectionsPolicy = field(default_factory=CorrectionsPolicy)
 
     @property
     def accepts_any_ae(self) -> bool:
@@ -181,6 +238,8 @@ _SECTIONS: dict[str, type] = {
     "limits": Limits,
     "export": ExportPolicy,
     "routing": RoutingRules,
+    "engine": EngineConfig,
+    "corrections": CorrectionsPolicy,
 }
 
 
@@ -194,6 +253,10 @@ def _coerce(name: str, value: Any, target: Any, errors: list[str]) -> Any:
             if isinstance(value, bool) or int(value) != float(value):
                 raise ValueError
             return int(value)
+        if t == "str | None":
+            if value is not None and not isinstance(value, str):
+                raise ValueError
+            return value
         if t in ("float", "float | None"):
             return None if value is None else float(value)
         if t == "bool":
@@ -263,6 +326,45 @@ def _validate(cfg: NodeConfig, errors: list[str]) -> None:
         errors.append(f"limits.max_pending_connections: {cfg.limits.max_pending_connections} must be >= 1")
     if not 0 <= cfg.routing.min_confidence <= 1:
         errors.append(f"routing.min_confidence: {cfg.routing.min_confidence} must be in [0, 1]")
+    _validate_engine(cfg.engine, errors)
+    cor = cfg.corrections
+    if cor.retention_days is not None and not cor.retention_days > 0:
+        errors.append(f"corrections.retention_days: {cor.retention_days} must be > 0 (or unset: keep them)")
+    if cor.status_window < 1:
+        errors.append(f"corrections.status_window: {cor.status_window} must be >= 1")
+    if not 0 <= cor.heavy_dice_below <= 1 or not 0 <= cor.heldout_fraction < 1:
+        errors.append(f"corrections: heavy_dice_below {cor.heavy_dice_below} must be in [0, 1] and "
+                      f"heldout_fraction {cor.heldout_fraction} in [0, 1)")
+
+
+_BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
+
+
+def _validate_engine(eng: EngineConfig, errors: list[str]) -> None:
+    if eng.kind not in ("local", "celery"):
+        errors.append(f"engine.kind: {eng.kind!r} must be local or celery")
+    for key, url, schemes in (("broker_url", eng.broker_url, _BROKER_SCHEMES),
+                              ("store_url", eng.store_url, ("redis", "rediss"))):
+        if url is not None and (url.split("://", 1)[0] not in schemes or "://" not in url):
+            errors.append(f"engine.{key}: {url!r} is not a {' / '.join(s + '://' for s in schemes)} URL")
+    if eng.kind == "celery" and not eng.broker_url:
+        errors.append("engine.broker_url: engine kind celery needs a broker URL (e.g. redis://127.0.0.1:6379/0)")
+    elif eng.kind == "celery" and eng.redis_url is None:
+        errors.append(f"engine.store_url: the broker {eng.broker_url!r} is not Redis: set store_url to a redis:// URL"
+                      " for the payloads and results")
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", eng.queue):
+        errors.append(f"engine.queue: {eng.queue!r} must be 1-64 letters, digits, '_', '.' or '-'")
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", eng.namespace):
+        errors.append(f"engine.namespace: {eng.namespace!r} must be 1-64 letters, digits, '_', '.' or '-'")
+    if eng.heartbeat_seconds <= 0 or eng.lease_seconds < 6 * eng.heartbeat_seconds:
+        errors.append(f"engine.lease_seconds: {eng.lease_seconds} must be at least 6 heartbeats"
+                      f" ({6 * eng.heartbeat_seconds} s) and heartbeat_seconds > 0")
+    if eng.payload_ttl_seconds < eng.lease_seconds:
+        errors.append(f"engine.payload_ttl_seconds: {eng.payload_ttl_seconds} must be >= lease_seconds")
+    if eng.concurrency < 1:
+        errors.append(f"engine.concurrency: {eng.concurrency} must be >= 1")
+    if eng.max_outstanding < 1:
+        errors.append(f"engine.max_outstanding: {eng.max_outstanding} must be >= 1")
 
 
 def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> NodeConfig:
@@ -274,7 +376,8 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
         A TOML file (see ``sci-node.example.toml``); ``None`` for defaults only.
     overrides
         Top-level keys from the command line; ``None`` values are ignored. ``destinations``
-        and ``allowed_aes`` take strings (``AET@HOST:PORT`` / ``AET[@HOST]``).
+        and ``allowed_aes`` take strings (``AET@HOST:PORT`` / ``AET[@HOST]``). A section
+        (``engine``) given as a mapping overrides only the keys it names.
 
     Raises
     ------
@@ -289,7 +392,14 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
             raise ConfigError(f"config file {str(path)!r} does not exist") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key in _SECTIONS and isinstance(value, Mapping) and isinstance(raw.get(key), Mapping):
+            value = {**raw[key], **{k: v for k, v in value.items() if v is not None}}  # a flag overrides one key
+        elif key in _SECTIONS and isinstance(value, Mapping):
+            value = {k: v for k, v in value.items() if v is not None}
+        raw[key] = value
     errors: list[str] = []
     kwargs: dict[str, Any] = {}
     top = {f.name: f for f in dataclasses.fields(NodeConfig)}

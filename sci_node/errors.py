@@ -56,3 +56,15 @@ class DicomNetworkError(SciNodeError):
 
 class StackError(SciNodeError):
     """The embedded Orthanc + node stack could not start, or a part of it died."""
+
+
+class EngineError(SciNodeError):
+    """The scale-out engine (broker, payload store, workers) is misconfigured or unreachable."""
+
+
+class CorrectionRefused(SciNodeError):
+    """A radiologist's corrected SEG cannot be recorded (not a SEG, unknown source, wrong grid ...)."""
+
+
+class CorrectionNotFoundError(SciNodeError):
+    """A correction id given on the command line does not exist."""

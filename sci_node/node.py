@@ -34,7 +34,7 @@ def _log_config(cfg: NodeConfig) -> None:
              allowed_aes=[a.ae_title + (f"@{a.host}" if a.host else "") for a in cfg.allowed_aes],
              stable_seconds=cfg.stable_seconds, workers=cfg.workers, device=cfg.device, tls=cfg.tls.enabled,
              max_associations=cfg.limits.max_associations, min_free_disk_mb=cfg.limits.min_free_disk_mb,
-             retention_days=cfg.retention_days)
+             retention_days=cfg.retention_days, engine=cfg.engine.kind)
     if cfg.accepts_any_ae:
         log.warning("node.accepts_any_ae", detail="allowed_aes is empty: every calling AE title is accepted")
     if not cfg.destinations:
@@ -62,21 +62,31 @@ def run_node(cfg: NodeConfig, provider_factory: ProviderFactory = default_provid
     _log_config(cfg)
     os.umask(0o077)  # everything the node writes (spool, index, WAL, results) is private to its user
     stop = stop or threading.Event()
+    celery = cfg.engine.kind == "celery"
     store = Store(cfg.data_dir)
-    recovered = store.recover()
+    recovered = store.recover(keep_dispatched=celery)
     reindexed, removed_tmp = store.reconcile()
     if reindexed or removed_tmp:
         log.warning("node.reconciled_spool", reindexed=reindexed, removed_temp_files=removed_tmp)
     if recovered:
         log.warning("node.recovered_jobs", jobs=recovered, detail="jobs left running are pending again")
-    if cfg.processor == "pipeline":
-        from sci_node.predict_seg import configure_threads
-
-        log.info("node.torch_threads", threads=configure_threads(cfg.torch_threads, cfg.workers),
-                 workers=cfg.workers)
     job_ready, result_ready = threading.Event(), threading.Event()
-    workers = [Worker(cfg, store, provider_factory(cfg), job_ready, result_ready, stop, name=f"worker-{i + 1}")
-               for i in range(cfg.workers)]
+    workers: list[threading.Thread]
+    if celery:  # the node is the gateway: series go to `sci-node worker`s through the broker
+        from sci_node.engine.gateway import build_gateway
+
+        workers = [build_gateway(cfg, store, job_ready, result_ready, stop)]
+    else:
+        from sci_node.engine import ENGINE_FILE
+
+        (cfg.data_dir / ENGINE_FILE).unlink(missing_ok=True)  # a gateway ran here before: status shows local now
+        if cfg.processor == "pipeline":
+            from sci_node.predict_seg import configure_threads
+
+            log.info("node.torch_threads", threads=configure_threads(cfg.torch_threads, cfg.workers),
+                     workers=cfg.workers)
+        workers = [Worker(cfg, store, provider_factory(cfg), job_ready, result_ready, stop, name=f"worker-{i + 1}")
+                   for i in range(cfg.workers)]
     exporter = Exporter(cfg, store, result_ready, stop)
     monitor = CompletionMonitor(cfg, store, job_ready)
     sweeper = RetentionSweeper(cfg, store) if cfg.retention_days is not None else None

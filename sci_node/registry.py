@@ -14,6 +14,7 @@ heads) and a load test (network rebuilt, ``weights_only`` weights loaded); other
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import hashlib
@@ -273,14 +274,57 @@ class ModelRegistry:
         ModelError
             A model has no active version or its artefact is corrupt.
         """
-        device = resolve_device(device)
         token = self.state_token()
         active = self.active()
         missing = [n for n in MODEL_NAMES if n not in active]
         if missing:
             raise ModelError(f"no active version of {', '.join(missing)} in {str(self.state_path)!r}")
-        models = {n: load_model(self.path_of(n, active[n]), device=device) for n in MODEL_NAMES}
-        return ModelSet(versions=dict(active), token=token, **models)  # type: ignore[arg-type]
+        return self.load_versions(active, device=device, token=token)
+
+    def load_versions(self, versions: Mapping[str, str], device: str = "cpu", token: str = "") -> ModelSet:
+        """Load the five models at the given versions, active or not (a worker runs what a task names).
+
+        Raises
+        ------
+        ModelError
+            A version is not registered here or its artefact is corrupt.
+        """
+        device = resolve_device(device)
+        missing = [n for n in MODEL_NAMES if n not in versions]
+        if missing:
+            raise ModelError(f"no version given for {', '.join(missing)}")
+        models = {n: load_model(self.path_of(n, str(versions[n])), device=device) for n in MODEL_NAMES}
+        return ModelSet(versions={n: str(versions[n]) for n in MODEL_NAMES}, token=token,
+                        **models)  # type: ignore[arg-type]
+
+    def fingerprint(self, versions: Mapping[str, str] | None = None) -> dict[str, dict[str, str]]:
+        """``{name: {"version": v, "weights_sha256": h}}`` of ``versions`` (default: the active ones).
+
+        Read from the cards (the weights are checksummed again when loaded). A version that is
+        not registered here has ``weights_sha256`` ``""``.
+        """
+        versions = self.active() if versions is None else versions
+        out: dict[str, dict[str, str]] = {}
+        for name, version in sorted(versions.items()):
+            try:
+                sha = str(read_card(self.path_of(name, str(version))).get("weights_sha256", ""))
+            except ModelError:
+                sha = ""
+            out[name] = {"version": str(version), "weights_sha256": sha}
+        return out
+
+    def missing_from(self, wanted: Mapping[str, Mapping[str, str]]) -> "builtins.list[str]":
+        """What of a :meth:`fingerprint` this registry lacks: ``["cord 0.2.1 (not registered)", ...]``."""
+        have = self.fingerprint({n: str(w.get("version", "")) for n, w in wanted.items()})
+        out = []
+        for name, want in sorted(wanted.items()):
+            got = have[name]["weights_sha256"]
+            if not got:
+                out.append(f"{name} {want.get('version')} (not registered)")
+            elif got != want.get("weights_sha256"):
+                out.append(f"{name} {want.get('version')} (other weights: {got[:12]} here, "
+                           f"{str(want.get('weights_sha256'))[:12]} wanted)")
+        return out
 
 
 # -- CLI presenters (return exit codes; the CLI maps ModelError itself) ---------------------------

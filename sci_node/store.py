@@ -107,6 +107,21 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS outbox_job ON outbox(job_id);
+CREATE TABLE IF NOT EXISTS dispatches (
+    token TEXT PRIMARY KEY,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    queue TEXT NOT NULL,
+    state TEXT NOT NULL,
+    models TEXT NOT NULL,
+    dispatched_at REAL NOT NULL,
+    lease_until REAL NOT NULL,
+    broker_run TEXT,
+    started_at REAL,
+    worker TEXT,
+    ended_at REAL,
+    note TEXT
+);
+CREATE INDEX IF NOT EXISTS dispatches_state ON dispatches(state, job_id);
 """
 
 TERMINAL_JOB_STATES = ("done", "routed-out", "failed", "superseded")
@@ -494,10 +509,33 @@ class Store:
 
     # -- jobs ------------------------------------------------------------------------------
 
-    def recover(self) -> int:
-        """After a crash: jobs left ``running`` go back to ``pending``. Returns how many."""
+    def recover(self, keep_dispatched: bool = False) -> int:
+        """After a crash: jobs left ``running`` go back to ``pending``. Returns how many.
+
+        ``keep_dispatched`` (the Celery engine): a job out at a remote worker stays running, its
+        result is still collected; without it (the local engine) its dispatch is abandoned too.
+        """
         with self._tx() as db:
+            if keep_dispatched:
+                return db.execute("UPDATE jobs SET state='pending', started_at=NULL WHERE state='running' AND id NOT"
+                                  " IN (SELECT job_id FROM dispatches WHERE state='out')").rowcount
+            db.execute("UPDATE dispatches SET state='abandoned', ended_at=?, note='the node restarted without the"
+                       " celery engine' WHERE state='out'", (time.time(),))
             return db.execute("UPDATE jobs SET state='pending', started_at=NULL WHERE state='running'").rowcount
+
+    def release_job(self, job_id: int) -> None:
+        """A claimed job that could not be handed on (broker down) goes back to ``pending``."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state='pending', started_at=NULL, attempts=MAX(attempts-1, 0)"
+                       " WHERE id=? AND state='running'", (job_id,))
+
+    def tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """One write transaction for an adapter that keeps its own rows here (the dispatch ledger)."""
+        return self._tx()
+
+    def query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """A read on the index (errors as :class:`StorageError`)."""
+        return self._query(sql, args)
 
     def claim_job(self) -> Job | None:
         """Atomically take the oldest pending job (state -> running), or None."""
@@ -521,26 +559,8 @@ class Store:
         job ``superseded`` and nothing of it is queued: its results were computed on a series
         that is no longer the one received.
         """
-        if state not in ("done", "routed-out", "failed"):
-            raise ValueError(f"finish_job: state {state!r} is not done, routed-out or failed")
-        now = time.time()
         with self._tx() as db:
-            row = db.execute("SELECT j.superseded_by, j.generation, s.generation AS current FROM jobs j"
-                             " LEFT JOIN series s ON s.series_uid = j.series_uid WHERE j.id=?", (job_id,)).fetchone()
-            if row is None:
-                raise JobNotFoundError(f"job {job_id} does not exist")
-            stale = _stale_reason(row["superseded_by"], row["generation"], row["current"])
-            if stale is not None:
-                state, reason = "superseded", stale
-            db.execute("UPDATE jobs SET state=?, reason=?, finished_at=?, result=? WHERE id=?",
-                       (state, reason, now, json.dumps(dict(result), default=str), job_id))
-            if stale is None:
-                for out in outputs:
-                    for dest in destinations:
-                        db.execute("INSERT INTO outbox (job_id, destination, path, state, next_attempt_at,"
-                                   " created_at) VALUES (?,?,?,?,?,?)",
-                                   (job_id, dest, str(out), "pending", now, now))
-            _refresh_delivery(db, job_id)
+            finish_in(db, job_id, state, reason, result, outputs, destinations)
         return self.job(job_id)
 
     def job(self, job_id: int) -> Job:
@@ -700,6 +720,29 @@ class Store:
             out[table] = {r["state"]: r["n"] for r in rows}
         out["instances"] = {"total": self._query("SELECT COUNT(*) FROM instances")[0][0]}
         return out
+
+
+def finish_in(db: sqlite3.Connection, job_id: int, state: str, reason: str | None, result: Mapping[str, Any],
+              outputs: Sequence[Path] = (), destinations: Sequence[str] = ()) -> None:
+    """The body of :meth:`Store.finish_job` inside a caller's transaction ``db``."""
+    if state not in ("done", "routed-out", "failed"):
+        raise ValueError(f"finish_job: state {state!r} is not done, routed-out or failed")
+    now = time.time()
+    row = db.execute("SELECT j.superseded_by, j.generation, s.generation AS current FROM jobs j"
+                     " LEFT JOIN series s ON s.series_uid = j.series_uid WHERE j.id=?", (job_id,)).fetchone()
+    if row is None:
+        raise JobNotFoundError(f"job {job_id} does not exist")
+    stale = _stale_reason(row["superseded_by"], row["generation"], row["current"])
+    if stale is not None:
+        state, reason = "superseded", stale
+    db.execute("UPDATE jobs SET state=?, reason=?, finished_at=?, result=? WHERE id=?",
+               (state, reason, now, json.dumps(dict(result), default=str), job_id))
+    if stale is None:
+        for out in outputs:
+            for dest in destinations:
+                db.execute("INSERT INTO outbox (job_id, destination, path, state, next_attempt_at,"
+                           " created_at) VALUES (?,?,?,?,?,?)", (job_id, dest, str(out), "pending", now, now))
+    _refresh_delivery(db, job_id)
 
 
 def _hold_stale_results(db: sqlite3.Connection, series_uid: str, generation: int) -> None:

@@ -188,34 +188,53 @@ def job_notes(job: Job) -> tuple[str, ...]:
     return ("incomplete transfer",) if geometry.get("incomplete_transfer") else ()
 
 
-def run_job(job: Job, store: Store, provider: ProcessorProvider, destinations: Sequence[str]) -> Job:
-    """Process one claimed job and record its outcome (never raises for a bad series/model).
+@dataclass(frozen=True)
+class Outcome:
+    """What a job's processing produced: the job's next state, its reason, the result record, the outputs."""
 
-    The processor's notes (missing slices, incomplete transfer) are kept in the job's result
-    and lead its reason; a failed job's reason starts with the job's own notes too.
+    state: str
+    reason: str | None
+    record: dict[str, Any]
+    outputs: tuple[Path, ...] = ()
+
+
+def process_outcome(provider: ProcessorProvider, files: Sequence[Path], out_dir: Path,
+                    notes: Sequence[str] = ()) -> Outcome:
+    """Run the current processor on one series; never raises for a bad series or model.
+
+    The local worker and a remote ``sci-node worker`` (:mod:`sci_node.engine.remote`) both use
+    this, so a job's record reads the same whichever engine ran it. The processor's notes
+    (missing slices, incomplete transfer) lead the reason; a failed job's reason starts with
+    ``notes`` too.
     """
-    files = store.series_files(job.series_uid)
-    out_dir = store.results_dir / str(job.id) / f"attempt-{job.attempts}"
     t0 = time.perf_counter()
     try:
-        result = provider.current().process(files, out_dir, job_notes(job))
+        result = provider.current().process(files, out_dir, notes)
         outputs = tuple(Path(p) for p in result.outputs)
-        notes = [str(n) for n in getattr(result, "notes", ())]
+        result_notes = [str(n) for n in getattr(result, "notes", ())]
         record = {"status": result.status, "routing": dict(result.routing), "outputs": [str(p) for p in outputs],
                   "model_versions": dict(result.model_versions), "timings": dict(result.timings),
-                  "summary": dict(result.summary), "notes": notes, "seconds": round(time.perf_counter() - t0, 3)}
+                  "summary": dict(result.summary), "notes": result_notes,
+                  "seconds": round(time.perf_counter() - t0, 3)}
         state = result.status if result.status in ("done", "routed-out") else "failed"
         reason = result.reason if state != "failed" else f"processor returned status {result.status!r}"
-        if notes:
-            reason = "; ".join([*notes, *([reason] if reason else [])])
-        return store.finish_job(job.id, state, reason, record, outputs, destinations)
+        if result_notes:
+            reason = "; ".join([*result_notes, *([reason] if reason else [])])
+        return Outcome(state, reason, record, outputs)
     except SciNodeError as exc:  # InvalidSeriesError, ModelError, InvalidDatasetError ...
         reason = f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # a bug in a processor must fail the job, not the worker
-        log.error("job.crashed", job_id=job.id, error=traceback.format_exc(limit=8))
+        log.error("job.crashed", error=traceback.format_exc(limit=8))
         reason = f"internal error: {type(exc).__name__}: {exc}"
-    reason = "; ".join([*job_notes(job), reason])  # e.g. "incomplete transfer; InvalidSeriesError: ..."
-    return store.finish_job(job.id, "failed", reason[:1000], {"seconds": round(time.perf_counter() - t0, 3)})
+    reason = "; ".join([*notes, reason])  # e.g. "incomplete transfer; InvalidSeriesError: ..."
+    return Outcome("failed", reason[:1000], {"seconds": round(time.perf_counter() - t0, 3)})
+
+
+def run_job(job: Job, store: Store, provider: ProcessorProvider, destinations: Sequence[str]) -> Job:
+    """Process one claimed job and record its outcome (never raises for a bad series/model)."""
+    out_dir = store.results_dir / str(job.id) / f"attempt-{job.attempts}"
+    o = process_outcome(provider, store.series_files(job.series_uid), out_dir, job_notes(job))
+    return store.finish_job(job.id, o.state, o.reason, o.record, o.outputs, destinations)
 
 
 class Worker(threading.Thread):

@@ -10,7 +10,10 @@
 #   * copies dist/ to orthanc/ohif-dist/ and moves its public path from / to /ohif/
 #     (index.html, window.PUBLIC_URL, webpack's __webpack_require__.p, manifest.json),
 #   * writes app-config.js: routerBasename /ohif, one DICOMweb data source on the same origin
-#     (/dicom-web for QIDO-RS and WADO-RS, /wado for WADO-URI: the orthanc-dicomweb plugin).
+#     (/dicom-web for QIDO-RS, WADO-RS and STOW-RS, /wado for WADO-URI: the orthanc-dicomweb plugin),
+#     segmentation editing on in the viewer modes (OHIF's own customizations/segmentation/
+#     segmentationEditing.jsonc, loaded through customizationService.requires) and storing to the
+#     data source on (supportsStow: a corrected SEG goes back to Orthanc, docs/corrections.md).
 #
 # Environment: SCI_NODE_CACHE (default ~/.cache/sci-node), OHIF_FORCE=1 to reinstall.
 set -euo pipefail
@@ -18,7 +21,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OHIF_VERSION=3.13.2
 OHIF_SHA512="WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA=="
-PATCH_LEVEL=4                       # bump when the patching below changes
+PATCH_LEVEL=5                       # bump when the patching below changes
 DEST="$ROOT/orthanc/ohif-dist"
 STAMP="$DEST/.sci-node-ohif"
 WANT="@ohif/app@$OHIF_VERSION patch $PATCH_LEVEL"
@@ -70,7 +73,10 @@ window.config = {
   routerBasename: '/ohif',
   extensions: [],
   modes: [],
-  customizationService: {},
+  // segmentation editing (brush, eraser, add/delete segments, Export > DICOM SEG to the server) in the
+  // basic viewer: OHIF's shipped customizations/segmentation/segmentationEditing.jsonc
+  customizationUrlPrefixes: { default: './customizations/' },  // relative to PUBLIC_URL (/ohif/)
+  customizationService: { requires: ['segmentation/segmentationEditing'] },
   showStudyList: true,
   maxNumberOfWebWorkers: 2,
   showWarningMessageForCrossOrigin: false,
@@ -103,6 +109,9 @@ window.config = {
         singlepart: 'bulkdata,video',
         bulkDataURI: { enabled: true, relativeResolution: 'studies' },
         omitQuotationForMultipartRequest: true,
+        // STOW-RS to Orthanc's /dicom-web/studies: OHIF stores edited segmentations back here
+        supportsStow: true,
+        dicomUploadEnabled: true,
       },
     },
   ],

@@ -117,7 +117,7 @@ def open_in_ohif(stack: StackProc, study: str, seg_uid: str, shot: Path, series_
         assert text, f"OHIF did not list the study's series; page text: {browser.evaluate('document.body.innerText')!r}"
         # the segmentation panel lists the SEG's segments (segment 1 is always the cord);
         # clicking the segment makes OHIF jump to the slice at its centre
-        browser.evaluate("document.querySelector('[data-cy=panelSegmentation-btn]')?.click()")
+        browser.evaluate("document.querySelector('[data-cy^=panelSegmentation]')?.click()")
         panel = browser.wait_for("document.body.innerText.includes('Spinal cord')", 60)
         browser.evaluate(CLICK_CORD_SEGMENT)
         deadline, overlay = time.monotonic() + 120, 0

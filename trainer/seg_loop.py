@@ -200,8 +200,11 @@ def _load_checkpoint(path: Path, net, ema, opt) -> tuple[int, int, list[dict[str
 
 def train_network(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: Sequence[Any],
                   val_vols: Sequence[Any], *, seed: int, device: str, minutes: float, epochs: int,
-                  tag: str, refresh=None, checkpoint: Path | None = None):
+                  tag: str, refresh=None, checkpoint: Path | None = None, init_state=None):
     """Train a fresh network from ``cfg["network"]``; return ``(ema_net, history)``.
+
+    ``init_state`` (a state dict of the same architecture) starts from those weights instead
+    (fine-tuning: :mod:`trainer.finetune`).
 
     Stops after ``epochs`` epochs or when ``minutes`` of wall time are used (whichever first).
     ``refresh(epoch, rng)`` (optional) returns new training volumes at the start of each epoch
@@ -222,6 +225,8 @@ def train_network(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: Se
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = build_network({"architecture": {"class": cfg["network"]["class"], "args": cfg["network"]["args"]}}).to(device)
+    if init_state is not None:
+        net.load_state_dict(init_state)
     ema = copy.deepcopy(net).eval()
     t = cfg["train"]
     steps, bs = int(t.get("steps_per_epoch", 50)), int(t.get("batch_size", 16))

@@ -21,6 +21,10 @@ turns Orthanc events and HTTP requests into messages; nothing heavy runs in a ca
   ``GET  /ohif/...``                           the OHIF viewer (``index.html`` for page routes)
   ==========================================  ====================================================
 
+* ``STABLE_SERIES`` of a SEG series: each instance the node did not write (not from its AE
+  title; not Manufacturer ``sci-node`` with a ``sci-node^`` ContentCreatorName) is handed to
+  ``sci-node corrections ingest`` in a background thread: a radiologist's correction
+  (docs/corrections.md). ``GET /sci-node/corrections`` answers the node's corrections as JSON.
 * Orthanc Explorer gets "Open in OHIF", "(Re)process with sci-node" and "sci-node jobs" buttons.
 
 The node's job status comes from the node's own CLI (``sci-node jobs --json``) run in a
@@ -35,6 +39,7 @@ import html
 import json
 import mimetypes
 import os
+import queue
 import re
 import subprocess
 import sys
@@ -69,8 +74,10 @@ class NodeJobs:
     waits at most ``wait_s`` for one refresh (the subprocess runs without holding the GIL).
     """
 
-    def __init__(self, argv: list[str], ttl_s: float = 2.0, wait_s: float = 8.0) -> None:
+    def __init__(self, argv: list[str], ttl_s: float = 2.0, wait_s: float = 8.0, extract: Any = None) -> None:
         self._argv = argv
+        # the answer's part that is kept: the job list (default), or e.g. ``lambda d: [d]``
+        self._extract = extract or (lambda data: data.get("jobs", []) if isinstance(data, dict) else list(data))
         self._ttl = ttl_s
         self._wait = wait_s
         self._lock = threading.Condition()
@@ -87,8 +94,7 @@ class NodeJobs:
             if proc.returncode != 0:
                 error = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
             else:
-                data = json.loads(proc.stdout or "[]")
-                jobs = data.get("jobs", []) if isinstance(data, dict) else list(data)
+                jobs = self._extract(json.loads(proc.stdout or "[]"))
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         with self._lock:
@@ -136,6 +142,95 @@ def _job_series(job: dict[str, Any]) -> str:
     return _job_field(job, "series_uid", "series_instance_uid", "SeriesInstanceUID")
 
 
+class CorrectionHandoff:
+    """Hands SEGs the node did not write to ``sci-node corrections ingest`` (one background thread).
+
+    :meth:`consider` runs in Orthanc's change callback and only queues instance ids; the
+    worker thread reads each instance file through the REST API, writes it to
+    ``<state>/corrections-inbox/``, runs the node's CLI on it and appends the outcome to
+    ``<state>/corrections.jsonl`` (instances already handed over are never handed again).
+    """
+
+    def __init__(self, cli: list[str], data_dir: str, state_dir: str, node_aet: str) -> None:
+        self._argv = cli + ["corrections", "--json", "--data-dir", data_dir, "ingest", "--origin", "orthanc"]
+        self.node_aet = node_aet
+        self.inbox = os.path.join(state_dir, "corrections-inbox")
+        self.record_path = os.path.join(state_dir, "corrections.jsonl")
+        self._queue: "queue.Queue[str]" = queue.Queue()
+        self._lock = threading.Lock()
+        self._handed: set[str] = set()
+        try:
+            with open(self.record_path, encoding="utf-8") as fh:
+                self._handed = {json.loads(line).get("instance", "") for line in fh if line.strip()}
+        except (OSError, ValueError):
+            pass
+        threading.Thread(target=self._run, name="sci-node-corrections", daemon=True).start()
+
+    @staticmethod
+    def _tag(instance: str, tag: str) -> str:
+        try:
+            return orthanc.RestApiGet(f"/instances/{instance}/content/{tag}").decode(errors="replace").strip(" \x00")
+        except Exception:  # noqa: BLE001 - the tag is absent
+            return ""
+
+    def node_authored(self, instance: str) -> str | None:
+        """Why ``instance`` is the node's own SEG (RemoteAET, Manufacturer + ContentCreatorName), or None."""
+        try:
+            aet = orthanc.RestApiGet(f"/instances/{instance}/metadata/RemoteAET").decode().strip()
+        except Exception:  # noqa: BLE001 - STOW-RS uploads have no RemoteAET
+            aet = ""
+        if aet == self.node_aet:
+            return f"sent by the node ({aet})"
+        if self._tag(instance, "0008-0070") == "sci-node" and self._tag(instance, "0070-0084").startswith("sci-node^"):
+            return "Manufacturer sci-node, ContentCreatorName sci-node^..."
+        return None
+
+    def consider(self, series_id: str, series: dict[str, Any]) -> None:
+        """Queue every instance of a SEG series not yet handed over and not written by the node."""
+        for instance in series.get("Instances", []):
+            with self._lock:
+                if instance in self._handed:
+                    continue
+            own = self.node_authored(instance)
+            if own:
+                orthanc.LogInfo(f"sci-node: SEG instance {instance} is the node's own ({own}): not a correction")
+                continue
+            with self._lock:
+                self._handed.add(instance)
+            self._queue.put(instance)
+
+    def _run(self) -> None:
+        while True:
+            instance = self._queue.get()
+            try:
+                self._hand_over(instance)
+            except Exception as exc:  # noqa: BLE001 - a background thread must not die
+                orthanc.LogError(f"sci-node: SEG instance {instance}: correction hand-over failed: {exc!r}")
+
+    def _hand_over(self, instance: str) -> None:
+        os.makedirs(self.inbox, mode=0o700, exist_ok=True)
+        path = os.path.join(self.inbox, f"{instance}.dcm")
+        with open(path, "wb") as fh:
+            fh.write(orthanc.RestApiGet(f"/instances/{instance}/file"))
+        try:
+            proc = subprocess.run(self._argv + [path], capture_output=True, text=True, timeout=600)
+        finally:
+            os.unlink(path)
+        try:
+            outcome = json.loads(proc.stdout.strip().splitlines()[-1])[0]
+        except (ValueError, IndexError):
+            outcome = {"state": "error", "reason": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+        corr = outcome.get("correction") or {}
+        record = {"time": _now(), "instance": instance, "state": outcome.get("state"),
+                  "reason": outcome.get("reason"), "correction": corr.get("id")}
+        with self._lock, open(self.record_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        log = orthanc.LogWarning if record["state"] in ("refused", "error") else orthanc.LogInfo
+        log(f"sci-node: SEG instance {instance}: correction {record['state']}"
+            + (f" ({record['reason']})" if record["reason"] else "")
+            + (f" as correction {record['correction']}" if record["correction"] else ""))
+
+
 class SciNodePlugin:
     """Everything the plugin does, bound to the ``SciNode`` configuration section."""
 
@@ -153,6 +248,12 @@ class SciNodePlugin:
         cli = settings.get("NodeCli", ["sci-node"])
         cli = [cli] if isinstance(cli, str) else list(cli)
         self.jobs = NodeJobs(cli + ["jobs", "--json", "--data-dir", self.data_dir, "list", "--limit", "500"])
+        self.corrections = NodeJobs(cli + ["corrections", "--json", "--data-dir", self.data_dir, "list"],
+                                    extract=lambda data: [data] if isinstance(data, dict) else [])
+        self.handoff = CorrectionHandoff(cli, self.data_dir, self.plugin_dir, self.node_aet)
+        # the engine and its workers (``sci-node status --json``: Celery inspect takes up to a second)
+        self.status = NodeJobs(cli + ["status", "--json", "--data-dir", self.data_dir], ttl_s=5.0,
+                               extract=lambda data: [data] if isinstance(data, dict) else [])
 
     # -- forwarding -------------------------------------------------------------------------
 
@@ -206,6 +307,9 @@ class SciNodePlugin:
         if reason != "stable-series" and not series.get("IsStable", True):
             return  # still receiving: STABLE_SERIES will come
         modality = str(series.get("MainDicomTags", {}).get("Modality", "")).upper()
+        if modality == "SEG":  # a radiologist's corrected SEG? (the node's own are recognised and skipped)
+            self.handoff.consider(series_id, series)
+            return
         if modality not in self.forward_modalities:
             orthanc.LogInfo(f"sci-node: series {series_id} modality {modality!r}: not forwarded")
             return
@@ -317,6 +421,19 @@ class SciNodePlugin:
         record = self.forward(oid, reason="manual")
         output.AnswerBuffer(json.dumps(record), "application/json")
 
+    def corrections_doc(self) -> tuple[dict[str, Any], str | None]:
+        """``sci-node corrections list --json`` (cached): ``({"corrections": [...], "summary": {...}}, error)``."""
+        docs, error = self.corrections.get()
+        return (docs[0] if docs else {"corrections": [], "summary": {}}), error
+
+    def rest_corrections(self, output: Any, uri: str, **request: Any) -> None:
+        """``GET /sci-node/corrections``: the node's corrections and their summary (JSON)."""
+        if request["method"] != "GET":
+            output.SendMethodNotAllowed("GET")
+            return
+        doc, error = self.corrections_doc()
+        output.AnswerBuffer(json.dumps(dict(doc, node_error=error), indent=1), "application/json")
+
     def rest_status_page(self, output: Any, uri: str, **request: Any) -> None:
         """``GET /sci-node/``: a small self-refreshing HTML page."""
         if request["method"] != "GET":
@@ -324,7 +441,11 @@ class SciNodePlugin:
             return
         jobs, error = self.jobs.get()
         output.SetHttpHeader("Cache-Control", "no-store")
-        output.AnswerBuffer(render_status_page(jobs, error, self.forwards()[-50:]), "text/html; charset=utf-8")
+        corrections, _cerr = self.corrections_doc()
+        status, _serr = self.status.get()
+        engine = (status[0] if status else {}).get("engine")
+        output.AnswerBuffer(render_status_page(jobs, error, self.forwards()[-50:], corrections, engine),
+                            "text/html; charset=utf-8")
 
     # -- OHIF -------------------------------------------------------------------------------
 
@@ -356,8 +477,57 @@ class SciNodePlugin:
             output.AnswerBuffer(fh.read(), mime)
 
 
-def render_status_page(jobs: list[dict[str, Any]], error: str | None, forwards: list[dict[str, Any]]) -> str:
-    """HTML of the status page: node jobs (newest first) and Orthanc's forwards to the node."""
+def render_corrections(doc: dict[str, Any] | None) -> str:
+    """HTML of the corrections block: counts, mean cord Dice over the last N, per cord model, last 20."""
+    esc = html.escape
+    s = (doc or {}).get("summary") or {}
+    if not s:
+        return "<h2>Radiologists' corrections</h2><p>none yet</p>"
+    mean = s.get("mean_cord_dice_last_n")
+    heavy = s.get("heavily_corrected") or []
+    head = (f"<p>{int(s.get('recorded', 0)) + int(s.get('expired', 0))} recorded, {int(s.get('refused', 0))} refused; "
+            f"mean cord Dice original vs corrected over the last {esc(str(s.get('window', '')))}: "
+            f"<b id=\"sci-node-corrections-dice\">{'-' if mean is None else f'{mean:.3f}'}</b></p>")
+    if heavy:
+        head += f'<p class="err">heavily corrected cord model(s): {esc(", ".join(map(str, heavy)))}</p>'
+    models = "".join(f"<tr><td>cord {esc(str(v))}</td><td>{esc(str(d.get('n')))}</td>"
+                     f"<td>{esc(str(d.get('mean_cord_dice')))}</td></tr>"
+                     for v, d in (s.get("by_cord_model") or {}).items())
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in (
+            c.get("id"), c.get("state"), (c.get("measures") or {}).get("cord_dice", ""),
+            (c.get("measures") or {}).get("lesions_added", ""), (c.get("measures") or {}).get("lesions_removed", ""),
+            c.get("creator") or "", c.get("reason") or "")) + "</tr>"
+        for c in ((doc or {}).get("corrections") or [])[:20])
+    return (f"<h2>Radiologists' corrections</h2>{head}<table><tr><th>cord model</th><th>corrections</th>"
+            f"<th>mean cord Dice</th></tr>{models}</table><p></p><table><tr><th>id</th><th>state</th><th>cord Dice</th>"
+            f"<th>lesions added</th><th>removed</th><th>by</th><th>reason</th></tr>{rows}</table>")
+
+
+def render_engine(engine: dict[str, Any] | None) -> str:
+    """HTML of the engine block: local, or the celery broker, its workers and what is out per worker."""
+    esc = html.escape
+    if not engine or engine.get("kind") != "celery":
+        return '<h2>Engine</h2><p id="sci-node-engine">local: the models run in the node</p>'
+    out = engine.get("out_per_worker") or {}
+    rows = "".join(
+        f"<tr><td>{esc(str(w.get('name')))}</td><td>{'connected' if w.get('connected') else 'not answering'}</td>"
+        f"<td>{esc(str(w.get('host')))}</td><td>{esc(str(w.get('queue')))}</td><td>{esc(str(w.get('device')))}</td>"
+        f"<td>{esc(', '.join(map(str, w.get('running_jobs') or [])) or '-')}</td>"
+        f"<td>{esc(str(out.get(w.get('name'), 0)))}</td></tr>" for w in engine.get("workers") or [])
+    err = f'<p class="err">workers unknown: {esc(str(engine["workers_error"]))}</p>' \
+        if engine.get("workers_error") else ""
+    dispatches = ", ".join(f"{esc(str(k))} {esc(str(v))}" for k, v in sorted((engine.get("dispatches") or {}).items()))
+    return (f'<h2>Engine</h2><p id="sci-node-engine">celery: broker {esc(str(engine.get("broker")))}, queue '
+            f'{esc(str(engine.get("queue")))}; dispatches: {dispatches or "none"}; queued (no worker yet): '
+            f'{esc(str(out.get("(queued)", 0)))}</p>{err}<table><tr><th>worker</th><th>state</th><th>host</th>'
+            f'<th>queue</th><th>device</th><th>running jobs</th><th>jobs out</th></tr>'
+            f'{rows or "<tr><td colspan=7>no worker connected</td></tr>"}</table>')
+
+
+def render_status_page(jobs: list[dict[str, Any]], error: str | None, forwards: list[dict[str, Any]],
+                       corrections: dict[str, Any] | None = None, engine: dict[str, Any] | None = None) -> str:
+    """HTML of the status page: node jobs (newest first), Orthanc's forwards, the corrections, the engine."""
     esc = html.escape
     rows = []
     for job in jobs[:200]:
@@ -386,7 +556,9 @@ body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse}} td
 <h2>Node jobs</h2><table><tr><th>job</th><th>state</th><th>delivery</th><th>reason</th><th>series UID</th><th>created (UTC)</th>
 <th>finished (UTC)</th><th></th></tr>{''.join(rows) or '<tr><td colspan="8">no jobs yet</td></tr>'}</table>
 <h2>Series forwarded by Orthanc</h2><table><tr><th>time</th><th>why</th><th>series UID</th><th>Orthanc job</th><th>job state</th><th></th><th></th></tr>
-{''.join(frows) or '<tr><td colspan="7">none yet</td></tr>'}</table></body></html>"""
+{''.join(frows) or '<tr><td colspan="7">none yet</td></tr>'}</table>
+{render_engine(engine)}
+{render_corrections(corrections)}</body></html>"""
 
 
 EXPLORER_JS = r"""
@@ -430,6 +602,7 @@ def _install() -> None:
     orthanc.RegisterRestCallback("/sci-node/jobs", plugin.rest_jobs)
     orthanc.RegisterRestCallback("/sci-node/(studies|series)/([^/]+)/jobs", plugin.rest_jobs)
     orthanc.RegisterRestCallback("/sci-node/series/([^/]+)/process", plugin.rest_process)
+    orthanc.RegisterRestCallback("/sci-node/corrections", plugin.rest_corrections)
     orthanc.RegisterRestCallback("/ohif", plugin.serve_ohif)
     orthanc.RegisterRestCallback("/ohif/(.*)", plugin.serve_ohif)
     orthanc.ExtendOrthancExplorer(EXPLORER_JS)

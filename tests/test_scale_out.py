@@ -1,0 +1,287 @@
+"""Scale-out on loopback: a real redis-server, the node as gateway, real ``sci-node worker`` processes.
+
+dcmtk ``storescu`` is the scanner and dcmtk ``storescp`` (``+uf``: every delivery is its own
+file) the destination, so "exactly one SEG per series" is counted in files. The workers run the
+real pipeline on copies of the bundled sample series.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pydicom
+import pytest
+
+from conftest import NodeProc, StoreSCP, free_port, storescu, wait_for
+from scale_out_support import RedisProc, WorkerProc, dispatches, sci_node_cmd
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = sorted((REPO / "sample" / "series").glob("*.dcm"))
+# fast failure detection for the tests: 3 missed 0.5 s beats = the worker is lost
+ENGINE_TOML = "[engine]\nheartbeat_seconds = 0.5\nlease_seconds = 120.0\n"
+
+def renamed(out: Path) -> list[Path]:
+    """The sample series as a new series of a new study (new UIDs), as another scanner would send it."""
+    from pydicom.uid import generate_uid
+
+    out.mkdir(parents=True, exist_ok=True)
+    study, series, paths = generate_uid(), generate_uid(), []
+    for f in SAMPLE:
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(out / f.name, enforce_file_format=True)
+        paths.append(out / f.name)
+    return paths
+
+
+def short(worker: str) -> str:
+    """``w1@host`` -> ``w1`` (a worker named without a host gets this machine's)."""
+    return worker.split("@", 1)[0]
+
+
+def segs_per_series(dest: StoreSCP) -> collections.Counter[str]:
+    """Source series UID -> number of DICOM-SEG files that arrived for it."""
+    out: collections.Counter[str] = collections.Counter()
+    for f in dest.files():
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        if ds.Modality == "SEG":
+            out[str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)] += 1
+    return out
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisProc]:
+    server = RedisProc(free_port(), tmp_path / "redis.log").start()
+    yield server
+    server.kill9()
+
+
+@pytest.fixture
+def workers(tmp_path: Path, redis_server: RedisProc) -> Iterator[Callable[..., WorkerProc]]:
+    made: list[WorkerProc] = []
+
+    def factory(name: str, *args: str, wait_ready: bool = True) -> WorkerProc:
+        w = WorkerProc(name, redis_server.url, tmp_path / f"{name}.log", list(args))
+        made.append(w)
+        return w.start(wait_ready=wait_ready)
+
+    yield factory
+    for w in made:
+        w.kill9()
+
+
+def gateway(node_factory: Callable[..., NodeProc], redis: RedisProc, dest: StoreSCP, toml: str = ENGINE_TOML,
+            *args: str) -> NodeProc:
+    """The node as gateway, started the issue's way (``--engine celery --broker URL``); the config file
+    names the broker too, so ``sci-node status --config`` on it sees the engine."""
+    toml += f'kind = "celery"\nbroker_url = "{redis.url}"\n'
+    return node_factory(toml, "--engine", "celery", "--broker", redis.url, "--stable-seconds", "1",
+                        "--destination", f"DEST@127.0.0.1:{dest.port}", *args).start(timeout=60)
+
+
+def wait_delivered(node: NodeProc, n: int, timeout: float = 300) -> list[dict]:
+    def done() -> bool:
+        jobs = node.jobs()
+        return len(jobs) == n and all(j["delivery"] == "delivered" for j in jobs)
+
+    wait_for(done, timeout, interval=0.5, what=f"{n} jobs delivered")
+    time.sleep(1.5)  # anything delivered twice would arrive by now
+    return node.jobs()
+
+
+@pytest.mark.slow
+def test_n_series_in_n_segs_out_on_two_workers(node_factory: Callable[..., NodeProc],
+                                               storescp_factory: Callable[..., StoreSCP],
+                                               redis_server: RedisProc, workers: Callable[..., WorkerProc],
+                                               tmp_path: Path) -> None:
+    dest = storescp_factory()
+    w1, w2 = workers("w1"), workers("w2")
+    node = gateway(node_factory, redis_server, dest)
+    sent = [renamed(tmp_path / f"s{i}") for i in range(3)]
+    for files in sent:
+        assert storescu(node.port, files).returncode == 0
+    jobs = wait_delivered(node, 3)
+    series = {str(pydicom.dcmread(f[0], stop_before_pixels=True).SeriesInstanceUID) for f in sent}
+    assert segs_per_series(dest) == {s: 1 for s in series}
+    assert all(j["state"] == "done" and j["result"]["engine"] == "celery" for j in jobs)
+    assert {short(j["result"]["worker"]) for j in jobs} == {w1.name, w2.name}  # prefetch 1: both took work
+    assert all(j["result"]["model_versions"]["cord"] for j in jobs)
+    # status: the engine, both workers connected, nothing out
+    status = node.cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    engine = json.loads(status.stdout)["engine"]
+    assert engine["kind"] == "celery" and engine["dispatches"] == {"resolved": 3}
+    assert {short(w["name"]) for w in engine["workers"] if w["connected"]} == {w1.name, w2.name}
+    assert all(w["host"] and w["queue"] == "cpu" and w["models"]["cord"] for w in engine["workers"])
+    text = node.cli("status").stdout
+    assert "engine        celery" in text and f"worker      {w1.name}@" in text and " connected, queue cpu" in text
+    shown = node.cli("jobs", "show", str(jobs[0]["id"])).stdout
+    assert f"worker       {jobs[0]['result']['worker']}" in shown and "resolved" in shown
+    # the payload and result keys are gone once the node holds the results
+    keys = subprocess.run(["redis-cli", "-p", str(redis_server.port), "--scan", "--pattern", "sci-node:*"],
+                          capture_output=True, text=True, timeout=10).stdout.split()
+    assert not [k for k in keys if ":payload:" in k or ":result:" in k], keys
+
+
+@pytest.mark.slow
+def test_kill9_of_the_worker_holding_the_job_still_one_seg(node_factory: Callable[..., NodeProc],
+                                                           storescp_factory: Callable[..., StoreSCP],
+                                                           redis_server: RedisProc,
+                                                           workers: Callable[..., WorkerProc],
+                                                           tmp_path: Path) -> None:
+    dest = storescp_factory()
+    by_name = {w.name: w for w in (workers("wa"), workers("wb"))}
+    node = gateway(node_factory, redis_server, dest)
+    files = renamed(tmp_path / "s")
+    assert storescu(node.port, files).returncode == 0
+
+    def holder() -> str | None:
+        started = [d for d in dispatches(node.data_dir) if d["state"] == "out" and d["started_at"]]
+        return started[0]["worker"] if started else None
+
+    wait_for(lambda: holder() is not None, 120, interval=0.02, what="a worker running the job")
+    victim = short(str(holder()))
+    assert victim in by_name
+    by_name[victim].kill9()  # mid-job: the task is unacknowledged, its heartbeat stops
+    (job,) = wait_delivered(node, 1)
+    series = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert segs_per_series(dest) == {series: 1}
+    (survivor,) = set(by_name) - {victim}
+    assert job["state"] == "done" and short(job["result"]["worker"]) == survivor
+    states = [d["state"] for d in node.job(job["id"])["dispatches"]]
+    assert states[0] == "lost" and "resolved" in states, states
+    assert "no heartbeat" in node.job(job["id"])["dispatches"][0]["note"]
+
+
+@pytest.mark.slow
+def test_redis_restart_mid_flight_loses_nothing(node_factory: Callable[..., NodeProc],
+                                                storescp_factory: Callable[..., StoreSCP],
+                                                redis_server: RedisProc, workers: Callable[..., WorkerProc],
+                                                tmp_path: Path) -> None:
+    dest = storescp_factory()
+    workers("wr")
+    node = gateway(node_factory, redis_server, dest)
+    sent = [renamed(tmp_path / f"s{i}") for i in range(2)]
+    for files in sent:
+        assert storescu(node.port, files).returncode == 0
+    wait_for(lambda: len([d for d in dispatches(node.data_dir) if d["state"] == "out"]) == 2, 60, interval=0.05,
+             what="both jobs dispatched")
+    redis_server.kill9()  # the queue, the payloads and the heartbeats are gone (no persistence)
+    time.sleep(1.0)
+    redis_server.start()
+    wait_delivered(node, 2)
+    series = {str(pydicom.dcmread(f[0], stop_before_pixels=True).SeriesInstanceUID) for f in sent}
+    assert segs_per_series(dest) == {s: 1 for s in series}
+    log = node.log.read_text()
+    assert "engine.store_unreachable" in log or "engine.broker_restarted" in log
+
+
+@pytest.mark.slow
+def test_model_mismatch_is_refused_and_requeued_and_hot_swap_reaches_the_workers(
+        node_factory: Callable[..., NodeProc], storescp_factory: Callable[..., StoreSCP], redis_server: RedisProc,
+        workers: Callable[..., WorkerProc], tmp_path: Path) -> None:
+    node_models, old_models = tmp_path / "node-models", tmp_path / "old-models"
+    for d in (node_models, old_models):
+        shutil.copytree(REPO / "models", d, ignore=shutil.ignore_patterns(".registry.lock"))
+    sci = sci_node_cmd()
+    assert subprocess.run([*sci, "models", "--models-dir", str(old_models), "activate", "cord", "0.2.0"],
+                          capture_output=True, timeout=120).returncode == 0
+    active_cord = json.loads((node_models / "registry.json").read_text())["active"]["cord"]
+    assert active_cord != "0.2.0"
+    shutil.rmtree(old_models / "cord" / active_cord)  # this worker lacks the node's active cord model
+    old = workers("old", "--models-dir", str(old_models))
+    dest = storescp_factory()
+    node = gateway(node_factory, redis_server, dest, ENGINE_TOML, "--models-dir", str(node_models))
+    assert storescu(node.port, renamed(tmp_path / "s1")).returncode == 0
+
+    def noted() -> str:
+        return " ".join(d["note"] or "" for d in dispatches(node.data_dir))
+
+    wait_for(lambda: "refused by old" in noted(), 120, interval=0.2, what="the refusal")
+    assert f"cord {active_cord} (not registered)" in noted()
+    assert node.jobs()[0]["state"] == "running"  # back in the queue, not failed, not run on other models
+    new = workers("new")  # has every model (the repo's registry)
+    (job,) = wait_delivered(node, 1)
+    assert short(job["result"]["worker"]) == new.name and job["result"]["model_versions"]["cord"] == active_cord
+    # hot swap on the node: the next job carries the new versions to the workers
+    assert subprocess.run([*sci, "models", "--models-dir", str(node_models), "activate", "cord", "0.2.0"],
+                          capture_output=True, timeout=120).returncode == 0
+    assert storescu(node.port, renamed(tmp_path / "s2")).returncode == 0
+    jobs = wait_delivered(node, 2)
+    assert jobs[0]["result"]["model_versions"]["cord"] == "0.2.0"
+    assert sum(segs_per_series(dest).values()) == 2
+    assert old.proc is not None and old.proc.poll() is None  # refusing is not dying
+
+
+def test_wrong_broker_url_and_unloadable_models_are_clear_errors_at_start(tmp_path: Path) -> None:
+    closed = free_port()
+    url = f"redis://127.0.0.1:{closed}/0"
+    sci = sci_node_cmd()
+    t0 = time.monotonic()
+    serve = subprocess.run([*sci, "serve", "--engine", "celery", "--broker", url, "--port", str(free_port()),
+                            "--data-dir", str(tmp_path / "d")], capture_output=True, text=True, timeout=60)
+    worker = subprocess.run([*sci, "worker", "--broker", url], capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - t0 < 40  # an error, not a hang
+    for res in (serve, worker):
+        assert res.returncode != 0 and f"cannot reach the Redis store 'redis://127.0.0.1:{closed}/0'" in res.stderr, \
+            res.stderr[-2000:]
+    bad = subprocess.run([*sci, "serve", "--engine", "celery"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "engine kind celery needs a broker URL" in bad.stderr
+    bad = subprocess.run([*sci, "serve", "--engine", "celery", "--broker", "http://x"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "engine.broker_url: 'http://x' is not a" in bad.stderr
+
+
+def test_worker_that_cannot_load_its_models_fails_at_start(redis_server: RedisProc, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    res = subprocess.run([*sci_node_cmd(), "worker", "--broker", redis_server.url, "--models-dir",
+                          str(tmp_path / "empty")], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "no active version of" in res.stderr, res.stderr[-2000:]
+
+
+def test_blobs_are_chunked_expire_and_round_trip(redis_server: RedisProc, tmp_path: Path) -> None:
+    from sci_node.engine import store as rstore
+
+    client = rstore.connect(redis_server.url)
+    data = bytes(range(256)) * 1000
+    rstore.put_blob(client, "t:blob", data, ttl_s=60, chunk_bytes=10_000)
+    assert rstore.get_blob(client, "t:blob") == data
+    assert client.exists(*[f"t:blob:{i}" for i in range(26)]) == 26 and 0 < client.ttl("t:blob:3") <= 60
+    client.delete("t:blob:7")  # a lost chunk: the blob is missing, never half there
+    assert rstore.get_blob(client, "t:blob") is None
+    rstore.delete_blob(client, "t:blob")
+    assert not client.keys("t:blob*")
+    files = rstore.unpack_files(rstore.pack_files(SAMPLE[:3]), tmp_path / "x")
+    assert [f.read_bytes() for f in files] == [f.read_bytes() for f in SAMPLE[:3]]
+
+
+@pytest.mark.slow
+def test_stack_on_the_celery_engine_seg_in_orthanc_and_workers_on_the_plugin_page(
+        redis_server: RedisProc, workers: Callable[..., WorkerProc], tmp_path: Path) -> None:
+    import httpx
+
+    from stack_support import PASSWORD, USER, StackProc
+
+    w = workers("ws")
+    stack = StackProc(tmp_path / "stack", toml=ENGINE_TOML + f'kind = "celery"\nbroker_url = "{redis_server.url}"\n')
+    stack.start()
+    try:
+        files = renamed(tmp_path / "s")
+        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        stack.storescu(files)
+        wait_for(lambda: bool(stack.find_series(study, "SEG")), 300, interval=1.0, what="the SEG back in Orthanc")
+        page = httpx.get(stack.url + "/sci-node/", auth=(USER, PASSWORD), timeout=60, trust_env=False).text
+        assert f"celery: broker redis://127.0.0.1:{redis_server.port}/0" in page, page[-3000:]
+        assert f"<td>{w.name}@" in page and "<td>connected</td>" in page
+        (job,) = stack.sci_node_jobs()["jobs"]
+        assert short(job["result"]["worker"]) == w.name
+    finally:
+        assert stack.proc is not None
+        stack.proc.terminate()
+        stack.proc.wait(60)
