@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from sci_node import __version__
 from sci_node.config import NodeConfig, load_config
@@ -212,6 +212,14 @@ def _orthanc_login() -> dict[str, str | None]:
 
 # -- parser -------------------------------------------------------------------------------
 
+def _late_flags(action_parsers: Iterable[argparse.ArgumentParser]) -> None:
+    """``--config``, ``--data-dir`` and ``--json`` accepted after an action as well (hidden there)."""
+    for action_parser in action_parsers:
+        for flag in ("--config", "--data-dir"):
+            action_parser.add_argument(flag, type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        action_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argparse tree of every subcommand."""
     parser = argparse.ArgumentParser(prog="sci-node", description="sci-node: DICOM AI node for spinal cord and lesion segmentation on MRI.")
@@ -249,10 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     js.add_argument("job_id", type=int)
     jr = jsub.add_parser("retry", help="re-run a failed job or resend its results")
     jr.add_argument("job_id", type=int)
-    for action_parser in (jl, js, jr):  # flags after the action too: `jobs show 3 --data-dir D`
-        for flag in ("--config", "--data-dir"):
-            action_parser.add_argument(flag, type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        action_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _late_flags((jl, js, jr))  # flags after the action too: `jobs show 3 --data-dir D`
     p.set_defaults(handler=_jobs, jobs_cmd="list", limit=20, state=None)
 
     for name, help_, handler in (
@@ -318,10 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     ci.add_argument("files", type=Path, nargs="+")
     ci.add_argument("--origin", default="cli", help="who handed them over (recorded)")
     csub.add_parser("purge", help="apply [corrections] retention_days now")
-    for action_parser in csub.choices.values():  # flags after the action too
-        for flag in ("--config", "--data-dir"):
-            action_parser.add_argument(flag, type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        action_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _late_flags(csub.choices.values())  # flags after the action too
     p.set_defaults(handler=_corrections, corrections_cmd="list")
 
     p = sub.add_parser("models", help="model registry: list, add, activate, rollback")

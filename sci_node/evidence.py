@@ -6,8 +6,10 @@ anonymised headers, meaningless ``SeriesDescription``, absent ``BodyPartExamined
 
 Units: times in milliseconds (DICOM's unit; BIDS sidecars store seconds and are
 converted), flip angle in degrees, the slice normal as a unit vector in patient LPS.
-``series_description`` and ``body_part_examined`` are kept for logging and the job
-record only: the classifiers deliberately do not read these free-text fields.
+The free-text fields (``body_part_examined``, ``series_description``, ``protocol_name``,
+``study_description``) are never classifier inputs (the networks and the sequence rules
+deliberately do not read them); only the anatomy header veto of
+:mod:`sci_node.anatomy_rules` reads them, and they are kept for the job record.
 """
 from __future__ import annotations
 
@@ -102,8 +104,9 @@ class HeaderEvidence:
         (0018,0087) MagneticFieldStrength in tesla.
     diffusion_b_value : float | None
         (0018,9087) DiffusionBValue in s/mm² (Enhanced MR diffusion macro).
-    series_description, body_part_examined : str | None
-        Free text; recorded, never used as classifier input.
+    series_description, body_part_examined, protocol_name, study_description : str | None
+        Free text: (0008,103E), (0018,0015), (0018,1030), (0008,1030). Never classifier input;
+        read only by the anatomy veto (:mod:`sci_node.anatomy_rules`) and recorded.
     """
 
     slice_normal: tuple[float, float, float] | None = None
@@ -120,6 +123,8 @@ class HeaderEvidence:
     diffusion_b_value: float | None = None
     series_description: str | None = None
     body_part_examined: str | None = None
+    protocol_name: str | None = None
+    study_description: str | None = None
 
     @property
     def view(self) -> str | None:
@@ -128,7 +133,8 @@ class HeaderEvidence:
 
     def without_text(self) -> "HeaderEvidence":
         """Copy with the free-text fields cleared (what the classifiers see)."""
-        return replace(self, series_description=None, body_part_examined=None)
+        return replace(self, series_description=None, body_part_examined=None, protocol_name=None,
+                       study_description=None)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (tuples become lists), for job records and logs."""
@@ -164,6 +170,8 @@ class HeaderEvidence:
             diffusion_b_value=_num(src.get("DiffusionBValue"), "DiffusionBValue"),
             series_description=_text(src.get("SeriesDescription")),
             body_part_examined=_text(src.get("BodyPartExamined")),
+            protocol_name=_text(src.get("ProtocolName")),
+            study_description=_text(src.get("StudyDescription")),
         )
 
     @classmethod
@@ -189,6 +197,8 @@ class HeaderEvidence:
             magnetic_field_t=_num(sidecar.get("MagneticFieldStrength"), "MagneticFieldStrength"),
             series_description=_text(sidecar.get("SeriesDescription")),
             body_part_examined=_text(sidecar.get("BodyPartExamined")),
+            protocol_name=_text(sidecar.get("ProtocolName")),
+            study_description=_text(sidecar.get("StudyDescription")),
         )
 
 
@@ -209,7 +219,8 @@ def _flatten_enhanced(ds: Any) -> dict[str, Any]:
     """
     keys = ("ImageOrientationPatient", "EchoTime", "RepetitionTime", "InversionTime", "FlipAngle",
             "ScanningSequence", "SequenceVariant", "MRAcquisitionType", "SequenceName",
-            "PulseSequenceName", "SeriesDescription", "BodyPartExamined", "EchoTrainLength",
+            "PulseSequenceName", "SeriesDescription", "BodyPartExamined", "ProtocolName", "StudyDescription",
+            "EchoTrainLength",
             "MagneticFieldStrength", "DiffusionBValue", *_ENHANCED_KEYS)
     out: dict[str, Any] = {k: _safe_get(ds, k) for k in keys if k in ds}
     groups = []

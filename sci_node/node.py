@@ -89,7 +89,8 @@ def run_node(cfg: NodeConfig, provider_factory: ProviderFactory = default_provid
                    for i in range(cfg.workers)]
     exporter = Exporter(cfg, store, result_ready, stop)
     monitor = CompletionMonitor(cfg, store, job_ready)
-    sweeper = RetentionSweeper(cfg, store) if cfg.retention_days is not None else None
+    sweeper = RetentionSweeper(cfg, store) \
+        if cfg.retention_days is not None or cfg.corrections.retention_days is not None else None
     for t in (*workers, exporter):
         t.start()
     monitor.start()

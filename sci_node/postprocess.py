@@ -89,6 +89,50 @@ def near_centerline(mask: np.ndarray, spacing: tuple[float, float, float], max_d
     return np.isin(lab, best_keep).astype(np.uint8)
 
 
+def drop_detached_below(mask: np.ndarray, spacing: tuple[float, float, float], max_gap_mm: float) -> np.ndarray:
+    """Drop cord pieces cut off below the main cord by more than ``max_gap_mm`` of empty slices.
+
+    The spinal cord is one continuous structure that ends at the conus; a piece of "cord" found
+    a long way below the main cord, with nothing in between, is the cauda equina or the filum
+    (nerve roots in CSF look like a small cord in axial slices), not a cord split by a weak
+    slice (those gaps are a slice or two). The slices that hold any voxel are split into runs
+    where the empty stretch between two of them is longer than ``max_gap_mm``; the run with the
+    most voxels is the main cord; every run entirely below it is dropped. Runs above it are kept
+    (the medulla, a cord interrupted by an artefact above a long main segment).
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        ``(Z, Y, X)`` mask on the canonical axial grid (Z = inferior→superior).
+    spacing : tuple[float, float, float]
+        ``(sz, sy, sx)`` in mm.
+    max_gap_mm : float
+        Longest empty stretch (mm) inside one run; ``<= 0`` disables the filter.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(Z, Y, X)`` uint8 mask.
+    """
+    out = (mask > 0).astype(np.uint8)
+    if max_gap_mm <= 0:
+        return out
+    per_slice = out.reshape(out.shape[0], -1).sum(axis=1)
+    zs = np.nonzero(per_slice)[0]
+    if zs.size < 2:
+        return out
+    gaps_mm = (np.diff(zs) - 1) * float(spacing[0])
+    starts = np.concatenate([[0], np.nonzero(gaps_mm > max_gap_mm)[0] + 1])
+    runs = np.split(zs, starts[1:])
+    if len(runs) == 1:
+        return out
+    main = max(runs, key=lambda r: int(per_slice[r].sum()))
+    for run in runs:
+        if run[-1] < main[0]:
+            out[run[0]:run[-1] + 1] = 0
+    return out
+
+
 def dilate_mm(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
     """Dilate a ``(Z, Y, X)`` mask by an ellipsoid of ``radius_mm`` (at least the 6-neighbourhood in-plane)."""
     if radius_mm <= 0:

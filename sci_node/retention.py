@@ -53,18 +53,21 @@ class RetentionSweeper:
     Parameters
     ----------
     cfg
-        Uses ``retention_days`` (must not be None).
+        Uses ``retention_days`` (the spool) and ``corrections.retention_days`` (the corrections);
+        at least one must be set.
     store
         The node's store.
     """
 
     def __init__(self, cfg: NodeConfig, store: Store) -> None:
-        if cfg.retention_days is None:
-            raise ValueError("RetentionSweeper needs cfg.retention_days")
-        self.retention_days = float(cfg.retention_days)
+        days = [d for d in (cfg.retention_days, cfg.corrections.retention_days) if d is not None]
+        if not days:
+            raise ValueError("RetentionSweeper needs cfg.retention_days or cfg.corrections.retention_days")
+        self.cfg = cfg
+        self.retention_days = None if cfg.retention_days is None else float(cfg.retention_days)
         self.store = store
         self._sched = BackgroundScheduler(daemon=True)
-        self._sched.add_job(self.sweep, "interval", seconds=sweep_interval_seconds(self.retention_days),
+        self._sched.add_job(self.sweep, "interval", seconds=sweep_interval_seconds(min(days)),
                             max_instances=1, coalesce=True, id="retention", misfire_grace_time=None)
 
     def start(self) -> None:
@@ -76,9 +79,22 @@ class RetentionSweeper:
         self._sched.shutdown(wait=True)
 
     def sweep(self) -> int:
-        """One pass; never raises (the next pass retries)."""
+        """One pass over the spool and the radiologists' corrections; never raises (the next pass retries)."""
+        purged = 0
         try:
-            return purge_expired(self.store, self.retention_days)
+            if self.retention_days is not None:
+                purged += purge_expired(self.store, self.retention_days)
         except Exception:
             log.exception("retention.sweep_failed")
-            return 0
+        try:
+            if self.cfg.corrections.retention_days is not None:
+                from sci_node.corrections import open_index, purge_expired as purge_corrections
+
+                index = open_index(self.cfg)
+                try:
+                    purged += purge_corrections(self.cfg, index)
+                finally:
+                    index.close()
+        except Exception:
+            log.exception("retention.corrections_sweep_failed")
+        return purged

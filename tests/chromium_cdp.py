@@ -91,6 +91,21 @@ class Browser:
             time.sleep(poll)
         return value
 
+    def open_ohif(self, url: str, user: str, password: str, before_load: str = "") -> None:
+        """Navigate to an OHIF ``url`` behind Orthanc's basic auth (``before_load``: a script run
+        before the page's own, e.g. to hide the first-run dialogs) and wait for the viewer."""
+        import base64
+
+        auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        self.send("Page.enable")
+        self.send("Network.enable")
+        self.send("Network.setExtraHTTPHeaders", headers={"Authorization": auth})
+        if before_load:
+            self.send("Page.addScriptToEvaluateOnNewDocument", source=before_load)
+        self.send("Page.navigate", url=url)
+        if self.wait_for("document.title", 30) != "OHIF Viewer":
+            raise AssertionError(f"{url} did not open the OHIF viewer")
+
     def screenshot(self, path: Path) -> Path:
         """Save a PNG of the page."""
         data = self.send("Page.captureScreenshot", format="png")["data"]

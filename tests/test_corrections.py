@@ -370,3 +370,27 @@ def test_lesion_finetune_on_exported_layout(tmp_path: Path) -> None:
     (held,) = c["per_case"].values()
     assert {"dice", "false_lesions", "missed_lesions"} <= set(held["new"]) and "dice" in held["replaced"]
     assert ModelRegistry(models).add(out, activate=True).version == card["version"]
+
+
+def test_the_node_retention_sweep_expires_corrections_and_keeps_their_measures(tmp_path: Path) -> None:
+    """``[corrections] retention_days`` is applied by the node's own retention sweeper too."""
+    from sci_node.config import load_config
+    from sci_node.corrections import open_index
+    from sci_node.retention import RetentionSweeper
+    from sci_node.store import Store
+
+    (tmp_path / "c.toml").write_text("[corrections]\nretention_days = 0.00001\n")  # < 1 s
+    cfg = load_config(tmp_path / "c.toml", {"data_dir": tmp_path / "d"})
+    store, index = Store(cfg.data_dir), open_index(cfg)
+    folder = index.root / "1"
+    folder.mkdir()
+    (folder / "seg.dcm").write_bytes(b"x")
+    with index.tx() as db:
+        index.insert(db, {"state": "recorded", "received_at": time.time() - 5, "path": str(folder),
+                          "patient_key": "k", "measures": {"cord_dice": 0.9}})
+    assert RetentionSweeper(cfg, store).sweep() == 1
+    (row,) = index.all()
+    assert row.state == "expired" and row.path is None and row.patient_key is None
+    assert row.measures == {"cord_dice": 0.9} and not folder.exists()
+    index.close()
+    store.close()

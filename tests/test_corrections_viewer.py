@@ -10,7 +10,6 @@ brush; tests/test_corrections.py stores the corrected SEG by STOW-RS instead.
 """
 from __future__ import annotations
 
-import base64
 import os
 import shutil
 import time
@@ -50,15 +49,9 @@ def test_ohif_opens_node_seg_with_editing_and_store(processed: ProcessedStudy, t
     stack, study = processed.stack, processed.study_uid
     seg_uid = seg_series_uid(stack, processed.seg_series[0])
     url = f"{stack.url}/ohif/viewer?StudyInstanceUIDs={study}&initialSeriesInstanceUID={seg_uid}"
-    auth = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
     shot = tmp_path / "ohif-seg-edit.png"
     with Browser(tmp_path / "chromium") as browser:
-        browser.send("Page.enable")
-        browser.send("Network.enable")
-        browser.send("Network.setExtraHTTPHeaders", headers={"Authorization": auth})
-        browser.send("Page.addScriptToEvaluateOnNewDocument", source=HIDE_NAGS)
-        browser.send("Page.navigate", url=url)
-        assert browser.wait_for("document.title", 30) == "OHIF Viewer"
+        browser.open_ohif(url, USER, PASSWORD, before_load=HIDE_NAGS)
         assert browser.wait_for("document.body.innerText.includes('SEG')", 90)
         browser.evaluate("document.querySelector('[data-cy=panelSegmentationWithToolsLabelMap-btn]')?.click()")
         assert browser.wait_for("document.body.innerText.includes('Spinal cord')", 90), \

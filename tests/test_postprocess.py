@@ -87,3 +87,20 @@ def test_calibration_of_threshold_and_minimum_volume_is_nested() -> None:
         info["chosen_per_held_out_group"]["a"])
     spec2, post = apply_setting(cfg, spec, final)
     assert spec2.threshold == 0.5 and post["min_volume_mm3"] == 10.0 and cfg["post"]["min_volume_mm3"] == 2.0
+
+
+def test_drop_detached_below_removes_a_cauda_piece_far_below_the_cord_and_keeps_split_cords() -> None:
+    from sci_node.postprocess import drop_detached_below
+
+    m = np.zeros((120, 20, 20), np.uint8)
+    m[60:110, 8:12, 8:12] = 1      # the main cord, z 60-109 (Z runs inferior -> superior)
+    m[70, :, :] = 0                # a weak slice splits it: a 1-slice gap is kept
+    m[10:30, 9:11, 9:11] = 1       # 30 slices of nothing, then a "cord" in the cauda equina
+    m[114:118, 8:12, 8:12] = 1     # a piece above the main cord (medulla side) is kept
+    out = drop_detached_below(m, (1.0, 0.5, 0.5), max_gap_mm=15.0)
+    assert out[10:30].sum() == 0 and out[60:110].sum() == m[60:110].sum() and out[114:118].sum() == m[114:118].sum()
+    # thick axial slabs: one missing 16.5 mm slab is a 16.5 mm gap, below 20 mm: nothing dropped
+    slabs = np.zeros((6, 20, 20), np.uint8)
+    slabs[[0, 2, 3, 4, 5], 8:12, 8:12] = 1
+    assert np.array_equal(drop_detached_below(slabs, (16.5, 0.5, 0.5), max_gap_mm=20.0), slabs)
+    assert np.array_equal(drop_detached_below(m, (1.0, 0.5, 0.5), max_gap_mm=0.0), m)  # off

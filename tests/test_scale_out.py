@@ -160,6 +160,28 @@ def test_kill9_of_the_worker_holding_the_job_still_one_seg(node_factory: Callabl
 
 
 @pytest.mark.slow
+def test_gateway_killed_while_a_job_is_out_collects_its_result_after_restart(
+        node_factory: Callable[..., NodeProc], storescp_factory: Callable[..., StoreSCP], redis_server: RedisProc,
+        workers: Callable[..., WorkerProc], tmp_path: Path) -> None:
+    dest = storescp_factory()
+    w = workers("wn")
+    node = gateway(node_factory, redis_server, dest)
+    files = renamed(tmp_path / "s")
+    assert storescu(node.port, files).returncode == 0
+    wait_for(lambda: any(d["started_at"] for d in dispatches(node.data_dir)), 120, interval=0.02,
+             what="the worker running the job")
+    node.kill9()  # the gateway dies with the job out at the worker
+    wait_for(lambda: '"task.finished"' in w.text(), 300, interval=0.2, what="the worker to finish the task")
+    assert dest.files() == []
+    node.start(timeout=60)
+    (job,) = wait_delivered(node, 1)
+    series = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert segs_per_series(dest) == {series: 1}
+    assert job["attempts"] == 1 and short(job["result"]["worker"]) == w.name  # collected, not run again
+    assert [d["state"] for d in node.job(job["id"])["dispatches"]] == ["resolved"]
+
+
+@pytest.mark.slow
 def test_redis_restart_mid_flight_loses_nothing(node_factory: Callable[..., NodeProc],
                                                 storescp_factory: Callable[..., StoreSCP],
                                                 redis_server: RedisProc, workers: Callable[..., WorkerProc],

@@ -15,7 +15,6 @@ same stack: its SEG must be FRACTIONAL, pass dciodvfy, answer 200 to every DICOM
 """
 from __future__ import annotations
 
-import base64
 import os
 import shutil
 import time
@@ -104,14 +103,8 @@ def open_in_ohif(stack: StackProc, study: str, seg_uid: str, shot: Path, series_
     segmentation panel listed "Spinal cord", the URLs the page requested and their statuses.
     """
     url = f"{stack.url}/ohif/viewer?StudyInstanceUIDs={study}&initialSeriesInstanceUID={seg_uid}"
-    auth = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
     with Browser(shot.parent / f"chromium-{shot.stem}") as browser:
-        browser.send("Page.enable")
-        browser.send("Network.enable")
-        browser.send("Network.setExtraHTTPHeaders", headers={"Authorization": auth})
-        browser.send("Page.addScriptToEvaluateOnNewDocument", source=HIDE_NAGS)
-        browser.send("Page.navigate", url=url)
-        assert browser.wait_for("document.title", 30) == "OHIF Viewer"
+        browser.open_ohif(url, USER, PASSWORD, before_load=HIDE_NAGS)
         text = browser.wait_for(f"document.body.innerText.includes({series_text!r}) && "
                                 "document.body.innerText.includes('SEG') && document.body.innerText", 90)
         assert text, f"OHIF did not list the study's series; page text: {browser.evaluate('document.body.innerText')!r}"

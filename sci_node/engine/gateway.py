@@ -23,7 +23,6 @@ import threading
 import time
 import uuid
 from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import structlog
