@@ -32,7 +32,7 @@ Rules, in order (the first that applies wins; ``label=None`` = "the network deci
 5. ``series-text``: no (or a neutral) BodyPartExamined, and SeriesDescription or ProtocolName
    names a non-spine part (:data:`NON_SPINE_WORDS`) -> its class.
 6. ``study-only``: only StudyDescription names a non-spine part -> None.
-7. ``no-anatomy``: nothing names a body part -> None.
+7. ``no-anatomy``: nothing names a non-spine body part -> None.
 
 The keyword lists were written from the DICOM defined terms and common English/German/French
 protocol wording, not fitted to any data; a protecting word wins over a vetoing one.
@@ -53,7 +53,7 @@ RULES_ID = "body-part-v1"
 #: Words (regular expressions on normalised text) that protect a series: spine, cord, neck.
 SPINE_WORDS: tuple[str, ...] = (
     r"[a-z]{0,2}spine", r"spinal", r"spinalis", r"cord", r"myel\w*", r"cervical", r"cervico\w*", r"thoracic",
-    r"lumbar", r"lumbo\w*", r"sacr\w*", r"coccy\w*", r"vertebr\w*", r"wirbel\w*", r"hws", r"bws", r"lws",
+    r"lumbar", r"lumbo\w*", r"sacr\w*", r"coccy\w*", r"vertebr\w*", r"\w*wirbel\w*", r"hws", r"bws", r"lws",
     r"ruecken\w*", r"rucken\w*", r"neck", r"hals", r"brain ?stem", r"cranio ?cervical", r"cvj", r"rachis",
     r"moelle", r"columna", r"colonna", r"medulla",
 )
@@ -159,7 +159,8 @@ def anatomy_from_header(ev: HeaderEvidence | None) -> AnatomyRule:
     spine = [f"{k} {v!r}" for k, v in fields.items()
              if (body_part_class(v) == "spine" if k == "BodyPartExamined" else mentions_spine(v))]
     if spine:
-        return AnatomyRule(None, "spine-named", f"{', '.join(spine)} names the spine (the header only routes out)")
+        return AnatomyRule(None, "spine-named",
+                           f"{', '.join(spine)} mentions the spine, cord or neck (the header only routes out)")
     part = fields.get("BodyPartExamined")
     part_cls = body_part_class(part)
     series = {k: v for k, v in fields.items() if k in ("SeriesDescription", "ProtocolName") and names_non_spine(v)}
@@ -181,7 +182,7 @@ def anatomy_from_header(ev: HeaderEvidence | None) -> AnatomyRule:
     study = fields.get("StudyDescription")
     if names_non_spine(study):
         return AnatomyRule(None, "study-only", f"StudyDescription {study!r} describes the study, not the series")
-    return AnatomyRule(None, "no-anatomy", "no header field names a body part (" +
+    return AnatomyRule(None, "no-anatomy", "no header field names a non-spine body part (" +
                        ", ".join(f"{k} {v!r}" for k, v in fields.items()) + ")")
 
 

@@ -99,12 +99,19 @@ class RoutingRules:
     A series is segmented when the anatomy is spine, its view is in ``views`` and its
     sequence in ``cord_sequences``; lesions are segmented on ``lesion_sequences``.
     A classifier output below ``min_confidence`` abstains (routes the series out).
+    Before the classifiers: a series with fewer than ``min_slices`` slices (along its thinnest
+    axis; default 2, so a single slice) is routed out as a localiser / single slice (the ivadomed
+    test data hold real 2-slice axial T2*w stacks the cord model segments), and with ``header_anatomy_veto`` a
+    header that names a non-spine body part and never the spine routes it out
+    (:mod:`sci_node.anatomy_rules`; the header can only route out, never in).
     """
 
     views: tuple[str, ...] = ("sagittal", "axial")
     cord_sequences: tuple[str, ...] = ("T1w", "T2w", "T2starw")
     lesion_sequences: tuple[str, ...] = ("T2w", "T2starw")
     min_confidence: float = 0.5
+    header_anatomy_veto: bool = True
+    min_slices: int = 2
 
 
 @dataclass(frozen=True)
@@ -326,6 +333,8 @@ def _validate(cfg: NodeConfig, errors: list[str]) -> None:
         errors.append(f"limits.max_pending_connections: {cfg.limits.max_pending_connections} must be >= 1")
     if not 0 <= cfg.routing.min_confidence <= 1:
         errors.append(f"routing.min_confidence: {cfg.routing.min_confidence} must be in [0, 1]")
+    if cfg.routing.min_slices < 1:
+        errors.append(f"routing.min_slices: {cfg.routing.min_slices} must be >= 1 (1 = no localiser guard)")
     _validate_engine(cfg.engine, errors)
     cor = cfg.corrections
     if cor.retention_days is not None and not cor.retention_days > 0:

@@ -176,7 +176,8 @@ class Pipeline:
 
     def _process(self, image: sitk.Image, evidence: Any, out_dir: Path, clock: _Clock,
                  vol: SeriesVolume | None, notes: Sequence[str] = ()) -> PipelineResult:
-        decision = routing.route(lambda name: getattr(self.models, name).predict(image, evidence), self.rules)
+        decision = routing.route(lambda name: getattr(self.models, name).predict(image, evidence), self.rules,
+                                 evidence=evidence, n_slices=routing.slice_count(image.GetSize()))
         clock.lap("classify")
         gaps = {"missing_slices": list(vol.missing)} if vol is not None and vol.missing else {}
         if decision.routed_out:

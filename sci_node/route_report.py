@@ -5,8 +5,9 @@ layout grouped by SeriesInstanceUID, NIfTI volumes (BIDS JSON sidecar as header 
 files skipped. Per series the three active classifiers run through :func:`sci_node.routing.route`
 with the node's ``[routing]`` rules, and the report gives, per level (anatomy, region, view,
 sequence), the label (``None`` = abstained), its probability, all probabilities and what decided
-it (the network, or the MR-physics header rule that fired), then the routing rule that fired and
-the reason when the series is routed out. A series that cannot be read gets ``status: failed``
+it (the network, the MR-physics sequence rule or the anatomy header rule that fired), then the
+routing rule that fired and the reason when the series is routed out (also by the localiser
+guard, before any classifier runs). A series that cannot be read gets ``status: failed``
 with the same reason ``sci-node infer`` gives.
 """
 from __future__ import annotations
@@ -63,7 +64,8 @@ def route_series(classifiers: Mapping[str, Any], image: Any, evidence: Any, rule
     Returns
     -------
     dict
-        ``levels`` (level -> label, probability, probs, decided_by), ``rule``, ``reason``,
+        ``levels`` (level -> label, probability, probs, decided_by; empty when the localiser guard
+        routed the series out before any classifier), ``rule``, ``reason``, ``slices``,
         ``segment_cord``, ``segment_lesions``, ``versions``.
     """
     from sci_node import routing
@@ -75,9 +77,11 @@ def route_series(classifiers: Mapping[str, Any], image: Any, evidence: Any, rule
         how.update(explained)
         return probs
 
-    decision = routing.route(classify, rules)
-    levels = {h: {**d.as_dict(), "decided_by": how.get(h, "network")} for h, d in decision.heads.items()}
-    return {"levels": levels, "rule": decision.rule, "reason": decision.reason,
+    n_slices = routing.slice_count(image.GetSize())
+    decision = routing.route(classify, rules, evidence=evidence, n_slices=n_slices)
+    levels = {h: {**d.as_dict(), "decided_by": d.decided_by or how.get(h, "network")}
+              for h, d in decision.heads.items()}
+    return {"levels": levels, "rule": decision.rule, "reason": decision.reason, "slices": n_slices,
             "segment_cord": decision.segment_cord, "segment_lesions": decision.segment_lesions,
             "versions": {n: c.version for n, c in classifiers.items()}}
 
@@ -130,7 +134,8 @@ def format_report(reports: list[dict[str, Any]]) -> str:
                 continue
             probs = ", ".join(f"{k} {v:.2f}" for k, v in sorted(d["probs"].items(), key=lambda kv: -kv[1]))
             label = d["label"] if d["label"] is not None else f"abstained (top p={d['probability']:.2f})"
-            lines.append(f"  {level:<9} {label:<12} [{probs}]  by {d['decided_by']}")
+            shown = f"[{probs}]  " if probs else ""
+            lines.append(f"  {level:<9} {label:<12} {shown}by {d['decided_by']}")
         if "rule" in r:
             lines.append(f"  rule: {r['rule']}")
         if r.get("reason"):

@@ -1,4 +1,10 @@
-"""Hierarchical routing: anatomy -> region & view -> sequence, with configurable rules.
+"""Hierarchical routing: guards, then anatomy -> region & view -> sequence, with configurable rules.
+
+Two guards run first, before any classifier (both only route out): a series with fewer than
+``rules.min_slices`` slices along its thinnest axis is a localiser or a single slice, not a
+volume to segment; and with ``rules.header_anatomy_veto`` a header that names a non-spine body
+part and never the spine (:func:`sci_node.anatomy_rules.anatomy_from_header`) routes the series
+out with the header value as the reason. The header never routes a series in.
 
 The classifiers run in that order and stop at the first decision that routes the series
 out (a brain series never reaches the sequence classifier). A head whose top probability is
@@ -12,9 +18,12 @@ route a series out.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
+from sci_node.anatomy_rules import RULES_ID as ANATOMY_RULES_ID
+from sci_node.anatomy_rules import anatomy_from_header
 from sci_node.config import RoutingRules
+from sci_node.evidence import HeaderEvidence
 
 #: Head -> classifier (model name) that predicts it, in the order they are asked.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -30,16 +39,24 @@ ClassifyFn = Callable[[str], Mapping[str, Probs]]
 
 @dataclass(frozen=True)
 class HeadDecision:
-    """The winning class of one head; ``label`` is None when the head abstained."""
+    """The winning class of one head; ``label`` is None when the head abstained.
+
+    ``decided_by`` is set when routing itself knows what decided the head (a header rule, or the
+    network with the header rule's verdict noted); None leaves it to the caller (the classifier).
+    """
 
     label: str | None
     probability: float
     probs: dict[str, float]
+    decided_by: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready form: label, probability, probs (rounded to 4 decimals)."""
-        return {"label": self.label, "probability": round(self.probability, 4),
-                "probs": {k: round(v, 4) for k, v in self.probs.items()}}
+        """JSON-ready form: label, probability, probs (rounded to 4 decimals), decided_by when set."""
+        out: dict[str, Any] = {"label": self.label, "probability": round(self.probability, 4),
+                               "probs": {k: round(v, 4) for k, v in self.probs.items()}}
+        if self.decided_by is not None:
+            out["decided_by"] = self.decided_by
+        return out
 
 
 @dataclass(frozen=True)
@@ -98,8 +115,15 @@ def _abstained(head: str, d: HeadDecision, rules: RoutingRules) -> RoutingDecisi
                            f"< min_confidence {rules.min_confidence:g})")
 
 
-def route(classify: ClassifyFn, rules: RoutingRules) -> RoutingDecision:
-    """Run the classifier hierarchy through ``classify`` and apply ``rules``.
+def slice_count(size: Sequence[int]) -> int:
+    """Slices of a series: its voxel count along the thinnest of the first three axes (1 for 2-D)."""
+    spatial = [int(n) for n in tuple(size)[:3]]
+    return min(spatial) if len(spatial) == 3 else 1
+
+
+def route(classify: ClassifyFn, rules: RoutingRules, evidence: HeaderEvidence | None = None,
+          n_slices: int | None = None) -> RoutingDecision:
+    """Run the guards and the classifier hierarchy through ``classify`` and apply ``rules``.
 
     Parameters
     ----------
@@ -107,13 +131,26 @@ def route(classify: ClassifyFn, rules: RoutingRules) -> RoutingDecision:
         ``classify(model_name)`` -> head -> class -> probability; called for ``anatomy``,
         then ``region_view``, then ``sequence``, stopping at the first routing-out decision.
     rules
-        Which views and sequences are segmented, lesion sequences, ``min_confidence``.
+        Which views and sequences are segmented, lesion sequences, ``min_confidence``,
+        ``min_slices``, ``header_anatomy_veto``.
+    evidence
+        The series' header evidence for the anatomy veto; None = no header (no veto).
+    n_slices
+        :func:`slice_count` of the image for the localiser guard; None = not known (no guard).
     """
+    guarded = _guards(rules, evidence, n_slices)
+    if guarded is not None:
+        return guarded
     heads: dict[str, HeadDecision] = {}
     for model, head_names in STAGES:
         out = classify(model)
         for h in head_names:
             heads[h] = decide_head(out.get(h, {}), rules.min_confidence)
+        if model == "anatomy" and evidence is not None and rules.header_anatomy_veto:
+            r = anatomy_from_header(evidence)
+            a = heads["anatomy"]
+            heads["anatomy"] = HeadDecision(a.label, a.probability, a.probs,
+                                            f"network (header rule {r.rule}: {r.detail})")
         verdict = _check_stage(model, heads, rules)
         if verdict is not None:
             return RoutingDecision(verdict.segment_cord, verdict.segment_lesions, verdict.rule,
@@ -124,6 +161,23 @@ def route(classify: ClassifyFn, rules: RoutingRules) -> RoutingDecision:
     rule = (f"segment {what}: anatomy=spine, view={heads['view'].label} in {list(rules.views)}, "
             f"sequence={seq} in {list(rules.lesion_sequences if lesions else rules.cord_sequences)}")
     return RoutingDecision(True, lesions, rule, None, dict(heads))
+
+
+def _guards(rules: RoutingRules, evidence: HeaderEvidence | None, n_slices: int | None) -> RoutingDecision | None:
+    """The routing-out decision of the localiser guard or the header anatomy veto, or None to classify."""
+    if n_slices is not None and n_slices < rules.min_slices:
+        what = ("a localiser or a single-slice series" if n_slices == 1
+                else f"a localiser or a stack thinner than min_slices {rules.min_slices}")
+        return _out({}, f"route-out: {n_slices} slice{'s' if n_slices != 1 else ''} < min_slices {rules.min_slices}",
+                    f"{n_slices} slice{'s' if n_slices != 1 else ''}: {what}, not a volume to segment")
+    if evidence is None or not rules.header_anatomy_veto:
+        return None
+    r = anatomy_from_header(evidence)
+    if r.label is None:
+        return None
+    # a rule, not a probability estimate: its class gets 1 (the anatomy network is not asked)
+    head = HeadDecision(r.label, 1.0, {r.label: 1.0}, f"header rule {r.rule}: {r.detail}")
+    return _out({"anatomy": head}, f"route-out: header anatomy ({ANATOMY_RULES_ID} {r.rule}) != spine", r.detail)
 
 
 def _check_stage(model: str, heads: dict[str, HeadDecision], rules: RoutingRules) -> RoutingDecision | None:

@@ -306,7 +306,10 @@ def test_route_command_reports_every_level_without_segmenting(capsys: pytest.Cap
         for d in s["levels"].values():
             assert math.isclose(sum(d["probs"].values()), 1.0, abs_tol=1e-3) and d["decided_by"]
     brain = by_name["T1_MPRAGE_AX_brain"]
-    assert brain["status"] == "routed-out" and brain["rule"] == "route-out: anatomy != spine"
+    # BodyPartExamined HEAD and SeriesDescription "T1 MPRAGE AX brain": the header veto decides, no network
+    assert brain["status"] == "routed-out" and brain["rule"] == "route-out: header anatomy (body-part-v1 " \
+        "head-body-part) != spine"
+    assert brain["levels"]["anatomy"]["decided_by"].startswith("header rule head-body-part: BodyPartExamined 'HEAD'")
     assert "sequence" not in brain["levels"]  # the hierarchy stops at the first routing-out decision
     for name in ("T2_TSE_SAG_cervical", "T2_TSE_AX_cervical"):
         s = by_name[name]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from sci_node.registry import ModelRegistry
 
@@ -105,9 +105,45 @@ def _held_out_predictions(models_dir: Path, versions: dict[str, str] | None
     return preds, truth, seq_truth
 
 
+#: Per stored-sample index: (header evidence as the sample had it, slice count, person group).
+_Guards = dict[int, tuple[Any, int, str]]
+
+
+def stored_guard_inputs(data: Path, config: Path = REPO / "trainer" / "configs" / "anatomy.toml") -> _Guards:
+    """Header evidence and slice count of every stored real sample, by its index in the sample set.
+
+    The sample set (:func:`trainer.classifiers._generate`) lists, per catalogue source in order,
+    the stored volume with its header, the stored volume again without it (when it has one), then
+    ``n_aug`` crops; synthetic samples follow. Walking the catalogue the same way gives each stored
+    sample's index without generating any crop, so the routing guards (localiser, header anatomy
+    veto: rules, not fitted) can be applied to the cards' out-of-fold predictions.
+    """
+    import tomllib
+
+    from sci_node.routing import slice_count
+    from trainer.classifiers import sources_of
+    from trainer.cls_data import has_header, load_source
+
+    cfg = tomllib.loads(config.read_text())
+    n_aug_default = int(cfg["data"].get("n_aug", 10))
+    out: _Guards = {}
+    i = 0
+    for src in sources_of(cfg):
+        image, ev, _ = load_source(src, data)
+        n = slice_count(image.GetSize())
+        out[i] = (ev, n, src.group)
+        i += 1
+        if has_header(ev):
+            out[i] = (None, n, src.group)
+            i += 1
+        i += int(src.n_aug) if src.n_aug is not None else n_aug_default
+    return out
+
+
 def _tally_row(cond: str, members: list[_Key], preds: dict[_Key, dict[str, dict[str, float]]],
-               truth: dict[_Key, tuple[str, str]], seq_truth: dict[_Key, str | None]) -> str:
-    """One table row: route every member with the default rules and count the outcomes."""
+               truth: dict[_Key, tuple[str, str]], seq_truth: dict[_Key, str | None],
+               guards: _Guards | None = None) -> str:
+    """One table row: route every member with the default rules (and the guards when given), count outcomes."""
     from collections import Counter
 
     from sci_node.config import RoutingRules
@@ -121,7 +157,8 @@ def _tally_row(cond: str, members: list[_Key], preds: dict[_Key, dict[str, dict[
         table: dict[str, Mapping[str, Mapping[str, float]]] = {
             "anatomy": {"anatomy": p["anatomy"]}, "region_view": {"region": p["region"], "view": p["view"]},
             "sequence": {"sequence": p["sequence"]}}
-        d = route(table.__getitem__, rules)
+        ev, n_slices = guards[key[0]][:2] if guards is not None else (None, None)
+        d = route(table.__getitem__, rules, evidence=ev, n_slices=n_slices)
         spine, wanted = truth[key][0] == "spine", seq_truth.get(key) in rules.cord_sequences
         tally["spine" if spine else "non-spine"] += 1
         if not spine:
@@ -141,7 +178,7 @@ def _tally_row(cond: str, members: list[_Key], preds: dict[_Key, dict[str, dict[
             f"({', '.join(sorted(routed_in)) or '–'}) |")
 
 
-def hierarchy_table(models_dir: Path, versions: dict[str, str] | None = None) -> str:
+def hierarchy_table(models_dir: Path, versions: dict[str, str] | None = None, data: Path | None = None) -> str:
     """The three cards' held-out predictions on the same real series, run through the node's routing.
 
     Each stored real series (with its header, and again with the header removed) gets the anatomy,
@@ -149,7 +186,9 @@ def hierarchy_table(models_dir: Path, versions: dict[str, str] | None = None) ->
     models use the same samples; their folds can differ, since a model's folds hold only groups
     with labels for its heads), and :func:`sci_node.routing.route` with the default
     :class:`sci_node.config.RoutingRules` decides. Rows: with the header, header removed, and "as
-    available" (each series once, with its header when it has one).
+    available" (each series once, with its header when it has one). With ``data`` (the data root)
+    the routing guards run too (:func:`stored_guard_inputs`): the localiser guard and the header
+    anatomy veto, on the header each sample had.
     """
     preds, truth, seq_truth = _held_out_predictions(models_dir, versions)
     keys = [k for k in preds if len(preds[k]) == 4 and k in truth]
@@ -161,12 +200,27 @@ def hierarchy_table(models_dir: Path, versions: dict[str, str] | None = None) ->
     sets = {"with_header": [k for k in keys if k[1] == "with_header"],
             "header_removed": [k for k in keys if k[1] == "header_removed"],
             "as_available": [k for k in keys if k[1] == "with_header" or k[0] - 1 not in with_hdr]}
-    rows = [_tally_row(cond, members, preds, truth, seq_truth) for cond, members in sets.items()]
+    guards = stored_guard_inputs(data) if data is not None else None
+    if guards is not None:
+        bad = [k for k in keys if k[0] not in guards or guards[k[0]][2] != truth[k][1]]
+        if bad:
+            raise ValueError(f"sample indices {bad[:3]} do not match the catalogue walk: data or config changed")
+    rows = [_tally_row(cond, members, preds, truth, seq_truth, guards) for cond, members in sets.items()]
     return "\n".join(["| real series | spine series | spine: abstained (rate) | spine, T1w/T2w/T2\\*w (segmentable) | "
                       "… segmented | … routed out by a wrong class | spine MT/DWI/EPI: routed out | "
                       "… segmented as T1w/T2w/T2\\*w (wrong) | non-spine series | non-spine routed in |",
                       "|---|---|---|---|---|---|---|---|---|---|", *rows])
 
 if __name__ == "__main__":
-    _dir = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "models"
-    sys.stdout.write(report(_dir) + "\n" + hierarchy_table(_dir) + "\n")
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models_dir", nargs="?", type=Path, default=REPO / "models")
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "spine",
+                    help="data root: the hierarchy table applies the routing guards (localiser, header anatomy "
+                         "veto) to each stored sample (default ../shared/data/spine)")
+    ap.add_argument("--no-guards", dest="guards", action="store_false",
+                    help="hierarchy table without the guards (the classifiers alone, as before 0.3.0's rules)")
+    a = ap.parse_args()
+    _data = a.data if a.guards else None
+    sys.stdout.write(report(a.models_dir) + "\n" + hierarchy_table(a.models_dir, data=_data) + "\n")
