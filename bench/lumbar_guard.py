@@ -45,8 +45,13 @@ def _patient_z(image: sitk.Image, mask: np.ndarray) -> np.ndarray:
     return (np.asarray(image.GetOrigin()) + ijk @ direction.T)[:, 2]
 
 
-def main() -> int:
-    """Run the active models through the node's pipeline on the lumbar series; print the guard numbers."""
+def main(argv: list[str] | None = None) -> int:
+    """Run the active models through the node's pipeline on the lumbar series; print the guard numbers.
+
+    ``--models DIR`` reads another registry folder (a candidate activated in a copy of ``models/``).
+    """
+    import argparse
+
     import highdicom as hd
     import torch
 
@@ -55,9 +60,12 @@ def main() -> int:
     from sci_node.registry import ModelRegistry
     from sci_node.series import read_series
 
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", type=Path, default=REPO / "models", help="registry folder (default: models/)")
+    args = ap.parse_args(argv)
     torch.set_num_threads(2)
     files = sorted(LUMBAR.glob("*.dcm"))
-    pipeline = Pipeline(ModelRegistry(REPO / "models").load_active("cpu"), RoutingRules(), "cpu")
+    pipeline = Pipeline(ModelRegistry(args.models).load_active("cpu"), RoutingRules(), "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         result = pipeline.run_dicom(files, Path(tmp))
         vol = read_series(files)

@@ -143,6 +143,21 @@ def dilate_mm(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: 
     return ndi.binary_dilation(mask > 0, structure=ball).astype(np.uint8)
 
 
+def hysteresis(seeds: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Grow ``seeds`` into ``region``: every connected component of ``region | seeds`` that holds a seed voxel.
+
+    Both are ``(Z, Y, X)`` masks on one grid (26-connectivity, as :func:`components`). No
+    component without a seed is added, so the number of components never grows (two seeds
+    joined by the region become one). Returns uint8.
+    """
+    seeds = seeds > 0
+    if not seeds.any():
+        return seeds.astype(np.uint8)
+    labels, _ = components((region > 0) | seeds)
+    hit = np.unique(labels[seeds])
+    return np.isin(labels, hit[hit > 0]).astype(np.uint8)
+
+
 def lesion_f1(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """Lesion-wise detection scores by connected components (any overlap = a match).
 

@@ -295,7 +295,7 @@ class Segmenter:
         return self.finish(self.predict_prob_model_grid(prepared, roi), prepared, roi=roi)
 
     def finish(self, prob: np.ndarray, prepared: preprocess.Prepared, threshold: float | None = None,
-               roi: np.ndarray | None = None, min_volume_mm3: float | None = None) -> np.ndarray:
+               roi: np.ndarray | None = None, min_volume_mm3: float | None = None, grow: bool = True) -> np.ndarray:
         """Model-grid probabilities → post-processed uint8 mask on the source grid.
 
         Parameters
@@ -310,6 +310,9 @@ class Segmenter:
             card's ``output_roi_mm`` set, the mask is cut to it dilated by that many mm.
         min_volume_mm3 : float | None
             Smallest component kept; ``None`` uses the card's (``postprocessing.min_volume_mm3``).
+        grow : bool
+            Apply :meth:`grow` (the card's ``grow_threshold``) last; the trainer turns it off to
+            cache the thresholded mask.
         """
         thr = self.spec.threshold if threshold is None else float(threshold)
         max_dist = float(self.post.get("max_centerline_distance_mm", 0.0))
@@ -327,7 +330,31 @@ class Segmenter:
         keep_mm = output_roi_mm(self.post)
         if roi is not None and keep_mm is not None:
             mask = mask * postprocess.dilate_mm(roi, spacing, keep_mm)  # type: ignore[arg-type]
-        return self.keep_components(mask, spacing, min_volume_mm3)  # type: ignore[arg-type]
+        kept = self.keep_components(mask, spacing, min_volume_mm3)  # type: ignore[arg-type]
+        return self.grow(kept, prob, prepared, roi) if grow else kept
+
+    def grow_region(self, prob: np.ndarray, prepared: preprocess.Prepared, roi: np.ndarray | None = None
+                    ) -> np.ndarray | None:
+        """Source-grid voxels at or above ``postprocessing.grow_threshold`` (cut like the mask); None when off."""
+        low = float(self.post.get("grow_threshold", 0.0))
+        if low <= 0:
+            return None
+        region = preprocess.to_source_grid(prob, prepared, threshold=low)
+        keep_mm = output_roi_mm(self.post)
+        if roi is not None and keep_mm is not None:
+            spacing = tuple(float(s) for s in prepared.source.GetSpacing()[:3][::-1])
+            region = region * postprocess.dilate_mm(roi, spacing, keep_mm)  # type: ignore[arg-type]
+        return region
+
+    def grow(self, mask: np.ndarray, prob: np.ndarray, prepared: preprocess.Prepared,
+             roi: np.ndarray | None = None, region: np.ndarray | None = None) -> np.ndarray:
+        """Hysteresis after the size limit: each kept component extends into the connected voxels whose
+        probability is at least ``postprocessing.grow_threshold`` (lesions: the threshold and the smallest
+        lesion decide *whether* there is a lesion, the lower threshold how far it reaches). Off (the mask
+        unchanged) without that key. ``region`` = a cached :meth:`grow_region`."""
+        if region is None:
+            region = self.grow_region(prob, prepared, roi)
+        return mask if region is None else postprocess.hysteresis(mask, region)
 
     def keep_components(self, mask: np.ndarray, spacing: tuple[float, float, float],
                         min_volume_mm3: float | None = None) -> np.ndarray:

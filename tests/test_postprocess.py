@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sci_node.postprocess import keep_components, near_centerline
+from sci_node.postprocess import hysteresis, keep_components, near_centerline
 from trainer.seg_eval import calibrate
 from trainer.seg_loop import RandomIntensityCurve
 
@@ -104,3 +104,18 @@ def test_drop_detached_below_removes_a_cauda_piece_far_below_the_cord_and_keeps_
     slabs[[0, 2, 3, 4, 5], 8:12, 8:12] = 1
     assert np.array_equal(drop_detached_below(slabs, (16.5, 0.5, 0.5), max_gap_mm=20.0), slabs)
     assert np.array_equal(drop_detached_below(m, (1.0, 0.5, 0.5), max_gap_mm=0.0), m)  # off
+
+
+def test_hysteresis_grows_kept_seeds_only() -> None:
+    """A kept lesion core extends into its connected low-probability rim; a rim without a core is not added."""
+    region = np.zeros((5, 20, 20), np.uint8)
+    region[1:4, 2:9, 2:9] = 1        # the rim of lesion 1 (probability >= the grow threshold)
+    region[1:4, 12:18, 12:18] = 1    # a low-probability blob with no core: not a lesion
+    seeds = np.zeros_like(region)
+    seeds[2, 4:7, 4:7] = 1           # lesion 1's core (above the threshold, kept by the size limit)
+    seeds[0, 0, 19] = 1              # a core outside any region stays as it is
+    out = hysteresis(seeds, region)
+    assert out.dtype == np.uint8
+    assert out[1:4, 2:9, 2:9].all() and not out[1:4, 12:18, 12:18].any() and out[0, 0, 19] == 1
+    assert int(out.sum()) == 3 * 7 * 7 + 1
+    assert not hysteresis(np.zeros_like(seeds), region).any()

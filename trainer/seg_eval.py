@@ -126,14 +126,18 @@ def clean_trial(image: sitk.Image, cord: sitk.Image) -> tuple[sitk.Image, np.nda
 
 
 def _lesion_pred(seg: Segmenter, prob: np.ndarray, prepared: preprocess.Prepared, setting: float | str,
-                 cord: np.ndarray, base: dict[float, np.ndarray]) -> np.ndarray:
-    """The node's lesion mask for one grid setting; ``base`` caches one resampling per threshold."""
+                 cord: np.ndarray, base: dict[Any, Any]) -> np.ndarray:
+    """The node's lesion mask for one grid setting; ``base`` caches one resampling per threshold (and the
+    grow region under ``"grow"``)."""
     thr, vol = parse_setting(setting)
     if vol is None:
         return seg.finish(prob, prepared, thr, roi=cord)
-    if thr not in base:
-        base[thr] = seg.finish(prob, prepared, thr, roi=cord, min_volume_mm3=0.0)
-    return seg.keep_components(base[thr], _spacing(prepared.source), vol)
+    if thr not in base:  # not grown: the size limit applies to the thresholded lesion, then it grows
+        base[thr] = seg.finish(prob, prepared, thr, roi=cord, min_volume_mm3=0.0, grow=False)
+    if "grow" not in base:
+        base["grow"] = seg.grow_region(prob, prepared, cord)
+    kept = seg.keep_components(base[thr], _spacing(prepared.source), vol)
+    return seg.grow(kept, prob, prepared, cord, region=base["grow"])
 
 
 def _accumulate(a: dict[str, Any], pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float],
@@ -173,7 +177,7 @@ def evaluate_lesion(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, cases: 
         for img, cord_arr, truth, weight in [*trials, (*clean_trial(image, mask), clean_weight)]:
             prepared = preprocess.prepare(img, seg.spec)
             prob = seg.predict_prob_model_grid(prepared, roi=cord_arr)
-            base: dict[float, np.ndarray] = {}
+            base: dict[Any, Any] = {}
             for t in grid:
                 _accumulate(acc[t], _lesion_pred(seg, prob, prepared, t, cord_arr, base), truth, _spacing(img), weight)
         for t, a in acc.items():

@@ -39,12 +39,15 @@ log = structlog.get_logger(__name__)
 
 
 def eval_config(card: dict[str, Any], cfg: dict[str, Any], trials: int | None,
-                setting: str | None = None, post: dict[str, float] | None = None) -> dict[str, Any]:
+                setting: str | None = None, post: dict[str, float] | None = None,
+                test_generator: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """The artefact's own training config (network, post-processing, lesion generator) with the
     given config's ``[data]`` and calibration grid (``[train]`` thresholds, smallest lesions,
     false-lesion rate); ``setting`` (``"T"`` or ``"T@V"``) replaces the grid by that one setting
     (the artefact's own, for a before/after table); ``post`` overrides post-processing keys
-    (e.g. ``coarse_step_mm``), used in the scoring and written to the new card."""
+    (e.g. ``coarse_step_mm``), used in the scoring and written to the new card; ``test_generator``
+    overrides keys of the held-out lesions' generator (``[lesions.test_generator]``, which starts
+    from the artefact's own test generator, else its training generator), e.g. a smallest size."""
     own = copy.deepcopy(card["training"]["config"])
     own["data"] = cfg["data"]
     for key in ("thresholds", "min_volumes_mm3", "max_false_lesions_per_scan"):
@@ -60,6 +63,9 @@ def eval_config(card: dict[str, Any], cfg: dict[str, Any], trials: int | None,
             own["train"].pop("min_volumes_mm3", None)
     if trials is not None:
         own.setdefault("lesions", {})["val_trials"] = int(trials)
+    if test_generator:
+        les = own.setdefault("lesions", {})
+        les["test_generator"] = {**les.get("test_generator", les.get("generator", {})), **test_generator}
     own["_path"] = cfg["_path"]
     return own
 
@@ -77,11 +83,12 @@ def unseen_cases(card: dict[str, Any], cfg: dict[str, Any]) -> list[tdata.Case]:
 
 
 def recalibrate(model: str, artifact: Path, cfg: dict[str, Any], trials: int | None, device: str = "cpu",
-                setting: str | None = None, post: dict[str, float] | None = None
+                setting: str | None = None, post: dict[str, float] | None = None,
+                test_generator: dict[str, list[float]] | None = None
                 ) -> tuple[dict[str, Any], dict[str, Any], list[tdata.Case]]:
     """``(metrics, eval_cfg, cases)``: nested per-group scores of ``artifact`` on unseen subjects."""
     net, card = load_network(Path(artifact), device=device)
-    ecfg = eval_config(card, cfg, trials, setting, post)
+    ecfg = eval_config(card, cfg, trials, setting, post, test_generator)
     spec = preprocess.PrepSpec.from_card(card["preprocessing"])
     grid = setting_grid(ecfg, spec)
     cases = unseen_cases(card, cfg)
@@ -115,6 +122,19 @@ def write_recalibrated(artifact: Path, out: Path, version: str, metrics: dict[st
     return write_artifact(Path(out), net.state_dict(), new)
 
 
+def _ranges(items: list[str]) -> dict[str, list[float]]:
+    """``["length_mm=3,20"]`` -> ``{"length_mm": [3.0, 20.0]}``; a bad item is a DataError naming it."""
+    out: dict[str, list[float]] = {}
+    for item in items:
+        key, _, val = item.partition("=")
+        try:
+            lo, hi = (float(x) for x in val.split(","))
+        except ValueError:
+            raise DataError(f"--test-generator takes KEY=LO,HI, got {item!r}") from None
+        out[key.strip()] = [lo, hi]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: print the per-case table; with ``--out`` and ``--version`` write the new artefact."""
     from sci_node.logs import configure_logging
@@ -128,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setting", help="score this one setting only (T or T@V, e.g. the artefact's own 0.6@5)")
     p.add_argument("--post", action="append", default=[], metavar="KEY=VALUE",
                    help="set a post-processing key (number) for the scoring and the new card, e.g. coarse_step_mm=8")
+    p.add_argument("--test-generator", dest="test_generator", action="append", default=[], metavar="KEY=LO,HI",
+                   help="lesion: override a range of the held-out lesions' generator, e.g. length_mm=3,20")
     p.add_argument("--out", type=Path)
     p.add_argument("--version")
     p.add_argument("--threads", type=int, default=1)
@@ -139,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         post = {k: float(v) for k, v in (item.split("=", 1) for item in a.post)}
     except ValueError:
         raise DataError(f"--post takes KEY=NUMBER, got {a.post!r}") from None
-    metrics, ecfg, cases = recalibrate(a.model, a.artifact, cfg, a.trials, setting=a.setting, post=post)
+    tgen = _ranges(a.test_generator)
+    metrics, ecfg, cases = recalibrate(a.model, a.artifact, cfg, a.trials, setting=a.setting, post=post,
+                                       test_generator=tgen)
+    if tgen:
+        metrics["test_generator"] = ecfg["lesions"]["test_generator"]
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_case"}, indent=1))
     for key, row in sorted(metrics["per_case"].items()):
         print(key, json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
