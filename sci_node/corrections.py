@@ -40,6 +40,7 @@ import numpy as np
 from sci_node.config import NodeConfig
 from sci_node.errors import CorrectionNotFoundError, CorrectionRefused, SciNodeError, StorageError
 from sci_node.logs import get_logger
+from sci_node.sqlite_tx import write_tx
 
 log = get_logger("sci_node.corrections")
 
@@ -335,19 +336,8 @@ class CorrectionIndex:
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE ... COMMIT); errors as :class:`StorageError`."""
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StorageError(f"corrections index: {exc}") from None
-        try:
-            yield self._db
-            self._db.execute("COMMIT")
-        except BaseException as exc:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise StorageError(f"corrections index: {exc}") from None
-            raise
+        with write_tx(self._db, "corrections index") as db:
+            yield db
 
     def _sweep_orphans(self) -> None:
         """Delete temporary folders and folders without a recorded row (a crash mid-ingest)."""

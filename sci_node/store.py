@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from sci_node.errors import JobNotFoundError, SciNodeError, StorageError
+from sci_node.sqlite_tx import write_tx
 
 SCHEMA_VERSION = 1
 _UID_RE = re.compile(r"^[0-9A-Za-z.\-_]{1,64}$")
@@ -295,22 +296,16 @@ class Store:
         commit survives a process crash but not a power loss. Only for rows that
         :meth:`reconcile` can rebuild from fsync'd spool files.
         """
+        where = f"index {self.data_dir / 'index.sqlite3'}"
         with self._lock:
-            try:
-                if not sync_commit:
+            if not sync_commit:
+                try:
                     self._db.execute("PRAGMA synchronous=NORMAL")
-                self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StorageError(f"index {self.data_dir / 'index.sqlite3'}: {exc}") from exc
+                except sqlite3.Error as exc:
+                    raise StorageError(f"{where}: {exc}") from exc
             try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise StorageError(f"index {self.data_dir / 'index.sqlite3'}: {exc}") from exc
-                raise
+                with write_tx(self._db, where) as db:
+                    yield db
             finally:
                 if not sync_commit:
                     with contextlib.suppress(sqlite3.Error):
