@@ -24,6 +24,7 @@ Arrays are ``(Z, Y, X)`` uint8 masks on the source series' volume grid (``Series
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -339,13 +340,43 @@ class CorrectionIndex:
         with write_tx(self._db, "corrections index") as db:
             yield db
 
+    @contextlib.contextmanager
+    def writer_lock(self, blocking: bool = True) -> Iterator[bool]:
+        """Advisory lock (``flock`` on ``corrections/.lock``) held while a correction's folder is written
+        and committed; yields False when ``blocking`` is off and another process holds it.
+
+        Every process opening the index sweeps orphan folders (:meth:`_sweep_orphans`); without
+        this lock a ``sci-node corrections list`` run during an ingest deleted the ingest's
+        temporary folder, or its renamed folder before the row was committed.
+        """
+        try:
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StorageError(f"corrections lock in {str(self.root)!r}: {exc}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)  # releases the lock
+
     def _sweep_orphans(self) -> None:
-        """Delete temporary folders and folders without a recorded row (a crash mid-ingest)."""
-        keep = {Path(r[0]).name for r in self._db.execute(
-            "SELECT path FROM corrections WHERE state='recorded' AND path IS NOT NULL")}
-        for entry in self.root.iterdir():
-            if entry.is_dir() and entry.name not in keep and (entry.name.startswith(".tmp-") or entry.name.isdigit()):
-                shutil.rmtree(entry, ignore_errors=True)
+        """Delete temporary folders and folders without a recorded row (a crash mid-ingest).
+
+        Skipped while another process writes a correction (:meth:`writer_lock`).
+        """
+        with self.writer_lock(blocking=False) as free:
+            if not free:
+                return
+            keep = {Path(r[0]).name for r in self._db.execute(
+                "SELECT path FROM corrections WHERE state='recorded' AND path IS NOT NULL")}
+            for entry in self.root.iterdir():
+                if entry.is_dir() and entry.name not in keep and (entry.name.startswith(".tmp-")
+                                                                  or entry.name.isdigit()):
+                    shutil.rmtree(entry, ignore_errors=True)
 
     def all(self, limit: int | None = None) -> list[Correction]:
         """Every correction, newest first."""
@@ -571,22 +602,23 @@ def _record(cfg: NodeConfig, index: CorrectionIndex, seg: Any, seg_path: Path, s
     facts.update(patient_key=str(first.get("PatientID", "") or "") or f"study-{source.study_uid}",
                  measures=measures, notes=notes)
     tmp = index.root / f".tmp-{uuid.uuid4().hex}"
-    try:
-        _write_folder(tmp, seg_path, source, volume.image, {"cord_corrected": cord, "lesion_corrected": lesion,
-                                                             "cord_original": orig_cord,
-                                                             "lesion_original": orig_lesion})
-        with index.tx() as db:
-            cid = index.insert(db, {**facts, "state": "recorded", "received_at": time.time()})
-            final = index.root / str(cid)
-            meta = {**facts, "id": cid, "sequence": _label(source.routing, "sequence"),
-                    "view": _label(source.routing, "view"), "patient": _patient(first),
-                    "spacing_zyx_mm": list(geom.spacing[::-1])}
-            (tmp / "correction.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-            db.execute("UPDATE corrections SET path=? WHERE id=?", (str(final), cid))
-            os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with index.writer_lock():  # no other process sweeps the folder away before its row is committed
+        try:
+            _write_folder(tmp, seg_path, source, volume.image, {"cord_corrected": cord, "lesion_corrected": lesion,
+                                                                 "cord_original": orig_cord,
+                                                                 "lesion_original": orig_lesion})
+            with index.tx() as db:
+                cid = index.insert(db, {**facts, "state": "recorded", "received_at": time.time()})
+                final = index.root / str(cid)
+                meta = {**facts, "id": cid, "sequence": _label(source.routing, "sequence"),
+                        "view": _label(source.routing, "view"), "patient": _patient(first),
+                        "spacing_zyx_mm": list(geom.spacing[::-1])}
+                (tmp / "correction.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+                db.execute("UPDATE corrections SET path=? WHERE id=?", (str(final), cid))
+                os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     record = index.get(cid)
     log.info("correction.recorded", correction=cid, source_series_uid=source.series_uid, job=source.job_id,
              creator=record.creator, **{k: measures[k] for k in ("cord_dice", "lesions_added", "lesions_removed")})

@@ -394,3 +394,27 @@ def test_the_node_retention_sweep_expires_corrections_and_keeps_their_measures(t
     assert row.measures == {"cord_dice": 0.9} and not folder.exists()
     index.close()
     store.close()
+
+
+def test_an_ingest_in_progress_is_not_swept_by_another_process(tmp_path: Path) -> None:
+    """Every process opening the corrections index sweeps orphan folders; while an ingest holds the
+    writer lock (its temporary folder written, its renamed folder not yet committed), a second
+    process (``sci-node corrections list``, the CLI the plugin and the test poll) must leave both.
+    Found in CI: the poll deleted the ingest's folder and the correction failed."""
+    from sci_node.corrections import CorrectionIndex
+
+    index = CorrectionIndex(tmp_path)
+    tmp_dir, renamed = index.root / ".tmp-inflight", index.root / "7"
+    sweep = [sys.executable, "-c", "import sys; from pathlib import Path; from sci_node.corrections import "
+             "CorrectionIndex; CorrectionIndex(Path(sys.argv[1])).close()", str(tmp_path)]
+    with index.writer_lock() as held:
+        assert held
+        tmp_dir.mkdir()
+        renamed.mkdir()
+        proc = subprocess.run(sweep, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert tmp_dir.is_dir() and renamed.is_dir()
+    proc = subprocess.run(sweep, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not tmp_dir.exists() and not renamed.exists()  # orphans of a crashed ingest still go
+    index.close()

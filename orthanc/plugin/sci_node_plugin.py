@@ -51,6 +51,8 @@ from typing import Any
 import orthanc  # provided by libOrthancPython.so
 
 _UID_RE = re.compile(r"^[0-9.]{1,64}$")
+#: A correction whose ingest failed (not refused: a crash, a locked index) is tried this often, this far apart.
+HANDOFF_ATTEMPTS, HANDOFF_RETRY_S = 3, 5.0
 _OID_RE = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
 _ASSET_RE = re.compile(r"\.[A-Za-z0-9]{1,8}$")  # a path with a file extension is an asset, not a route
 _EXTRA_MIME = {".wasm": "application/wasm", ".js": "application/javascript", ".mjs": "application/javascript",
@@ -207,7 +209,8 @@ class CorrectionHandoff:
             except Exception as exc:  # noqa: BLE001 - a background thread must not die
                 orthanc.LogError(f"sci-node: SEG instance {instance}: correction hand-over failed: {exc!r}")
 
-    def _hand_over(self, instance: str) -> None:
+    def _ingest(self, instance: str) -> dict[str, Any]:
+        """One run of the node's CLI on the instance's file: its outcome (state, reason, correction)."""
         os.makedirs(self.inbox, mode=0o700, exist_ok=True)
         path = os.path.join(self.inbox, f"{instance}.dcm")
         with open(path, "wb") as fh:
@@ -217,9 +220,18 @@ class CorrectionHandoff:
         finally:
             os.unlink(path)
         try:
-            outcome = json.loads(proc.stdout.strip().splitlines()[-1])[0]
+            return json.loads(proc.stdout.strip().splitlines()[-1])[0]
         except (ValueError, IndexError):
-            outcome = {"state": "error", "reason": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+            return {"state": "error", "reason": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+
+    def _hand_over(self, instance: str) -> None:
+        for attempt in range(HANDOFF_ATTEMPTS):  # "error" = the ingest failed (not refused): try again
+            outcome = self._ingest(instance)
+            if outcome.get("state") != "error" or attempt == HANDOFF_ATTEMPTS - 1:
+                break
+            orthanc.LogWarning(f"sci-node: SEG instance {instance}: correction hand-over failed "
+                               f"({outcome.get('reason')}), attempt {attempt + 1} of {HANDOFF_ATTEMPTS}")
+            time.sleep(HANDOFF_RETRY_S)
         corr = outcome.get("correction") or {}
         record = {"time": _now(), "instance": instance, "state": outcome.get("state"),
                   "reason": outcome.get("reason"), "correction": corr.get("id")}
