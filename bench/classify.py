@@ -50,7 +50,9 @@ def main() -> None:
                 rep = route_series(classifiers, vol.image, ev, RoutingRules())
                 times.append(time.perf_counter() - t0)
             emit({"series": folder.name, "size": list(vol.image.GetSize()), "classifiers_run": len(
-                {lv for lv in rep["levels"]} & {"anatomy", "view", "sequence"}), "routed_in": rep["segment_cord"],
+                {lv for lv in rep["levels"]} & {"anatomy", "view", "sequence"}), "anatomy_by": (
+                rep["levels"].get("anatomy", {}).get("decided_by") or "localiser guard").split(":")[0],
+                  "routed_in": rep["segment_cord"],
                   "median_s": round(statistics.median(times), 4), "max_s": round(max(times), 4)}, args.json_out)
 
 
