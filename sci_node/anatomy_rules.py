@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from sci_node.evidence import HeaderEvidence
 
-__all__ = ["RULES_ID", "AnatomyRule", "anatomy_from_header", "normalise_text", "body_part_class",
+__all__ = ["RULES_ID", "AnatomyRule", "anatomy_from_header", "region_from_header", "SPINE_REGIONS", "normalise_text", "body_part_class",
            "mentions_spine", "names_non_spine"]
 
 #: Version of the rules (recorded in the routing decision's rule).
@@ -193,3 +193,20 @@ def _fields(ev: HeaderEvidence | None) -> dict[str, str]:
     raw = {"BodyPartExamined": ev.body_part_examined, "SeriesDescription": ev.series_description,
            "ProtocolName": ev.protocol_name, "StudyDescription": ev.study_description}
     return {k: v for k, v in raw.items() if v and normalise_text(v)}
+
+
+#: BodyPartExamined defined terms (DICOM PS3.16 CID 4030) that name one spine region, and the region class.
+SPINE_REGIONS: dict[str, str] = {"CSPINE": "cervical", "TSPINE": "thoracic", "LSPINE": "lumbar", "SSPINE": "lumbar"}
+
+
+def region_from_header(ev: HeaderEvidence | None) -> tuple[str, str] | None:
+    """``(region, detail)`` when BodyPartExamined is exactly one spine region's defined term, else None.
+
+    CSPINE -> cervical, TSPINE -> thoracic, LSPINE and SSPINE (sacrum: the lumbar class) ->
+    lumbar. Spans (``TLSPINE``, ``WHOLESPINE``, ``SPINE``) and free text decide nothing: the
+    region network does. The region never changes whether a series is segmented.
+    """
+    value = ev.body_part_examined if ev is not None else None
+    code = re.sub(r"[^A-Z0-9]", "", value.upper()) if value else ""
+    region = SPINE_REGIONS.get(code)
+    return (region, f"BodyPartExamined {value!r} is the {region} spine (DICOM defined term)") if region else None

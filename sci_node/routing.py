@@ -5,6 +5,8 @@ Two guards run first, before any classifier (both only route out): a series with
 volume to segment; and with ``rules.header_anatomy_veto`` a header that names a non-spine body
 part and never the spine (:func:`sci_node.anatomy_rules.anatomy_from_header`) routes the series
 out with the header value as the reason. The header never routes a series in.
+After the region/view classifier, a BodyPartExamined that is one spine region's defined term
+(:func:`sci_node.anatomy_rules.region_from_header`) decides the region head; the region gates nothing.
 
 The classifiers run in that order and stop at the first decision that routes the series
 out (a brain series never reaches the sequence classifier). A head whose top probability is
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from sci_node.anatomy_rules import RULES_ID as ANATOMY_RULES_ID
-from sci_node.anatomy_rules import anatomy_from_header
+from sci_node.anatomy_rules import anatomy_from_header, region_from_header
 from sci_node.config import RoutingRules
 from sci_node.evidence import HeaderEvidence
 
@@ -151,6 +153,11 @@ def route(classify: ClassifyFn, rules: RoutingRules, evidence: HeaderEvidence | 
             a = heads["anatomy"]
             heads["anatomy"] = HeadDecision(a.label, a.probability, a.probs,
                                             f"network (header rule {r.rule}: {r.detail})")
+        if model == "region_view" and evidence is not None:
+            region = region_from_header(evidence)
+            if region is not None:  # a defined term, not an estimate: the region network is overruled
+                heads["region"] = HeadDecision(region[0], 1.0, {region[0]: 1.0}, f"header rule body-part-region: "
+                                                                                 f"{region[1]}")
         verdict = _check_stage(model, heads, rules)
         if verdict is not None:
             return RoutingDecision(verdict.segment_cord, verdict.segment_lesions, verdict.rule,

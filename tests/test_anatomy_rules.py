@@ -240,3 +240,31 @@ def test_sidecar_of_a_nifti_is_read(tmp_path: Path) -> None:
     d = route(_classify(SPINE, []), RoutingRules(), evidence=ev, n_slices=slice_count(image.GetSize()))
     assert d.routed_out and d.reason and d.reason.startswith("BodyPartExamined 'KNEE'")
     assert ev is not None and ev.protocol_name == "t2_tse_tra"
+
+
+@pytest.mark.parametrize("part,region", [("LSPINE", "lumbar"), ("L-SPINE", "lumbar"), ("TSPINE", "thoracic"),
+                                         ("CSPINE", "cervical"), ("SSPINE", "lumbar"), ("TLSPINE", None),
+                                         ("SPINE", None), ("WHOLESPINE", None), (None, None)])
+def test_region_from_the_body_part_defined_term(part: str | None, region: str | None) -> None:
+    """A BodyPartExamined naming one spine region decides the region head (the network said cervical);
+    spans and a missing value leave it to the network. The series is segmented either way."""
+    ev = HeaderEvidence(body_part_examined=part)
+    d = route(_classify(SPINE, []), RoutingRules(), evidence=ev, n_slices=16)
+    assert d.segment_cord
+    if region is None:
+        assert d.heads["region"].label == "cervical" and d.heads["region"].decided_by is None
+    else:
+        assert d.heads["region"].label == region and d.heads["region"].probs == {region: 1.0}
+        assert d.heads["region"].decided_by == (f"header rule body-part-region: BodyPartExamined {part!r} is the "
+                                                f"{region} spine (DICOM defined term)")
+
+
+def test_lumbar_sample_region_comes_from_its_header(capsys: pytest.CaptureFixture[str]) -> None:
+    """The committed lumbar series (BodyPartExamined LSPINE) was called thoracic by the network (p 0.52)."""
+    from sci_node.cli import main
+
+    assert main(["route", str(REPO / "tests" / "data" / "series" / "lumbar_sag_T2w"), "--json",
+                 "--log-level", "ERROR"]) == 0
+    (rep,) = json.loads(capsys.readouterr().out)["series"]
+    assert rep["levels"]["region"]["label"] == "lumbar"
+    assert rep["levels"]["region"]["decided_by"].startswith("header rule body-part-region: BodyPartExamined 'LSPINE'")
