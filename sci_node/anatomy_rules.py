@@ -44,8 +44,8 @@ from dataclasses import dataclass
 
 from sci_node.evidence import HeaderEvidence
 
-__all__ = ["RULES_ID", "AnatomyRule", "anatomy_from_header", "region_from_header", "SPINE_REGIONS", "normalise_text", "body_part_class",
-           "mentions_spine", "names_non_spine"]
+__all__ = ["RULES_ID", "AnatomyRule", "anatomy_from_header", "region_from_header", "SPINE_REGIONS", "normalise_text",
+           "body_part_class", "mentions_spine", "names_non_spine"]
 
 #: Version of the rules (recorded in the routing decision's rule).
 RULES_ID = "body-part-v1"
@@ -132,10 +132,15 @@ def body_part_class(value: str | None) -> str | None:
     """``spine`` / ``brain`` / ``abdomen`` / ``other`` for a BodyPartExamined value; None = neutral or unknown."""
     if not value:
         return None
-    code = re.sub(r"[^A-Z0-9]", "", value.upper())
+    code = _part_code(value)
     if "SPINE" in code or code in NECK_PARTS or mentions_spine(value):
         return "spine"
     return BODY_PARTS.get(code) or names_non_spine(value)
+
+
+def _part_code(value: str) -> str:
+    """BodyPartExamined as a defined-term code: upper case, letters and digits only (``c-spine`` -> ``CSPINE``)."""
+    return re.sub(r"[^A-Z0-9]", "", value.upper())
 
 
 def anatomy_from_header(ev: HeaderEvidence | None) -> AnatomyRule:
@@ -207,6 +212,5 @@ def region_from_header(ev: HeaderEvidence | None) -> tuple[str, str] | None:
     region network does. The region never changes whether a series is segmented.
     """
     value = ev.body_part_examined if ev is not None else None
-    code = re.sub(r"[^A-Z0-9]", "", value.upper()) if value else ""
-    region = SPINE_REGIONS.get(code)
+    region = SPINE_REGIONS.get(_part_code(value)) if value else None
     return (region, f"BodyPartExamined {value!r} is the {region} spine (DICOM defined term)") if region else None

@@ -325,26 +325,26 @@ class Segmenter:
                                                    min_volume_mm3=float(self.post.get("min_volume_mm3", 0.0)))
                 keep = postprocess.drop_detached_below(keep, (sz, sy, sx), max_gap)
             prob = prob * keep
-        mask = preprocess.to_source_grid(prob, prepared, threshold=thr)
         spacing = tuple(float(s) for s in prepared.source.GetSpacing()[:3][::-1])
-        keep_mm = output_roi_mm(self.post)
-        if roi is not None and keep_mm is not None:
-            mask = mask * postprocess.dilate_mm(roi, spacing, keep_mm)  # type: ignore[arg-type]
+        mask = self._source_mask(prob, prepared, thr, roi)
         kept = self.keep_components(mask, spacing, min_volume_mm3)  # type: ignore[arg-type]
         return self.grow(kept, prob, prepared, roi) if grow else kept
+
+    def _source_mask(self, prob: np.ndarray, prepared: preprocess.Prepared, threshold: float,
+                     roi: np.ndarray | None) -> np.ndarray:
+        """``prob >= threshold`` on the source grid, cut to ``roi`` dilated by the card's ``output_roi_mm``."""
+        mask = preprocess.to_source_grid(prob, prepared, threshold=threshold)
+        keep_mm = output_roi_mm(self.post)
+        if roi is not None and keep_mm is not None:
+            spacing = tuple(float(s) for s in prepared.source.GetSpacing()[:3][::-1])
+            mask = mask * postprocess.dilate_mm(roi, spacing, keep_mm)  # type: ignore[arg-type]
+        return mask
 
     def grow_region(self, prob: np.ndarray, prepared: preprocess.Prepared, roi: np.ndarray | None = None
                     ) -> np.ndarray | None:
         """Source-grid voxels at or above ``postprocessing.grow_threshold`` (cut like the mask); None when off."""
         low = float(self.post.get("grow_threshold", 0.0))
-        if low <= 0:
-            return None
-        region = preprocess.to_source_grid(prob, prepared, threshold=low)
-        keep_mm = output_roi_mm(self.post)
-        if roi is not None and keep_mm is not None:
-            spacing = tuple(float(s) for s in prepared.source.GetSpacing()[:3][::-1])
-            region = region * postprocess.dilate_mm(roi, spacing, keep_mm)  # type: ignore[arg-type]
-        return region
+        return self._source_mask(prob, prepared, low, roi) if low > 0 else None
 
     def grow(self, mask: np.ndarray, prob: np.ndarray, prepared: preprocess.Prepared,
              roi: np.ndarray | None = None, region: np.ndarray | None = None) -> np.ndarray:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from sci_node.anatomy_rules import RULES_ID as ANATOMY_RULES_ID
-from sci_node.anatomy_rules import anatomy_from_header, region_from_header
+from sci_node.anatomy_rules import AnatomyRule, anatomy_from_header, region_from_header
 from sci_node.config import RoutingRules
 from sci_node.evidence import HeaderEvidence
 
@@ -140,7 +140,8 @@ def route(classify: ClassifyFn, rules: RoutingRules, evidence: HeaderEvidence | 
     n_slices
         :func:`slice_count` of the image for the localiser guard; None = not known (no guard).
     """
-    guarded = _guards(rules, evidence, n_slices)
+    header = anatomy_from_header(evidence) if evidence is not None and rules.header_anatomy_veto else None
+    guarded = _guards(rules, header, n_slices)
     if guarded is not None:
         return guarded
     heads: dict[str, HeadDecision] = {}
@@ -148,11 +149,10 @@ def route(classify: ClassifyFn, rules: RoutingRules, evidence: HeaderEvidence | 
         out = classify(model)
         for h in head_names:
             heads[h] = decide_head(out.get(h, {}), rules.min_confidence)
-        if model == "anatomy" and evidence is not None and rules.header_anatomy_veto:
-            r = anatomy_from_header(evidence)
+        if model == "anatomy" and header is not None:
             a = heads["anatomy"]
             heads["anatomy"] = HeadDecision(a.label, a.probability, a.probs,
-                                            f"network (header rule {r.rule}: {r.detail})")
+                                            f"network (header rule {header.rule}: {header.detail})")
         if model == "region_view" and evidence is not None:
             region = region_from_header(evidence)
             if region is not None:  # a defined term, not an estimate: the region network is overruled
@@ -170,21 +170,20 @@ def route(classify: ClassifyFn, rules: RoutingRules, evidence: HeaderEvidence | 
     return RoutingDecision(True, lesions, rule, None, dict(heads))
 
 
-def _guards(rules: RoutingRules, evidence: HeaderEvidence | None, n_slices: int | None) -> RoutingDecision | None:
-    """The routing-out decision of the localiser guard or the header anatomy veto, or None to classify."""
+def _guards(rules: RoutingRules, header: AnatomyRule | None, n_slices: int | None) -> RoutingDecision | None:
+    """The routing-out decision of the localiser guard or the header anatomy veto (``header``: the
+    anatomy rule's outcome, None when there is no header or the veto is off), or None to classify."""
     if n_slices is not None and n_slices < rules.min_slices:
         what = ("a localiser or a single-slice series" if n_slices == 1
                 else f"a localiser or a stack thinner than min_slices {rules.min_slices}")
         return _out({}, f"route-out: {n_slices} slice{'s' if n_slices != 1 else ''} < min_slices {rules.min_slices}",
                     f"{n_slices} slice{'s' if n_slices != 1 else ''}: {what}, not a volume to segment")
-    if evidence is None or not rules.header_anatomy_veto:
-        return None
-    r = anatomy_from_header(evidence)
-    if r.label is None:
+    if header is None or header.label is None:
         return None
     # a rule, not a probability estimate: its class gets 1 (the anatomy network is not asked)
-    head = HeadDecision(r.label, 1.0, {r.label: 1.0}, f"header rule {r.rule}: {r.detail}")
-    return _out({"anatomy": head}, f"route-out: header anatomy ({ANATOMY_RULES_ID} {r.rule}) != spine", r.detail)
+    head = HeadDecision(header.label, 1.0, {header.label: 1.0}, f"header rule {header.rule}: {header.detail}")
+    return _out({"anatomy": head}, f"route-out: header anatomy ({ANATOMY_RULES_ID} {header.rule}) != spine",
+                header.detail)
 
 
 def _check_stage(model: str, heads: dict[str, HeadDecision], rules: RoutingRules) -> RoutingDecision | None:
