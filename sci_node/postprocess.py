@@ -133,6 +133,77 @@ def drop_detached_below(mask: np.ndarray, spacing: tuple[float, float, float], m
     return out
 
 
+def _slice_area_mm2(mask: np.ndarray, spacing: tuple[float, float, float], smooth_mm: float) -> np.ndarray:
+    """Cross-sectional area (mm²) of each Z slice of ``mask``, a moving mean over about ``smooth_mm``."""
+    area = mask.reshape(mask.shape[0], -1).sum(axis=1).astype(float) * float(spacing[1]) * float(spacing[2])
+    width = max(1, int(round(smooth_mm / float(spacing[0]))) | 1)
+    return ndi.uniform_filter1d(area, size=width, mode="nearest")
+
+
+def cut_below_conus(mask: np.ndarray, spacing: tuple[float, float, float], *, window_mm: float,
+                    taper_ratio: float = 0.7, regrow_ratio: float = 1.4, reference_mm: float = 20.0,
+                    min_length_mm: float = 80.0, max_slice_mm: float = 2.5, edge_mm: float = 5.0
+                    ) -> np.ndarray:
+    """Drop what lies below the conus when the cord's inferior end tapers and then swells again.
+
+    The spinal cord ends in the conus medullaris: its cross-section narrows to a tip and never
+    widens again below it. Below the conus, the nerve roots of the cauda equina gather in the
+    thecal sac and, in axial slices, look like a small cord joined to the tip; a network marks
+    them as cord in one piece with it, so :func:`drop_detached_below` cannot tell them apart.
+    This filter looks for the signature of that mistake in the area profile along Z: within the
+    lowest ``window_mm`` of the mask, a slice whose (3 mm smoothed) area is at most
+    ``taper_ratio`` × the largest area in the ``reference_mm`` above it (the taper) while the
+    mask below it grows back to at least ``regrow_ratio`` × that area (the roots). The narrowest
+    such slice is the conus; every slice below it is cleared. A mask that tapers without
+    regrowing (a real conus, a cord fading at the edge of the field of view), a short mask
+    (under ``min_length_mm``), a mask sampled coarser than ``max_slice_mm`` along Z (axial
+    slices 3–16 mm apart: their areas swing by a third from slice to slice, and a conus search
+    needs the cord seen lengthwise — sagittal, coronal, 3-D or thin axial), a mask that reaches
+    to within ``edge_mm`` of the grid's inferior edge (the cord's end is then not in view; a
+    narrowing there is coil fall-off or partial volume — seen on a full-FOV cervical sagittal
+    whose mask narrows 8 mm above the bottom edge) or a mask whose narrowing is not low down is
+    returned unchanged.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        ``(Z, Y, X)`` mask on the canonical axial grid (Z = inferior→superior).
+    spacing : tuple[float, float, float]
+        ``(sz, sy, sx)`` in mm.
+    window_mm : float
+        How far above the mask's lowest slice the taper is searched (mm); ``<= 0`` disables.
+    taper_ratio, regrow_ratio : float
+        The narrowing (fraction of the area above) and the regrowth (multiple of the narrowest
+        area) that together mark roots below a conus.
+    reference_mm, min_length_mm, max_slice_mm, edge_mm : float
+        Length of cord above a candidate slice it is compared with; shortest mask searched;
+        coarsest Z spacing searched; least distance of the mask's end from the grid's inferior
+        edge (mm).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(Z, Y, X)`` uint8 mask.
+    """
+    out = (mask > 0).astype(np.uint8)
+    zs = np.nonzero(out.reshape(out.shape[0], -1).any(axis=1))[0]
+    sz = float(spacing[0])
+    if (window_mm <= 0 or sz > max_slice_mm or zs.size < 3 or zs[0] * sz < edge_mm
+            or (zs[-1] - zs[0] + 1) * sz < min_length_mm):
+        return out
+    area = _slice_area_mm2(out, spacing, smooth_mm=3.0)
+    ref_n = max(1, int(round(reference_mm / sz)))
+    best: tuple[float, int] | None = None
+    for z in range(zs[0] + 1, min(zs[-1] - ref_n, zs[0] + int(round(window_mm / sz))) + 1):
+        below, above = area[zs[0]:z].max(), area[z + 1:z + 1 + ref_n].max()
+        if area[z] <= taper_ratio * above and below >= regrow_ratio * area[z]:
+            if best is None or area[z] < best[0]:
+                best = (float(area[z]), z)
+    if best is not None:
+        out[:best[1]] = 0
+    return out
+
+
 def dilate_mm(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
     """Dilate a ``(Z, Y, X)`` mask by an ellipsoid of ``radius_mm`` (at least the 6-neighbourhood in-plane)."""
     if radius_mm <= 0:

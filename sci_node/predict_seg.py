@@ -317,13 +317,15 @@ class Segmenter:
         thr = self.spec.threshold if threshold is None else float(threshold)
         max_dist = float(self.post.get("max_centerline_distance_mm", 0.0))
         max_gap = float(self.post.get("max_gap_below_mm", 0.0))
-        if max_dist > 0 or max_gap > 0:  # on the canonical axial grid, where Z runs along the cord
+        conus_mm = float(self.post.get("conus_window_mm", 0.0))
+        if max_dist > 0 or max_gap > 0 or conus_mm > 0:  # on the canonical axial grid (Z along the cord)
             sz, sy, sx = prepared.grid.GetSpacing()[::-1]
             keep = postprocess.near_centerline(prob >= thr, (sz, sy, sx), max_dist)
-            if max_gap > 0:  # specks in a gap (dropped by the size limit anyway) must not bridge it
+            if max_gap > 0 or conus_mm > 0:  # specks in a gap (dropped by the size limit anyway) must not bridge it
                 keep = postprocess.keep_components(keep, (sz, sy, sx),
                                                    min_volume_mm3=float(self.post.get("min_volume_mm3", 0.0)))
                 keep = postprocess.drop_detached_below(keep, (sz, sy, sx), max_gap)
+                keep = postprocess.cut_below_conus(keep, (sz, sy, sx), window_mm=conus_mm)
             prob = prob * keep
         spacing = tuple(float(s) for s in prepared.source.GetSpacing()[:3][::-1])
         mask = self._source_mask(prob, prepared, thr, roi)

@@ -106,6 +106,41 @@ def test_drop_detached_below_removes_a_cauda_piece_far_below_the_cord_and_keeps_
     assert np.array_equal(drop_detached_below(m, (1.0, 0.5, 0.5), max_gap_mm=0.0), m)  # off
 
 
+def _tapered_cord(areas_px: list[int], size: int = 24) -> np.ndarray:
+    """A ``(Z, size, size)`` cord whose slice z holds a centred square of about ``areas_px[z]`` pixels."""
+    m = np.zeros((len(areas_px), size, size), np.uint8)
+    for z, a in enumerate(areas_px):
+        side = int(round(np.sqrt(a)))
+        lo = (size - side) // 2
+        m[z, lo:lo + side, lo:lo + side] = 1 if a else 0
+    return m
+
+
+def test_cut_below_conus_drops_roots_that_swell_below_a_tapering_cord_end() -> None:
+    """Cauda equina roots marked in one piece with the conus tip are cut off at the taper; real ends are kept."""
+    from sci_node.postprocess import cut_below_conus
+
+    sp = (1.0, 0.5, 0.5)  # 1 mm along Z, areas in mm² = pixels / 4
+    # Z runs inferior -> superior: 12 mm of roots (swelling back to 64 px), the conus taper to 36 px, 100 mm of cord
+    roots = [16, 36, 49, 64, 64, 64, 49, 49, 49, 36, 36, 36]
+    cord = [36, 36, 49, 64, 81, 100, 100, 100] + [81] * 92
+    m = _tapered_cord([0] * 10 + roots + cord)  # the mask ends 10 mm above the grid's inferior edge
+    out = cut_below_conus(m, sp, window_mm=40)
+    assert out[:19].sum() == 0 and np.array_equal(out[22:], m[22:])  # cut in the narrowest stretch
+    # the same profile reaching the grid's inferior edge: the cord's end is not in view, nothing cut
+    edge = m[10:]
+    assert np.array_equal(cut_below_conus(edge, sp, window_mm=40), edge)
+    # a cord that tapers to its tip without swelling again is a real conus: nothing cut
+    tip = _tapered_cord([0] * 10 + [4, 9, 16, 25, 36, 49, 64] + [81] * 100)
+    assert np.array_equal(cut_below_conus(tip, sp, window_mm=40), tip)
+    # thick axial slices (5 mm) swing in area from slice to slice: never searched
+    slabs = m[::5]
+    assert np.array_equal(cut_below_conus(slabs, (5.0, 0.5, 0.5), window_mm=40), slabs)
+    # a short mask (an axial slab stack of 30 mm) and window 0 (off) are left alone
+    assert np.array_equal(cut_below_conus(m[:30], sp, window_mm=40), m[:30])
+    assert np.array_equal(cut_below_conus(m, sp, window_mm=0), m)
+
+
 def test_hysteresis_grows_kept_seeds_only() -> None:
     """A kept lesion core extends into its connected low-probability rim; a rim without a core is not added."""
     region = np.zeros((5, 20, 20), np.uint8)

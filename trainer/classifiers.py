@@ -33,6 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 CLASSES = {"anatomy": ANATOMY, "region": REGION, "view": VIEW, "sequence": SEQUENCE}
 #: Bump when the sample generators change (invalidates sample caches).
 SAMPLES_VERSION = 7
+#: ``[data]`` keys of the extra non-spine scenes (:func:`_with_nonspine`): not part of the base samples' key.
+EXTRA_DATA_KEYS = ("n_nonspine", "nonspine_seed")
 MODEL_HEADS = {"anatomy": ("anatomy",), "region_view": ("region", "view"), "sequence": ("sequence",)}
 #: Coded concepts of the classes (SNOMED CT where one exists, else DCM / local "99SCINODE").
 CODES: dict[str, tuple[str, str, str]] = {
@@ -89,7 +91,10 @@ def build_samples(cfg: dict[str, Any], data: Path, seed: int) -> SampleSet:
     digest = hashlib.sha256()
     for f in hashed:
         digest.update(f.name.encode() + file_sha(f).encode())
-    recipe = json.dumps({"data": {k: v for k, v in dcfg.items() if k != "cache"}, "seed": seed,
+    # the extra non-spine scenes (``n_nonspine``) are generated and cached apart: the base samples, shared
+    # with the models that do not use them, keep their key and content
+    recipe = json.dumps({"data": {k: v for k, v in dcfg.items() if k not in ("cache", *EXTRA_DATA_KEYS)},
+                         "seed": seed,
                          "generator": SAMPLES_VERSION,
                          "prep": PREPROCESSING_ID, "sources": [s.__dict__ for s in sources]}, sort_keys=True)
     key = hashlib.sha256(digest.hexdigest().encode() + recipe.encode()).hexdigest()[:16]
@@ -97,12 +102,74 @@ def build_samples(cfg: dict[str, Any], data: Path, seed: int) -> SampleSet:
     cache = Path(dcfg["cache"]).with_suffix(f".{key}.npz") if dcfg.get("cache") else None
     if cache is not None and cache.is_file():
         log.info("classifier samples from cache", path=str(cache))
-        return SampleSet.load(cache, meta)
-    samples = _generate(cfg, sources, data, pam_dir, seed)
-    samples.meta = meta
-    if cache is not None:
-        samples.save(cache)
-    return samples
+        samples = SampleSet.load(cache, meta)
+    else:
+        samples = _generate(cfg, sources, data, pam_dir, seed)
+        samples.meta = meta
+        if cache is not None:
+            samples.save(cache)
+    return _with_nonspine(samples, dcfg, seed, key)
+
+
+def _with_nonspine(samples: SampleSet, dcfg: dict[str, Any], seed: int, base_key: str) -> SampleSet:
+    """``samples`` followed by the extra synthetic non-spine exams of ``[data] n_nonspine`` (none by default).
+
+    Parameters
+    ----------
+    samples
+        The base sample set (real volumes, PAM50, scenes, phantoms), unchanged.
+    dcfg
+        The ``[data]`` table: ``n_nonspine`` maps a kind of :data:`trainer.cls_nonspine.KINDS` to a count,
+        ``nonspine_seed`` (default 1) offsets their random stream from ``seed``.
+    seed, base_key
+        The run's seed and the base samples' cache key.
+
+    Returns
+    -------
+    SampleSet
+        The base samples when ``n_nonspine`` is empty; else base + extras (group ``synth-scenes``, never
+        held out), with ``meta["samples_key"]`` covering the extras' recipe and generator version.
+    """
+    from trainer.cls_nonspine import NONSPINE_VERSION
+
+    counts = {k: int(v) for k, v in dict(dcfg.get("n_nonspine", {})).items() if int(v) > 0}
+    if not counts:
+        return samples
+    recipe = json.dumps({"n_nonspine": counts, "nonspine_seed": int(dcfg.get("nonspine_seed", 1)), "seed": seed,
+                         "generator": NONSPINE_VERSION, "prep": PREPROCESSING_ID}, sort_keys=True)
+    key = hashlib.sha256((base_key + recipe).encode()).hexdigest()[:16]
+    cache = Path(dcfg["cache"]).with_suffix(f".nonspine-{key}.npz") if dcfg.get("cache") else None
+    meta = {**samples.meta, "samples_key": key, "base_samples_key": base_key}
+    if cache is not None and cache.is_file():
+        log.info("non-spine samples from cache", path=str(cache))
+        extra = SampleSet.load(cache, meta)
+    else:
+        extra = _generate_nonspine(counts, np.random.default_rng([seed, int(dcfg.get("nonspine_seed", 1))]))
+        if cache is not None:
+            extra.save(cache)
+    return SampleSet.concat(samples, extra, meta)
+
+
+def _generate_nonspine(counts: dict[str, int], rng: np.random.Generator) -> SampleSet:
+    """The extra non-spine exams, ``counts[kind]`` of each kind of :data:`trainer.cls_nonspine.KINDS`."""
+    from tqdm import tqdm
+
+    from trainer.cls_nonspine import KINDS
+
+    unknown = sorted(set(counts) - set(KINDS))
+    if unknown:
+        raise ConfigError(f"data.n_nonspine: unknown kind(s) {unknown} (expected some of {sorted(KINDS)})")
+    rows: list[tuple[np.ndarray, np.ndarray, dict[str, int], int]] = []
+    for kind, n in counts.items():
+        for _ in tqdm(range(n), desc=f"synthetic non-spine {kind}", unit="img", file=sys.stderr):
+            img, hdr, lab = KINDS[kind](rng)
+            t, f = series_inputs(img, hdr)
+            rows.append((t, f, lab, _rule_index(hdr)))
+    n_rows = len(rows)
+    return SampleSet(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]),
+                     {k: np.asarray([r[2][k] for r in rows], np.int64) for k in TASKS},
+                     np.asarray(["synth-scenes"] * n_rows), np.zeros(n_rows, bool), np.zeros(n_rows, np.int8),
+                     np.asarray([r[3] for r in rows], np.int64))
 
 
 def _generate(cfg: dict[str, Any], sources: Sequence[Source], data: Path, pam_dir: Path | None,

@@ -127,6 +127,14 @@ class SampleSet:
                             **{f"label_{k}": v for k, v in self.labels.items()})  # type: ignore[arg-type]
 
     @classmethod
+    def concat(cls, a: "SampleSet", b: "SampleSet", meta: dict[str, Any]) -> "SampleSet":
+        """``a`` followed by ``b`` (same tasks; ``header`` masks are dropped: set by the model's view)."""
+        return cls(np.concatenate([a.thumbs, b.thumbs]), np.concatenate([a.features, b.features]),
+                   {k: np.concatenate([a.labels[k], b.labels[k]]) for k in TASKS},
+                   np.concatenate([a.groups, b.groups]), np.concatenate([a.real, b.real]),
+                   np.concatenate([a.stored, b.stored]), np.concatenate([a.rule, b.rule]), meta)
+
+    @classmethod
     def load(cls, path: Path, meta: dict[str, Any]) -> "SampleSet":
         z = np.load(path)
         return cls(z["thumbs"], z["features"], {k: z[f"label_{k}"] for k in TASKS}, z["groups"], z["real"],

@@ -211,6 +211,51 @@ def hierarchy_table(models_dir: Path, versions: dict[str, str] | None = None, da
                       "… segmented as T1w/T2w/T2\\*w (wrong) | non-spine series | non-spine routed in |",
                       "|---|---|---|---|---|---|---|---|---|---|", *rows])
 
+def card_summary(card_dir: Path, head: str = "anatomy", abstain: float = 0.5) -> str:
+    """Cross-validation summary of one artefact folder (e.g. a candidate not in the registry).
+
+    Parameters
+    ----------
+    card_dir
+        Folder with the ``card.json`` the trainer wrote.
+    head
+        Head to summarise.
+    abstain
+        Confidence below which the node abstains (coverage is the fraction at or above it).
+
+    Returns
+    -------
+    str
+        Markdown: stored-volume accuracy, per-class recall, per-group accuracy, coverage, the held-out
+        stored real series (header removed or without one) of each non-spine group with their top class
+        and p, the spine series correct and their lowest p(spine), and the stored-volume errors.
+    """
+    card = json.loads((Path(card_dir) / "card.json").read_text())
+    m = card["metrics"][head]
+    rs = m["real_series"]
+    lines = [f"**{card['name']} {card['version']}** ({card_dir}) — stored real volumes "
+             f"{_fmt(m['accuracy_stored_volumes'])} ({m['n_stored_volumes']}); all held-out samples "
+             f"{_fmt(m['accuracy'])} ({m['n']}); real crops {_fmt(m['accuracy_real'])}; coverage @ p≥{abstain} "
+             f"{_fmt(m['coverage'])}, acc. when not abstaining {_fmt(m['accuracy_when_not_abstaining'])}; "
+             f"temperature {_fmt(m['temperature'])}; ECE {_fmt(m['ece_uncalibrated'])} → {_fmt(m['ece_calibrated'])}",
+             "recall: " + ", ".join(f"{k} {_fmt(v)}" for k, v in m["per_class_recall"].items()),
+             "per group: " + ", ".join(f"{k} {_fmt(v)}" for k, v in m["per_group"].items())]
+    series = [p for p in rs.get("predictions", []) if p["condition"] == "header_removed"]
+    spine = [p["probs"]["spine"] for p in series if p["true"] == "spine"]
+    ok_sp = sum(max(p["probs"], key=p["probs"].get) == "spine" for p in series if p["true"] == "spine")
+    lines.append(f"spine stored series (header removed): {ok_sp}/{len(spine)} correct, min p(spine) "
+                 f"{min(spine) if spine else float('nan'):.3f}, abstained {sum(v < abstain for v in spine)}")
+    ns = [p for p in series if p["true"] != "spine"]
+    ok_ns = [p for p in ns if max(p["probs"], key=p["probs"].get) == p["true"]]
+    lines.append(f"non-spine stored series (header removed): {len(ok_ns)}/{len(ns)} correct; "
+                 f"called spine with p≥{abstain}: {sum(p['probs']['spine'] >= abstain for p in ns)}")
+    for p in ns:
+        top = max(p["probs"], key=p["probs"].get)
+        lines.append(f"  {p['group']:<12} {p['true']:>7} -> {top:<7} p={p['probs'][top]:.3f} "
+                     f"p(true)={p['probs'][p['true']]:.3f} p(spine)={p['probs']['spine']:.3f}")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -221,6 +266,11 @@ if __name__ == "__main__":
                          "veto) to each stored sample (default ../shared/data/spine)")
     ap.add_argument("--no-guards", dest="guards", action="store_false",
                     help="hierarchy table without the guards (the classifiers alone, as before 0.3.0's rules)")
+    ap.add_argument("--card", type=Path, action="append",
+                    help="summarise the anatomy head of this artefact folder instead (repeatable)")
     a = ap.parse_args()
+    if a.card:
+        sys.stdout.write("\n\n".join(card_summary(c) for c in a.card) + "\n")
+        sys.exit(0)
     _data = a.data if a.guards else None
     sys.stdout.write(report(a.models_dir) + "\n" + hierarchy_table(a.models_dir, data=_data) + "\n")
