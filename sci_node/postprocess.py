@@ -166,10 +166,9 @@ def cut_below_conus(mask: np.ndarray, spacing: tuple[float, float, float], *, wi
 
     Parameters
     ----------
-    mask : numpy.ndarray
-        ``(Z, Y, X)`` mask on the canonical axial grid (Z = inferior→superior).
-    spacing : tuple[float, float, float]
-        ``(sz, sy, sx)`` in mm.
+    mask, spacing
+        ``(Z, Y, X)`` mask on the canonical axial grid and its ``(sz, sy, sx)`` in mm, as in
+        :func:`drop_detached_below`.
     window_mm : float
         How far above the mask's lowest slice the taper is searched (mm); ``<= 0`` disables.
     taper_ratio, regrow_ratio : float

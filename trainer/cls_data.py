@@ -219,7 +219,8 @@ def _mosaic(folder: Path) -> tuple[sitk.Image, HeaderEvidence | None, Path]:
 
     import pydicom
 
-    path = source_file(Source("data", str(folder) + ".mosaic", "", "other", None), Path("/"))
+    # absolute: source_file joins the path to a root, and a relative --data folder must not become /-relative
+    path = source_file(Source("data", str(folder.resolve()) + ".mosaic", "", "other", None), Path("/"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # nibabel warns that its DICOM readers are experimental
         from nibabel.nicom import dicomwrappers
