@@ -7,6 +7,11 @@ A series becomes two inputs for the routing classifiers (:class:`sci_node.nets.S
   to ``[0, 1.5]`` by the 1st/99th percentiles; channel 0 = central axial slab (rows A→P,
   columns R→L), 1 = central coronal slab (rows S→I, columns R→L), 2 = central sagittal
   slab (rows S→I, columns A→P). Each slab is the mean of the 3 central grid slices.
+  Feature version ``cls-thumbs-v3`` adds 3 **detail** channels (``(6, S, S)``): the same three
+  slabs of a second ``S``-grid of fixed physical size (:data:`DETAIL_MM`, 2 mm steps at
+  ``S = 32``) about the bounding-box centre, where the cord of a spine series usually lies; at
+  the whole-box grid's 5–12 mm steps the cord/CSF contrast that tells T1w, T2w and T2*w
+  apart is one or two voxels.
 * ``features``: ``(N_FEATURES,)`` float32 — geometry of the grid (slice-axis direction,
   physical extents, spacing, slice count), intensity statistics, and header evidence
   (TE/TR/TI/flip with presence flags, ScanningSequence/SequenceVariant/MRAcquisitionType
@@ -24,14 +29,16 @@ import SimpleITK as sitk
 from sci_node.evidence import HeaderEvidence
 
 __all__ = ["FEATURE_NAMES", "N_FEATURES", "THUMB_SIZE", "series_inputs", "slice_axis", "view_of_image",
-           "scalar_volume", "header_features", "PREPROCESSING_ID", "PREPROCESSING_IDS"]
+           "scalar_volume", "header_features", "PREPROCESSING_ID", "PREPROCESSING_IDS", "DETAIL_MM", "n_channels"]
 
 #: The feature version the trainer writes into new cards. v2 stretches thin slabs for the
 #: thumbnails (:func:`_thickened`); v1 did not. A card names its version and gets exactly the
 #: features it was trained on, so older artefacts stay usable (rollback).
 PREPROCESSING_ID = "cls-thumbs-v2"
-PREPROCESSING_IDS = ("cls-thumbs-v1", "cls-thumbs-v2")
+PREPROCESSING_IDS = ("cls-thumbs-v1", "cls-thumbs-v2", "cls-thumbs-v3")
 THUMB_SIZE = 32
+#: Edge (mm) of the ``cls-thumbs-v3`` detail grid about the bounding-box centre (capped at the box).
+DETAIL_MM = 64.0
 _SCAN = ("SE", "GR", "IR", "EP", "RM")
 _VARIANT = ("SK", "SS", "SP", "MP", "OSP", "MTC", "TRSS")
 _HIST_BINS = 8
@@ -138,15 +145,24 @@ def _thickened(vol: sitk.Image, min_extent: float) -> sitk.Image:
     return out
 
 
-def _thumbs(vol: sitk.Image, lo: float, size: int, thicken: bool = True) -> np.ndarray:
+def n_channels(prep_id: str) -> int:
+    """Thumbnail channels of a feature version: 6 for ``cls-thumbs-v3`` (whole box + detail), else 3."""
+    return 6 if prep_id == "cls-thumbs-v3" else 3
+
+
+def _thumbs(vol: sitk.Image, lo: float, size: int, thicken: bool = True,
+            extent_mm: float | None = None) -> np.ndarray:
     """``(S, S, S)`` raw-valued grid ``(Z=I→S, Y=A→P, X=R→L)`` covering the bounding box.
 
     With ``thicken`` (features v2), axes thinner than 3 grid steps (single slices, thin slabs)
     are stretched to 3 steps (:func:`_thickened`), so the central thumbnails always cut
-    through the image.
+    through the image. ``extent_mm`` (v3 detail grid) narrows the grid's edge to that many mm
+    about the box centre (never wider than the box).
     """
     pmin, pmax = _bbox(vol)
     extent = float(max(pmax - pmin))
+    if extent_mm is not None:
+        extent = min(extent, float(extent_mm))
     spacing = extent / size
     center = (pmin + pmax) / 2.0
     origin = center - spacing * (size - 1) / 2.0
@@ -155,6 +171,16 @@ def _thumbs(vol: sitk.Image, lo: float, size: int, thicken: bool = True) -> np.n
     return sitk.GetArrayFromImage(sitk.Resample(
         vol, [size] * 3, sitk.Transform(), sitk.sitkLinear, origin.tolist(), [spacing] * 3,
         [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0], lo, sitk.sitkFloat32)).astype(np.float32)
+
+
+def _slabs(scaled: np.ndarray) -> np.ndarray:
+    """``(3, S, S)`` float32 central axial, coronal and sagittal slabs (3 grid slices each) of a ``(S, S, S)`` grid."""
+    c = scaled.shape[0] // 2
+    return np.stack([
+        scaled[c - 1:c + 2].mean(axis=0),
+        scaled[:, c - 1:c + 2, :].mean(axis=1)[::-1],
+        scaled[:, :, c - 1:c + 2].mean(axis=2)[::-1],
+    ]).astype(np.float32)
 
 
 def header_features(ev: HeaderEvidence | None) -> np.ndarray:
@@ -193,7 +219,7 @@ def series_inputs(image: sitk.Image, evidence: HeaderEvidence | None,
     Returns
     -------
     thumbs : numpy.ndarray
-        ``(3, S, S)`` float32 in ``[0, 1.5]``.
+        ``(C, S, S)`` float32 in ``[0, 1.5]``; ``C`` = :func:`n_channels` of ``prep_id``.
     features : numpy.ndarray
         ``(N_FEATURES,)`` float32, ordered as :data:`FEATURE_NAMES`.
     """
@@ -205,12 +231,11 @@ def series_inputs(image: sitk.Image, evidence: HeaderEvidence | None,
     grid = _thumbs(vol, lo, size, thicken=prep_id != "cls-thumbs-v1")
     grid = np.where(np.isfinite(grid), grid, lo)  # NaN/inf voxels (some NIfTI) count as background
     scaled = np.clip((grid - lo) / (hi - lo), 0.0, 1.5)
-    c = size // 2
-    thumbs = np.stack([
-        scaled[c - 1:c + 2].mean(axis=0),
-        scaled[:, c - 1:c + 2, :].mean(axis=1)[::-1],
-        scaled[:, :, c - 1:c + 2].mean(axis=2)[::-1],
-    ]).astype(np.float32)
+    thumbs = _slabs(scaled)
+    if prep_id == "cls-thumbs-v3":
+        detail = _thumbs(vol, lo, size, thicken=True, extent_mm=DETAIL_MM)
+        detail = np.where(np.isfinite(detail), detail, lo)
+        thumbs = np.concatenate([thumbs, _slabs(np.clip((detail - lo) / (hi - lo), 0.0, 1.5))])
     pmin, pmax = _bbox(vol)
     sp = vol.GetSpacing()
     ax = slice_axis(vol)

@@ -109,7 +109,7 @@ class Classifier:
         return cls(net, card, device=device)
 
     def predict_arrays(self, thumbs: np.ndarray, features: np.ndarray) -> dict[str, np.ndarray]:
-        """Calibrated probabilities for a batch: ``thumbs (B, 3, S, S)``, ``features (B, F)`` -> head -> ``(B, K)``."""
+        """Calibrated probabilities for a batch: ``thumbs (B, C, S, S)``, ``features (B, F)`` -> head -> ``(B, K)``."""
         import torch
 
         if not self.header_features:

@@ -405,3 +405,78 @@ def test_ct_air_feature_counts_non_finite_voxels_as_not_below() -> None:
     arr[1] = -1000.0
     _, feats = series_inputs(sitk.GetImageFromArray(arr), None)
     assert feats[FEATURE_NAMES.index("frac_below_minus500")] == pytest.approx(26 / 100)
+
+
+def test_detail_channels_see_a_small_structure_at_the_box_centre() -> None:
+    """Feature version 3 adds a 64 mm detail grid about the box centre: a 10 mm bright disc in a
+    200 mm field of view (a cord in an axial slab) is a few voxels of the whole-box thumbnail and a
+    clear disc of the detail one; the whole-box channels stay exactly those of version 2."""
+    from sci_node.cls_features import n_channels
+
+    zz, yy, xx = np.mgrid[0:20, 0:200, 0:200].astype(np.float32)
+    arr = np.full((20, 200, 200), 100.0, np.float32)
+    arr[(yy - 99.5) ** 2 + (xx - 99.5) ** 2 <= 25.0] = 1000.0  # 1 mm pixels: radius 5 mm
+    image = sitk.GetImageFromArray(arr)
+    image.SetSpacing((1.0, 1.0, 5.0))
+    v2, f2 = series_inputs(image, None, prep_id="cls-thumbs-v2")
+    v3, f3 = series_inputs(image, None, prep_id="cls-thumbs-v3")
+    assert v2.shape == (3, 32, 32) and v3.shape == (6, 32, 32) and n_channels("cls-thumbs-v3") == 6
+    np.testing.assert_array_equal(v3[:3], v2)
+    np.testing.assert_array_equal(f3, f2)
+    bright_whole = int((v2[0] > 0.5).sum())
+    bright_detail = int((v3[3] > 0.5).sum())  # 2 mm steps: a 5 mm radius is ~20 grid pixels
+    assert bright_whole <= 4 and 12 <= bright_detail <= 32, (bright_whole, bright_detail)
+
+
+def test_train_sequence_on_detail_features_and_predict(tmp_path: Path) -> None:
+    """``[data] prep = "cls-thumbs-v3"`` trains a 6-channel network, the card names the feature
+    version, and the node's Classifier computes those features when it loads the artefact."""
+    cfg = tmp_path / "tiny_seq.toml"
+    cfg.write_text("""
+[model]
+name = "sequence"
+version = "9.9.8-test"
+[data]
+n_aug = 1
+n_pam50 = 0
+n_phantom = 2
+n_scenes = { spine = 3, brain = 1 }
+prep = "cls-thumbs-v3"
+[network]
+args = { channels = [4, 8, 8], hidden = 16, dropout = 0.1 }
+header_expert = true
+header_rules = true
+[train]
+epochs = 1
+batch_size = 16
+threads = 1
+[validation]
+loso = true
+skip_groups = ["synth-scenes", "synth-phantom"]
+[[sources]]
+root = "data"
+path = "spine_sag_T2w_lumbar.nii.gz"
+group = "fx-lumbar"
+anatomy = "spine"
+sequence = "T2w"
+region = "lumbar"
+[[sources]]
+root = "data"
+path = "spine_ax_T2w_cervical.nii.gz"
+group = "fx-ms"
+anatomy = "spine"
+sequence = "T2w"
+region = "cervical"
+""")
+    art = tmp_path / "art"
+    assert main(["train", "sequence", "--train-config", str(cfg), "--data", str(FIX), "--out", str(art),
+                 "--epochs", "1", "--seed", "1", "--log-level", "WARNING"]) == 0
+    card = json.loads((art / "card.json").read_text())
+    assert card["preprocessing"]["id"] == "cls-thumbs-v3" and card["architecture"]["args"]["in_channels"] == 6
+    clf = Classifier.from_artifact(art)
+    probs = clf.predict(sitk.ReadImage(str(FIX / "spine_ax_T2w_cervical.nii.gz")), None)
+    assert math.isclose(sum(probs["sequence"].values()), 1.0, abs_tol=1e-4)
+    bad = tmp_path / "bad_prep.toml"
+    bad.write_text(cfg.read_text().replace('prep = "cls-thumbs-v3"', 'prep = "cls-thumbs-v7"'))
+    assert main(["train", "sequence", "--train-config", str(bad), "--data", str(FIX), "--out", str(tmp_path / "b"),
+                 "--epochs", "1", "--log-level", "ERROR"]) != 0

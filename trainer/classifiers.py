@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 import structlog
 
-from sci_node.cls_features import FEATURE_NAMES, N_FEATURES, N_HEADER_FEATURES, PREPROCESSING_ID, THUMB_SIZE, series_inputs
+from sci_node.cls_features import FEATURE_NAMES, N_FEATURES, N_HEADER_FEATURES, PREPROCESSING_ID, PREPROCESSING_IDS, \
+    THUMB_SIZE, n_channels, series_inputs
 from sci_node.errors import ConfigError, DataError
 from sci_node.artifact import sha256_file as file_sha
 from trainer import __version__ as TRAINER_VERSION
@@ -65,6 +66,14 @@ def load_cls_config(model: str, path: Path | None) -> dict[str, Any]:
     return cfg
 
 
+def prep_of(cfg: dict[str, Any]) -> str:
+    """The classifier feature version of a config: ``[data] prep`` (default :data:`PREPROCESSING_ID`)."""
+    prep = str(cfg["data"].get("prep", PREPROCESSING_ID))
+    if prep not in PREPROCESSING_IDS:
+        raise ConfigError(f"training config {cfg.get('_path')!r}: data.prep {prep!r} is not one of {PREPROCESSING_IDS}")
+    return prep
+
+
 def sources_of(cfg: dict[str, Any]) -> list[Source]:
     """Catalogue from ``[[sources]]`` of the config, else :data:`DEFAULT_SOURCES`."""
     if "sources" not in cfg:
@@ -96,7 +105,7 @@ def build_samples(cfg: dict[str, Any], data: Path, seed: int) -> SampleSet:
     recipe = json.dumps({"data": {k: v for k, v in dcfg.items() if k not in ("cache", *EXTRA_DATA_KEYS)},
                          "seed": seed,
                          "generator": SAMPLES_VERSION,
-                         "prep": PREPROCESSING_ID, "sources": [s.__dict__ for s in sources]}, sort_keys=True)
+                         "prep": prep_of(cfg), "sources": [s.__dict__ for s in sources]}, sort_keys=True)
     key = hashlib.sha256(digest.hexdigest().encode() + recipe.encode()).hexdigest()[:16]
     meta = {"data_hash": "sha256:" + digest.hexdigest(), "n_sources": len(sources), "samples_key": key}
     cache = Path(dcfg["cache"]).with_suffix(f".{key}.npz") if dcfg.get("cache") else None
@@ -108,10 +117,11 @@ def build_samples(cfg: dict[str, Any], data: Path, seed: int) -> SampleSet:
         samples.meta = meta
         if cache is not None:
             samples.save(cache)
-    return _with_nonspine(samples, dcfg, seed, key)
+    return _with_nonspine(samples, dcfg, seed, key, prep_of(cfg))
 
 
-def _with_nonspine(samples: SampleSet, dcfg: dict[str, Any], seed: int, base_key: str) -> SampleSet:
+def _with_nonspine(samples: SampleSet, dcfg: dict[str, Any], seed: int, base_key: str,
+                   prep: str = PREPROCESSING_ID) -> SampleSet:
     """``samples`` followed by the extra synthetic non-spine exams of ``[data] n_nonspine`` (none by default).
 
     Parameters
@@ -123,6 +133,8 @@ def _with_nonspine(samples: SampleSet, dcfg: dict[str, Any], seed: int, base_key
         ``nonspine_seed`` (default 1) offsets their random stream from ``seed``.
     seed, base_key
         The run's seed and the base samples' cache key.
+    prep
+        The feature version (:func:`prep_of`).
 
     Returns
     -------
@@ -136,7 +148,7 @@ def _with_nonspine(samples: SampleSet, dcfg: dict[str, Any], seed: int, base_key
     if not counts:
         return samples
     recipe = json.dumps({"n_nonspine": counts, "nonspine_seed": int(dcfg.get("nonspine_seed", 1)), "seed": seed,
-                         "generator": NONSPINE_VERSION, "prep": PREPROCESSING_ID}, sort_keys=True)
+                         "generator": NONSPINE_VERSION, "prep": prep}, sort_keys=True)
     key = hashlib.sha256((base_key + recipe).encode()).hexdigest()[:16]
     cache = Path(dcfg["cache"]).with_suffix(f".nonspine-{key}.npz") if dcfg.get("cache") else None
     meta = {**samples.meta, "samples_key": key, "base_samples_key": base_key}
@@ -144,13 +156,13 @@ def _with_nonspine(samples: SampleSet, dcfg: dict[str, Any], seed: int, base_key
         log.info("non-spine samples from cache", path=str(cache))
         extra = SampleSet.load(cache, meta)
     else:
-        extra = _generate_nonspine(counts, np.random.default_rng([seed, int(dcfg.get("nonspine_seed", 1))]))
+        extra = _generate_nonspine(counts, np.random.default_rng([seed, int(dcfg.get("nonspine_seed", 1))]), prep)
         if cache is not None:
             extra.save(cache)
     return SampleSet.concat(samples, extra, meta)
 
 
-def _generate_nonspine(counts: dict[str, int], rng: np.random.Generator) -> SampleSet:
+def _generate_nonspine(counts: dict[str, int], rng: np.random.Generator, prep: str = PREPROCESSING_ID) -> SampleSet:
     """The extra non-spine exams, ``counts[kind]`` of each kind of :data:`trainer.cls_nonspine.KINDS`."""
     from tqdm import tqdm
 
@@ -163,7 +175,7 @@ def _generate_nonspine(counts: dict[str, int], rng: np.random.Generator) -> Samp
     for kind, n in counts.items():
         for _ in tqdm(range(n), desc=f"synthetic non-spine {kind}", unit="img", file=sys.stderr):
             img, hdr, lab = KINDS[kind](rng)
-            t, f = series_inputs(img, hdr)
+            t, f = series_inputs(img, hdr, prep_id=prep)
             rows.append((t, f, lab, _rule_index(hdr)))
     n_rows = len(rows)
     return SampleSet(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]),
@@ -181,19 +193,20 @@ def _generate(cfg: dict[str, Any], sources: Sequence[Source], data: Path, pam_di
     from trainer.cls_synth import load_pam50, pam50_sample, phantom_sample
 
     dcfg = cfg["data"]
+    prep = prep_of(cfg)
     rng = np.random.default_rng(seed)
     levels = sitk.ReadImage(str(data / dcfg["levels"])) if dcfg.get("levels") else None
     rows: list[tuple[np.ndarray, np.ndarray, dict[str, int], str, bool, int, int]] = []
     for src in tqdm(sources, desc="real sources", unit="vol", file=sys.stderr):
         for img, hdr, lab, stored in real_samples(src, data, int(dcfg.get("n_aug", 10)), rng, levels):
-            t, f = series_inputs(img, hdr)
+            t, f = series_inputs(img, hdr, prep_id=prep)
             rows.append((t, f, lab, src.group, True, stored, _rule_index(hdr)))
     n_pam = int(dcfg.get("n_pam50", 0))
     if n_pam:
         pam = load_pam50(pam_dir)  # type: ignore[arg-type]
         for _ in tqdm(range(n_pam), desc="PAM50 synthetic", unit="img", file=sys.stderr):
             img, hdr, lab = pam50_sample(pam, rng)
-            t, f = series_inputs(img, hdr)
+            t, f = series_inputs(img, hdr, prep_id=prep)
             rows.append((t, f, lab, "PAM50", False, 0, _rule_index(hdr)))
     scenes = dict(dcfg.get("n_scenes", {}))
     for anatomy, n in scenes.items():
@@ -201,11 +214,11 @@ def _generate(cfg: dict[str, Any], sources: Sequence[Source], data: Path, pam_di
             raise ConfigError(f"data.n_scenes: unknown anatomy {anatomy!r}")
         for _ in tqdm(range(int(n)), desc=f"synthetic {anatomy} scenes", unit="img", file=sys.stderr):
             img, hdr, lab = scene_sample(rng, anatomy)
-            t, f = series_inputs(img, hdr)
+            t, f = series_inputs(img, hdr, prep_id=prep)
             rows.append((t, f, lab, "synth-scenes", False, 0, _rule_index(hdr)))
     for _ in range(int(dcfg.get("n_phantom", 0))):
         img, hdr, lab = phantom_sample(rng)
-        t, f = series_inputs(img, hdr)
+        t, f = series_inputs(img, hdr, prep_id=prep)
         rows.append((t, f, lab, "synth-phantom", False, 0, _rule_index(hdr)))
     if not rows:
         raise DataError("no classifier training samples (empty source catalogue)")
@@ -248,7 +261,7 @@ def _net_args(cfg: dict[str, Any], heads: Sequence[str]) -> dict[str, Any]:
     args = dict(cfg["network"].get("args", {}))
     if cfg["network"].get("header_expert", False):
         args["n_header_features"] = N_HEADER_FEATURES
-    args.update(in_channels=3, image_size=THUMB_SIZE, n_features=N_FEATURES,
+    args.update(in_channels=n_channels(prep_of(cfg)), image_size=THUMB_SIZE, n_features=N_FEATURES,
                 heads={h: len(CLASSES[h]) for h in heads})
     return args
 
@@ -490,7 +503,7 @@ def _card(cfg: dict[str, Any], model: str, heads: Sequence[str], metrics: dict[s
         "name": model, "version": cfg["model"]["version"], "kind": "classifier",
         "description": cfg["model"].get("description", ""),
         "architecture": {"class": cfg["network"].get("class", DEFAULT_NET), "args": _net_args(cfg, heads)},
-        "preprocessing": {"id": PREPROCESSING_ID, "module": "sci_node.cls_features", "thumb_size": THUMB_SIZE,
+        "preprocessing": {"id": prep_of(cfg), "module": "sci_node.cls_features", "thumb_size": THUMB_SIZE,
                           "header_features": bool(cfg["network"].get("header_features", True)),
                           "n_features": N_FEATURES, "feature_names": list(FEATURE_NAMES),
                           "orientation": "LPS-aligned isotropic grid over the bounding box",
