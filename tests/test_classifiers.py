@@ -127,20 +127,8 @@ def test_shipped_on_pydicom_brain_and_abstain(shipped: dict[str, Classifier]) ->
 
 # -- one epoch of real training into a real artefact, registered and activated ----------------------
 
-def test_train_one_epoch_register_activate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text("""
-[model]
-name = "anatomy"
-version = "9.9.9-test"
-[data]
-n_aug = 2
-n_pam50 = 0
-n_phantom = 2
-n_scenes = { spine = 3, brain = 3, abdomen = 2, other = 2 }
-[network]
-args = { channels = [4, 8, 8], hidden = 16, dropout = 0.1 }
-[train]
+#: The tiny training configs' [train], [validation] and the two spine fixtures as sources.
+TINY_TRAIN_AND_SPINE_SOURCES = """[train]
 epochs = 1
 batch_size = 16
 threads = 1
@@ -161,7 +149,23 @@ group = "fx-ms"
 anatomy = "spine"
 sequence = "T2w"
 region = "cervical"
-[[sources]]
+"""
+
+
+def test_train_one_epoch_register_activate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text("""
+[model]
+name = "anatomy"
+version = "9.9.9-test"
+[data]
+n_aug = 2
+n_pam50 = 0
+n_phantom = 2
+n_scenes = { spine = 3, brain = 3, abdomen = 2, other = 2 }
+[network]
+args = { channels = [4, 8, 8], hidden = 16, dropout = 0.1 }
+""" + TINY_TRAIN_AND_SPINE_SOURCES + """[[sources]]
 root = "nibabel"
 path = "anatomical.nii"
 group = "nib-spm"
@@ -446,28 +450,7 @@ prep = "cls-thumbs-v3"
 args = { channels = [4, 8, 8], hidden = 16, dropout = 0.1 }
 header_expert = true
 header_rules = true
-[train]
-epochs = 1
-batch_size = 16
-threads = 1
-[validation]
-loso = true
-skip_groups = ["synth-scenes", "synth-phantom"]
-[[sources]]
-root = "data"
-path = "spine_sag_T2w_lumbar.nii.gz"
-group = "fx-lumbar"
-anatomy = "spine"
-sequence = "T2w"
-region = "lumbar"
-[[sources]]
-root = "data"
-path = "spine_ax_T2w_cervical.nii.gz"
-group = "fx-ms"
-anatomy = "spine"
-sequence = "T2w"
-region = "cervical"
-""")
+""" + TINY_TRAIN_AND_SPINE_SOURCES)
     art = tmp_path / "art"
     assert main(["train", "sequence", "--train-config", str(cfg), "--data", str(FIX), "--out", str(art),
                  "--epochs", "1", "--seed", "1", "--log-level", "WARNING"]) == 0
