@@ -173,6 +173,13 @@ def _thumbs(vol: sitk.Image, lo: float, size: int, thicken: bool = True,
         [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0], lo, sitk.sitkFloat32)).astype(np.float32)
 
 
+def _scaled(grid: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``grid`` scaled by its volume's 1st/99th percentiles ``lo``/``hi`` to ``[0, 1.5]``; NaN/inf voxels
+    (some NIfTI) count as background (``lo``)."""
+    grid = np.where(np.isfinite(grid), grid, lo)
+    return np.clip((grid - lo) / (hi - lo), 0.0, 1.5)
+
+
 def _slabs(scaled: np.ndarray) -> np.ndarray:
     """``(3, S, S)`` float32 central axial, coronal and sagittal slabs (3 grid slices each) of a ``(S, S, S)`` grid."""
     c = scaled.shape[0] // 2
@@ -228,14 +235,11 @@ def series_inputs(image: sitk.Image, evidence: HeaderEvidence | None,
     lo, hi = _robust_scale(np.asarray(raw))
     if prep_id not in PREPROCESSING_IDS:
         raise ValueError(f"unknown classifier feature version {prep_id!r}")
-    grid = _thumbs(vol, lo, size, thicken=prep_id != "cls-thumbs-v1")
-    grid = np.where(np.isfinite(grid), grid, lo)  # NaN/inf voxels (some NIfTI) count as background
-    scaled = np.clip((grid - lo) / (hi - lo), 0.0, 1.5)
+    scaled = _scaled(_thumbs(vol, lo, size, thicken=prep_id != "cls-thumbs-v1"), lo, hi)
     thumbs = _slabs(scaled)
-    if prep_id == "cls-thumbs-v3":
+    if n_channels(prep_id) == 6:
         detail = _thumbs(vol, lo, size, thicken=True, extent_mm=DETAIL_MM)
-        detail = np.where(np.isfinite(detail), detail, lo)
-        thumbs = np.concatenate([thumbs, _slabs(np.clip((detail - lo) / (hi - lo), 0.0, 1.5))])
+        thumbs = np.concatenate([thumbs, _slabs(_scaled(detail, lo, hi))])
     pmin, pmax = _bbox(vol)
     sp = vol.GetSpacing()
     ax = slice_axis(vol)

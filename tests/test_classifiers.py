@@ -417,7 +417,7 @@ def test_detail_channels_see_a_small_structure_at_the_box_centre() -> None:
     clear disc of the detail one; the whole-box channels stay exactly those of version 2."""
     from sci_node.cls_features import n_channels
 
-    zz, yy, xx = np.mgrid[0:20, 0:200, 0:200].astype(np.float32)
+    _, yy, xx = np.mgrid[0:20, 0:200, 0:200].astype(np.float32)
     arr = np.full((20, 200, 200), 100.0, np.float32)
     arr[(yy - 99.5) ** 2 + (xx - 99.5) ** 2 <= 25.0] = 1000.0  # 1 mm pixels: radius 5 mm
     image = sitk.GetImageFromArray(arr)

@@ -89,6 +89,7 @@ def sources_of(cfg: dict[str, Any]) -> list[Source]:
 def build_samples(cfg: dict[str, Any], data: Path, seed: int) -> SampleSet:
     """All samples of the config (real augmentations + synthetic), cached when ``data.cache`` is set."""
     dcfg = cfg["data"]
+    prep = prep_of(cfg)
     sources = sources_of(cfg)
     files = [source_file(s, data) if s.path.endswith(".mosaic") else root_dir(s.root, data) / s.path
              for s in sources]
@@ -105,7 +106,7 @@ def build_samples(cfg: dict[str, Any], data: Path, seed: int) -> SampleSet:
     recipe = json.dumps({"data": {k: v for k, v in dcfg.items() if k not in ("cache", *EXTRA_DATA_KEYS)},
                          "seed": seed,
                          "generator": SAMPLES_VERSION,
-                         "prep": prep_of(cfg), "sources": [s.__dict__ for s in sources]}, sort_keys=True)
+                         "prep": prep, "sources": [s.__dict__ for s in sources]}, sort_keys=True)
     key = hashlib.sha256(digest.hexdigest().encode() + recipe.encode()).hexdigest()[:16]
     meta = {"data_hash": "sha256:" + digest.hexdigest(), "n_sources": len(sources), "samples_key": key}
     cache = Path(dcfg["cache"]).with_suffix(f".{key}.npz") if dcfg.get("cache") else None
@@ -117,7 +118,7 @@ def build_samples(cfg: dict[str, Any], data: Path, seed: int) -> SampleSet:
         samples.meta = meta
         if cache is not None:
             samples.save(cache)
-    return _with_nonspine(samples, dcfg, seed, key, prep_of(cfg))
+    return _with_nonspine(samples, dcfg, seed, key, prep)
 
 
 def _with_nonspine(samples: SampleSet, dcfg: dict[str, Any], seed: int, base_key: str,
@@ -162,7 +163,7 @@ def _with_nonspine(samples: SampleSet, dcfg: dict[str, Any], seed: int, base_key
     return SampleSet.concat(samples, extra, meta)
 
 
-def _generate_nonspine(counts: dict[str, int], rng: np.random.Generator, prep: str = PREPROCESSING_ID) -> SampleSet:
+def _generate_nonspine(counts: dict[str, int], rng: np.random.Generator, prep: str) -> SampleSet:
     """The extra non-spine exams, ``counts[kind]`` of each kind of :data:`trainer.cls_nonspine.KINDS`."""
     from tqdm import tqdm
 
