@@ -104,6 +104,9 @@ class RoutingRules:
     test data hold real 2-slice axial T2*w stacks the cord model segments), and with ``header_anatomy_veto`` a
     header that names a non-spine body part and never the spine routes it out
     (:mod:`sci_node.anatomy_rules`; the header can only route out, never in).
+    With ``sequence_by_action`` (default) a sequence head whose top class is below
+    ``min_confidence`` does not abstain when the ``cord_sequences`` classes together reach it:
+    the cord is segmented, lesions are not (:func:`sci_node.routing.decide_by_action`).
     """
 
     views: tuple[str, ...] = ("sagittal", "axial")
@@ -112,6 +115,7 @@ class RoutingRules:
     min_confidence: float = 0.5
     header_anatomy_veto: bool = True
     min_slices: int = 2
+    sequence_by_action: bool = True
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,13 @@ out (a brain series never reaches the sequence classifier). A head whose top pro
 below ``rules.min_confidence`` abstains, which routes the series out. Every decision keeps
 the head's probabilities and the rule that fired, for the job record and the log.
 
+The sequence head decides two actions: the cord (any class of ``cord_sequences``; the cord
+model is contrast-agnostic) and the lesions (a class of ``lesion_sequences``). With
+``rules.sequence_by_action`` an unsure sequence head (top class below ``min_confidence``) does
+not abstain when the cord classes together reach ``min_confidence`` (:func:`decide_by_action`):
+an axial GRE at T2*w 0.31 / T2w 0.27 / T1w 0.23 / other 0.19 has its cord segmented, and no
+lesions, since which sequence it is stays unsure.
+
 Gating heads: ``anatomy``, ``view`` and ``sequence``. ``region`` (cervical / thoracic /
 lumbar) is recorded but gates nothing (no rule uses it), so a low region confidence does not
 route a series out.
@@ -104,6 +111,28 @@ def decide_head(probs: Probs, min_confidence: float) -> HeadDecision:
     return HeadDecision(label if p >= min_confidence else None, float(p), {k: float(v) for k, v in probs.items()})
 
 
+def decide_by_action(d: HeadDecision, rules: RoutingRules) -> HeadDecision | None:
+    """An abstained sequence head decided for the cord alone, or None (it abstains).
+
+    The cord model reads every class of ``rules.cord_sequences`` (it is trained on all of
+    them), the lesion model only some. So when the top class is below ``rules.min_confidence``
+    but the cord classes together reach it, the series is segmented for the cord and **not**
+    for lesions: which sequence it is stays unsure, and the lesion model is not run on a series
+    that may be a T1w. The label is the most probable cord class; ``probability`` the summed
+    probability; ``decided_by`` names the classes and the sum.
+    """
+    if d.label is not None or not d.probs:
+        return None
+    members = {k: v for k, v in d.probs.items() if k in rules.cord_sequences}
+    total = float(sum(members.values()))
+    if not members or total < rules.min_confidence:
+        return None
+    label = max(members.items(), key=lambda kv: kv[1])[0]
+    why = (f"network, cord by action: p({' + '.join(sorted(members))}) = {total:.2f} >= min_confidence "
+           f"{rules.min_confidence:g}; top {label!r} p={d.probs[label]:.2f} < it, so no lesions")
+    return HeadDecision(label, total, d.probs, why)
+
+
 def _out(heads: dict[str, HeadDecision], rule: str, reason: str) -> RoutingDecision:
     return RoutingDecision(False, False, rule, reason, heads)
 
@@ -145,10 +174,15 @@ def route(classify: ClassifyFn, rules: RoutingRules, evidence: HeaderEvidence | 
     if guarded is not None:
         return guarded
     heads: dict[str, HeadDecision] = {}
+    lesions_ok = True
     for model, head_names in STAGES:
         out = classify(model)
         for h in head_names:
             heads[h] = decide_head(out.get(h, {}), rules.min_confidence)
+        if model == "sequence" and rules.sequence_by_action:
+            by_action = decide_by_action(heads["sequence"], rules)
+            if by_action is not None:
+                heads["sequence"], lesions_ok = by_action, False
         if model == "anatomy" and header is not None:
             a = heads["anatomy"]
             heads["anatomy"] = HeadDecision(a.label, a.probability, a.probs,
@@ -163,10 +197,12 @@ def route(classify: ClassifyFn, rules: RoutingRules, evidence: HeaderEvidence | 
             return RoutingDecision(verdict.segment_cord, verdict.segment_lesions, verdict.rule,
                                    verdict.reason, dict(heads))
     seq = heads["sequence"].label
-    lesions = seq in rules.lesion_sequences
+    lesions = lesions_ok and seq in rules.lesion_sequences
     what = "cord+lesions" if lesions else "cord"
     rule = (f"segment {what}: anatomy=spine, view={heads['view'].label} in {list(rules.views)}, "
             f"sequence={seq} in {list(rules.lesion_sequences if lesions else rules.cord_sequences)}")
+    if "cord by action" in (heads["sequence"].decided_by or ""):
+        rule += f" ({heads['sequence'].decided_by})"
     return RoutingDecision(True, lesions, rule, None, dict(heads))
 
 

@@ -252,3 +252,34 @@ def test_recalibration_scores_only_unseen_persons_and_keeps_the_weights(tmp_path
     assert card["postprocessing"]["coarse_step_mm"] == 8.0
     assert card["preprocessing"]["threshold"] == metrics["threshold_calibration"]["chosen"]
     assert card["training"]["recalibrated"]["from"] == "cord 0.2.0"
+
+
+def test_config_with_a_base_changes_only_what_it_names(tmp_path: Path) -> None:
+    """``base = "..."``: the base's tables merged under the file's, key by key; lists replaced whole;
+    a chain of two bases; a cycle or a non-string base is a ConfigError naming the file."""
+    from sci_node.errors import ConfigError
+    from trainer import read_toml_config
+    from trainer.seg import CONFIGS
+
+    shipped = load_config("lesion", None)
+    long_ = load_config("lesion", CONFIGS / "lesion_long.toml")
+    wide = load_config("lesion", CONFIGS / "lesion_long_wide.toml")
+    assert long_["data"] == shipped["data"] and long_["network"] == shipped["network"]
+    assert long_["train"]["epochs"] == 120 and long_["train"]["lr"] == shipped["train"]["lr"]
+    assert long_["post"] == {**shipped["post"], "grow_threshold": 0.1}
+    assert long_["lesions"]["generator"] == shipped["lesions"]["generator"]
+    assert long_["lesions"]["test_generator"]["length_mm"] == [3.0, 20.0] and "base" not in long_
+    assert wide["network"]["args"]["channels"] == [24, 48, 96, 192]
+    assert wide["network"]["args"]["strides"] == shipped["network"]["args"]["strides"]
+    assert wide["train"]["epochs"] == 120 and wide["model"]["version"] == "0.7.1"
+    assert [Path(b).name for b in wide["_bases"]] == ["lesion_long.toml", "lesion.toml"]
+    (tmp_path / "a.toml").write_text('base = "b.toml"\n[x]\nk = 1\n')
+    (tmp_path / "b.toml").write_text('base = "a.toml"\n[x]\nk = 2\n')
+    with pytest.raises(ConfigError, match=r"b\.toml.*base 'a\.toml' forms a cycle"):
+        read_toml_config(tmp_path / "a.toml")
+    (tmp_path / "c.toml").write_text('base = 3\n')
+    with pytest.raises(ConfigError, match=r"c\.toml.*base must be a file name, got 3"):
+        read_toml_config(tmp_path / "c.toml")
+    (tmp_path / "d.toml").write_text('base = "missing.toml"\n')
+    with pytest.raises(ConfigError, match=r"missing\.toml.*does not exist"):
+        read_toml_config(tmp_path / "d.toml")

@@ -142,14 +142,14 @@ def stored_guard_inputs(data: Path, config: Path = REPO / "trainer" / "configs" 
 
 def _tally_row(cond: str, members: list[_Key], preds: dict[_Key, dict[str, dict[str, float]]],
                truth: dict[_Key, tuple[str, str]], seq_truth: dict[_Key, str | None],
-               guards: _Guards | None = None) -> str:
-    """One table row: route every member with the default rules (and the guards when given), count outcomes."""
+               guards: _Guards | None = None, rules: Any = None) -> str:
+    """One table row: route every member with ``rules`` (default: the node's) and the guards when given; count outcomes."""
     from collections import Counter
 
     from sci_node.config import RoutingRules
     from sci_node.routing import route
 
-    rules = RoutingRules()
+    rules = rules or RoutingRules()
     tally: Counter[str] = Counter()
     routed_in: set[str] = set()
     for key in members:
@@ -167,18 +167,22 @@ def _tally_row(cond: str, members: list[_Key], preds: dict[_Key, dict[str, dict[
                 routed_in.add(truth[key][1])
             continue
         tally["segmentable"] += wanted
+        seq = d.heads.get("sequence")
+        tally["by action"] += bool(seq is not None and "cord by action" in (seq.decided_by or ""))
+        tally["lesions, other class"] += d.segment_lesions and seq_truth.get(key) not in rules.lesion_sequences
         if d.routed_out:
             tally["abstained" if d.rule.startswith("abstain") else ("wrong out" if wanted else "other out")] += 1
         else:
             tally["segmented" if wanted else "other in"] += 1
     n_sp = tally["spine"]
     return (f"| {cond.replace('_', ' ')} | {n_sp} | {tally['abstained']} ({tally['abstained'] / max(1, n_sp):.1%}) | "
-            f"{tally['segmentable']} | {tally['segmented']} | {tally['wrong out']} | {tally['other out']} | "
-            f"{tally['other in']} | {tally['non-spine']} | {tally['non-spine routed in']} "
+            f"{tally['by action']} | {tally['segmentable']} | {tally['segmented']} | {tally['wrong out']} | {tally['other out']} | "
+            f"{tally['other in']} | {tally['lesions, other class']} | {tally['non-spine']} | {tally['non-spine routed in']} "
             f"({', '.join(sorted(routed_in)) or '–'}) |")
 
 
-def hierarchy_table(models_dir: Path, versions: dict[str, str] | None = None, data: Path | None = None) -> str:
+def hierarchy_table(models_dir: Path, versions: dict[str, str] | None = None, data: Path | None = None,
+                    rules: Any = None) -> str:
     """The three cards' held-out predictions on the same real series, run through the node's routing.
 
     Each stored real series (with its header, and again with the header removed) gets the anatomy,
@@ -188,7 +192,8 @@ def hierarchy_table(models_dir: Path, versions: dict[str, str] | None = None, da
     :class:`sci_node.config.RoutingRules` decides. Rows: with the header, header removed, and "as
     available" (each series once, with its header when it has one). With ``data`` (the data root)
     the routing guards run too (:func:`stored_guard_inputs`): the localiser guard and the header
-    anatomy veto, on the header each sample had.
+    anatomy veto, on the header each sample had. ``rules``: a :class:`sci_node.config.RoutingRules`
+    (default: the node's defaults).
     """
     preds, truth, seq_truth = _held_out_predictions(models_dir, versions)
     keys = [k for k in preds if len(preds[k]) == 4 and k in truth]
@@ -205,11 +210,12 @@ def hierarchy_table(models_dir: Path, versions: dict[str, str] | None = None, da
         bad = [k for k in keys if k[0] not in guards or guards[k[0]][2] != truth[k][1]]
         if bad:
             raise ValueError(f"sample indices {bad[:3]} do not match the catalogue walk: data or config changed")
-    rows = [_tally_row(cond, members, preds, truth, seq_truth, guards) for cond, members in sets.items()]
-    return "\n".join(["| real series | spine series | spine: abstained (rate) | spine, T1w/T2w/T2\\*w (segmentable) | "
-                      "… segmented | … routed out by a wrong class | spine MT/DWI/EPI: routed out | "
-                      "… segmented as T1w/T2w/T2\\*w (wrong) | non-spine series | non-spine routed in |",
-                      "|---|---|---|---|---|---|---|---|---|---|", *rows])
+    rows = [_tally_row(cond, members, preds, truth, seq_truth, guards, rules) for cond, members in sets.items()]
+    return "\n".join(["| real series | spine series | spine: abstained (rate) | spine: cord only by action (unsure "
+                      "sequence) | spine, T1w/T2w/T2\\*w (segmentable) | … segmented | … routed out by a wrong class | "
+                      "spine MT/DWI/EPI: routed out | … segmented as T1w/T2w/T2\\*w (wrong) | spine: lesions run on a "
+                      "class not in lesion_sequences | non-spine series | non-spine routed in |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows])
 
 def card_summary(card_dir: Path, head: str = "anatomy", abstain: float = 0.5) -> str:
     """Cross-validation summary of one artefact folder (e.g. a candidate not in the registry).
@@ -266,11 +272,19 @@ if __name__ == "__main__":
                          "veto) to each stored sample (default ../shared/data/spine)")
     ap.add_argument("--no-guards", dest="guards", action="store_false",
                     help="hierarchy table without the guards (the classifiers alone, as before 0.3.0's rules)")
+    ap.add_argument("--min-confidence", type=float, default=None,
+                    help="hierarchy table with this [routing] min_confidence (default: the node's 0.5)")
+    ap.add_argument("--no-sequence-by-action", dest="by_action", action="store_false",
+                    help="hierarchy table with [routing] sequence_by_action = false (an unsure sequence abstains)")
     ap.add_argument("--card", type=Path, action="append",
                     help="summarise the anatomy head of this artefact folder instead (repeatable)")
     a = ap.parse_args()
     if a.card:
         sys.stdout.write("\n\n".join(card_summary(c) for c in a.card) + "\n")
         sys.exit(0)
+    from sci_node.config import RoutingRules
+
     _data = a.data if a.guards else None
-    sys.stdout.write(report(a.models_dir) + "\n" + hierarchy_table(a.models_dir, data=_data) + "\n")
+    _rules = RoutingRules(sequence_by_action=a.by_action,
+                          **({} if a.min_confidence is None else {"min_confidence": a.min_confidence}))
+    sys.stdout.write(report(a.models_dir) + "\n" + hierarchy_table(a.models_dir, data=_data, rules=_rules) + "\n")
