@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 def infer_volume(net: "torch.nn.Module", array: np.ndarray, spec: preprocess.PrepSpec, device: str = "cpu",
-                 batch_slices: int = 16, z_spacing: float = 1.0) -> np.ndarray:
+                 batch_slices: int = 16, z_spacing: float = 1.0, keep: np.ndarray | None = None) -> np.ndarray:
     """Foreground probability of every axial slice of a model-grid volume.
 
     Parameters
@@ -34,6 +34,11 @@ def infer_volume(net: "torch.nn.Module", array: np.ndarray, spec: preprocess.Pre
         ``flip_x_tta`` (mean of the logits of each slice and of its left-right mirror).
     z_spacing : float
         Slice spacing (mm) of ``array``; read only with ``spec.thickness_channel``.
+    keep : numpy.ndarray | None
+        ``(Z, Y, X)`` mask of the voxels whose probability is used (the dilated cord, for the
+        lesion model): a sliding window holding none of them is not run. Every window that
+        covers a kept voxel is, so the probabilities there are exactly those of the full run;
+        elsewhere they are meaningless (about 0), for callers that multiply by ``keep``.
 
     Returns
     -------
@@ -49,6 +54,10 @@ def infer_volume(net: "torch.nn.Module", array: np.ndarray, spec: preprocess.Pre
         stacked = np.concatenate([stacked, thick], axis=1)
     out = np.zeros(array.shape, np.float32)
     predictor = _flip_x_mean(net) if spec.flip_x_tta else net
+    if keep is not None:  # the mask rides along as a last channel that the predictor strips
+        stacked = np.concatenate([stacked, preprocess.pad_to(keep[:, None].astype(np.float32), spec.patch_yx)[0]],
+                                 axis=1)
+        predictor = _skip_empty(predictor)
     with torch.inference_mode():
         for z0 in range(0, stacked.shape[0], batch_slices):
             x = torch.from_numpy(np.ascontiguousarray(stacked[z0:z0 + batch_slices])).float().to(device)
@@ -130,12 +139,30 @@ def _track_box(coarse: np.ndarray, spacing: tuple[float, float, float], margin_m
             max(0, int(b[:, 2].min()) - mx), min(xn, int(b[:, 3].max()) + 1 + mx))
 
 
+def _skip_empty(predict):
+    """A predictor for ``(B, C+1, Y, X)`` windows whose last channel is a keep-mask: ``predict``
+    runs on the first ``C`` channels of the windows holding a kept voxel; the others get logits
+    of -20 (probability ~2e-9) without running the network."""
+    import torch
+
+    def run(x: "torch.Tensor") -> "torch.Tensor":
+        inp, busy = x[:, :-1], x[:, -1].flatten(1).amax(1) > 0
+        if bool(busy.all()):
+            return predict(inp)
+        out = torch.full((x.shape[0], 1, *x.shape[2:]), -20.0, dtype=x.dtype, device=x.device)
+        if bool(busy.any()):
+            out[busy] = predict(inp[busy])
+        return out
+    return run
+
+
 def _flip_x_mean(net: "torch.nn.Module"):
     """A predictor returning the mean logits of a ``(B, C, Y, X)`` batch and of its X mirror."""
     import torch
 
     def predict(x: "torch.Tensor") -> "torch.Tensor":
-        return 0.5 * (net(x) + torch.flip(net(torch.flip(x, (3,))), (3,)))
+        y = net(torch.cat([x, torch.flip(x, (3,))]))  # one forward pass: fewer, fuller batches on a CPU
+        return 0.5 * (y[:x.shape[0]] + torch.flip(y[x.shape[0]:], (3,)))
     return predict
 
 
@@ -275,7 +302,8 @@ class Segmenter:
         if box is None:
             return np.zeros(prepared.array.shape, np.float32)
         array = roi_input(preprocess.crop(prepared.array, box), preprocess.crop(roi_m, box), self.post)
-        prob = infer_volume(self.net, array, self.spec, self.device, z_spacing=z_spacing)
+        keep = preprocess.crop(roi_m, box)
+        prob = infer_volume(self.net, array, self.spec, self.device, z_spacing=z_spacing, keep=keep)
         return preprocess.paste(prob, box, prepared.array.shape) * roi_m
 
     def predict(self, image: sitk.Image, roi: np.ndarray | None = None) -> np.ndarray:

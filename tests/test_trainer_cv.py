@@ -227,6 +227,8 @@ def test_partial_run_assembles_an_artefact_that_names_its_pending_folds(tmp_path
 
 
 def test_recalibration_scores_only_unseen_persons_and_keeps_the_weights(tmp_path: Path) -> None:
+    """Only persons the artefact never trained on are scored; the new card keeps the weights and
+    carries the chosen threshold, a post-processing override and a switched-on flip TTA."""
     import re
 
     from sci_node.artifact import load_network
@@ -241,15 +243,16 @@ def test_recalibration_scores_only_unseen_persons_and_keeps_the_weights(tmp_path
     config.write_text(re.sub(r"(?m)^thresholds = .*$", "thresholds = [0.3, 0.5]", text))
     cfg = load_config("cord", config)
     art = Path(__file__).resolve().parents[1] / "models" / "cord" / "0.2.0"
-    metrics, ecfg, cases = recalibrate("cord", art, cfg, None, post={"coarse_step_mm": 8.0})
+    metrics, ecfg, cases = recalibrate("cord", art, cfg, None, post={"coarse_step_mm": 8.0}, flip_x_tta=True)
     assert sorted(c.subject for c in cases) == ["sub-newA", "sub-newB"]
     assert set(metrics["per_case"]) == {"sub-newA_T2w", "sub-newB_T2w"}
     assert set(metrics["threshold_calibration"]["chosen_per_held_out_group"]) == {"sub-newA", "sub-newB"}
-    out = write_recalibrated(art, tmp_path / "out", "0.2.9", metrics, ecfg, cases, "test")
+    out = write_recalibrated(art, tmp_path / "out", "0.2.9", metrics, ecfg, cases, "test", flip_x_tta=True)
     _, card = load_network(out)
     _, old = load_network(art)
     assert card["version"] == "0.2.9" and card["weights_sha256"] == old["weights_sha256"]
     assert card["postprocessing"]["coarse_step_mm"] == 8.0
+    assert card["preprocessing"]["flip_x_tta"] is True and not old["preprocessing"].get("flip_x_tta", False)
     assert card["preprocessing"]["threshold"] == metrics["threshold_calibration"]["chosen"]
     assert card["training"]["recalibrated"]["from"] == "cord 0.2.0"
 

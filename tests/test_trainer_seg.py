@@ -304,6 +304,38 @@ def test_flip_x_tta_averages_the_slice_and_its_left_right_mirror() -> None:
         k: v for k, v in card["preprocessing"].items() if k != "flip_x_tta"})).spec.flip_x_tta
 
 
+def test_windows_without_a_kept_voxel_are_skipped_and_the_kept_voxels_are_unchanged() -> None:
+    """``infer_volume(..., keep=mask)`` (the lesion model inside the dilated cord): windows that
+    hold no kept voxel are not run, and every kept voxel gets exactly the probability of the
+    full run (to float rounding), with and without the flip TTA. The shipped lesion network on a real crop."""
+    import torch
+
+    from sci_node.predict_seg import infer_volume
+    from sci_node.preprocess import PrepSpec
+
+    net, _ = load_network(Path(__file__).parents[1] / "models" / "lesion" / "0.4.2")
+    seen: list[int] = []
+
+    class Counting(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.shape[0])
+            return net(x)
+
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))).astype(np.float32)
+    a = np.ascontiguousarray(image[4:8, :96, :96] / np.percentile(image, 99.5))  # 4 slices of 4 x 4 windows
+    keep = np.zeros(a.shape, np.uint8)
+    keep[:, 10:22, 60:75] = 1  # a cord-sized ROI in one corner of the grid
+    for spec in (PrepSpec(patch_yx=(32, 32)), PrepSpec(patch_yx=(32, 32), flip_x_tta=True)):
+        seen.clear()
+        full = infer_volume(Counting(), a, spec)
+        n_full = sum(seen)
+        seen.clear()
+        part = infer_volume(Counting(), a, spec, keep=keep)
+        assert np.allclose(part[keep > 0], full[keep > 0], rtol=1e-5, atol=1e-7)  # batch size: float rounding
+        assert 0 < sum(seen) <= n_full // 2
+        assert float(part[keep == 0].min()) < 1e-6  # skipped windows: about 0, not 0.5
+
+
 def test_cord_free_canal_volumes_stay_in_every_fold_and_are_drawn_at_their_share() -> None:
     """``[synth] canal_pool``: synthetic thecal sacs below the conus with an empty cord label,
     made without the PAM50 template, so they stay in the fold that holds the template image out

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -84,12 +85,13 @@ def unseen_cases(card: dict[str, Any], cfg: dict[str, Any]) -> list[tdata.Case]:
 
 def recalibrate(model: str, artifact: Path, cfg: dict[str, Any], trials: int | None, device: str = "cpu",
                 setting: str | None = None, post: dict[str, float] | None = None,
-                test_generator: dict[str, list[float]] | None = None
+                test_generator: dict[str, list[float]] | None = None, flip_x_tta: bool | None = None
                 ) -> tuple[dict[str, Any], dict[str, Any], list[tdata.Case]]:
-    """``(metrics, eval_cfg, cases)``: nested per-group scores of ``artifact`` on unseen subjects."""
+    """``(metrics, eval_cfg, cases)``: nested per-group scores of ``artifact`` on unseen subjects;
+    ``flip_x_tta`` (not ``None``) switches the left-right test-time mirror on or off."""
     net, card = load_network(Path(artifact), device=device)
     ecfg = eval_config(card, cfg, trials, setting, post, test_generator)
-    spec = preprocess.PrepSpec.from_card(card["preprocessing"])
+    spec = card_spec(card, flip_x_tta)
     grid = setting_grid(ecfg, spec)
     cases = unseen_cases(card, cfg)
     evaluate = evaluate_cord if model == "cord" else evaluate_lesion
@@ -106,12 +108,17 @@ def recalibrate(model: str, artifact: Path, cfg: dict[str, Any], trials: int | N
     return metrics, ecfg, cases
 
 
+def card_spec(card: dict[str, Any], flip_x_tta: bool | None = None) -> preprocess.PrepSpec:
+    """The card's preprocessing, with ``flip_x_tta`` replaced when it is not ``None``."""
+    spec = preprocess.PrepSpec.from_card(card["preprocessing"])
+    return spec if flip_x_tta is None else dataclasses.replace(spec, flip_x_tta=bool(flip_x_tta))
+
+
 def write_recalibrated(artifact: Path, out: Path, version: str, metrics: dict[str, Any], ecfg: dict[str, Any],
-                       cases: list[tdata.Case], command: str) -> Path:
+                       cases: list[tdata.Case], command: str, flip_x_tta: bool | None = None) -> Path:
     """The same weights under ``out`` with the chosen setting and ``metrics`` in a new card."""
     net, card = load_network(Path(artifact))
-    spec, post = apply_setting(ecfg, preprocess.PrepSpec.from_card(card["preprocessing"]),
-                               metrics["threshold_calibration"]["chosen"])
+    spec, post = apply_setting(ecfg, card_spec(card, flip_x_tta), metrics["threshold_calibration"]["chosen"])
     new = copy.deepcopy(card)
     new.update({"version": version, "preprocessing": spec.to_card(), "postprocessing": post, "metrics": metrics,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
@@ -150,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="set a post-processing key (number) for the scoring and the new card, e.g. coarse_step_mm=8")
     p.add_argument("--test-generator", dest="test_generator", action="append", default=[], metavar="KEY=LO,HI",
                    help="lesion: override a range of the held-out lesions' generator, e.g. length_mm=3,20")
+    p.add_argument("--flip-x-tta", dest="flip_x_tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="switch the left-right test-time mirror on (or off) for the scoring and the new card "
+                        "(only for networks trained with left-right flips; doubles the inference cost)")
     p.add_argument("--out", type=Path)
     p.add_argument("--version")
     p.add_argument("--threads", type=int, default=1)
@@ -163,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         raise DataError(f"--post takes KEY=NUMBER, got {a.post!r}") from None
     tgen = _ranges(a.test_generator)
     metrics, ecfg, cases = recalibrate(a.model, a.artifact, cfg, a.trials, setting=a.setting, post=post,
-                                       test_generator=tgen)
+                                       test_generator=tgen, flip_x_tta=a.flip_x_tta)
     if tgen:
         metrics["test_generator"] = ecfg["lesions"]["test_generator"]
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_case"}, indent=1))
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                                if k not in ("subject",)}))
     if a.out and a.version:
         command = "python -m trainer.seg_recalibrate " + " ".join(argv if argv is not None else sys.argv[1:])
-        print(write_recalibrated(a.artifact, a.out, a.version, metrics, ecfg, cases, command))
+        print(write_recalibrated(a.artifact, a.out, a.version, metrics, ecfg, cases, command, a.flip_x_tta))
     return 0
 
 
