@@ -63,7 +63,7 @@ def infer_volume(net: "torch.nn.Module", array: np.ndarray, spec: preprocess.Pre
             x = torch.from_numpy(np.ascontiguousarray(stacked[z0:z0 + batch_slices])).float().to(device)
             # 64 windows per forward pass: sw_batch_size=16 was ~3x slower on 2 CPU cores
             logits = sliding_window_inference(x, roi_size=spec.patch_yx, sw_batch_size=64,
-                                              predictor=predictor, overlap=0.25, mode="gaussian")
+                                              predictor=predictor, overlap=spec.sw_overlap, mode="gaussian")
             prob = torch.sigmoid(logits)[:, 0].cpu().numpy()  # type: ignore[arg-type]
             out[z0:z0 + batch_slices] = prob[:, inner[0], inner[1]]
     return out

@@ -61,6 +61,9 @@ class PrepSpec:
         Test-time augmentation: average the logits of each slice and of its left-right mirror
         (X axis of the canonical grid). Only for networks trained with left-right flips; it
         doubles the inference cost. Up to cord 0.2.0 no card had it (``False``).
+    sw_overlap : float
+        Overlap of neighbouring sliding windows (fraction of the patch, MONAI
+        ``sliding_window_inference``, Gaussian blending); cards without it mean 0.25.
     """
 
     spacing_yx: tuple[float, float] = (0.8, 0.8)
@@ -73,6 +76,7 @@ class PrepSpec:
     threshold: float = 0.5
     thickness_channel: bool = False
     flip_x_tta: bool = False
+    sw_overlap: float = 0.25
 
     def to_card(self) -> dict[str, Any]:
         """JSON-able dict for a model card."""
@@ -83,6 +87,7 @@ class PrepSpec:
                               "clip_max": self.clip_max},
             "patch_yx": list(self.patch_yx), "context_slices": self.context, "threshold": self.threshold,
             "thickness_channel": self.thickness_channel, "flip_x_tta": self.flip_x_tta,
+            "sliding_window_overlap": self.sw_overlap,
         }
 
     @classmethod
@@ -105,12 +110,21 @@ class PrepSpec:
                    patch_yx=(int(pre["patch_yx"][0]), int(pre["patch_yx"][1])),
                    context=int(pre.get("context_slices", 0)), threshold=float(pre.get("threshold", 0.5)),
                    thickness_channel=bool(pre.get("thickness_channel", False)),
-                   flip_x_tta=bool(pre.get("flip_x_tta", False)))
+                   flip_x_tta=bool(pre.get("flip_x_tta", False)),
+                   sw_overlap=_overlap(pre.get("sliding_window_overlap", 0.25)))
 
     @property
     def in_channels(self) -> int:
         """Input channels of the network: ``2*context+1`` slices, plus 1 with ``thickness_channel``."""
         return 2 * self.context + 1 + int(self.thickness_channel)
+
+
+def _overlap(value: Any) -> float:
+    """A sliding-window overlap from a card: a number in [0, 1), else ``ValueError`` naming it."""
+    v = float(value)
+    if not 0.0 <= v < 1.0:
+        raise ValueError(f"sliding_window_overlap must lie in [0, 1), got {value!r}")
+    return v
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ def test_identity_spacing_round_trip_is_exact() -> None:
     np.testing.assert_array_equal(back, sitk.GetArrayFromImage(mask))
 
 
-def test_prepspec_card_round_trip_bad_orientation_and_unknown_setting() -> None:
+def test_prepspec_card_round_trip_bad_orientation_unknown_setting_and_window_overlap() -> None:
     spec = preprocess.PrepSpec(spacing_yx=(0.5, 0.6), context=1, patch_yx=(64, 80), threshold=0.4)
     assert preprocess.PrepSpec.from_card(spec.to_card()) == spec
     bad = spec.to_card() | {"orientation": "RAS"}
@@ -63,6 +63,12 @@ def test_prepspec_card_round_trip_bad_orientation_and_unknown_setting() -> None:
     newer = spec.to_card() | {"flip_z_tta": True}  # a setting from a newer trainer: refused, not ignored
     with pytest.raises(ValueError, match="flip_z_tta"):
         preprocess.PrepSpec.from_card(newer)
+    half = preprocess.PrepSpec(sw_overlap=0.5)  # the sliding-window overlap: a card without it means 0.25
+    assert preprocess.PrepSpec.from_card(half.to_card()) == half
+    old = {k: v for k, v in half.to_card().items() if k != "sliding_window_overlap"}
+    assert preprocess.PrepSpec.from_card(old).sw_overlap == 0.25
+    with pytest.raises(ValueError, match="sliding_window_overlap.*1.0"):
+        preprocess.PrepSpec.from_card(half.to_card() | {"sliding_window_overlap": 1.0})
 
 
 def test_normalise_constant_and_context_and_crop_paste() -> None:

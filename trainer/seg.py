@@ -74,7 +74,8 @@ def prep_spec(cfg: dict[str, Any]) -> preprocess.PrepSpec:
                                patch_yx=tuple(p["patch_yx"]), context=int(p.get("context", 0)),
                                threshold=float(p.get("threshold", 0.5)),
                                thickness_channel=bool(p.get("thickness_channel", False)),
-                               flip_x_tta=bool(p.get("flip_x_tta", False)))
+                               flip_x_tta=bool(p.get("flip_x_tta", False)),
+                               sw_overlap=float(p.get("sw_overlap", 0.25)))
 
 
 def data_spec(cfg: dict[str, Any]) -> tdata.DataSpec:

@@ -15,6 +15,9 @@ lesion-wise F1.
 setting, the new table and the command); without them only the table is printed::
 
     python -m trainer.seg_recalibrate lesion --artifact models/lesion/0.4.0 --out models/lesion/0.4.1 --version 0.4.1
+
+``--flip-x-tta`` and ``--sw-overlap F`` change how the same weights are run (the left-right test-time mirror,
+the sliding-window overlap); they are scored and written to the new card like ``--post`` keys.
 """
 from __future__ import annotations
 
@@ -85,13 +88,13 @@ def unseen_cases(card: dict[str, Any], cfg: dict[str, Any]) -> list[tdata.Case]:
 
 def recalibrate(model: str, artifact: Path, cfg: dict[str, Any], trials: int | None, device: str = "cpu",
                 setting: str | None = None, post: dict[str, float] | None = None,
-                test_generator: dict[str, list[float]] | None = None, flip_x_tta: bool | None = None
-                ) -> tuple[dict[str, Any], dict[str, Any], list[tdata.Case]]:
+                test_generator: dict[str, list[float]] | None = None, flip_x_tta: bool | None = None,
+                sw_overlap: float | None = None) -> tuple[dict[str, Any], dict[str, Any], list[tdata.Case]]:
     """``(metrics, eval_cfg, cases)``: nested per-group scores of ``artifact`` on unseen subjects;
-    ``flip_x_tta`` (not ``None``) switches the left-right test-time mirror on or off."""
+    ``flip_x_tta`` / ``sw_overlap`` (not ``None``) replace the card's test-time mirror / window overlap."""
     net, card = load_network(Path(artifact), device=device)
     ecfg = eval_config(card, cfg, trials, setting, post, test_generator)
-    spec = card_spec(card, flip_x_tta)
+    spec = card_spec(card, flip_x_tta, sw_overlap)
     grid = setting_grid(ecfg, spec)
     cases = unseen_cases(card, cfg)
     evaluate = evaluate_cord if model == "cord" else evaluate_lesion
@@ -108,17 +111,25 @@ def recalibrate(model: str, artifact: Path, cfg: dict[str, Any], trials: int | N
     return metrics, ecfg, cases
 
 
-def card_spec(card: dict[str, Any], flip_x_tta: bool | None = None) -> preprocess.PrepSpec:
-    """The card's preprocessing, with ``flip_x_tta`` replaced when it is not ``None``."""
+def card_spec(card: dict[str, Any], flip_x_tta: bool | None = None,
+              sw_overlap: float | None = None) -> preprocess.PrepSpec:
+    """The card's preprocessing, with ``flip_x_tta`` and ``sw_overlap`` replaced where not ``None``."""
     spec = preprocess.PrepSpec.from_card(card["preprocessing"])
-    return spec if flip_x_tta is None else dataclasses.replace(spec, flip_x_tta=bool(flip_x_tta))
+    if flip_x_tta is not None:
+        spec = dataclasses.replace(spec, flip_x_tta=bool(flip_x_tta))
+    if sw_overlap is not None:
+        if not 0.0 <= sw_overlap < 1.0:
+            raise DataError(f"--sw-overlap must lie in [0, 1), got {sw_overlap!r}")
+        spec = dataclasses.replace(spec, sw_overlap=float(sw_overlap))
+    return spec
 
 
 def write_recalibrated(artifact: Path, out: Path, version: str, metrics: dict[str, Any], ecfg: dict[str, Any],
-                       cases: list[tdata.Case], command: str, flip_x_tta: bool | None = None) -> Path:
+                       cases: list[tdata.Case], command: str, flip_x_tta: bool | None = None,
+                       sw_overlap: float | None = None) -> Path:
     """The same weights under ``out`` with the chosen setting and ``metrics`` in a new card."""
     net, card = load_network(Path(artifact))
-    spec, post = apply_setting(ecfg, card_spec(card, flip_x_tta), metrics["threshold_calibration"]["chosen"])
+    spec, post = apply_setting(ecfg, card_spec(card, flip_x_tta, sw_overlap), metrics["threshold_calibration"]["chosen"])
     new = copy.deepcopy(card)
     new.update({"version": version, "preprocessing": spec.to_card(), "postprocessing": post, "metrics": metrics,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
@@ -160,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flip-x-tta", dest="flip_x_tta", action=argparse.BooleanOptionalAction, default=None,
                    help="switch the left-right test-time mirror on (or off) for the scoring and the new card "
                         "(only for networks trained with left-right flips; doubles the inference cost)")
+    p.add_argument("--sw-overlap", dest="sw_overlap", type=float,
+                   help="sliding-window overlap (fraction of the patch, [0, 1)) for the scoring and the new card")
     p.add_argument("--out", type=Path)
     p.add_argument("--version")
     p.add_argument("--threads", type=int, default=1)
@@ -173,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         raise DataError(f"--post takes KEY=NUMBER, got {a.post!r}") from None
     tgen = _ranges(a.test_generator)
     metrics, ecfg, cases = recalibrate(a.model, a.artifact, cfg, a.trials, setting=a.setting, post=post,
-                                       test_generator=tgen, flip_x_tta=a.flip_x_tta)
+                                       test_generator=tgen, flip_x_tta=a.flip_x_tta, sw_overlap=a.sw_overlap)
     if tgen:
         metrics["test_generator"] = ecfg["lesions"]["test_generator"]
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_case"}, indent=1))
@@ -182,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                                if k not in ("subject",)}))
     if a.out and a.version:
         command = "python -m trainer.seg_recalibrate " + " ".join(argv if argv is not None else sys.argv[1:])
-        print(write_recalibrated(a.artifact, a.out, a.version, metrics, ecfg, cases, command, a.flip_x_tta))
+        print(write_recalibrated(a.artifact, a.out, a.version, metrics, ecfg, cases, command, a.flip_x_tta,
+                                 a.sw_overlap))
     return 0
 
 
