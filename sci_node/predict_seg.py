@@ -301,8 +301,8 @@ class Segmenter:
         roi_m, box = self._roi_box(prepared, roi)
         if box is None:
             return np.zeros(prepared.array.shape, np.float32)
-        array = roi_input(preprocess.crop(prepared.array, box), preprocess.crop(roi_m, box), self.post)
         keep = preprocess.crop(roi_m, box)
+        array = roi_input(preprocess.crop(prepared.array, box), keep, self.post)
         prob = infer_volume(self.net, array, self.spec, self.device, z_spacing=z_spacing, keep=keep)
         return preprocess.paste(prob, box, prepared.array.shape) * roi_m
 

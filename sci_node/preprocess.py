@@ -78,6 +78,10 @@ class PrepSpec:
     flip_x_tta: bool = False
     sw_overlap: float = 0.25
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sw_overlap < 1.0:  # MONAI would fail later, or loop on a zero step
+            raise ValueError(f"sliding_window_overlap (sw_overlap) must lie in [0, 1), got {self.sw_overlap!r}")
+
     def to_card(self) -> dict[str, Any]:
         """JSON-able dict for a model card."""
         return {
@@ -111,20 +115,12 @@ class PrepSpec:
                    context=int(pre.get("context_slices", 0)), threshold=float(pre.get("threshold", 0.5)),
                    thickness_channel=bool(pre.get("thickness_channel", False)),
                    flip_x_tta=bool(pre.get("flip_x_tta", False)),
-                   sw_overlap=_overlap(pre.get("sliding_window_overlap", 0.25)))
+                   sw_overlap=float(pre.get("sliding_window_overlap", 0.25)))
 
     @property
     def in_channels(self) -> int:
         """Input channels of the network: ``2*context+1`` slices, plus 1 with ``thickness_channel``."""
         return 2 * self.context + 1 + int(self.thickness_channel)
-
-
-def _overlap(value: Any) -> float:
-    """A sliding-window overlap from a card: a number in [0, 1), else ``ValueError`` naming it."""
-    v = float(value)
-    if not 0.0 <= v < 1.0:
-        raise ValueError(f"sliding_window_overlap must lie in [0, 1), got {value!r}")
-    return v
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,7 @@ def route(classify: ClassifyFn, rules: RoutingRules, evidence: HeaderEvidence | 
     what = "cord+lesions" if lesions else "cord"
     rule = (f"segment {what}: anatomy=spine, view={heads['view'].label} in {list(rules.views)}, "
             f"sequence={seq} in {list(rules.lesion_sequences if lesions else rules.cord_sequences)}")
-    if "cord by action" in (heads["sequence"].decided_by or ""):
+    if not lesions_ok:  # the sequence was decided by action: the rule says so
         rule += f" ({heads['sequence'].decided_by})"
     return RoutingDecision(True, lesions, rule, None, dict(heads))
 

@@ -118,9 +118,10 @@ def card_spec(card: dict[str, Any], flip_x_tta: bool | None = None,
     if flip_x_tta is not None:
         spec = dataclasses.replace(spec, flip_x_tta=bool(flip_x_tta))
     if sw_overlap is not None:
-        if not 0.0 <= sw_overlap < 1.0:
-            raise DataError(f"--sw-overlap must lie in [0, 1), got {sw_overlap!r}")
-        spec = dataclasses.replace(spec, sw_overlap=float(sw_overlap))
+        try:
+            spec = dataclasses.replace(spec, sw_overlap=float(sw_overlap))
+        except ValueError as exc:  # PrepSpec checks the range
+            raise DataError(f"--sw-overlap: {exc}") from None
     return spec
 
 
