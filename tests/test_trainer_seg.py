@@ -67,7 +67,12 @@ def test_one_epoch_writes_a_loadable_artifact(tmp_path: Path, model: str) -> Non
     for f in folds:  # never scored on a training subject
         assert all(not k.startswith(g + "_") for g in f["held_out_groups"] for k in f["train"])
     assert set(card["metrics"]["per_case"]) == {"sub-unf01_T2w", "sub-05_acq-MTon_MTS"}
-    assert card["training"]["command"].startswith(f"sci-node train {model}")
+    command = card["training"]["command"].split()
+    assert command[:3] == ["sci-node", "train", model]
+    from sci_node.cli import build_parser  # the recorded command is one the CLI takes, with this config
+
+    args = build_parser().parse_args(command[1:])
+    assert args.train_config == _tiny_config(model, tmp_path) and args.data == data and args.seed == 3
     assert len(card["data_hash"]) == 64 and card["training"]["seed"] == 3
     cal = card["metrics"]["threshold_calibration"]  # the shipped threshold comes from the folds
     assert cal["chosen"] in cal["grid"]
@@ -367,3 +372,38 @@ def test_cord_free_canal_volumes_stay_in_every_fold_and_are_drawn_at_their_share
     assert 0.33 < picks.count("synthetic") / 4000 < 0.42  # half of the rest
     default = SliceSampler(real + canal, spec, np.random.default_rng(1), 0.6, 0.5)  # canal_fraction 0: never
     assert all(default._pick().group != "synthetic-canal" for _ in range(200))
+
+
+def test_positive_patches_per_lesion_and_anywhere_in_the_window() -> None:
+    """``pos_by_component``: a 1-voxel lesion is drawn as often as a 343-voxel one (not 1 in 344);
+    ``pos_jitter = 0.45`` puts the lesion anywhere in the patch (0.25: only the middle half);
+    a jitter beyond half the patch is refused."""
+    from sci_node.preprocess import PrepSpec
+    from trainer.seg import Vol
+    from trainer.seg_loop import SliceSampler
+
+    lab = np.zeros((12, 64, 64), np.uint8)
+    lab[2:9, 20:27, 20:27] = 1  # 343 voxels
+    lab[10, 50, 50] = 1  # 1 voxel
+    vols = [Vol("v", "g", np.ones(lab.shape, np.float32), lab, (1.0, 1.0, 1.0))]
+    spec = PrepSpec(patch_yx=(32, 32))
+
+    def small_share(sampler: SliceSampler) -> float:
+        return float(np.mean([sampler.sample()["lab"].sum() == 1 for _ in range(600)]))
+
+    assert 0.4 < small_share(SliceSampler(vols, spec, np.random.default_rng(0), 1.0, 0.0, pos_by_component=True)) < 0.6
+    assert small_share(SliceSampler(vols, spec, np.random.default_rng(0), 1.0, 0.0)) < 0.03
+
+    def offsets(jitter: float) -> np.ndarray:
+        s = SliceSampler(vols, spec, np.random.default_rng(1), 1.0, 0.0, pos_jitter=jitter, pos_by_component=True)
+        out = []
+        for _ in range(800):
+            p = s.sample()["lab"][0]
+            if p.sum() == 1:  # the 1-voxel lesion: where it sits in the patch
+                out.append(np.argwhere(p)[0] - 16)
+        return np.abs(np.array(out))
+
+    assert offsets(0.25).max() <= 8
+    assert offsets(0.45).max() >= 13
+    with pytest.raises(ConfigError, match="pos_jitter = 0.6"):
+        SliceSampler(vols, spec, np.random.default_rng(0), 1.0, 0.0, pos_jitter=0.6)

@@ -67,6 +67,15 @@ def load_config(model_name: str, config: Path | None) -> dict[str, Any]:
     return cfg
 
 
+def train_command(model: str, config: Path | None, data: Path | None = None, epochs: int | None = None,
+                  seed: int = 0) -> str:
+    """The ``sci-node train`` command a card records to reproduce its network (the output folder does not
+    change the model, so ``--out`` is left out; ``--train-config``, since ``--config`` is the node's)."""
+    return " ".join(["sci-node", "train", model] + (["--train-config", str(config)] if config else [])
+                    + (["--data", str(data)] if data else []) + (["--epochs", str(epochs)] if epochs else [])
+                    + ["--seed", str(seed)])
+
+
 def prep_spec(cfg: dict[str, Any]) -> preprocess.PrepSpec:
     p = cfg["preprocessing"]
     return preprocess.PrepSpec(spacing_yx=tuple(p["spacing_yx"]), z_spacing=p.get("z_spacing"),
@@ -400,10 +409,7 @@ def train_segmentation(model_name: str, config: Path | None, data: Path | None, 
     import torch
 
     cfg = load_config(model_name, config)
-    # the output folder does not change the model, so the reproduce command leaves --out out
-    cfg["_command"] = " ".join(["sci-node", "train", model_name] + (["--config", str(config)] if config else [])
-                               + (["--data", str(data)] if data else [])
-                               + (["--epochs", str(epochs)] if epochs else []) + ["--seed", str(seed)])
+    cfg["_command"] = train_command(model_name, config, data, epochs, seed)
     tcfg = cfg["train"]
     torch.set_num_threads(int(tcfg.get("threads", 2)))
     spec = prep_spec(cfg)

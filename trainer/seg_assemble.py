@@ -24,7 +24,7 @@ import structlog
 from sci_node.artifact import build_network, write_artifact
 from sci_node.errors import DataError
 from trainer import data as tdata
-from trainer.seg import REPO, _card, config_cases, cv_folds, load_config, prep_spec, summarise
+from trainer.seg import REPO, _card, config_cases, cv_folds, load_config, prep_spec, summarise, train_command
 from trainer.seg_eval import apply_setting, calibrate
 
 log = structlog.get_logger(__name__)
@@ -66,8 +66,7 @@ def final_network(cfg: dict[str, Any], work: Path, epochs: int):
 def assemble(model: str, config: Path | None, work: Path, out: Path | None, seed: int) -> Path:
     """Write the artefact of the partial run in ``work`` (see the module docstring)."""
     cfg = load_config(model, config)
-    cfg["_command"] = " ".join(["sci-node", "train", model] + (["--config", str(config)] if config else [])
-                               + ["--seed", str(seed)])
+    cfg["_command"] = train_command(model, config, seed=seed)
     task = cfg["model"]["task"]
     cases = config_cases(cfg)
     results, splits, pending = finished_folds(cfg, cases, work)

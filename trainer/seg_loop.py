@@ -15,6 +15,7 @@ import structlog
 
 from sci_node import preprocess
 from sci_node.artifact import build_network
+from sci_node.errors import ConfigError
 from sci_node.predict_seg import roi_dilate_mm
 
 if TYPE_CHECKING:
@@ -71,15 +72,27 @@ CANAL_GROUP = "synthetic-canal"
 
 
 class SliceSampler:
-    """Draws patches from volumes: a ``pos_fraction`` share centred near foreground."""
+    """Draws patches from volumes: a ``pos_fraction`` share centred near foreground.
+
+    A positive patch is centred on a foreground voxel moved by up to ``pos_jitter`` × the patch
+    size in Y and X (0.25: the foreground stays in the middle half; 0.45: anywhere in the
+    patch, as a sliding window at inference places it). With ``pos_by_component`` the voxel is
+    drawn from a foreground component chosen uniformly (26-connected, per volume), so a 5 mm³
+    lesion is sampled as often as a 500 mm³ one; otherwise uniformly over foreground voxels.
+    """
 
     def __init__(self, vols: Sequence[Any], spec: preprocess.PrepSpec, rng: np.random.Generator,
-                 pos_fraction: float, synth_fraction: float, canal_fraction: float = 0.0) -> None:
+                 pos_fraction: float, synth_fraction: float, canal_fraction: float = 0.0,
+                 pos_jitter: float = 0.25, pos_by_component: bool = False) -> None:
+        if not 0.0 <= pos_jitter <= 0.5:
+            raise ConfigError(f"[train] pos_jitter = {pos_jitter}: must lie in [0, 0.5] (a share of the patch size)")
         self.real = [v for v in vols if not v.synthetic]
         self.canal = [v for v in vols if v.group == CANAL_GROUP]
         self.synth = [v for v in vols if v.synthetic and v.group != CANAL_GROUP]
         self.spec, self.rng = spec, rng
         self.pos_fraction, self.synth_fraction, self.canal_fraction = pos_fraction, synth_fraction, canal_fraction
+        self.pos_jitter, self.pos_by_component = pos_jitter, pos_by_component
+        self._components: dict[int, list[np.ndarray]] = {}
 
     def _pick(self):
         """A volume: a cord-free canal one with probability ``canal_fraction`` (when there are
@@ -89,15 +102,31 @@ class SliceSampler:
         pool = self.synth if (self.synth and (not self.real or self.rng.random() < self.synth_fraction)) else self.real
         return pool[int(self.rng.integers(len(pool)))]
 
+    def _foreground(self, v) -> list[np.ndarray]:
+        """Foreground voxel indices ``(N, 3)`` of ``v.label``: one array, or one per component."""
+        key = id(v.label)
+        if key not in self._components:
+            if self.pos_by_component:
+                from scipy import ndimage
+
+                comp, n = ndimage.label(v.label > 0, structure=np.ones((3, 3, 3), bool))
+                self._components[key] = [np.argwhere(comp == i) for i in range(1, n + 1)]
+            else:
+                fg = np.argwhere(v.label > 0)
+                self._components[key] = [fg] if fg.size else []
+        return self._components[key]
+
     def sample(self) -> dict[str, Any]:
         v = self._pick()
         img, lab = v.image, v.label
         ph, pw = self.spec.patch_yx
-        fg = np.argwhere(lab > 0)
-        if fg.size and self.rng.random() < self.pos_fraction:
-            z, y, x = fg[int(self.rng.integers(len(fg)))]
-            y += int(self.rng.integers(-ph // 4, ph // 4 + 1))
-            x += int(self.rng.integers(-pw // 4, pw // 4 + 1))
+        fg = self._foreground(v)
+        if fg and self.rng.random() < self.pos_fraction:
+            part = fg[0] if len(fg) == 1 else fg[int(self.rng.integers(len(fg)))]  # one draw, as before
+            z, y, x = part[int(self.rng.integers(len(part)))]
+            jy, jx = int(self.pos_jitter * ph), int(self.pos_jitter * pw)
+            y += int(self.rng.integers(-jy, jy + 1))
+            x += int(self.rng.integers(-jx, jx + 1))
         else:
             z = int(self.rng.integers(img.shape[0]))
             y, x = int(self.rng.integers(img.shape[1])), int(self.rng.integers(img.shape[2]))
@@ -112,7 +141,6 @@ class SliceSampler:
         x0 = int(np.clip(x + pad_x - pw // 2, 0, sl.shape[2] - pw))
         return {"img": sl[:, y0:y0 + ph, x0:x0 + pw].astype(np.float32),
                 "lab": lb[:, y0:y0 + ph, x0:x0 + pw].astype(np.float32), "sz": float(v.spacing[0])}
-
 
     def batch(self, size: int, groups: int, aug) -> tuple["torch.Tensor", "torch.Tensor"]:
         """``size`` augmented samples: ``(B, C, Y, X)`` images and ``(B, 1, Y, X)`` labels.
@@ -253,7 +281,8 @@ def train_network(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: Se
         if refresh is not None:
             vols = refresh(ep, rng)
         sampler = SliceSampler(vols, spec, rng, float(t.get("pos_fraction", 0.67)), float(t.get("synth_fraction", 0.5)),
-                               float(t.get("canal_fraction", 0.0)))
+                               float(t.get("canal_fraction", 0.0)), float(t.get("pos_jitter", 0.25)),
+                               bool(t.get("pos_by_component", False)))
         net.train()
         losses = []
         bar = tqdm(range(steps), desc=f"{tag} epoch {ep + 1}/{epochs}", leave=False, mininterval=5)
