@@ -286,3 +286,29 @@ def test_config_with_a_base_changes_only_what_it_names(tmp_path: Path) -> None:
     (tmp_path / "d.toml").write_text('base = "missing.toml"\n')
     with pytest.raises(ConfigError, match=r"missing\.toml.*does not exist"):
         read_toml_config(tmp_path / "d.toml")
+
+
+def test_lesion_recalibration_scores_networks_of_other_seeds_on_the_same_injections(tmp_path: Path) -> None:
+    """``injection_seed``: the held-out lesions are seeded by the card's training seed unless told
+    otherwise, so two networks trained with different seeds can be scored on the same lesions."""
+    import re
+
+    from trainer.seg_recalibrate import recalibrate
+
+    data = tmp_path / "ds"
+    _put(data, "anat", "sub-newA_T2w", "sub-unf01_T2w_crop")
+    _put(data, "anat", "sub-newB_T2w", "sub-PAM50small_T2w_crop")
+    text = (CONFIGS / "lesion.toml").read_text().replace('root = "../shared/data/spine"', f'root = "{data}"')
+    config = tmp_path / "lesion.toml"
+    config.write_text(re.sub(r"(?m)^thresholds = .*$", "thresholds = [0.5]", text))
+    cfg = load_config("lesion", config)
+    art = Path(__file__).resolve().parents[1] / "models" / "lesion" / "0.8.1"  # trained with seed 0
+
+    def truths(seed: int | None) -> dict[str, float]:
+        metrics, _, _ = recalibrate("lesion", art, cfg, 1, setting="0.8@5", injection_seed=seed)
+        return {k: (r["true_lesions"], round(r["dice"], 6)) for k, r in metrics["per_case"].items()}
+
+    own = truths(None)
+    assert set(own) == {"sub-newA_T2w", "sub-newB_T2w"}
+    assert truths(0) == own  # the card's own seed
+    assert truths(7) != own  # other lesions

@@ -89,9 +89,12 @@ def unseen_cases(card: dict[str, Any], cfg: dict[str, Any]) -> list[tdata.Case]:
 def recalibrate(model: str, artifact: Path, cfg: dict[str, Any], trials: int | None, device: str = "cpu",
                 setting: str | None = None, post: dict[str, float] | None = None,
                 test_generator: dict[str, list[float]] | None = None, flip_x_tta: bool | None = None,
-                sw_overlap: float | None = None) -> tuple[dict[str, Any], dict[str, Any], list[tdata.Case]]:
+                sw_overlap: float | None = None, injection_seed: int | None = None
+                ) -> tuple[dict[str, Any], dict[str, Any], list[tdata.Case]]:
     """``(metrics, eval_cfg, cases)``: nested per-group scores of ``artifact`` on unseen subjects;
-    ``flip_x_tta`` / ``sw_overlap`` (not ``None``) replace the card's test-time mirror / window overlap."""
+    ``flip_x_tta`` / ``sw_overlap`` (not ``None``) replace the card's test-time mirror / window overlap;
+    ``injection_seed`` (not ``None``) seeds the held-out lesions instead of the card's training seed, so
+    networks trained with different seeds can be scored on the same lesions."""
     net, card = load_network(Path(artifact), device=device)
     ecfg = eval_config(card, cfg, trials, setting, post, test_generator)
     spec = card_spec(card, flip_x_tta, sw_overlap)
@@ -100,8 +103,8 @@ def recalibrate(model: str, artifact: Path, cfg: dict[str, Any], trials: int | N
     evaluate = evaluate_cord if model == "cord" else evaluate_lesion
     results: dict[str, Any] = {}
     for group in sorted({c.group for c in cases}):
-        results[group] = evaluate(net, ecfg, spec, [c for c in cases if c.group == group], device,
-                                  int(card["training"].get("seed", 0)), grid)
+        seed = int(card["training"].get("seed", 0)) if injection_seed is None else int(injection_seed)
+        results[group] = evaluate(net, ecfg, spec, [c for c in cases if c.group == group], device, seed, grid)
         log.info("recalibrate.group", model=model, group=group)
     _, per_case, info = calibrate(results, model, ecfg["train"].get("max_false_lesions_per_scan"))
     metrics: dict[str, Any] = {"validation": f"subjects unseen by {card['name']} {card['version']} "
@@ -174,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(only for networks trained with left-right flips; doubles the inference cost)")
     p.add_argument("--sw-overlap", dest="sw_overlap", type=float,
                    help="sliding-window overlap (fraction of the patch, [0, 1)) for the scoring and the new card")
+    p.add_argument("--injection-seed", dest="injection_seed", type=int,
+                   help="lesion: seed of the held-out injections (default: the card's training seed)")
     p.add_argument("--out", type=Path)
     p.add_argument("--version")
     p.add_argument("--threads", type=int, default=1)
@@ -187,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         raise DataError(f"--post takes KEY=NUMBER, got {a.post!r}") from None
     tgen = _ranges(a.test_generator)
     metrics, ecfg, cases = recalibrate(a.model, a.artifact, cfg, a.trials, setting=a.setting, post=post,
-                                       test_generator=tgen, flip_x_tta=a.flip_x_tta, sw_overlap=a.sw_overlap)
+                                       test_generator=tgen, flip_x_tta=a.flip_x_tta, sw_overlap=a.sw_overlap,
+                                       injection_seed=a.injection_seed)
     if tgen:
         metrics["test_generator"] = ecfg["lesions"]["test_generator"]
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_case"}, indent=1))
