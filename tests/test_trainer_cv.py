@@ -226,22 +226,28 @@ def test_partial_run_assembles_an_artefact_that_names_its_pending_folds(tmp_path
     assert card["weights_sha256"] == full_card["weights_sha256"]
 
 
+def _unseen_persons_config(tmp_path: Path, model: str, thresholds: str) -> dict:
+    """``MODEL.toml`` on a data folder (``tmp_path/ds``) that adds two persons no shipped model trained
+    on (sub-newA, sub-newB: copies of the unf01 and PAM50 crops), with a small threshold grid."""
+    import re
+
+    data = tmp_path / "ds"
+    _put(data, "anat", "sub-newA_T2w", "sub-unf01_T2w_crop")
+    _put(data, "anat", "sub-newB_T2w", "sub-PAM50small_T2w_crop")
+    text = (CONFIGS / f"{model}.toml").read_text().replace('root = "../shared/data/spine"', f'root = "{data}"')
+    config = tmp_path / f"{model}.toml"
+    config.write_text(re.sub(r"(?m)^thresholds = .*$", f"thresholds = {thresholds}", text))
+    return load_config(model, config)
+
+
 def test_recalibration_scores_only_unseen_persons_and_keeps_the_weights(tmp_path: Path) -> None:
     """Only persons the artefact never trained on are scored; the new card keeps the weights and
     carries the chosen threshold, a post-processing override and a switched-on flip TTA."""
-    import re
-
     from sci_node.artifact import load_network
     from trainer.seg_recalibrate import recalibrate, write_recalibrated
 
-    data = tmp_path / "ds"
-    _put(data, "anat", "sub-unf01_T2w", "sub-unf01_T2w_crop")  # 0.2.0 trained on sub-unf01: not scored
-    _put(data, "anat", "sub-newA_T2w", "sub-unf01_T2w_crop")
-    _put(data, "anat", "sub-newB_T2w", "sub-PAM50small_T2w_crop")
-    text = (CONFIGS / "cord.toml").read_text().replace('root = "../shared/data/spine"', f'root = "{data}"')
-    config = tmp_path / "cord.toml"
-    config.write_text(re.sub(r"(?m)^thresholds = .*$", "thresholds = [0.3, 0.5]", text))
-    cfg = load_config("cord", config)
+    _put(tmp_path / "ds", "anat", "sub-unf01_T2w", "sub-unf01_T2w_crop")  # 0.2.0 trained on sub-unf01: not scored
+    cfg = _unseen_persons_config(tmp_path, "cord", "[0.3, 0.5]")
     art = Path(__file__).resolve().parents[1] / "models" / "cord" / "0.2.0"
     metrics, ecfg, cases = recalibrate("cord", art, cfg, None, post={"coarse_step_mm": 8.0}, flip_x_tta=True)
     assert sorted(c.subject for c in cases) == ["sub-newA", "sub-newB"]
@@ -291,17 +297,9 @@ def test_config_with_a_base_changes_only_what_it_names(tmp_path: Path) -> None:
 def test_lesion_recalibration_scores_networks_of_other_seeds_on_the_same_injections(tmp_path: Path) -> None:
     """``injection_seed``: the held-out lesions are seeded by the card's training seed unless told
     otherwise, so two networks trained with different seeds can be scored on the same lesions."""
-    import re
-
     from trainer.seg_recalibrate import recalibrate
 
-    data = tmp_path / "ds"
-    _put(data, "anat", "sub-newA_T2w", "sub-unf01_T2w_crop")
-    _put(data, "anat", "sub-newB_T2w", "sub-PAM50small_T2w_crop")
-    text = (CONFIGS / "lesion.toml").read_text().replace('root = "../shared/data/spine"', f'root = "{data}"')
-    config = tmp_path / "lesion.toml"
-    config.write_text(re.sub(r"(?m)^thresholds = .*$", "thresholds = [0.5]", text))
-    cfg = load_config("lesion", config)
+    cfg = _unseen_persons_config(tmp_path, "lesion", "[0.5]")
     art = Path(__file__).resolve().parents[1] / "models" / "lesion" / "0.8.1"  # trained with seed 0
 
     def truths(seed: int | None) -> dict[str, float]:
