@@ -29,12 +29,9 @@ BINS = (0.0, 10.0, 20.0, 50.0, 100.0, float("inf"))
 
 def lesion_rows(seg, image: sitk.Image, cord: np.ndarray, truth: np.ndarray) -> list[dict[str, float]]:
     """One row per true lesion of ``truth`` (``(Z, Y, X)`` uint8 on ``image``'s canonical grid)."""
-    from sci_node import preprocess
     from sci_node.postprocess import components
 
-    prepared = preprocess.prepare(image, seg.spec)
-    prob = seg.predict_prob_model_grid(prepared, roi=cord)
-    pred = seg.finish(prob, prepared, seg.spec.threshold, roi=cord)  # the card's smallest lesion, then growth
+    pred = seg.predict(image, roi=cord)  # the node's lesion mask: the card's threshold, smallest lesion, growth
     arr = sitk.GetArrayFromImage(image)
     voxel = float(np.prod(image.GetSpacing()))
     median = float(np.median(arr[cord > 0]))
@@ -67,6 +64,7 @@ def summary(rows: list[dict[str, float]]) -> list[dict[str, object]]:
 def main(argv: list[str] | None = None) -> int:
     from sci_node.artifact import load_network
     from sci_node.predict_seg import Segmenter
+    from sci_node.registry import ModelRegistry
     from trainer import data as tdata
     from trainer.lesions import lesion_spec
     from trainer.seg import load_config
@@ -79,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=None, help="default: the card's val_trials")
     a = p.parse_args(argv)
     if a.artifact is None:
-        active = json.loads((REPO / "models" / "registry.json").read_text())["active"]["lesion"]
-        a.artifact = REPO / "models" / "lesion" / active
+        registry = ModelRegistry(REPO / "models")
+        a.artifact = registry.path_of("lesion", registry.active()["lesion"])
     net, card = load_network(a.artifact)
     seg = Segmenter(net, card, "cpu")
     cfg = load_config("lesion", a.config)

@@ -101,9 +101,9 @@ def recalibrate(model: str, artifact: Path, cfg: dict[str, Any], trials: int | N
     grid = setting_grid(ecfg, spec)
     cases = unseen_cases(card, cfg)
     evaluate = evaluate_cord if model == "cord" else evaluate_lesion
+    seed = int(card["training"].get("seed", 0)) if injection_seed is None else int(injection_seed)
     results: dict[str, Any] = {}
     for group in sorted({c.group for c in cases}):
-        seed = int(card["training"].get("seed", 0)) if injection_seed is None else int(injection_seed)
         results[group] = evaluate(net, ecfg, spec, [c for c in cases if c.group == group], device, seed, grid)
         log.info("recalibrate.group", model=model, group=group)
     _, per_case, info = calibrate(results, model, ecfg["train"].get("max_false_lesions_per_scan"))
