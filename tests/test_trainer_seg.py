@@ -407,3 +407,53 @@ def test_positive_patches_per_lesion_and_anywhere_in_the_window() -> None:
     assert offsets(0.45).max() >= 13
     with pytest.raises(ConfigError, match="pos_jitter = 0.6"):
         SliceSampler(vols, spec, np.random.default_rng(0), 1.0, 0.0, pos_jitter=0.6)
+
+
+def test_seed_ensemble_averages_its_members_logits_and_refuses_strangers(tmp_path: Path) -> None:
+    from sci_node.artifact import read_card, write_artifact
+    from sci_node.errors import ModelError
+    from trainer.seg_ensemble import main as ensemble_main
+
+    base = Path(__file__).resolve().parents[1] / "models" / "lesion" / "0.8.1"
+    net_a, card = load_network(base)
+    torch.manual_seed(0)
+    other = {k: (v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v)
+             for k, v in net_a.state_dict().items()}  # a second member: same architecture, other weights
+    member_b = write_artifact(tmp_path / "b", other, {**card, "version": "9.0.0"})
+    out = tmp_path / "ens"
+    assert ensemble_main(["--artifact", str(base), "--artifact", str(member_b), "--out", str(out),
+                          "--version", "9.1.0"]) == 0
+    ens, ecard = load_network(out)  # checksum verified, weights_only=True
+    assert ecard["architecture"]["class"] == "sci_node.nets.LogitMeanEnsemble"
+    assert [m["from"] for m in ecard["training"]["ensemble"]["members"]] == ["lesion 0.8.1", "lesion 9.0.0"]
+    assert ecard["data_hash"] == card["data_hash"] and ecard["training"]["seed"] == card["training"]["seed"]
+    net_b, _ = load_network(member_b)
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ens(x), 0.5 * (net_a(x) + net_b(x)), atol=1e-5)
+    seg = Segmenter.from_artifact(out)  # the node serves it as any other artefact
+    image = sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))
+    roi = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop_seg-manual.nii.gz")))
+    pred = seg.predict(image, roi=roi)
+    assert pred.shape == roi.shape and not (pred & (roi == 0)).any()
+
+    stranger = write_artifact(tmp_path / "c", other, {**card, "version": "9.0.1", "data_hash": "0" * 64})
+    with pytest.raises(DataError, match="differs from .* in 'data_hash'"):
+        ensemble_main(["--artifact", str(base), "--artifact", str(stranger), "--out", str(tmp_path / "x"),
+                       "--version", "9.2.0"])
+    bad = read_card(out)
+    bad["architecture"]["args"]["member_class"] = "os.system"  # no arbitrary imports through a member
+    (out / "card.json").write_text(json.dumps(bad))
+    with pytest.raises(ModelError, match="member class 'os.system' is not allowed"):
+        load_network(out)
+
+
+def test_a_run_without_folds_does_not_claim_a_validation(tmp_path: Path) -> None:
+    data = _bids(tmp_path / "ds", {"sub-unf01_T2w": "sub-unf01_T2w_crop",
+                                   "sub-05_acq-MTon_MTS": "sub-05_acq-MTon_MTS_crop"})
+    config = _tiny_config("lesion", tmp_path)
+    config.write_text(re.sub(r"(?m)^loso = .*$", "loso = false", config.read_text()))
+    out = train_segmentation("lesion", config, data, tmp_path / "art", epochs=1, seed=0, device="cpu")
+    card = json.loads((out / "card.json").read_text())
+    assert card["metrics"]["validation"].startswith("none: no folds ran") and card["metrics"]["per_case"] == {}
+    assert card["training"]["splits"]["folds"] == []

@@ -364,11 +364,14 @@ def _loso(cfg: dict[str, Any], spec: preprocess.PrepSpec, vols: list[Vol], synth
     task = cfg["model"]["task"]
     folds = cv_folds(cfg, cases or [v.extra["case"] for v in vols], vols)
     kind = f"subject-grouped {len(folds)}-fold" if cfg["train"].get("folds") else "leave-one-subject-out"
+    run_folds = cfg["train"].get("loso", True) and len(folds) > 1
+    if not run_folds:  # the card must not claim a validation that did not run
+        kind = "none: no folds ran ([train] loso = false, or one subject group); score with trainer.seg_recalibrate"
     metrics: dict[str, Any] = {"validation": kind, "per_case": {}}
     splits: dict[str, Any] = {"folds": []}
     grid = setting_grid(cfg, spec)
     fold_results: dict[str, Any] = {}
-    if cfg["train"].get("loso", True) and len(folds) > 1:
+    if run_folds:
         for name, held in folds:
             fold_results[name], split = _run_cv_fold(cfg, spec, vols, synth, name, held, seed, device, n_epochs,
                                                      grid, work, keep_folds)

@@ -260,7 +260,8 @@ def train_network(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: Se
     steps, bs = int(t.get("steps_per_epoch", 50)), int(t.get("batch_size", 16))
     opt = torch.optim.AdamW(net.parameters(), lr=float(t.get("lr", 2e-3)), weight_decay=1e-4)
     base_lr, total = float(t.get("lr", 2e-3)), steps * epochs
-    loss_fn = DiceCELoss(sigmoid=True, batch=True)
+    # dice_batch = false: Dice per patch, so a small lesion weighs as much as a large one (default: over the batch)
+    loss_fn = DiceCELoss(sigmoid=True, batch=bool(t.get("dice_batch", True)))
     aug = augmentation(cfg, seed)
     aug.set_random_state(seed=seed)
     groups = int(t.get("aug_groups", 4))
