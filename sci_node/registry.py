@@ -48,6 +48,18 @@ EXPECTED_HEADS = {"anatomy": {"anatomy"}, "region_view": {"region", "view"}, "se
 __all__ = ["ModelRegistry", "ModelSet", "ModelEntry", "cli_list", "cli_add", "cli_activate", "cli_rollback"]
 
 
+def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key of a version string: numeric parts as numbers (``0.12.0`` after ``0.8.1``), others as text.
+
+    Parameters
+    ----------
+    version : str
+        A version such as ``"0.12.0"`` or ``"0.4.0-2p5d"``.
+    """
+    parts = version.replace("-", ".").split(".")
+    return tuple((0, int(x)) if x.isdigit() else (1, x) for x in parts)
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """One registered artefact."""
@@ -188,7 +200,8 @@ class ModelRegistry:
         """Every artefact folder with a card, sorted by name then version (cards are not checksummed here)."""
         active = self.active()
         out = []
-        for card_path in sorted(self.models_dir.glob(f"*/*/{CARD}")):
+        for card_path in sorted(self.models_dir.glob(f"*/*/{CARD}"),
+                                key=lambda c: (c.parent.parent.name, version_key(c.parent.name))):
             art = card_path.parent
             try:
                 card = read_card(art)
@@ -237,7 +250,8 @@ class ModelRegistry:
         """Make ``name`` ``version`` active (verified and load-tested first; the old one stays active on error)."""
         path = self.path_of(name, version)
         if not (path / CARD).is_file():
-            known = sorted(p.name for p in (self.models_dir / name).glob(f"*/{CARD}")) if name else []
+            known = sorted((p.parent.name for p in (self.models_dir / name).glob(f"*/{CARD}")),
+                           key=version_key) if name else []
             raise ModelError(f"no registered model {name!r} version {version!r} (known: {', '.join(known) or 'none'})")
         card = verify_artifact(path)
         check_compatible(card, str(path / CARD))

@@ -148,3 +148,14 @@ def test_load_active_names_missing_models(tmp_path: Path) -> None:
     reg.add(_version(SHIPPED, tmp_path / "a", "1.0.0"), activate=True)
     with pytest.raises(ModelError, match="no active version of region_view, sequence, cord, lesion"):
         reg.load_active()
+
+
+def test_list_orders_versions_numerically(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    models = tmp_path / "models"
+    for version in ("0.12.0", "0.8.1", "0.2.0"):  # added out of order; as text 0.12.0 sorts before 0.2.0
+        assert _models(models, "add", str(_version(SHIPPED, tmp_path / version, version))) == 0
+    capsys.readouterr()
+    assert _models(models, "--json", "list") == 0
+    assert [r["version"] for r in json.loads(capsys.readouterr().out)] == ["0.2.0", "0.8.1", "0.12.0"]
+    assert _models(models, "activate", "anatomy", "9.9.9") == 1  # the error lists the known ones in that order
+    assert "known: 0.2.0, 0.8.1, 0.12.0" in capsys.readouterr().err
