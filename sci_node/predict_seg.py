@@ -30,8 +30,11 @@ def infer_volume(net: "torch.nn.Module", array: np.ndarray, spec: preprocess.Pre
     array : numpy.ndarray
         ``(Z, Y, X)`` float32 normalised model-grid intensities.
     spec : PrepSpec
-        Gives ``patch_yx`` (sliding-window ROI), ``context``, ``thickness_channel`` and
-        ``flip_x_tta`` (mean of the logits of each slice and of its left-right mirror).
+        Gives ``patch_yx`` (sliding-window ROI), ``context``, ``thickness_channel``,
+        ``flip_x_tta`` (mean of the logits of each slice and of its left-right mirror) and
+        ``ensemble_cascade_below`` (for a :class:`~sci_node.nets.LogitMeanEnsemble` ``net``: the
+        members after the first run only where the first member's probability exceeds it; the
+        logits there are the exact ensemble mean, elsewhere the first member's).
     z_spacing : float
         Slice spacing (mm) of ``array``; read only with ``spec.thickness_channel``.
     keep : numpy.ndarray | None
@@ -46,26 +49,50 @@ def infer_volume(net: "torch.nn.Module", array: np.ndarray, spec: preprocess.Pre
         ``(Z, Y, X)`` float32 probabilities in [0, 1].
     """
     import torch
-    from monai.inferers import sliding_window_inference
+
+    from sci_node.nets import LogitMeanEnsemble
 
     stacked, inner = preprocess.pad_to(preprocess.with_context(array, spec.context), spec.patch_yx)
     if spec.thickness_channel:
         thick = np.full((stacked.shape[0], 1, *stacked.shape[2:]), preprocess.thickness_value(z_spacing), np.float32)
         stacked = np.concatenate([stacked, thick], axis=1)
-    out = np.zeros(array.shape, np.float32)
+    cut = spec.ensemble_cascade_below
+    if cut is None or not isinstance(net, LogitMeanEnsemble) or len(net.members) < 2:
+        logits = _infer_logits(net, stacked, inner, spec, device, batch_slices, keep)
+    else:
+        first, rest = net.first_and_rest()
+        logits = _infer_logits(first, stacked, inner, spec, device, batch_slices, keep)
+        unsure = logits > np.float32(np.log(cut / (1.0 - cut)))
+        if keep is not None:
+            unsure &= keep.astype(bool)
+        if unsure.any():  # every window over an unsure voxel runs: the mean there is exact
+            others = _infer_logits(rest, stacked, inner, spec, device, batch_slices, unsure)
+            n = len(net.members)
+            logits = np.where(unsure, (logits + (n - 1) * others) / n, logits).astype(np.float32)
+    return torch.sigmoid(torch.from_numpy(logits)).numpy()
+
+
+def _infer_logits(net: "torch.nn.Module", stacked: np.ndarray, inner: tuple[slice, slice],
+                  spec: preprocess.PrepSpec, device: str, batch_slices: int,
+                  keep: np.ndarray | None) -> np.ndarray:
+    """``(Z, Y, X)`` float32 logits of ``net`` on padded ``(Z, C, Y', X')`` slices ``stacked``
+    (``inner`` crops the padding back off); windows without a ``keep`` voxel are not run."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
     predictor = _flip_x_mean(net) if spec.flip_x_tta else net
     if keep is not None:  # the mask rides along as a last channel that the predictor strips
         stacked = np.concatenate([stacked, preprocess.pad_to(keep[:, None].astype(np.float32), spec.patch_yx)[0]],
                                  axis=1)
         predictor = _skip_empty(predictor)
+    out = np.zeros((stacked.shape[0], inner[0].stop - inner[0].start, inner[1].stop - inner[1].start), np.float32)
     with torch.inference_mode():
         for z0 in range(0, stacked.shape[0], batch_slices):
             x = torch.from_numpy(np.ascontiguousarray(stacked[z0:z0 + batch_slices])).float().to(device)
             # 64 windows per forward pass: sw_batch_size=16 was ~3x slower on 2 CPU cores
             logits = sliding_window_inference(x, roi_size=spec.patch_yx, sw_batch_size=64,
                                               predictor=predictor, overlap=spec.sw_overlap, mode="gaussian")
-            prob = torch.sigmoid(logits)[:, 0].cpu().numpy()  # type: ignore[arg-type]
-            out[z0:z0 + batch_slices] = prob[:, inner[0], inner[1]]
+            out[z0:z0 + batch_slices] = logits[:, 0].cpu().numpy()[:, inner[0], inner[1]]  # type: ignore[index]
     return out
 
 

@@ -64,6 +64,12 @@ class PrepSpec:
     sw_overlap : float
         Overlap of neighbouring sliding windows (fraction of the patch, MONAI
         ``sliding_window_inference``, Gaussian blending); cards without it mean 0.25.
+    ensemble_cascade_below : float | None
+        Only for an ensemble network (:class:`sci_node.nets.LogitMeanEnsemble`): the first
+        member runs everywhere, the others only on the voxels where the first member's
+        probability exceeds this value (their sliding windows); elsewhere the first member's
+        logits stand (:func:`sci_node.predict_seg.infer_volume`). ``None``: every member runs
+        everywhere (the exact logit mean).
     """
 
     spacing_yx: tuple[float, float] = (0.8, 0.8)
@@ -77,10 +83,14 @@ class PrepSpec:
     thickness_channel: bool = False
     flip_x_tta: bool = False
     sw_overlap: float = 0.25
+    ensemble_cascade_below: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sw_overlap < 1.0:  # MONAI would fail later, or loop on a zero step
             raise ValueError(f"sliding_window_overlap (sw_overlap) must lie in [0, 1), got {self.sw_overlap!r}")
+        cut = self.ensemble_cascade_below
+        if cut is not None and not 0.0 < cut < 1.0:
+            raise ValueError(f"ensemble_cascade_below must lie in (0, 1) or be null, got {cut!r}")
 
     def to_card(self) -> dict[str, Any]:
         """JSON-able dict for a model card."""
@@ -91,7 +101,7 @@ class PrepSpec:
                               "clip_max": self.clip_max},
             "patch_yx": list(self.patch_yx), "context_slices": self.context, "threshold": self.threshold,
             "thickness_channel": self.thickness_channel, "flip_x_tta": self.flip_x_tta,
-            "sliding_window_overlap": self.sw_overlap,
+            "sliding_window_overlap": self.sw_overlap, "ensemble_cascade_below": self.ensemble_cascade_below,
         }
 
     @classmethod
@@ -115,7 +125,9 @@ class PrepSpec:
                    context=int(pre.get("context_slices", 0)), threshold=float(pre.get("threshold", 0.5)),
                    thickness_channel=bool(pre.get("thickness_channel", False)),
                    flip_x_tta=bool(pre.get("flip_x_tta", False)),
-                   sw_overlap=float(pre.get("sliding_window_overlap", 0.25)))
+                   sw_overlap=float(pre.get("sliding_window_overlap", 0.25)),
+                   ensemble_cascade_below=None if pre.get("ensemble_cascade_below") is None
+                   else float(pre["ensemble_cascade_below"]))
 
     @property
     def in_channels(self) -> int:

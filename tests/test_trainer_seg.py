@@ -457,3 +457,42 @@ def test_a_run_without_folds_does_not_claim_a_validation(tmp_path: Path) -> None
     card = json.loads((out / "card.json").read_text())
     assert card["metrics"]["validation"].startswith("none: no folds ran") and card["metrics"]["per_case"] == {}
     assert card["training"]["splits"]["folds"] == []
+
+
+def test_ensemble_cascade_keeps_the_exact_mean_where_the_first_member_is_unsure() -> None:
+    """``ensemble_cascade_below``: the members after the first run only on the windows over voxels the
+    first member gives more than the cut; there the probability is the exact ensemble mean, elsewhere
+    the first member's. Real weights (lesion 0.12.0, three seeds), a real crop with a bright lesion."""
+    import dataclasses
+
+    from sci_node import preprocess
+    from sci_node.predict_seg import infer_volume, roi_input
+
+    seg = Segmenter.from_artifact(Path(__file__).resolve().parents[1] / "models" / "lesion" / "0.12.0")
+    image = sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))
+    cord = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop_seg-manual.nii.gz")))
+    arr = sitk.GetArrayFromImage(image).astype(np.float32)
+    zc = int(np.nonzero(cord.any(axis=(1, 2)))[0].mean())
+    arr[zc - 2:zc + 3][cord[zc - 2:zc + 3] > 0] *= 2.5  # an obvious hyperintense lesion
+    bright = sitk.GetImageFromArray(arr)
+    bright.CopyInformation(image)
+    prepared = preprocess.prepare(bright, seg.spec)
+    roi_m, box = seg._roi_box(prepared, cord)
+    keep = preprocess.crop(roi_m, box)
+    x = preprocess.crop(prepared.array, box)
+    x = roi_input(x, keep, seg.post)
+    first, _ = seg.net.first_and_rest()
+    full = infer_volume(seg.net, x, seg.spec, keep=keep)
+    alone = infer_volume(first, x, seg.spec, keep=keep)
+    cut = 0.02
+    spec = dataclasses.replace(seg.spec, ensemble_cascade_below=cut)
+    assert preprocess.PrepSpec.from_card(spec.to_card()) == spec  # round-trips through a card
+    casc = infer_volume(seg.net, x, spec, keep=keep)
+    inside = keep > 0
+    unsure = inside & (alone > cut)
+    assert unsure.any() and (inside & ~unsure).any() and (full[inside] >= 0.7).any()
+    np.testing.assert_allclose(casc[unsure], full[unsure], atol=1e-5)  # the exact mean where it is run
+    np.testing.assert_allclose(casc[inside & ~unsure], alone[inside & ~unsure], atol=1e-6)
+    assert np.array_equal(casc[inside] >= 0.7, full[inside] >= 0.7)  # the lesion core is the ensemble's
+    with pytest.raises(ValueError, match="ensemble_cascade_below must lie in"):
+        dataclasses.replace(seg.spec, ensemble_cascade_below=1.5)

@@ -16,8 +16,9 @@ setting, the new table and the command); without them only the table is printed:
 
     python -m trainer.seg_recalibrate lesion --artifact models/lesion/0.4.0 --out models/lesion/0.4.1 --version 0.4.1
 
-``--flip-x-tta`` and ``--sw-overlap F`` change how the same weights are run (the left-right test-time mirror,
-the sliding-window overlap); they are scored and written to the new card like ``--post`` keys.
+``--flip-x-tta``, ``--sw-overlap F`` and ``--ensemble-cascade P`` change how the same weights are run (the left-right
+test-time mirror, the sliding-window overlap, which windows the members of an ensemble after the first run);
+they are scored and written to the new card like ``--post`` keys.
 """
 from __future__ import annotations
 
@@ -89,15 +90,17 @@ def unseen_cases(card: dict[str, Any], cfg: dict[str, Any]) -> list[tdata.Case]:
 def recalibrate(model: str, artifact: Path, cfg: dict[str, Any], trials: int | None, device: str = "cpu",
                 setting: str | None = None, post: dict[str, float] | None = None,
                 test_generator: dict[str, list[float]] | None = None, flip_x_tta: bool | None = None,
-                sw_overlap: float | None = None, injection_seed: int | None = None
+                sw_overlap: float | None = None, injection_seed: int | None = None,
+                ensemble_cascade: float | None = None
                 ) -> tuple[dict[str, Any], dict[str, Any], list[tdata.Case]]:
     """``(metrics, eval_cfg, cases)``: nested per-group scores of ``artifact`` on unseen subjects;
-    ``flip_x_tta`` / ``sw_overlap`` (not ``None``) replace the card's test-time mirror / window overlap;
+    ``flip_x_tta`` / ``sw_overlap`` / ``ensemble_cascade`` (not ``None``) replace the card's test-time
+    mirror / window overlap / ensemble cascade (:class:`~sci_node.preprocess.PrepSpec`);
     ``injection_seed`` (not ``None``) seeds the held-out lesions instead of the card's training seed, so
     networks trained with different seeds can be scored on the same lesions."""
     net, card = load_network(Path(artifact), device=device)
     ecfg = eval_config(card, cfg, trials, setting, post, test_generator)
-    spec = card_spec(card, flip_x_tta, sw_overlap)
+    spec = card_spec(card, flip_x_tta, sw_overlap, ensemble_cascade)
     grid = setting_grid(ecfg, spec)
     cases = unseen_cases(card, cfg)
     evaluate = evaluate_cord if model == "cord" else evaluate_lesion
@@ -115,25 +118,32 @@ def recalibrate(model: str, artifact: Path, cfg: dict[str, Any], trials: int | N
 
 
 def card_spec(card: dict[str, Any], flip_x_tta: bool | None = None,
-              sw_overlap: float | None = None) -> preprocess.PrepSpec:
-    """The card's preprocessing, with ``flip_x_tta`` and ``sw_overlap`` replaced where not ``None``."""
+              sw_overlap: float | None = None, ensemble_cascade: float | None = None) -> preprocess.PrepSpec:
+    """The card's preprocessing, with ``flip_x_tta``, ``sw_overlap`` and ``ensemble_cascade``
+    (``ensemble_cascade_below``) replaced where not ``None``."""
     spec = preprocess.PrepSpec.from_card(card["preprocessing"])
     if flip_x_tta is not None:
         spec = dataclasses.replace(spec, flip_x_tta=bool(flip_x_tta))
-    if sw_overlap is not None:
-        try:
-            spec = dataclasses.replace(spec, sw_overlap=float(sw_overlap))
-        except ValueError as exc:  # PrepSpec checks the range
-            raise DataError(f"--sw-overlap: {exc}") from None
+    for flag, key, value in (("--sw-overlap", "sw_overlap", sw_overlap),
+                             ("--ensemble-cascade", "ensemble_cascade_below", ensemble_cascade)):
+        if value is not None:
+            try:
+                spec = dataclasses.replace(spec, **{key: float(value)})
+            except ValueError as exc:  # PrepSpec checks the range
+                raise DataError(f"{flag}: {exc}") from None
+    if spec.ensemble_cascade_below is not None and card["architecture"]["class"] != "sci_node.nets.LogitMeanEnsemble":
+        raise DataError(f"--ensemble-cascade: {card['name']} {card['version']} is not an ensemble "
+                        f"({card['architecture']['class']})")
     return spec
 
 
 def write_recalibrated(artifact: Path, out: Path, version: str, metrics: dict[str, Any], ecfg: dict[str, Any],
                        cases: list[tdata.Case], command: str, flip_x_tta: bool | None = None,
-                       sw_overlap: float | None = None) -> Path:
+                       sw_overlap: float | None = None, ensemble_cascade: float | None = None) -> Path:
     """The same weights under ``out`` with the chosen setting and ``metrics`` in a new card."""
     net, card = load_network(Path(artifact))
-    spec, post = apply_setting(ecfg, card_spec(card, flip_x_tta, sw_overlap), metrics["threshold_calibration"]["chosen"])
+    spec, post = apply_setting(ecfg, card_spec(card, flip_x_tta, sw_overlap, ensemble_cascade),
+                               metrics["threshold_calibration"]["chosen"])
     new = copy.deepcopy(card)
     new.update({"version": version, "preprocessing": spec.to_card(), "postprocessing": post, "metrics": metrics,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
@@ -177,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(only for networks trained with left-right flips; doubles the inference cost)")
     p.add_argument("--sw-overlap", dest="sw_overlap", type=float,
                    help="sliding-window overlap (fraction of the patch, [0, 1)) for the scoring and the new card")
+    p.add_argument("--ensemble-cascade", dest="ensemble_cascade", type=float, metavar="P",
+                   help="ensembles: run the members after the first only where the first's probability exceeds P "
+                        "(their windows), for the scoring and the new card; the cost falls towards one member's")
     p.add_argument("--injection-seed", dest="injection_seed", type=int,
                    help="lesion: seed of the held-out injections (default: the card's training seed)")
     p.add_argument("--out", type=Path)
@@ -193,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     tgen = _ranges(a.test_generator)
     metrics, ecfg, cases = recalibrate(a.model, a.artifact, cfg, a.trials, setting=a.setting, post=post,
                                        test_generator=tgen, flip_x_tta=a.flip_x_tta, sw_overlap=a.sw_overlap,
-                                       injection_seed=a.injection_seed)
+                                       injection_seed=a.injection_seed, ensemble_cascade=a.ensemble_cascade)
     if tgen:
         metrics["test_generator"] = ecfg["lesions"]["test_generator"]
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_case"}, indent=1))
@@ -203,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.out and a.version:
         command = "python -m trainer.seg_recalibrate " + " ".join(argv if argv is not None else sys.argv[1:])
         print(write_recalibrated(a.artifact, a.out, a.version, metrics, ecfg, cases, command, a.flip_x_tta,
-                                 a.sw_overlap))
+                                 a.sw_overlap, a.ensemble_cascade))
     return 0
 
 

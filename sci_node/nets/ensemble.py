@@ -52,7 +52,30 @@ class LogitMeanEnsemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of ``member(x)`` over the members."""
-        out = self.members[0](x)
-        for member in self.members[1:]:
-            out = out + member(x)
-        return out / len(self.members)
+        return _mean_of(self.members, x)
+
+    def first_and_rest(self) -> tuple[nn.Module, nn.Module]:
+        """``(first member, the mean of the other members)``, for a cascade that runs the others
+        only where the first is unsure (:func:`sci_node.predict_seg.infer_volume`). The full mean
+        is ``(first(x) + (n - 1) * rest(x)) / n`` with ``n = len(self.members) >= 2``."""
+        if len(self.members) < 2:
+            raise ValueError(f"a cascade needs at least two members, this ensemble has {len(self.members)}")
+        return self.members[0], _MemberMean(list(self.members[1:]))
+
+
+class _MemberMean(nn.Module):
+    """Mean of the outputs of ``members`` (shared modules, not copies)."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _mean_of(self.members, x)
+
+
+def _mean_of(members: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    out = members[0](x)
+    for member in members[1:]:
+        out = out + member(x)
+    return out / len(members)
