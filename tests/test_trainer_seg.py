@@ -462,11 +462,11 @@ def test_a_run_without_folds_does_not_claim_a_validation(tmp_path: Path) -> None
 def test_ensemble_cascade_keeps_the_exact_mean_where_the_first_member_is_unsure() -> None:
     """``ensemble_cascade_below``: the members after the first run only on the windows over voxels the
     first member gives more than the cut; there the probability is the exact ensemble mean, elsewhere
-    the first member's. Real weights (lesion 0.12.0, three seeds), a real crop with a bright lesion."""
+    the first member's. Real weights (lesion 0.12.0, three seeds), a real crop with a bright lesion,
+    through the node's own ``Segmenter`` (the cut read from the card)."""
     import dataclasses
 
     from sci_node import preprocess
-    from sci_node.predict_seg import infer_volume, roi_input
 
     seg = Segmenter.from_artifact(Path(__file__).resolve().parents[1] / "models" / "lesion" / "0.12.0")
     image = sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))
@@ -477,18 +477,15 @@ def test_ensemble_cascade_keeps_the_exact_mean_where_the_first_member_is_unsure(
     bright = sitk.GetImageFromArray(arr)
     bright.CopyInformation(image)
     prepared = preprocess.prepare(bright, seg.spec)
-    roi_m, box = seg._roi_box(prepared, cord)
-    keep = preprocess.crop(roi_m, box)
-    x = preprocess.crop(prepared.array, box)
-    x = roi_input(x, keep, seg.post)
-    first, _ = seg.net.first_and_rest()
-    full = infer_volume(seg.net, x, seg.spec, keep=keep)
-    alone = infer_volume(first, x, seg.spec, keep=keep)
     cut = 0.02
     spec = dataclasses.replace(seg.spec, ensemble_cascade_below=cut)
     assert preprocess.PrepSpec.from_card(spec.to_card()) == spec  # round-trips through a card
-    casc = infer_volume(seg.net, x, spec, keep=keep)
-    inside = keep > 0
+    cascade = Segmenter(seg.net, {**seg.card, "preprocessing": spec.to_card()})
+    first = Segmenter(seg.net.first_and_rest()[0], seg.card)
+    full = seg.predict_prob_model_grid(prepared, cord)
+    alone = first.predict_prob_model_grid(prepared, cord)
+    casc = cascade.predict_prob_model_grid(prepared, cord)
+    inside = seg._roi_box(prepared, cord)[0] > 0  # the dilated cord: the voxels the lesion model keeps
     unsure = inside & (alone > cut)
     assert unsure.any() and (inside & ~unsure).any() and (full[inside] >= 0.7).any()
     np.testing.assert_allclose(casc[unsure], full[unsure], atol=1e-5)  # the exact mean where it is run
