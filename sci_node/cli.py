@@ -160,7 +160,7 @@ def _train(args: argparse.Namespace, cfg: NodeConfig) -> int:
                                       work_dir=args.work_dir)
     return train(args.model, config=args.train_config, data=args.data, out=args.out,
                  epochs=args.epochs, seed=args.seed, device=args.device or "cpu", keep_folds=args.keep_folds,
-                 work_dir=args.work_dir)
+                 work_dir=args.work_dir, folds=args.folds)
 
 
 def _corrections(args: argparse.Namespace, cfg: NodeConfig) -> int:
@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", dest="work_dir", type=Path,
                    help="segmentation models: resumable run (fold results and per-epoch checkpoints); "
                         "re-run the same command to resume")
+    p.add_argument("--folds", type=lambda v: [f for f in v.split(",") if f], metavar="FOLD[,FOLD]",
+                   help="segmentation models, with --work-dir: run these cross-validation folds only (e.g. "
+                        "fold0,fold1; 'final' = the final network; one process per core), then the same command without it to finish")
     p.add_argument("--corrections", nargs="?", const="data-dir", default=None, metavar="DIR",
                    help="cord/lesion: fine-tune the active model on the shared data plus the site's corrections "
                         "(an exported DIR, or without DIR: exported, de-identified, from --data-dir)")

@@ -194,13 +194,9 @@ def test_coarse_to_fine_matches_full_inference_on_a_large_field_of_view() -> Non
     assert calls == [small.shape]
 
 
-def test_partial_run_assembles_an_artefact_that_names_its_pending_folds(tmp_path: Path) -> None:
-    import json
+def _tiny_cord_config(tmp_path: Path) -> tuple[Path, Path]:
+    """``(data, config)``: cord.toml on two persons' crops (2 folds), one epoch of 2 small steps."""
     import re
-
-    from sci_node.artifact import load_network
-    from trainer.seg import train_segmentation
-    from trainer.seg_assemble import assemble
 
     data = tmp_path / "ds"
     _put(data, "anat", "sub-unf01_T2w", "sub-unf01_T2w_crop")
@@ -209,9 +205,19 @@ def test_partial_run_assembles_an_artefact_that_names_its_pending_folds(tmp_path
     for key, val in {"pool": "0", "steps_per_epoch": "2", "batch_size": "4", "final_epochs": "1", "epochs": "1",
                      "aug_groups": "2"}.items():
         text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {val}", text)
-    text = text.replace('root = "../shared/data/spine"', f'root = "{data}"')
     config = tmp_path / "cord_tiny.toml"
-    config.write_text(text)
+    config.write_text(text.replace('root = "../shared/data/spine"', f'root = "{data}"'))
+    return data, config
+
+
+def test_partial_run_assembles_an_artefact_that_names_its_pending_folds(tmp_path: Path) -> None:
+    import json
+
+    from sci_node.artifact import load_network
+    from trainer.seg import train_segmentation
+    from trainer.seg_assemble import assemble
+
+    data, config = _tiny_cord_config(tmp_path)
     work = tmp_path / "work"
     full = train_segmentation("cord", config, data, tmp_path / "full", None, 1, "cpu", work_dir=work)
     assert json.loads((work / "fold0" / "result.json").read_text())["split"]["held_out"] == "fold0"
@@ -226,6 +232,34 @@ def test_partial_run_assembles_an_artefact_that_names_its_pending_folds(tmp_path
     assert card["weights_sha256"] == full_card["weights_sha256"]
 
 
+def test_folds_option_runs_some_folds_and_the_full_run_reuses_them(tmp_path: Path) -> None:
+    """``only_folds`` (``--folds``) trains and scores those folds into the work dir and stops there (no
+    calibration, no final network), so two processes can share one run; the full run then reuses them.
+    An unknown fold name, or no work dir, is a ConfigError."""
+    from sci_node.artifact import load_network
+    from sci_node.errors import ConfigError
+    from trainer.seg import train_segmentation
+
+    data, config = _tiny_cord_config(tmp_path)
+    work = tmp_path / "work"
+    assert train_segmentation("cord", config, data, tmp_path / "out", None, 1, "cpu", work_dir=work,
+                              only_folds=["fold1", "final"]) == work
+    assert (work / "fold1" / "result.json").is_file() and (work / "fold1" / "card.json").is_file()
+    assert (work / "final" / "ckpt.pt").is_file()  # the final network, for the full run to resume
+    assert not (work / "fold0").exists() and not (tmp_path / "out").exists()
+    fold1 = (work / "fold1" / "result.json").read_text()
+    full = train_segmentation("cord", config, data, tmp_path / "out", None, 1, "cpu", work_dir=work)
+    assert (work / "fold1" / "result.json").read_text() == fold1  # reused, not retrained
+    _, card = load_network(full)
+    assert card["metrics"]["validation"] == "subject-grouped 2-fold"
+    _, fresh = load_network(train_segmentation("cord", config, data, tmp_path / "fresh", None, 1, "cpu"))
+    assert card["weights_sha256"] == fresh["weights_sha256"]  # the same final network as a run in one piece
+    assert {f["held_out"] for f in card["training"]["splits"]["folds"]} == {"fold0", "fold1"}
+    with pytest.raises(ConfigError, match=r"--folds fold7: no such fold \['fold7'\] \(folds: fold0, fold1\)"):
+        train_segmentation("cord", config, data, None, None, 1, "cpu", work_dir=work, only_folds=["fold7"])
+    with pytest.raises(ConfigError, match="needs --work-dir"):
+        train_segmentation("cord", config, data, None, None, 1, "cpu", only_folds=["fold0"])
+
 def _unseen_persons_config(tmp_path: Path, model: str, thresholds: str) -> dict:
     """``MODEL.toml`` on a data folder (``tmp_path/ds``) that adds two persons no shipped model trained
     on (sub-newA, sub-newB: copies of the unf01 and PAM50 crops), with a small threshold grid."""
@@ -238,7 +272,6 @@ def _unseen_persons_config(tmp_path: Path, model: str, thresholds: str) -> dict:
     config = tmp_path / f"{model}.toml"
     config.write_text(re.sub(r"(?m)^thresholds = .*$", f"thresholds = {thresholds}", text))
     return load_config(model, config)
-
 
 def test_recalibration_scores_only_unseen_persons_and_keeps_the_weights(tmp_path: Path) -> None:
     """Only persons the artefact never trained on are scored; the new card keeps the weights and
@@ -261,7 +294,6 @@ def test_recalibration_scores_only_unseen_persons_and_keeps_the_weights(tmp_path
     assert card["preprocessing"]["flip_x_tta"] is True and not old["preprocessing"].get("flip_x_tta", False)
     assert card["preprocessing"]["threshold"] == metrics["threshold_calibration"]["chosen"]
     assert card["training"]["recalibrated"]["from"] == "cord 0.2.0"
-
 
 def test_config_with_a_base_changes_only_what_it_names(tmp_path: Path) -> None:
     """``base = "..."``: the base's tables merged under the file's, key by key; lists replaced whole;
@@ -293,7 +325,6 @@ def test_config_with_a_base_changes_only_what_it_names(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"missing\.toml.*does not exist"):
         read_toml_config(tmp_path / "d.toml")
 
-
 def test_lesion_recalibration_scores_networks_of_other_seeds_on_the_same_injections(tmp_path: Path) -> None:
     """``injection_seed``: the held-out lesions are seeded by the card's training seed unless told
     otherwise, so two networks trained with different seeds can be scored on the same lesions."""
@@ -310,3 +341,43 @@ def test_lesion_recalibration_scores_networks_of_other_seeds_on_the_same_injecti
     assert set(own) == {"sub-newA_T2w", "sub-newB_T2w"}
     assert truths(0) == own  # the card's own seed
     assert truths(7) != own  # other lesions
+
+def test_fold_artifacts_score_each_person_with_the_fold_that_held_it_out(tmp_path: Path) -> None:
+    """``fold_artifacts``: a cross-validated run is scored group by group with the fold network whose
+    card holds that group out; the numbers equal scoring that network alone on the group. A folder
+    without fold cards, or folds of different preprocessing, is a DataError naming the folder."""
+    import copy
+
+    import torch
+
+    from sci_node.artifact import load_network, write_artifact
+    from sci_node.errors import DataError
+    from trainer.seg_recalibrate import recalibrate
+
+    cfg = _unseen_persons_config(tmp_path, "cord", "[0.5]")
+    net, card = load_network(Path(__file__).resolve().parents[1] / "models" / "cord" / "0.2.0")
+    other = {k: (v * 0.9 if v.is_floating_point() else v) for k, v in net.state_dict().items()}  # another network
+    work = tmp_path / "work"
+    for name, held, state in (("fold0", ["sub-newA"], net.state_dict()), ("fold1", ["sub-newB"], other)):
+        c = copy.deepcopy(card)
+        c["metrics"] = {"held_out": held}
+        write_artifact(work / name, {k: v.clone() for k, v in state.items()}, c)
+    plain = write_artifact(tmp_path / "other", {k: v.clone() for k, v in other.items()}, copy.deepcopy(card))
+
+    cv, _, cases = recalibrate("cord", None, cfg, None, setting="0.5", fold_artifacts=work)
+    assert sorted(c.subject for c in cases) == ["sub-newA", "sub-newB"]
+    assert "held it out" in cv["validation"]
+    alone_a, _, _ = recalibrate("cord", work / "fold0", cfg, None, setting="0.5")
+    alone_b, _, _ = recalibrate("cord", plain, cfg, None, setting="0.5")
+    assert cv["per_case"]["sub-newA_T2w"]["dice"] == alone_a["per_case"]["sub-newA_T2w"]["dice"]
+    assert cv["per_case"]["sub-newB_T2w"]["dice"] == alone_b["per_case"]["sub-newB_T2w"]["dice"]
+    assert alone_a["per_case"]["sub-newB_T2w"]["dice"] != alone_b["per_case"]["sub-newB_T2w"]["dice"]
+
+    with pytest.raises(DataError, match="no metrics.held_out"):
+        recalibrate("cord", None, cfg, None, fold_artifacts=tmp_path / "other" / "..")
+    c = copy.deepcopy(card)
+    c["metrics"] = {"held_out": ["sub-newB"]}
+    c["preprocessing"] = {**c["preprocessing"], "patch_yx": [32, 32]}
+    write_artifact(work / "fold1", {k: torch.clone(v) for k, v in other.items()}, c)
+    with pytest.raises(DataError, match=r"fold1.*differs from the others"):
+        recalibrate("cord", None, cfg, None, fold_artifacts=work)

@@ -15,14 +15,18 @@ SEGMENTERS = ("cord", "lesion")
 
 
 def train(model: str, config: Path | None, data: Path | None, out: Path | None, epochs: int | None,
-          seed: int, device: str, keep_folds: Path | None = None, work_dir: Path | None = None) -> int:
-    """Train ``model`` and write its artefact; return the exit code (0).
+          seed: int, device: str, keep_folds: Path | None = None, work_dir: Path | None = None,
+          folds: list[str] | None = None) -> int:
+    """Train ``model`` and write its artefact; return the exit code (0). ``folds`` (segmentation
+    models, with ``work_dir``): run those cross-validation folds only (:func:`trainer.seg.train_segmentation`).
 
     Raises
     ------
     ConfigError
         Unknown model name or bad config (the CLI maps it to an exit code).
     """
+    if folds is not None and model not in SEGMENTERS:
+        raise ConfigError(f"--folds is for the segmentation models ({', '.join(SEGMENTERS)}), not {model!r}")
     if model in CLASSIFIERS:
         from trainer.classifiers import train_classifier
 
@@ -30,7 +34,7 @@ def train(model: str, config: Path | None, data: Path | None, out: Path | None, 
     elif model in SEGMENTERS:
         from trainer.seg import train_segmentation
 
-        path = train_segmentation(model, config, data, out, epochs, seed, device, keep_folds, work_dir)
+        path = train_segmentation(model, config, data, out, epochs, seed, device, keep_folds, work_dir, folds)
     else:
         raise ConfigError(f"unknown model {model!r} (expected one of {', '.join(CLASSIFIERS + SEGMENTERS)})")
     log.info("model trained", model=model, artefact=str(path))

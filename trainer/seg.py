@@ -350,9 +350,12 @@ def _run_cv_fold(cfg: dict[str, Any], spec: preprocess.PrepSpec, vols: list[Vol]
 
 def _loso(cfg: dict[str, Any], spec: preprocess.PrepSpec, vols: list[Vol], synth: list[Vol], seed: int,
           device: str, n_epochs: int, keep_folds: Path | None = None, cases: list[tdata.Case] | None = None,
-          work: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+          work: Path | None = None, only: list[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Cross-validation folds (:func:`cv_folds`): train without the fold's groups, score them on
     their source grids.
+
+    ``only`` (fold names) runs those folds alone and calibrates nothing: a part of the run, for
+    sharing one resumable ``work`` folder between processes (one per core); the full run reuses them.
 
     Each fold's held-out cases are scored on a grid of thresholds (``[train] thresholds``);
     :func:`trainer.seg_eval.calibrate` picks the shipped threshold and reports every fold at
@@ -371,11 +374,19 @@ def _loso(cfg: dict[str, Any], spec: preprocess.PrepSpec, vols: list[Vol], synth
     splits: dict[str, Any] = {"folds": []}
     grid = setting_grid(cfg, spec)
     fold_results: dict[str, Any] = {}
+    if only is not None:
+        unknown = sorted(set(only) - {name for name, _ in folds})
+        if unknown or (only and not run_folds):
+            raise ConfigError(f"--folds {','.join(only)}: no such fold {unknown or only} "
+                              f"(folds: {', '.join(n for n, _ in folds) or 'none'})")
+        folds = [(name, held) for name, held in folds if name in only]
     if run_folds:
         for name, held in folds:
             fold_results[name], split = _run_cv_fold(cfg, spec, vols, synth, name, held, seed, device, n_epochs,
                                                      grid, work, keep_folds)
             splits["folds"].append(split)
+        if only is not None:
+            return metrics, splits
         threshold, per_case, info = calibrate(fold_results, task, cfg["train"].get("max_false_lesions_per_scan"))
         metrics["per_case"] = per_case
         metrics["threshold_calibration"] = info
@@ -384,7 +395,7 @@ def _loso(cfg: dict[str, Any], spec: preprocess.PrepSpec, vols: list[Vol], synth
 
 def train_segmentation(model_name: str, config: Path | None, data: Path | None, out: Path | None,
                        epochs: int | None, seed: int, device: str, keep_folds: Path | None = None,
-                       work_dir: Path | None = None) -> Path:
+                       work_dir: Path | None = None, only_folds: list[str] | None = None) -> Path:
     """Train ``cord`` or ``lesion``: LOSO validation folds, then the final model; write the artefact.
 
     Parameters
@@ -403,6 +414,10 @@ def train_segmentation(model_name: str, config: Path | None, data: Path | None, 
         Resumable run: each finished fold's scores and network go to ``work_dir/<fold>/``, and
         every network (folds and final) checkpoints each epoch to ``…/ckpt.pt``. Running the
         same command again skips finished folds and resumes the interrupted network.
+    only_folds : list[str] | None
+        Run these validation folds only (into ``work_dir``, which it needs) and return
+        ``work_dir``: no calibration, no artefact; ``"final"`` among them also trains the final
+        network's checkpoint. The run without it reuses them.
 
     Returns
     -------
@@ -411,6 +426,8 @@ def train_segmentation(model_name: str, config: Path | None, data: Path | None, 
     """
     import torch
 
+    if only_folds is not None and work_dir is None:
+        raise ConfigError("--folds needs --work-dir: the folds it runs are kept there for the full run")
     cfg = load_config(model_name, config)
     cfg["_command"] = train_command(model_name, config, data, epochs, seed)
     tcfg = cfg["train"]
@@ -429,7 +446,14 @@ def train_segmentation(model_name: str, config: Path | None, data: Path | None, 
     rng = np.random.default_rng(seed)
     synth = synth_pool(cfg, spec, rng, task, margin)
     log.info("train.start", model=model_name, cases=[v.key for v in vols], synthetic=len(synth), epochs=n_epochs)
-    metrics, splits = _loso(cfg, spec, vols, synth, seed, device, n_epochs, keep_folds, cases, work_dir)
+    only = None if only_folds is None else [f for f in only_folds if f != "final"]
+    metrics, splits = _loso(cfg, spec, vols, synth, seed, device, n_epochs, keep_folds, cases, work_dir, only)
+    final_epochs = int(epochs or tcfg.get("final_epochs", n_epochs))
+    if only_folds is not None:  # a part of the run; "final" = the final network's checkpoint, which the full run resumes
+        if "final" in only_folds:
+            _train_final(cfg, spec, vols + synth, seed, device, final_epochs, work_dir)
+        log.info("train.folds_done", folds=only_folds, work_dir=str(work_dir))
+        return Path(work_dir)  # type: ignore[arg-type]
     if "threshold_calibration" in metrics:  # ship the threshold (and minimum volume) chosen on the folds
         spec, post = apply_setting(cfg, spec, metrics["threshold_calibration"]["chosen"])
         cfg = {**cfg, "post": post}
@@ -439,9 +463,7 @@ def train_segmentation(model_name: str, config: Path | None, data: Path | None, 
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "loso_metrics.json").write_text(json.dumps({"metrics": metrics, "splits": splits}, indent=2))
         return out_dir
-    final_epochs = int(epochs or tcfg.get("final_epochs", n_epochs))
-    net, hist = run_fold(cfg, spec, vols + synth, [], seed, device, float(tcfg.get("final_minutes", 6)),
-                         final_epochs, "final", checkpoint=None if work_dir is None else Path(work_dir) / "final" / "ckpt.pt")
+    net, hist = _train_final(cfg, spec, vols + synth, seed, device, final_epochs, work_dir)
     splits["final_train"] = sorted(v.key for v in vols)
     card = _card(cfg, spec, metrics, cases, splits, seed, len(hist), hist)
     from sci_node.artifact import write_artifact
@@ -449,6 +471,14 @@ def train_segmentation(model_name: str, config: Path | None, data: Path | None, 
     write_artifact(out_dir, net.state_dict(), card)
     log.info("train.done", model=model_name, out=str(out_dir), metrics={k: v for k, v in metrics.items() if k != "per_case"})
     return out_dir
+
+
+def _train_final(cfg: dict[str, Any], spec: preprocess.PrepSpec, vols: list[Vol], seed: int, device: str,
+                 epochs: int, work_dir: Path | None):
+    """The final network on every volume; ``(net, history)``, checkpointed in ``work_dir/final/``. Its
+    training reads no calibrated setting, so a ``--folds final`` run and the full run make the same one."""
+    return run_fold(cfg, spec, vols, [], seed, device, float(cfg["train"].get("final_minutes", 6)), epochs, "final",
+                    checkpoint=None if work_dir is None else Path(work_dir) / "final" / "ckpt.pt")
 
 
 def summarise(per_case: dict[str, dict[str, float]], task: str) -> dict[str, Any]:
@@ -486,10 +516,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--keep-folds", type=Path, help="also write each LOSO fold network as an artefact here")
     p.add_argument("--work-dir", type=Path, help="resumable run: fold results and per-epoch checkpoints here")
+    p.add_argument("--folds", type=lambda v: [f for f in v.split(",") if f],
+                   help="run these folds only (comma-separated, e.g. fold0,fold1; 'final': the final network; needs --work-dir)")
     a = p.parse_args(argv)
     configure_logging("console", "INFO")
     print(train_segmentation(a.model, a.config, a.data, a.out, a.epochs, a.seed, a.device, a.keep_folds,
-                             a.work_dir))
+                             a.work_dir, a.folds))
     return 0
 
 

@@ -19,6 +19,12 @@ setting, the new table and the command); without them only the table is printed:
 ``--flip-x-tta``, ``--sw-overlap F`` and ``--ensemble-cascade P`` change how the same weights are run (the left-right
 test-time mirror, the sliding-window overlap, which windows the members of an ensemble after the first run);
 they are scored and written to the new card like ``--post`` keys.
+
+``--fold-artifacts WORK`` scores a cross-validated run the same way: each group by the fold network that held it
+out (the run's ``--work-dir``), nested as above; ``--artifact FINAL --out DIR`` then writes the run's final network
+with the setting chosen on its folds::
+
+    python -m trainer.seg_recalibrate lesion --fold-artifacts WORK --artifact FINAL --out DIR --version V
 """
 from __future__ import annotations
 
@@ -87,31 +93,82 @@ def unseen_cases(card: dict[str, Any], cfg: dict[str, Any]) -> list[tdata.Case]:
     return out
 
 
-def recalibrate(model: str, artifact: Path, cfg: dict[str, Any], trials: int | None, device: str = "cpu",
+def fold_networks(folder: Path, device: str = "cpu") -> list[tuple[Any, dict[str, Any]]]:
+    """``[(net, card)]`` of the cross-validation fold artefacts in ``folder`` (a training run's
+    ``--work-dir`` or ``--keep-folds``: one sub-folder per fold, its card naming the held-out groups
+    in ``metrics.held_out``), ordered by name; a folder without any is a DataError naming it."""
+    out: list[tuple[Any, dict[str, Any]]] = []
+    for sub in sorted(p for p in Path(folder).iterdir() if (p / "card.json").is_file()):
+        net, card = load_network(sub, device=device)
+        if not card.get("metrics", {}).get("held_out"):
+            raise DataError(f"{str(sub)!r} is not a cross-validation fold artefact (no metrics.held_out in its card)")
+        if out and (card["architecture"], card["preprocessing"]) != (out[0][1]["architecture"],
+                                                                     out[0][1]["preprocessing"]):
+            raise DataError(f"fold artefact {str(sub)!r} differs from the others in architecture or preprocessing")
+        out.append((net, card))
+    if not out:
+        raise DataError(f"no fold artefact (sub-folder with a card.json) in {str(folder)!r}")
+    return out
+
+
+def fold_cases(folds: list[tuple[Any, dict[str, Any]]], cfg: dict[str, Any]
+               ) -> tuple[list[tdata.Case], dict[str, Any]]:
+    """``(cases, net_of_group)``: every case of ``cfg``'s data held out by one of ``folds`` (and
+    never trained on by it), with the network of the fold that held out its group."""
+    cases: list[tdata.Case] = []
+    net_of: dict[str, Any] = {}
+    for net, card in folds:
+        held = set(card["metrics"]["held_out"])
+        for case in unseen_cases(card, cfg) if held else []:
+            if case.group not in held:
+                continue
+            if case.group in net_of and net_of[case.group] is not net:
+                raise DataError(f"group {case.group!r} is held out by two fold artefacts")
+            net_of[case.group] = net
+            cases.append(case)
+    if not cases:
+        raise DataError(f"no labelled case in {cfg['data']['root']!r} is held out by the fold artefacts")
+    return cases, net_of
+
+
+def recalibrate(model: str, artifact: Path | None, cfg: dict[str, Any], trials: int | None, device: str = "cpu",
                 setting: str | None = None, post: dict[str, float] | None = None,
                 test_generator: dict[str, list[float]] | None = None, flip_x_tta: bool | None = None,
                 sw_overlap: float | None = None, injection_seed: int | None = None,
-                ensemble_cascade: float | None = None
+                ensemble_cascade: float | None = None, fold_artifacts: Path | None = None
                 ) -> tuple[dict[str, Any], dict[str, Any], list[tdata.Case]]:
     """``(metrics, eval_cfg, cases)``: nested per-group scores of ``artifact`` on unseen subjects;
     ``flip_x_tta`` / ``sw_overlap`` / ``ensemble_cascade`` (not ``None``) replace the card's test-time
     mirror / window overlap / ensemble cascade (:class:`~sci_node.preprocess.PrepSpec`);
     ``injection_seed`` (not ``None``) seeds the held-out lesions instead of the card's training seed, so
-    networks trained with different seeds can be scored on the same lesions."""
-    net, card = load_network(Path(artifact), device=device)
+    networks trained with different seeds can be scored on the same lesions. With ``fold_artifacts``
+    (:func:`fold_networks`) each group is scored by the fold network that held it out instead (the
+    cross-validation estimate of a run whose final network, ``artifact``, saw every group)."""
+    folds = fold_networks(Path(fold_artifacts), device) if fold_artifacts is not None else []
+    if artifact is not None:
+        net, card = load_network(Path(artifact), device=device)
+    elif folds:
+        net, card = folds[0]
+    else:
+        raise DataError("give an artifact, fold artifacts, or both")
     ecfg = eval_config(card, cfg, trials, setting, post, test_generator)
     spec = card_spec(card, flip_x_tta, sw_overlap, ensemble_cascade)
     grid = setting_grid(ecfg, spec)
-    cases = unseen_cases(card, cfg)
+    if folds:
+        cases, net_of = fold_cases(folds, cfg)
+        about = f"subject-grouped CV: each group scored by the fold network of {card['name']} that held it out"
+    else:
+        cases, net_of = unseen_cases(card, cfg), {}
+        about = f"subjects unseen by {card['name']} {card['version']}"
     evaluate = evaluate_cord if model == "cord" else evaluate_lesion
     seed = int(card["training"].get("seed", 0)) if injection_seed is None else int(injection_seed)
     results: dict[str, Any] = {}
     for group in sorted({c.group for c in cases}):
-        results[group] = evaluate(net, ecfg, spec, [c for c in cases if c.group == group], device, seed, grid)
+        results[group] = evaluate(net_of.get(group, net), ecfg, spec, [c for c in cases if c.group == group],
+                                  device, seed, grid)
         log.info("recalibrate.group", model=model, group=group)
     _, per_case, info = calibrate(results, model, ecfg["train"].get("max_false_lesions_per_scan"))
-    metrics: dict[str, Any] = {"validation": f"subjects unseen by {card['name']} {card['version']} "
-                                             f"(nested: each group scored at the setting chosen on the others)",
+    metrics: dict[str, Any] = {"validation": f"{about} (nested: each group scored at the setting chosen on the others)",
                                "per_case": per_case, "threshold_calibration": info}
     metrics.update(summarise(per_case, model))
     return metrics, ecfg, cases
@@ -174,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m trainer.seg_recalibrate", description=__doc__.splitlines()[0])
     p.add_argument("model", choices=["cord", "lesion"])
-    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--artifact", type=Path, help="the artefact to score and re-calibrate (with --fold-artifacts: "
+                   "the run's final network, written with the setting chosen on its folds)")
+    p.add_argument("--fold-artifacts", dest="fold_artifacts", type=Path, metavar="DIR",
+                   help="score each group with the cross-validation fold network that held it out (a run's --work-dir)")
     p.add_argument("--config", type=Path, help="training config whose [data] and grid are used (default: MODEL.toml)")
     p.add_argument("--trials", type=int, help="lesion injections per case (default: the config's val_trials)")
     p.add_argument("--setting", help="score this one setting only (T or T@V, e.g. the artefact's own 0.6@5)")
@@ -196,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
+    if a.artifact is None and a.fold_artifacts is None:
+        p.error("give --artifact, --fold-artifacts, or both")
+    if a.out and a.artifact is None:
+        p.error("--out writes --artifact's weights: give the final network as --artifact")
     configure_logging("console", "INFO")
     configure_threads(a.threads)
     cfg = load_config(a.model, a.config)
@@ -206,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     tgen = _ranges(a.test_generator)
     metrics, ecfg, cases = recalibrate(a.model, a.artifact, cfg, a.trials, setting=a.setting, post=post,
                                        test_generator=tgen, flip_x_tta=a.flip_x_tta, sw_overlap=a.sw_overlap,
-                                       injection_seed=a.injection_seed, ensemble_cascade=a.ensemble_cascade)
+                                       injection_seed=a.injection_seed, ensemble_cascade=a.ensemble_cascade,
+                                       fold_artifacts=a.fold_artifacts)
     if tgen:
         metrics["test_generator"] = ecfg["lesions"]["test_generator"]
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_case"}, indent=1))
