@@ -31,16 +31,14 @@ def si_axis(image: sitk.Image) -> int:
     return 2 - int(np.argmax(np.abs(d[2, :])))
 
 
-def extent_scores(pred: np.ndarray, truth: np.ndarray, axis: int) -> dict[str, float | int]:
+def extent_scores(pred: np.ndarray, truth: np.ndarray, axis: int) -> dict[str, float | int | str]:
     """Dice of boolean ``(Z, Y, X)`` masks on the whole volume and within ``truth``'s extent along ``axis``."""
+    from trainer.infer_check import dice
+
     other = tuple(i for i in range(3) if i != axis)
     has = np.nonzero(truth.any(axis=other))[0]
     lo, hi = int(has.min()), int(has.max())
     cut = tuple(slice(lo, hi + 1) if i == axis else slice(None) for i in range(3))
-
-    def dice(p: np.ndarray, t: np.ndarray) -> float:
-        return float(2 * (p & t).sum() / max(1, int(p.sum() + t.sum())))
-
     return {"dice": round(dice(pred, truth), 4), "dice_within_reference_extent": round(dice(pred[cut], truth[cut]), 4),
             "reference_slices": f"{lo}-{hi} of {truth.shape[axis]}",
             "predicted_voxels_outside_extent": int(pred.sum() - pred[cut].sum())}
@@ -57,12 +55,13 @@ def main() -> int:
     args = ap.parse_args()
     configure_threads(1)
     seg = Segmenter.from_artifact(args.artifact)
-    whole, within = [], []
+    whole: list[float] = []
+    within: list[float] = []
     for case in unseen_cases(seg.card, load_config("cord", None)):
         image, mask = tdata.load_case(case)
         row = extent_scores(seg.predict(image).astype(bool), sitk.GetArrayFromImage(mask) > 0.5, si_axis(image))
-        whole.append(row["dice"])
-        within.append(row["dice_within_reference_extent"])
+        whole.append(float(row["dice"]))
+        within.append(float(row["dice_within_reference_extent"]))
         print(json.dumps({"case": case.key, **row}), flush=True)
     print(json.dumps({"artifact": str(args.artifact), "cases": len(whole), "dice_mean": round(float(np.mean(whole)), 4),
                       "dice_min": min(whole), "within_extent_mean": round(float(np.mean(within)), 4),

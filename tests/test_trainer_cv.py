@@ -260,6 +260,7 @@ def test_folds_option_runs_some_folds_and_the_full_run_reuses_them(tmp_path: Pat
     with pytest.raises(ConfigError, match="needs --work-dir"):
         train_segmentation("cord", config, data, None, None, 1, "cpu", only_folds=["fold0"])
 
+
 def _unseen_persons_config(tmp_path: Path, model: str, thresholds: str) -> dict:
     """``MODEL.toml`` on a data folder (``tmp_path/ds``) that adds two persons no shipped model trained
     on (sub-newA, sub-newB: copies of the unf01 and PAM50 crops), with a small threshold grid."""
@@ -272,6 +273,7 @@ def _unseen_persons_config(tmp_path: Path, model: str, thresholds: str) -> dict:
     config = tmp_path / f"{model}.toml"
     config.write_text(re.sub(r"(?m)^thresholds = .*$", f"thresholds = {thresholds}", text))
     return load_config(model, config)
+
 
 def test_recalibration_scores_only_unseen_persons_and_keeps_the_weights(tmp_path: Path) -> None:
     """Only persons the artefact never trained on are scored; the new card keeps the weights and
@@ -294,6 +296,7 @@ def test_recalibration_scores_only_unseen_persons_and_keeps_the_weights(tmp_path
     assert card["preprocessing"]["flip_x_tta"] is True and not old["preprocessing"].get("flip_x_tta", False)
     assert card["preprocessing"]["threshold"] == metrics["threshold_calibration"]["chosen"]
     assert card["training"]["recalibrated"]["from"] == "cord 0.2.0"
+
 
 def test_config_with_a_base_changes_only_what_it_names(tmp_path: Path) -> None:
     """``base = "..."``: the base's tables merged under the file's, key by key; lists replaced whole;
@@ -325,6 +328,7 @@ def test_config_with_a_base_changes_only_what_it_names(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"missing\.toml.*does not exist"):
         read_toml_config(tmp_path / "d.toml")
 
+
 def test_lesion_recalibration_scores_networks_of_other_seeds_on_the_same_injections(tmp_path: Path) -> None:
     """``injection_seed``: the held-out lesions are seeded by the card's training seed unless told
     otherwise, so two networks trained with different seeds can be scored on the same lesions."""
@@ -341,6 +345,7 @@ def test_lesion_recalibration_scores_networks_of_other_seeds_on_the_same_injecti
     assert set(own) == {"sub-newA_T2w", "sub-newB_T2w"}
     assert truths(0) == own  # the card's own seed
     assert truths(7) != own  # other lesions
+
 
 def test_fold_artifacts_score_each_person_with_the_fold_that_held_it_out(tmp_path: Path) -> None:
     """``fold_artifacts``: a cross-validated run is scored group by group with the fold network whose

@@ -119,7 +119,7 @@ def fold_cases(folds: list[tuple[Any, dict[str, Any]]], cfg: dict[str, Any]
     net_of: dict[str, Any] = {}
     for net, card in folds:
         held = set(card["metrics"]["held_out"])
-        for case in unseen_cases(card, cfg) if held else []:
+        for case in unseen_cases(card, cfg):  # fold_networks checked that held is not empty
             if case.group not in held:
                 continue
             if case.group in net_of and net_of[case.group] is not net:
@@ -184,8 +184,9 @@ def card_spec(card: dict[str, Any], flip_x_tta: bool | None = None,
     for flag, key, value in (("--sw-overlap", "sw_overlap", sw_overlap),
                              ("--ensemble-cascade", "ensemble_cascade_below", ensemble_cascade)):
         if value is not None:
+            change: dict[str, Any] = {key: float(value)}  # one field of several types: mypy cannot check a ** by key
             try:
-                spec = dataclasses.replace(spec, **{key: float(value)})
+                spec = dataclasses.replace(spec, **change)
             except ValueError as exc:  # PrepSpec checks the range
                 raise DataError(f"{flag}: {exc}") from None
     if spec.ensemble_cascade_below is not None and card["architecture"]["class"] != "sci_node.nets.LogitMeanEnsemble":
