@@ -107,6 +107,11 @@ class RoutingRules:
     With ``sequence_by_action`` (default) a sequence head whose top class is below
     ``min_confidence`` does not abstain when the ``cord_sequences`` classes together reach it:
     the cord is segmented, lesions are not (:func:`sci_node.routing.decide_by_action`).
+    With ``sequence_contrast_check`` (default) a sequence the image network decided (no header
+    rule fired) is checked against the CSF/cord contrast around the segmented cord
+    (:mod:`sci_node.contrast_rules`): CSF darker than the cord makes it T1w (no lesions), CSF
+    several times brighter makes it T2w; the check never adds lesions
+    (:func:`sci_node.routing.recheck_sequence`).
     """
 
     views: tuple[str, ...] = ("sagittal", "axial")
@@ -116,6 +121,7 @@ class RoutingRules:
     header_anatomy_veto: bool = True
     min_slices: int = 2
     sequence_by_action: bool = True
+    sequence_contrast_check: bool = True
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 import structlog
 
-from sci_node import measure, routing
+from sci_node import contrast_rules, measure, routing
 from sci_node.config import RoutingRules
 from sci_node.errors import InvalidDatasetError, InvalidSeriesError
 from sci_node.series import MAX_MISSING_FRACTION, SeriesVolume, read_series
@@ -176,19 +176,21 @@ class Pipeline:
 
     def _process(self, image: sitk.Image, evidence: Any, out_dir: Path, clock: _Clock,
                  vol: SeriesVolume | None, notes: Sequence[str] = ()) -> PipelineResult:
-        decision = routing.route(lambda name: getattr(self.models, name).predict(image, evidence), self.rules,
+        how: dict[str, str] = {}
+        decision = routing.route(lambda name: self._classify(name, image, evidence, how), self.rules,
                                  evidence=evidence, n_slices=routing.slice_count(image.GetSize()))
         clock.lap("classify")
         gaps = {"missing_slices": list(vol.missing)} if vol is not None and vol.missing else {}
         if decision.routed_out:
             return self._result("routed-out", decision.reason, decision, clock, gaps, notes=tuple(notes))
         cord = np.asarray(self.models.cord.predict(image), dtype=np.uint8)
+        decision, contrast = self._recheck(decision, image, cord, how.get("sequence", "network"))
         lesion = None
         if decision.segment_lesions:
             lesion = np.asarray(self.models.lesion.predict(image, roi=cord), dtype=np.uint8) * (cord.max() > 0)
         clock.lap("segment")
         m = measure.index_to_lps(image.GetOrigin(), image.GetSpacing()[:3], image.GetDirection())
-        summary = {**measure.summarize(cord, lesion, m), **gaps}
+        summary = {**measure.summarize(cord, lesion, m), **gaps, **contrast}
         if not cord.any():
             clock.lap("write")
             return self._result("routed-out", "the cord model found no spinal cord in this series",
@@ -199,6 +201,35 @@ class Pipeline:
         clock.lap("write")
         return self._result("done", None, decision, clock, summary, outputs=outputs, masks=masks,
                             segmented=Segmented(image, cord, lesion), notes=tuple(notes))
+
+    def _classify(self, name: str, image: sitk.Image, evidence: Any, how: dict[str, str]) -> Mapping[str, Any]:
+        """Run classifier ``name``; record per head what decided it (header rule or network) in ``how``."""
+        model = getattr(self.models, name)
+        explained = getattr(model, "predict_explained", None)
+        if explained is None:
+            return model.predict(image, evidence)
+        probs, decided = explained(image, evidence)
+        how.update(decided)
+        return probs
+
+    def _recheck(self, decision: routing.RoutingDecision, image: sitk.Image, cord: np.ndarray,
+                 how: str) -> tuple[routing.RoutingDecision, dict[str, float]]:
+        """The sequence checked against the CSF/cord contrast around ``cord`` (:func:`routing.recheck_sequence`).
+
+        Returns the (possibly corrected) decision and ``{"csf_to_cord": ratio}`` for the summary
+        (empty when the check is off, a header rule decided the sequence, or nothing was measured).
+        """
+        if not self.rules.sequence_contrast_check or how.startswith("header rule") or not cord.any():
+            return decision, {}
+        arr = sitk.GetArrayFromImage(image)
+        if arr.ndim == cord.ndim + 1:  # 4-D: the first volume, as the classifiers read it
+            arr = arr[0]
+        if arr.shape != cord.shape:
+            return decision, {}
+        measured = contrast_rules.cord_contrast(arr, cord, image.GetSpacing()[:3][::-1])
+        checked = routing.recheck_sequence(decision, contrast_rules.sequence_from_contrast(measured), self.rules,
+                                           header_decided=False)
+        return checked, ({"csf_to_cord": round(measured.csf_to_cord, 3)} if measured is not None else {})
 
     def _write_dicom(self, vol: SeriesVolume, cord: np.ndarray, lesion: np.ndarray | None,
                      summary: Mapping[str, Any], out_dir: Path, notes: Sequence[str] = ()) -> tuple[Path, ...]:

@@ -8,7 +8,9 @@ sequence), the label (``None`` = abstained), its probability, all probabilities 
 it (the network, the MR-physics sequence rule or the anatomy header rule that fired), then the
 routing rule that fired and the reason when the series is routed out (also by the localiser
 guard, before any classifier runs). A series that cannot be read gets ``status: failed``
-with the same reason ``sci-node infer`` gives.
+with the same reason ``sci-node infer`` gives. Nothing is segmented, so the cord-contrast check
+(:func:`sci_node.routing.recheck_sequence`, which reads the CSF around the segmented cord) does not
+run here: a network-decided sequence is shown as the network decided it, before that check.
 """
 from __future__ import annotations
 

@@ -20,6 +20,11 @@ not abstain when the cord classes together reach ``min_confidence`` (:func:`deci
 an axial GRE at T2*w 0.31 / T2w 0.27 / T1w 0.23 / other 0.19 has its cord segmented, and no
 lesions, since which sequence it is stays unsure.
 
+After the cord is segmented, :func:`recheck_sequence` (``rules.sequence_contrast_check``) lets
+the CSF/cord contrast around the cord (:mod:`sci_node.contrast_rules`) correct a sequence the
+image network decided: CSF darker than the cord is T1w, CSF several times brighter is T2w. It
+never overrules a header rule, and it can take lesions away (a T1w) but never adds them.
+
 Gating heads: ``anatomy``, ``view`` and ``sequence``. ``region`` (cervical / thoracic /
 lumbar) is recorded but gates nothing (no rule uses it), so a low region confidence does not
 route a series out.
@@ -32,6 +37,8 @@ from typing import Any, Callable, Mapping, Sequence
 from sci_node.anatomy_rules import RULES_ID as ANATOMY_RULES_ID
 from sci_node.anatomy_rules import AnatomyRule, anatomy_from_header, region_from_header
 from sci_node.config import RoutingRules
+from sci_node.contrast_rules import RULES_ID as CONTRAST_RULES_ID
+from sci_node.contrast_rules import ContrastRule
 from sci_node.evidence import HeaderEvidence
 
 #: Head -> classifier (model name) that predicts it, in the order they are asked.
@@ -204,6 +211,45 @@ def route(classify: ClassifyFn, rules: RoutingRules, evidence: HeaderEvidence | 
     if not lesions_ok:  # the sequence was decided by action: the rule says so
         rule += f" ({heads['sequence'].decided_by})"
     return RoutingDecision(True, lesions, rule, None, dict(heads))
+
+
+def recheck_sequence(decision: RoutingDecision, contrast: ContrastRule, rules: RoutingRules,
+                     header_decided: bool) -> RoutingDecision:
+    """``decision`` with its sequence corrected by the cord's contrast, when that applies.
+
+    Parameters
+    ----------
+    decision
+        The routing decision of a series whose cord has been segmented.
+    contrast
+        :func:`sci_node.contrast_rules.sequence_from_contrast` of the series and its cord mask.
+    rules
+        ``rules.sequence_contrast_check`` off: ``decision`` unchanged.
+    header_decided
+        True when a header rule decided the sequence: the header's physics is not overruled.
+
+    Returns
+    -------
+    RoutingDecision
+        Unchanged unless the series is segmented, its sequence was decided by the image network,
+        and the contrast names another cord sequence. Then the sequence head takes that class
+        (the network's probabilities are kept, ``decided_by`` names the rule and what the network
+        said), lesions stay on only if they were on and the new class is a lesion sequence, and
+        the rule says what changed.
+    """
+    seq = decision.heads.get("sequence")
+    if (not rules.sequence_contrast_check or header_decided or decision.routed_out or seq is None
+            or contrast.label is None or contrast.label == seq.label or contrast.label not in rules.cord_sequences):
+        return decision
+    why = (f"image rule {CONTRAST_RULES_ID} {contrast.rule}: {contrast.detail}; "
+           f"the network said {seq.label} p={seq.probability:.2f}")
+    heads = {**decision.heads, "sequence": HeadDecision(contrast.label, float(seq.probs.get(contrast.label, 0.0)),
+                                                         dict(seq.probs), why)}
+    lesions = decision.segment_lesions and contrast.label in rules.lesion_sequences
+    what = "cord+lesions" if lesions else "cord"
+    rule = (f"segment {what}: anatomy=spine, view={heads['view'].label} in {list(rules.views)}, "
+            f"sequence={contrast.label} in {list(rules.lesion_sequences if lesions else rules.cord_sequences)} ({why})")
+    return RoutingDecision(decision.segment_cord, lesions, rule, None, heads)
 
 
 def _guards(rules: RoutingRules, header: AnatomyRule | None, n_slices: int | None) -> RoutingDecision | None:
