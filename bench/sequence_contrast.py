@@ -9,9 +9,11 @@ the stored image, the CSF/cord contrast is measured around that mask, and a fire
 network-decided T1w/T2w/T2*w (with the header, the header rules decided every series here, so the
 check never runs there). Non-spine series have no cord and keep the network's class. One JSON
 line per spine series, then the totals. ``--mask erode|dilate`` moves the cord mask's outline by
-one voxel first (how much the measure depends on the segmentation). Needs ``../shared/data/spine``.
+one voxel first (how much the measure depends on the segmentation). ``--cards DIR ...`` scores the mean
+of several sequence cards' out-of-fold probabilities instead (e.g. the same recipe trained with other
+seeds: the stored series have the same sample indices in every card). Needs ``../shared/data/spine``.
 
-    .venv/bin/python bench/sequence_contrast.py [--mask as-is|erode|dilate]
+    .venv/bin/python bench/sequence_contrast.py [--mask as-is|erode|dilate] [--cards DIR [DIR ...]]
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ def stored_sources(data: Path) -> dict[int, Any]:
 
 def contrast_of(src: Any, data: Path, segmenter: Any, mask_op: str) -> Any:
     """:class:`sci_node.contrast_rules.CordContrast` of a stored spine image around the cord model's mask."""
-    from scipy import ndimage
+    from scipy import ndimage  # type: ignore[import-untyped]
 
     from sci_node import contrast_rules
     from trainer.cls_data import load_source
@@ -68,6 +70,20 @@ def contrast_of(src: Any, data: Path, segmenter: Any, mask_op: str) -> Any:
     return contrast_rules.cord_contrast(sitk.GetArrayFromImage(image), mask, image.GetSpacing()[::-1])
 
 
+def mean_predictions(cards: list[Path]) -> list[dict[str, Any]]:
+    """The cards' held-out predictions, probabilities averaged per (sample index, condition) over ``cards``."""
+    by_key: dict[tuple[int, str], dict[str, Any]] = {}
+    for card_dir in cards:
+        card = json.loads((Path(card_dir) / "card.json").read_text())
+        for p in card["metrics"]["sequence"]["real_series"]["predictions"]:
+            row = by_key.setdefault((p["i"], p["condition"]), {**p, "probs": {k: 0.0 for k in p["probs"]}})
+            if row["group"] != p["group"]:
+                raise SystemExit(f"{card_dir}: sample {p['i']} is {p['group']}, another card has {row['group']}")
+            for k, v in p["probs"].items():
+                row["probs"][k] += v / len(cards)
+    return list(by_key.values())
+
+
 def main() -> int:
     from sci_node import contrast_rules
     from sci_node.predict_seg import Segmenter, configure_threads
@@ -76,12 +92,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "spine")
     ap.add_argument("--mask", choices=("as-is", "erode", "dilate"), default="as-is")
+    ap.add_argument("--cards", type=Path, nargs="+", help="sequence artefact folders to average (default: the active one)")
     args = ap.parse_args()
     configure_threads(2)
     reg = ModelRegistry(REPO / "models")
     active = reg.active()
-    card = json.loads((reg.path_of("sequence", active["sequence"]) / "card.json").read_text())
-    preds = card["metrics"]["sequence"]["real_series"]["predictions"]
+    cards = args.cards or [reg.path_of("sequence", active["sequence"])]
+    preds = mean_predictions(cards)
     sources = stored_sources(args.data)
     segmenter = Segmenter.from_artifact(reg.path_of("cord", active["cord"]))
     measured: dict[str, Any] = {}
@@ -107,7 +124,8 @@ def main() -> int:
                               "p": round(p["probs"][net], 3), "csf_to_cord": None if c is None else round(c.csf_to_cord, 3),
                               "rule": rule.rule, "after_check": final}))
     for cond, t in totals.items():
-        print(json.dumps({"condition": cond, "mask": args.mask, "sequence_card": active["sequence"],
+        print(json.dumps({"condition": cond, "mask": args.mask,
+                          "sequence_cards": [str(c) for c in args.cards] if args.cards else active["sequence"],
                           "cord": active["cord"], **t,
                           "accuracy_network": round(t["network"] / max(1, t["n"]), 3),
                           "accuracy_with_check": round(t["with_check"] / max(1, t["n"]), 3)}))

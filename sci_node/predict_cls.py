@@ -57,7 +57,9 @@ def check_classifier_card(card: Mapping[str, Any], where: str) -> None:
     if not isinstance(heads, dict) or not heads or not all(isinstance(v, list) and len(v) >= 2
                                                            for v in heads.values()):
         raise ModelError(f"{where}: heads {heads!r} must map head names to >= 2 class names")
-    args_heads = card["architecture"].get("args", {}).get("heads", {})
+    args = card["architecture"].get("args", {})
+    # an ensemble (sci_node.nets.ProbMeanSeriesNet) names its heads in its members' arguments
+    args_heads = args.get("heads", (args.get("member_args") or {}).get("heads", {}))
     if {k: len(v) for k, v in heads.items()} != dict(args_heads):
         raise ModelError(f"{where}: heads {heads!r} do not match the network heads {args_heads!r}")
     rules = (card.get("calibration") or {}).get("header_rules")

@@ -131,13 +131,21 @@ def models():
     return ModelRegistry(REPO / "models").load_active("cpu")
 
 
-def test_pipeline_keeps_the_lesion_model_off_a_t1w_the_network_calls_t2starw(models, tmp_path: Path) -> None:
-    # a real T1w crop (sub-unf01, no sidecar): the shipped sequence network calls it T2*w
+@pytest.fixture(scope="module")
+def models_seq030():
+    """The active models with sequence 0.3.0 (registered; active until 2026-12-06), a single network that
+    calls the T1w crop below T2*w at p 0.59, confident enough to run the lesion model."""
+    reg = ModelRegistry(REPO / "models")
+    return reg.load_versions({**reg.active(), "sequence": "0.3.0"}, "cpu")
+
+
+def test_pipeline_keeps_the_lesion_model_off_a_t1w_the_network_calls_t2starw(models_seq030, tmp_path: Path) -> None:
+    # a real T1w crop (sub-unf01, no sidecar)
     t1w = SEG / "sub-unf01_T1w_crop.nii.gz"
-    off = Pipeline(models, RoutingRules(sequence_contrast_check=False), "cpu").run_nifti(t1w, tmp_path / "off")
+    off = Pipeline(models_seq030, RoutingRules(sequence_contrast_check=False), "cpu").run_nifti(t1w, tmp_path / "off")
     assert off.status == "done" and off.routing["sequence"]["label"] == "T2starw" and off.routing["segment_lesions"]
     assert "csf_to_cord" not in off.summary
-    on = Pipeline(models, RoutingRules(), "cpu").run_nifti(t1w, tmp_path / "on")
+    on = Pipeline(models_seq030, RoutingRules(), "cpu").run_nifti(t1w, tmp_path / "on")
     assert on.status == "done" and on.routing["sequence"]["label"] == "T1w"
     assert not on.routing["segment_lesions"] and on.summary["lesion_count"] == 0
     assert on.summary["csf_to_cord"] <= cr.T1_MAX
@@ -147,6 +155,12 @@ def test_pipeline_keeps_the_lesion_model_off_a_t1w_the_network_calls_t2starw(mod
     cord_on = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "on" / "cord.nii.gz")))
     cord_off = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "off" / "cord.nii.gz")))
     assert cord_on.any() and np.array_equal(cord_on, cord_off)
+
+
+def test_pipeline_with_the_active_models_calls_the_t1w_crop_t1w(models, tmp_path: Path) -> None:
+    result = Pipeline(models, RoutingRules(), "cpu").run_nifti(SEG / "sub-unf01_T1w_crop.nii.gz", tmp_path)
+    assert result.status == "done" and result.routing["sequence"]["label"] == "T1w"
+    assert not result.routing["segment_lesions"] and result.summary["lesion_count"] == 0
 
 
 def test_pipeline_header_rule_is_not_overruled(models, tmp_path: Path) -> None:

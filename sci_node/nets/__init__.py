@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from sci_node.nets.ensemble import LogitMeanEnsemble
+from sci_node.nets.series_ensemble import ProbMeanSeriesNet
 from sci_node.nets.series_net import SeriesNet
 
-__all__ = ["LogitMeanEnsemble", "SeriesNet"]
+__all__ = ["LogitMeanEnsemble", "ProbMeanSeriesNet", "SeriesNet"]
