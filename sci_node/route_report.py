@@ -67,8 +67,9 @@ def route_series(classifiers: Mapping[str, Any], image: Any, evidence: Any, rule
     -------
     dict
         ``levels`` (level -> label, probability, probs, decided_by; empty when the localiser guard
-        routed the series out before any classifier), ``rule``, ``reason``, ``slices``,
-        ``segment_cord``, ``segment_lesions``, ``versions``.
+        routed the series out before any classifier), ``rule``, ``reason``, ``note`` (set when the
+        series is routed in with a network-decided sequence that the cord-contrast check may still
+        correct after segmentation; else None), ``slices``, ``segment_cord``, ``segment_lesions``, ``versions``.
     """
     from sci_node import routing
 
@@ -83,7 +84,13 @@ def route_series(classifiers: Mapping[str, Any], image: Any, evidence: Any, rule
     decision = routing.route(classify, rules, evidence=evidence, n_slices=n_slices)
     levels = {h: {**d.as_dict(), "decided_by": d.decided_by or how.get(h, "network")}
               for h, d in decision.heads.items()}
-    return {"levels": levels, "rule": decision.rule, "reason": decision.reason, "slices": n_slices,
+    seq = levels.get("sequence")
+    note = None
+    if (decision.segment_cord and rules.sequence_contrast_check and seq is not None
+            and not str(seq["decided_by"]).startswith("header rule")):
+        note = ("the image network decided the sequence: after the cord is segmented (sci-node infer / serve), the "
+                "cord-contrast check may still correct it to T1w or T2w (docs/classifiers.md)")
+    return {"levels": levels, "rule": decision.rule, "reason": decision.reason, "note": note, "slices": n_slices,
             "segment_cord": decision.segment_cord, "segment_lesions": decision.segment_lesions,
             "versions": {n: c.version for n, c in classifiers.items()}}
 
@@ -142,6 +149,8 @@ def format_report(reports: list[dict[str, Any]]) -> str:
             lines.append(f"  rule: {r['rule']}")
         if r.get("reason"):
             lines.append(f"  reason: {r['reason']}")
+        if r.get("note"):
+            lines.append(f"  note: {r['note']}")
     return "\n".join(lines)
 
 

@@ -170,3 +170,19 @@ def test_pipeline_header_rule_is_not_overruled(models, tmp_path: Path) -> None:
     assert result.status == "done" and result.routing["sequence"]["label"] == "T2w"
     assert "cord-contrast" not in (result.routing["sequence"].get("decided_by") or "")
     assert "csf_to_cord" not in result.summary  # not measured: a header rule decided
+
+
+def test_route_command_says_the_check_may_still_correct_a_network_sequence(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from sci_node.cli import main
+
+    (tmp_path / "t1w.nii.gz").write_bytes((SEG / "sub-unf01_T1w_crop.nii.gz").read_bytes())
+    assert main(["route", str(tmp_path), "--json", "--log-level", "ERROR"]) == 0
+    rep = json.loads(capsys.readouterr().out)["series"][0]
+    assert rep["status"] == "routed-in" and "cord-contrast check may still correct it" in rep["note"]
+    series = sorted((REPO / "tests" / "data" / "series" / "unf01_axial_T2w").glob("*.dcm"))
+    assert main(["route", str(series[0].parent), "--log-level", "ERROR"]) == 0
+    text = capsys.readouterr().out
+    assert "by header rule" in text and "note:" not in text  # a header rule decided: nothing left to correct
