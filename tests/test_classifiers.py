@@ -152,6 +152,22 @@ region = "cervical"
 """
 
 
+#: A tiny sequence training config (header expert and physics rules, as the shipped recipe).
+TINY_SEQUENCE = """
+[model]
+name = "sequence"
+version = "9.9.8-test"
+[data]
+n_aug = 1
+n_pam50 = 0
+n_phantom = 2
+n_scenes = { spine = 3, brain = 1 }
+[network]
+args = { channels = [4, 8, 8], hidden = 16, dropout = 0.1 }
+header_expert = true
+header_rules = true
+""" + TINY_TRAIN_AND_SPINE_SOURCES
+
 def test_train_one_epoch_register_activate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "tiny.toml"
     cfg.write_text("""
@@ -436,21 +452,7 @@ def test_train_sequence_on_detail_features_and_predict(tmp_path: Path) -> None:
     """``[data] prep = "cls-thumbs-v3"`` trains a 6-channel network, the card names the feature
     version, and the node's Classifier computes those features when it loads the artefact."""
     cfg = tmp_path / "tiny_seq.toml"
-    cfg.write_text("""
-[model]
-name = "sequence"
-version = "9.9.8-test"
-[data]
-n_aug = 1
-n_pam50 = 0
-n_phantom = 2
-n_scenes = { spine = 3, brain = 1 }
-prep = "cls-thumbs-v3"
-[network]
-args = { channels = [4, 8, 8], hidden = 16, dropout = 0.1 }
-header_expert = true
-header_rules = true
-""" + TINY_TRAIN_AND_SPINE_SOURCES)
+    cfg.write_text(TINY_SEQUENCE.replace("[network]", 'prep = "cls-thumbs-v3"\n[network]', 1))
     art = tmp_path / "art"
     assert main(["train", "sequence", "--train-config", str(cfg), "--data", str(FIX), "--out", str(art),
                  "--epochs", "1", "--seed", "1", "--log-level", "WARNING"]) == 0

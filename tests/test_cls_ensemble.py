@@ -15,25 +15,10 @@ from sci_node.errors import ModelError
 from sci_node.evidence import HeaderEvidence
 from sci_node.predict_cls import Classifier
 from sci_node.registry import ModelRegistry
-from test_classifiers import FIX, T2_TSE, TINY_TRAIN_AND_SPINE_SOURCES
+from test_classifiers import FIX, T2_TSE, TINY_SEQUENCE
 from trainer.cls_ensemble import build_ensemble
 
 torch.set_num_threads(1)
-
-TINY_SEQUENCE = """
-[model]
-name = "sequence"
-version = "9.9.7-test"
-[data]
-n_aug = 1
-n_pam50 = 0
-n_phantom = 2
-n_scenes = { spine = 3, brain = 1 }
-[network]
-args = { channels = [4, 8, 8], hidden = 16, dropout = 0.1 }
-header_expert = true
-header_rules = true
-""" + TINY_TRAIN_AND_SPINE_SOURCES
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +83,7 @@ def test_ensemble_registers_activates_and_rolls_back(members: list[Path], tmp_pa
         assert main(["models", "--models-dir", str(models), "--log-level", "ERROR", "add", str(art), "--activate"]) == 0
     assert ModelRegistry(models).active() == {"sequence": "9.9.7-ens"}
     assert main(["models", "--models-dir", str(models), "--log-level", "ERROR", "rollback", "sequence"]) == 0
-    assert ModelRegistry(models).active() == {"sequence": "9.9.7-test"}
+    assert ModelRegistry(models).active() == {"sequence": "9.9.8-test"}
 
 
 def test_ensemble_refuses_members_of_different_recipes(members: list[Path], tmp_path: Path) -> None:
