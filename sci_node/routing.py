@@ -241,8 +241,8 @@ def recheck_sequence(decision: RoutingDecision, contrast: ContrastRule, rules: R
     if (not rules.sequence_contrast_check or header_decided or decision.routed_out or seq is None
             or contrast.label is None or contrast.label == seq.label or contrast.label not in rules.cord_sequences):
         return decision
-    why = (f"image rule {CONTRAST_RULES_ID} {contrast.rule}: {contrast.detail}; "
-           f"the network said {seq.label} p={seq.probability:.2f}")
+    said = f"({seq.decided_by})" if seq.decided_by else f"p={seq.probability:.2f}"  # by action: say so
+    why = f"image rule {CONTRAST_RULES_ID} {contrast.rule}: {contrast.detail}; the network said {seq.label} {said}"
     heads = {**decision.heads, "sequence": HeadDecision(contrast.label, float(seq.probs.get(contrast.label, 0.0)),
                                                          dict(seq.probs), why)}
     lesions = decision.segment_lesions and contrast.label in rules.lesion_sequences

@@ -103,6 +103,7 @@ def test_recheck_relabels_t2w_and_never_adds_lesions() -> None:
     assert unsure.segment_cord and not unsure.segment_lesions
     out = recheck_sequence(unsure, T2_RULE, RoutingRules(), header_decided=False)
     assert out.heads["sequence"].label == "T2w" and not out.segment_lesions
+    assert "the network said T2starw (network, cord by action" in out.heads["sequence"].decided_by
 
 
 @pytest.mark.parametrize("case", ["header", "off", "agrees", "between", "routed-out"])
