@@ -22,6 +22,11 @@ where the image network keeps the decision. The measured values on the real seri
 project (docs/classifiers.md, "Cord contrast") are T1w 0.60; MT-off GRE 0.88–0.95; T2\\*w GRE
 1.08–2.21; MT-on GRE, DWI and GRE-EPI 1.49–2.34; T2w spin echo 2.83–5.76.
 
+What it cannot tell apart, and which side it errs on: a FLAIR nulls CSF and would read as T1w
+(the lesion model is then not run: the safe side); STIR and a spin-echo EPI b0 keep CSF bright and
+read as T2w. The routing applies the check only to a T1w/T2w/T2\*w the image network decided, so a
+series the network calls "other" (MT, DWI, EPI, STIR, FLAIR, PD) is routed out before it.
+
 Arrays are ``(Z, Y, X)`` with ``spacing_zyx`` in mm; intensities in the scanner's arbitrary,
 non-negative units (the ratio does not depend on their scale).
 """
