@@ -1,4 +1,4 @@
-"""Sequence weighting from the image itself: CSF against cord, measured around the segmented cord.
+r"""Sequence weighting from the image itself: CSF against cord, measured around the segmented cord.
 
 Without a header the sequence network reads 32 × 32 thumbnails of the whole field of view, where
 the cord and the CSF around it are one or two pixels. Once the cord is segmented, the weighting
@@ -8,8 +8,8 @@ its brightness relative to the cord orders the weightings:
 
 * **T1 weighting** (spin echo TR ≲ 800 ms, MPRAGE, spoiled GRE with a large flip): CSF barely
   recovers between excitations and is *darker* than the cord.
-* **Proton-density / MT GRE, GRE EPI, T2\\*-weighted GRE** (TE 3–25 ms, TR short for CSF): CSF at
-  most about twice the cord (the cord's T2\\* decay over TE is small, CSF is partly saturated).
+* **Proton-density / MT GRE, GRE EPI, T2\*-weighted GRE** (TE 3–25 ms, TR short for CSF): CSF at
+  most about twice the cord (the cord's T2\* decay over TE is small, CSF is partly saturated).
 * **T2 weighting** (spin echo, TE ≳ 80 ms): the cord has lost most of its signal over TE, CSF
   almost none, so CSF is several times brighter than the cord.
 
@@ -19,7 +19,7 @@ volume; the 90th percentile reads its CSF part) over the median of the voxels in
 :func:`sequence_from_contrast` turns it into a class at two thresholds with margin on both
 sides (``T1_MAX`` and ``T2_MIN``, rules ``cord-contrast-v1``), and into no class in between,
 where the image network keeps the decision. The measured values on the real series of this
-project (docs/classifiers.md, "Cord contrast") are T1w 0.60; MT-off GRE 0.88–0.95; T2\\*w GRE
+project (docs/classifiers.md, "Cord contrast") are T1w 0.60; MT-off GRE 0.88–0.95; T2\*w GRE
 1.08–2.21; MT-on GRE, DWI and GRE-EPI 1.49–2.34; T2w spin echo 2.83–5.76.
 
 What it cannot tell apart, and which side it errs on: a FLAIR nulls CSF and would read as T1w

@@ -154,7 +154,8 @@ def summarize(cord: np.ndarray, lesion: np.ndarray | None, m: np.ndarray) -> dic
         ``cord_volume_mm3``, ``cord_length_mm``, ``csa_mm2`` {``mean``, ``min``, ``max``,
         ``median``}, ``csa_per_level`` [{``level``, ``arc_mm``, ``csa_mm2``}],
         ``lesion_count``, ``lesion_volume_mm3``, ``lesions`` (see :func:`lesion_table`),
-        ``si_axis`` (0=Z, 1=Y, 2=X).
+        ``si_axis`` (0=Z, 1=Y, 2=X). With ``lesion`` None (the lesion model was not run, e.g. on a
+        T1w) ``lesion_count`` and ``lesion_volume_mm3`` are None, not 0: not assessed is not "none found".
     """
     voxel = float(abs(np.linalg.det(m[:, :3])))
     prof = cord_profile(cord, m)
@@ -168,8 +169,8 @@ def summarize(cord: np.ndarray, lesion: np.ndarray | None, m: np.ndarray) -> dic
         "csa_mm2": stats,
         "csa_per_level": [{"level": int(lv), "arc_mm": round(float(a), 2), "csa_mm2": round(float(c), 2)}
                           for lv, a, c in zip(prof.levels, prof.arc, csa)],
-        "lesion_count": len(lesions),
-        "lesion_volume_mm3": float(sum(r["volume_mm3"] for r in lesions)),
+        "lesion_count": len(lesions) if lesion is not None else None,
+        "lesion_volume_mm3": float(sum(r["volume_mm3"] for r in lesions)) if lesion is not None else None,
         "lesions": lesions,
         "si_axis": si_axis(m),
     }

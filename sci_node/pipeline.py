@@ -68,7 +68,7 @@ class PipelineResult:
 
     ``segmented`` carries the image and masks for callers that render previews (batch); it
     is None when the series was routed out. ``notes`` are warnings the SEG/SR descriptions also
-    carry: missing slices, an incomplete transfer.
+    carry: missing slices, an incomplete transfer, lesions not assessed (:func:`lesion_note`).
     """
 
     status: str  # "done" | "routed-out"
@@ -195,6 +195,8 @@ class Pipeline:
             clock.lap("write")
             return self._result("routed-out", "the cord model found no spinal cord in this series",
                                 decision, clock, summary, notes=tuple(notes))
+        if not decision.segment_lesions:  # the SEG/SR say so, and the SR carries no lesion count
+            notes = (*notes, lesion_note(decision, self.rules))
         out_dir.mkdir(parents=True, exist_ok=True)
         masks = write_masks(image, cord, lesion, out_dir)
         outputs = self._write_dicom(vol, cord, lesion, summary, out_dir, notes) if vol is not None else ()
@@ -258,6 +260,19 @@ class Pipeline:
                  labels={h: v.get("label") for h, v in result.routing.items() if isinstance(v, dict)},
                  lesion_count=result.summary.get("lesion_count"), timings=result.timings,
                  model_versions=result.model_versions, device=self.device, **context)
+
+
+def lesion_note(decision: routing.RoutingDecision, rules: RoutingRules) -> str:
+    """Why a segmented series has no lesion result: ``"lesions not assessed: T1w"`` (a class the lesion
+    model does not read), ``"... sequence unsure"`` (decided for the cord by action) or ``"... lesions off"``."""
+    label = decision.heads["sequence"].label if "sequence" in decision.heads else None
+    if not rules.lesion_sequences:
+        why = "lesions off"
+    elif label not in rules.lesion_sequences:
+        why = str(label)
+    else:
+        why = "sequence unsure"
+    return f"lesions not assessed: {why}"
 
 
 def missing_notes(vol: SeriesVolume) -> tuple[str, ...]:

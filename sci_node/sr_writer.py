@@ -75,11 +75,10 @@ def _m(name: hd.sr.CodedConcept, value: float, unit: hd.sr.CodedConcept, version
 
 def _cord_group(seg: Dataset, summary: Mapping[str, Any], versions: Mapping[str, str],
                 series_uid: str) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    ms = [
-        _m(NUMBER_OF_LESIONS, summary["lesion_count"], NO_UNITS, versions),
-        _m(VOLUME, summary["cord_volume_mm3"], MM3, versions),
-        _m(LENGTH, summary["cord_length_mm"], MM, versions),
-    ]
+    # no lesion count when the lesion model was not run (lesion_count None): not assessed is not zero
+    ms = [_m(NUMBER_OF_LESIONS, summary["lesion_count"], NO_UNITS, versions)] \
+        if summary.get("lesion_count") is not None else []
+    ms += [_m(VOLUME, summary["cord_volume_mm3"], MM3, versions), _m(LENGTH, summary["cord_length_mm"], MM, versions)]
     for key, code in DERIVATIONS.items():
         if key in summary.get("csa_mm2", {}):
             ms.append(_m(AREA, summary["csa_mm2"][key], MM2, versions, derivation=code))

@@ -148,7 +148,8 @@ def test_pipeline_keeps_the_lesion_model_off_a_t1w_the_network_calls_t2starw(mod
     assert "csf_to_cord" not in off.summary
     on = Pipeline(models_seq030, RoutingRules(), "cpu").run_nifti(t1w, tmp_path / "on")
     assert on.status == "done" and on.routing["sequence"]["label"] == "T1w"
-    assert not on.routing["segment_lesions"] and on.summary["lesion_count"] == 0
+    assert not on.routing["segment_lesions"] and on.summary["lesion_count"] is None  # not assessed
+    assert on.notes == ("lesions not assessed: T1w",)
     assert on.summary["csf_to_cord"] <= cr.T1_MAX
     assert "cord-contrast-v1" in on.routing["sequence"]["decided_by"] and "sequence=T1w" in on.routing["rule"]
     assert not (tmp_path / "on" / "lesion.nii.gz").exists()
@@ -161,7 +162,7 @@ def test_pipeline_keeps_the_lesion_model_off_a_t1w_the_network_calls_t2starw(mod
 def test_pipeline_with_the_active_models_calls_the_t1w_crop_t1w(models, tmp_path: Path) -> None:
     result = Pipeline(models, RoutingRules(), "cpu").run_nifti(SEG / "sub-unf01_T1w_crop.nii.gz", tmp_path)
     assert result.status == "done" and result.routing["sequence"]["label"] == "T1w"
-    assert not result.routing["segment_lesions"] and result.summary["lesion_count"] == 0
+    assert not result.routing["segment_lesions"] and result.summary["lesion_count"] is None
 
 
 def test_pipeline_header_rule_is_not_overruled(models, tmp_path: Path) -> None:

@@ -48,4 +48,6 @@ def test_sagittal_si_axis_is_rows() -> None:
     s = summarize(cord, None, SAGITTAL)
     assert s["csa_mm2"]["mean"] == pytest.approx(np.pi * 4, rel=0.15)
     assert s["cord_length_mm"] == pytest.approx(80.0, abs=0.5)
-    assert s["lesion_count"] == 0 and lesion_table(np.zeros_like(cord), cord_profile(cord, SAGITTAL), SAGITTAL) == []
+    assert s["lesion_count"] is None and s["lesion_volume_mm3"] is None  # lesion model not run: not assessed
+    assert summarize(cord, np.zeros_like(cord), SAGITTAL)["lesion_count"] == 0  # run, none found
+    assert lesion_table(np.zeros_like(cord), cord_profile(cord, SAGITTAL), SAGITTAL) == []

@@ -82,13 +82,23 @@ def test_seg_and_sr_without_lesions(tmp_path: Path) -> None:
     assert dciodvfy_errors(path) == []
     assert len(pydicom.dcmread(path).SegmentSequence) == 1
     assert {s for s, _, _ in frame_references(seg)} == {1}
-    summary = summarize(cord, None, index_to_lps(vol.image.GetOrigin(), vol.image.GetSpacing(),
-                                                 vol.image.GetDirection()))
+    m = index_to_lps(vol.image.GetOrigin(), vol.image.GetSpacing(), vol.image.GetDirection())
+    summary = summarize(cord, np.zeros_like(cord), m)  # the lesion model ran and found none
     sr_path = _write(build_sr(seg, list(vol.datasets), summary, VERSIONS), tmp_path / "sr.dcm")
     assert dciodvfy_errors(sr_path) == []
     ms = read_measurements(pydicom.dcmread(sr_path))
     assert {m["group"] for m in ms} == {"Spinal cord"}
     assert next(m["value"] for m in ms if m["name"] == "Number of lesions") == 0
+    # the lesion model not run (a T1w): no lesion count at all, and the descriptions say why
+    notes = ("lesions not assessed: T1w",)
+    seg_t1 = build_seg(vol, cord, None, VERSIONS, notes)
+    sr_t1 = _write(build_sr(seg_t1, list(vol.datasets), summarize(cord, None, m), VERSIONS, notes),
+                   tmp_path / "sr_t1.dcm")
+    assert dciodvfy_errors(sr_t1) == []
+    assert "Number of lesions" not in {m["name"] for m in read_measurements(pydicom.dcmread(sr_t1))}
+    assert {m["name"] for m in read_measurements(pydicom.dcmread(sr_t1))} >= {"Volume", "Length"}
+    assert "[lesions not assessed: T1w]" in seg_t1.SeriesDescription
+    assert "[lesions not assessed: T1w]" in pydicom.dcmread(sr_t1).SeriesDescription
 
 
 def test_empty_cord_is_refused() -> None:
