@@ -70,24 +70,11 @@ def contrast_of(src: Any, data: Path, segmenter: Any, mask_op: str) -> Any:
     return contrast_rules.cord_contrast(sitk.GetArrayFromImage(image), mask, image.GetSpacing()[::-1])
 
 
-def mean_predictions(cards: list[Path]) -> list[dict[str, Any]]:
-    """The cards' held-out predictions, probabilities averaged per (sample index, condition) over ``cards``."""
-    by_key: dict[tuple[int, str], dict[str, Any]] = {}
-    for card_dir in cards:
-        card = json.loads((Path(card_dir) / "card.json").read_text())
-        for p in card["metrics"]["sequence"]["real_series"]["predictions"]:
-            row = by_key.setdefault((p["i"], p["condition"]), {**p, "probs": {k: 0.0 for k in p["probs"]}})
-            if row["group"] != p["group"]:
-                raise SystemExit(f"{card_dir}: sample {p['i']} is {p['group']}, another card has {row['group']}")
-            for k, v in p["probs"].items():
-                row["probs"][k] += v / len(cards)
-    return list(by_key.values())
-
-
 def main() -> int:
     from sci_node import contrast_rules
     from sci_node.predict_seg import Segmenter, configure_threads
     from sci_node.registry import ModelRegistry
+    from trainer.cls_ensemble import mean_predictions
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "spine")
@@ -98,7 +85,7 @@ def main() -> int:
     reg = ModelRegistry(REPO / "models")
     active = reg.active()
     cards = args.cards or [reg.path_of("sequence", active["sequence"])]
-    preds = mean_predictions(cards)
+    preds = mean_predictions([json.loads((Path(c) / "card.json").read_text()) for c in cards], "sequence")
     sources = stored_sources(args.data)
     segmenter = Segmenter.from_artifact(reg.path_of("cord", active["cord"]))
     measured: dict[str, Any] = {}

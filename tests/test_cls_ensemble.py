@@ -99,3 +99,8 @@ def test_ensemble_refuses_members_of_different_recipes(members: list[Path], tmp_
     with pytest.raises(ModelError, match=r"differs from .* in 'data_hash'"):
         build_ensemble([members[0], other], tmp_path / "bad", "1.0.0")
     assert not (tmp_path / "bad").exists()
+    card["data_hash"] = json.loads((members[1] / "card.json").read_text())["data_hash"]
+    card["metrics"]["sequence"]["real_series"]["predictions"].pop()  # one held-out series fewer
+    (other / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="cover different series"):
+        build_ensemble([members[0], other], tmp_path / "bad", "1.0.0")

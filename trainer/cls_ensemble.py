@@ -60,8 +60,14 @@ def mean_predictions(cards: Sequence[dict[str, Any]], head: str) -> list[dict[st
                                  f"the first member has {row['group']}/{row['true']}")
             for k, v in p["probs"].items():
                 row["probs"][k] += v / len(cards)
-    if any(len(row["probs"]) == 0 for row in by_key.values()):
-        raise ModelError(f"empty probabilities in the predictions of {head!r}")
+    counts: dict[tuple[int, str], int] = {}
+    for card in cards:
+        for p in card["metrics"][head]["real_series"]["predictions"]:
+            counts[(p["i"], p["condition"])] = counts.get((p["i"], p["condition"]), 0) + 1
+    partial = sorted(k for k, c in counts.items() if c != len(cards))
+    if partial:
+        raise ModelError(f"the members' held-out predictions of {head!r} cover different series, "
+                         f"e.g. sample {partial[0][0]} ({partial[0][1]})")
     return [{**row, "probs": {k: round(v, 4) for k, v in row["probs"].items()}} for row in by_key.values()]
 
 
