@@ -20,6 +20,7 @@ import structlog
 from sci_node import contrast_rules, measure, routing
 from sci_node.config import RoutingRules
 from sci_node.errors import InvalidDatasetError, InvalidSeriesError
+from sci_node.predict_cls import decided_by_header_rule, explaining
 from sci_node.series import MAX_MISSING_FRACTION, SeriesVolume, read_series
 
 log = structlog.get_logger("sci_node.pipeline")
@@ -29,7 +30,8 @@ CORD_NIFTI, LESION_NIFTI = "cord.nii.gz", "lesion.nii.gz"
 
 
 class _Classifier(Protocol):
-    def predict(self, image: sitk.Image, evidence: Any) -> dict[str, dict[str, float]]: ...
+    def predict_explained(self, image: sitk.Image, evidence: Any
+                          ) -> tuple[dict[str, dict[str, float]], dict[str, str]]: ...
 
 
 class _Segmenter(Protocol):
@@ -177,8 +179,8 @@ class Pipeline:
     def _process(self, image: sitk.Image, evidence: Any, out_dir: Path, clock: _Clock,
                  vol: SeriesVolume | None, notes: Sequence[str] = ()) -> PipelineResult:
         how: dict[str, str] = {}
-        decision = routing.route(lambda name: self._classify(name, image, evidence, how), self.rules,
-                                 evidence=evidence, n_slices=routing.slice_count(image.GetSize()))
+        decision = routing.route(explaining(lambda name: getattr(self.models, name), image, evidence, how),
+                                 self.rules, evidence=evidence, n_slices=routing.slice_count(image.GetSize()))
         clock.lap("classify")
         gaps = {"missing_slices": list(vol.missing)} if vol is not None and vol.missing else {}
         if decision.routed_out:
@@ -204,16 +206,6 @@ class Pipeline:
         return self._result("done", None, decision, clock, summary, outputs=outputs, masks=masks,
                             segmented=Segmented(image, cord, lesion), notes=tuple(notes))
 
-    def _classify(self, name: str, image: sitk.Image, evidence: Any, how: dict[str, str]) -> Mapping[str, Any]:
-        """Run classifier ``name``; record per head what decided it (header rule or network) in ``how``."""
-        model = getattr(self.models, name)
-        explained = getattr(model, "predict_explained", None)
-        if explained is None:
-            return model.predict(image, evidence)
-        probs, decided = explained(image, evidence)
-        how.update(decided)
-        return probs
-
     def _recheck(self, decision: routing.RoutingDecision, image: sitk.Image, cord: np.ndarray,
                  how: str) -> tuple[routing.RoutingDecision, dict[str, float]]:
         """The sequence checked against the CSF/cord contrast around ``cord`` (:func:`routing.recheck_sequence`).
@@ -221,7 +213,8 @@ class Pipeline:
         Returns the (possibly corrected) decision and ``{"csf_to_cord": ratio}`` for the summary
         (empty when the check is off, a header rule decided the sequence, or nothing was measured).
         """
-        if not self.rules.sequence_contrast_check or how.startswith("header rule") or not cord.any():
+        header_decided = decided_by_header_rule(how)
+        if not cord.any() or not routing.contrast_check_applies(decision, self.rules, header_decided):
             return decision, {}
         arr = sitk.GetArrayFromImage(image)
         if arr.ndim == cord.ndim + 1:  # 4-D: the first volume, as the classifiers read it
@@ -230,7 +223,7 @@ class Pipeline:
             return decision, {}
         measured = contrast_rules.cord_contrast(arr, cord, image.GetSpacing()[:3][::-1])
         checked = routing.recheck_sequence(decision, contrast_rules.sequence_from_contrast(measured), self.rules,
-                                           header_decided=False)
+                                           header_decided)
         return checked, ({"csf_to_cord": round(measured.csf_to_cord, 3)} if measured is not None else {})
 
     def _write_dicom(self, vol: SeriesVolume, cord: np.ndarray, lesion: np.ndarray | None,

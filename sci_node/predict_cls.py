@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import SimpleITK as sitk
     import torch
 
-__all__ = ["Classifier", "Decision", "check_classifier_card"]
+__all__ = ["Classifier", "Decision", "check_classifier_card", "decided_by_header_rule", "explaining"]
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,22 @@ class Classifier:
         thr = self.abstain_below if min_confidence is None else float(min_confidence)
         label, p = max(probs.items(), key=lambda kv: kv[1])
         return Decision(label if p >= thr else None, float(p), dict(probs))
+
+
+def explaining(get: Callable[[str], Classifier], image: "sitk.Image", evidence: HeaderEvidence | None,
+               how: dict[str, str]) -> Callable[[str], dict[str, dict[str, float]]]:
+    """A ``classify(model_name)`` for :func:`sci_node.routing.route` that runs ``get(model_name)``'s
+    :meth:`Classifier.predict_explained` and records, per head, what decided it in ``how``."""
+    def classify(name: str) -> dict[str, dict[str, float]]:
+        probs, decided = get(name).predict_explained(image, evidence)
+        how.update(decided)
+        return probs
+    return classify
+
+
+def decided_by_header_rule(how: str) -> bool:
+    """True when ``how`` (a :meth:`Classifier.predict_explained` entry) says a header rule decided the head."""
+    return how.startswith("header rule ")
 
 
 def rule_probs(rule: HeaderRule, classes: list[str], confidence: float) -> dict[str, float]:

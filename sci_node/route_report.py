@@ -72,22 +72,16 @@ def route_series(classifiers: Mapping[str, Any], image: Any, evidence: Any, rule
         correct after segmentation; else None), ``slices``, ``segment_cord``, ``segment_lesions``, ``versions``.
     """
     from sci_node import routing
+    from sci_node.predict_cls import decided_by_header_rule, explaining
 
     how: dict[str, str] = {}
-
-    def classify(name: str) -> Mapping[str, Mapping[str, float]]:
-        probs, explained = classifiers[name].predict_explained(image, evidence)
-        how.update(explained)
-        return probs
-
     n_slices = routing.slice_count(image.GetSize())
-    decision = routing.route(classify, rules, evidence=evidence, n_slices=n_slices)
+    decision = routing.route(explaining(classifiers.__getitem__, image, evidence, how), rules, evidence=evidence,
+                             n_slices=n_slices)
     levels = {h: {**d.as_dict(), "decided_by": d.decided_by or how.get(h, "network")}
               for h, d in decision.heads.items()}
-    seq = levels.get("sequence")
     note = None
-    if (decision.segment_cord and rules.sequence_contrast_check and seq is not None
-            and not str(seq["decided_by"]).startswith("header rule")):
+    if routing.contrast_check_applies(decision, rules, decided_by_header_rule(how.get("sequence", "network"))):
         note = ("the image network decided the sequence: after the cord is segmented (sci-node infer / serve), the "
                 "cord-contrast check may still correct it to T1w or T2w (docs/classifiers.md)")
     return {"levels": levels, "rule": decision.rule, "reason": decision.reason, "note": note, "slices": n_slices,

@@ -213,6 +213,13 @@ def route(classify: ClassifyFn, rules: RoutingRules, evidence: HeaderEvidence | 
     return RoutingDecision(True, lesions, rule, None, dict(heads))
 
 
+def contrast_check_applies(decision: RoutingDecision, rules: RoutingRules, header_decided: bool) -> bool:
+    """Whether the cord-contrast check may correct ``decision``'s sequence: the check is on, the series is
+    segmented, it has a sequence head, and no header rule decided it (``header_decided``)."""
+    return (rules.sequence_contrast_check and not header_decided and not decision.routed_out
+            and "sequence" in decision.heads)
+
+
 def recheck_sequence(decision: RoutingDecision, contrast: ContrastRule, rules: RoutingRules,
                      header_decided: bool) -> RoutingDecision:
     """``decision`` with its sequence corrected by the cord's contrast, when that applies.
@@ -237,9 +244,10 @@ def recheck_sequence(decision: RoutingDecision, contrast: ContrastRule, rules: R
         said), lesions stay on only if they were on and the new class is a lesion sequence, and
         the rule says what changed.
     """
-    seq = decision.heads.get("sequence")
-    if (not rules.sequence_contrast_check or header_decided or decision.routed_out or seq is None
-            or contrast.label is None or contrast.label == seq.label or contrast.label not in rules.cord_sequences):
+    if not contrast_check_applies(decision, rules, header_decided):
+        return decision
+    seq = decision.heads["sequence"]
+    if contrast.label is None or contrast.label == seq.label or contrast.label not in rules.cord_sequences:
         return decision
     said = f"({seq.decided_by})" if seq.decided_by else f"p={seq.probability:.2f}"  # by action: say so
     why = f"image rule {CONTRAST_RULES_ID} {contrast.rule}: {contrast.detail}; the network said {seq.label} {said}"
