@@ -34,36 +34,32 @@ def load_members(members: Sequence[Path]) -> list[dict[str, Any]]:
     if len(cards) < 2:
         raise ModelError(f"an ensemble needs at least two members, got {len(cards)}")
     first = cards[0]
-    for path, card in zip(members[1:], cards[1:]):
-        for key in _SAME:
-            if card.get(key) != first.get(key):
-                raise ModelError(f"member {str(path)!r} differs from {str(members[0])!r} in {key!r}")
-        if card["architecture"] != first["architecture"] or card["architecture"]["class"] != "sci_node.nets.SeriesNet":
-            raise ModelError(f"member {str(path)!r}: architecture {card['architecture']['class']!r} differs from "
-                             f"the first member's or is not sci_node.nets.SeriesNet")
     if first["architecture"]["class"] != "sci_node.nets.SeriesNet":
         raise ModelError(f"member {str(members[0])!r} is {first['architecture']['class']!r}, not a SeriesNet")
+    for path, card in zip(members[1:], cards[1:]):
+        for key in (*_SAME, "architecture"):
+            if card.get(key) != first.get(key):
+                raise ModelError(f"member {str(path)!r} differs from {str(members[0])!r} in {key!r}")
     return cards
 
 
 def mean_predictions(cards: Sequence[dict[str, Any]], head: str) -> list[dict[str, Any]]:
     """Held-out stored-series predictions of ``head``, probabilities averaged per (sample index, condition)."""
     by_key: dict[tuple[int, str], dict[str, Any]] = {}
+    counts: dict[tuple[int, str], int] = {}
     for n, card in enumerate(cards):
         preds = ((card["metrics"].get(head) or {}).get("real_series") or {}).get("predictions")
         if preds is None:
             raise ModelError(f"member {n} ({card['name']} {card['version']}) has no held-out predictions for {head!r}")
         for p in preds:
-            row = by_key.setdefault((p["i"], p["condition"]), {**p, "probs": {k: 0.0 for k in p["probs"]}})
+            key = (p["i"], p["condition"])
+            row = by_key.setdefault(key, {**p, "probs": {k: 0.0 for k in p["probs"]}})
+            counts[key] = counts.get(key, 0) + 1
             if row["group"] != p["group"] or row["true"] != p["true"]:
                 raise ModelError(f"member {n}: sample {p['i']} is {p['group']}/{p['true']}, "
                                  f"the first member has {row['group']}/{row['true']}")
             for k, v in p["probs"].items():
                 row["probs"][k] += v / len(cards)
-    counts: dict[tuple[int, str], int] = {}
-    for card in cards:
-        for p in card["metrics"][head]["real_series"]["predictions"]:
-            counts[(p["i"], p["condition"])] = counts.get((p["i"], p["condition"]), 0) + 1
     partial = sorted(k for k, c in counts.items() if c != len(cards))
     if partial:
         raise ModelError(f"the members' held-out predictions of {head!r} cover different series, "
@@ -89,20 +85,21 @@ def _conditions(preds: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
             "as_available": [p for p in rows if p["condition"] == "with_header" or p["i"] - 1 not in with_hdr]}
 
 
-def series_metrics(preds: list[dict[str, Any]], abstain: float, spine_groups: set[str]) -> dict[str, Any]:
-    """The ``real_series`` block of a head, as :func:`trainer.cls_metrics.real_series_metrics` writes it.
+def series_metrics(preds: list[dict[str, Any]], conds: dict[str, list[dict[str, Any]]], abstain: float,
+                   spine_groups: set[str]) -> dict[str, Any]:
+    """The ``real_series`` block of a head, as :func:`trainer.cls_metrics.real_series_metrics` writes it
+    (``conds``: :func:`_conditions` of ``preds``).
 
     ``accuracy_network_only`` is the accuracy itself where no header rule can fire (header removed) and
     None with the header (the members' serving probabilities already carry the rules' verdicts).
     """
     out: dict[str, Any] = {}
-    for name, rows in _conditions(preds).items():
+    for name, rows in conds.items():
         sp = [r for r in rows if r["group"] in spine_groups]
         out[name] = {"accuracy": _accuracy(rows), "n": len(rows),
                      "accuracy_network_only": _accuracy(rows) if name == "header_removed" else None,
                      "abstention_rate_spine": round(sum(r["probs"][_top(r)] < abstain for r in sp) / len(sp), 4)
                      if sp else None, "n_spine": len(sp)}
-    conds = _conditions(preds)
     out["predictions"] = preds
     out["errors"] = [{"group": r["group"], "true": r["true"], "pred": _top(r), "p": round(r["probs"][_top(r)], 3),
                       "header": r["condition"] == "with_header"}
@@ -128,7 +125,7 @@ def head_metrics(preds: list[dict[str, Any]], abstain: float, spine_groups: set[
         "scored_on": "held-out stored real series (as available and header removed), as served",
         "accuracy": None, "n": 0, "accuracy_real": None, "n_real": 0, "accuracy_synthetic": None, "n_synthetic": 0,
         "accuracy_stored_volumes": _accuracy(stored), "n_stored_volumes": len(stored),
-        "real_series": series_metrics(preds, abstain, spine_groups),
+        "real_series": series_metrics(preds, conds, abstain, spine_groups),
         "per_class_recall": {c: _accuracy([r for r in listed if r["true"] == c]) for c in classes
                              if any(r["true"] == c for r in listed)},
         "per_group": {g: _accuracy([r for r in listed if r["group"] == g]) for g in groups},
