@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -32,42 +31,30 @@ sys.path.insert(0, str(REPO))
 CORD_CLASSES = ("T1w", "T2w", "T2starw")
 
 
-def stored_sources(data: Path) -> dict[int, Any]:
-    """Sample index -> catalogue source of every stored real sample (with and without its header)."""
-    from trainer.classifiers import sources_of
-    from trainer.cls_data import has_header, load_source
-
-    cfg = tomllib.loads((REPO / "trainer" / "configs" / "sequence.toml").read_text())
-    n_aug = int(cfg["data"].get("n_aug", 10))
-    out: dict[int, Any] = {}
-    i = 0
-    for src in sources_of(cfg):
-        _, ev, _ = load_source(src, data)
-        out[i] = src
-        i += 1
-        if has_header(ev):
-            out[i] = src
-            i += 1
-        i += int(src.n_aug) if src.n_aug is not None else n_aug
-    return out
-
-
-def contrast_of(src: Any, data: Path, segmenter: Any, mask_op: str) -> Any:
-    """:class:`sci_node.contrast_rules.CordContrast` of a stored spine image around the cord model's mask."""
+def spine_contrasts(data: Path, segmenter: Any, mask_op: str) -> tuple[dict[int, Any], dict[int, Any]]:
+    """``(source by sample index, CordContrast by sample index)`` of every stored real sample; the
+    contrast (:mod:`sci_node.contrast_rules`) around the cord model's mask, for spine sources only."""
     from scipy import ndimage  # type: ignore[import-untyped]
 
     from sci_node import contrast_rules
-    from trainer.cls_data import load_source
+    from trainer.cls_report import stored_sources
 
-    image, _, _ = load_source(src, data)
-    if image.GetDimension() == 4:
-        image = image[:, :, :, 0]
-    mask = np.asarray(segmenter.predict(image), dtype=bool)
-    if mask_op == "erode":
-        mask = ndimage.binary_erosion(mask)
-    elif mask_op == "dilate":
-        mask = ndimage.binary_dilation(mask)
-    return contrast_rules.cord_contrast(sitk.GetArrayFromImage(image), mask, image.GetSpacing()[::-1])
+    sources: dict[int, Any] = {}
+    contrasts: dict[int, Any] = {}
+    for indices, src, image, _ in stored_sources(data, REPO / "trainer" / "configs" / "sequence.toml"):
+        sources.update({i: src for i in indices})
+        if src.anatomy != "spine":
+            continue
+        if image.GetDimension() == 4:
+            image = image[:, :, :, 0]
+        mask = np.asarray(segmenter.predict(image), dtype=bool)
+        if mask_op == "erode":
+            mask = ndimage.binary_erosion(mask)
+        elif mask_op == "dilate":
+            mask = ndimage.binary_dilation(mask)
+        c = contrast_rules.cord_contrast(sitk.GetArrayFromImage(image), mask, image.GetSpacing()[::-1])
+        contrasts.update({i: c for i in indices})
+    return sources, contrasts
 
 
 def main() -> int:
@@ -86,9 +73,8 @@ def main() -> int:
     active = reg.active()
     cards = args.cards or [reg.path_of("sequence", active["sequence"])]
     preds = mean_predictions([json.loads((Path(c) / "card.json").read_text()) for c in cards], "sequence")
-    sources = stored_sources(args.data)
-    segmenter = Segmenter.from_artifact(reg.path_of("cord", active["cord"]))
-    measured: dict[str, Any] = {}
+    sources, measured = spine_contrasts(args.data, Segmenter.from_artifact(reg.path_of("cord", active["cord"])),
+                                        args.mask)
     totals = {c: {"n": 0, "network": 0, "with_check": 0, "spine_n": 0, "spine_network": 0, "spine_with_check": 0}
               for c in ("header_removed", "with_header")}
     for p in preds:
@@ -96,9 +82,7 @@ def main() -> int:
         if src.group != p["group"] or p["true"] is None:
             continue
         spine = src.anatomy == "spine"
-        if spine and src.path not in measured:
-            measured[src.path] = contrast_of(src, args.data, segmenter, args.mask)
-        c = measured.get(src.path)
+        c = measured.get(p["i"])
         rule = contrast_rules.sequence_from_contrast(c)
         net = max(p["probs"], key=p["probs"].get)
         final = rule.label if (rule.label and net in CORD_CLASSES and p["condition"] == "header_removed") else net

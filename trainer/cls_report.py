@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from sci_node.registry import ModelRegistry
 
@@ -109,34 +109,43 @@ def _held_out_predictions(models_dir: Path, versions: dict[str, str] | None
 _Guards = dict[int, tuple[Any, int, str]]
 
 
-def stored_guard_inputs(data: Path, config: Path = REPO / "trainer" / "configs" / "anatomy.toml") -> _Guards:
-    """Header evidence and slice count of every stored real sample, by its index in the sample set.
+def stored_sources(data: Path, config: Path) -> Iterator[tuple[list[int], Any, Any, Any]]:
+    """Per catalogue source of ``config``, in sample-set order: ``(indices, source, image, evidence)``.
 
     The sample set (:func:`trainer.classifiers._generate`) lists, per catalogue source in order,
     the stored volume with its header, the stored volume again without it (when it has one), then
     ``n_aug`` crops; synthetic samples follow. Walking the catalogue the same way gives each stored
-    sample's index without generating any crop, so the routing guards (localiser, header anatomy
-    veto: rules, not fitted) can be applied to the cards' out-of-fold predictions.
+    sample's index (``indices``: one, or two when the source has a header) without generating any
+    crop, so rules (routing guards, the cord-contrast check) can be applied to the cards' out-of-fold
+    predictions. ``image`` and ``evidence`` are :func:`trainer.cls_data.load_source`'s.
     """
     import tomllib
 
-    from sci_node.routing import slice_count
     from trainer.classifiers import sources_of
     from trainer.cls_data import has_header, load_source
 
     cfg = tomllib.loads(config.read_text())
     n_aug_default = int(cfg["data"].get("n_aug", 10))
-    out: _Guards = {}
     i = 0
     for src in sources_of(cfg):
         image, ev, _ = load_source(src, data)
+        indices = [i, i + 1] if has_header(ev) else [i]
+        yield indices, src, image, ev
+        i = indices[-1] + 1 + (int(src.n_aug) if src.n_aug is not None else n_aug_default)
+
+
+def stored_guard_inputs(data: Path, config: Path = REPO / "trainer" / "configs" / "anatomy.toml") -> _Guards:
+    """Header evidence and slice count of every stored real sample, by its index in the sample set
+    (:func:`stored_sources`): the routing guards (localiser, header anatomy veto: rules, not fitted)
+    applied to the cards' out-of-fold predictions. The header-removed copy gets no evidence."""
+    from sci_node.routing import slice_count
+
+    out: _Guards = {}
+    for indices, src, image, ev in stored_sources(data, config):
         n = slice_count(image.GetSize())
-        out[i] = (ev, n, src.group)
-        i += 1
-        if has_header(ev):
-            out[i] = (None, n, src.group)
-            i += 1
-        i += int(src.n_aug) if src.n_aug is not None else n_aug_default
+        out[indices[0]] = (ev, n, src.group)
+        if len(indices) == 2:
+            out[indices[1]] = (None, n, src.group)
     return out
 
 
