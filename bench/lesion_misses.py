@@ -7,7 +7,8 @@ clinical size by default: at least 3 mm long and 2 mm wide) go through the artef
 prediction at its card's threshold and smallest lesion, with growth. Each true lesion (26-connected
 component of the injected mask) is listed as found (any overlap) or missed, with its volume (mm³)
 and its contrast (its mean intensity over the cord's median, on the injected image), then counted
-in volume bins. Needs ``../shared/data/spine`` (our machines only).
+in volume bins, and with each lesion's highest probability the recall no setting of this network can
+exceed (``recall_ceiling``). Needs ``../shared/data/spine`` (our machines only).
 
     .venv/bin/python bench/lesion_misses.py [--artifact models/lesion/0.8.1] [--trials 4]
 """
@@ -31,7 +32,12 @@ def lesion_rows(seg, image: sitk.Image, cord: np.ndarray, truth: np.ndarray) -> 
     """One row per true lesion of ``truth`` (``(Z, Y, X)`` uint8 on ``image``'s canonical grid)."""
     from sci_node.postprocess import components
 
-    pred = seg.predict(image, roi=cord)  # the node's lesion mask: the card's threshold, smallest lesion, growth
+    from sci_node import preprocess
+
+    prepared = preprocess.prepare(image, seg.spec)
+    prob = seg.predict_prob_model_grid(prepared, roi=cord)
+    pred = seg.finish(prob, prepared, roi=cord)  # the node's lesion mask: the card's threshold, smallest lesion, growth
+    p_src = preprocess.to_source_grid(prob, prepared, threshold=None) * (cord > 0)  # what any setting could keep
     arr = sitk.GetArrayFromImage(image)
     voxel = float(np.prod(image.GetSpacing()))
     median = float(np.median(arr[cord > 0]))
@@ -40,7 +46,7 @@ def lesion_rows(seg, image: sitk.Image, cord: np.ndarray, truth: np.ndarray) -> 
     for i in range(1, n + 1):
         part = labels == i
         rows.append({"volume_mm3": float(part.sum()) * voxel, "contrast": float(arr[part].mean() / median),
-                     "found": bool((pred[part] > 0).any())})
+                     "found": bool((pred[part] > 0).any()), "p_max": float(p_src[part].max())})
     return rows
 
 
@@ -58,6 +64,22 @@ def summary(rows: list[dict[str, float]]) -> list[dict[str, object]]:
                     "found": sum(r["found"] for r in inbin),
                     "contrast_found": _mean([r["contrast"] for r in inbin if r["found"]]),
                     "contrast_missed": _mean([r["contrast"] for r in inbin if not r["found"]])})
+    return out
+
+
+def recall_ceiling(rows: list[dict[str, float]], levels: tuple[float, ...] = (0.1, 0.3, 0.5)) -> list[dict[str, object]]:
+    """What no threshold or smallest-lesion setting can exceed: per probability level, the lesions the
+    network reaches at all (some voxel at or above it) and the mean per-case F1 if every one of them
+    were kept and nothing false were (precision 1): the headroom of any post-processing of this network."""
+    out = []
+    for level in levels:
+        f1s = []
+        for case in sorted({str(r["case"]) for r in rows}):
+            mine = [r for r in rows if r["case"] == case]
+            rec = sum(r["p_max"] >= level for r in mine) / len(mine)
+            f1s.append(2 * rec / (1 + rec))
+        out.append({"p_at_least": level, "reachable": sum(r["p_max"] >= level for r in rows),
+                    "f1_mean_if_all_kept_and_no_false": round(float(np.mean(f1s)), 3)})
     return out
 
 
@@ -93,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"case": case.key, **r})
     found = sum(r["found"] for r in rows)
     sys.stdout.write(json.dumps({"artifact": str(a.artifact), "lesions": len(rows), "found": found,
-                                 "by_volume": summary(rows)}) + "\n")
+                                 "by_volume": summary(rows), "recall_ceiling": recall_ceiling(rows)}) + "\n")
     return 0
 
 
