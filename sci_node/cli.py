@@ -226,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sci-node {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    _add_node_commands(sub)
+    _add_peer_commands(sub)
+    _add_offline_commands(sub)
+    _add_admin_commands(sub)
+    _add_stack_commands(sub)
+    return parser
+
+
+def _add_node_commands(sub: Any) -> None:
+    """serve, worker, status, jobs: run and watch the node."""
     p = sub.add_parser("serve", help="run the DICOM node (SCP, queue, workers, export) in the foreground")
     _add_config_flags(p, node_flags=True)
     p.set_defaults(handler=_serve)
@@ -260,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     _late_flags((jl, js, jr))  # flags after the action too: `jobs show 3 --data-dir D`
     p.set_defaults(handler=_jobs, jobs_cmd="list", limit=20, state=None)
 
+
+def _add_peer_commands(sub: Any) -> None:
+    """echo, send: talk DICOM to a peer."""
     for name, help_, handler in (
         ("echo", "C-ECHO a DICOM peer", _echo),
         ("send", "C-STORE a file or folder of DICOM files to a peer", _send),
@@ -272,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--calling-ae", default="SCINODE", help="our AE title for this association")
         p.set_defaults(handler=handler)
 
+
+def _add_offline_commands(sub: Any) -> None:
+    """infer, route, train: batch work without the node."""
     p = sub.add_parser("infer", help="batch: segment every series under INPUT into OUTDIR")
     _add_config_flags(p)
     p.add_argument("input", type=Path, help="folder (or file) of DICOM series and/or NIfTI volumes")
@@ -311,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(an exported DIR, or without DIR: exported, de-identified, from --data-dir)")
     p.set_defaults(handler=_train)
 
+
+def _add_admin_commands(sub: Any) -> None:
+    """corrections, models: the site's corrections and the model registry."""
     p = sub.add_parser("corrections", help="radiologists' corrected SEGs: list, show, export as training data")
     _add_config_flags(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -344,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     mr.add_argument("name")
     p.set_defaults(handler=_models, models_cmd="list")
 
+
+def _add_stack_commands(sub: Any) -> None:
+    """stack, demo: Orthanc and the node together."""
     for name, help_, handler in (
         ("stack", "run Orthanc + the node wired together in the foreground (Ctrl-C stops both)", _stack),
         ("demo", "start the stack, send the bundled sample series, wait for the SEG, print the viewer URL", _demo),
@@ -358,7 +380,6 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "demo":
             p.add_argument("--exit-after", action="store_true", help="stop the stack once the SEG has arrived")
         p.set_defaults(handler=handler)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 import structlog
 
@@ -62,36 +63,15 @@ def run_node(cfg: NodeConfig, provider_factory: ProviderFactory = default_provid
     _log_config(cfg)
     os.umask(0o077)  # everything the node writes (spool, index, WAL, results) is private to its user
     stop = stop or threading.Event()
-    celery = cfg.engine.kind == "celery"
-    store = Store(cfg.data_dir)
-    recovered = store.recover(keep_dispatched=celery)
-    reindexed, removed_tmp = store.reconcile()
-    if reindexed or removed_tmp:
-        log.warning("node.reconciled_spool", reindexed=reindexed, removed_temp_files=removed_tmp)
-    if recovered:
-        log.warning("node.recovered_jobs", jobs=recovered, detail="jobs left running are pending again")
+    store = _open_store(cfg)
     job_ready, result_ready = threading.Event(), threading.Event()
-    workers: list[threading.Thread]
-    if celery:  # the node is the gateway: series go to `sci-node worker`s through the broker
-        from sci_node.engine.gateway import build_gateway
-
-        workers = [build_gateway(cfg, store, job_ready, result_ready, stop)]
-    else:
-        from sci_node.engine import ENGINE_FILE
-
-        (cfg.data_dir / ENGINE_FILE).unlink(missing_ok=True)  # a gateway ran here before: status shows local now
-        if cfg.processor == "pipeline":
-            from sci_node.predict_seg import configure_threads
-
-            log.info("node.torch_threads", threads=configure_threads(cfg.torch_threads, cfg.workers),
-                     workers=cfg.workers)
-        workers = [Worker(cfg, store, provider_factory(cfg), job_ready, result_ready, stop, name=f"worker-{i + 1}")
-                   for i in range(cfg.workers)]
+    workers = _build_workers(cfg, store, provider_factory, job_ready, result_ready, stop)
     exporter = Exporter(cfg, store, result_ready, stop)
     monitor = CompletionMonitor(cfg, store, job_ready)
     sweeper = RetentionSweeper(cfg, store) \
         if cfg.retention_days is not None or cfg.corrections.retention_days is not None else None
-    for t in (*workers, exporter):
+    threads = (*workers, exporter)
+    for t in threads:
         t.start()
     monitor.start()
     if sweeper is not None:
@@ -99,13 +79,7 @@ def run_node(cfg: NodeConfig, provider_factory: ProviderFactory = default_provid
     job_ready.set()
     result_ready.set()
     server = None
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        def _on_signal(signum: int, frame: FrameType | None) -> None:
-            log.info("node.stopping", signal=signal.Signals(signum).name)
-            stop.set()
-
-        previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = _stop_on_signals(stop)
     try:
         server = start_scp(cfg, store)
         log.info("node.ready", ae_title=cfg.ae_title, address=f"{cfg.bind}:{cfg.port}")
@@ -120,15 +94,65 @@ def run_node(cfg: NodeConfig, provider_factory: ProviderFactory = default_provid
             sweeper.stop()
         job_ready.set()
         result_ready.set()
-        deadline = time.monotonic() + 30
-        for t in (*workers, exporter):
-            t.join(max(0.1, deadline - time.monotonic()))
-        busy = [t.name for t in (*workers, exporter) if t.is_alive()]
-        if busy:
-            log.warning("node.stop_timeout", threads=busy, detail="their job resumes at the next start")
-        else:
-            store.close()
+        _join(threads, store)
         for s, h in previous.items():
             signal.signal(s, h)
         log.info("node.stopped")
     return 0
+
+
+def _open_store(cfg: NodeConfig) -> Store:
+    """The spool and job index, with the jobs a crash left running pending again and the spool reconciled."""
+    store = Store(cfg.data_dir)
+    recovered = store.recover(keep_dispatched=cfg.engine.kind == "celery")
+    reindexed, removed_tmp = store.reconcile()
+    if reindexed or removed_tmp:
+        log.warning("node.reconciled_spool", reindexed=reindexed, removed_temp_files=removed_tmp)
+    if recovered:
+        log.warning("node.recovered_jobs", jobs=recovered, detail="jobs left running are pending again")
+    return store
+
+
+def _build_workers(cfg: NodeConfig, store: Store, provider_factory: ProviderFactory, job_ready: threading.Event,
+                   result_ready: threading.Event, stop: threading.Event) -> list[threading.Thread]:
+    """The embedded engine's worker threads, or with the celery engine the one gateway thread that hands
+    series to ``sci-node worker``s through the broker."""
+    if cfg.engine.kind == "celery":
+        from sci_node.engine.gateway import build_gateway
+
+        return [build_gateway(cfg, store, job_ready, result_ready, stop)]
+    from sci_node.engine import ENGINE_FILE
+
+    (cfg.data_dir / ENGINE_FILE).unlink(missing_ok=True)  # a gateway ran here before: status shows local now
+    if cfg.processor == "pipeline":
+        from sci_node.predict_seg import configure_threads
+
+        log.info("node.torch_threads", threads=configure_threads(cfg.torch_threads, cfg.workers), workers=cfg.workers)
+    return [Worker(cfg, store, provider_factory(cfg), job_ready, result_ready, stop, name=f"worker-{i + 1}")
+            for i in range(cfg.workers)]
+
+
+def _stop_on_signals(stop: threading.Event) -> dict[int, Any]:
+    """On the main thread, SIGINT and SIGTERM set ``stop``; returns the handlers they replaced (none
+    elsewhere: signals can only be handled on the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("node.stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    return {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _join(threads: tuple[threading.Thread, ...], store: Store) -> None:
+    """Wait up to 30 s in all for the worker and export threads; close the store only when all ended (a
+    thread still busy holds a job, which resumes at the next start)."""
+    deadline = time.monotonic() + 30
+    for t in threads:
+        t.join(max(0.1, deadline - time.monotonic()))
+    busy = [t.name for t in threads if t.is_alive()]
+    if busy:
+        log.warning("node.stop_timeout", threads=busy, detail="their job resumes at the next start")
+    else:
+        store.close()
