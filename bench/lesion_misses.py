@@ -30,9 +30,8 @@ BINS = (0.0, 10.0, 20.0, 50.0, 100.0, float("inf"))
 
 def lesion_rows(seg, image: sitk.Image, cord: np.ndarray, truth: np.ndarray) -> list[dict[str, float]]:
     """One row per true lesion of ``truth`` (``(Z, Y, X)`` uint8 on ``image``'s canonical grid)."""
-    from sci_node.postprocess import components
-
     from sci_node import preprocess
+    from sci_node.postprocess import components
 
     prepared = preprocess.prepare(image, seg.spec)
     prob = seg.predict_prob_model_grid(prepared, roi=cord)
