@@ -17,7 +17,8 @@ import numpy as np
 import SimpleITK as sitk
 import structlog
 
-from sci_node import contrast_rules, measure, routing
+from sci_node import contrast_rules, routing
+from sci_node.imaging import measure
 from sci_node.config import RoutingRules
 from sci_node.errors import InvalidDatasetError, InvalidSeriesError
 from sci_node.predict_cls import decided_by_header_rule, explaining

@@ -1,4 +1,4 @@
-"""Segmentation inference: a model artefact + :mod:`sci_node.preprocess` → a mask on the source grid.
+"""Segmentation inference: a model artefact + :mod:`sci_node.imaging.preprocess` → a mask on the source grid.
 
 :class:`Segmenter` is what the pipeline calls; :func:`infer_volume` is the model-grid core
 the trainer also uses for validation, so training-time scores come from the same code.
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import SimpleITK as sitk
 
-from sci_node import postprocess, preprocess
+from sci_node.imaging import postprocess, preprocess
 from sci_node.artifact import load_network
 from sci_node.errors import InvalidSeriesError, ModelError
 

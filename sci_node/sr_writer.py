@@ -121,7 +121,7 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], summary: Mapping[str, Any
     sources
         The source series' datasets (evidence with the SEG; the first gives study attributes).
     summary
-        :func:`sci_node.measure.summarize` output.
+        :func:`sci_node.imaging.measure.summarize` output.
     versions
         Model name -> version.
     notes

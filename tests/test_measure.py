@@ -1,10 +1,10 @@
-"""sci_node.measure on synthetic cords with known answers."""
+"""sci_node.imaging.measure on synthetic cords with known answers."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from sci_node.measure import cord_profile, index_to_lps, lesion_table, si_axis, summarize
+from sci_node.imaging.measure import cord_profile, index_to_lps, lesion_table, si_axis, summarize
 
 AXIAL = index_to_lps((0.0, 0.0, 0.0), (0.5, 0.5, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))  # z = S
 SAGITTAL = index_to_lps((0.0, 0.0, 0.0), (0.5, 1.0, 0.5), (0, 0, -1, 1, 0, 0, 0, -1, 0))  # rows = I

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sci_node.postprocess import hysteresis, keep_components, near_centerline
+from sci_node.imaging.postprocess import hysteresis, keep_components, near_centerline
 from trainer.seg_eval import calibrate
 from trainer.seg_loop import RandomIntensityCurve
 
@@ -66,7 +66,7 @@ def test_random_intensity_curve_keeps_air_dark_and_shape() -> None:
 def test_calibration_of_threshold_and_minimum_volume_is_nested() -> None:
     """With ``[train] min_volumes_mm3`` the grid holds ``threshold@volume`` pairs; each group is
     scored at the pair the other groups prefer, and the card gets both values."""
-    from sci_node.preprocess import PrepSpec
+    from sci_node.imaging.preprocess import PrepSpec
     from trainer.seg_eval import apply_setting, parse_setting, setting_grid
 
     cfg = {"train": {"thresholds": [0.3, 0.5], "min_volumes_mm3": [2, 10]}, "post": {"min_volume_mm3": 2.0}}
@@ -90,7 +90,7 @@ def test_calibration_of_threshold_and_minimum_volume_is_nested() -> None:
 
 
 def test_drop_detached_below_removes_a_cauda_piece_far_below_the_cord_and_keeps_split_cords() -> None:
-    from sci_node.postprocess import drop_detached_below
+    from sci_node.imaging.postprocess import drop_detached_below
 
     m = np.zeros((120, 20, 20), np.uint8)
     m[60:110, 8:12, 8:12] = 1      # the main cord, z 60-109 (Z runs inferior -> superior)
@@ -118,7 +118,7 @@ def _tapered_cord(areas_px: list[int], size: int = 24) -> np.ndarray:
 
 def test_cut_below_conus_drops_roots_that_swell_below_a_tapering_cord_end() -> None:
     """Cauda equina roots marked in one piece with the conus tip are cut off at the taper; real ends are kept."""
-    from sci_node.postprocess import cut_below_conus
+    from sci_node.imaging.postprocess import cut_below_conus
 
     sp = (1.0, 0.5, 0.5)  # 1 mm along Z, areas in mm² = pixels / 4
     # Z runs inferior -> superior: 12 mm of roots (swelling back to 64 px), the conus taper to 36 px, 100 mm of cord

@@ -1,4 +1,4 @@
-"""sci_node.preprocess: canonical orientation, model grid, inverse mapping onto the source grid."""
+"""sci_node.imaging.preprocess: canonical orientation, model grid, inverse mapping onto the source grid."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from sci_node import preprocess
-from sci_node.postprocess import keep_components, lesion_f1
+from sci_node.imaging import preprocess
+from sci_node.imaging.postprocess import keep_components, lesion_f1
 
 DATA = Path(__file__).parent / "data" / "seg"
 CASES = ["sub-unf01_T2w_crop", "sub-05_acq-MTon_MTS_crop", "sub-PAM50small_T2w_crop"]

@@ -106,7 +106,7 @@ def test_lesion_input_masked_to_roi_ignores_everything_outside_it() -> None:
     card = {**shipped.card, "postprocessing": {**shipped.card["postprocessing"], "mask_input_to_roi": True}}
     lesion = Segmenter(shipped.net, card)
     image, cord_mask = _load("sub-unf01_T2w_crop")
-    from sci_node.postprocess import dilate_mm
+    from sci_node.imaging.postprocess import dilate_mm
     from trainer.lesions import LesionSpec, inject_lesions
 
     arr = sitk.GetArrayFromImage(image).astype(np.float32)
@@ -135,7 +135,7 @@ def test_lesion_output_cut_to_the_cord_itself() -> None:
     shipped = Segmenter.from_artifact(LESION)
     assert shipped.post.get("output_roi_mm") == 0.0  # the shipped lesion card cuts to the cord
     image, cord_mask = _load("sub-unf01_T2w_crop")
-    from sci_node.postprocess import dilate_mm
+    from sci_node.imaging.postprocess import dilate_mm
     from trainer.lesions import LesionSpec, inject_lesions
 
     arr = sitk.GetArrayFromImage(image).astype(np.float32)

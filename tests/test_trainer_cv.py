@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from sci_node import preprocess
+from sci_node.imaging import preprocess
 from sci_node.errors import DataError
 from sci_node.predict_seg import Segmenter, coarse_to_fine, infer_volume
 from trainer import data as tdata

@@ -13,7 +13,7 @@ import torch
 
 from sci_node.artifact import load_network
 from sci_node.errors import ConfigError, DataError
-from sci_node.postprocess import dilate_mm
+from sci_node.imaging.postprocess import dilate_mm
 from sci_node.predict_seg import Segmenter
 from trainer import data as tdata
 from trainer.lesions import LesionSpec, inject_lesions
@@ -257,7 +257,7 @@ def test_thickness_channel_reaches_the_network_in_training_and_inference() -> No
     network does not take that many channels is refused."""
     from sci_node.errors import ModelError
     from sci_node.predict_seg import infer_volume
-    from sci_node.preprocess import PrepSpec, thickness_value
+    from sci_node.imaging.preprocess import PrepSpec, thickness_value
     from trainer.seg import Vol
     from trainer.seg_loop import SliceSampler, augmentation
 
@@ -291,7 +291,7 @@ def test_flip_x_tta_averages_the_slice_and_its_left_right_mirror() -> None:
     mirror-equivariant (mean of the logits of a slice and of its X mirror); without it they are
     not. The setting survives the card round trip and is honoured by a :class:`Segmenter`."""
     from sci_node.predict_seg import infer_volume
-    from sci_node.preprocess import PrepSpec
+    from sci_node.imaging.preprocess import PrepSpec
 
     net, card = load_network(Path(__file__).parents[1] / "models" / "cord" / "0.2.0")
     image = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))).astype(np.float32)
@@ -316,7 +316,7 @@ def test_windows_without_a_kept_voxel_are_skipped_and_the_kept_voxels_are_unchan
     import torch
 
     from sci_node.predict_seg import infer_volume
-    from sci_node.preprocess import PrepSpec
+    from sci_node.imaging.preprocess import PrepSpec
 
     net, _ = load_network(Path(__file__).parents[1] / "models" / "lesion" / "0.4.2")
     seen: list[int] = []
@@ -345,7 +345,7 @@ def test_cord_free_canal_volumes_stay_in_every_fold_and_are_drawn_at_their_share
     """``[synth] canal_pool``: synthetic thecal sacs below the conus with an empty cord label,
     made without the PAM50 template, so they stay in the fold that holds the template image out
     (the PAM50-derived volumes leave it); the sampler draws them at ``canal_fraction``."""
-    from sci_node.preprocess import PrepSpec
+    from sci_node.imaging.preprocess import PrepSpec
     from trainer.seg import Vol, _fold_vols, synth_pool
     from trainer.seg_loop import SliceSampler
     from trainer.synth import synth_canal_volume
@@ -378,7 +378,7 @@ def test_positive_patches_per_lesion_and_anywhere_in_the_window() -> None:
     """``pos_by_component``: a 1-voxel lesion is drawn as often as a 343-voxel one (not 1 in 344);
     ``pos_jitter = 0.45`` puts the lesion anywhere in the patch (0.25: only the middle half);
     a jitter beyond half the patch is refused."""
-    from sci_node.preprocess import PrepSpec
+    from sci_node.imaging.preprocess import PrepSpec
     from trainer.seg import Vol
     from trainer.seg_loop import SliceSampler
 
@@ -466,7 +466,7 @@ def test_ensemble_cascade_keeps_the_exact_mean_where_the_first_member_is_unsure(
     through the node's own ``Segmenter`` (the cut read from the card)."""
     import dataclasses
 
-    from sci_node import preprocess
+    from sci_node.imaging import preprocess
 
     seg = Segmenter.from_artifact(Path(__file__).resolve().parents[1] / "models" / "lesion" / "0.12.0")
     image = sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sci_node import preprocess  # noqa: E402
+from sci_node.imaging import preprocess  # noqa: E402
 from trainer.lesions import inject_lesions, lesion_spec  # noqa: E402
 from trainer.synth import load_template, synth_volume  # noqa: E402
 

@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 import structlog
 
-from sci_node import preprocess
+from sci_node.imaging import preprocess
 from sci_node.errors import DataError, ModelError
 from trainer import __version__ as TRAINER_VERSION
 from trainer import data as tdata
@@ -72,7 +72,7 @@ def _read(path: Path) -> np.ndarray:
 def real_lesion_vols(cases: Sequence[tdata.Case], spec: preprocess.PrepSpec, margin_yx: int,
                      post: dict[str, Any]) -> list[tseg.Vol]:
     """Lesion-model volumes of the corrections: the cord's box, label = the real lesion mask."""
-    from sci_node.postprocess import dilate_mm
+    from sci_node.imaging.postprocess import dilate_mm
     from sci_node.predict_seg import roi_dilate_mm, roi_input
 
     out = []

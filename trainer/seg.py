@@ -2,7 +2,7 @@
 
 ``train_segmentation`` = leave-one-subject-out (LOSO) folds for validation, then a final model on
 every labelled subject, written as an artefact whose card carries the LOSO metrics. Everything
-the model sees goes through :mod:`sci_node.preprocess` (the same code as inference), and the
+the model sees goes through :mod:`sci_node.imaging.preprocess` (the same code as inference), and the
 final scores are computed by :class:`sci_node.predict_seg.Segmenter` on each source grid.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from sci_node import preprocess
+from sci_node.imaging import preprocess
 from sci_node.errors import ConfigError, DataError
 from trainer import __version__ as TRAINER_VERSION
 from trainer import git_commit, read_toml_config
@@ -209,7 +209,7 @@ def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec, c
     :func:`~sci_node.predict_seg.roi_dilate_mm`: what the node's
     :meth:`~sci_node.predict_seg.Segmenter.predict_prob_model_grid` feeds the network.
     """
-    from sci_node.postprocess import dilate_mm
+    from sci_node.imaging.postprocess import dilate_mm
     from sci_node.predict_seg import roi_dilate_mm, roi_input
 
     post = post or {}

@@ -16,14 +16,14 @@ What differs from the 2-D recipe (:mod:`trainer.seg`, :mod:`trainer.seg_loop`), 
   templates always train, as in :func:`trainer.seg._run_cv_fold`): the ``[synth]`` pools
   (PAM50-derived volumes, cord-free canals) and the ``[train] lesion_fraction`` injected
   lesions are skipped, and there is no EMA of the weights.
-* The model grid is :func:`sci_node.preprocess.prepare`'s (canonical LPS, in-plane
+* The model grid is :func:`sci_node.imaging.preprocess.prepare`'s (canonical LPS, in-plane
   ``spacing_yx``, source slices kept), so the slice spacing of the patches varies from 1 mm
   (reformatted sagittal T2w) to 16.5 mm (MT); the first level's kernel and the second level's
   stride are 1 along ``Z``.
 * Inference is a plain 3-D sliding window over the whole volume (no coarse-to-fine pass);
   the probability is then finished by the node's own post-processing
   (:meth:`sci_node.predict_seg.Segmenter.finish`: centre-line filter, source-grid mapping
-  with :func:`sci_node.preprocess.to_source_grid`, component sizes) at threshold 0.5.
+  with :func:`sci_node.imaging.preprocess.to_source_grid`, component sizes) at threshold 0.5.
   ``dice_raw`` / ``hd95_raw_mm`` are the scores of the bare ``to_source_grid`` mask.
 
 Arrays are numpy ``(Z, Y, X)`` on the model grid (``Z`` inferior→superior); spacings in mm.
@@ -40,7 +40,7 @@ import numpy as np
 import SimpleITK as sitk
 import structlog
 
-from sci_node import preprocess
+from sci_node.imaging import preprocess
 from sci_node.errors import ConfigError
 from trainer import data as tdata
 from trainer import seg
@@ -236,7 +236,7 @@ def evaluate(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, cases: Sequenc
 
     ``dice`` / ``hd95_mm``: after :meth:`~sci_node.predict_seg.Segmenter.finish` (the node's
     post-processing, threshold ``THRESHOLD``); ``dice_raw`` / ``hd95_raw_mm``: the bare
-    :func:`~sci_node.preprocess.to_source_grid` mask. ``infer_s`` = sliding-window seconds.
+    :func:`~sci_node.imaging.preprocess.to_source_grid` mask. ``infer_s`` = sliding-window seconds.
     """
     finisher = segmenter_for(net, cfg, spec, device)  # only its post-processing is used
     rows = []

@@ -9,8 +9,8 @@ from typing import Any, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from sci_node import preprocess
-from sci_node.postprocess import lesion_f1
+from sci_node.imaging import preprocess
+from sci_node.imaging.postprocess import lesion_f1
 from sci_node.predict_seg import Segmenter
 from trainer import data as tdata
 from trainer.lesions import LesionSpec, inject_lesions, lesion_spec

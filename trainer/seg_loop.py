@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import structlog
 
-from sci_node import preprocess
+from sci_node.imaging import preprocess
 from sci_node.artifact import build_network
 from sci_node.errors import ConfigError
 from sci_node.predict_seg import roi_dilate_mm
@@ -186,7 +186,7 @@ def validate(net, val_vols: Sequence[Any], spec: preprocess.PrepSpec, device: st
     import torch
     from monai.metrics import DiceMetric
 
-    from sci_node.postprocess import dilate_mm
+    from sci_node.imaging.postprocess import dilate_mm
     from sci_node.predict_seg import infer_volume
 
     metric = DiceMetric(include_background=True, reduction="mean")

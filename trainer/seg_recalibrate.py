@@ -39,7 +39,7 @@ from typing import Any
 
 import structlog
 
-from sci_node import preprocess
+from sci_node.imaging import preprocess
 from sci_node.artifact import load_network, write_artifact
 from sci_node.errors import DataError
 from trainer import data as tdata
@@ -139,7 +139,7 @@ def recalibrate(model: str, artifact: Path | None, cfg: dict[str, Any], trials: 
                 ) -> tuple[dict[str, Any], dict[str, Any], list[tdata.Case]]:
     """``(metrics, eval_cfg, cases)``: nested per-group scores of ``artifact`` on unseen subjects;
     ``flip_x_tta`` / ``sw_overlap`` / ``ensemble_cascade`` (not ``None``) replace the card's test-time
-    mirror / window overlap / ensemble cascade (:class:`~sci_node.preprocess.PrepSpec`);
+    mirror / window overlap / ensemble cascade (:class:`~sci_node.imaging.preprocess.PrepSpec`);
     ``injection_seed`` (not ``None``) seeds the held-out lesions instead of the card's training seed, so
     networks trained with different seeds can be scored on the same lesions. With ``fold_artifacts``
     (:func:`fold_networks`) each group is scored by the fold network that held it out instead (the

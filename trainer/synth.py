@@ -125,7 +125,7 @@ def synth_volume(rng: np.random.Generator, t: Template, spacing_yx: tuple[float,
     -------
     image : numpy.ndarray
         ``(Z, Y, X)`` float32, roughly in [0, 1], not yet normalised (the trainer applies
-        :func:`sci_node.preprocess.normalise`, as for real images).
+        :func:`sci_node.imaging.preprocess.normalise`, as for real images).
     mask : numpy.ndarray
         ``(Z, Y, X)`` uint8 cord mask.
     spacing : tuple[float, float, float]
