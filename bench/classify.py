@@ -1,7 +1,7 @@
 """Routing cost per series: the three active classifiers (anatomy, region_view, sequence) on CPU.
 
 What the node's ``classify`` stage does for one series, without loading the segmenters: header
-evidence, the shared preprocessing (:func:`sci_node.cls_features.series_inputs`, run once per
+evidence, the shared preprocessing (:func:`sci_node.routing.cls_features.series_inputs`, run once per
 classifier as in the node) and the three networks, through :func:`sci_node.route_report.route_series`
 with the default routing rules (so a series routed out at anatomy costs one classifier, a routed-in
 series three). Inputs: the committed demo series (``sample/series``, sagittal cervical T2w) and
@@ -29,7 +29,7 @@ def main() -> None:
     import torch
 
     from sci_node.config import RoutingRules
-    from sci_node.evidence import HeaderEvidence
+    from sci_node.routing.evidence import HeaderEvidence
     from sci_node.route_report import load_classifiers, route_series
     from sci_node.series import find_dicom_files, read_series
 

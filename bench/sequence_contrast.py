@@ -3,7 +3,7 @@
 Prints numbers, never passes or fails. The active ``sequence`` card holds, for every stored real
 series, the probabilities of a fold network that never trained on its person, with the header and
 again with the header removed (``metrics.sequence.real_series.predictions``). This script adds
-what the node does after the cord is segmented (:mod:`sci_node.contrast_rules`,
+what the node does after the cord is segmented (:mod:`sci_node.routing.contrast_rules`,
 :func:`sci_node.routing.recheck_sequence`): for every spine series the active cord model segments
 the stored image, the CSF/cord contrast is measured around that mask, and a fired rule replaces a
 network-decided T1w/T2w/T2*w (with the header, the header rules decided every series here, so the
@@ -33,10 +33,10 @@ CORD_CLASSES = ("T1w", "T2w", "T2starw")
 
 def spine_contrasts(data: Path, segmenter: Any, mask_op: str) -> tuple[dict[int, Any], dict[int, Any]]:
     """``(source by sample index, CordContrast by sample index)`` of every stored real sample; the
-    contrast (:mod:`sci_node.contrast_rules`) around the cord model's mask, for spine sources only."""
+    contrast (:mod:`sci_node.routing.contrast_rules`) around the cord model's mask, for spine sources only."""
     from scipy import ndimage  # type: ignore[import-untyped]
 
-    from sci_node import contrast_rules
+    from sci_node.routing import contrast_rules
     from trainer.cls_report import stored_sources
 
     sources: dict[int, Any] = {}
@@ -58,7 +58,7 @@ def spine_contrasts(data: Path, segmenter: Any, mask_op: str) -> tuple[dict[int,
 
 
 def main() -> int:
-    from sci_node import contrast_rules
+    from sci_node.routing import contrast_rules
     from sci_node.predict_seg import Segmenter, configure_threads
     from sci_node.registry import ModelRegistry
     from trainer.cls_ensemble import mean_predictions

@@ -103,13 +103,13 @@ class RoutingRules:
     axis; default 2, so a single slice) is routed out as a localiser / single slice (the ivadomed
     test data hold real 2-slice axial T2*w stacks the cord model segments), and with ``header_anatomy_veto`` a
     header that names a non-spine body part and never the spine routes it out
-    (:mod:`sci_node.anatomy_rules`; the header can only route out, never in).
+    (:mod:`sci_node.routing.anatomy_rules`; the header can only route out, never in).
     With ``sequence_by_action`` (default) a sequence head whose top class is below
     ``min_confidence`` does not abstain when the ``cord_sequences`` classes together reach it:
     the cord is segmented, lesions are not (:func:`sci_node.routing.decide_by_action`).
     With ``sequence_contrast_check`` (default) a sequence the image network decided (no header
     rule fired) is checked against the CSF/cord contrast around the segmented cord
-    (:mod:`sci_node.contrast_rules`): CSF darker than the cord makes it T1w (no lesions), CSF
+    (:mod:`sci_node.routing.contrast_rules`): CSF darker than the cord makes it T1w (no lesions), CSF
     several times brighter makes it T2w; the check never adds lesions
     (:func:`sci_node.routing.recheck_sequence`).
     """

@@ -17,7 +17,8 @@ import numpy as np
 import SimpleITK as sitk
 import structlog
 
-from sci_node import contrast_rules, routing
+from sci_node.routing import contrast_rules
+from sci_node import routing
 from sci_node.imaging import measure
 from sci_node.config import RoutingRules
 from sci_node.errors import InvalidDatasetError, InvalidSeriesError
@@ -147,7 +148,7 @@ class Pipeline:
         ModelError
             A model fails.
         """
-        from sci_node.evidence import HeaderEvidence
+        from sci_node.routing.evidence import HeaderEvidence
 
         clock = _Clock()
         vol = read_series(files, self.max_missing_fraction)
@@ -164,7 +165,7 @@ class Pipeline:
 
         Writes ``cord.nii.gz`` (and ``lesion.nii.gz``) on the input grid; no SEG/SR.
         """
-        from sci_node.evidence import HeaderEvidence
+        from sci_node.routing.evidence import HeaderEvidence
 
         clock = _Clock()
         image = read_nifti(Path(path))

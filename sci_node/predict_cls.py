@@ -9,8 +9,8 @@ The card of a classifier artefact carries, besides the common keys of
 network's logits), ``calibration`` (``temperature`` per head, fitted on the
 cross-validation predictions; ``abstain_below``: the probability under which the
 classifier abstains; optionally ``header_rules``: the MR-physics rules of
-:mod:`sci_node.header_rules` for one head, with the ``confidence`` given to their class) and
-``preprocessing.id`` (one of :data:`sci_node.cls_features.PREPROCESSING_IDS`: the card gets
+:mod:`sci_node.routing.header_rules` for one head, with the ``confidence`` given to their class) and
+``preprocessing.id`` (one of :data:`sci_node.routing.cls_features.PREPROCESSING_IDS`: the card gets
 the feature version it was trained on).
 """
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import numpy as np
 
 from sci_node.artifact import load_network
-from sci_node.cls_features import N_FEATURES, N_HEADER_FEATURES, PREPROCESSING_IDS, series_inputs
+from sci_node.routing.cls_features import N_FEATURES, N_HEADER_FEATURES, PREPROCESSING_IDS, series_inputs
 from sci_node.errors import ModelError
-from sci_node.evidence import HeaderEvidence
-from sci_node.header_rules import RULES_ID, HeaderRule, sequence_from_header
+from sci_node.routing.evidence import HeaderEvidence
+from sci_node.routing.header_rules import RULES_ID, HeaderRule, sequence_from_header
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -50,7 +50,7 @@ def check_classifier_card(card: Mapping[str, Any], where: str) -> None:
     prep = card.get("preprocessing") or {}
     if prep.get("id") not in PREPROCESSING_IDS:
         raise ModelError(f"{where}: preprocessing id {prep.get('id')!r} is not one of {PREPROCESSING_IDS!r} "
-                         "(trained for another version of sci_node.cls_features)")
+                         "(trained for another version of sci_node.routing.cls_features)")
     if int(prep.get("n_features", -1)) != N_FEATURES:
         raise ModelError(f"{where}: n_features {prep.get('n_features')!r} != {N_FEATURES}")
     heads = card.get("heads")
@@ -139,7 +139,7 @@ class Classifier:
         """:meth:`predict` plus, per head, which evidence decided it.
 
         A head with header rules (``calibration.header_rules`` in the card) takes the rule's class
-        when a rule fires (:func:`sci_node.header_rules.sequence_from_header`): that class gets the
+        when a rule fires (:func:`sci_node.routing.header_rules.sequence_from_header`): that class gets the
         card's rule ``confidence`` and the others share the rest. Otherwise the network decides.
 
         Returns

@@ -91,7 +91,7 @@ def route_series(classifiers: Mapping[str, Any], image: Any, evidence: Any, rule
 
 def load_item(item: Any) -> tuple[Any, Any]:
     """Image and header evidence of a :class:`sci_node.batch.BatchItem`, read as ``sci-node infer`` reads it."""
-    from sci_node.evidence import HeaderEvidence
+    from sci_node.routing.evidence import HeaderEvidence
     from sci_node.pipeline import _sidecar, read_nifti
     from sci_node.series import read_series
 

@@ -12,9 +12,9 @@ import SimpleITK as sitk
 import torch
 
 from sci_node.cli import main
-from sci_node.cls_features import N_FEATURES, series_inputs, view_of_image
+from sci_node.routing.cls_features import N_FEATURES, series_inputs, view_of_image
 from sci_node.errors import InvalidDatasetError
-from sci_node.evidence import HeaderEvidence
+from sci_node.routing.evidence import HeaderEvidence
 from sci_node.predict_cls import Classifier
 from sci_node.registry import ModelRegistry
 
@@ -418,7 +418,7 @@ def test_report_tables_from_the_shipped_cards() -> None:
 
 
 def test_ct_air_feature_counts_non_finite_voxels_as_not_below() -> None:
-    from sci_node.cls_features import FEATURE_NAMES
+    from sci_node.routing.cls_features import FEATURE_NAMES
 
     arr = np.zeros((4, 5, 5), np.float32)
     arr[0, 0, :4] = [np.nan, np.inf, -np.inf, -900.0]
@@ -431,7 +431,7 @@ def test_detail_channels_see_a_small_structure_at_the_box_centre() -> None:
     """Feature version 3 adds a 64 mm detail grid about the box centre: a 10 mm bright disc in a
     200 mm field of view (a cord in an axial slab) is a few voxels of the whole-box thumbnail and a
     clear disc of the detail one; the whole-box channels stay exactly those of version 2."""
-    from sci_node.cls_features import n_channels
+    from sci_node.routing.cls_features import n_channels
 
     _, yy, xx = np.mgrid[0:20, 0:200, 0:200].astype(np.float32)
     arr = np.full((20, 200, 200), 100.0, np.float32)

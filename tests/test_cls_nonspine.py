@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sci_node.cls_features import N_FEATURES, THUMB_SIZE, series_inputs
+from sci_node.routing.cls_features import N_FEATURES, THUMB_SIZE, series_inputs
 from sci_node.errors import ConfigError
 from trainer.classifiers import EXTRA_DATA_KEYS, _with_nonspine
 from trainer.cls_data import ANATOMY, TASKS, SampleSet

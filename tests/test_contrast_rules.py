@@ -1,4 +1,4 @@
-"""The cord-contrast check: CSF/cord contrast around the cord (sci_node.contrast_rules), the routing
+"""The cord-contrast check: CSF/cord contrast around the cord (sci_node.routing.contrast_rules), the routing
 correction it makes (sci_node.routing.recheck_sequence), and the pipeline on a real T1w crop."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from sci_node import contrast_rules as cr
+from sci_node.routing import contrast_rules as cr
 from sci_node.config import RoutingRules
 from sci_node.pipeline import Pipeline
 from sci_node.registry import ModelRegistry

@@ -1,4 +1,4 @@
-"""sci_node.header_rules: sequence weighting from MR physics; Enhanced MR header evidence."""
+"""sci_node.routing.header_rules: sequence weighting from MR physics; Enhanced MR header evidence."""
 from __future__ import annotations
 
 import pydicom
@@ -6,8 +6,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from sci_node.evidence import HeaderEvidence
-from sci_node.header_rules import ernst_angle_deg, sequence_from_header, white_matter_t1_ms
+from sci_node.routing.evidence import HeaderEvidence
+from sci_node.routing.header_rules import ernst_angle_deg, sequence_from_header, white_matter_t1_ms
 
 
 def _ev(scan: str, variant: str = "", **kw: float) -> HeaderEvidence:

@@ -1,11 +1,11 @@
 """Training of the routing classifiers (anatomy, region_view, sequence).
 
 Pipeline: catalogue sources (real volumes + nibabel/pydicom test images) and synthetic
-samples -> :func:`sci_node.cls_features.series_inputs` (the node's own preprocessing) ->
+samples -> :func:`sci_node.routing.cls_features.series_inputs` (the node's own preprocessing) ->
 subject-grouped k-fold cross-validation over the person groups (never scoring a group a fold
 trained on) -> temperature scaling per head on the out-of-fold logits -> final network
 on all samples -> artefact (``weights.pt`` + ``card.json``) with the validation table.
-The ``sequence`` model can carry the MR-physics header rules (:mod:`sci_node.header_rules`).
+The ``sequence`` model can carry the MR-physics header rules (:mod:`sci_node.routing.header_rules`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import structlog
 
-from sci_node.cls_features import FEATURE_NAMES, N_FEATURES, N_HEADER_FEATURES, PREPROCESSING_ID, PREPROCESSING_IDS, \
+from sci_node.routing.cls_features import FEATURE_NAMES, N_FEATURES, N_HEADER_FEATURES, PREPROCESSING_ID, PREPROCESSING_IDS, \
     THUMB_SIZE, n_channels, series_inputs
 from sci_node.errors import ConfigError, DataError
 from sci_node.artifact import sha256_file as file_sha
@@ -231,7 +231,7 @@ def _generate(cfg: dict[str, Any], sources: Sequence[Source], data: Path, pam_di
 
 def _rule_index(hdr: Any) -> int:
     """Index in SEQUENCE of the physics rule's class for this header, -1 when no rule fires."""
-    from sci_node.header_rules import sequence_from_header
+    from sci_node.routing.header_rules import sequence_from_header
 
     label = sequence_from_header(hdr).label
     return SEQUENCE.index(label) if label else -1
@@ -474,7 +474,7 @@ def model_samples(cfg: dict[str, Any], samples: SampleSet) -> SampleSet:
 
 def _rules_of(cfg: dict[str, Any], samples: SampleSet) -> dict[str, dict[str, Any]]:
     """``{"sequence": {...}}`` when the config turns the header rules on (``[network] header_rules``), else ``{}``."""
-    from sci_node.header_rules import RULES_ID
+    from sci_node.routing.header_rules import RULES_ID
 
     if not cfg["network"].get("header_rules", False) or cfg["model"]["name"] != "sequence":
         return {}
@@ -504,7 +504,7 @@ def _card(cfg: dict[str, Any], model: str, heads: Sequence[str], metrics: dict[s
         "name": model, "version": cfg["model"]["version"], "kind": "classifier",
         "description": cfg["model"].get("description", ""),
         "architecture": {"class": cfg["network"].get("class", DEFAULT_NET), "args": _net_args(cfg, heads)},
-        "preprocessing": {"id": prep_of(cfg), "module": "sci_node.cls_features", "thumb_size": THUMB_SIZE,
+        "preprocessing": {"id": prep_of(cfg), "module": "sci_node.routing.cls_features", "thumb_size": THUMB_SIZE,
                           "header_features": bool(cfg["network"].get("header_features", True)),
                           "n_features": N_FEATURES, "feature_names": list(FEATURE_NAMES),
                           "orientation": "LPS-aligned isotropic grid over the bounding box",

@@ -1,13 +1,13 @@
 """Training samples of the routing classifiers: real volumes, PAM50 synthetic spines, phantoms.
 
-Every sample is what the node's classifier sees — :func:`sci_node.cls_features.series_inputs`
+Every sample is what the node's classifier sees — :func:`sci_node.routing.cls_features.series_inputs`
 of a ``SimpleITK.Image`` plus a :class:`HeaderEvidence` — together with its labels
 (anatomy, region, view, sequence; ``-1`` = unknown/not applicable) and its **group**
 (the person it comes from: cross-validation folds hold out whole groups).
 
 Labels come from the source catalogue (:data:`DEFAULT_SOURCES`: which file is which
 anatomy/region/contrast, written from the data README), never from what the classifier
-sees. The view label is the plane of the stored slices (:func:`sci_node.cls_features.view_of_image`).
+sees. The view label is the plane of the stored slices (:func:`sci_node.routing.cls_features.view_of_image`).
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from sci_node.cls_features import N_FEATURES, THUMB_SIZE, series_inputs, view_of_image
+from sci_node.routing.cls_features import N_FEATURES, THUMB_SIZE, series_inputs, view_of_image
 from sci_node.errors import DataError
-from sci_node.evidence import HeaderEvidence
+from sci_node.routing.evidence import HeaderEvidence
 
 ANATOMY = ("spine", "brain", "abdomen", "other")
 REGION = ("cervical", "thoracic", "lumbar")
@@ -359,7 +359,7 @@ def real_samples(src: Source, data: Path, n_aug: int, rng: np.random.Generator,
     protocol ranges). The last item of each tuple is :data:`CROP`, :data:`STORED` or
     :data:`STORED_NO_HEADER`.
     """
-    from sci_node.cls_features import scalar_volume
+    from sci_node.routing.cls_features import scalar_volume
 
     image, ev, _ = load_source(src, data)
     vol, _ = scalar_volume(image)

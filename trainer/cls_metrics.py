@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from sci_node.cls_features import FEATURE_NAMES
+from sci_node.routing.cls_features import FEATURE_NAMES
 from trainer.cls_data import ANATOMY, REGION, SEQUENCE, STORED, STORED_NO_HEADER, VIEW, SampleSet
 
 CLASSES = {"anatomy": ANATOMY, "region": REGION, "view": VIEW, "sequence": SEQUENCE}

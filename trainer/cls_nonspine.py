@@ -28,7 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from sci_node.evidence import HeaderEvidence
+from sci_node.routing.evidence import HeaderEvidence
 from trainer.cls_data import ANATOMY, SEQUENCE, VIEW, sample_header
 from trainer.cls_scenes import BONE, CORD, CSF, FAT, GM, LIVER, MARROW, MUSCLE, VOX, Scene, head, render, trunk
 
@@ -39,7 +39,7 @@ _Sample = tuple[sitk.Image, HeaderEvidence | None, dict[str, int]]
 
 def _labels(anatomy: str, image: sitk.Image, seq: str | None) -> dict[str, int]:
     """Label indices of a synthetic non-spine sample (no region; view = plane of the stored slices)."""
-    from sci_node.cls_features import view_of_image
+    from sci_node.routing.cls_features import view_of_image
 
     return {"anatomy": ANATOMY.index(anatomy), "region": -1, "view": VIEW.index(view_of_image(image)),
             "sequence": SEQUENCE.index(seq) if seq else -1}

@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from sci_node.evidence import HeaderEvidence
+from sci_node.routing.evidence import HeaderEvidence
 from trainer.cls_data import ANATOMY, REGION, SEQUENCE, sample_header
 
 VOX = 2.0
@@ -213,7 +213,7 @@ def acquire(img: sitk.Image, rng: np.random.Generator, view: str, centre: np.nda
 
 def scene_sample(rng: np.random.Generator, anatomy: str) -> tuple[sitk.Image, HeaderEvidence | None, dict[str, int]]:
     """One synthetic exam of ``anatomy`` (``spine``/``brain``/``abdomen``/``other``) with its labels."""
-    from sci_node.cls_features import view_of_image
+    from sci_node.routing.cls_features import view_of_image
 
     seq = SEQUENCE[int(rng.integers(len(SEQUENCE)))]
     ct = anatomy == "abdomen" and rng.random() < 0.3

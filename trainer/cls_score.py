@@ -10,7 +10,7 @@ true labels of a series come from, in this order:
 2. the BIDS suffix of a NIfTI file name: ``T1w`` -> T1w, ``T2w`` -> T2w, ``T2star``/``T2starw``
    -> T2starw, ``MTS``/``bold``/``dwi``/``FLAIR``/``PD``/``STIR``/``epi`` -> other;
 3. ``--anatomy`` / ``--region`` for every series of the folder;
-4. the view: the plane of the stored slices (:func:`sci_node.cls_features.view_of_image`, the
+4. the view: the plane of the stored slices (:func:`sci_node.routing.cls_features.view_of_image`, the
    definition the classifier is trained on) when the CSV does not give it.
 
 Every level is scored on every series (no early stop of the routing hierarchy), with the
@@ -92,7 +92,7 @@ def score_folder(folder: Path, models_dir: Path, min_confidence: float, table: M
                  defaults: Mapping[str, str], use_header: bool = True) -> dict[str, Any]:
     """Classify every series of ``folder`` and score each level against its labels."""
     from sci_node.batch import find_inputs
-    from sci_node.cls_features import view_of_image
+    from sci_node.routing.cls_features import view_of_image
     from sci_node.route_report import load_classifiers, load_item
 
     classifiers = load_classifiers(models_dir)

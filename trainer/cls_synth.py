@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from sci_node.errors import DataError
-from sci_node.evidence import HeaderEvidence
+from sci_node.routing.evidence import HeaderEvidence
 from trainer.cls_data import REGION, SEQUENCE, VIEW, level_to_region, sample_header
 
 # mean intensity of (wm, gm, csf, canal, background) per sequence class

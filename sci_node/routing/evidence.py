@@ -9,7 +9,7 @@ converted), flip angle in degrees, the slice normal as a unit vector in patient 
 The free-text fields (``body_part_examined``, ``series_description``, ``protocol_name``,
 ``study_description``) are never classifier inputs (the networks and the sequence rules
 deliberately do not read them); only the anatomy header veto of
-:mod:`sci_node.anatomy_rules` reads them, and they are kept for the job record.
+:mod:`sci_node.routing.anatomy_rules` reads them, and they are kept for the job record.
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ class HeaderEvidence:
         (0018,9087) DiffusionBValue in s/mm² (Enhanced MR diffusion macro).
     series_description, body_part_examined, protocol_name, study_description : str | None
         Free text: (0008,103E), (0018,0015), (0018,1030), (0008,1030). Never classifier input;
-        read only by the anatomy veto (:mod:`sci_node.anatomy_rules`) and recorded.
+        read only by the anatomy veto (:mod:`sci_node.routing.anatomy_rules`) and recorded.
     """
 
     slice_normal: tuple[float, float, float] | None = None

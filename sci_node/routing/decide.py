@@ -3,10 +3,10 @@
 Two guards run first, before any classifier (both only route out): a series with fewer than
 ``rules.min_slices`` slices along its thinnest axis is a localiser or a single slice, not a
 volume to segment; and with ``rules.header_anatomy_veto`` a header that names a non-spine body
-part and never the spine (:func:`sci_node.anatomy_rules.anatomy_from_header`) routes the series
+part and never the spine (:func:`sci_node.routing.anatomy_rules.anatomy_from_header`) routes the series
 out with the header value as the reason. The header never routes a series in.
 After the region/view classifier, a BodyPartExamined that is one spine region's defined term
-(:func:`sci_node.anatomy_rules.region_from_header`) decides the region head; the region gates nothing.
+(:func:`sci_node.routing.anatomy_rules.region_from_header`) decides the region head; the region gates nothing.
 
 The classifiers run in that order and stop at the first decision that routes the series
 out (a brain series never reaches the sequence classifier). A head whose top probability is
@@ -21,7 +21,7 @@ an axial GRE at T2*w 0.31 / T2w 0.27 / T1w 0.23 / other 0.19 has its cord segmen
 lesions, since which sequence it is stays unsure.
 
 After the cord is segmented, :func:`recheck_sequence` (``rules.sequence_contrast_check``) lets
-the CSF/cord contrast around the cord (:mod:`sci_node.contrast_rules`) correct a sequence the
+the CSF/cord contrast around the cord (:mod:`sci_node.routing.contrast_rules`) correct a sequence the
 image network decided: CSF darker than the cord is T1w, CSF several times brighter is T2w. It
 never overrules a header rule, and it can take lesions away (a T1w) but never adds them.
 
@@ -34,12 +34,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from sci_node.anatomy_rules import RULES_ID as ANATOMY_RULES_ID
-from sci_node.anatomy_rules import AnatomyRule, anatomy_from_header, region_from_header
+from sci_node.routing.anatomy_rules import RULES_ID as ANATOMY_RULES_ID
+from sci_node.routing.anatomy_rules import AnatomyRule, anatomy_from_header, region_from_header
 from sci_node.config import RoutingRules
-from sci_node.contrast_rules import RULES_ID as CONTRAST_RULES_ID
-from sci_node.contrast_rules import ContrastRule
-from sci_node.evidence import HeaderEvidence
+from sci_node.routing.contrast_rules import RULES_ID as CONTRAST_RULES_ID
+from sci_node.routing.contrast_rules import ContrastRule
+from sci_node.routing.evidence import HeaderEvidence
 
 #: Head -> classifier (model name) that predicts it, in the order they are asked.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -229,7 +229,7 @@ def recheck_sequence(decision: RoutingDecision, contrast: ContrastRule, rules: R
     decision
         The routing decision of a series whose cord has been segmented.
     contrast
-        :func:`sci_node.contrast_rules.sequence_from_contrast` of the series and its cord mask.
+        :func:`sci_node.routing.contrast_rules.sequence_from_contrast` of the series and its cord mask.
     rules
         ``rules.sequence_contrast_check`` off: ``decision`` unchanged.
     header_decided

@@ -7,7 +7,7 @@ series **out**, never in: a rule that fires gives the anatomy class (``brain``, 
 network decides as before, and a header that names the spine is recorded but changes nothing
 (a spine body part does not overrule an image that the network calls brain).
 
-Fields read (:class:`sci_node.evidence.HeaderEvidence`, DICOM or BIDS sidecar): BodyPartExamined
+Fields read (:class:`sci_node.routing.evidence.HeaderEvidence`, DICOM or BIDS sidecar): BodyPartExamined
 (0018,0015), SeriesDescription (0008,103E), ProtocolName (0018,1030) — series-level — and
 StudyDescription (0008,1030), which describes the whole study (a study can hold brain and spine
 series) and therefore can only *protect* a series, never veto it. Text is compared after
@@ -42,7 +42,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sci_node.evidence import HeaderEvidence
+from sci_node.routing.evidence import HeaderEvidence
 
 __all__ = ["RULES_ID", "AnatomyRule", "anatomy_from_header", "region_from_header", "SPINE_REGIONS", "normalise_text",
            "body_part_class", "mentions_spine", "names_non_spine"]

@@ -6,7 +6,7 @@ acquisition); when the header is incomplete, self-contradictory or in a grey zon
 two weightings, no rule fires and the image network decides. The rules read only
 acquisition parameters (ScanningSequence, SequenceVariant, TE, TR, TI, flip angle, echo
 train length, b-value, field strength; Enhanced MR attributes are translated into the
-classic codes by :mod:`sci_node.evidence`), never free text, and were written from textbook
+classic codes by :mod:`sci_node.routing.evidence`), never free text, and were written from textbook
 contrast physics, not fitted to the training data.
 
 Rules, in order (the first that applies wins; ``None`` = "image decides"):
@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from sci_node.evidence import HeaderEvidence
+from sci_node.routing.evidence import HeaderEvidence
 
 __all__ = ["RULES_ID", "HeaderRule", "sequence_from_header", "white_matter_t1_ms", "ernst_angle_deg"]
 

@@ -26,7 +26,7 @@ import math
 import numpy as np
 import SimpleITK as sitk
 
-from sci_node.evidence import HeaderEvidence
+from sci_node.routing.evidence import HeaderEvidence
 
 __all__ = ["FEATURE_NAMES", "N_FEATURES", "THUMB_SIZE", "series_inputs", "slice_axis", "view_of_image",
            "scalar_volume", "header_features", "PREPROCESSING_ID", "PREPROCESSING_IDS", "DETAIL_MM", "n_channels"]
