@@ -2,7 +2,7 @@
 
 Prints numbers, never passes or fails. For each labelled case of the shared data that the cord
 artefact never trained on (:func:`trainer.seg_recalibrate.unseen_cases`), the artefact's own
-prediction at its card's setting (:meth:`sci_node.predict_seg.Segmenter.predict`) is scored against
+prediction at its card's setting (:meth:`sci_node.models.predict_seg.Segmenter.predict`) is scored against
 the reference mask twice: on the whole volume, and on the slab of slices (along the array axis
 closest to the patient's S-I axis) from the reference's lowest to its highest labelled slice. The
 two differ where the reference stops before the field of view does and the prediction goes on (a
@@ -45,7 +45,7 @@ def extent_scores(pred: np.ndarray, truth: np.ndarray, axis: int) -> dict[str, f
 
 
 def main() -> int:
-    from sci_node.predict_seg import Segmenter, configure_threads
+    from sci_node.models.predict_seg import Segmenter, configure_threads
     from trainer import data as tdata
     from trainer.seg import load_config
     from trainer.seg_recalibrate import unseen_cases

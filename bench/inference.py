@@ -33,7 +33,7 @@ torch.set_num_threads(int(sys.argv[4]))
 t0 = time.perf_counter()
 from sci_node.config import RoutingRules
 from sci_node.pipeline import Pipeline
-from sci_node.registry import ModelRegistry
+from sci_node.models.registry import ModelRegistry
 device = sys.argv[5]
 models = ModelRegistry(Path(sys.argv[3])).load_active(device)
 pipe = Pipeline(models, RoutingRules(), device)

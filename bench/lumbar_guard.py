@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sci_node.config import RoutingRules
     from sci_node.pipeline import Pipeline
-    from sci_node.registry import ModelRegistry
+    from sci_node.models.registry import ModelRegistry
     from sci_node.series import read_series
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from sci_node.predict_seg import Segmenter
+from sci_node.models.predict_seg import Segmenter
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spine"
 VOLUMES = [
@@ -38,7 +38,7 @@ VOLUMES = [
 def _segmenter(args: argparse.Namespace) -> Segmenter:
     if args.artifact:
         return Segmenter.from_artifact(args.artifact)
-    from sci_node.artifact import build_network
+    from sci_node.models.artifact import build_network
     from trainer.seg import load_config, prep_spec
 
     cfg = load_config("cord", args.config)

@@ -59,8 +59,8 @@ def spine_contrasts(data: Path, segmenter: Any, mask_op: str) -> tuple[dict[int,
 
 def main() -> int:
     from sci_node.routing import contrast_rules
-    from sci_node.predict_seg import Segmenter, configure_threads
-    from sci_node.registry import ModelRegistry
+    from sci_node.models.predict_seg import Segmenter, configure_threads
+    from sci_node.models.registry import ModelRegistry
     from trainer.cls_ensemble import mean_predictions
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -29,7 +29,7 @@ def _ts(t: float | None) -> str:
 def _active_models(cfg: NodeConfig) -> dict[str, Any]:
     """Active model versions from the registry, or why they are unknown."""
     try:
-        from sci_node.registry import ModelRegistry
+        from sci_node.models.registry import ModelRegistry
 
         reg = ModelRegistry(cfg.models_dir)
         for name in ("active_versions", "active"):

@@ -118,12 +118,12 @@ def run_batch(input: Path, out: Path, cfg: NodeConfig, device: str = "cpu", stre
     from tqdm import tqdm
 
     from sci_node.pipeline import Pipeline
-    from sci_node.registry import ModelRegistry
+    from sci_node.models.registry import ModelRegistry
 
     stream = stream or sys.stdout
     items = find_inputs(Path(input))
     device = _resolve_device(device)
-    from sci_node.predict_seg import configure_threads
+    from sci_node.models.predict_seg import configure_threads
 
     configure_threads(cfg.torch_threads)
     models = ModelRegistry(cfg.models_dir).load_active(device)

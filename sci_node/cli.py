@@ -178,7 +178,7 @@ def _corrections(args: argparse.Namespace, cfg: NodeConfig) -> int:
 
 
 def _models(args: argparse.Namespace, cfg: NodeConfig) -> int:
-    from sci_node import registry
+    from sci_node.models import registry
 
     reg = registry.ModelRegistry(cfg.models_dir)
     if args.models_cmd == "add":

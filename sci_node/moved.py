@@ -25,13 +25,17 @@ from types import CodeType, ModuleType
 #: old module name -> new module name, for ``sci_node`` (the trainer keeps its own table).
 MOVED: dict[str, str] = {
     "sci_node.anatomy_rules": "sci_node.routing.anatomy_rules",
+    "sci_node.artifact": "sci_node.models.artifact",
     "sci_node.cls_features": "sci_node.routing.cls_features",
     "sci_node.contrast_rules": "sci_node.routing.contrast_rules",
     "sci_node.evidence": "sci_node.routing.evidence",
     "sci_node.header_rules": "sci_node.routing.header_rules",
     "sci_node.measure": "sci_node.imaging.measure",
     "sci_node.postprocess": "sci_node.imaging.postprocess",
+    "sci_node.predict_cls": "sci_node.models.predict_cls",
+    "sci_node.predict_seg": "sci_node.models.predict_seg",
     "sci_node.preprocess": "sci_node.imaging.preprocess",
+    "sci_node.registry": "sci_node.models.registry",
 }
 
 

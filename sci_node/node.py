@@ -125,7 +125,7 @@ def _build_workers(cfg: NodeConfig, store: Store, provider_factory: ProviderFact
 
     (cfg.data_dir / ENGINE_FILE).unlink(missing_ok=True)  # a gateway ran here before: status shows local now
     if cfg.processor == "pipeline":
-        from sci_node.predict_seg import configure_threads
+        from sci_node.models.predict_seg import configure_threads
 
         log.info("node.torch_threads", threads=configure_threads(cfg.torch_threads, cfg.workers), workers=cfg.workers)
     return [Worker(cfg, store, provider_factory(cfg), job_ready, result_ready, stop, name=f"worker-{i + 1}")

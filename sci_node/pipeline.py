@@ -22,7 +22,7 @@ from sci_node import routing
 from sci_node.imaging import measure
 from sci_node.config import RoutingRules
 from sci_node.errors import InvalidDatasetError, InvalidSeriesError
-from sci_node.predict_cls import decided_by_header_rule, explaining
+from sci_node.models.predict_cls import decided_by_header_rule, explaining
 from sci_node.series import MAX_MISSING_FRACTION, SeriesVolume, read_series
 
 log = structlog.get_logger("sci_node.pipeline")
@@ -41,7 +41,7 @@ class _Segmenter(Protocol):
 
 
 class ModelSetLike(Protocol):
-    """What the pipeline needs of :class:`sci_node.registry.ModelSet`."""
+    """What the pipeline needs of :class:`sci_node.models.registry.ModelSet`."""
 
     @property
     def anatomy(self) -> _Classifier: ...
@@ -114,7 +114,7 @@ class Pipeline:
     Parameters
     ----------
     models
-        A :class:`sci_node.registry.ModelSet` (five models, ``versions``).
+        A :class:`sci_node.models.registry.ModelSet` (five models, ``versions``).
     rules
         ``cfg.routing``.
     device

@@ -38,8 +38,8 @@ def load_classifiers(models_dir: Path, device: str = "cpu") -> dict[str, Any]:
         A classifier is not registered, not active or fails verification.
     """
     from sci_node.errors import ModelError
-    from sci_node.predict_cls import Classifier
-    from sci_node.registry import ModelRegistry
+    from sci_node.models.predict_cls import Classifier
+    from sci_node.models.registry import ModelRegistry
 
     reg = ModelRegistry(models_dir)
     active = reg.active()
@@ -55,7 +55,7 @@ def route_series(classifiers: Mapping[str, Any], image: Any, evidence: Any, rule
     Parameters
     ----------
     classifiers
-        Model name -> :class:`sci_node.predict_cls.Classifier` (``anatomy``, ``region_view``, ``sequence``).
+        Model name -> :class:`sci_node.models.predict_cls.Classifier` (``anatomy``, ``region_view``, ``sequence``).
     image : SimpleITK.Image
         The series in patient LPS.
     evidence : HeaderEvidence | None
@@ -72,7 +72,7 @@ def route_series(classifiers: Mapping[str, Any], image: Any, evidence: Any, rule
         correct after segmentation; else None), ``slices``, ``segment_cord``, ``segment_lesions``, ``versions``.
     """
     from sci_node import routing
-    from sci_node.predict_cls import decided_by_header_rule, explaining
+    from sci_node.models.predict_cls import decided_by_header_rule, explaining
 
     how: dict[str, str] = {}
     n_slices = routing.slice_count(image.GetSize())

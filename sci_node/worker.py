@@ -9,7 +9,7 @@ Processors
 ----------
 ``pipeline`` (default)
     The models: :class:`sci_node.pipeline.Pipeline` built from the active models of
-    :class:`sci_node.registry.ModelRegistry`; rebuilt between jobs whenever the registry's
+    :class:`sci_node.models.registry.ModelRegistry`; rebuilt between jobs whenever the registry's
     ``state_token()`` changes (an admin activated or rolled back a model).
 ``derived-sc``
     A built-in plumbing check: one derived Secondary Capture (the middle slice) per series.
@@ -160,7 +160,7 @@ class RegistryPipelineProvider:
         """
         try:
             from sci_node.pipeline import Pipeline
-            from sci_node.registry import ModelRegistry
+            from sci_node.models.registry import ModelRegistry
         except ImportError as exc:
             raise ModelError(f"the inference pipeline is not available ({exc}); "
                              "set processor = \"derived-sc\" to check the plumbing only") from exc

@@ -15,8 +15,8 @@ from sci_node.cli import main
 from sci_node.routing.cls_features import N_FEATURES, series_inputs, view_of_image
 from sci_node.errors import InvalidDatasetError
 from sci_node.routing.evidence import HeaderEvidence
-from sci_node.predict_cls import Classifier
-from sci_node.registry import ModelRegistry
+from sci_node.models.predict_cls import Classifier
+from sci_node.models.registry import ModelRegistry
 
 REPO = Path(__file__).resolve().parent.parent
 FIX = REPO / "tests" / "data" / "cls"

@@ -13,8 +13,8 @@ import torch
 from sci_node.cli import main
 from sci_node.errors import ModelError
 from sci_node.routing.evidence import HeaderEvidence
-from sci_node.predict_cls import Classifier
-from sci_node.registry import ModelRegistry
+from sci_node.models.predict_cls import Classifier
+from sci_node.models.registry import ModelRegistry
 from test_classifiers import FIX, T2_TSE, TINY_SEQUENCE
 from trainer.cls_ensemble import build_ensemble
 

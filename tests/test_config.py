@@ -63,7 +63,7 @@ def test_torch_threads_default_auto_and_bad_value(tmp_path: Path) -> None:
 
     import torch
 
-    from sci_node.predict_seg import configure_threads
+    from sci_node.models.predict_seg import configure_threads
 
     assert load_config(None).torch_threads == 0
     bad = tmp_path / "bad.toml"

@@ -36,7 +36,7 @@ from stack_support import PASSWORD, SAMPLE, USER, StackProc
 from test_trainer_seg import _bids, _tiny_config
 from sci_node.config import REPO_ROOT
 from sci_node.corrections import dice, lesion_changes
-from sci_node.registry import ModelRegistry
+from sci_node.models.registry import ModelRegistry
 
 AXIAL = REPO_ROOT / "tests" / "data" / "series" / "unf01_axial_T2w"
 SHIPPED_CORD = ModelRegistry(REPO_ROOT / "models").active()["cord"]

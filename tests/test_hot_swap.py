@@ -21,7 +21,7 @@ from conftest import NodeProc, StoreSCP, storescu, wait_for
 from test_trainer_seg import _bids, _tiny_config
 from sci_node.cli import main
 from sci_node.config import REPO_ROOT
-from sci_node.registry import ModelRegistry
+from sci_node.models.registry import ModelRegistry
 from trainer.seg import train_segmentation
 
 SERIES = REPO_ROOT / "tests" / "data" / "series" / "unf01_axial_T2w"

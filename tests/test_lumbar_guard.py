@@ -16,7 +16,7 @@ import numpy as np
 
 from sci_node.config import RoutingRules
 from sci_node.pipeline import Pipeline
-from sci_node.registry import ModelRegistry
+from sci_node.models.registry import ModelRegistry
 from sci_node.series import read_series
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sci_node.artifact import CARD, WEIGHTS, sha256_file
+from sci_node.models.artifact import CARD, WEIGHTS, sha256_file
 from sci_node.cli import main
 from sci_node.errors import ModelError
-from sci_node.registry import ModelRegistry
+from sci_node.models.registry import ModelRegistry
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "models" / "anatomy" / "0.1.0"

@@ -9,8 +9,8 @@ import SimpleITK as sitk
 import torch
 
 from sci_node.errors import InvalidSeriesError, ModelError
-from sci_node.predict_seg import Segmenter
-from sci_node.registry import ModelRegistry
+from sci_node.models.predict_seg import Segmenter
+from sci_node.models.registry import ModelRegistry
 
 REPO = Path(__file__).resolve().parents[1]
 SEG = Path(__file__).parent / "data" / "seg"

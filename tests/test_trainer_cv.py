@@ -12,7 +12,7 @@ import torch
 
 from sci_node.imaging import preprocess
 from sci_node.errors import DataError
-from sci_node.predict_seg import Segmenter, coarse_to_fine, infer_volume
+from sci_node.models.predict_seg import Segmenter, coarse_to_fine, infer_volume
 from trainer import data as tdata
 from trainer.lesions import LesionSpec, inject_lookalikes
 from trainer.seg import Vol, cord_with_lesions, load_config, prep_spec
@@ -213,7 +213,7 @@ def _tiny_cord_config(tmp_path: Path) -> tuple[Path, Path]:
 def test_partial_run_assembles_an_artefact_that_names_its_pending_folds(tmp_path: Path) -> None:
     import json
 
-    from sci_node.artifact import load_network
+    from sci_node.models.artifact import load_network
     from trainer.seg import train_segmentation
     from trainer.seg_assemble import assemble
 
@@ -236,7 +236,7 @@ def test_folds_option_runs_some_folds_and_the_full_run_reuses_them(tmp_path: Pat
     """``only_folds`` (``--folds``) trains and scores those folds into the work dir and stops there (no
     calibration, no final network), so two processes can share one run; the full run then reuses them.
     An unknown fold name, or no work dir, is a ConfigError."""
-    from sci_node.artifact import load_network
+    from sci_node.models.artifact import load_network
     from sci_node.errors import ConfigError
     from trainer.seg import train_segmentation
 
@@ -278,7 +278,7 @@ def _unseen_persons_config(tmp_path: Path, model: str, thresholds: str) -> dict:
 def test_recalibration_scores_only_unseen_persons_and_keeps_the_weights(tmp_path: Path) -> None:
     """Only persons the artefact never trained on are scored; the new card keeps the weights and
     carries the chosen threshold, a post-processing override and a switched-on flip TTA."""
-    from sci_node.artifact import load_network
+    from sci_node.models.artifact import load_network
     from trainer.seg_recalibrate import recalibrate, write_recalibrated
 
     _put(tmp_path / "ds", "anat", "sub-unf01_T2w", "sub-unf01_T2w_crop")  # 0.2.0 trained on sub-unf01: not scored
@@ -355,7 +355,7 @@ def test_fold_artifacts_score_each_person_with_the_fold_that_held_it_out(tmp_pat
 
     import torch
 
-    from sci_node.artifact import load_network, write_artifact
+    from sci_node.models.artifact import load_network, write_artifact
     from sci_node.errors import DataError
     from trainer.seg_recalibrate import recalibrate
 

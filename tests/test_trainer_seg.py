@@ -11,10 +11,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from sci_node.artifact import load_network
+from sci_node.models.artifact import load_network
 from sci_node.errors import ConfigError, DataError
 from sci_node.imaging.postprocess import dilate_mm
-from sci_node.predict_seg import Segmenter
+from sci_node.models.predict_seg import Segmenter
 from trainer import data as tdata
 from trainer.lesions import LesionSpec, inject_lesions
 from trainer.seg import train_segmentation
@@ -238,7 +238,7 @@ def test_lesion_training_copies_clean_and_masked() -> None:
 def test_roi_input_is_the_cords_own_scale() -> None:
     """The lesion model's input (``predict_seg.roi_input``) does not depend on how bright this
     cord is overall: scaling the image leaves it unchanged (below the clip)."""
-    from sci_node.predict_seg import roi_input
+    from sci_node.models.predict_seg import roi_input
 
     image = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))).astype(np.float32)
     cord = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop_seg-manual.nii.gz"))).astype(np.uint8)
@@ -256,7 +256,7 @@ def test_thickness_channel_reaches_the_network_in_training_and_inference() -> No
     appended after augmentation in training and by ``infer_volume`` at inference; a card whose
     network does not take that many channels is refused."""
     from sci_node.errors import ModelError
-    from sci_node.predict_seg import infer_volume
+    from sci_node.models.predict_seg import infer_volume
     from sci_node.imaging.preprocess import PrepSpec, thickness_value
     from trainer.seg import Vol
     from trainer.seg_loop import SliceSampler, augmentation
@@ -290,7 +290,7 @@ def test_flip_x_tta_averages_the_slice_and_its_left_right_mirror() -> None:
     """``preprocessing.flip_x_tta``: the shipped cord network's probabilities become exactly
     mirror-equivariant (mean of the logits of a slice and of its X mirror); without it they are
     not. The setting survives the card round trip and is honoured by a :class:`Segmenter`."""
-    from sci_node.predict_seg import infer_volume
+    from sci_node.models.predict_seg import infer_volume
     from sci_node.imaging.preprocess import PrepSpec
 
     net, card = load_network(Path(__file__).parents[1] / "models" / "cord" / "0.2.0")
@@ -315,7 +315,7 @@ def test_windows_without_a_kept_voxel_are_skipped_and_the_kept_voxels_are_unchan
     full run (to float rounding), with and without the flip TTA. The shipped lesion network on a real crop."""
     import torch
 
-    from sci_node.predict_seg import infer_volume
+    from sci_node.models.predict_seg import infer_volume
     from sci_node.imaging.preprocess import PrepSpec
 
     net, _ = load_network(Path(__file__).parents[1] / "models" / "lesion" / "0.4.2")
@@ -410,7 +410,7 @@ def test_positive_patches_per_lesion_and_anywhere_in_the_window() -> None:
 
 
 def test_seed_ensemble_averages_its_members_logits_and_refuses_strangers(tmp_path: Path) -> None:
-    from sci_node.artifact import read_card, write_artifact
+    from sci_node.models.artifact import read_card, write_artifact
     from sci_node.errors import ModelError
     from trainer.seg_ensemble import main as ensemble_main
 

@@ -22,7 +22,7 @@ import structlog
 from sci_node.routing.cls_features import FEATURE_NAMES, N_FEATURES, N_HEADER_FEATURES, PREPROCESSING_ID, PREPROCESSING_IDS, \
     THUMB_SIZE, n_channels, series_inputs
 from sci_node.errors import ConfigError, DataError
-from sci_node.artifact import sha256_file as file_sha
+from sci_node.models.artifact import sha256_file as file_sha
 from trainer import __version__ as TRAINER_VERSION
 from trainer import git_commit, read_toml_config
 from trainer.cls_metrics import fit_temperature, head_metrics, header_present, rule_confidence
@@ -416,7 +416,7 @@ def train_classifier(model: str, config: Path | None, data: Path | None, out: Pa
     """
     import torch
 
-    from sci_node.artifact import write_artifact
+    from sci_node.models.artifact import write_artifact
 
     if model not in MODEL_HEADS:
         raise ConfigError(f"unknown classifier {model!r} (expected one of {', '.join(MODEL_HEADS)})")
@@ -499,7 +499,7 @@ def _work_dir(cfg: dict[str, Any], model: str, samples: SampleSet, seed: int, ep
 def _card(cfg: dict[str, Any], model: str, heads: Sequence[str], metrics: dict[str, Any], temps: dict[str, float],
           abstain: float, samples: SampleSet, folds: list[list[str]], seed: int, epochs: int, device: str,
           custom_config: bool) -> dict[str, Any]:
-    """The model card of a trained classifier (see :mod:`sci_node.artifact` and :mod:`sci_node.predict_cls`)."""
+    """The model card of a trained classifier (see :mod:`sci_node.models.artifact` and :mod:`sci_node.models.predict_cls`)."""
     return {
         "name": model, "version": cfg["model"]["version"], "kind": "classifier",
         "description": cfg["model"].get("description", ""),

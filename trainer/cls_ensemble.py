@@ -28,7 +28,7 @@ _SAME = ("name", "kind", "heads", "preprocessing", "data_hash")
 
 def load_members(members: Sequence[Path]) -> list[dict[str, Any]]:
     """The members' cards, checked to be one recipe's (same name, heads, preprocessing, architecture, data)."""
-    from sci_node.artifact import verify_artifact
+    from sci_node.models.artifact import verify_artifact
 
     cards = [verify_artifact(Path(m)) for m in members]
     if len(cards) < 2:
@@ -143,7 +143,7 @@ def build_ensemble(members: Sequence[Path], out: Path, version: str) -> Path:
     """Write the ensemble artefact of ``members`` to ``out`` (card ``version``); returns ``out``."""
     import torch
 
-    from sci_node.artifact import write_artifact
+    from sci_node.models.artifact import write_artifact
     from trainer.classifiers import sources_of
 
     cards = load_members(members)

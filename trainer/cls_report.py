@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from sci_node.registry import ModelRegistry
+from sci_node.models.registry import ModelRegistry
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -74,7 +74,7 @@ def example_pngs() -> None:
 
 def predictions_png(cord_dir: Path, out: Path = Path("docs/img/cord_predictions.png")) -> Path:
     """Overlay the shipped cord model on unlabelled real scans (sagittal lumbar, axial MS, MT)."""
-    from sci_node.predict_seg import Segmenter
+    from sci_node.models.predict_seg import Segmenter
 
     seg = Segmenter.from_artifact(cord_dir)
     items = [("sub-lumbar T2w (sagittal, no mask)", "sct-tutorial-data/sub-lumbar/anat/sub-lumbar_T2w.nii.gz"),
@@ -105,7 +105,7 @@ def below_conus_png(fold_dir: Path, out: Path = Path("docs/img/pam50_below_conus
     """Axial PAM50small slices around the lower end of its reference cord (green) with the
     prediction of ``fold_dir`` (a network that never saw the template, threshold 0.4, red),
     and a row of :func:`trainer.synth.synth_canal_volume` examples."""
-    from sci_node.predict_seg import Segmenter
+    from sci_node.models.predict_seg import Segmenter
     from trainer.synth import synth_canal_volume
 
     rel = "sct-testing-data/{}/anat/sub-PAM50small_T2w{}.nii.gz"

@@ -8,7 +8,7 @@ post-processing as its card) and trains ``epochs`` epochs on the shared cases (`
 the training config, or ``--data``) plus the other patients' corrections, at a tenth of the
 config's learning rate. The card records how many corrections went in and scores the new model
 and the model it replaces on the held-out corrections (on their source grids, through
-:class:`sci_node.predict_seg.Segmenter`, like the node).
+:class:`sci_node.models.predict_seg.Segmenter`, like the node).
 
 The lesion model is trained as in :mod:`trainer.seg` (synthetic lesions injected in the shared
 cords every epoch) plus the corrections' real lesion masks (``_lesion-manual``, an empty mask
@@ -73,7 +73,7 @@ def real_lesion_vols(cases: Sequence[tdata.Case], spec: preprocess.PrepSpec, mar
                      post: dict[str, Any]) -> list[tseg.Vol]:
     """Lesion-model volumes of the corrections: the cord's box, label = the real lesion mask."""
     from sci_node.imaging.postprocess import dilate_mm
-    from sci_node.predict_seg import roi_dilate_mm, roi_input
+    from sci_node.models.predict_seg import roi_dilate_mm, roi_input
 
     out = []
     for c in cases:
@@ -177,9 +177,9 @@ def finetune_segmentation(model: str, config: Path | None, data: Path | None, co
     """
     import torch
 
-    from sci_node.artifact import load_network, write_artifact
-    from sci_node.predict_seg import Segmenter
-    from sci_node.registry import ModelRegistry
+    from sci_node.models.artifact import load_network, write_artifact
+    from sci_node.models.predict_seg import Segmenter
+    from sci_node.models.registry import ModelRegistry
 
     cfg = tseg.load_config(model, config)
     torch.set_num_threads(int(cfg["train"].get("threads", 2)))

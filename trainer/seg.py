@@ -3,7 +3,7 @@
 ``train_segmentation`` = leave-one-subject-out (LOSO) folds for validation, then a final model on
 every labelled subject, written as an artefact whose card carries the LOSO metrics. Everything
 the model sees goes through :mod:`sci_node.imaging.preprocess` (the same code as inference), and the
-final scores are computed by :class:`sci_node.predict_seg.Segmenter` on each source grid.
+final scores are computed by :class:`sci_node.models.predict_seg.Segmenter` on each source grid.
 """
 from __future__ import annotations
 
@@ -205,12 +205,12 @@ def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec, c
 
     ``post`` is the config's ``[post]`` table (the card's ``postprocessing``). With
     ``mask_input_to_roi`` the image is fed, after the injection, through
-    :func:`~sci_node.predict_seg.roi_input` with the cord dilated by
-    :func:`~sci_node.predict_seg.roi_dilate_mm`: what the node's
-    :meth:`~sci_node.predict_seg.Segmenter.predict_prob_model_grid` feeds the network.
+    :func:`~sci_node.models.predict_seg.roi_input` with the cord dilated by
+    :func:`~sci_node.models.predict_seg.roi_dilate_mm`: what the node's
+    :meth:`~sci_node.models.predict_seg.Segmenter.predict_prob_model_grid` feeds the network.
     """
     from sci_node.imaging.postprocess import dilate_mm
-    from sci_node.predict_seg import roi_dilate_mm, roi_input
+    from sci_node.models.predict_seg import roi_dilate_mm, roi_input
 
     post = post or {}
     out = []
@@ -336,7 +336,7 @@ def _run_cv_fold(cfg: dict[str, Any], spec: preprocess.PrepSpec, vols: list[Vol]
              "train": sorted({v.key for v in train_v if not v.synthetic}),
              "synthetic": sum(v.synthetic for v in train_v), "val": [v.key for v in val_v], "epochs_run": len(hist)}
     for folder in [d for d in (keep_folds, work) if d is not None]:
-        from sci_node.artifact import write_artifact
+        from sci_node.models.artifact import write_artifact
 
         fold_cases = [v.extra["case"] for v in train_v if not v.synthetic]  # what this fold trained on
         card = _card(cfg, spec, {"held_out": held, "per_threshold": jsonable_settings(results)}, fold_cases,
@@ -466,7 +466,7 @@ def train_segmentation(model_name: str, config: Path | None, data: Path | None, 
     net, hist = _train_final(cfg, spec, vols + synth, seed, device, final_epochs, work_dir)
     splits["final_train"] = sorted(v.key for v in vols)
     card = _card(cfg, spec, metrics, cases, splits, seed, len(hist), hist)
-    from sci_node.artifact import write_artifact
+    from sci_node.models.artifact import write_artifact
 
     write_artifact(out_dir, net.state_dict(), card)
     log.info("train.done", model=model_name, out=str(out_dir), metrics={k: v for k, v in metrics.items() if k != "per_case"})

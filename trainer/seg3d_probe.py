@@ -22,7 +22,7 @@ What differs from the 2-D recipe (:mod:`trainer.seg`, :mod:`trainer.seg_loop`), 
   stride are 1 along ``Z``.
 * Inference is a plain 3-D sliding window over the whole volume (no coarse-to-fine pass);
   the probability is then finished by the node's own post-processing
-  (:meth:`sci_node.predict_seg.Segmenter.finish`: centre-line filter, source-grid mapping
+  (:meth:`sci_node.models.predict_seg.Segmenter.finish`: centre-line filter, source-grid mapping
   with :func:`sci_node.imaging.preprocess.to_source_grid`, component sizes) at threshold 0.5.
   ``dice_raw`` / ``hd95_raw_mm`` are the scores of the bare ``to_source_grid`` mask.
 
@@ -234,7 +234,7 @@ def evaluate(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, cases: Sequenc
              device: str = "cpu") -> list[dict[str, Any]]:
     """Per held-out case: Dice and HD95 (mm) on the source grid, as :func:`trainer.seg_eval.evaluate_cord` scores.
 
-    ``dice`` / ``hd95_mm``: after :meth:`~sci_node.predict_seg.Segmenter.finish` (the node's
+    ``dice`` / ``hd95_mm``: after :meth:`~sci_node.models.predict_seg.Segmenter.finish` (the node's
     post-processing, threshold ``THRESHOLD``); ``dice_raw`` / ``hd95_raw_mm``: the bare
     :func:`~sci_node.imaging.preprocess.to_source_grid` mask. ``infer_s`` = sliding-window seconds.
     """

@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from sci_node.artifact import build_network, write_artifact
+from sci_node.models.artifact import build_network, write_artifact
 from sci_node.errors import DataError
 from trainer import data as tdata
 from trainer.seg import REPO, _card, config_cases, cv_folds, load_config, prep_spec, summarise, train_command

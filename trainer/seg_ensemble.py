@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sci_node.artifact import WEIGHTS, verify_artifact, write_artifact
+from sci_node.models.artifact import WEIGHTS, verify_artifact, write_artifact
 from sci_node.errors import DataError
 from trainer import git_commit
 

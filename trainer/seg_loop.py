@@ -14,9 +14,9 @@ import numpy as np
 import structlog
 
 from sci_node.imaging import preprocess
-from sci_node.artifact import build_network
+from sci_node.models.artifact import build_network
 from sci_node.errors import ConfigError
-from sci_node.predict_seg import roi_dilate_mm
+from sci_node.models.predict_seg import roi_dilate_mm
 
 if TYPE_CHECKING:
     import torch
@@ -187,7 +187,7 @@ def validate(net, val_vols: Sequence[Any], spec: preprocess.PrepSpec, device: st
     from monai.metrics import DiceMetric
 
     from sci_node.imaging.postprocess import dilate_mm
-    from sci_node.predict_seg import infer_volume
+    from sci_node.models.predict_seg import infer_volume
 
     metric = DiceMetric(include_background=True, reduction="mean")
     for v in val_vols:

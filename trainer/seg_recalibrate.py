@@ -3,7 +3,7 @@
 The weights are not touched. Every labelled case of the data folder (``[data]`` of the given
 training config) whose split group is **not** among the artefact's training groups, and is
 not a population template (``[data] train_only``), is scored through the node's own
-:class:`~sci_node.predict_seg.Segmenter` over the config's grid of thresholds (and, for the
+:class:`~sci_node.models.predict_seg.Segmenter` over the config's grid of thresholds (and, for the
 lesion model, smallest lesions). Each group is one "fold" of
 :func:`trainer.seg_eval.calibrate`, so every reported number uses the setting chosen on the
 *other* groups, with the config's stated false-lesion rate (``[train]
@@ -40,7 +40,7 @@ from typing import Any
 import structlog
 
 from sci_node.imaging import preprocess
-from sci_node.artifact import load_network, write_artifact
+from sci_node.models.artifact import load_network, write_artifact
 from sci_node.errors import DataError
 from trainer import data as tdata
 from trainer.seg import config_cases, load_config, summarise
@@ -228,7 +228,7 @@ def _ranges(items: list[str]) -> dict[str, list[float]]:
 def main(argv: list[str] | None = None) -> int:
     """CLI: print the per-case table; with ``--out`` and ``--version`` write the new artefact."""
     from sci_node.logs import configure_logging
-    from sci_node.predict_seg import configure_threads
+    from sci_node.models.predict_seg import configure_threads
 
     p = argparse.ArgumentParser(prog="python -m trainer.seg_recalibrate", description=__doc__.splitlines()[0])
     p.add_argument("model", choices=["cord", "lesion"])

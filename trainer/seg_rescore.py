@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from sci_node.artifact import load_network, verify_artifact, write_card
+from sci_node.models.artifact import load_network, verify_artifact, write_card
 from sci_node.errors import DataError, ModelError
 from trainer import data as tdata
 from trainer.seg import _resolve, data_spec, jsonable_settings, load_config, prep_spec, summarise
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = CPUs minus one)")
     a = p.parse_args(argv)
     configure_logging("console", "INFO")
-    from sci_node.predict_seg import configure_threads
+    from sci_node.models.predict_seg import configure_threads
 
     configure_threads(a.threads)
     cfg = load_config(a.model, a.config)

@@ -183,7 +183,7 @@ class Gateway(threading.Thread):
         """The active models' versions and weight checksums (re-read when the registry changes)."""
         if self.cfg.processor != "pipeline":
             return {}
-        from sci_node.registry import MODEL_NAMES, ModelRegistry
+        from sci_node.models.registry import MODEL_NAMES, ModelRegistry
 
         reg = ModelRegistry(self.cfg.models_dir)
         token = reg.state_token()

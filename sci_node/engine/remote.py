@@ -107,7 +107,7 @@ class TaskRunner:
     """
 
     def __init__(self, cfg: NodeConfig, client: "redis.Redis", name: str) -> None:
-        from sci_node.registry import ModelRegistry
+        from sci_node.models.registry import ModelRegistry
 
         self.cfg, self.client, self.name = cfg, client, name
         self.registry = ModelRegistry(cfg.models_dir)
@@ -247,7 +247,7 @@ def run_worker(cfg: NodeConfig, name: str | None = None) -> int:
     if "@" not in name:  # Celery's node names are NAME@HOST: the job record names the host
         name = f"{name}@{socket.gethostname()}"
     runner = TaskRunner(cfg, client, name)
-    from sci_node.predict_seg import configure_threads
+    from sci_node.models.predict_seg import configure_threads
 
     log.info("worker.torch_threads", threads=configure_threads(cfg.torch_threads, eng.concurrency))
     models = runner.preload()

@@ -68,7 +68,7 @@ class PrepSpec:
         Only for an ensemble network (:class:`sci_node.nets.LogitMeanEnsemble`): the first
         member runs everywhere, the others only on the voxels where the first member's
         probability exceeds this value (their sliding windows); elsewhere the first member's
-        logits stand (:func:`sci_node.predict_seg.infer_volume`). ``None``: every member runs
+        logits stand (:func:`sci_node.models.predict_seg.infer_volume`). ``None``: every member runs
         everywhere (the exact logit mean).
     """
 

@@ -2,7 +2,7 @@
 
 Networks trained with different seeds make different mistakes (a false lesion of one is a
 low-confidence blur in another); the mean of their logits is the same operation as the
-left-right mirror average of :func:`sci_node.predict_seg.infer_volume`, so a card's threshold
+left-right mirror average of :func:`sci_node.models.predict_seg.infer_volume`, so a card's threshold
 means the same thing whether one network or several answer. The ``state_dict`` is the members'
 own, prefixed ``members.<i>.``, and loads with ``torch.load(weights_only=True)`` as any other.
 """
@@ -56,7 +56,7 @@ class LogitMeanEnsemble(nn.Module):
 
     def first_and_rest(self) -> tuple[nn.Module, nn.Module]:
         """``(first member, the mean of the other members)``, for a cascade that runs the others
-        only where the first is unsure (:func:`sci_node.predict_seg.infer_volume`). The full mean
+        only where the first is unsure (:func:`sci_node.models.predict_seg.infer_volume`). The full mean
         is ``(first(x) + (n - 1) * rest(x)) / n`` with ``n = len(self.members) >= 2``."""
         if len(self.members) < 2:
             raise ValueError(f"a cascade needs at least two members, this ensemble has {len(self.members)}")

@@ -4,7 +4,7 @@ The routing classifiers are calibrated by one temperature per head, fitted on ea
 out-of-fold logits. Networks trained with different seeds (and their own random crops) are
 calibrated separately, so their ensemble averages **calibrated probabilities**, not raw logits:
 ``p = mean_m softmax(logits_m / T_m)``. The output is ``log p`` per head, so a card that names this
-class keeps temperature 1 and :class:`sci_node.predict_cls.Classifier`'s softmax returns ``p``
+class keeps temperature 1 and :class:`sci_node.models.predict_cls.Classifier`'s softmax returns ``p``
 exactly. The members' temperatures are architecture arguments (in the card); the ``state_dict`` is
 the members' own, prefixed ``members.<i>.``, and loads with ``torch.load(weights_only=True)``.
 """

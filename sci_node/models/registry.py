@@ -7,7 +7,7 @@ under an exclusive ``flock`` on ``.registry.lock``, so a running node never read
 half-written file. The node polls :meth:`ModelRegistry.state_token` between jobs and
 reloads :meth:`ModelRegistry.load_active` when it changes (hot swap, never mid-job).
 
-An artefact is admitted only after :func:`sci_node.artifact.verify_artifact` (card keys,
+An artefact is admitted only after :func:`sci_node.models.artifact.verify_artifact` (card keys,
 allowed architecture, weights checksum), a compatibility check (known model name, kind,
 heads) and a load test (network rebuilt, ``weights_only`` weights loaded); otherwise a
 :class:`ModelError` naming the file is raised and the registry is left untouched.
@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import structlog
 
-from sci_node.artifact import CARD, read_card, verify_artifact
+from sci_node.models.artifact import CARD, read_card, verify_artifact
 from sci_node.errors import ModelError
 
 if TYPE_CHECKING:
-    from sci_node.predict_cls import Classifier
-    from sci_node.predict_seg import Segmenter
+    from sci_node.models.predict_cls import Classifier
+    from sci_node.models.predict_seg import Segmenter
 
 log = structlog.get_logger(__name__)
 STATE = "registry.json"
@@ -96,7 +96,7 @@ def check_compatible(card: Mapping[str, Any], where: str) -> None:
     if card.get("kind") != kind:
         raise ModelError(f"{where}: model {name!r} must be kind {kind!r}, the card says {card.get('kind')!r}")
     if name in EXPECTED_HEADS:
-        from sci_node.predict_cls import check_classifier_card
+        from sci_node.models.predict_cls import check_classifier_card
 
         check_classifier_card(card, where)
         if set(card["heads"]) != EXPECTED_HEADS[name]:
@@ -107,10 +107,10 @@ def load_model(art_dir: Path, device: str = "cpu") -> "Classifier | Segmenter":
     """Load an artefact with the wrapper of its kind (verifies the checksum again)."""
     card = read_card(art_dir)
     if card.get("kind") == "classifier":
-        from sci_node.predict_cls import Classifier
+        from sci_node.models.predict_cls import Classifier
 
         return Classifier.from_artifact(art_dir, device=device)
-    from sci_node.predict_seg import Segmenter
+    from sci_node.models.predict_seg import Segmenter
 
     return Segmenter.from_artifact(art_dir, device=device)
 

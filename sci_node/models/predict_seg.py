@@ -12,7 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from sci_node.imaging import postprocess, preprocess
-from sci_node.artifact import load_network
+from sci_node.models.artifact import load_network
 from sci_node.errors import InvalidSeriesError, ModelError
 
 if TYPE_CHECKING:

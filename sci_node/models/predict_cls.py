@@ -5,7 +5,7 @@
 {'anatomy': {'spine': 0.97, 'brain': 0.02, 'abdomen': 0.005, 'other': 0.005}}
 
 The card of a classifier artefact carries, besides the common keys of
-:mod:`sci_node.artifact`: ``heads`` (head -> ordered class names, the order of the
+:mod:`sci_node.models.artifact`: ``heads`` (head -> ordered class names, the order of the
 network's logits), ``calibration`` (``temperature`` per head, fitted on the
 cross-validation predictions; ``abstain_below``: the probability under which the
 classifier abstains; optionally ``header_rules``: the MR-physics rules of
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
-from sci_node.artifact import load_network
+from sci_node.models.artifact import load_network
 from sci_node.routing.cls_features import N_FEATURES, N_HEADER_FEATURES, PREPROCESSING_IDS, series_inputs
 from sci_node.errors import ModelError
 from sci_node.routing.evidence import HeaderEvidence
@@ -104,7 +104,7 @@ class Classifier:
     @classmethod
     def from_artifact(cls, art_dir: Path, device: str = "cpu") -> "Classifier":
         """Verify and load an artefact folder (checksum, card, ``weights_only`` weights)."""
-        from sci_node.artifact import read_card
+        from sci_node.models.artifact import read_card
 
         check_classifier_card(read_card(Path(art_dir)), str(art_dir))
         net, card = load_network(Path(art_dir), device=device)
