@@ -41,7 +41,7 @@ import numpy as np
 from sci_node.config import NodeConfig
 from sci_node.errors import CorrectionNotFoundError, CorrectionRefused, SciNodeError, StorageError
 from sci_node.logs import get_logger
-from sci_node.sqlite_tx import write_tx
+from sci_node.store.transactions import write_tx
 
 log = get_logger("sci_node.corrections")
 

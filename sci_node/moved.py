@@ -36,6 +36,7 @@ MOVED: dict[str, str] = {
     "sci_node.predict_seg": "sci_node.models.predict_seg",
     "sci_node.preprocess": "sci_node.imaging.preprocess",
     "sci_node.registry": "sci_node.models.registry",
+    "sci_node.sqlite_tx": "sci_node.store.transactions",
 }
 
 

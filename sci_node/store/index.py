@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from sci_node.errors import JobNotFoundError, SciNodeError, StorageError
-from sci_node.sqlite_tx import write_tx
+from sci_node.store.transactions import write_tx
 
 SCHEMA_VERSION = 1
 _UID_RE = re.compile(r"^[0-9A-Za-z.\-_]{1,64}$")
