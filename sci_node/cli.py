@@ -125,14 +125,14 @@ def _jobs(args: argparse.Namespace, cfg: NodeConfig) -> int:
 
 def _echo(args: argparse.Namespace, cfg: NodeConfig) -> int:
     from sci_node.config import parse_destination
-    from sci_node.scu import echo
+    from sci_node.dicom.scu import echo
 
     return echo(parse_destination(" ".join(args.target)), calling_ae=args.calling_ae, tls=cfg.tls)
 
 
 def _send(args: argparse.Namespace, cfg: NodeConfig) -> int:
     from sci_node.config import parse_destination
-    from sci_node.scu import send_path
+    from sci_node.dicom.scu import send_path
 
     return send_path(args.path, parse_destination(" ".join(args.target)), calling_ae=args.calling_ae, tls=cfg.tls)
 

@@ -27,8 +27,13 @@ MOVED: dict[str, str] = {
     "sci_node.anatomy_rules": "sci_node.routing.anatomy_rules",
     "sci_node.artifact": "sci_node.models.artifact",
     "sci_node.cls_features": "sci_node.routing.cls_features",
+    "sci_node.completion": "sci_node.dicom.completion",
     "sci_node.contrast_rules": "sci_node.routing.contrast_rules",
+    "sci_node.decoding": "sci_node.dicom.decoding",
+    "sci_node.dimse": "sci_node.dicom.dimse",
     "sci_node.evidence": "sci_node.routing.evidence",
+    "sci_node.export": "sci_node.dicom.export",
+    "sci_node.gate": "sci_node.dicom.gate",
     "sci_node.header_rules": "sci_node.routing.header_rules",
     "sci_node.measure": "sci_node.imaging.measure",
     "sci_node.postprocess": "sci_node.imaging.postprocess",
@@ -36,6 +41,8 @@ MOVED: dict[str, str] = {
     "sci_node.predict_seg": "sci_node.models.predict_seg",
     "sci_node.preprocess": "sci_node.imaging.preprocess",
     "sci_node.registry": "sci_node.models.registry",
+    "sci_node.scp": "sci_node.dicom.scp",
+    "sci_node.scu": "sci_node.dicom.scu",
     "sci_node.sqlite_tx": "sci_node.store.transactions",
 }
 

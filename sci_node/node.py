@@ -17,11 +17,11 @@ from typing import Any
 import structlog
 
 from sci_node import __version__
-from sci_node.completion import CompletionMonitor
+from sci_node.dicom.completion import CompletionMonitor
 from sci_node.config import NodeConfig
-from sci_node.export import Exporter
+from sci_node.dicom.export import Exporter
 from sci_node.retention import RetentionSweeper
-from sci_node.scp import start_scp
+from sci_node.dicom.scp import start_scp
 from sci_node.store import Store
 from sci_node.worker import ProviderFactory, Worker, default_provider
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pydicom
 
-from sci_node.completion import SliceHeader, check_geometry, check_series
+from sci_node.dicom.completion import SliceHeader, check_geometry, check_series
 
 from conftest import make_mr_series
 

@@ -12,8 +12,8 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import MRImageStorage, Verification
 
 from sci_node.config import ExportPolicy
-from sci_node.dimse import Status
-from sci_node.export import backoff_seconds, classify_status
+from sci_node.dicom.dimse import Status
+from sci_node.dicom.export import backoff_seconds, classify_status
 
 from conftest import NodeProc, StoreSCP, free_port, make_mr_series, storescu, wait_for
 

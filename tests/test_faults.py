@@ -25,7 +25,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification
 
 from sci_node.config import load_config
-from sci_node.scp import start_scp
+from sci_node.dicom.scp import start_scp
 from sci_node.store import Store
 
 from conftest import DCMTK_ENV, NodeProc, StoreSCP, free_port, make_mr_series, port_open, storescu, wait_for

@@ -1,5 +1,5 @@
 """Fuzz of the C-STORE path: mutated data sets sent by a pynetdicom client to a real in-process
-SCP (``sci_node.scp.start_scp`` with a ``Store`` on a temporary dir).
+SCP (``sci_node.dicom.scp.start_scp`` with a ``Store`` on a temporary dir).
 
 Properties, for every example: the association is served (the handler never takes the server
 down, a C-ECHO afterwards succeeds), the response is one of the named statuses, a Success means
@@ -26,7 +26,7 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import MRImageStorage, Verification
 
 from sci_node.config import NodeConfig, load_config
-from sci_node.scp import start_scp
+from sci_node.dicom.scp import start_scp
 from sci_node.store import Store
 
 from conftest import free_port, make_mr_series

@@ -1,4 +1,4 @@
-"""The connection gate (sci_node.gate) against real sockets on 127.0.0.1: probes that never become
+"""The connection gate (sci_node.dicom.gate) against real sockets on 127.0.0.1: probes that never become
 associations (bare TCP connects, garbage PDUs, silent peers) hold no association slot, are closed
 at the deadline, and every refusal is a JSON log line naming the peer, the reason and the slots."""
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pydicom
 import structlog
 
 from sci_node.config import load_config
-from sci_node.gate import Refusal, judge_first_pdu
-from sci_node.scp import start_scp
+from sci_node.dicom.gate import Refusal, judge_first_pdu
+from sci_node.dicom.scp import start_scp
 from sci_node.store import Store
 
 from conftest import NodeProc, StoreSCP, echoscu, free_port, make_mr_series, storescu, wait_for

@@ -12,7 +12,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000, DeflatedExplicitVRLittleEndian, generate_uid
 
 from sci_node.config import NodeConfig, load_config
-from sci_node.scp import start_scp
+from sci_node.dicom.scp import start_scp
 from sci_node.store import Store
 
 from conftest import echoscu, free_port, make_mr_series, storescu
@@ -82,7 +82,7 @@ def _variants(tmp: Path) -> dict[str, Path]:
 
 def _propose_all(tmp: Path) -> list[str]:
     """storescu flags proposing MR Image Storage with each of the 12 syntaxes (own context each)."""
-    from sci_node.dimse import STORAGE_TRANSFER_SYNTAXES
+    from sci_node.dicom.dimse import STORAGE_TRANSFER_SYNTAXES
 
     lines = ["[[TransferSyntaxes]]"]
     for i, ts in enumerate(STORAGE_TRANSFER_SYNTAXES):

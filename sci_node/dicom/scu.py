@@ -19,7 +19,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 
 from sci_node.config import Destination, TLSConfig
-from sci_node.dimse import STORED_STATUSES, VERIFICATION_SOP_CLASS, Status
+from sci_node.dicom.dimse import STORED_STATUSES, VERIFICATION_SOP_CLASS, Status
 from sci_node.errors import ConfigError, DataError, DicomNetworkError
 
 log = structlog.get_logger("sci_node.scu")
@@ -36,7 +36,7 @@ class AssociationRejectedError(DicomNetworkError):
 def _nodelay(event: Event) -> None:
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
-        from sci_node.scp import set_nodelay
+        from sci_node.dicom.scp import set_nodelay
 
         set_nodelay(sock)
 

@@ -3,12 +3,12 @@
 One handler per DIMSE service, all registered in :func:`event_handlers`; dependencies
 (config, store) are bound handler arguments. Handlers never raise and never infer:
 the C-STORE handler decodes the data set strictly under the negotiated transfer syntax
-(:mod:`sci_node.decoding`: a data set in the other VR mode gets ``0xC210``), reads the four
+(:mod:`sci_node.dicom.decoding`: a data set in the other VR mode gets ``0xC210``), reads the four
 UIDs it needs from the header, writes ``event.encoded_dataset()`` (the bytes as sent, with a
 file meta header) durably to the spool, records it, and returns a named
-:class:`~sci_node.dimse.Status`.
+:class:`~sci_node.dicom.dimse.Status`.
 
-Before any of this, the connection gate (:mod:`sci_node.gate`) lets a TCP connection become
+Before any of this, the connection gate (:mod:`sci_node.dicom.gate`) lets a TCP connection become
 an association (and hold one of ``limits.max_associations`` slots) only once it has sent an
 A-ASSOCIATE-RQ, within ``limits.association_request_timeout_seconds``.
 
@@ -33,11 +33,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from sci_node.config import NodeConfig, TLSConfig
-from sci_node.dimse import (STORAGE_TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS, RejectReason, RejectResult,
+from sci_node.dicom.dimse import (STORAGE_TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS, RejectReason, RejectResult,
                             RejectSource, Status)
-from sci_node.decoding import decode_strict
+from sci_node.dicom.decoding import decode_strict
 from sci_node.errors import ConfigError, InvalidDatasetError, StorageError
-from sci_node.gate import ConnectionGate, GatedAssociationServer, gate_handlers
+from sci_node.dicom.gate import ConnectionGate, GatedAssociationServer, gate_handlers
 from sci_node.store import InstanceKey, Store
 
 log = structlog.get_logger("sci_node.scp")
@@ -323,7 +323,7 @@ def start_scp(cfg: NodeConfig, store: Store) -> ThreadedAssociationServer:
     """
     ae = build_ae(cfg)
     deps = ScpDeps(cfg, store)
-    try:  # AE.start_server(block=False), with the connection gate (sci_node.gate) in front
+    try:  # AE.start_server(block=False), with the connection gate (sci_node.dicom.gate) in front
         server = ae.make_server((cfg.bind, cfg.port), evt_handlers=event_handlers(deps),
                                 ssl_context=server_ssl_context(cfg.tls), server_class=GatedAssociationServer,
                                 gate=ConnectionGate(cfg.limits))
