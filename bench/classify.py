@@ -2,7 +2,7 @@
 
 What the node's ``classify`` stage does for one series, without loading the segmenters: header
 evidence, the shared preprocessing (:func:`sci_node.routing.cls_features.series_inputs`, run once per
-classifier as in the node) and the three networks, through :func:`sci_node.route_report.route_series`
+classifier as in the node) and the three networks, through :func:`sci_node.pipeline.route_report.route_series`
 with the default routing rules (so a series routed out at anatomy costs one classifier, a routed-in
 series three). Inputs: the committed demo series (``sample/series``, sagittal cervical T2w) and
 ``tests/data/series/*`` (sagittal lumbar T2w, axial cervical T2w, sagittal PAM50 T2w, axial brain T1w).
@@ -30,8 +30,8 @@ def main() -> None:
 
     from sci_node.config import RoutingRules
     from sci_node.routing.evidence import HeaderEvidence
-    from sci_node.route_report import load_classifiers, route_series
-    from sci_node.series import find_dicom_files, read_series
+    from sci_node.pipeline.route_report import load_classifiers, route_series
+    from sci_node.pipeline.series import find_dicom_files, read_series
 
     torch.set_num_threads(1)
     classifiers = load_classifiers(REPO / "models")

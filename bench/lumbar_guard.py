@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from sci_node.config import RoutingRules
     from sci_node.pipeline import Pipeline
     from sci_node.models.registry import ModelRegistry
-    from sci_node.series import read_series
+    from sci_node.pipeline.series import read_series
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=Path, default=REPO / "models", help="registry folder (default: models/)")

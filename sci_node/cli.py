@@ -138,13 +138,13 @@ def _send(args: argparse.Namespace, cfg: NodeConfig) -> int:
 
 
 def _infer(args: argparse.Namespace, cfg: NodeConfig) -> int:
-    from sci_node.batch import run_batch
+    from sci_node.pipeline.batch import run_batch
 
     return run_batch(args.input, args.out, cfg, device=args.device or cfg.device)
 
 
 def _route(args: argparse.Namespace, cfg: NodeConfig) -> int:
-    from sci_node.route_report import run_route
+    from sci_node.pipeline.route_report import run_route
 
     return run_route(args.input, cfg, as_json=args.json, device=args.device or "cpu")
 

@@ -583,7 +583,7 @@ def _record(cfg: NodeConfig, index: CorrectionIndex, seg: Any, seg_path: Path, s
             facts: dict[str, Any]) -> IngestOutcome:
     import SimpleITK as sitk
 
-    from sci_node.series import read_series
+    from sci_node.pipeline.series import read_series
 
     try:
         volume = read_series(list(source.files), cfg.max_missing_fraction)

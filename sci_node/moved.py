@@ -26,6 +26,7 @@ from types import CodeType, ModuleType
 MOVED: dict[str, str] = {
     "sci_node.anatomy_rules": "sci_node.routing.anatomy_rules",
     "sci_node.artifact": "sci_node.models.artifact",
+    "sci_node.batch": "sci_node.pipeline.batch",
     "sci_node.cls_features": "sci_node.routing.cls_features",
     "sci_node.completion": "sci_node.dicom.completion",
     "sci_node.contrast_rules": "sci_node.routing.contrast_rules",
@@ -41,9 +42,13 @@ MOVED: dict[str, str] = {
     "sci_node.predict_seg": "sci_node.models.predict_seg",
     "sci_node.preprocess": "sci_node.imaging.preprocess",
     "sci_node.registry": "sci_node.models.registry",
+    "sci_node.route_report": "sci_node.pipeline.route_report",
     "sci_node.scp": "sci_node.dicom.scp",
     "sci_node.scu": "sci_node.dicom.scu",
+    "sci_node.seg_writer": "sci_node.pipeline.seg_writer",
+    "sci_node.series": "sci_node.pipeline.series",
     "sci_node.sqlite_tx": "sci_node.store.transactions",
+    "sci_node.sr_writer": "sci_node.pipeline.sr_writer",
 }
 
 

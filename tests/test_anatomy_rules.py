@@ -192,8 +192,8 @@ def test_route_series_on_real_single_slices() -> None:
     """pydicom's abdomen and MR_small through the shipped classifiers: both stopped before any network."""
     import torch
 
-    from sci_node.route_report import load_classifiers, route_series
-    from sci_node.series import read_series
+    from sci_node.pipeline.route_report import load_classifiers, route_series
+    from sci_node.pipeline.series import read_series
 
     torch.set_num_threads(1)
     classifiers = load_classifiers(REPO / "models")
@@ -229,8 +229,8 @@ def test_sidecar_of_a_nifti_is_read(tmp_path: Path) -> None:
     """The BIDS path of ``sci-node route``: a sidecar naming a knee routes the NIfTI out by its header."""
     import SimpleITK as sitk
 
-    from sci_node.batch import find_inputs
-    from sci_node.route_report import load_item
+    from sci_node.pipeline.batch import find_inputs
+    from sci_node.pipeline.route_report import load_item
 
     img = sitk.ReadImage(str(REPO / "tests" / "data" / "cls" / "spine_ax_T2w_cervical.nii.gz"))
     sitk.WriteImage(img, str(tmp_path / "knee.nii.gz"))

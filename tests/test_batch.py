@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from dicom_validate import dciodvfy_errors
 from sci_node.cli import main
-from sci_node.series import read_series
+from sci_node.pipeline.series import read_series
 
 REPO = Path(__file__).resolve().parent.parent
 SERIES = REPO / "tests" / "data" / "series"

@@ -85,7 +85,7 @@ def _copy(files: list[Path], out: Path, patient: str | None = None, pixels: Any 
 
 def _sorted_sources(files: list[Path]) -> list[pydicom.Dataset]:
     """The source datasets in the node's volume order (slice position along the normal)."""
-    from sci_node.series import read_series
+    from sci_node.pipeline.series import read_series
 
     vol = read_series(files)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(f) for f in files)}

@@ -17,7 +17,7 @@ import numpy as np
 from sci_node.config import RoutingRules
 from sci_node.pipeline import Pipeline
 from sci_node.models.registry import ModelRegistry
-from sci_node.series import read_series
+from sci_node.pipeline.series import read_series
 
 REPO = Path(__file__).resolve().parent.parent
 LUMBAR = sorted((REPO / "tests" / "data" / "series" / "lumbar_sag_T2w").glob("*.dcm"))

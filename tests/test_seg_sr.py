@@ -14,9 +14,9 @@ from pydicom.uid import generate_uid
 from dicom_validate import dciodvfy_errors
 from sci_node.errors import InvalidSeriesError
 from sci_node.imaging.measure import index_to_lps, summarize
-from sci_node.seg_writer import SegEncoding, build_seg, frame_references, seg_encoding
-from sci_node.series import SeriesVolume, read_series
-from sci_node.sr_writer import build_sr, read_measurements
+from sci_node.pipeline.seg_writer import SegEncoding, build_seg, frame_references, seg_encoding
+from sci_node.pipeline.series import SeriesVolume, read_series
+from sci_node.pipeline.sr_writer import build_sr, read_measurements
 
 REPO = Path(__file__).resolve().parent.parent
 AXIAL = REPO / "tests" / "data" / "series" / "unf01_axial_T2w"

@@ -1,4 +1,4 @@
-"""sci_node.series: DICOM files -> SimpleITK volume in LPS, ordering, rejection reasons, codecs."""
+"""sci_node.pipeline.series: DICOM files -> SimpleITK volume in LPS, ordering, rejection reasons, codecs."""
 from __future__ import annotations
 
 import random
@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from sci_node.errors import InvalidSeriesError
-from sci_node.series import find_dicom_files, read_series
+from sci_node.pipeline.series import find_dicom_files, read_series
 
 REPO = Path(__file__).resolve().parent.parent
 AXIAL = REPO / "tests" / "data" / "series" / "unf01_axial_T2w"

@@ -2,7 +2,7 @@
 
 ``python -m trainer.cls_score FOLDER [--labels CSV] [--anatomy spine] [--no-header] [--json]``
 
-Series are found as ``sci-node infer`` finds them (:func:`sci_node.batch.find_inputs`). The
+Series are found as ``sci-node infer`` finds them (:func:`sci_node.pipeline.batch.find_inputs`). The
 true labels of a series come from, in this order:
 
 1. the CSV (``--labels``): columns ``path`` (file or folder relative to FOLDER, or a
@@ -63,7 +63,7 @@ def bids_labels(name: str) -> dict[str, str]:
 
 def labels_for(item: Any, root: Path, table: Mapping[str, Mapping[str, str]], defaults: Mapping[str, str]
                ) -> dict[str, str]:
-    """True labels of one :class:`sci_node.batch.BatchItem` (see the module docstring for the order)."""
+    """True labels of one :class:`sci_node.pipeline.batch.BatchItem` (see the module docstring for the order)."""
     out = dict(defaults)
     if item.kind == "nifti":
         out.update(bids_labels(Path(item.files[0]).name))
@@ -91,9 +91,9 @@ def confusion(pairs: Sequence[tuple[str, str]], classes: Sequence[str]) -> dict[
 def score_folder(folder: Path, models_dir: Path, min_confidence: float, table: Mapping[str, Mapping[str, str]],
                  defaults: Mapping[str, str], use_header: bool = True) -> dict[str, Any]:
     """Classify every series of ``folder`` and score each level against its labels."""
-    from sci_node.batch import find_inputs
+    from sci_node.pipeline.batch import find_inputs
     from sci_node.routing.cls_features import view_of_image
-    from sci_node.route_report import load_classifiers, load_item
+    from sci_node.pipeline.route_report import load_classifiers, load_item
 
     classifiers = load_classifiers(models_dir)
     pairs: dict[str, list[tuple[str, str]]] = {lv: [] for lv in LEVEL_MODEL}

@@ -256,13 +256,13 @@ def _tail(text: str, n: int = 3) -> str:
 def cord_dice_from_seg(seg_path: Path, series_dir: Path, mask_path: Path) -> float:
     """Dice of SEG segment 1 (read back with highdicom) against the manual mask.
 
-    The manual mask is resampled onto the series grid (``sci_node.series.read_series``) with
+    The manual mask is resampled onto the series grid (``sci_node.pipeline.series.read_series``) with
     nearest neighbour and the identity transform; both masks are ``(Z, Y, X)`` there.
     """
     import highdicom as hd
     import SimpleITK as sitk
 
-    from sci_node.series import read_series
+    from sci_node.pipeline.series import read_series
 
     vol = read_series(sorted(series_dir.glob("*.dcm")))
     seg = hd.seg.segread(seg_path)

@@ -7,7 +7,7 @@ cannot be served by Orthanc 1.10's DICOMweb (``/frames/N`` answers 400) nor, whe
 length is odd and padded, read whole by OHIF 3.13 (it expects the unpadded length): such a SEG
 never displays (docs/node.md, "SEG encoding"). Empty frames omitted, same rows/columns as the source; each frame references the
 source instance (and frame) it was derived from; slices the series lacks (interpolated for
-inference, see :mod:`sci_node.series`) get no frame. Segment 1 "Spinal cord"
+inference, see :mod:`sci_node.pipeline.series`) get no frame. Segment 1 "Spinal cord"
 (SCT 2748008, category Anatomical Structure SCT 91723000); segment 2 "Lesion"
 (SCT 52988006, category Morphologically Abnormal Structure SCT 49755003) only when lesions
 were found. The AlgorithmIdentificationSequence names "sci-node" and every model version.
@@ -32,7 +32,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from sci_node import __version__
 from sci_node.errors import InvalidSeriesError
-from sci_node.series import SeriesVolume
+from sci_node.pipeline.series import SeriesVolume
 
 CORD_TYPE = hd.sr.CodedConcept("2748008", "SCT", "Spinal cord")
 CORD_CATEGORY = hd.sr.CodedConcept("91723000", "SCT", "Anatomical Structure")

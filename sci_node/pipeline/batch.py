@@ -48,7 +48,7 @@ def find_inputs(root: Path) -> list[BatchItem]:
     DataError
         ``root`` does not exist or holds nothing to process.
     """
-    from sci_node.series import find_dicom_files
+    from sci_node.pipeline.series import find_dicom_files
 
     root = Path(root)
     if not root.exists():
@@ -117,7 +117,7 @@ def run_batch(input: Path, out: Path, cfg: NodeConfig, device: str = "cpu", stre
     """
     from tqdm import tqdm
 
-    from sci_node.pipeline import Pipeline
+    from sci_node.pipeline.run import Pipeline
     from sci_node.models.registry import ModelRegistry
 
     stream = stream or sys.stdout

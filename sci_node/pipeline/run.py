@@ -23,7 +23,7 @@ from sci_node.imaging import measure
 from sci_node.config import RoutingRules
 from sci_node.errors import InvalidDatasetError, InvalidSeriesError
 from sci_node.models.predict_cls import decided_by_header_rule, explaining
-from sci_node.series import MAX_MISSING_FRACTION, SeriesVolume, read_series
+from sci_node.pipeline.series import MAX_MISSING_FRACTION, SeriesVolume, read_series
 
 log = structlog.get_logger("sci_node.pipeline")
 
@@ -137,7 +137,7 @@ class Pipeline:
         """Process the DICOM files of one series; write ``seg.dcm``/``sr.dcm`` into ``out_dir``.
 
         Slices missing from the series are inferred on (interpolated, see
-        :mod:`sci_node.series`) and get no SEG frame; they are listed in the summary
+        :mod:`sci_node.pipeline.series`) and get no SEG frame; they are listed in the summary
         (``missing_slices``) and noted in the result and the SEG/SR descriptions, after the
         caller's ``notes`` (e.g. ``"incomplete transfer"``).
 
@@ -230,8 +230,8 @@ class Pipeline:
 
     def _write_dicom(self, vol: SeriesVolume, cord: np.ndarray, lesion: np.ndarray | None,
                      summary: Mapping[str, Any], out_dir: Path, notes: Sequence[str] = ()) -> tuple[Path, ...]:
-        from sci_node.seg_writer import build_seg
-        from sci_node.sr_writer import build_sr
+        from sci_node.pipeline.seg_writer import build_seg
+        from sci_node.pipeline.sr_writer import build_sr
 
         seg = build_seg(vol, cord, lesion, self.versions, notes)
         seg_path = out_dir / SEG_NAME

@@ -1,6 +1,6 @@
 """``sci-node route INPUT [--json]``: the routing decision per series, without segmenting.
 
-INPUT is handled as by ``sci-node infer`` (:func:`sci_node.batch.find_inputs`): DICOM files in any
+INPUT is handled as by ``sci-node infer`` (:func:`sci_node.pipeline.batch.find_inputs`): DICOM files in any
 layout grouped by SeriesInstanceUID, NIfTI volumes (BIDS JSON sidecar as header evidence), label
 files skipped. Per series the three active classifiers run through :func:`sci_node.routing.route`
 with the node's ``[routing]`` rules, and the report gives, per level (anatomy, region, view,
@@ -90,10 +90,10 @@ def route_series(classifiers: Mapping[str, Any], image: Any, evidence: Any, rule
 
 
 def load_item(item: Any) -> tuple[Any, Any]:
-    """Image and header evidence of a :class:`sci_node.batch.BatchItem`, read as ``sci-node infer`` reads it."""
+    """Image and header evidence of a :class:`sci_node.pipeline.batch.BatchItem`, read as ``sci-node infer`` reads it."""
     from sci_node.routing.evidence import HeaderEvidence
-    from sci_node.pipeline import _sidecar, read_nifti
-    from sci_node.series import read_series
+    from sci_node.pipeline.run import _sidecar, read_nifti
+    from sci_node.pipeline.series import read_series
 
     if item.kind == "dicom":
         vol = read_series(list(item.files))
@@ -106,7 +106,7 @@ def route_inputs(input: Path, cfg: NodeConfig, device: str = "cpu") -> list[dict
     """Routing report of every series under ``input`` (see module docstring)."""
     import time
 
-    from sci_node.batch import find_inputs
+    from sci_node.pipeline.batch import find_inputs
 
     items = find_inputs(Path(input))
     classifiers = load_classifiers(cfg.models_dir, device)
