@@ -32,6 +32,7 @@ MOVED: dict[str, str] = {
     "sci_node.contrast_rules": "sci_node.routing.contrast_rules",
     "sci_node.decoding": "sci_node.dicom.decoding",
     "sci_node.dimse": "sci_node.dicom.dimse",
+    "sci_node.engine.store": "sci_node.engine.redis_store",
     "sci_node.evidence": "sci_node.routing.evidence",
     "sci_node.export": "sci_node.dicom.export",
     "sci_node.gate": "sci_node.dicom.gate",
@@ -49,6 +50,7 @@ MOVED: dict[str, str] = {
     "sci_node.series": "sci_node.pipeline.series",
     "sci_node.sqlite_tx": "sci_node.store.transactions",
     "sci_node.sr_writer": "sci_node.pipeline.sr_writer",
+    "sci_node.worker": "sci_node.engine.local",
 }
 
 

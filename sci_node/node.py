@@ -23,7 +23,7 @@ from sci_node.dicom.export import Exporter
 from sci_node.retention import RetentionSweeper
 from sci_node.dicom.scp import start_scp
 from sci_node.store import Store
-from sci_node.worker import ProviderFactory, Worker, default_provider
+from sci_node.engine.local import ProviderFactory, Worker, default_provider
 
 log = structlog.get_logger("sci_node.node")
 

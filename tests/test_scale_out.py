@@ -269,7 +269,7 @@ def test_worker_that_cannot_load_its_models_fails_at_start(redis_server: RedisPr
 
 
 def test_blobs_are_chunked_expire_and_round_trip(redis_server: RedisProc, tmp_path: Path) -> None:
-    from sci_node.engine import store as rstore
+    from sci_node.engine import redis_store as rstore
 
     client = rstore.connect(redis_server.url)
     data = bytes(range(256)) * 1000

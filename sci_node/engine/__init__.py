@@ -1,18 +1,21 @@
-"""The scale-out engine: the node as a DICOM gateway, inference on ``sci-node worker`` processes.
+"""Engines: what runs a complete series' job. ``local`` runs it in the node's own worker threads (the
+default); with ``[engine] kind = "celery"`` the node is a DICOM gateway and inference runs on
+``sci-node worker`` processes.
 
-With ``[engine] kind = "celery"`` the node keeps the SCP, the spool, series completion, the job
-table (the source of truth) and the export outbox; each complete series is dispatched as a
-Celery task instead of running in-process (docs/scale-out.md). Modules:
+With the celery engine the node keeps the SCP, the spool, series completion, the job table (the
+source of truth) and the export outbox; each complete series is dispatched as a Celery task instead
+of running in-process (docs/scale-out.md). Modules:
 
-``store``     the Redis adapter: key names, chunked blobs with an expiry, zip packing
-``app``       the Celery application both sides build from the broker URL
-``ledger``    the node's dispatch rows in its SQLite index (one result accepted per job)
-``gateway``   the node side: dispatch, result collection, leases, heartbeats, broker restarts
-``remote``    the worker side: ``sci-node worker`` and the task it runs
-``status``    what ``sci-node status`` shows of the engine
+``local``        the local engine: worker threads run the processor (the pipeline) on claimed jobs
+``redis_store``  the Redis adapter: key names, chunked blobs with an expiry, zip packing
+``app``          the Celery application both sides build from the broker URL
+``ledger``       the node's dispatch rows in its SQLite index (one result accepted per job)
+``gateway``      the node side: dispatch, result collection, leases, heartbeats, broker restarts
+``remote``       the worker side: ``sci-node worker`` and the task it runs
+``status``       what ``sci-node status`` shows of the engine
 
-Nothing here is imported by the local engine: Celery and redis-py are needed only with
-``kind = "celery"`` (the ``scale-out`` extra).
+Imports the core, store/, models/ and pipeline/. The local engine imports nothing of the others:
+Celery and redis-py are needed only with ``kind = "celery"`` (the ``scale-out`` extra).
 """
 from __future__ import annotations
 

@@ -29,11 +29,11 @@ import structlog
 
 from sci_node.config import NodeConfig
 from sci_node.engine import ENGINE_FILE, TASK_NAME
-from sci_node.engine import store as rstore
+from sci_node.engine import redis_store as rstore
 from sci_node.engine.ledger import Dispatch, Ledger
 from sci_node.errors import EngineError, SciNodeError
 from sci_node.store import Job, Store, write_durable
-from sci_node.worker import job_notes
+from sci_node.engine.local import job_notes
 
 if TYPE_CHECKING:
     import redis

@@ -29,9 +29,9 @@ import structlog
 
 from sci_node.config import NodeConfig, RoutingRules
 from sci_node.engine import TASK_NAME
-from sci_node.engine import store as rstore
+from sci_node.engine import redis_store as rstore
 from sci_node.errors import EngineError
-from sci_node.worker import DerivedSCProcessor, FixedProvider, Processor, _PipelineAdapter, process_outcome
+from sci_node.engine.local import DerivedSCProcessor, FixedProvider, Processor, _PipelineAdapter, process_outcome
 
 if TYPE_CHECKING:
     import redis

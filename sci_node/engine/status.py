@@ -12,7 +12,7 @@ from typing import Any
 
 from sci_node.config import EngineConfig, NodeConfig
 from sci_node.engine import ENGINE_FILE
-from sci_node.engine import store as rstore
+from sci_node.engine import redis_store as rstore
 from sci_node.engine.ledger import Ledger
 from sci_node.errors import EngineError
 from sci_node.store import Store
