@@ -6,7 +6,7 @@ Two paths, each on a warm node (one warm-up series first, which includes model l
   dcmtk ``storescp`` destination. Reported: the time from ``storescu`` returning to the SEG
   file appearing in the destination folder, and that minus ``S`` (processing + export).
 * ``orthanc``: ``storescu`` -> Orthanc -> (``STABLE_SERIES`` after StableAge) -> node ->
-  SEG back into Orthanc (``sci-node stack``, :class:`sci_node.stack.Stack`); the time until
+  SEG back into Orthanc (``sci-node stack``, :class:`sci_node.app.stack.Stack`); the time until
   ``/tools/find`` shows the SEG series in the study, and that minus both stable waits
   (Orthanc's StableAge + the node's own stable wait).
 
@@ -80,7 +80,7 @@ def bench_orthanc(tmp: Path, inputs: dict[str, Path], rounds: int, stable: float
     import pydicom
 
     from sci_node.config import load_config
-    from sci_node.stack import NODE_STABLE_SECONDS, OrthancCredentials, Stack, StackPorts, StackSpec
+    from sci_node.app.stack import NODE_STABLE_SECONDS, OrthancCredentials, Stack, StackPorts, StackSpec
 
     cfg = load_config(None, {"data_dir": str(tmp / "stack"), "stable_seconds": stable})
     ports = StackPorts(free_port(), free_port(), free_port())

@@ -1,6 +1,6 @@
 """Time the embedded stack end to end: scanner -> Orthanc -> node -> SEG back in Orthanc.
 
-Starts ``sci-node stack`` pieces in-process (:class:`sci_node.stack.Stack`) on free loopback
+Starts ``sci-node stack`` pieces in-process (:class:`sci_node.app.stack.Stack`) on free loopback
 ports in a temporary data dir, sends the committed 38-slice lumbar series
 (``tests/data/series/lumbar_sag_T2w``, the demo sample until issue #15) with dcmtk ``storescu``
 (with and without ``TCP_NODELAY=1``) and reports, as JSON:
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from sci_node.config import load_config  # noqa: E402
-from sci_node.stack import (OrthancCredentials, Stack, StackPorts, StackSpec,  # noqa: E402
+from sci_node.app.stack import (OrthancCredentials, Stack, StackPorts, StackSpec,  # noqa: E402
                             sample_series_files, wait_for_modality)
 
 

@@ -24,12 +24,14 @@ from types import CodeType, ModuleType
 
 #: old module name -> new module name, for ``sci_node`` (the trainer keeps its own table).
 MOVED: dict[str, str] = {
+    "sci_node.admin": "sci_node.cli.admin",
     "sci_node.anatomy_rules": "sci_node.routing.anatomy_rules",
     "sci_node.artifact": "sci_node.models.artifact",
     "sci_node.batch": "sci_node.pipeline.batch",
     "sci_node.cls_features": "sci_node.routing.cls_features",
     "sci_node.completion": "sci_node.dicom.completion",
     "sci_node.contrast_rules": "sci_node.routing.contrast_rules",
+    "sci_node.corrections_cli": "sci_node.cli.corrections",
     "sci_node.decoding": "sci_node.dicom.decoding",
     "sci_node.dimse": "sci_node.dicom.dimse",
     "sci_node.engine.store": "sci_node.engine.redis_store",
@@ -38,11 +40,13 @@ MOVED: dict[str, str] = {
     "sci_node.gate": "sci_node.dicom.gate",
     "sci_node.header_rules": "sci_node.routing.header_rules",
     "sci_node.measure": "sci_node.imaging.measure",
+    "sci_node.node": "sci_node.app.node",
     "sci_node.postprocess": "sci_node.imaging.postprocess",
     "sci_node.predict_cls": "sci_node.models.predict_cls",
     "sci_node.predict_seg": "sci_node.models.predict_seg",
     "sci_node.preprocess": "sci_node.imaging.preprocess",
     "sci_node.registry": "sci_node.models.registry",
+    "sci_node.retention": "sci_node.app.retention",
     "sci_node.route_report": "sci_node.pipeline.route_report",
     "sci_node.scp": "sci_node.dicom.scp",
     "sci_node.scu": "sci_node.dicom.scu",
@@ -50,6 +54,7 @@ MOVED: dict[str, str] = {
     "sci_node.series": "sci_node.pipeline.series",
     "sci_node.sqlite_tx": "sci_node.store.transactions",
     "sci_node.sr_writer": "sci_node.pipeline.sr_writer",
+    "sci_node.stack": "sci_node.app.stack",
     "sci_node.worker": "sci_node.engine.local",
 }
 

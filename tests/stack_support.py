@@ -24,7 +24,7 @@ import pydicom
 from pyorthanc import Orthanc
 
 from conftest import DCMTK_ENV, free_port, wait_for
-from sci_node.stack import die_with_parent
+from sci_node.app.stack import die_with_parent
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = sorted((REPO / "sample" / "series").glob("*.dcm"))

@@ -1,4 +1,4 @@
-"""``sci-node jobs show`` (sci_node.admin) through ``main(argv)`` on a real index."""
+"""``sci-node jobs show`` (sci_node.cli.admin) through ``main(argv)`` on a real index."""
 from __future__ import annotations
 
 import json

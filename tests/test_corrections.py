@@ -376,7 +376,7 @@ def test_the_node_retention_sweep_expires_corrections_and_keeps_their_measures(t
     """``[corrections] retention_days`` is applied by the node's own retention sweeper too."""
     from sci_node.config import load_config
     from sci_node.corrections import open_index
-    from sci_node.retention import RetentionSweeper
+    from sci_node.app.retention import RetentionSweeper
     from sci_node.store import Store
 
     (tmp_path / "c.toml").write_text("[corrections]\nretention_days = 0.00001\n")  # < 1 s

@@ -222,7 +222,7 @@ def test_retention_purge_never_loses_an_instance_arriving_meanwhile(tmp_path: Pa
     before the purge moved its series away is refused (StorageError -> 0xA700), not acknowledged."""
     from sci_node.config import load_config
     from sci_node.errors import ConfigError, StorageError
-    from sci_node.retention import purge_expired
+    from sci_node.app.retention import purge_expired
     from sci_node.store import InstanceKey, Store, write_durable
 
     store = Store(tmp_path / "d")

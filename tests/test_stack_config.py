@@ -10,7 +10,7 @@ import pytest
 
 from sci_node.config import load_config
 from sci_node.errors import ConfigError, StackError
-from sci_node.stack import (CONFIG_TEMPLATE, PLUGIN_SCRIPT, OrthancCredentials, StackPorts, ohif_study_url,
+from sci_node.app.stack import (CONFIG_TEMPLATE, PLUGIN_SCRIPT, OrthancCredentials, StackPorts, ohif_study_url,
                             render_orthanc_config, resolve_credentials, write_orthanc_config)
 
 

@@ -1,7 +1,7 @@
 """sci-node's Orthanc Python plugin: a thin adapter between Orthanc and the sci-node DICOM node.
 
 Loaded by Debian's ``orthanc-python`` (it embeds the system Python 3.11), configured by the
-``"SciNode"`` section of the Orthanc configuration that :mod:`sci_node.stack` writes. It only
+``"SciNode"`` section of the Orthanc configuration that :mod:`sci_node.app.stack` writes. It only
 turns Orthanc events and HTTP requests into messages; nothing heavy runs in a callback
 (callbacks run in Orthanc's core, under one GIL):
 

@@ -96,7 +96,7 @@ def _destination_texts(groups: list[list[str]] | None) -> list[str] | None:
 # -- handlers: each one lazy-imports its module and calls one function ----------------------
 
 def _serve(args: argparse.Namespace, cfg: NodeConfig) -> int:
-    from sci_node.node import run_node
+    from sci_node.app.node import run_node
 
     return run_node(cfg)
 
@@ -108,13 +108,13 @@ def _worker(args: argparse.Namespace, cfg: NodeConfig) -> int:
 
 
 def _status(args: argparse.Namespace, cfg: NodeConfig) -> int:
-    from sci_node.admin import print_status
+    from sci_node.cli.admin import print_status
 
     return print_status(cfg, as_json=args.json)
 
 
 def _jobs(args: argparse.Namespace, cfg: NodeConfig) -> int:
-    from sci_node import admin
+    from sci_node.cli import admin
 
     if args.jobs_cmd == "show":
         return admin.show_job(cfg, args.job_id, as_json=args.json)
@@ -164,7 +164,7 @@ def _train(args: argparse.Namespace, cfg: NodeConfig) -> int:
 
 
 def _corrections(args: argparse.Namespace, cfg: NodeConfig) -> int:
-    from sci_node import corrections_cli as cc
+    from sci_node.cli import corrections as cc
 
     if args.corrections_cmd == "show":
         return cc.show_correction(cfg, args.correction_id, as_json=args.json)
@@ -191,14 +191,14 @@ def _models(args: argparse.Namespace, cfg: NodeConfig) -> int:
 
 
 def _stack(args: argparse.Namespace, cfg: NodeConfig) -> int:
-    from sci_node.stack import run_stack
+    from sci_node.app.stack import run_stack
 
     return run_stack(cfg, http_port=args.http_port, dicom_port=args.dicom_port, node_port=args.node_port,
                      config_file=args.config, **_orthanc_login())
 
 
 def _demo(args: argparse.Namespace, cfg: NodeConfig) -> int:
-    from sci_node.stack import run_demo
+    from sci_node.app.stack import run_demo
 
     return run_demo(cfg, http_port=args.http_port, dicom_port=args.dicom_port, node_port=args.node_port,
                     keep_running=not args.exit_after, config_file=args.config, **_orthanc_login())
