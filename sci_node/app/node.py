@@ -22,6 +22,7 @@ from sci_node.config import NodeConfig
 from sci_node.dicom.export import Exporter
 from sci_node.app.retention import RetentionSweeper
 from sci_node.dicom.scp import start_scp
+from sci_node.engine.ledger import recover_jobs
 from sci_node.store import Store
 from sci_node.engine.local import ProviderFactory, Worker, default_provider
 
@@ -104,7 +105,7 @@ def run_node(cfg: NodeConfig, provider_factory: ProviderFactory = default_provid
 def _open_store(cfg: NodeConfig) -> Store:
     """The spool and job index, with the jobs a crash left running pending again and the spool reconciled."""
     store = Store(cfg.data_dir)
-    recovered = store.recover(keep_dispatched=cfg.engine.kind == "celery")
+    recovered = recover_jobs(store, celery=cfg.engine.kind == "celery")
     reindexed, removed_tmp = store.reconcile()
     if reindexed or removed_tmp:
         log.warning("node.reconciled_spool", reindexed=reindexed, removed_temp_files=removed_tmp)

@@ -227,9 +227,8 @@ class Gateway(threading.Thread):
             self._send(job, why="running with nothing out (a publish failed)")
 
     def _orphans(self) -> list[Job]:
-        rows = self.store.query("SELECT id FROM jobs WHERE state='running' AND id NOT IN"
-                                " (SELECT job_id FROM dispatches WHERE state='out')")
-        return [self.store.job(r[0]) for r in rows]
+        out = {d.job_id for d in self.ledger.outstanding()}
+        return [job for job in self.store.running_jobs() if job.id not in out]
 
     def _redispatch(self, d: Dispatch, state: str, why: str) -> None:
         self._missing_since.pop(d.token, None)

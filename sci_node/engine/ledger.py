@@ -20,6 +20,25 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from sci_node.store import Store, finish_in
+from sci_node.store.jobs import state_in
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS dispatches (
+    token TEXT PRIMARY KEY,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    queue TEXT NOT NULL,
+    state TEXT NOT NULL,
+    models TEXT NOT NULL,
+    dispatched_at REAL NOT NULL,
+    lease_until REAL NOT NULL,
+    broker_run TEXT,
+    started_at REAL,
+    worker TEXT,
+    ended_at REAL,
+    note TEXT
+)""",
+    "CREATE INDEX IF NOT EXISTS dispatches_state ON dispatches(state, job_id)",
+)
 
 
 @dataclass(frozen=True)
@@ -47,10 +66,17 @@ def _dispatch(r: sqlite3.Row) -> Dispatch:
 
 
 class Ledger:
-    """Dispatch rows of one node's index (thin: every method is one query or one transaction)."""
+    """Dispatch rows of one node's index (thin: every method is one query or one transaction).
+
+    The ledger owns its table: it is created in the node's index the first time a ledger opens it.
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        if not store.query("SELECT 1 FROM sqlite_master WHERE type='table' AND name='dispatches'"):
+            with store.tx() as db:
+                for statement in _SCHEMA:
+                    db.execute(statement)
 
     def record(self, job_id: int, token: str, queue: str, models: Mapping[str, Any], lease_until: float,
                broker_run: str | None) -> None:
@@ -100,9 +126,8 @@ class Ledger:
         """
         now = time.time()
         with self.store.tx() as db:
-            row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
             known = db.execute("SELECT 1 FROM dispatches WHERE token=? AND job_id=?", (token, job_id)).fetchone()
-            if row is None or row["state"] != "running" or known is None:
+            if state_in(db, job_id) != "running" or known is None:
                 db.execute("UPDATE dispatches SET state='duplicate', ended_at=? WHERE token=?", (now, token))
                 return False, []
             finish_in(db, job_id, state, reason, record, outputs, destinations)
@@ -113,6 +138,12 @@ class Ledger:
                        (now, f"result of {token[:8]} accepted first", job_id))
         return True, others
 
+    def abandon_outstanding(self, note: str) -> int:
+        """Every dispatch still out ends ``abandoned`` (the node restarted without the engine); returns how many."""
+        with self.store.tx() as db:
+            return db.execute("UPDATE dispatches SET state='abandoned', ended_at=?, note=? WHERE state='out'",
+                              (time.time(), note)).rowcount
+
     def counts(self) -> dict[str, Any]:
         """For status: dispatches by state, and jobs out per worker (``queued`` = not started yet)."""
         by_state = {r[0]: r[1] for r in self.store.query("SELECT state, COUNT(*) FROM dispatches GROUP BY state")}
@@ -121,3 +152,16 @@ class Ledger:
                                   " WHERE state='out' GROUP BY w"):
             per_worker[r["w"]] = r["n"]
         return {"dispatches": by_state, "out_per_worker": per_worker}
+
+
+def recover_jobs(store: Store, celery: bool) -> int:
+    """At start-up, after a crash: jobs left ``running`` go back to ``pending``; returns how many.
+
+    With the celery engine a job still out at a remote worker stays running (its result is still
+    collected); with the local engine its dispatches are abandoned and the job runs here again.
+    """
+    ledger = Ledger(store)
+    if celery:
+        return store.recover(keep=[d.job_id for d in ledger.outstanding()])
+    ledger.abandon_outstanding("the node restarted without the celery engine")
+    return store.recover()
