@@ -65,7 +65,7 @@ def train_with_corrections(model: str, node_cfg: Any, corrections: str, config: 
     stamp = time.strftime("%Y%m%dT%H%M%S")
     base = Path(work_dir) if work_dir else node_cfg.data_dir / "finetune"
     if corrections == "data-dir":
-        from sci_node.cli.corrections import export_corrections
+        from sci_node.corrections.export import export_corrections
 
         corr_dir = base / f"corrections-{stamp}"
         export_corrections(node_cfg, corr_dir, deidentify=True)

@@ -88,7 +88,7 @@ class RetentionSweeper:
             log.exception("retention.sweep_failed")
         try:
             if self.cfg.corrections.retention_days is not None:
-                from sci_node.corrections import open_index, purge_expired as purge_corrections
+                from sci_node.corrections.index import open_index, purge_expired as purge_corrections
 
                 index = open_index(self.cfg)
                 try:

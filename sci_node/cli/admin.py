@@ -59,7 +59,8 @@ def print_status(cfg: NodeConfig, as_json: bool = False) -> int:
     finally:
         store.close()
     models = _active_models(cfg)
-    from sci_node.corrections import summary as corrections_summary, summary_line
+    from sci_node.cli.corrections import summary_line
+    from sci_node.corrections.index import summary as corrections_summary
 
     corrections = corrections_summary(cfg)
     if as_json:

@@ -15,7 +15,7 @@ with its index row, so nothing is ever stored half-way)::
     cord_original.nii.gz, lesion_original.nii.gz     the node's masks of the same series
     correction.json                        who, when, model versions, change measures, patient
 
-The index is ``DATA_DIR/corrections.sqlite`` (WAL), private to this module. A refused object
+The index is ``DATA_DIR/corrections.sqlite`` (WAL, :mod:`sci_node.corrections.index`). A refused object
 gets a row too (state ``refused`` and the reason), but no files. The node's own SEGs
 (:func:`is_node_authored`) are never taken for corrections.
 
@@ -23,107 +23,29 @@ Arrays are ``(Z, Y, X)`` uint8 masks on the source series' volume grid (``Series
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import re
 import shutil
-import sqlite3
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from sci_node.config import NodeConfig
-from sci_node.errors import CorrectionNotFoundError, CorrectionRefused, SciNodeError, StorageError
+from sci_node.corrections.grid import VolumeGeometry, decode_masks
+from sci_node.corrections.index import Correction, CorrectionIndex, open_index, purge_expired
+from sci_node.corrections.measures import change_measures
+from sci_node.errors import CorrectionRefused, SciNodeError
 from sci_node.logs import get_logger
-from sci_node.store.transactions import write_tx
 
 log = get_logger("sci_node.corrections")
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 NODE_MANUFACTURER = "sci-node"
-CORD_CODE, LESION_CODE = "2748008", "52988006"
-_CORD_LABEL = re.compile(r"cord", re.I)
-_LESION_LABEL = re.compile(r"lesion|plaque", re.I)
-POSITION_TOL_MM = 0.05
-DIRECTION_TOL = 1e-3
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS corrections (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    state TEXT NOT NULL,
-    reason TEXT,
-    received_at REAL NOT NULL,
-    origin TEXT,
-    seg_sop_uid TEXT,
-    seg_series_uid TEXT,
-    study_uid TEXT,
-    source_series_uid TEXT,
-    job_id INTEGER,
-    patient_key TEXT,
-    creator TEXT,
-    created TEXT,
-    model_versions TEXT,
-    measures TEXT,
-    notes TEXT,
-    path TEXT
-);
-CREATE INDEX IF NOT EXISTS corrections_sop ON corrections(seg_sop_uid);
-"""
-
-
-# -- pure functions on arrays ---------------------------------------------------------------
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two masks of the same shape (any dtype, > 0 is foreground); 1.0 when both are empty."""
-    if a.shape != b.shape:
-        raise ValueError(f"dice: shapes {a.shape} and {b.shape} differ")
-    fa, fb = a > 0, b > 0
-    total = int(fa.sum()) + int(fb.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(fa, fb).sum()) / total
-
-
-def lesion_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """26-connected components of a ``(Z, Y, X)`` mask: ``(labels int32, count)``."""
-    from scipy import ndimage  # type: ignore[import-untyped]
-
-    labels, n = ndimage.label(mask > 0, structure=np.ones((3, 3, 3), bool))
-    return labels.astype(np.int32), int(n)
-
-
-def lesion_changes(original: np.ndarray, corrected: np.ndarray) -> dict[str, int]:
-    """Lesions the radiologist added and removed.
-
-    A corrected lesion (26-connected component) that touches no original lesion is *added*;
-    an original lesion that touches no corrected lesion is *removed*. Both masks are
-    ``(Z, Y, X)`` on the same grid.
-    """
-    orig_lab, n_orig = lesion_components(original)
-    corr_lab, n_corr = lesion_components(corrected)
-    added = sum(1 for k in range(1, n_corr + 1) if not (original[corr_lab == k] > 0).any())
-    removed = sum(1 for k in range(1, n_orig + 1) if not (corrected[orig_lab == k] > 0).any())
-    return {"lesions_original": n_orig, "lesions_corrected": n_corr, "lesions_added": added,
-            "lesions_removed": removed}
-
-
-def change_measures(orig_cord: np.ndarray, orig_lesion: np.ndarray, cord: np.ndarray, lesion: np.ndarray,
-                    spacing: tuple[float, float, float]) -> dict[str, Any]:
-    """How much the radiologist changed: cord Dice, cord volumes (mm³), lesions added/removed.
-
-    ``spacing`` is ``(sz, sy, sx)`` in mm; every mask ``(Z, Y, X)`` on one grid.
-    """
-    voxel = float(np.prod(spacing))
-    out: dict[str, Any] = {"cord_dice": round(dice(orig_cord, cord), 4),
-                           "cord_volume_original_mm3": round(float((orig_cord > 0).sum()) * voxel, 1),
-                           "cord_volume_corrected_mm3": round(float((cord > 0).sum()) * voxel, 1),
-                           "lesion_dice": round(dice(orig_lesion, lesion), 4)}
-    out.update(lesion_changes(orig_lesion, lesion))
-    return out
 
 
 def is_node_authored(ds: Any) -> bool:
@@ -136,130 +58,6 @@ def is_node_authored(ds: Any) -> bool:
     manufacturer = str(ds.get("Manufacturer", "") or "").strip()
     creator = str(ds.get("ContentCreatorName", "") or "").strip()
     return manufacturer == NODE_MANUFACTURER and creator.startswith(NODE_MANUFACTURER + "^")
-
-
-def segment_roles(seg: Any) -> tuple[dict[int, str], list[str]]:
-    """Map each segment number to ``"cord"`` or ``"lesion"`` (by SNOMED code, else by label).
-
-    Returns the map and notes on segments that are neither (they are ignored).
-    """
-    roles: dict[int, str] = {}
-    notes: list[str] = []
-    for item in seg.get("SegmentSequence", []):
-        number, label = int(item.SegmentNumber), str(item.get("SegmentLabel", ""))
-        codes = {str(c.CodeValue) for c in item.get("SegmentedPropertyTypeCodeSequence", [])}
-        if CORD_CODE in codes or (not codes & {LESION_CODE} and _CORD_LABEL.search(label)):
-            roles[number] = "cord"
-        elif LESION_CODE in codes or _LESION_LABEL.search(label):
-            roles[number] = "lesion"
-        else:
-            notes.append(f"segment {number} {label!r} is neither cord nor lesion: ignored")
-    return roles, notes
-
-
-@dataclass(frozen=True)
-class VolumeGeometry:
-    """The source volume's grid: size ``(X, Y, Z)``, spacing ``(sx, sy, sz)`` mm, origin, direction (3x3)."""
-
-    size: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    origin: np.ndarray
-    direction: np.ndarray
-
-    @classmethod
-    def of(cls, image: Any) -> "VolumeGeometry":
-        """The geometry of a 3-D ``SimpleITK.Image``."""
-        nx, ny, nz = (int(v) for v in image.GetSize()[:3])
-        sx, sy, sz = (float(v) for v in image.GetSpacing()[:3])
-        return cls((nx, ny, nz), (sx, sy, sz), np.asarray(image.GetOrigin()[:3], float),
-                   np.asarray(image.GetDirection(), float).reshape(3, 3))
-
-    def slice_of(self, position: np.ndarray) -> int | None:
-        """The slice index ``z`` whose first pixel is at ``position`` (LPS mm), or None."""
-        rel = np.linalg.solve(self.direction * np.asarray(self.spacing), position - self.origin)
-        z = int(round(rel[2]))
-        if 0 <= z < self.size[2] and np.linalg.norm(
-                self.origin + self.direction @ (np.array([0.0, 0.0, z]) * self.spacing) - position) <= POSITION_TOL_MM:
-            return z
-        return None
-
-
-def _frame_item(seg: Any, index: int, name: str) -> Any:
-    """Functional group ``name`` of frame ``index``: per-frame if present, else shared (or None)."""
-    per = seg.PerFrameFunctionalGroupsSequence[index]
-    if name in per:
-        return per[name][0]
-    shared = seg.get("SharedFunctionalGroupsSequence")
-    return shared[0][name][0] if shared and name in shared[0] else None
-
-
-def check_grid(seg: Any, geom: VolumeGeometry) -> None:
-    """Raise :class:`CorrectionRefused` naming the mismatch when the SEG is not on ``geom``'s grid.
-
-    Rows/Columns, pixel spacing and the plane orientation must equal the source's (within
-    ``DIRECTION_TOL`` / 1e-3 mm), and every frame must lie on a source slice (within
-    ``POSITION_TOL_MM``).
-    """
-    nx, ny, _ = geom.size
-    if (int(seg.Rows), int(seg.Columns)) != (ny, nx):
-        raise CorrectionRefused(f"SEG grid {int(seg.Rows)} x {int(seg.Columns)} (rows x columns) does not match "
-                                f"the source series' {ny} x {nx}")
-    for k in range(int(seg.get("NumberOfFrames", 1))):
-        measures = _frame_item(seg, k, "PixelMeasuresSequence")
-        orient = _frame_item(seg, k, "PlaneOrientationSequence")
-        pos = _frame_item(seg, k, "PlanePositionSequence")
-        if measures is None or orient is None or pos is None:
-            raise CorrectionRefused(f"SEG frame {k + 1} lacks its pixel measures, plane orientation or position")
-        sy, sx = (float(v) for v in measures.PixelSpacing)
-        if abs(sy - geom.spacing[1]) > 1e-3 or abs(sx - geom.spacing[0]) > 1e-3:
-            raise CorrectionRefused(f"SEG pixel spacing {sy:.4f} x {sx:.4f} mm does not match the source's "
-                                    f"{geom.spacing[1]:.4f} x {geom.spacing[0]:.4f} mm")
-        iop = np.asarray([float(v) for v in orient.ImageOrientationPatient])
-        if np.max(np.abs(iop - np.concatenate([geom.direction[:, 0], geom.direction[:, 1]]))) > DIRECTION_TOL:
-            raise CorrectionRefused(f"SEG frame {k + 1} orientation {np.round(iop, 4).tolist()} differs from the "
-                                    "source series'")
-        ipp = np.asarray([float(v) for v in pos.ImagePositionPatient])
-        if geom.slice_of(ipp) is None:
-            raise CorrectionRefused(f"SEG frame {k + 1} at {np.round(ipp, 3).tolist()} mm lies on no slice of "
-                                    "the source series")
-
-
-def decode_masks(seg: Any, geom: VolumeGeometry) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The SEG's cord and lesion masks, ``(Z, Y, X)`` uint8 on ``geom``'s grid, plus notes.
-
-    Frames are placed by their plane position (checked by :func:`check_grid` first). BINARY
-    frames are 0/1; FRACTIONAL ones are foreground above half the Maximum Fractional Value.
-
-    Raises
-    ------
-    CorrectionRefused
-        Off-grid frames, no cord segment, or pixel data that does not decode.
-    """
-    check_grid(seg, geom)
-    roles, notes = segment_roles(seg)
-    if "cord" not in roles.values():
-        raise CorrectionRefused("SEG has no spinal cord segment (SNOMED 2748008 or a label with 'cord')")
-    try:
-        frames = np.asarray(seg.pixel_array)
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on bad pixel data
-        raise CorrectionRefused(f"SEG pixel data does not decode: {exc}") from None
-    n = int(seg.get("NumberOfFrames", 1))
-    frames = frames.reshape(n, int(seg.Rows), int(seg.Columns))
-    if str(seg.get("SegmentationType", "BINARY")) == "FRACTIONAL":
-        frames = frames > float(seg.get("MaximumFractionalValue", 255)) / 2.0
-    nx, ny, nz = geom.size
-    masks = {"cord": np.zeros((nz, ny, nx), np.uint8), "lesion": np.zeros((nz, ny, nx), np.uint8)}
-    for k in range(n):
-        ident = _frame_item(seg, k, "SegmentIdentificationSequence")
-        role = roles.get(int(ident.ReferencedSegmentNumber)) if ident is not None else None
-        if role is None:
-            continue
-        z = geom.slice_of(np.asarray([float(v) for v in _frame_item(seg, k, "PlanePositionSequence")
-                                     .ImagePositionPatient]))
-        masks[role][z] |= (frames[k] > 0).astype(np.uint8)  # type: ignore[index]
-    if not masks["cord"].any():
-        raise CorrectionRefused("SEG's spinal cord segment is empty")
-    return masks["cord"], masks["lesion"], notes
 
 
 # -- who and when ---------------------------------------------------------------------------
@@ -282,138 +80,6 @@ def created_of(ds: Any) -> str | None:
             tm = (re.sub(r"\D", "", str(ds.get(t, "") or "").split(".")[0]) + "000000")[:6]
             return f"{date[:4]}-{date[4:6]}-{date[6:]}T{tm[:2]}:{tm[2:4]}:{tm[4:]}"
     return None
-
-
-# -- the index ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Correction:
-    """One row of ``corrections.sqlite`` (JSON columns decoded)."""
-
-    id: int
-    state: str  # "recorded" | "refused" | "expired"
-    reason: str | None
-    received_at: float
-    origin: str | None
-    seg_sop_uid: str | None
-    seg_series_uid: str | None
-    study_uid: str | None
-    source_series_uid: str | None
-    job_id: int | None
-    patient_key: str | None
-    creator: str | None
-    created: str | None
-    model_versions: dict[str, str]
-    measures: dict[str, Any]
-    notes: list[str]
-    path: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (``--json``)."""
-        return asdict(self)
-
-
-class CorrectionIndex:
-    """``DATA_DIR/corrections.sqlite`` plus the ``DATA_DIR/corrections/`` folders."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = Path(data_dir)
-        self.root = self.data_dir / "corrections"
-        try:
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.data_dir / "corrections.sqlite", timeout=30.0, isolation_level=None)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise StorageError(f"corrections index in {str(self.data_dir)!r}: {exc}") from None
-        self._sweep_orphans()
-
-    def close(self) -> None:
-        """Close the SQLite connection."""
-        self._db.close()
-
-    @contextlib.contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE ... COMMIT); errors as :class:`StorageError`."""
-        with write_tx(self._db, "corrections index") as db:
-            yield db
-
-    @contextlib.contextmanager
-    def writer_lock(self, blocking: bool = True) -> Iterator[bool]:
-        """Advisory lock (``flock`` on ``corrections/.lock``) held while a correction's folder is written
-        and committed; yields False when ``blocking`` is off and another process holds it.
-
-        Every process opening the index sweeps orphan folders (:meth:`_sweep_orphans`); without
-        this lock a ``sci-node corrections list`` run during an ingest deleted the ingest's
-        temporary folder, or its renamed folder before the row was committed.
-        """
-        try:
-            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise StorageError(f"corrections lock in {str(self.root)!r}: {exc}") from None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            yield True
-        finally:
-            os.close(fd)  # releases the lock
-
-    def _sweep_orphans(self) -> None:
-        """Delete temporary folders and folders without a recorded row (a crash mid-ingest).
-
-        Skipped while another process writes a correction (:meth:`writer_lock`).
-        """
-        with self.writer_lock(blocking=False) as free:
-            if not free:
-                return
-            keep = {Path(r[0]).name for r in self._db.execute(
-                "SELECT path FROM corrections WHERE state='recorded' AND path IS NOT NULL")}
-            for entry in self.root.iterdir():
-                if entry.is_dir() and entry.name not in keep and (entry.name.startswith(".tmp-")
-                                                                  or entry.name.isdigit()):
-                    shutil.rmtree(entry, ignore_errors=True)
-
-    def all(self, limit: int | None = None) -> list[Correction]:
-        """Every correction, newest first."""
-        sql = "SELECT * FROM corrections ORDER BY id DESC" + (" LIMIT ?" if limit else "")
-        return [_row(r) for r in self._db.execute(sql, (limit,) if limit else ())]
-
-    def get(self, correction_id: int) -> Correction:
-        """One correction; :class:`CorrectionNotFoundError` if there is none with that id."""
-        row = self._db.execute("SELECT * FROM corrections WHERE id=?", (correction_id,)).fetchone()
-        if row is None:
-            raise CorrectionNotFoundError(f"correction {correction_id} does not exist")
-        return _row(row)
-
-    def by_sop(self, sop_uid: str) -> Correction | None:
-        """The latest row for a SEG SOP Instance UID, or None."""
-        row = self._db.execute("SELECT * FROM corrections WHERE seg_sop_uid=? ORDER BY id DESC LIMIT 1",
-                               (sop_uid,)).fetchone()
-        return None if row is None else _row(row)
-
-    def insert(self, db: sqlite3.Connection, fields: dict[str, Any]) -> int:
-        """Insert a row inside transaction ``db``; JSON-encodes dict/list values; returns its id."""
-        cols = {k: (json.dumps(v, default=str) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
-        cur = db.execute(f"INSERT INTO corrections ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                         tuple(cols.values()))
-        return int(cur.lastrowid or 0)
-
-
-def _row(r: sqlite3.Row) -> Correction:
-    d = dict(r)
-    for key, empty in (("model_versions", {}), ("measures", {}), ("notes", [])):
-        d[key] = json.loads(d[key]) if d[key] else empty
-    return Correction(**d)
-
-
-def open_index(cfg: NodeConfig) -> CorrectionIndex:
-    """The corrections index of ``cfg.data_dir`` (created if missing)."""
-    return CorrectionIndex(cfg.data_dir)
 
 
 # -- ingest ---------------------------------------------------------------------------------
@@ -656,67 +322,3 @@ def _write_folder(tmp: Path, seg_path: Path, source: SourceJob, image: Any, mask
                 os.fsync(fd)
             finally:
                 os.close(fd)
-
-
-# -- retention and statistics ---------------------------------------------------------------
-
-def purge_expired(cfg: NodeConfig, index: CorrectionIndex, now: float | None = None) -> int:
-    """Delete the folders of corrections older than ``[corrections] retention_days``; mark them ``expired``.
-
-    The row keeps its change measures and model versions (for the statistics); the patient
-    key is cleared. Returns how many were purged.
-    """
-    days = cfg.corrections.retention_days
-    if days is None:
-        return 0
-    cutoff = (time.time() if now is None else now) - days * 86400.0
-    old = [c for c in index.all() if c.state == "recorded" and c.received_at <= cutoff]
-    for c in old:
-        with index.tx() as db:
-            db.execute("UPDATE corrections SET state='expired', path=NULL, patient_key=NULL WHERE id=?", (c.id,))
-        if c.path:
-            shutil.rmtree(c.path, ignore_errors=True)
-        log.info("correction.expired", correction=c.id, retention_days=days)
-    return len(old)
-
-
-def summary(cfg: NodeConfig) -> dict[str, Any]:
-    """Counts by state and the mean original-vs-corrected cord Dice over the last ``status_window``.
-
-    Per cord model version too, with ``heavily_corrected`` naming the versions whose mean is
-    below ``heavy_dice_below``. Reads only; an absent index gives zeros.
-    """
-    pol = cfg.corrections
-    out: dict[str, Any] = {"received": 0, "recorded": 0, "refused": 0, "expired": 0, "window": pol.status_window,
-                           "mean_cord_dice_last_n": None, "by_cord_model": {}, "heavily_corrected": []}
-    if not (cfg.data_dir / "corrections.sqlite").exists():
-        return out
-    index = CorrectionIndex(cfg.data_dir)
-    try:
-        rows = index.all()
-    finally:
-        index.close()
-    for c in rows:
-        out[c.state] = out.get(c.state, 0) + 1
-    out["received"] = len(rows)
-    kept = [c for c in rows if c.state in ("recorded", "expired") and "cord_dice" in c.measures]
-    last = kept[:pol.status_window]
-    if last:
-        out["mean_cord_dice_last_n"] = round(float(np.mean([c.measures["cord_dice"] for c in last])), 4)
-    by: dict[str, list[float]] = {}
-    for c in last:
-        by.setdefault(c.model_versions.get("cord", "?"), []).append(float(c.measures["cord_dice"]))
-    out["by_cord_model"] = {v: {"n": len(d), "mean_cord_dice": round(float(np.mean(d)), 4)} for v, d in by.items()}
-    out["heavily_corrected"] = sorted(v for v, d in by.items() if float(np.mean(d)) < pol.heavy_dice_below)
-    return out
-
-
-def summary_line(s: dict[str, Any]) -> str:
-    """One line for ``sci-node status``."""
-    mean = s.get("mean_cord_dice_last_n")
-    text = (f"{s['recorded'] + s['expired']} recorded, {s['refused']} refused"
-            + (f"; mean cord Dice original vs corrected (last {s['window']}) {mean:.3f}" if mean is not None else ""))
-    if s.get("heavily_corrected"):
-        text += f"; HEAVILY CORRECTED cord {', '.join(s['heavily_corrected'])}"
-    return text
-
