@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pydicom
 
-from sci_node.dicom.completion import SliceHeader, check_geometry, check_series
+from sci_node.dicom.completion import check_geometry, check_series
+from sci_node.dicom.geometry import SliceHeader
 
 from conftest import make_mr_series
 

@@ -3,18 +3,16 @@ slice, and the masks it holds as ``(Z, Y, X)`` uint8 arrays on that grid."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from sci_node.dicom.geometry import SPACING_TOL_MM, VolumeGeometry, functional_group, same_orientation, slice_headers
 from sci_node.errors import CorrectionRefused
 
 CORD_CODE, LESION_CODE = "2748008", "52988006"
 _CORD_LABEL = re.compile(r"cord", re.I)
 _LESION_LABEL = re.compile(r"lesion|plaque", re.I)
-POSITION_TOL_MM = 0.05
-DIRECTION_TOL = 1e-3
 
 
 def segment_roles(seg: Any) -> tuple[dict[int, str], list[str]]:
@@ -36,68 +34,29 @@ def segment_roles(seg: Any) -> tuple[dict[int, str], list[str]]:
     return roles, notes
 
 
-@dataclass(frozen=True)
-class VolumeGeometry:
-    """The source volume's grid: size ``(X, Y, Z)``, spacing ``(sx, sy, sz)`` mm, origin, direction (3x3)."""
-
-    size: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    origin: np.ndarray
-    direction: np.ndarray
-
-    @classmethod
-    def of(cls, image: Any) -> "VolumeGeometry":
-        """The geometry of a 3-D ``SimpleITK.Image``."""
-        nx, ny, nz = (int(v) for v in image.GetSize()[:3])
-        sx, sy, sz = (float(v) for v in image.GetSpacing()[:3])
-        return cls((nx, ny, nz), (sx, sy, sz), np.asarray(image.GetOrigin()[:3], float),
-                   np.asarray(image.GetDirection(), float).reshape(3, 3))
-
-    def slice_of(self, position: np.ndarray) -> int | None:
-        """The slice index ``z`` whose first pixel is at ``position`` (LPS mm), or None."""
-        rel = np.linalg.solve(self.direction * np.asarray(self.spacing), position - self.origin)
-        z = int(round(rel[2]))
-        if 0 <= z < self.size[2] and np.linalg.norm(
-                self.origin + self.direction @ (np.array([0.0, 0.0, z]) * self.spacing) - position) <= POSITION_TOL_MM:
-            return z
-        return None
-
-
-def _frame_item(seg: Any, index: int, name: str) -> Any:
-    """Functional group ``name`` of frame ``index``: per-frame if present, else shared (or None)."""
-    per = seg.PerFrameFunctionalGroupsSequence[index]
-    if name in per:
-        return per[name][0]
-    shared = seg.get("SharedFunctionalGroupsSequence")
-    return shared[0][name][0] if shared and name in shared[0] else None
-
-
 def check_grid(seg: Any, geom: VolumeGeometry) -> None:
     """Raise :class:`CorrectionRefused` naming the mismatch when the SEG is not on ``geom``'s grid.
 
-    Rows/Columns, pixel spacing and the plane orientation must equal the source's (within
-    ``DIRECTION_TOL`` / 1e-3 mm), and every frame must lie on a source slice (within
-    ``POSITION_TOL_MM``).
+    Rows/Columns, pixel spacing and the plane orientation must equal the source's, and every
+    frame must lie on a source slice, within the tolerances of :mod:`sci_node.dicom.geometry`
+    (its reader reads the frames' functional groups, as it reads an Enhanced MR's).
     """
     nx, ny, _ = geom.size
     if (int(seg.Rows), int(seg.Columns)) != (ny, nx):
         raise CorrectionRefused(f"SEG grid {int(seg.Rows)} x {int(seg.Columns)} (rows x columns) does not match "
                                 f"the source series' {ny} x {nx}")
-    for k in range(int(seg.get("NumberOfFrames", 1))):
-        measures = _frame_item(seg, k, "PixelMeasuresSequence")
-        orient = _frame_item(seg, k, "PlaneOrientationSequence")
-        pos = _frame_item(seg, k, "PlanePositionSequence")
-        if measures is None or orient is None or pos is None:
+    source_iop = np.concatenate([geom.direction[:, 0], geom.direction[:, 1]])
+    for k, frame in enumerate(slice_headers(seg)):
+        if frame.spacing is None or frame.orientation is None or frame.position is None:
             raise CorrectionRefused(f"SEG frame {k + 1} lacks its pixel measures, plane orientation or position")
-        sy, sx = (float(v) for v in measures.PixelSpacing)
-        if abs(sy - geom.spacing[1]) > 1e-3 or abs(sx - geom.spacing[0]) > 1e-3:
+        sy, sx = frame.spacing
+        if abs(sy - geom.spacing[1]) > SPACING_TOL_MM or abs(sx - geom.spacing[0]) > SPACING_TOL_MM:
             raise CorrectionRefused(f"SEG pixel spacing {sy:.4f} x {sx:.4f} mm does not match the source's "
                                     f"{geom.spacing[1]:.4f} x {geom.spacing[0]:.4f} mm")
-        iop = np.asarray([float(v) for v in orient.ImageOrientationPatient])
-        if np.max(np.abs(iop - np.concatenate([geom.direction[:, 0], geom.direction[:, 1]]))) > DIRECTION_TOL:
-            raise CorrectionRefused(f"SEG frame {k + 1} orientation {np.round(iop, 4).tolist()} differs from the "
-                                    "source series'")
-        ipp = np.asarray([float(v) for v in pos.ImagePositionPatient])
+        if not same_orientation(frame.orientation, source_iop):
+            raise CorrectionRefused(f"SEG frame {k + 1} orientation {np.round(frame.orientation, 4).tolist()} differs "
+                                    "from the source series'")
+        ipp = np.asarray(frame.position)
         if geom.slice_of(ipp) is None:
             raise CorrectionRefused(f"SEG frame {k + 1} at {np.round(ipp, 3).tolist()} mm lies on no slice of "
                                     "the source series")
@@ -128,13 +87,12 @@ def decode_masks(seg: Any, geom: VolumeGeometry) -> tuple[np.ndarray, np.ndarray
         frames = frames > float(seg.get("MaximumFractionalValue", 255)) / 2.0
     nx, ny, nz = geom.size
     masks = {"cord": np.zeros((nz, ny, nx), np.uint8), "lesion": np.zeros((nz, ny, nx), np.uint8)}
-    for k in range(n):
-        ident = _frame_item(seg, k, "SegmentIdentificationSequence")
+    for k, frame in enumerate(slice_headers(seg)[:n]):
+        ident = functional_group(seg, k, "SegmentIdentificationSequence")
         role = roles.get(int(ident.ReferencedSegmentNumber)) if ident is not None else None
         if role is None:
             continue
-        z = geom.slice_of(np.asarray([float(v) for v in _frame_item(seg, k, "PlanePositionSequence")
-                                     .ImagePositionPatient]))
+        z = geom.slice_of(np.asarray(frame.position))
         masks[role][z] |= (frames[k] > 0).astype(np.uint8)  # type: ignore[index]
     if not masks["cord"].any():
         raise CorrectionRefused("SEG's spinal cord segment is empty")

@@ -36,9 +36,10 @@ from typing import Any
 import numpy as np
 
 from sci_node.config import NodeConfig
-from sci_node.corrections.grid import VolumeGeometry, decode_masks
+from sci_node.corrections.grid import decode_masks
 from sci_node.corrections.index import Correction, CorrectionIndex, open_index, purge_expired
 from sci_node.corrections.measures import change_measures
+from sci_node.dicom.geometry import VolumeGeometry
 from sci_node.errors import CorrectionRefused, SciNodeError
 from sci_node.logs import get_logger
 

@@ -11,49 +11,27 @@ marked complete and its job enqueued in one transaction; a late instance re-open
 series as a new generation whose job supersedes the earlier one (see
 :meth:`sci_node.store.Store.complete_series`).
 
-:func:`check_geometry` is pure (header values in, report out); reading headers is the
-thin adapter :func:`read_slice_headers`.
+:func:`check_geometry` is pure (header values in, report out); the headers come from the
+node's one geometry reader, :func:`sci_node.dicom.geometry.read_slice_headers`, and its
+tolerances (the same as series loading and the corrections use).
 """
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pydicom
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from sci_node.config import NodeConfig
+from sci_node.dicom.geometry import (GAP_FACTOR, ORIENTATION_TOL, SAME_POSITION_MM, SliceHeader,
+                                     read_slice_headers)
 from sci_node.store import SeriesRow, Store
 
 log = structlog.get_logger("sci_node.completion")
-
-#: Cosines closer than this are the same orientation; positions closer (mm) are the same slice.
-ORIENTATION_TOL = 1e-3
-POSITION_TOL_MM = 1e-3
-#: A slice step larger than this factor times the median step is a gap.
-GAP_FACTOR = 1.5
-
-
-@dataclass(frozen=True)
-class SliceHeader:
-    """Geometry of one 2-D slice (a single-frame instance or one frame of a multi-frame one).
-
-    ``orientation`` is the 6 direction cosines (row, column) in patient LPS; ``position``
-    the (x, y, z) of the first voxel in mm; ``rows``/``cols`` the matrix size; ``spacing``
-    the Pixel Spacing (between rows, between columns) in mm when present.
-    """
-
-    source: str
-    orientation: tuple[float, ...] | None
-    position: tuple[float, float, float] | None
-    rows: int
-    cols: int
-    spacing: tuple[float, ...] | None = None
 
 
 def check_geometry(slices: Sequence[SliceHeader]) -> tuple[dict[str, Any], str | None]:
@@ -90,7 +68,7 @@ def check_geometry(slices: Sequence[SliceHeader]) -> tuple[dict[str, Any], str |
     normal = np.cross(iops[0, :3], iops[0, 3:])
     along = np.sort(np.array([s.position for s in slices], dtype=float) @ normal)
     steps = np.diff(along)
-    dup = steps < POSITION_TOL_MM
+    dup = steps < SAME_POSITION_MM
     if dup.any():
         report["duplicates"] = sorted({round(float(v), 3) for v in along[1:][dup]})
         return report, f"duplicate slice positions ({int(dup.sum())} slice(s) share a position)"
@@ -100,55 +78,6 @@ def check_geometry(slices: Sequence[SliceHeader]) -> tuple[dict[str, Any], str |
         report["gaps"] = [{"after_mm": round(float(along[i]), 3), "step_mm": round(float(steps[i]), 3)}
                           for i in np.nonzero(steps > GAP_FACTOR * median)[0]]
     return report, None
-
-
-def _floats(value: Any, n: int) -> tuple[float, ...] | None:
-    try:
-        out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    return out if len(out) == n else None
-
-
-def read_slice_headers(files: Sequence[Path]) -> tuple[list[SliceHeader], list[str]]:
-    """Read the geometry of every slice (frames of multi-frame images included), no pixels.
-
-    Returns the slices and a list of per-file problems (unreadable files).
-    """
-    slices: list[SliceHeader] = []
-    problems: list[str] = []
-    for f in files:
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-            rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-            per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-            if per_frame:
-                shared = ds.get("SharedFunctionalGroupsSequence") or [None]
-                for i, frame in enumerate(per_frame):
-                    slices.append(SliceHeader(f"{f.name}#{i + 1}", _frame_orientation(frame, shared[0]),
-                                              _frame_position(frame), rows, cols))
-            else:
-                pos = _floats(ds.get("ImagePositionPatient"), 3)
-                slices.append(SliceHeader(f.name, _floats(ds.get("ImageOrientationPatient"), 6),
-                                          pos if pos is None else (pos[0], pos[1], pos[2]), rows, cols,
-                                          _floats(ds.get("PixelSpacing"), 2)))
-        except Exception as exc:  # any unreadable spool file is reported, never raised
-            problems.append(f"{f.name}: {type(exc).__name__}: {exc}"[:200])
-    return slices, problems
-
-
-def _frame_orientation(frame: Any, shared: Any) -> tuple[float, ...] | None:
-    for group in (frame, shared):
-        seq = group.get("PlaneOrientationSequence") if group is not None else None
-        if seq:
-            return _floats(seq[0].get("ImageOrientationPatient"), 6)
-    return None
-
-
-def _frame_position(frame: Any) -> tuple[float, float, float] | None:
-    seq = frame.get("PlanePositionSequence")
-    pos = _floats(seq[0].get("ImagePositionPatient"), 3) if seq else None
-    return None if pos is None else (pos[0], pos[1], pos[2])
 
 
 def check_series(files: Sequence[Path]) -> tuple[dict[str, Any], str | None]:

@@ -6,7 +6,9 @@ Slices are ordered by their ImagePositionPatient projected on the slice normal
 one regular grid: mixed orientations, sizes or pixel spacings, duplicate positions,
 non-uniform slice spacing (a gap that is not a whole number of steps), positions not stacked
 along the normal (shear / gantry tilt), or more than ``max_missing_fraction`` of the grid
-missing.
+missing. Each slice's geometry comes from the node's one header reader,
+:func:`sci_node.dicom.geometry.slice_headers`, and is judged with its tolerances (the same
+that series completion and the corrections use).
 
 Missing slices (a gap of k steps: k - 1 slices the sender never sent or we refused) do not
 stop processing: the volume is the full regular grid, a missing slice is interpolated
@@ -34,14 +36,10 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
+from sci_node.dicom.geometry import (GRID_TOL_MM, ORIENTATION_TOL, SAME_POSITION_MM, SPACING_RTOL, SPACING_TOL_MM,
+                                     UNIT_TOL, SliceHeader, functional_group, is_multiframe, slice_headers)
 from sci_node.errors import InvalidDatasetError, InvalidSeriesError
 
-#: Tolerance on direction cosines when comparing orientations (unitless).
-ORIENTATION_TOL = 1e-4
-#: Relative tolerance on slice spacing uniformity (fraction of the median gap).
-SPACING_RTOL = 0.01
-#: Absolute tolerance (mm) on in-plane offsets between consecutive slices (shear).
-SHEAR_TOL_MM = 0.05
 #: Default largest fraction of the regular slice grid that may be missing (see ``NodeConfig``).
 MAX_MISSING_FRACTION = 0.25
 
@@ -148,14 +146,12 @@ def _read(path: Path) -> Dataset:
         raise InvalidDatasetError(f"{str(path)!r} is not a readable DICOM file: {exc}") from None
 
 
-def _floats(value: Any, n: int, what: str, ds: Dataset) -> np.ndarray:
-    try:
-        arr = np.asarray([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError):
-        arr = np.empty(0)
-    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
-        raise InvalidSeriesError(f"instance {ds.get('SOPInstanceUID', '?')}: {what} {value!r} is not {n} numbers")
-    return arr
+def _required(h: SliceHeader) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """Position, orientation and pixel spacing of one slice; raises naming the first absent or malformed one."""
+    if h.problem is not None or h.position is None or h.orientation is None or h.spacing is None:
+        raise InvalidSeriesError(h.problem or f"{h.source}: incomplete slice geometry")
+    return (np.asarray(h.position, dtype=np.float64), np.asarray(h.orientation, dtype=np.float64),
+            (h.spacing[0], h.spacing[1]))
 
 
 def _check_image(ds: Dataset) -> None:
@@ -187,11 +183,10 @@ def _rescale(arr: np.ndarray, slope: Any, intercept: Any) -> np.ndarray:
 
 def _slices_of(ds: Dataset) -> list[_Slice]:
     _check_image(ds)
-    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+    if is_multiframe(ds):
         return _frames_of(ds)
-    for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-        if kw not in ds:
-            raise InvalidSeriesError(f"instance {ds.get('SOPInstanceUID', '?')} has no {kw}")
+    (header,) = slice_headers(ds)
+    position, orientation, spacing = _required(header)
     cache: dict[str, np.ndarray] = {}
 
     def pixels() -> np.ndarray:
@@ -202,32 +197,15 @@ def _slices_of(ds: Dataset) -> list[_Slice]:
             cache["a"] = _rescale(arr, ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
         return cache["a"]
 
-    ps = _floats(ds.PixelSpacing, 2, "PixelSpacing", ds)
-    return [_Slice(
-        position=_floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", ds),
-        orientation=_floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", ds),
-        shape=(int(ds.Rows), int(ds.Columns)),
-        pixel_spacing=(float(ps[0]), float(ps[1])),
-        thickness=float(ds.SliceThickness) if ds.get("SliceThickness") not in (None, "") else None,
-        ref=SourceRef(str(ds.SOPClassUID), str(ds.SOPInstanceUID), None),
-        dataset=ds,
-        pixels=pixels,
-    )]
-
-
-def _group(ds: Dataset, index: int, seq: str) -> Dataset | None:
-    """Functional group item ``seq`` for frame ``index`` (0-based): per-frame first, then shared."""
-    for top, i in (("PerFrameFunctionalGroupsSequence", index), ("SharedFunctionalGroupsSequence", 0)):
-        groups = ds.get(top)
-        item = groups[i].get(seq) if groups and len(groups) > i else None
-        if item:
-            return item[0]
-    return None
+    return [_Slice(position=position, orientation=orientation, shape=(header.rows, header.cols),
+                   pixel_spacing=spacing, thickness=header.thickness,
+                   ref=SourceRef(str(ds.SOPClassUID), str(ds.SOPInstanceUID), None), dataset=ds, pixels=pixels)]
 
 
 def _frames_of(ds: Dataset) -> list[_Slice]:
     sop = str(ds.get("SOPInstanceUID", "?"))
-    n = int(ds.get("NumberOfFrames", 1))
+    headers = slice_headers(ds)
+    n = len(headers)
     cache: dict[str, np.ndarray] = {}
 
     def frames() -> np.ndarray:
@@ -237,25 +215,14 @@ def _frames_of(ds: Dataset) -> list[_Slice]:
         return cache["a"]
 
     out: list[_Slice] = []
-    for i in range(n):
-        pos, ori, meas = (_group(ds, i, s) for s in
-                          ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence"))
-        if pos is None or ori is None or meas is None or "PixelSpacing" not in meas:
-            raise InvalidSeriesError(
-                f"instance {sop} frame {i + 1}: plane position, orientation or pixel measures missing")
-        rescale = _group(ds, i, "PixelValueTransformationSequence")
+    for i, header in enumerate(headers):
+        position, orientation, spacing = _required(header)
+        rescale = functional_group(ds, i, "PixelValueTransformationSequence")
         slope = rescale.get("RescaleSlope") if rescale is not None else None
         intercept = rescale.get("RescaleIntercept") if rescale is not None else None
-        ps = _floats(meas.PixelSpacing, 2, "PixelSpacing", ds)
-        thick = meas.get("SliceThickness")
         out.append(_Slice(
-            position=_floats(pos.ImagePositionPatient, 3, "ImagePositionPatient", ds),
-            orientation=_floats(ori.ImageOrientationPatient, 6, "ImageOrientationPatient", ds),
-            shape=(int(ds.Rows), int(ds.Columns)),
-            pixel_spacing=(float(ps[0]), float(ps[1])),
-            thickness=float(thick) if thick not in (None, "") else None,
-            ref=SourceRef(str(ds.SOPClassUID), sop, i + 1),
-            dataset=ds,
+            position=position, orientation=orientation, shape=(header.rows, header.cols), pixel_spacing=spacing,
+            thickness=header.thickness, ref=SourceRef(str(ds.SOPClassUID), sop, i + 1), dataset=ds,
             pixels=functools.partial(_frame_pixels, frames, i, slope, intercept),
         ))
     return out
@@ -346,10 +313,10 @@ def _sort_and_check(slices: list[_Slice]) -> tuple[list[_Slice], np.ndarray, flo
             raise InvalidSeriesError(
                 f"mixed orientations: ImageOrientationPatient {np.round(first.orientation, 4).tolist()} and "
                 f"{np.round(s.orientation, 4).tolist()} ({s.ref.sop_instance_uid})")
-        if not np.allclose(s.pixel_spacing, first.pixel_spacing, rtol=1e-4, atol=1e-4):
+        if np.max(np.abs(np.subtract(s.pixel_spacing, first.pixel_spacing))) > SPACING_TOL_MM:
             raise InvalidSeriesError(f"mixed pixel spacings: {list(first.pixel_spacing)} and {list(s.pixel_spacing)}")
     normal = np.cross(first.orientation[:3], first.orientation[3:])
-    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
+    if not np.isclose(np.linalg.norm(normal), 1.0, atol=UNIT_TOL):
         raise InvalidSeriesError(f"ImageOrientationPatient {first.orientation.tolist()} is not two orthonormal cosines")
     dist = np.array([float(s.position @ normal) for s in slices])
     order = np.argsort(dist, kind="stable")
@@ -359,14 +326,14 @@ def _sort_and_check(slices: list[_Slice]) -> tuple[list[_Slice], np.ndarray, flo
         return ordered, np.zeros(1, dtype=int), float(first.thickness or 1.0)
     gaps = np.diff(dist)
     dup = int(np.argmin(gaps))
-    if gaps[dup] < 1e-3:
+    if gaps[dup] < SAME_POSITION_MM:
         raise InvalidSeriesError(
             f"duplicate slice position {np.round(ordered[dup].position, 3).tolist()} "
             f"({ordered[dup].ref.sop_instance_uid} and {ordered[dup + 1].ref.sop_instance_uid})")
     index, step = slice_grid(dist)
     offsets = np.array([s.position for s in ordered]) - ordered[0].position
     shear = offsets - np.outer(dist - dist[0], normal)
-    if np.max(np.linalg.norm(shear, axis=1)) > SHEAR_TOL_MM + 1e-3 * step * len(ordered):
+    if np.max(np.linalg.norm(shear, axis=1)) > GRID_TOL_MM + 1e-3 * step * len(ordered):
         raise InvalidSeriesError(
             f"slice positions are not stacked along the slice normal (in-plane offset "
             f"{np.max(np.linalg.norm(shear, axis=1)):.3f} mm: gantry tilt or sheared stack)")
