@@ -1,7 +1,7 @@
 """Benchmark: cord Dice on the whole volume and within the reference's superior-inferior extent.
 
 Prints numbers, never passes or fails. For each labelled case of the shared data that the cord
-artefact never trained on (:func:`trainer.seg_recalibrate.unseen_cases`), the artefact's own
+artefact never trained on (:func:`trainer.segment.recalibrate.unseen_cases`), the artefact's own
 prediction at its card's setting (:meth:`sci_node.models.predict_seg.Segmenter.predict`) is scored against
 the reference mask twice: on the whole volume, and on the slab of slices (along the array axis
 closest to the patient's S-I axis) from the reference's lowest to its highest labelled slice. The
@@ -33,7 +33,7 @@ def si_axis(image: sitk.Image) -> int:
 
 def extent_scores(pred: np.ndarray, truth: np.ndarray, axis: int) -> dict[str, float | int | str]:
     """Dice of boolean ``(Z, Y, X)`` masks on the whole volume and within ``truth``'s extent along ``axis``."""
-    from trainer.infer_check import dice
+    from trainer.studies.infer_check import dice
 
     other = tuple(i for i in range(3) if i != axis)
     has = np.nonzero(truth.any(axis=other))[0]
@@ -46,9 +46,9 @@ def extent_scores(pred: np.ndarray, truth: np.ndarray, axis: int) -> dict[str, f
 
 def main() -> int:
     from sci_node.models.predict_seg import Segmenter, configure_threads
-    from trainer import data as tdata
-    from trainer.seg import load_config
-    from trainer.seg_recalibrate import unseen_cases
+    from trainer.segment import data as tdata
+    from trainer.segment.train import load_config
+    from trainer.segment.recalibrate import unseen_cases
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", type=Path, default=REPO / "models" / "cord" / "0.2.3")

@@ -39,7 +39,7 @@ def _segmenter(args: argparse.Namespace) -> Segmenter:
     if args.artifact:
         return Segmenter.from_artifact(args.artifact)
     from sci_node.models.artifact import build_network
-    from trainer.seg import load_config, prep_spec
+    from trainer.segment.train import load_config, prep_spec
 
     cfg = load_config("cord", args.config)
     card = {"name": cfg["model"]["name"], "version": "bench", "kind": "segmentation",

@@ -37,7 +37,7 @@ def spine_contrasts(data: Path, segmenter: Any, mask_op: str) -> tuple[dict[int,
     from scipy import ndimage  # type: ignore[import-untyped]
 
     from sci_node.routing import contrast_rules
-    from trainer.cls_report import stored_sources
+    from trainer.studies.cls_report import stored_sources
 
     sources: dict[int, Any] = {}
     contrasts: dict[int, Any] = {}
@@ -61,7 +61,7 @@ def main() -> int:
     from sci_node.routing import contrast_rules
     from sci_node.models.predict_seg import Segmenter, configure_threads
     from sci_node.models.registry import ModelRegistry
-    from trainer.cls_ensemble import mean_predictions
+    from trainer.classify.ensemble import mean_predictions
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "spine")

@@ -283,7 +283,7 @@ def test_single_thin_slice_of_a_large_field_of_view_keeps_its_image() -> None:
 def test_a_sidecar_normal_that_contradicts_the_stored_slices_is_dropped(cases: dict[str, sitk.Image]) -> None:
     """ivadomed's sub-unf01 T1w/T2w sidecars describe a sagittal acquisition of NIfTI volumes
     stored axially: the trainer keeps the sidecar's TE/TR but not its slice normal."""
-    from trainer.cls_data import stored_grid_evidence
+    from trainer.classify.data import stored_grid_evidence
 
     sagittal = HeaderEvidence.from_bids_sidecar({"EchoTime": 0.12, "RepetitionTime": 1.5,
                                                  "ImageOrientationPatientDICOM": [0, 1, 0, 0, 0, -1]})
@@ -355,7 +355,7 @@ def test_route_command_names_the_reason_of_an_unreadable_series(tmp_path: Path,
 
 
 def test_score_command_accuracy_and_confusion(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from trainer.cls_score import bids_labels, main as score_main
+    from trainer.studies.cls_score import bids_labels, main as score_main
 
     assert bids_labels("sub-1_acq-MTon_MTS.nii.gz") == {"sequence": "other"}
     assert bids_labels("sub-1_T2star.nii.gz") == {"sequence": "T2starw"} and bids_labels("x.nii") == {}
@@ -382,7 +382,7 @@ def test_score_command_accuracy_and_confusion(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_group_folds_keep_persons_together_and_balance() -> None:
-    from trainer.classifiers import assign_folds
+    from trainer.classify.train import assign_folds
 
     sizes = {"a": 50, "b": 40, "c": 30, "d": 20, "e": 10, "f": 10}
     folds = assign_folds(list(sizes), sizes, 3)
@@ -408,7 +408,7 @@ def test_shipped_anatomy_and_region_read_the_image_not_the_protocol(shipped: dic
 
 def test_report_tables_from_the_shipped_cards() -> None:
     """The validation tables of docs/classifiers.md come from the active cards (per-series held-out predictions)."""
-    from trainer.cls_report import hierarchy_table, report
+    from trainer.studies.cls_report import hierarchy_table, report
 
     text = report(REPO / "models")
     assert "| anatomy | anatomy |" in text and "| with header: acc. (n) |" in text

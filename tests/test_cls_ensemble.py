@@ -1,4 +1,4 @@
-"""Classifier seed ensembles (trainer.cls_ensemble, sci_node.nets.ProbMeanSeriesNet): two real one-epoch
+"""Classifier seed ensembles (trainer.classify.ensemble, sci_node.nets.ProbMeanSeriesNet): two real one-epoch
 sequence artefacts, their ensemble built, loaded, served, registered, rolled back."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from sci_node.routing.evidence import HeaderEvidence
 from sci_node.models.predict_cls import Classifier
 from sci_node.models.registry import ModelRegistry
 from test_classifiers import FIX, T2_TSE, TINY_SEQUENCE
-from trainer.cls_ensemble import build_ensemble
+from trainer.classify.ensemble import build_ensemble
 
 torch.set_num_threads(1)
 

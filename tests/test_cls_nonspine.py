@@ -1,4 +1,4 @@
-"""Extra synthetic non-spine exams of the anatomy classifier (``trainer.cls_nonspine``, ``[data] n_nonspine``)."""
+"""Extra synthetic non-spine exams of the anatomy classifier (``trainer.classify.nonspine``, ``[data] n_nonspine``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,9 +6,9 @@ import pytest
 
 from sci_node.routing.cls_features import N_FEATURES, THUMB_SIZE, series_inputs
 from sci_node.errors import ConfigError
-from trainer.classifiers import EXTRA_DATA_KEYS, _with_nonspine
-from trainer.cls_data import ANATOMY, TASKS, SampleSet
-from trainer.cls_nonspine import KINDS, epi_artefacts
+from trainer.classify.train import EXTRA_DATA_KEYS, _with_nonspine
+from trainer.classify.data import ANATOMY, TASKS, SampleSet
+from trainer.classify.nonspine import KINDS, epi_artefacts
 
 EXPECTED = {"brain_epi": "brain", "brain_crop": "brain", "phantom_scan": "other", "ct_crop": "abdomen",
             "abdomen_slice": "abdomen"}

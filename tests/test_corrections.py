@@ -340,7 +340,7 @@ def test_lesion_finetune_on_exported_layout(tmp_path: Path) -> None:
     """``--corrections`` for the lesion model: real lesion masks next to the synthetic ones, split by patient."""
     import torch
 
-    from trainer.finetune import finetune_segmentation
+    from trainer.segment.finetune import finetune_segmentation
 
     torch.set_num_threads(1)
     models = tmp_path / "models"

@@ -22,7 +22,7 @@ from test_trainer_seg import _bids, _tiny_config
 from sci_node.cli import main
 from sci_node.config import REPO_ROOT
 from sci_node.models.registry import ModelRegistry
-from trainer.seg import train_segmentation
+from trainer.segment.train import train_segmentation
 
 SERIES = REPO_ROOT / "tests" / "data" / "series" / "unf01_axial_T2w"
 NEW_VERSION = "0.2.0-hotswap"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from sci_node.imaging.postprocess import hysteresis, keep_components, near_centerline
-from trainer.seg_eval import calibrate
-from trainer.seg_loop import RandomIntensityCurve
+from trainer.segment.evaluate import calibrate
+from trainer.segment.loop import RandomIntensityCurve
 
 
 def _tube(shape=(40, 64, 64), centre=(32, 32), radius=4, z=slice(None)) -> np.ndarray:
@@ -67,7 +67,7 @@ def test_calibration_of_threshold_and_minimum_volume_is_nested() -> None:
     """With ``[train] min_volumes_mm3`` the grid holds ``threshold@volume`` pairs; each group is
     scored at the pair the other groups prefer, and the card gets both values."""
     from sci_node.imaging.preprocess import PrepSpec
-    from trainer.seg_eval import apply_setting, parse_setting, setting_grid
+    from trainer.segment.evaluate import apply_setting, parse_setting, setting_grid
 
     cfg = {"train": {"thresholds": [0.3, 0.5], "min_volumes_mm3": [2, 10]}, "post": {"min_volume_mm3": 2.0}}
     spec = PrepSpec(spacing_yx=(0.8, 0.8), patch_yx=(32, 32), threshold=0.5)

@@ -13,11 +13,11 @@ import torch
 from sci_node.imaging import preprocess
 from sci_node.errors import DataError
 from sci_node.models.predict_seg import Segmenter, coarse_to_fine, infer_volume
-from trainer import data as tdata
+from trainer.segment import data as tdata
 from trainer.lesions import LesionSpec, inject_lookalikes
-from trainer.seg import Vol, cord_with_lesions, load_config, prep_spec
-from trainer.seg_eval import calibrate
-from trainer.seg_loop import train_network
+from trainer.segment.train import Vol, cord_with_lesions, load_config, prep_spec
+from trainer.segment.evaluate import calibrate
+from trainer.segment.loop import train_network
 
 SEG = Path(__file__).parent / "data" / "seg"
 CONFIGS = Path(__file__).resolve().parents[1] / "trainer" / "configs"
@@ -214,8 +214,8 @@ def test_partial_run_assembles_an_artefact_that_names_its_pending_folds(tmp_path
     import json
 
     from sci_node.models.artifact import load_network
-    from trainer.seg import train_segmentation
-    from trainer.seg_assemble import assemble
+    from trainer.segment.train import train_segmentation
+    from trainer.segment.assemble import assemble
 
     data, config = _tiny_cord_config(tmp_path)
     work = tmp_path / "work"
@@ -238,7 +238,7 @@ def test_folds_option_runs_some_folds_and_the_full_run_reuses_them(tmp_path: Pat
     An unknown fold name, or no work dir, is a ConfigError."""
     from sci_node.models.artifact import load_network
     from sci_node.errors import ConfigError
-    from trainer.seg import train_segmentation
+    from trainer.segment.train import train_segmentation
 
     data, config = _tiny_cord_config(tmp_path)
     work = tmp_path / "work"
@@ -279,7 +279,7 @@ def test_recalibration_scores_only_unseen_persons_and_keeps_the_weights(tmp_path
     """Only persons the artefact never trained on are scored; the new card keeps the weights and
     carries the chosen threshold, a post-processing override and a switched-on flip TTA."""
     from sci_node.models.artifact import load_network
-    from trainer.seg_recalibrate import recalibrate, write_recalibrated
+    from trainer.segment.recalibrate import recalibrate, write_recalibrated
 
     _put(tmp_path / "ds", "anat", "sub-unf01_T2w", "sub-unf01_T2w_crop")  # 0.2.0 trained on sub-unf01: not scored
     cfg = _unseen_persons_config(tmp_path, "cord", "[0.3, 0.5]")
@@ -303,7 +303,7 @@ def test_config_with_a_base_changes_only_what_it_names(tmp_path: Path) -> None:
     a chain of two bases; a cycle or a non-string base is a ConfigError naming the file."""
     from sci_node.errors import ConfigError
     from trainer import read_toml_config
-    from trainer.seg import CONFIGS
+    from trainer.segment.train import CONFIGS
 
     shipped = load_config("lesion", None)
     long_ = load_config("lesion", CONFIGS / "lesion_long.toml")
@@ -332,7 +332,7 @@ def test_config_with_a_base_changes_only_what_it_names(tmp_path: Path) -> None:
 def test_lesion_recalibration_scores_networks_of_other_seeds_on_the_same_injections(tmp_path: Path) -> None:
     """``injection_seed``: the held-out lesions are seeded by the card's training seed unless told
     otherwise, so two networks trained with different seeds can be scored on the same lesions."""
-    from trainer.seg_recalibrate import recalibrate
+    from trainer.segment.recalibrate import recalibrate
 
     cfg = _unseen_persons_config(tmp_path, "lesion", "[0.5]")
     art = Path(__file__).resolve().parents[1] / "models" / "lesion" / "0.8.1"  # trained with seed 0
@@ -357,7 +357,7 @@ def test_fold_artifacts_score_each_person_with_the_fold_that_held_it_out(tmp_pat
 
     from sci_node.models.artifact import load_network, write_artifact
     from sci_node.errors import DataError
-    from trainer.seg_recalibrate import recalibrate
+    from trainer.segment.recalibrate import recalibrate
 
     cfg = _unseen_persons_config(tmp_path, "cord", "[0.5]")
     net, card = load_network(Path(__file__).resolve().parents[1] / "models" / "cord" / "0.2.0")

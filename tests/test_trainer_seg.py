@@ -15,10 +15,10 @@ from sci_node.models.artifact import load_network
 from sci_node.errors import ConfigError, DataError
 from sci_node.imaging.postprocess import dilate_mm
 from sci_node.models.predict_seg import Segmenter
-from trainer import data as tdata
+from trainer.segment import data as tdata
 from trainer.lesions import LesionSpec, inject_lesions
-from trainer.seg import train_segmentation
-from trainer.seg_eval import parse_setting
+from trainer.segment.train import train_segmentation
+from trainer.segment.evaluate import parse_setting
 
 SEG = Path(__file__).parent / "data" / "seg"
 CONFIGS = Path(__file__).resolve().parents[1] / "trainer" / "configs"
@@ -215,7 +215,7 @@ def test_test_generator_defaults_to_the_training_generator() -> None:
 def test_lesion_training_copies_clean_and_masked() -> None:
     """``clean_fraction`` copies stay lesion-free (empty label, image untouched); ``post.mask_input_to_roi``
     zeroes the image outside the cord dilated by ``post.roi_dilate_mm``, as the node does at inference."""
-    from trainer.seg import Vol, with_lesions
+    from trainer.segment.train import Vol, with_lesions
 
     image = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))).astype(np.float32)
     cord = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop_seg-manual.nii.gz"))).astype(np.uint8)
@@ -258,8 +258,8 @@ def test_thickness_channel_reaches_the_network_in_training_and_inference() -> No
     from sci_node.errors import ModelError
     from sci_node.models.predict_seg import infer_volume
     from sci_node.imaging.preprocess import PrepSpec, thickness_value
-    from trainer.seg import Vol
-    from trainer.seg_loop import SliceSampler, augmentation
+    from trainer.segment.train import Vol
+    from trainer.segment.loop import SliceSampler, augmentation
 
     spec = PrepSpec(patch_yx=(32, 32), thickness_channel=True)
     assert spec.in_channels == 2 and PrepSpec.from_card(spec.to_card()) == spec
@@ -346,9 +346,9 @@ def test_cord_free_canal_volumes_stay_in_every_fold_and_are_drawn_at_their_share
     made without the PAM50 template, so they stay in the fold that holds the template image out
     (the PAM50-derived volumes leave it); the sampler draws them at ``canal_fraction``."""
     from sci_node.imaging.preprocess import PrepSpec
-    from trainer.seg import Vol, _fold_vols, synth_pool
-    from trainer.seg_loop import SliceSampler
-    from trainer.synth import synth_canal_volume
+    from trainer.segment.train import Vol, _fold_vols, synth_pool
+    from trainer.segment.loop import SliceSampler
+    from trainer.segment.synth import synth_canal_volume
 
     img, mask, (sz, sy, sx) = synth_canal_volume(np.random.default_rng(3))
     assert img.shape[1:] == (112, 112) and img.shape == mask.shape and not mask.any()
@@ -379,8 +379,8 @@ def test_positive_patches_per_lesion_and_anywhere_in_the_window() -> None:
     ``pos_jitter = 0.45`` puts the lesion anywhere in the patch (0.25: only the middle half);
     a jitter beyond half the patch is refused."""
     from sci_node.imaging.preprocess import PrepSpec
-    from trainer.seg import Vol
-    from trainer.seg_loop import SliceSampler
+    from trainer.segment.train import Vol
+    from trainer.segment.loop import SliceSampler
 
     lab = np.zeros((12, 64, 64), np.uint8)
     lab[2:9, 20:27, 20:27] = 1  # 343 voxels
@@ -412,7 +412,7 @@ def test_positive_patches_per_lesion_and_anywhere_in_the_window() -> None:
 def test_seed_ensemble_averages_its_members_logits_and_refuses_strangers(tmp_path: Path) -> None:
     from sci_node.models.artifact import read_card, write_artifact
     from sci_node.errors import ModelError
-    from trainer.seg_ensemble import main as ensemble_main
+    from trainer.segment.ensemble import main as ensemble_main
 
     base = Path(__file__).resolve().parents[1] / "models" / "lesion" / "0.8.1"
     net_a, card = load_network(base)

@@ -1,9 +1,19 @@
-"""sci-node offline trainer: datasets, synthetic images and lesions, training loops, artefacts."""
+"""sci-node offline trainer: datasets, synthetic images and lesions, training loops, artefacts.
+
+``classify/`` trains the three classifiers, ``segment/`` the cord and lesion segmenters, ``studies/``
+reproduces the docs' measurements; ``cli`` adds ``sci-node train`` to the node's command line.
+The trainer imports the node (its preprocessing, artefact format and networks), never the reverse.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
+from sci_node.moved import install_aliases
+from trainer.moved import MOVED
+
 __version__ = "0.1.0"
+
+install_aliases(MOVED)  # old module paths (before classify/, segment/, studies/) still import: see trainer.moved
 
 
 def git_commit() -> str:

@@ -19,6 +19,9 @@ from sci_node.errors import SciNodeError
 from sci_node.logs import configure_logging
 
 Handler = Callable[[argparse.Namespace, NodeConfig], int]
+#: Entry-point group through which installed packages add ``sci-node`` subcommands (setup.cfg: the
+#: trainer registers ``train``), so the dependency runs one way: the trainer imports the node.
+COMMANDS_GROUP = "sci_node.commands"
 
 
 def _add_config_flags(p: argparse.ArgumentParser, node_flags: bool = False) -> None:
@@ -149,20 +152,6 @@ def _route(args: argparse.Namespace, cfg: NodeConfig) -> int:
     return run_route(args.input, cfg, as_json=args.json, device=args.device or "cpu")
 
 
-def _train(args: argparse.Namespace, cfg: NodeConfig) -> int:
-    from trainer.cli import train
-
-    if args.corrections is not None:
-        from trainer.cli import train_with_corrections
-
-        return train_with_corrections(args.model, cfg, args.corrections, config=args.train_config, data=args.data,
-                                      out=args.out, epochs=args.epochs, seed=args.seed, device=args.device or "cpu",
-                                      work_dir=args.work_dir)
-    return train(args.model, config=args.train_config, data=args.data, out=args.out,
-                 epochs=args.epochs, seed=args.seed, device=args.device or "cpu", keep_folds=args.keep_folds,
-                 work_dir=args.work_dir, folds=args.folds)
-
-
 def _corrections(args: argparse.Namespace, cfg: NodeConfig) -> int:
     from sci_node.cli import corrections as cc
 
@@ -287,7 +276,7 @@ def _add_peer_commands(sub: Any) -> None:
 
 
 def _add_offline_commands(sub: Any) -> None:
-    """infer, route, train: batch work without the node."""
+    """infer, route (and train, registered by the trainer): batch work without the node."""
     p = sub.add_parser("infer", help="batch: segment every series under INPUT into OUTDIR")
     _add_config_flags(p)
     p.add_argument("input", type=Path, help="folder (or file) of DICOM series and/or NIfTI volumes")
@@ -304,28 +293,18 @@ def _add_offline_commands(sub: Any) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.set_defaults(handler=_route)
 
-    p = sub.add_parser("train", help="train one of the five models (offline trainer)")
-    _add_config_flags(p)
-    p.add_argument("model", choices=["anatomy", "region_view", "sequence", "cord", "lesion"])
-    p.add_argument("--train-config", dest="train_config", type=Path,
-                   help="training config TOML (default: trainer/configs/MODEL.toml)")
-    p.add_argument("--data", type=Path, help="data root (default: ../shared/data/spine)")
-    p.add_argument("--out", type=Path, help="artefact output folder (default: models/MODEL/VERSION)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--keep-folds", dest="keep_folds", type=Path,
-                   help="segmentation models: also write each cross-validation fold network here")
-    p.add_argument("--work-dir", dest="work_dir", type=Path,
-                   help="segmentation models: resumable run (fold results and per-epoch checkpoints); "
-                        "re-run the same command to resume")
-    p.add_argument("--folds", type=lambda v: [f for f in v.split(",") if f], metavar="FOLD[,FOLD]",
-                   help="segmentation models, with --work-dir: run these cross-validation folds only (e.g. "
-                        "fold0,fold1; 'final' = the final network; one process per core), then the same command without it to finish")
-    p.add_argument("--corrections", nargs="?", const="data-dir", default=None, metavar="DIR",
-                   help="cord/lesion: fine-tune the active model on the shared data plus the site's corrections "
-                        "(an exported DIR, or without DIR: exported, de-identified, from --data-dir)")
-    p.set_defaults(handler=_train)
+    _add_registered_commands(sub)  # sci-node train (the trainer), after the node's own offline commands
+
+
+def _add_registered_commands(sub: Any) -> None:
+    """Subcommands that other installed packages register, in name order: each entry point of
+    :data:`COMMANDS_GROUP` is a function ``register(subparsers, add_config_flags)`` that adds its
+    parsers with a ``handler(args, cfg) -> int`` default (the trainer's ``trainer.cli:register``
+    adds ``train``). The node imports none of them by name."""
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        ep.load()(sub, _add_config_flags)
 
 
 def _add_admin_commands(sub: Any) -> None:

@@ -1,6 +1,6 @@
 """The corrections as trainer input: ``sci-node corrections export`` and ``sci-node train --corrections``.
 
-:func:`export_corrections` writes the BIDS-like layout :mod:`trainer.data` reads (one image per correction)::
+:func:`export_corrections` writes the BIDS-like layout :mod:`trainer.segment.data` reads (one image per correction)::
 
     DIR/sub-<key>/anat/sub-<key>_acq-corr<ID>_<seq>.nii.gz        the source series (LPS)
     DIR/sub-<key>/anat/sub-<key>_acq-corr<ID>_<seq>.json          sidecar: correction, models, measures

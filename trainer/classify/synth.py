@@ -18,7 +18,7 @@ from scipy import ndimage as ndi
 
 from sci_node.errors import DataError
 from sci_node.routing.evidence import HeaderEvidence
-from trainer.cls_data import REGION, SEQUENCE, VIEW, level_to_region, sample_header
+from trainer.classify.data import REGION, SEQUENCE, VIEW, level_to_region, sample_header
 
 # mean intensity of (wm, gm, csf, canal, background) per sequence class
 _CONTRAST = {"T1w": (0.75, 0.65, 0.15, 0.5, 0.45), "T2w": (0.35, 0.45, 0.95, 0.4, 0.35),

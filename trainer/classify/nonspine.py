@@ -1,6 +1,6 @@
 """Extra synthetic non-spine exams for the ``anatomy`` classifier (``[data] n_nonspine``, default off).
 
-The body scenes of :mod:`trainer.cls_scenes` cover heads, trunks and limbs at the fields of view of
+The body scenes of :mod:`trainer.classify.scenes` cover heads, trunks and limbs at the fields of view of
 routine exams. The held-out real non-spine series that the anatomy network got wrong are of
 kinds those scenes rarely produce, so these generators add them, each from first principles of
 the acquisition (not from the real files):
@@ -17,7 +17,7 @@ the acquisition (not from the real files):
 * ``ct_crop``: CT crops (80-220 mm) of the upper abdomen centred on an organ, with ribs and a spleen;
 * ``abdomen_slice``: whole-trunk MR single slices and short stacks (axial or coronal).
 
-Every generator returns ``(image, header, labels)`` like :func:`trainer.cls_scenes.scene_sample`.
+Every generator returns ``(image, header, labels)`` like :func:`trainer.classify.scenes.scene_sample`.
 Arrays are ``(Z, Y, X)`` = (I→S, A→P, R→L) on the scene grid; images are LPS ``SimpleITK`` images.
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from sci_node.routing.evidence import HeaderEvidence
-from trainer.cls_data import ANATOMY, SEQUENCE, VIEW, sample_header
-from trainer.cls_scenes import BONE, CORD, CSF, FAT, GM, LIVER, MARROW, MUSCLE, VOX, Scene, head, render, trunk
+from trainer.classify.data import ANATOMY, SEQUENCE, VIEW, sample_header
+from trainer.classify.scenes import BONE, CORD, CSF, FAT, GM, LIVER, MARROW, MUSCLE, VOX, Scene, head, render, trunk
 
 #: Bump when a generator here changes: it is part of the extra samples' cache key.
 NONSPINE_VERSION = 2
@@ -52,7 +52,7 @@ def grid_resample(img: sitk.Image, rng: np.random.Generator, view: str, centre: 
 
     ``centre`` is an LPS point (mm); the third grid axis is the slice normal.
     """
-    from trainer.cls_synth import _frame
+    from trainer.classify.synth import _frame
 
     d = _frame(view, rng, max_tilt=max_tilt)
     origin = centre - d @ (np.asarray(spacing) * (np.asarray(size) - 1) / 2.0)

@@ -5,7 +5,7 @@ training config) whose split group is **not** among the artefact's training grou
 not a population template (``[data] train_only``), is scored through the node's own
 :class:`~sci_node.models.predict_seg.Segmenter` over the config's grid of thresholds (and, for the
 lesion model, smallest lesions). Each group is one "fold" of
-:func:`trainer.seg_eval.calibrate`, so every reported number uses the setting chosen on the
+:func:`trainer.segment.evaluate.calibrate`, so every reported number uses the setting chosen on the
 *other* groups, with the config's stated false-lesion rate (``[train]
 max_false_lesions_per_scan``) for the lesion model. Every held-out scan is healthy: the
 lesion-free image itself is the real-scan false-alarm test, the injected copies give Dice and
@@ -42,9 +42,9 @@ import structlog
 from sci_node.imaging import preprocess
 from sci_node.models.artifact import load_network, write_artifact
 from sci_node.errors import DataError
-from trainer import data as tdata
-from trainer.seg import config_cases, load_config, summarise
-from trainer.seg_eval import apply_setting, calibrate, evaluate_cord, evaluate_lesion, setting_grid
+from trainer.segment import data as tdata
+from trainer.segment.train import config_cases, load_config, summarise
+from trainer.segment.evaluate import apply_setting, calibrate, evaluate_cord, evaluate_lesion, setting_grid
 
 log = structlog.get_logger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping
 
 from sci_node.models.registry import ModelRegistry
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _fmt(v: object) -> str:
@@ -112,17 +112,17 @@ _Guards = dict[int, tuple[Any, int, str]]
 def stored_sources(data: Path, config: Path) -> Iterator[tuple[list[int], Any, Any, Any]]:
     """Per catalogue source of ``config``, in sample-set order: ``(indices, source, image, evidence)``.
 
-    The sample set (:func:`trainer.classifiers._generate`) lists, per catalogue source in order,
+    The sample set (:func:`trainer.classify.train._generate`) lists, per catalogue source in order,
     the stored volume with its header, the stored volume again without it (when it has one), then
     ``n_aug`` crops; synthetic samples follow. Walking the catalogue the same way gives each stored
     sample's index (``indices``: one, or two when the source has a header) without generating any
     crop, so rules (routing guards, the cord-contrast check) can be applied to the cards' out-of-fold
-    predictions. ``image`` and ``evidence`` are :func:`trainer.cls_data.load_source`'s.
+    predictions. ``image`` and ``evidence`` are :func:`trainer.classify.data.load_source`'s.
     """
     import tomllib
 
-    from trainer.classifiers import sources_of
-    from trainer.cls_data import has_header, load_source
+    from trainer.classify.train import sources_of
+    from trainer.classify.data import has_header, load_source
 
     cfg = tomllib.loads(config.read_text())
     n_aug_default = int(cfg["data"].get("n_aug", 10))
@@ -208,7 +208,7 @@ def hierarchy_table(models_dir: Path, versions: dict[str, str] | None = None, da
     keys = [k for k in preds if len(preds[k]) == 4 and k in truth]
     if not keys:
         return "(no card with per-series predictions: retrain with the grouped k-fold trainer)"
-    # A header-removed copy is the sample right after its stored original (trainer.cls_data.real_samples),
+    # A header-removed copy is the sample right after its stored original (trainer.classify.data.real_samples),
     # so it is a copy exactly when (i - 1, "with_header") exists.
     with_hdr = {k[0] for k in keys if k[1] == "with_header"}
     sets = {"with_header": [k for k in keys if k[1] == "with_header"],

@@ -43,7 +43,7 @@ from sci_node.errors import DataError, ModelError, SciNodeError
 
 log = structlog.get_logger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE_SCRIPT = REPO / "scripts" / "make_sample_series.py"
 VENV_BIN = Path(sys.executable).parent
 
@@ -291,7 +291,7 @@ def fold_eval_dice(card: dict[str, Any], key: str) -> tuple[float | None, float 
     per = card.get("metrics", {}).get("per_threshold", {})
     if thr is None:
         return None, None
-    from trainer.seg_eval import parse_setting
+    from trainer.segment.evaluate import parse_setting
 
     vol = card.get("postprocessing", {}).get("min_volume_mm3")
     for t, cases in per.items():
@@ -370,8 +370,8 @@ def run_check(folds_dir: Path, data: Path, work: Path) -> list[CaseResult]:
     DataError, ModelError
         Bad fold folder or card, missing data or held-out case, failed registration.
     """
-    from trainer import data as tdata
-    from trainer.seg import data_spec, load_config
+    from trainer.segment import data as tdata
+    from trainer.segment.train import data_spec, load_config
 
     folds = load_folds(folds_dir)
     cases = tdata.discover(Path(data), data_spec(load_config("cord", None)))

@@ -29,9 +29,9 @@ import structlog
 from sci_node.imaging import preprocess
 from sci_node.errors import DataError, ModelError
 from trainer import __version__ as TRAINER_VERSION
-from trainer import data as tdata
+from trainer.segment import data as tdata
 from trainer import git_commit
-from trainer import seg as tseg
+from trainer.segment import train as tseg
 
 log = structlog.get_logger(__name__)
 LESION_SUFFIX = "lesion-manual"
@@ -124,7 +124,7 @@ def _mean(scores: dict[str, dict[str, float]]) -> float | None:
 def _train(cfg: dict[str, Any], spec: preprocess.PrepSpec, shared: list[tdata.Case], split: CorrectionSplit,
            init: Any, seed: int, device: str, epochs: int, margin: int) -> tuple[Any, list[dict[str, float]]]:
     from trainer.lesions import lesion_spec
-    from trainer.seg_loop import train_network
+    from trainer.segment.loop import train_network
 
     task = cfg["model"]["task"]
     rng = np.random.default_rng(seed)

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from sci_node.routing.evidence import HeaderEvidence
-from trainer.cls_data import ANATOMY, REGION, SEQUENCE, sample_header
+from trainer.classify.data import ANATOMY, REGION, SEQUENCE, sample_header
 
 VOX = 2.0
 AIR, FAT, MUSCLE, BONE, MARROW, DISC, CSF, CORD, GM, LIVER, LUNG, KIDNEY, BLOOD, GAS = range(14)
@@ -185,7 +185,7 @@ def acquire(img: sitk.Image, rng: np.random.Generator, view: str, centre: np.nda
     40-64 partitions), or, for axial views, a few thick slabs (5-16 mm). ``lowres``: an
     EPI-like matrix (1.8-3.5 mm pixels).
     """
-    from trainer.cls_synth import _frame
+    from trainer.classify.synth import _frame
 
     inplane = float(rng.uniform(0.6, 1.4)) * max(fov) / 300
     mode = rng.random()

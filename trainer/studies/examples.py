@@ -16,9 +16,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from sci_node.imaging import preprocess  # noqa: E402
 from trainer.lesions import inject_lesions, lesion_spec  # noqa: E402
-from trainer.synth import load_template, synth_volume  # noqa: E402
+from trainer.segment.synth import load_template, synth_volume  # noqa: E402
 
-D = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spine"
+D = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "spine"
 spec = preprocess.PrepSpec()
 
 
@@ -35,7 +35,7 @@ def example_pngs() -> None:
     rng = np.random.default_rng(3)
     im, m, sp = synth_volume(rng, tmpl, (0.8, 0.8))
     rows.append(("synthetic (PAM50 labels)", preprocess.normalise(im, spec), m, sp))
-    from trainer.seg import load_config
+    from trainer.segment.train import load_config
 
     lspec = dataclasses.replace(lesion_spec(load_config("lesion", None)), count=(2, 3))  # the shipped generator
     fig, axes = plt.subplots(len(rows), 4, figsize=(12, 3 * len(rows)))
@@ -104,9 +104,9 @@ def predictions_png(cord_dir: Path, out: Path = Path("docs/img/cord_predictions.
 def below_conus_png(fold_dir: Path, out: Path = Path("docs/img/pam50_below_conus.png")) -> Path:
     """Axial PAM50small slices around the lower end of its reference cord (green) with the
     prediction of ``fold_dir`` (a network that never saw the template, threshold 0.4, red),
-    and a row of :func:`trainer.synth.synth_canal_volume` examples."""
+    and a row of :func:`trainer.segment.synth.synth_canal_volume` examples."""
     from sci_node.models.predict_seg import Segmenter
-    from trainer.synth import synth_canal_volume
+    from trainer.segment.synth import synth_canal_volume
 
     rel = "sct-testing-data/{}/anat/sub-PAM50small_T2w{}.nii.gz"
     img = sitk.ReadImage(str(D / rel.format("sub-PAM50small", "")))

@@ -21,14 +21,14 @@ from sci_node.imaging import preprocess
 from sci_node.errors import ConfigError, DataError
 from trainer import __version__ as TRAINER_VERSION
 from trainer import git_commit, read_toml_config
-from trainer import data as tdata
+from trainer.segment import data as tdata
 from trainer.lesions import LesionSpec, inject_lesions, inject_lookalikes, lesion_spec
-from trainer.seg_eval import apply_setting, evaluate_cord, evaluate_lesion, setting_grid
-from trainer.seg_loop import CANAL_GROUP
+from trainer.segment.evaluate import apply_setting, evaluate_cord, evaluate_lesion, setting_grid
+from trainer.segment.loop import CANAL_GROUP
 
 log = structlog.get_logger(__name__)
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = Path(__file__).resolve().parent / "configs"
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LABELS = {
     "cord": {"value": 1, "name": "Spinal cord",
              "snomed": {"code": "2748008", "meaning": "Spinal cord", "scheme": "SCT"},
@@ -157,7 +157,7 @@ def pam50_pool(n: int, scfg: dict[str, Any], spec: preprocess.PrepSpec, rng: np.
                margin_yx: int, out_yx: tuple[int, int]) -> list[Vol]:
     """``n`` normalised PAM50-derived volumes (:func:`trainer.synth.synth_volume`), cropped to the
     cord's box for the lesion task."""
-    from trainer.synth import load_template, synth_volume
+    from trainer.segment.synth import load_template, synth_volume
 
     tmpl = load_template(_resolve(scfg["template"]))
     out = []
@@ -175,7 +175,7 @@ def pam50_pool(n: int, scfg: dict[str, Any], spec: preprocess.PrepSpec, rng: np.
 
 def canal_pool(n: int, spec: preprocess.PrepSpec, rng: np.random.Generator, out_yx: tuple[int, int]) -> list[Vol]:
     """``n`` normalised cord-free canal volumes (:func:`trainer.synth.synth_canal_volume`), empty labels."""
-    from trainer.synth import synth_canal_volume
+    from trainer.segment.synth import synth_canal_volume
 
     out = []
     for i in range(n):
@@ -250,7 +250,7 @@ def cord_with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSp
 def run_fold(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: list[Vol], val_vols: list[Vol],
              seed: int, device: str, minutes: float, epochs: int, tag: str, checkpoint: Path | None = None):
     """Train one network; return ``(net, history)`` (history = per-epoch loss and val Dice)."""
-    from trainer.seg_loop import train_network
+    from trainer.segment.loop import train_network
 
     refresh = None
     if cfg["model"]["task"] == "lesion":
@@ -362,7 +362,7 @@ def _loso(cfg: dict[str, Any], spec: preprocess.PrepSpec, vols: list[Vol], synth
     the threshold chosen on the other folds. ``keep_folds`` also writes each fold network as
     an artefact (``DIR/<fold>/``) for later analysis; ``work`` makes the run resumable.
     """
-    from trainer.seg_eval import calibrate
+    from trainer.segment.evaluate import calibrate
 
     task = cfg["model"]["task"]
     folds = cv_folds(cfg, cases or [v.extra["case"] for v in vols], vols)

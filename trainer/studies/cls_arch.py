@@ -4,7 +4,7 @@
 ``(B, 3, S, S)`` + feature vector ``(B, F)``, standardised by buffers) and has the same heads and
 optional header expert, with a torchvision image encoder (``resnet18``, ``mobilenet_v3_small``,
 ``efficientnet_b0``) in place of SeriesNet's three conv blocks. Used by the trainer through
-``[network] class = "trainer.cls_arch.TorchvisionSeriesNet"``; it is not an allowed
+``[network] class = "trainer.studies.cls_arch.TorchvisionSeriesNet"``; it is not an allowed
 architecture of the node's registry (the comparison in docs/classifiers.md decided which
 architecture ships). torchvision is imported lazily and is an optional extra
 (``pip install .[arch-compare]``).
@@ -84,8 +84,8 @@ def compare(model: str, backbones: list[str], folds: list[int], epochs: int, see
 
     import numpy as np
 
-    from trainer import classifiers as C
-    from trainer.cls_metrics import real_series_masks
+    from trainer.classify import train as C
+    from trainer.classify.metrics import real_series_masks
 
     cfg = C.load_cls_config(model, None)
     heads = C.MODEL_HEADS[model]
@@ -100,7 +100,7 @@ def compare(model: str, backbones: list[str], folds: list[int], epochs: int, see
     for arch in backbones:
         acfg = dict(cfg, network=dict(cfg["network"]))
         if arch != "seriesnet":
-            acfg["network"]["class"] = "trainer.cls_arch.TorchvisionSeriesNet"
+            acfg["network"]["class"] = "trainer.studies.cls_arch.TorchvisionSeriesNet"
             acfg["network"]["args"] = {"backbone": arch, "hidden": 64, "dropout": 0.2}
         for k in folds:
             held = np.isin(samples.groups, all_folds[k])

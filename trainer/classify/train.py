@@ -25,12 +25,12 @@ from sci_node.errors import ConfigError, DataError
 from sci_node.models.artifact import sha256_file as file_sha
 from trainer import __version__ as TRAINER_VERSION
 from trainer import git_commit, read_toml_config
-from trainer.cls_metrics import fit_temperature, head_metrics, header_present, rule_confidence
-from trainer.cls_data import ANATOMY, REGION, SEQUENCE, TASKS, VIEW, DEFAULT_SOURCES, SampleSet, Source, \
+from trainer.classify.metrics import fit_temperature, head_metrics, header_present, rule_confidence
+from trainer.classify.data import ANATOMY, REGION, SEQUENCE, TASKS, VIEW, DEFAULT_SOURCES, SampleSet, Source, \
     load_source, real_samples, root_dir, source_file
 
 log = structlog.get_logger(__name__)
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = {"anatomy": ANATOMY, "region": REGION, "view": VIEW, "sequence": SEQUENCE}
 #: Bump when the sample generators change (invalidates sample caches).
 SAMPLES_VERSION = 7
@@ -130,7 +130,7 @@ def _with_nonspine(samples: SampleSet, dcfg: dict[str, Any], seed: int, base_key
     samples
         The base sample set (real volumes, PAM50, scenes, phantoms), unchanged.
     dcfg
-        The ``[data]`` table: ``n_nonspine`` maps a kind of :data:`trainer.cls_nonspine.KINDS` to a count,
+        The ``[data]`` table: ``n_nonspine`` maps a kind of :data:`trainer.classify.nonspine.KINDS` to a count,
         ``nonspine_seed`` (default 1) offsets their random stream from ``seed``.
     seed, base_key
         The run's seed and the base samples' cache key.
@@ -143,7 +143,7 @@ def _with_nonspine(samples: SampleSet, dcfg: dict[str, Any], seed: int, base_key
         The base samples when ``n_nonspine`` is empty; else base + extras (group ``synth-scenes``, never
         held out), with ``meta["samples_key"]`` covering the extras' recipe and generator version.
     """
-    from trainer.cls_nonspine import NONSPINE_VERSION
+    from trainer.classify.nonspine import NONSPINE_VERSION
 
     counts = {k: int(v) for k, v in dict(dcfg.get("n_nonspine", {})).items() if int(v) > 0}
     if not counts:
@@ -164,10 +164,10 @@ def _with_nonspine(samples: SampleSet, dcfg: dict[str, Any], seed: int, base_key
 
 
 def _generate_nonspine(counts: dict[str, int], rng: np.random.Generator, prep: str) -> SampleSet:
-    """The extra non-spine exams, ``counts[kind]`` of each kind of :data:`trainer.cls_nonspine.KINDS`."""
+    """The extra non-spine exams, ``counts[kind]`` of each kind of :data:`trainer.classify.nonspine.KINDS`."""
     from tqdm import tqdm
 
-    from trainer.cls_nonspine import KINDS
+    from trainer.classify.nonspine import KINDS
 
     unknown = sorted(set(counts) - set(KINDS))
     if unknown:
@@ -190,8 +190,8 @@ def _generate(cfg: dict[str, Any], sources: Sequence[Source], data: Path, pam_di
     import SimpleITK as sitk
     from tqdm import tqdm
 
-    from trainer.cls_scenes import scene_sample
-    from trainer.cls_synth import load_pam50, pam50_sample, phantom_sample
+    from trainer.classify.scenes import scene_sample
+    from trainer.classify.synth import load_pam50, pam50_sample, phantom_sample
 
     dcfg = cfg["data"]
     prep = prep_of(cfg)
@@ -241,7 +241,7 @@ def _rule_index(hdr: Any) -> int:
 
 DEFAULT_NET = "sci_node.nets.SeriesNet"
 #: Network classes the trainer builds: the node's own nets, and the torchvision comparison nets.
-NET_PREFIXES = ("sci_node.nets.", "trainer.cls_arch.")
+NET_PREFIXES = ("sci_node.nets.", "trainer.studies.cls_arch.")
 
 
 def _net_class(cfg: dict[str, Any]) -> Any:

@@ -87,7 +87,7 @@ def _conditions(preds: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 def series_metrics(preds: list[dict[str, Any]], conds: dict[str, list[dict[str, Any]]], abstain: float,
                    spine_groups: set[str]) -> dict[str, Any]:
-    """The ``real_series`` block of a head, as :func:`trainer.cls_metrics.real_series_metrics` writes it
+    """The ``real_series`` block of a head, as :func:`trainer.classify.metrics.real_series_metrics` writes it
     (``conds``: :func:`_conditions` of ``preds``).
 
     ``accuracy_network_only`` is the accuracy itself where no header rule can fire (header removed) and
@@ -109,7 +109,7 @@ def series_metrics(preds: list[dict[str, Any]], conds: dict[str, list[dict[str, 
 
 def head_metrics(preds: list[dict[str, Any]], abstain: float, spine_groups: set[str],
                  members: Sequence[dict[str, Any]], head: str) -> dict[str, Any]:
-    """A head's metrics block with the keys :mod:`trainer.cls_report` reads, on the stored real series.
+    """A head's metrics block with the keys :mod:`trainer.studies.cls_report` reads, on the stored real series.
 
     Scored as served (header rules included). The all-sample, crop and synthetic figures are the
     members' own (``members``); for the ensemble they are None / 0 (its members saw different crops).
@@ -144,7 +144,7 @@ def build_ensemble(members: Sequence[Path], out: Path, version: str) -> Path:
     import torch
 
     from sci_node.models.artifact import write_artifact
-    from trainer.classifiers import sources_of
+    from trainer.classify.train import sources_of
 
     cards = load_members(members)
     first = cards[0]

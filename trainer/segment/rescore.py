@@ -2,7 +2,7 @@
 
 Thresholds and post-processing do not change the weights, so they can be re-calibrated
 without retraining: each fold network (written by ``sci-node train MODEL --keep-folds DIR``)
-is run again on its held-out cases, :func:`trainer.seg_eval.calibrate` picks the threshold
+is run again on its held-out cases, :func:`trainer.segment.evaluate.calibrate` picks the threshold
 (nested, as in training), each fold artefact gets the threshold chosen without its held-out
 group, and the shipped artefact's card gets the new threshold,
 post-processing and validation metrics. The weights are not touched; the card records the
@@ -24,9 +24,9 @@ import structlog
 
 from sci_node.models.artifact import load_network, verify_artifact, write_card
 from sci_node.errors import DataError, ModelError
-from trainer import data as tdata
-from trainer.seg import _resolve, data_spec, jsonable_settings, load_config, prep_spec, summarise
-from trainer.seg_eval import apply_setting, calibrate, evaluate_cord, evaluate_lesion, setting_grid
+from trainer.segment import data as tdata
+from trainer.segment.train import _resolve, data_spec, jsonable_settings, load_config, prep_spec, summarise
+from trainer.segment.evaluate import apply_setting, calibrate, evaluate_cord, evaluate_lesion, setting_grid
 
 log = structlog.get_logger(__name__)
 
@@ -90,7 +90,7 @@ def update_folds(folds: Path, cfg: dict[str, Any], metrics: dict[str, Any],
                  fold_results: dict[str, dict[float, dict[str, dict[str, Any]]]]) -> None:
     """Give each fold artefact the threshold chosen **without** its held-out group, the config's
     post-processing and its per-threshold scores, so running a fold network through the node
-    (``trainer.infer_check``) is an honest held-out test."""
+    (``trainer.studies.infer_check``) is an honest held-out test."""
     chosen = metrics["threshold_calibration"]["chosen_per_held_out_group"]
     for d in _fold_dirs(folds):
         card = verify_artifact(d)

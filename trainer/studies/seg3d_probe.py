@@ -4,16 +4,16 @@
 ``python -m trainer.seg3d_probe --config trainer/configs/cord_canal_cv.toml --fold fold0
 --minutes 30 --seed 0 --out DIR`` trains a :class:`monai.networks.nets.DynUNet` (about 0.8 M
 parameters) on ``(Z, Y, X) = PATCH`` patches of the fold's training volumes, then scores each
-held-out case on its **source grid** with the metric of :func:`trainer.seg_eval.evaluate_cord`
-(:func:`trainer.seg_eval.scores`: MONAI Dice and HD95 in mm). It prints one JSON line per
+held-out case on its **source grid** with the metric of :func:`trainer.segment.evaluate.evaluate_cord`
+(:func:`trainer.segment.evaluate.scores`: MONAI Dice and HD95 in mm). It prints one JSON line per
 held-out case and a summary line, writes both to ``DIR/result.json``, and checkpoints
 ``DIR/ckpt.pt`` every ``--ckpt-minutes``: the same command again resumes (step, weights,
 optimiser, wall time used), or only evaluates when the budget is spent.
 
-What differs from the 2-D recipe (:mod:`trainer.seg`, :mod:`trainer.seg_loop`), on purpose:
+What differs from the 2-D recipe (:mod:`trainer.segment.train`, :mod:`trainer.segment.loop`), on purpose:
 
 * Only the **real labelled cases** of the config are used (the ``[data] train_only``
-  templates always train, as in :func:`trainer.seg._run_cv_fold`): the ``[synth]`` pools
+  templates always train, as in :func:`trainer.segment.train._run_cv_fold`): the ``[synth]`` pools
   (PAM50-derived volumes, cord-free canals) and the ``[train] lesion_fraction`` injected
   lesions are skipped, and there is no EMA of the weights.
 * The model grid is :func:`sci_node.imaging.preprocess.prepare`'s (canonical LPS, in-plane
@@ -42,9 +42,9 @@ import structlog
 
 from sci_node.imaging import preprocess
 from sci_node.errors import ConfigError
-from trainer import data as tdata
-from trainer import seg
-from trainer.seg_eval import scores, segmenter_for
+from trainer.segment import data as tdata
+from trainer.segment import train as seg
+from trainer.segment.evaluate import scores, segmenter_for
 
 if TYPE_CHECKING:
     import torch
@@ -69,10 +69,10 @@ def build_net() -> "torch.nn.Module":
 
 def fold_split(cfg: dict[str, Any], cases: list[tdata.Case], fold: str
                ) -> tuple[list[str], list[tdata.Case], list[tdata.Case]]:
-    """``(held_out_groups, train_cases, val_cases)`` of the fold named ``fold`` (:func:`trainer.seg.cv_folds`).
+    """``(held_out_groups, train_cases, val_cases)`` of the fold named ``fold`` (:func:`trainer.segment.train.cv_folds`).
 
     Train = every case whose group is not held out (the ``train_only`` templates included),
-    val = the cases of the held-out groups: the real cases of :func:`trainer.seg._run_cv_fold`.
+    val = the cases of the held-out groups: the real cases of :func:`trainer.segment.train._run_cv_fold`.
     """
     folds = dict(seg.cv_folds(cfg, cases, cases))  # type: ignore[arg-type]  # a Case has .group, all it reads
     if fold not in folds:
@@ -232,7 +232,7 @@ def predict_prob(net, array: np.ndarray, device: str = "cpu") -> np.ndarray:
 
 def evaluate(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, cases: Sequence[tdata.Case],
              device: str = "cpu") -> list[dict[str, Any]]:
-    """Per held-out case: Dice and HD95 (mm) on the source grid, as :func:`trainer.seg_eval.evaluate_cord` scores.
+    """Per held-out case: Dice and HD95 (mm) on the source grid, as :func:`trainer.segment.evaluate.evaluate_cord` scores.
 
     ``dice`` / ``hd95_mm``: after :meth:`~sci_node.models.predict_seg.Segmenter.finish` (the node's
     post-processing, threshold ``THRESHOLD``); ``dice_raw`` / ``hd95_raw_mm``: the bare
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m trainer.seg3d_probe", description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, required=True)
-    p.add_argument("--fold", required=True, help="fold name of trainer.seg.cv_folds, e.g. fold0")
+    p.add_argument("--fold", required=True, help="fold name of trainer.segment.train.cv_folds, e.g. fold0")
     p.add_argument("--minutes", type=float, default=30.0, help="training wall-time budget (cumulative over resumes)")
     p.add_argument("--steps", type=int, default=10**9, help="step budget (whichever budget ends first)")
     p.add_argument("--seed", type=int, default=0)

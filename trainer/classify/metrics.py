@@ -1,9 +1,9 @@
 """Cross-validation metrics, calibration and header-rule scoring of the routing classifiers.
 
-Pure functions of out-of-fold logits and :class:`trainer.cls_data.SampleSet` arrays; no I/O.
+Pure functions of out-of-fold logits and :class:`trainer.classify.data.SampleSet` arrays; no I/O.
 Sample kinds (``SampleSet.stored``): random crops, real volumes as stored with their header
 as available, and the same stored volumes with the header removed (see
-:func:`trainer.cls_data.real_samples`).
+:func:`trainer.classify.data.real_samples`).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from sci_node.routing.cls_features import FEATURE_NAMES
-from trainer.cls_data import ANATOMY, REGION, SEQUENCE, STORED, STORED_NO_HEADER, VIEW, SampleSet
+from trainer.classify.data import ANATOMY, REGION, SEQUENCE, STORED, STORED_NO_HEADER, VIEW, SampleSet
 
 CLASSES = {"anatomy": ANATOMY, "region": REGION, "view": VIEW, "sequence": SEQUENCE}
 

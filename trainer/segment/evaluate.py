@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from sci_node.imaging import preprocess
 from sci_node.imaging.postprocess import lesion_f1
 from sci_node.models.predict_seg import Segmenter
-from trainer import data as tdata
+from trainer.segment import data as tdata
 from trainer.lesions import LesionSpec, inject_lesions, lesion_spec
 
 
