@@ -108,9 +108,12 @@ def lesion_components(lesion: np.ndarray) -> tuple[np.ndarray, int]:
     return lab.astype(np.int32), int(n)
 
 
-def lesion_table(lesion: np.ndarray, profile: CordProfile, m: np.ndarray) -> list[dict[str, Any]]:
+def lesion_table(lesion: np.ndarray, profile: CordProfile, m: np.ndarray,
+                 prob: np.ndarray | None = None) -> list[dict[str, Any]]:
     """One row per lesion: ``id`` (1..n, by decreasing volume), ``volume_mm3``,
-    ``length_along_cord_mm``, ``centroid_lps_mm``, ``voxels``, ``levels`` [first, last]."""
+    ``length_along_cord_mm``, ``centroid_lps_mm``, ``voxels``, ``levels`` [first, last], and with
+    ``prob`` (the lesion network's probability, ``(Z, Y, X)`` float in [0, 1] on the same grid)
+    ``confidence``: the lesion's peak probability (rounded to 0.001), and ``mean_probability``."""
     lab, n = lesion_components(lesion)
     if n == 0:
         return []
@@ -129,11 +132,18 @@ def lesion_table(lesion: np.ndarray, profile: CordProfile, m: np.ndarray) -> lis
             "length_along_cord_mm": float(length),
             "centroid_lps_mm": [float(v) for v in (idx.mean(axis=0) @ m[:, :3].T + m[:, 3])],
             "levels": [lo, hi],
+            **({} if prob is None else _confidence(prob[sl][comp])),
         })
     rows.sort(key=lambda r: -r["volume_mm3"])
     for k, r in enumerate(rows, start=1):
         r["id"] = k
     return rows
+
+
+def _confidence(p: np.ndarray) -> dict[str, float]:
+    """``confidence`` (peak) and ``mean_probability`` of one lesion's voxel probabilities ``p``."""
+    return {"confidence": round(float(np.clip(p.max(), 0.0, 1.0)), 3),
+            "mean_probability": round(float(np.clip(p.mean(), 0.0, 1.0)), 3)}
 
 
 def _arc_between(profile: CordProfile, lo: int, hi: int) -> float:
@@ -145,8 +155,10 @@ def _arc_between(profile: CordProfile, lo: int, hi: int) -> float:
     return float((hi - lo + 1) * profile.thickness)
 
 
-def summarize(cord: np.ndarray, lesion: np.ndarray | None, m: np.ndarray) -> dict[str, Any]:
-    """Every number the report needs, JSON-ready.
+def summarize(cord: np.ndarray, lesion: np.ndarray | None, m: np.ndarray,
+              lesion_prob: np.ndarray | None = None) -> dict[str, Any]:
+    """Every number the report needs, JSON-ready (``lesion_prob``: the lesion network's probability on
+    the same grid, which gives each lesion its ``confidence``).
 
     Returns
     -------
@@ -159,7 +171,7 @@ def summarize(cord: np.ndarray, lesion: np.ndarray | None, m: np.ndarray) -> dic
     """
     voxel = float(abs(np.linalg.det(m[:, :3])))
     prof = cord_profile(cord, m)
-    lesions = lesion_table(lesion, prof, m) if lesion is not None else []
+    lesions = lesion_table(lesion, prof, m, lesion_prob) if lesion is not None else []
     csa = prof.csa
     stats = ({"mean": float(csa.mean()), "min": float(csa.min()), "max": float(csa.max()),
               "median": float(np.median(csa))} if csa.size else {})

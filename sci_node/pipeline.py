@@ -36,6 +36,8 @@ class _Classifier(Protocol):
 
 class _Segmenter(Protocol):
     def predict(self, image: sitk.Image, roi: np.ndarray | None = None) -> np.ndarray: ...
+    def predict_with_probability(self, image: sitk.Image, roi: np.ndarray | None = None
+                                 ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 class ModelSetLike(Protocol):
@@ -187,12 +189,13 @@ class Pipeline:
             return self._result("routed-out", decision.reason, decision, clock, gaps, notes=tuple(notes))
         cord = np.asarray(self.models.cord.predict(image), dtype=np.uint8)
         decision, contrast = self._recheck(decision, image, cord, how.get("sequence", "network"))
-        lesion = None
+        lesion, lesion_prob = None, None
         if decision.segment_lesions:
-            lesion = np.asarray(self.models.lesion.predict(image, roi=cord), dtype=np.uint8) * (cord.max() > 0)
+            lesion, lesion_prob = self.models.lesion.predict_with_probability(image, roi=cord)
+            lesion = np.asarray(lesion, dtype=np.uint8) * (cord.max() > 0)
         clock.lap("segment")
         m = measure.index_to_lps(image.GetOrigin(), image.GetSpacing()[:3], image.GetDirection())
-        summary = {**measure.summarize(cord, lesion, m), **gaps, **contrast}
+        summary = {**measure.summarize(cord, lesion, m, lesion_prob), **gaps, **contrast}
         if not cord.any():
             clock.lap("write")
             return self._result("routed-out", "the cord model found no spinal cord in this series",

@@ -6,8 +6,9 @@ Content:
   number of lesions, cord volume (mm3), cord length (mm), and the cord cross-sectional area
   (mm2) summary over the slice levels (mean, minimum, maximum, median);
 * one group per lesion (tracking id "Lesion N", ordered by decreasing volume), referencing SEG
-  segment 2 (all lesions: a segment reference cannot also name frames): volume (mm3) and length
-  along the cord (mm).
+  segment 2 (all lesions: a segment reference cannot also name frames): volume (mm3), length
+  along the cord (mm) and the lesion's confidence, "Certainty of Finding" (DCM 111012, %): the lesion
+  network's peak probability inside the lesion.
 
 The per-level CSA values themselves are in the batch ``report.json`` (and the job record).
 """
@@ -32,6 +33,8 @@ MM3 = hd.sr.CodedConcept("mm3", "UCUM", "cubic millimeter")
 MM2 = hd.sr.CodedConcept("mm2", "UCUM", "square millimeter")
 MM = hd.sr.CodedConcept("mm", "UCUM", "millimeter")
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
+CERTAINTY = hd.sr.CodedConcept("111012", "DCM", "Certainty of Finding")
 DERIVATIONS = {
     "mean": hd.sr.CodedConcept("373098007", _SCT, "Mean"),
     "min": hd.sr.CodedConcept("255605001", _SCT, "Minimum"),
@@ -105,7 +108,8 @@ def _lesion_groups(seg: Dataset, lesions: Sequence[Mapping[str, Any]], versions:
             algorithm_id=_algo(versions),
             finding_sites=[hd.sr.FindingSite(CORD_TYPE)],
             measurements=[_m(VOLUME, les["volume_mm3"], MM3, versions),
-                          _m(LENGTH, les["length_along_cord_mm"], MM, versions)],
+                          _m(LENGTH, les["length_along_cord_mm"], MM, versions)]
+            + ([_m(CERTAINTY, 100.0 * les["confidence"], PERCENT, versions)] if "confidence" in les else []),
         ))
     return out
 

@@ -111,8 +111,10 @@ def test_sr_valid_and_references_seg(tmp_path: Path) -> None:
     vol, cord, lesion = _series_and_masks()
     seg = build_seg(vol, cord, lesion, VERSIONS)
     _write(seg, tmp_path / "seg.dcm")
+    prob = np.where(lesion > 0, 0.93, 0.05).astype(np.float32)  # the lesion network's probability
     summary = summarize(cord, lesion, index_to_lps(vol.image.GetOrigin(), vol.image.GetSpacing(),
-                                                   vol.image.GetDirection()))
+                                                   vol.image.GetDirection()), prob)
+    assert summary["lesions"][0]["confidence"] == pytest.approx(0.93)
     path = _write(build_sr(seg, list(vol.datasets), summary, VERSIONS), tmp_path / "sr.dcm")
     assert dciodvfy_errors(path) == []
     sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path))
@@ -133,6 +135,8 @@ def test_sr_valid_and_references_seg(tmp_path: Path) -> None:
     assert 50 < ms[("Spinal cord", "Area", "Mean")]["value"] < 100  # adult cervical cord CSA
     assert ms[("Lesion 1", "Volume", None)]["value"] == pytest.approx(float(lesion.sum()), rel=1e-3)
     assert ms[("Lesion 1", "Length", None)]["value"] == pytest.approx(4.0, abs=0.5)  # 4 slices of 1 mm
+    assert ms[("Lesion 1", "Certainty of Finding", None)]["value"] == pytest.approx(93.0)
+    assert ms[("Lesion 1", "Certainty of Finding", None)]["unit"] == "%"
 
 
 def test_seg_and_sr_from_enhanced_multiframe_source(tmp_path: Path) -> None:
