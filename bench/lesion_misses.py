@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from sci_node.predict_seg import Segmenter
     from sci_node.registry import ModelRegistry
     from trainer import data as tdata
-    from trainer.lesions import lesion_spec
+    from trainer.lesion_families import lesion_source
     from trainer.seg import load_config
     from trainer.seg_eval import lesion_trials
     from trainer.seg_recalibrate import eval_config, unseen_cases
@@ -104,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     seg = Segmenter(net, card, "cpu")
     cfg = load_config("lesion", a.config)
     ecfg = eval_config(card, cfg, a.trials, test_generator={"length_mm": [3.0, 20.0], "width_mm": [2.0, 6.0]})
-    lspec = lesion_spec(ecfg, "test_generator")
+    source = lesion_source(ecfg, "test")
     n = int(ecfg.get("lesions", {}).get("val_trials", 4))
     rows: list[dict[str, float]] = []
     for case in unseen_cases(card, cfg):
         image, mask = tdata.load_case(case)
-        for img, cord, truth in lesion_trials(image, mask, lspec, n, int(card["training"].get("seed", 0))):
+        for img, cord, truth in lesion_trials(image, mask, source, n, int(card["training"].get("seed", 0))):
             for r in lesion_rows(seg, img, cord, truth):
                 rows.append({"case": case.key, **r})
     found = sum(r["found"] for r in rows)

@@ -8,12 +8,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage as ndi
 
 from sci_node import preprocess
 from sci_node.postprocess import lesion_f1
 from sci_node.predict_seg import Segmenter
 from trainer import data as tdata
-from trainer.lesions import LesionSpec, inject_lesions, lesion_spec
+from trainer.lesion_families import LesionSource, lesion_source
 
 
 def scores(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float]) -> dict[str, float | None]:
@@ -99,19 +100,30 @@ def evaluate_cord(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, cases: Se
     return out
 
 
-def lesion_trials(image: sitk.Image, cord: sitk.Image, spec: LesionSpec, n: int, seed: int):
-    """``n`` copies of a canonical-orientation image with injected lesions: ``[(img, cord_arr, lesion_arr)]``."""
+def lesion_trials(image: sitk.Image, cord: sitk.Image, source: LesionSource, n: int, seed: int):
+    """``n`` copies of a canonical-orientation image with lesions injected by ``source``:
+    ``[(img, cord_arr, lesion_arr)]``; ``cord_arr`` is the cord the lesion model is given (the
+    reference cord, swollen where the drawing family swells it)."""
     img_c = preprocess.canonicalise(preprocess.as_scalar_float(image))
     cord_c = preprocess.canonicalise(cord)
     arr, cord_arr = sitk.GetArrayFromImage(img_c), sitk.GetArrayFromImage(cord_c).astype(np.uint8)
     trials = []
     for k in range(n):
         rng = np.random.default_rng(10_000 + seed * 100 + k)
-        les_img, les = inject_lesions(rng, arr, cord_arr, _spacing(img_c), spec)
-        out = sitk.GetImageFromArray(les_img)
+        draw = source(rng, arr, cord_arr, _spacing(img_c))
+        out = sitk.GetImageFromArray(draw.image)
         out.CopyInformation(img_c)
-        trials.append((out, cord_arr, les))
+        trials.append((out, draw.cord, draw.lesion))
     return trials
+
+
+def canonical_gm(case: tdata.Case) -> np.ndarray | None:
+    """The case's grey-matter mask (:func:`trainer.data.gm_mask_path`) on its canonical source grid, or ``None``."""
+    path = tdata.gm_mask_path(case)
+    if path is None:
+        return None
+    gm = preprocess.canonicalise(tdata.read_image(path))
+    return (sitk.GetArrayFromImage(gm) > 0).astype(np.uint8)
 
 
 def clean_trial(image: sitk.Image, cord: sitk.Image) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
@@ -141,22 +153,31 @@ def _lesion_pred(seg: Segmenter, prob: np.ndarray, prepared: preprocess.Prepared
 
 
 def _accumulate(a: dict[str, Any], pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float],
-                weight: float) -> None:
-    """Add one trial's voxel and lesion counts (times ``weight``) to the accumulator ``a``."""
+                weight: float, gm: np.ndarray | None = None, hd95: bool = True) -> None:
+    """Add one trial's voxel and lesion counts (times ``weight``) to the accumulator ``a``; on the
+    lesion-free image, also the false lesions that overlap the grey-matter mask ``gm``; ``hd95``
+    off skips the (slow) Hausdorff distance."""
     a["inter"] += weight * float((pred & truth).sum())
     a["tot"] += weight * float(pred.sum() + truth.sum())
     f = lesion_f1(pred, truth)
     for k in ("tp", "fp", "fn"):
         a[k] += weight * f[k]
-    if not truth.any():  # the lesion-free image: every component is a false lesion
+    if truth.any():
+        a["pred_vox"] += float(pred.sum())
+        a["true_vox"] += float(truth.sum())
+    else:  # the lesion-free image: every component is a false lesion
         a["clean_fp"] += f["fp"]
-    hd = scores(pred, truth, spacing)["hd95_mm"]
+        if gm is not None and pred.any():
+            comp, n = ndi.label(pred > 0, structure=np.ones((3, 3, 3), bool))
+            a["gm_fp"] += float(np.unique(comp[(gm > 0) & (comp > 0)]).size)
+    hd = scores(pred, truth, spacing)["hd95_mm"] if hd95 else None
     if hd is not None:
         a["hds"].append(hd)
 
 
 def evaluate_lesion(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, cases: Sequence[tdata.Case], device: str,
-                    seed: int, thresholds: Sequence[float | str] | None = None) -> dict[Any, dict[str, dict[str, Any]]]:
+                    seed: int, thresholds: Sequence[float | str] | None = None,
+                    hd95: bool = True) -> dict[Any, dict[str, dict[str, Any]]]:
     """Per setting (see :func:`evaluate_cord`), per held-out case: ``[lesions] val_trials`` copies
     with synthetic lesions (``[lesions.test_generator]``, default the training generator)
     injected in the source image (inside the reference cord), plus the lesion-free image itself,
@@ -164,7 +185,7 @@ def evaluate_lesion(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, cases: 
     of trials); lesion model restricted to that cord. Dice (pooled over trials), mean HD95,
     pooled lesion-wise F1, false lesions on the lesion-free image."""
     seg = segmenter_for(net, cfg, spec, device)
-    lspec = lesion_spec(cfg, "test_generator")
+    source = lesion_source(cfg, "test")
     n = int(cfg.get("lesions", {}).get("val_trials", 4))
     clean_weight = float(max(1, n // 4))
     grid = list(thresholds) if thresholds else [spec.threshold]
@@ -172,16 +193,20 @@ def evaluate_lesion(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, cases: 
     for case in cases:
         image, mask = tdata.load_case(case)
         acc: dict[Any, dict[str, Any]] = {t: {"inter": 0.0, "tot": 0.0, "tp": 0.0, "fp": 0.0, "fn": 0.0, "hds": [],
-                                              "clean_fp": 0.0} for t in grid}
-        trials = [(*tr, 1.0) for tr in lesion_trials(image, mask, lspec, n, seed)]
+                                              "clean_fp": 0.0, "pred_vox": 0.0, "true_vox": 0.0, "gm_fp": 0.0}
+                                          for t in grid}
+        gm = canonical_gm(case)
+        trials = [(*tr, 1.0) for tr in lesion_trials(image, mask, source, n, seed)] if n > 0 else []
         for img, cord_arr, truth, weight in [*trials, (*clean_trial(image, mask), clean_weight)]:
             prepared = preprocess.prepare(img, seg.spec)
             prob = seg.predict_prob_model_grid(prepared, roi=cord_arr)
             base: dict[Any, Any] = {}
             for t in grid:
-                _accumulate(acc[t], _lesion_pred(seg, prob, prepared, t, cord_arr, base), truth, _spacing(img), weight)
+                _accumulate(acc[t], _lesion_pred(seg, prob, prepared, t, cord_arr, base), truth, _spacing(img), weight,
+                            gm=None if truth.any() else gm, hd95=hd95)
         for t, a in acc.items():
-            out[t][case.key] = {"subject": case.subject, "contrast": case.contrast, **_lesion_summary(a, n)}
+            out[t][case.key] = {"subject": case.subject, "contrast": case.contrast, **_lesion_summary(a, n),
+                                **({} if gm is None else {"false_lesions_on_gm": a["gm_fp"]})}
     return out
 
 
@@ -192,7 +217,9 @@ def _lesion_summary(a: dict[str, Any], trials: int) -> dict[str, Any]:
     return {"dice": 2 * a["inter"] / a["tot"] if a["tot"] else 0.0,
             "hd95_mm": float(np.mean(a["hds"])) if a["hds"] else None, "lesion_precision": prec,
             "lesion_recall": rec, "lesion_f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
-            "true_lesions": tp + fn, "trials": trials, "false_lesions_lesion_free": a["clean_fp"]}
+            "true_lesions": tp + fn, "trials": trials, "false_lesions_lesion_free": a["clean_fp"],
+            "pred_voxels": a["pred_vox"], "true_voxels": a["true_vox"],
+            "volume_ratio": a["pred_vox"] / a["true_vox"] if a["true_vox"] else None}
 
 
 def objective(per_case: dict[str, dict[str, Any]], task: str) -> float:
