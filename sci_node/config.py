@@ -11,6 +11,7 @@ Every invalid or unknown key is reported at once in a single :class:`ConfigError
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -71,7 +72,10 @@ class TLSConfig:
 class Limits:
     """Resource limits of the SCP."""
 
-    max_associations: int = 16
+    #: associations at once; one more is rejected transiently ("local limit exceeded"). Each costs
+    #: ~0.1 MiB open and at its peak ~2x the instance it is receiving (64 receiving 512 x 512 MR
+    #: instances at once: 147 MiB resident; bench/association_memory.py, docs/node.md "Bursts")
+    max_associations: int = 64
     max_pdu_bytes: int = 262_144
     max_instances_per_association: int = 100_000
     max_instances_per_series: int = 5_000
@@ -184,6 +188,42 @@ class NodeConfig:
     """Everything the running node and the CLI need, validated and immutable."""
 
     ae_title: str = "SCINODE"
+@dataclass(frozen=True)
+class Scanner:
+    """A modality the stack's Orthanc accepts on its DICOM port: calling AE title and source IPv4 address."""
+
+    ae_title: str
+    host: str
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}"
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """The embedded stack (``[stack]``; ``sci-node stack`` / ``demo``, docs/orthanc.md).
+
+    Orthanc's DICOM port accepts only the node and ``scanners`` (by calling AE title *and* source
+    address, with the called AE checked), listens on ``dicom_bind`` only, and speaks DICOM TLS
+    when ``tls.enabled``. The stack restarts a child that dies, ``restart_initial_backoff_seconds``
+    doubling up to ``restart_max_backoff_seconds``; after ``max_restarts`` restarts of a child
+    that never stayed up ``restart_reset_seconds`` it gives up. The plugin forwards a series again
+    when its forward to the node failed: ``forward_retries`` times, ``forward_retry_seconds``
+    doubling up to ``forward_retry_max_seconds`` apart.
+    """
+
+    scanners: tuple[Scanner, ...] = ()
+    dicom_bind: str = "127.0.0.1"
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    restart_initial_backoff_seconds: float = 1.0
+    restart_max_backoff_seconds: float = 60.0
+    restart_reset_seconds: float = 60.0
+    max_restarts: int = 10
+    forward_retries: int = 5
+    forward_retry_seconds: float = 5.0
+    forward_retry_max_seconds: float = 300.0
+
+
     port: int = 11112
     bind: str = "127.0.0.1"
     allowed_aes: tuple[AllowedAE, ...] = ()
@@ -221,6 +261,7 @@ class NodeConfig:
     def accepts_any_ae(self) -> bool:
         """True when no allow-list is configured (every calling AE is accepted)."""
         return not self.allowed_aes
+    stack: StackConfig = field(default_factory=StackConfig)
 
 
 def parse_destination(text: str) -> Destination:
@@ -245,6 +286,25 @@ def parse_allowed_ae(text: str) -> AllowedAE:
     aet, _, host = text.partition("@")
     if not _AET_RE.match(aet.strip()):
         raise ConfigError(f"allowed AE {text!r}: AE title must be 1-16 printable characters")
+def parse_scanner(text: str) -> Scanner:
+    """Parse ``AET@IPV4`` into a :class:`Scanner` (Orthanc checks the source by IP address only).
+
+    Raises
+    ------
+    ConfigError
+        When the AE title is not 1-16 printable characters or the host is not an IPv4 address.
+    """
+    aet, at, host = text.partition("@") if isinstance(text, str) else ("", "", "")
+    if not at or not _AET_RE.match(aet.strip()) or "\\" in aet:
+        raise ConfigError(f"stack.scanners: {text!r} must be AET@IPV4 (AE title of 1-16 printable characters)")
+    try:
+        ip = ipaddress.IPv4Address(host.strip())
+    except ValueError:
+        raise ConfigError(f"stack.scanners: {text!r}: host {host!r} must be an IPv4 address (Orthanc checks the "
+                          "sender by address, not by name)") from None
+    return Scanner(aet.strip(), str(ip))
+
+
     return AllowedAE(aet.strip(), host or None)
 
 
@@ -262,6 +322,7 @@ _SECTIONS: dict[str, type] = {
 
 def _coerce(name: str, value: Any, target: Any, errors: list[str]) -> Any:
     """Coerce a TOML/CLI value to the dataclass field type named by ``target``."""
+    "stack": StackConfig,
     t = str(target)
     try:
         if t in ("Path", "Path | None"):
@@ -302,8 +363,15 @@ def _build_section(cls: type, raw: Mapping[str, Any], prefix: str, errors: list[
     for key, value in raw.items():
         if key not in fields:
             errors.append(f"{prefix}{key}: unknown key")
-            continue
-        kwargs[key] = _coerce(prefix + key, value, fields[key].type, errors)
+        elif str(fields[key].type) == "TLSConfig":  # [stack.tls]
+            if isinstance(value, Mapping):
+                kwargs[key] = _build_section(TLSConfig, value, f"{prefix}{key}.", errors)
+            else:
+                errors.append(f"[{prefix}{key}]: must be a table")
+        elif key == "scanners" and cls is StackConfig:
+            kwargs[key] = tuple(_collect(parse_scanner, value, prefix + key, errors))
+        else:
+            kwargs[key] = _coerce(prefix + key, value, fields[key].type, errors)
     return cls(**kwargs)
 
 
@@ -337,6 +405,7 @@ def _validate(cfg: NodeConfig, errors: list[str]) -> None:
     if cfg.limits.max_associations < 1:
         errors.append(f"limits.max_associations: {cfg.limits.max_associations} must be >= 1")
     if not 0 < cfg.limits.association_request_timeout_seconds <= 60:
+    _validate_stack(cfg, errors)
         errors.append(f"limits.association_request_timeout_seconds: {cfg.limits.association_request_timeout_seconds}"
                       " must be in (0, 60]")
     if cfg.limits.max_pending_connections < 1:
@@ -361,6 +430,33 @@ _BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
 
 def _validate_engine(eng: EngineConfig, errors: list[str]) -> None:
     if eng.kind not in ("local", "celery"):
+def _validate_stack(cfg: NodeConfig, errors: list[str]) -> None:
+    st = cfg.stack
+    try:
+        ipaddress.IPv4Address(st.dicom_bind)
+    except ValueError:
+        errors.append(f"stack.dicom_bind: {st.dicom_bind!r} must be an IPv4 address (127.0.0.1, 0.0.0.0 for every "
+                      "interface, or one of this host's addresses)")
+    if st.tls.enabled and (st.tls.cert_file is None or st.tls.key_file is None):
+        errors.append("stack.tls: enabled needs cert_file and key_file")
+    if st.tls.require_client_cert and not st.tls.enabled:
+        errors.append("stack.tls: require_client_cert needs enabled = true")
+    for s in st.scanners:
+        if s.ae_title == cfg.ae_title:
+            errors.append(f"stack.scanners: {s} has the node's own AE title {cfg.ae_title!r}")
+    if len({(s.ae_title, s.host) for s in st.scanners}) != len(st.scanners):
+        errors.append(f"stack.scanners: duplicate entries in {[str(s) for s in st.scanners]}")
+    if not 0 < st.restart_initial_backoff_seconds <= st.restart_max_backoff_seconds:
+        errors.append(f"stack.restart_initial_backoff_seconds: {st.restart_initial_backoff_seconds} must be > 0 and "
+                      f"<= restart_max_backoff_seconds ({st.restart_max_backoff_seconds})")
+    if st.max_restarts < 1 or st.restart_reset_seconds <= 0:
+        errors.append(f"stack.max_restarts: {st.max_restarts} must be >= 1 and restart_reset_seconds "
+                      f"{st.restart_reset_seconds} > 0")
+    if st.forward_retries < 0 or not 0 < st.forward_retry_seconds <= st.forward_retry_max_seconds:
+        errors.append(f"stack.forward_retries: {st.forward_retries} must be >= 0, forward_retry_seconds "
+                      f"{st.forward_retry_seconds} > 0 and <= forward_retry_max_seconds {st.forward_retry_max_seconds}")
+
+
         errors.append(f"engine.kind: {eng.kind!r} must be local or celery")
     for key, url, schemes in (("broker_url", eng.broker_url, _BROKER_SCHEMES),
                               ("store_url", eng.store_url, ("redis", "rediss"))):

@@ -302,7 +302,10 @@ def _place(rng: np.random.Generator, image: np.ndarray, out: np.ndarray, lesion:
     if p is None:
         return False
     sz = spacing[0]
-    kz = slice(math.floor((p.z0 - p.half) / sz + 0.5), math.ceil((p.z0 + p.half) / sz - 0.5) + 1)
+    kz = slice(max(math.floor((p.z0 - p.half) / sz + 0.5), 0),
+               min(math.ceil((p.z0 + p.half) / sz - 0.5) + 1, g.mask.shape[0]))
+    if kz.stop <= kz.start or not g.mask[kz].any():
+        return False  # the lesion's slices hold no cord (a gap in the mask, the volume's end): redraw
     by, bx = _box(g.mask[kz])
     frac = _fraction(p, g, kz, by, bx, sz, rng.uniform(*EDGE_VOX))
     label = frac >= 0.5
