@@ -40,14 +40,10 @@ def _add_config_flags(p: argparse.ArgumentParser, node_flags: bool = False) -> N
         p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="inference device")
         p.add_argument("--torch-threads", dest="torch_threads", type=int,
                        help="torch threads for inference (default 0 = CPUs minus one, shared by the workers)")
+        _add_tls_flags(p)
         _add_engine_flags(p)
 
 
-def _add_engine_flags(p: argparse.ArgumentParser, worker: bool = False) -> None:
-        _add_tls_flags(p)
-    if not worker:
-        p.add_argument("--engine", choices=["local", "celery"],
-                       help="local: models run in this process (default); celery: dispatch to `sci-node worker`s")
 def _add_tls_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", type=Path, metavar="FILE", help="DICOM TLS on: our certificate ([tls] cert_file)")
     p.add_argument("--tls-key", type=Path, metavar="FILE", help="our private key ([tls] key_file)")
@@ -56,6 +52,10 @@ def _add_tls_flags(p: argparse.ArgumentParser) -> None:
                    help="verify client certificates against --tls-ca ([tls] require_client_cert)")
 
 
+def _add_engine_flags(p: argparse.ArgumentParser, worker: bool = False) -> None:
+    if not worker:
+        p.add_argument("--engine", choices=["local", "celery"],
+                       help="local: models run in this process (default); celery: dispatch to `sci-node worker`s")
     p.add_argument("--broker", metavar="URL", help="Celery broker, e.g. redis://127.0.0.1:6379/0 ([engine] broker_url)")
     p.add_argument("--store", metavar="URL", help="Redis for payloads and results (default: the broker if Redis)")
     p.add_argument("--queue", help="the queue jobs go to / this worker consumes (default cpu; GPU workers: gpu)")
@@ -67,10 +67,6 @@ def _engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
             "concurrency": getattr(args, "concurrency", None)}
 
 
-def _config_from_args(args: argparse.Namespace) -> NodeConfig:
-    overrides: dict[str, Any] = {
-        "data_dir": getattr(args, "data_dir", None),
-        "models_dir": getattr(args, "models_dir", None),
 def _tls_overrides(args: argparse.Namespace) -> dict[str, Any]:
     cert = getattr(args, "tls_cert", None)
     return {"enabled": True if cert else None, "cert_file": cert, "key_file": getattr(args, "tls_key", None),
@@ -82,6 +78,10 @@ def _stack_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"scanners": getattr(args, "scanner", None), "dicom_bind": getattr(args, "dicom_bind", None)}
 
 
+def _config_from_args(args: argparse.Namespace) -> NodeConfig:
+    overrides: dict[str, Any] = {
+        "data_dir": getattr(args, "data_dir", None),
+        "models_dir": getattr(args, "models_dir", None),
         "log_format": getattr(args, "log_format", None),
         "log_level": getattr(args, "log_level", None),
         "ae_title": getattr(args, "ae_title", None),
@@ -94,12 +94,12 @@ def _stack_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "device": getattr(args, "device", None),
         "torch_threads": getattr(args, "torch_threads", None),
         "engine": _engine_overrides(args),
+        "tls": _tls_overrides(args),
+        "stack": _stack_overrides(args),
     }
     return load_config(getattr(args, "config", None), overrides)
 
 
-        "tls": _tls_overrides(args),
-        "stack": _stack_overrides(args),
 def _destination_texts(groups: list[list[str]] | None) -> list[str] | None:
     """``--destination`` values as ``AET@HOST:PORT`` strings; a bare port joins the token before it
     (so ``--destination DEST@127.0.0.1 11113`` works as well as ``DEST@127.0.0.1:11113``)."""
@@ -399,16 +399,16 @@ def _add_stack_commands(sub: Any) -> None:
         p.add_argument("--node-port", type=int, default=11112, help="sci-node DICOM port (default 11112)")
         p.add_argument("--stable-seconds", type=float,
                        help="seconds without a new instance before Orthanc forwards a series (Orthanc StableAge)")
-        if name == "demo":
-            p.add_argument("--exit-after", action="store_true", help="stop the stack once the SEG has arrived")
-        p.set_defaults(handler=handler)
-
         p.add_argument("--scanner", action="append", metavar="AET@IP",
                        help="a modality Orthanc accepts C-STORE from (calling AE title and source IPv4 address); "
                             "repeat for several; replaces [stack] scanners")
         p.add_argument("--dicom-bind", metavar="IP",
                        help="address of Orthanc's DICOM port ([stack] dicom_bind; default 127.0.0.1, 0.0.0.0 = every "
                             "interface)")
+        if name == "demo":
+            p.add_argument("--exit-after", action="store_true", help="stop the stack once the SEG has arrived")
+        p.set_defaults(handler=handler)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""

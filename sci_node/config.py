@@ -184,11 +184,6 @@ class CorrectionsPolicy:
 
 
 @dataclass(frozen=True)
-class NodeConfig:
-    """Everything the running node and the CLI need, validated and immutable."""
-
-    ae_title: str = "SCINODE"
-@dataclass(frozen=True)
 class Scanner:
     """A modality the stack's Orthanc accepts on its DICOM port: calling AE title and source IPv4 address."""
 
@@ -224,6 +219,11 @@ class StackConfig:
     forward_retry_max_seconds: float = 300.0
 
 
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything the running node and the CLI need, validated and immutable."""
+
+    ae_title: str = "SCINODE"
     port: int = 11112
     bind: str = "127.0.0.1"
     allowed_aes: tuple[AllowedAE, ...] = ()
@@ -256,12 +256,12 @@ class StackConfig:
     routing: RoutingRules = field(default_factory=RoutingRules)
     engine: EngineConfig = field(default_factory=EngineConfig)
     corrections: CorrectionsPolicy = field(default_factory=CorrectionsPolicy)
+    stack: StackConfig = field(default_factory=StackConfig)
 
     @property
     def accepts_any_ae(self) -> bool:
         """True when no allow-list is configured (every calling AE is accepted)."""
         return not self.allowed_aes
-    stack: StackConfig = field(default_factory=StackConfig)
 
 
 def parse_destination(text: str) -> Destination:
@@ -281,11 +281,6 @@ def parse_destination(text: str) -> Destination:
     return Destination(m.group(1).strip(), m.group(2), port)
 
 
-def parse_allowed_ae(text: str) -> AllowedAE:
-    """Parse ``AET`` or ``AET@HOST`` into an :class:`AllowedAE`."""
-    aet, _, host = text.partition("@")
-    if not _AET_RE.match(aet.strip()):
-        raise ConfigError(f"allowed AE {text!r}: AE title must be 1-16 printable characters")
 def parse_scanner(text: str) -> Scanner:
     """Parse ``AET@IPV4`` into a :class:`Scanner` (Orthanc checks the source by IP address only).
 
@@ -305,6 +300,11 @@ def parse_scanner(text: str) -> Scanner:
     return Scanner(aet.strip(), str(ip))
 
 
+def parse_allowed_ae(text: str) -> AllowedAE:
+    """Parse ``AET`` or ``AET@HOST`` into an :class:`AllowedAE`."""
+    aet, _, host = text.partition("@")
+    if not _AET_RE.match(aet.strip()):
+        raise ConfigError(f"allowed AE {text!r}: AE title must be 1-16 printable characters")
     return AllowedAE(aet.strip(), host or None)
 
 
@@ -317,12 +317,12 @@ _SECTIONS: dict[str, type] = {
     "routing": RoutingRules,
     "engine": EngineConfig,
     "corrections": CorrectionsPolicy,
+    "stack": StackConfig,
 }
 
 
 def _coerce(name: str, value: Any, target: Any, errors: list[str]) -> Any:
     """Coerce a TOML/CLI value to the dataclass field type named by ``target``."""
-    "stack": StackConfig,
     t = str(target)
     try:
         if t in ("Path", "Path | None"):
@@ -400,12 +400,12 @@ def _validate(cfg: NodeConfig, errors: list[str]) -> None:
         errors.append("tls: enabled needs cert_file and key_file")
     if cfg.tls.require_client_cert and cfg.tls.ca_file is None:
         errors.append("tls: require_client_cert needs ca_file")
+    _validate_stack(cfg, errors)
     if cfg.retention_days is not None and not cfg.retention_days > 0:
         errors.append(f"retention_days: {cfg.retention_days} must be > 0 (or unset: keep everything)")
     if cfg.limits.max_associations < 1:
         errors.append(f"limits.max_associations: {cfg.limits.max_associations} must be >= 1")
     if not 0 < cfg.limits.association_request_timeout_seconds <= 60:
-    _validate_stack(cfg, errors)
         errors.append(f"limits.association_request_timeout_seconds: {cfg.limits.association_request_timeout_seconds}"
                       " must be in (0, 60]")
     if cfg.limits.max_pending_connections < 1:
@@ -425,11 +425,6 @@ def _validate(cfg: NodeConfig, errors: list[str]) -> None:
                       f"heldout_fraction {cor.heldout_fraction} in [0, 1)")
 
 
-_BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
-
-
-def _validate_engine(eng: EngineConfig, errors: list[str]) -> None:
-    if eng.kind not in ("local", "celery"):
 def _validate_stack(cfg: NodeConfig, errors: list[str]) -> None:
     st = cfg.stack
     try:
@@ -457,6 +452,11 @@ def _validate_stack(cfg: NodeConfig, errors: list[str]) -> None:
                       f"{st.forward_retry_seconds} > 0 and <= forward_retry_max_seconds {st.forward_retry_max_seconds}")
 
 
+_BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
+
+
+def _validate_engine(eng: EngineConfig, errors: list[str]) -> None:
+    if eng.kind not in ("local", "celery"):
         errors.append(f"engine.kind: {eng.kind!r} must be local or celery")
     for key, url, schemes in (("broker_url", eng.broker_url, _BROKER_SCHEMES),
                               ("store_url", eng.store_url, ("redis", "rediss"))):

@@ -70,9 +70,9 @@ ORTHANC_AET = "ORTHANC"
 NODE_MODALITY = "sci-node"
 DEFAULT_USER = "scinode"
 NODE_STABLE_SECONDS = 2.0  # Orthanc already waited StableAge; the node only waits out the forward
-
 #: the calling AE title ``sci-node demo`` sends the sample series as (allowed from 127.0.0.1 by the demo)
 DEMO_AET = "SCIDEMO"
+
 
 @dataclass(frozen=True)
 class StackPorts:
@@ -183,14 +183,14 @@ def render_orthanc_config(template: str, values: dict[str, Any]) -> dict[str, An
 def orthanc_config_values(cfg: NodeConfig, ports: StackPorts, creds: OrthancCredentials) -> dict[str, Any]:
     """The placeholder values of ``orthanc/orthanc.json.in`` for this stack."""
     state = cfg.data_dir / "orthanc"
-    return {
     st = cfg.stack
-        "STORAGE_DIR": str(state / "storage"),
+    return {
         **tls_values(cfg, state),
         "DICOM_MODALITIES": dicom_modalities(cfg, NODE_MODALITY, ports.node),
         "FORWARD_RETRIES": st.forward_retries,
         "FORWARD_RETRY_SECONDS": st.forward_retry_seconds,
         "FORWARD_RETRY_MAX_SECONDS": st.forward_retry_max_seconds,
+        "STORAGE_DIR": str(state / "storage"),
         "DICOMWEB_PLUGIN": str(find_orthanc_plugin("libOrthancDicomWeb.so")),
         "PYTHON_PLUGIN": str(find_orthanc_plugin("libOrthancPython.so")),
         "HTTP_PORT": ports.http,
@@ -214,8 +214,8 @@ def write_orthanc_config(cfg: NodeConfig, ports: StackPorts, creds: OrthancCrede
     state = cfg.data_dir / "orthanc"
     state.mkdir(mode=0o700, parents=True, exist_ok=True)
     (state / "storage").mkdir(mode=0o700, exist_ok=True)
-    config = render_orthanc_config(CONFIG_TEMPLATE.read_text(encoding="utf-8"),
     write_trust_bundle(cfg, state)
+    config = render_orthanc_config(CONFIG_TEMPLATE.read_text(encoding="utf-8"),
                                    orthanc_config_values(cfg, ports, creds))
     path = state / "orthanc.json"
     tmp = path.with_suffix(".json.tmp")
@@ -335,9 +335,9 @@ class Stack:
                     raise StackError(f"{what} not ready after {timeout:.0f} s ({status or detail}); last log "
                                      f"lines:\n{self.log_tail(what)}")
                 time.sleep(0.3)
-            log.info("stack_child_ready", child=what)
             if what == "orthanc":
                 check_dicom_listener(self.spec.cfg, self.spec.ports.dicom)
+            log.info("stack_child_ready", child=what)
 
     def stop(self, timeout: float = 30.0) -> dict[str, int | None]:
         """SIGTERM the node, then Orthanc; SIGKILL what has not exited after ``timeout``."""
@@ -368,7 +368,6 @@ def ohif_study_url(base_url: str, study_uid: str, seg_series_uid: str | None = N
     return url + (f"&initialSeriesInstanceUID={seg_series_uid}" if seg_series_uid else "")
 
 
-def _announce(stack: Stack, out: TextIO) -> None:
 def _dicom_line(cfg: NodeConfig, port: int) -> str:
     st = cfg.stack
     where = "every interface" if st.dicom_bind == "0.0.0.0" else st.dicom_bind
@@ -377,6 +376,7 @@ def _dicom_line(cfg: NodeConfig, port: int) -> str:
             f"and scanners: {scanners}")
 
 
+def _announce(stack: Stack, out: TextIO) -> None:
     spec, url = stack.spec, stack.url
     creds = spec.creds
     _say(out, "sci-node stack is up")
@@ -526,9 +526,6 @@ def _study_uid(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
 
 
-def run_demo(cfg: NodeConfig, http_port: int = 8042, dicom_port: int = 4242, node_port: int = 11112,
-             keep_running: bool = True, *, orthanc_user: str | None = None, orthanc_password: str | None = None,
-             config_file: Path | None = None, sample_dir: Path = SAMPLE_DIR, seg_timeout: float = 900.0,
 def with_demo_sender(cfg: NodeConfig) -> NodeConfig:
     """``cfg`` whose ``[stack] scanners`` also allow the demo's sender, ``DEMO_AET`` from the local address."""
     demo = Scanner(DEMO_AET, _send_host(cfg))
@@ -537,6 +534,9 @@ def with_demo_sender(cfg: NodeConfig) -> NodeConfig:
     return dataclasses.replace(cfg, stack=dataclasses.replace(cfg.stack, scanners=(*cfg.stack.scanners, demo)))
 
 
+def run_demo(cfg: NodeConfig, http_port: int = 8042, dicom_port: int = 4242, node_port: int = 11112,
+             keep_running: bool = True, *, orthanc_user: str | None = None, orthanc_password: str | None = None,
+             config_file: Path | None = None, sample_dir: Path = SAMPLE_DIR, seg_timeout: float = 900.0,
              out: TextIO = sys.stdout) -> int:
     """Start the stack, send the sample series into Orthanc, wait for its SEG, print the OHIF URL.
 
@@ -550,10 +550,10 @@ def with_demo_sender(cfg: NodeConfig) -> NodeConfig:
     """
     files = sample_series_files(sample_dir)
     study_uid = _study_uid(files[0])
+    cfg = with_demo_sender(cfg)
     spec = _spec(cfg, StackPorts(http_port, dicom_port, node_port), orthanc_user, orthanc_password, config_file)
     with _running(spec, out) as stack:
         t0 = time.monotonic()
-    cfg = with_demo_sender(cfg)
         tls = cfg.stack.tls
         storescu(files, dicom_port, calling_ae=DEMO_AET, host=_send_host(cfg),
                  tls=(Path(str(tls.key_file)), Path(str(tls.cert_file)), trust_bundle_path(cfg.data_dir / "orthanc"))
