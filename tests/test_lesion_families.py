@@ -106,3 +106,24 @@ def test_grey_matter_patches_are_drawn_as_hard_negatives(t2w) -> None:
     assert centred_on_gm(1.0) == 1.0
     assert centred_on_gm(0.3) == pytest.approx(0.3, abs=0.1)
     assert centred_on_gm(0.0) < 0.05
+
+
+def test_held_out_lesions_are_painted_on_raw_scanner_intensities(t2w) -> None:
+    """The held-out scoring paints on the source image before the node's preprocessing: a family written
+    for normalised intensities must brighten raw ones by the same amount in normalised units."""
+    from trainer.lesion_families import on_raw_intensities
+
+    image, cord, sp = t2w
+    raw = (image * 1800.0 + 40.0).astype(np.float32)  # an affine scanner scale of the normalised crop
+    for name in ("columns", "field", "swelling"):
+        gen = family_generator(name)
+        on_norm = gen(np.random.default_rng(5), image, cord, sp)
+        on_raw = on_raw_intensities(gen)(np.random.default_rng(5), raw, cord, sp)
+        assert np.array_equal(on_raw.lesion, on_norm.lesion), name
+        lo, hi = np.percentile(raw, [0.5, 99.5])
+        les = on_norm.lesion > 0
+        gain_norm = float((on_norm.image - image)[les].mean())
+        gain_raw = float((on_raw.image - raw)[les].mean()) / (hi - lo)
+        assert gain_norm > 0.05 and gain_raw == pytest.approx(gain_norm, rel=0.05), name
+    ellipsoid = LesionSource.ellipsoid(LesionSpec())
+    assert ellipsoid.for_raw_intensities().generators == ellipsoid.generators  # scale-free: untouched

@@ -101,16 +101,18 @@ def evaluate_cord(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, cases: Se
 
 
 def lesion_trials(image: sitk.Image, cord: sitk.Image, source: LesionSource, n: int, seed: int):
-    """``n`` copies of a canonical-orientation image with lesions injected by ``source``:
+    """``n`` copies of a canonical-orientation image with lesions injected by ``source`` on its raw
+    intensities (:meth:`~trainer.lesion_families.LesionSource.for_raw_intensities`):
     ``[(img, cord_arr, lesion_arr)]``; ``cord_arr`` is the cord the lesion model is given (the
     reference cord, swollen where the drawing family swells it)."""
     img_c = preprocess.canonicalise(preprocess.as_scalar_float(image))
     cord_c = preprocess.canonicalise(cord)
     arr, cord_arr = sitk.GetArrayFromImage(img_c), sitk.GetArrayFromImage(cord_c).astype(np.uint8)
     trials = []
+    raw = source.for_raw_intensities()
     for k in range(n):
         rng = np.random.default_rng(10_000 + seed * 100 + k)
-        draw = source(rng, arr, cord_arr, _spacing(img_c))
+        draw = raw(rng, arr, cord_arr, _spacing(img_c))
         out = sitk.GetImageFromArray(draw.image)
         out.CopyInformation(img_c)
         trials.append((out, draw.cord, draw.lesion))

@@ -32,6 +32,10 @@ from sci_node.errors import ConfigError
 from trainer.lesion_families.base import LesionDraw
 
 FAMILIES = ("ellipsoid", "columns", "field", "swelling")
+# families whose numbers hold on any intensity scale (percentiles and ratios only); the others are written
+# for the normalised model-grid intensities (trainer.lesion_families.base) and are given raw scanner
+# intensities through :func:`on_raw_intensities`
+SCALE_FREE = ("ellipsoid",)
 
 Generate = Callable[[np.random.Generator, np.ndarray, np.ndarray, tuple[float, float, float]], LesionDraw]
 
@@ -63,6 +67,23 @@ def family_generator(name: str, spec: Any = None) -> Generate:
     return module.generate  # type: ignore[no-any-return]
 
 
+def on_raw_intensities(gen: Generate, lower: float = 0.5, upper: float = 99.5, clip_max: float = 1.5) -> Generate:
+    """``gen`` for raw scanner intensities: the image is normalised as the models' preprocessing does
+    (``lower``/``upper`` percentiles to 0/1, clipped to ``[0, clip_max]``), the family paints on that,
+    and what it changed is mapped back: ``raw + (p_upper - p_lower) * (painted - normalised)`` (exact
+    wherever the image was not clipped; a voxel above the clip keeps its raw value)."""
+    def generate(rng: np.random.Generator, image: np.ndarray, cord: np.ndarray,
+                 spacing: tuple[float, float, float]) -> LesionDraw:
+        lo, hi = (float(v) for v in np.percentile(image, [lower, upper]))
+        scale = hi - lo
+        if not np.isfinite(scale) or scale <= 1e-6:
+            return gen(rng, image, cord, spacing)
+        norm = np.clip((image - lo) / scale, 0.0, clip_max).astype(np.float32)
+        draw = gen(rng, norm, cord, spacing)
+        return LesionDraw((image + scale * (draw.image - norm)).astype(np.float32), draw.lesion, draw.cord)
+    return generate
+
+
 @dataclass(frozen=True)
 class LesionSource:
     """Draws lesions from one of several families, chosen uniformly per call.
@@ -84,6 +105,13 @@ class LesionSource:
         """One draw: see :class:`~trainer.lesion_families.base.LesionFamily`."""
         k = 0 if len(self.generators) == 1 else int(rng.integers(len(self.generators)))
         return self.generators[k](rng, image, cord, spacing)
+
+    def for_raw_intensities(self) -> "LesionSource":
+        """The same families for raw scanner intensities (the held-out scoring paints on the source
+        image before the node's preprocessing): every family not in :data:`SCALE_FREE` is wrapped by
+        :func:`on_raw_intensities`; the random stream is unchanged."""
+        return LesionSource(self.names, tuple(g if n in SCALE_FREE else on_raw_intensities(g)
+                                              for n, g in zip(self.names, self.generators)))
 
 
 def lesion_source(cfg: dict[str, Any], which: str = "train") -> LesionSource:
