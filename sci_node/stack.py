@@ -18,6 +18,8 @@ Layout in the data directory ``D`` (the node keeps its own spool and index in ``
     D/orthanc/credentials.json    generated HTTP credentials (mode 0600), only when none were given
     D/orthanc/storage/            Orthanc's storage and index
     D/orthanc/forwards.jsonl      the plugin's record of every forward to the node
+    D/orthanc/bind_address.so     the shim that binds Orthanc's DICOM port to [stack] dicom_bind
+    D/orthanc/dicom-tls-trusted.pem  with [stack.tls]: ca_file + Orthanc's certificate (mode 0600)
     D/logs/orthanc.log, node.log  the children's logs
 
 Orthanc 1.10 cannot bind its DICOM port to one address: the stack preloads a shim that does

@@ -75,11 +75,14 @@ class Supervisor:
         self._spawn(self.children[name])
 
     def _spawn(self, child: Child) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / f"{child.name}.log", "ab") as logf:
-            child.proc = subprocess.Popen(
-                child.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=child.env,
-                cwd=str(self.cwd), start_new_session=True, preexec_fn=self.preexec)
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.log_dir / f"{child.name}.log", "ab") as logf:
+                child.proc = subprocess.Popen(
+                    child.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=child.env,
+                    cwd=str(self.cwd), start_new_session=True, preexec_fn=self.preexec)
+        except OSError as exc:
+            raise StackError(f"cannot start {child.name} ({child.argv[0]}): {exc}") from exc
         child.started, child.due = time.monotonic(), None
         log.info("stack_child_started", child=child.name, pid=child.proc.pid)
 
