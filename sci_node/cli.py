@@ -17,8 +17,12 @@ from sci_node import __version__
 from sci_node.config import NodeConfig, load_config
 from sci_node.errors import SciNodeError
 from sci_node.logs import configure_logging
+from sci_node.private_files import restrict_umask
+from sci_node.terminal import echo
 
 Handler = Callable[[argparse.Namespace, NodeConfig], int]
+#: commands that write (or create) the data dir: run with umask 077, so all they create is 0700 / 0600
+PRIVATE_COMMANDS = frozenset({"serve", "worker", "status", "jobs", "corrections", "stack", "demo"})
 
 
 def _add_config_flags(p: argparse.ArgumentParser, node_flags: bool = False) -> None:
@@ -413,12 +417,14 @@ def _add_stack_commands(sub: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""
     args = build_parser().parse_args(argv)
+    if args.command in PRIVATE_COMMANDS:
+        restrict_umask()  # before anything touches the data dir (and for the children the stack starts)
     try:
         cfg = _config_from_args(args)
         configure_logging(cfg.log_format, cfg.log_level)
         return int(args.handler(args, cfg))
     except SciNodeError as exc:
-        print(f"sci-node: error: {exc}", file=sys.stderr)
+        echo(f"sci-node: error: {exc}", sys.stderr)  # a reason may quote a sender's text: escaped
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -55,6 +55,7 @@ from typing import Any, Iterator, Sequence, TextIO
 from sci_node.config import REPO_ROOT, NodeConfig, Scanner
 from sci_node.errors import ConfigError, StackError
 from sci_node.logs import get_logger
+from sci_node.private_files import make_private_dirs, restrict_umask
 from sci_node.stack_dicom import (check_dicom_listener, dicom_modalities, node_tls_args, orthanc_env, tls_values,
                                   trust_bundle_path, write_trust_bundle)
 from sci_node.stack_supervisor import RestartPolicy, Supervisor
@@ -127,7 +128,7 @@ def resolve_credentials(state_dir: Path, user: str | None, password: str | None)
             raise ConfigError(f"Orthanc user {user!r} must not contain ':'")
         return OrthancCredentials(user, password)
     path = state_dir / "credentials.json"
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dirs(state_dir)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -427,6 +428,8 @@ def _run_until_signal(stack: Stack, out: TextIO) -> int:
 def _spec(cfg: NodeConfig, ports: StackPorts, user: str | None, password: str | None,
           config_file: Path | None) -> StackSpec:
     ports.validate()
+    restrict_umask()  # Orthanc and the node inherit it: their storage, indexes and logs are created private
+    make_private_dirs(cfg.data_dir / "logs")
     creds = resolve_credentials(cfg.data_dir / "orthanc", user, password)
     # the node runs in the install's folder: a relative path would point elsewhere there
     return StackSpec(cfg=cfg, ports=ports, creds=creds, config_file=config_file.resolve() if config_file else None)

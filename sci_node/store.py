@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from sci_node.errors import JobNotFoundError, SciNodeError, StorageError
+from sci_node.private_files import create_private, make_private_dirs
 from sci_node.sqlite_tx import write_tx
 
 SCHEMA_VERSION = 1
@@ -206,17 +207,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _makedirs_durable(path: Path) -> None:
-    """Create ``path`` (mode 0700) and fsync each parent whose entries changed."""
-    missing: list[Path] = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, 0o700)
-        except FileExistsError:
-            continue
+    """Create ``path`` (each missing level mode 0700) and fsync each parent whose entries changed."""
+    for d in make_private_dirs(path):
         _fsync_dir(d.parent)
 
 
@@ -268,9 +260,9 @@ class Store:
         try:
             for d in (self.data_dir, self.spool_dir, self.results_dir):
                 _makedirs_durable(d)
+            create_private(self.data_dir / "index.sqlite3")  # 0600 before SQLite opens it: its -wal/-shm copy that
             self._db = sqlite3.connect(self.data_dir / "index.sqlite3", timeout=30.0,
                                        isolation_level=None, check_same_thread=False)
-            os.chmod(self.data_dir / "index.sqlite3", 0o600)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")

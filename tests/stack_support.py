@@ -73,7 +73,7 @@ class StackProc:
         return f"http://127.0.0.1:{self.http}"
 
     def start(self, timeout: float = 180) -> "StackProc":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)  # the stack creates its data dir (0700)
         conf = self.data_dir.parent / (self.data_dir.name + ".toml")
         conf.write_text(self.toml)
         argv = [sys.executable, "-m", "sci_node.cli", "stack", "--config", str(conf), "--data-dir", str(self.data_dir),
