@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from sci_node.errors import ConfigError
 
@@ -157,6 +158,10 @@ class EngineConfig:
     concurrency: int = 1
     #: jobs out at the broker or the workers at once (bounds the payloads held in Redis)
     max_outstanding: int = 32
+    #: accept a broker or store on another host whose URL carries no password (Redis ``requirepass`` or
+    #: an ACL user): refused by default, because the payloads are whole DICOM series (PHI) and whoever
+    #: can write to Redis can put objects into PACS through the gateway. Warned about either way.
+    allow_unauthenticated_broker: bool = False
 
     @property
     def redis_url(self) -> str | None:
@@ -453,6 +458,60 @@ def _validate_stack(cfg: NodeConfig, errors: list[str]) -> None:
 
 
 _BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
+#: broker/store URL schemes that encrypt the connection (TLS)
+TLS_SCHEMES = ("rediss", "amqps")
+
+
+def redact_url(url: str) -> str:
+    """A broker/store URL with its password replaced by ``***`` (for errors, logs and status)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparsable URL)"
+    if "@" not in parts.netloc:
+        return url
+    cred, _, host = parts.netloc.rpartition("@")
+    user, colon, _ = cred.partition(":")
+    netloc = f"{user}{':***' if colon else ''}@{host}" if user or colon else f"***@{host}"
+    return parts._replace(netloc=netloc).geturl()
+
+
+def url_has_password(url: str) -> bool:
+    """True when ``url`` carries a password (``redis://:PW@host``, ``rediss://USER:PW@host``, ``amqp://U:PW@h``)."""
+    try:
+        return bool(urlsplit(url).password)
+    except ValueError:
+        return False
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when ``url``'s host is this machine's loopback (``localhost``, 127.0.0.0/8, ``::1``)."""
+    import ipaddress
+
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def broker_auth_problems(eng: EngineConfig) -> list[str]:
+    """Why the broker/store URLs must be refused: another host and no password, unless allowed."""
+    if eng.allow_unauthenticated_broker:
+        return []
+    out = []
+    for key, url in (("broker_url", eng.broker_url), ("store_url", eng.store_url)):
+        if url and "://" in url and not url_has_password(url) and not is_loopback_url(url):
+            out.append(f"engine.{key}: {redact_url(url)!r} is on another host and has no password: whoever reaches "
+                       "it reads the series sent to the workers (patient data) and can queue objects for PACS. Put "
+                       "the Redis password or ACL user in the URL (redis://USER:PASSWORD@HOST:6379/0, rediss:// for "
+                       "TLS) or set [engine] allow_unauthenticated_broker = true")
+    return out
 
 
 def _validate_engine(eng: EngineConfig, errors: list[str]) -> None:
@@ -461,12 +520,13 @@ def _validate_engine(eng: EngineConfig, errors: list[str]) -> None:
     for key, url, schemes in (("broker_url", eng.broker_url, _BROKER_SCHEMES),
                               ("store_url", eng.store_url, ("redis", "rediss"))):
         if url is not None and (url.split("://", 1)[0] not in schemes or "://" not in url):
-            errors.append(f"engine.{key}: {url!r} is not a {' / '.join(s + '://' for s in schemes)} URL")
+            errors.append(f"engine.{key}: {redact_url(url)!r} is not a {' / '.join(s + '://' for s in schemes)} URL")
+    errors.extend(broker_auth_problems(eng))
     if eng.kind == "celery" and not eng.broker_url:
         errors.append("engine.broker_url: engine kind celery needs a broker URL (e.g. redis://127.0.0.1:6379/0)")
     elif eng.kind == "celery" and eng.redis_url is None:
-        errors.append(f"engine.store_url: the broker {eng.broker_url!r} is not Redis: set store_url to a redis:// URL"
-                      " for the payloads and results")
+        errors.append(f"engine.store_url: the broker {redact_url(str(eng.broker_url))!r} is not Redis: set store_url"
+                      " to a redis:// URL for the payloads and results")
     if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", eng.queue):
         errors.append(f"engine.queue: {eng.queue!r} must be 1-64 letters, digits, '_', '.' or '-'")
     if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", eng.namespace):
