@@ -230,16 +230,20 @@ class Pipeline:
         return checked, ({"csf_to_cord": round(measured.csf_to_cord, 3)} if measured is not None else {})
 
     def _write_dicom(self, vol: SeriesVolume, cord: np.ndarray, lesion: np.ndarray | None,
-                     summary: Mapping[str, Any], out_dir: Path, notes: Sequence[str] = ()) -> tuple[Path, ...]:
+                     summary: dict[str, Any], out_dir: Path, notes: Sequence[str] = ()) -> tuple[Path, ...]:
+        """Write the SEG and SR; ``summary`` gains ``key_images`` (where a viewer opens: :mod:`sci_node.key_slices`)."""
+        from sci_node.key_slices import key_images, viewer_record
         from sci_node.seg_writer import build_seg
         from sci_node.sr_writer import build_sr
 
         seg = build_seg(vol, cord, lesion, self.versions, notes)
         seg_path = out_dir / SEG_NAME
         seg.save_as(seg_path, enforce_file_format=True)
-        sr = build_sr(seg, list(vol.datasets), summary, self.versions, notes)
+        keys = key_images(vol, cord, lesion, summary.get("lesions", []))
+        sr = build_sr(seg, list(vol.datasets), summary, self.versions, notes, key_images=keys)
         sr_path = out_dir / SR_NAME
         sr.save_as(sr_path, enforce_file_format=True)
+        summary["key_images"] = viewer_record(keys, str(sr.SeriesInstanceUID))
         return (seg_path, sr_path)
 
     def _result(self, status: str, reason: str | None, decision: routing.RoutingDecision, clock: _Clock,

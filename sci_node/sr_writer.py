@@ -11,16 +11,27 @@ Content:
   network's peak probability inside the lesion.
 
 The per-level CSA values themselves are in the batch ``report.json`` (and the job record).
+
+Every finding (the cord, each lesion) also gets a planar group (TID 1410) with the same tracking
+identifier and UID: its outline on its key slice (:mod:`sci_node.key_slices`) as an "Image Region"
+POLYLINE that references the source image (and frame). These come first in "Imaging Measurements",
+in reading order: the lesions by id (the largest first), then the cord. OHIF 3.13 needs them: its SR view
+(extension cornerstone-dicom-sr) merges the groups of one Tracking Unique Identifier into one
+measurement, draws it on the image its SCOORD references with the group's numbers beside it, and
+opens on the first one; a measurement without an image-referenced SCOORD leaves the viewport empty
+(docs/orthanc.md, "The report in OHIF").
 """
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from sci_node import __version__
+from sci_node.key_slices import CORD_FINDING, KeyImage
 from sci_node.seg_writer import (CORD_TYPE, LESION_TYPE, SR_SERIES_OFFSET, derived_uid, described, frame_references,
                                  source_key, versions_text)
 
@@ -114,8 +125,49 @@ def _lesion_groups(seg: Dataset, lesions: Sequence[Mapping[str, Any]], versions:
     return out
 
 
+def _tracking(series_uid: str, versions: Mapping[str, str], finding: str) -> hd.sr.TrackingIdentifier:
+    """The tracking identifier of a finding: ``"Spinal cord"`` / ``"Lesion N"`` and its derived UID,
+    the same for the finding's volumetric and planar groups."""
+    what = "track-cord" if finding == CORD_FINDING else "track-" + finding.lower().replace(" ", "-")
+    return hd.sr.TrackingIdentifier(uid=derived_uid(series_uid, versions, what), identifier=finding)
+
+
+def region_outline(outline_rc: np.ndarray) -> np.ndarray:
+    """``(N, 2)`` (column, row) graphic data of a closed ``(row, column)`` outline, never 4 or 5 points.
+
+    OHIF 3.13 takes a 4- or 5-point "Image Region" POLYLINE for a rectangle it can re-create as
+    its own RectangleROI tool and then converts the whole report into its editable annotations,
+    dropping our numbers; a small outline (one pixel, a rectangle) gets its edge midpoints added.
+    """
+    pts = np.asarray(outline_rc, dtype=np.float64)
+    if len(pts) <= 5:
+        mids = (pts[:-1] + pts[1:]) / 2.0
+        pts = np.vstack([np.column_stack([pts[:-1], mids]).reshape(-1, 2), pts[-1:]])
+    return pts[:, ::-1].copy()
+
+
+def _planar_groups(images: Sequence[KeyImage], versions: Mapping[str, str], series_uid: str,
+                   ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """One TID 1410 group per key image: the finding's outline on its key slice, no measurements."""
+    out = []
+    for im in images:
+        frames = [im.source.frame_number] if im.source.frame_number is not None else None
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=region_outline(im.key.outline),
+            source_image=hd.sr.SourceImageForRegion(im.source.sop_class_uid, im.source.sop_instance_uid, frames))
+        out.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(series_uid, versions, im.finding),
+            referenced_region=region,
+            finding_type=CORD_TYPE if im.finding == CORD_FINDING else LESION_TYPE,
+            algorithm_id=_algo(versions),
+            finding_sites=[hd.sr.FindingSite(CORD_TYPE)],
+        ))
+    return out
+
+
 def build_sr(seg: Dataset, sources: Sequence[Dataset], summary: Mapping[str, Any],
-             versions: Mapping[str, str], notes: Sequence[str] = ()) -> hd.sr.Comprehensive3DSR:
+             versions: Mapping[str, str], notes: Sequence[str] = (), *,
+             key_images: Sequence[KeyImage]) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 measurement report of one series.
 
     Parameters
@@ -130,6 +182,10 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], summary: Mapping[str, Any
         Model name -> version.
     notes
         Warnings (missing slices, incomplete transfer) that lead the Series Description.
+    key_images
+        :func:`sci_node.key_slices.key_images` of the same masks, in reading order: one planar
+        group each. A finding without one has no region in the report and OHIF 3.13 then
+        shows none of it.
     """
     source = sources[0]
     series_uid = source_key(sources)
@@ -138,8 +194,10 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], summary: Mapping[str, Any
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=derived_uid("sci-node-device", {}, "device"), name="sci-node", manufacturer_name="sci-node",
             model_name=f"sci-node {__version__}"))
-    groups = [_cord_group(seg, summary, versions, series_uid)]
-    if summary.get("lesions") and len(seg.SegmentSequence) >= 2:
+    with_lesions = bool(summary.get("lesions")) and len(seg.SegmentSequence) >= 2
+    shown = [im for im in key_images if with_lesions or im.finding == CORD_FINDING]
+    groups: list[Any] = [*_planar_groups(shown, versions, series_uid), _cord_group(seg, summary, versions, series_uid)]
+    if with_lesions:
         groups += _lesion_groups(seg, summary["lesions"], versions, series_uid)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
