@@ -361,14 +361,31 @@ def _say(out: TextIO, text: str) -> None:
     out.flush()
 
 
-def ohif_study_url(base_url: str, study_uid: str, seg_series_uid: str | None = None) -> str:
+def ohif_study_url(base_url: str, study_uid: str, initial_series_uid: str | None = None) -> str:
     """URL that opens one study in the OHIF viewer served by Orthanc.
 
-    With ``seg_series_uid`` the SEG is the initial series: OHIF shows it overlaid on the MR it
-    references (``disableConfirmationPrompts`` in our app-config skips the "open it?" prompt).
+    ``initial_series_uid`` is the series OHIF shows first. The node's SR: OHIF's SR view, on the
+    largest lesion or, without lesions, on the slice with the most cord (the report lists that
+    finding first, :mod:`sci_node.key_slices`), each finding outlined with its numbers. The SEG:
+    overlaid on the MR it references (``disableConfirmationPrompts`` in our app-config skips the
+    "open it?" prompt), on the first slice with any segmentation (OHIF 3.13 picks that slice).
     """
     url = f"{base_url}/ohif/viewer?StudyInstanceUIDs={study_uid}"
-    return url + (f"&initialSeriesInstanceUID={seg_series_uid}" if seg_series_uid else "")
+    return url + (f"&initialSeriesInstanceUID={initial_series_uid}" if initial_series_uid else "")
+
+
+def _say_viewer_links(out: TextIO, stack: Stack, client: Any, study_uid: str, seg_uid: str) -> None:
+    """Print the OHIF links of the demo study: its report (SR) view, and the SEG over the MR."""
+    try:
+        srs = wait_for_modality(client, study_uid, "SR", 120.0, alive=stack.supervise)
+        sr_uid = client.get_series_id(srs[-1])["MainDicomTags"]["SeriesInstanceUID"]
+    except StackError:  # no report came: the SEG view is all there is
+        sr_uid = None
+    login = f"log in as {stack.spec.creds.user!r}"
+    if sr_uid:
+        _say(out, f"OHIF ({login}), the report on the largest lesion or the slice with the most cord: "
+                  f"{ohif_study_url(stack.url, study_uid, sr_uid)}")
+    _say(out, f"OHIF ({login}), the segmentation over the MR: {ohif_study_url(stack.url, study_uid, seg_uid)}")
 
 
 def _dicom_line(cfg: NodeConfig, port: int) -> str:
@@ -569,7 +586,7 @@ def run_demo(cfg: NodeConfig, http_port: int = 8042, dicom_port: int = 4242, nod
         segs = wait_for_modality(client, study_uid, "SEG", seg_timeout, alive=stack.supervise)
         seg_uid = client.get_series_id(segs[-1])["MainDicomTags"]["SeriesInstanceUID"]
         _say(out, f"DICOM-SEG in Orthanc {time.monotonic() - t0:.1f} s after the send")
-        _say(out, f"OHIF (log in as {spec.creds.user!r}): {ohif_study_url(stack.url, study_uid, seg_uid)}")
+        _say_viewer_links(out, stack, client, study_uid, seg_uid)
         if keep_running:
             return _run_until_signal(stack, out)
         return 0

@@ -585,6 +585,15 @@ def render_engine(engine: dict[str, Any] | None) -> str:
             f'{rows or "<tr><td colspan=7>no worker connected</td></tr>"}</table>')
 
 
+def ohif_href(study_uid: str, job: dict[str, Any] | None = None) -> str:
+    """The OHIF link of a study; with a job whose report was written, OHIF opens that report (SR):
+    on the largest lesion, or on the slice with the most cord (the job's ``summary.key_images``)."""
+    url = f"/ohif/viewer?StudyInstanceUIDs={urllib.parse.quote(study_uid)}"
+    keys = (((job or {}).get("result") or {}).get("summary") or {}).get("key_images") or {}
+    sr = keys.get("sr_series_uid") if isinstance(keys, dict) else None
+    return url + (f"&initialSeriesInstanceUID={urllib.parse.quote(str(sr))}" if sr else "")
+
+
 def render_status_page(jobs: list[dict[str, Any]], error: str | None, forwards: list[dict[str, Any]],
                        corrections: dict[str, Any] | None = None, engine: dict[str, Any] | None = None,
                        csrf_token: str = "") -> str:
@@ -593,8 +602,7 @@ def render_status_page(jobs: list[dict[str, Any]], error: str | None, forwards: 
     rows = []
     for job in jobs[:200]:
         study = _job_study(job)
-        link = (f'<a href="/ohif/viewer?StudyInstanceUIDs={urllib.parse.quote(study)}">open in OHIF</a>'
-                if study else "")
+        link = f'<a href="{esc(ohif_href(study, job))}">open in OHIF</a>' if study else ""
         rows.append("<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in (
             _job_field(job, "id", "job_id"), _job_field(job, "state", "status"), _job_field(job, "delivery"),
             _job_field(job, "reason", "error"), _job_series(job),
@@ -633,8 +641,11 @@ EXPLORER_JS = r"""
     });
   }
   addButton('#study', '#study-delete', 'sci-node-ohif-study', 'Open in OHIF (sci-node)', 'search', function (uuid) {
-    $.ajax({ url: '../studies/' + uuid, dataType: 'json', cache: false, success: function (s) {
-      window.open('../ohif/viewer?StudyInstanceUIDs=' + s.MainDicomTags.StudyInstanceUID);
+    // on the newest report of the study (jobs come newest first), as the status page's links
+    $.ajax({ url: '../sci-node/studies/' + uuid + '/jobs', dataType: 'json', cache: false, success: function (r) {
+      var sr = (r.jobs || []).map(function (j) { return (((j.result || {}).summary || {}).key_images || {}).sr_series_uid; })
+        .filter(Boolean)[0];
+      window.open('../ohif/viewer?StudyInstanceUIDs=' + r.uid + (sr ? '&initialSeriesInstanceUID=' + sr : ''));
     }});
   });
   addButton('#series', '#series-delete', 'sci-node-process-series', '(Re)process with sci-node', 'refresh', function (uuid) {
