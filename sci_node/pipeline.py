@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 import structlog
 
-from sci_node import contrast_rules, measure, routing
+from sci_node import contrast_rules, levels, measure, routing
 from sci_node.config import RoutingRules
 from sci_node.errors import InvalidDatasetError, InvalidSeriesError
 from sci_node.predict_cls import decided_by_header_rule, explaining
@@ -26,7 +26,7 @@ from sci_node.series import MAX_MISSING_FRACTION, SeriesVolume, read_series
 log = structlog.get_logger("sci_node.pipeline")
 
 SEG_NAME, SR_NAME = "seg.dcm", "sr.dcm"
-CORD_NIFTI, LESION_NIFTI = "cord.nii.gz", "lesion.nii.gz"
+CORD_NIFTI, LESION_NIFTI, LEVELS_NIFTI = "cord.nii.gz", "lesion.nii.gz", "levels.nii.gz"
 
 
 class _Classifier(Protocol):
@@ -195,7 +195,8 @@ class Pipeline:
             lesion = np.asarray(lesion, dtype=np.uint8) * (cord.max() > 0)
         clock.lap("segment")
         m = measure.index_to_lps(image.GetOrigin(), image.GetSpacing()[:3], image.GetDirection())
-        summary = {**measure.summarize(cord, lesion, m, lesion_prob), **gaps, **contrast}
+        vertebral = levels.label_image(image, cord, m)  # vertebral levels of the cord (sci_node.levels)
+        summary = {**measure.summarize(cord, lesion, m, lesion_prob, vertebral), **gaps, **contrast}
         if not cord.any():
             clock.lap("write")
             return self._result("routed-out", "the cord model found no spinal cord in this series",
@@ -203,7 +204,7 @@ class Pipeline:
         if not decision.segment_lesions:  # the SEG/SR say so, and the SR carries no lesion count
             notes = (*notes, lesion_note(decision, self.rules))
         out_dir.mkdir(parents=True, exist_ok=True)
-        masks = write_masks(image, cord, lesion, out_dir)
+        masks = write_masks(image, cord, lesion, out_dir, vertebral.level_map if vertebral.known else None)
         outputs = self._write_dicom(vol, cord, lesion, summary, out_dir, notes) if vol is not None else ()
         clock.lap("write")
         return self._result("done", None, decision, clock, summary, outputs=outputs, masks=masks,
@@ -322,10 +323,12 @@ def _sidecar(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def write_masks(image: sitk.Image, cord: np.ndarray, lesion: np.ndarray | None, out_dir: Path) -> tuple[Path, ...]:
-    """Write ``(Z, Y, X)`` uint8 masks as NIfTI on ``image``'s grid; return their paths."""
+def write_masks(image: sitk.Image, cord: np.ndarray, lesion: np.ndarray | None, out_dir: Path,
+                level_map: np.ndarray | None = None) -> tuple[Path, ...]:
+    """Write ``(Z, Y, X)`` uint8 masks (and the vertebral level map, ``levels.nii.gz``: SCT numbering, 0 outside
+    the cord) as NIfTI on ``image``'s grid; return their paths."""
     paths = []
-    for name, arr in ((CORD_NIFTI, cord), (LESION_NIFTI, lesion)):
+    for name, arr in ((CORD_NIFTI, cord), (LESION_NIFTI, lesion), (LEVELS_NIFTI, level_map)):
         if arr is None:
             continue
         out = sitk.GetImageFromArray(np.ascontiguousarray(arr, dtype=np.uint8))

@@ -96,7 +96,8 @@ def _cord_group(seg: Dataset, summary: Mapping[str, Any], versions: Mapping[str,
     for key, code in DERIVATIONS.items():
         if key in summary.get("csa_mm2", {}):
             ms.append(_m(AREA, summary["csa_mm2"][key], MM2, versions, derivation=code))
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+    ms += vertebral_measurements(summary, versions)
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(series_uid, versions, "track-cord"),
                                                      identifier="Spinal cord"),
         referenced_segment=referenced_segment(seg, 1),
@@ -105,6 +106,10 @@ def _cord_group(seg: Dataset, summary: Mapping[str, Any], versions: Mapping[str,
         finding_sites=[hd.sr.FindingSite(CORD_TYPE)],
         measurements=ms,
     )
+    comment = vertebral_comment(summary)
+    if comment is not None:  # the levels are unknown: say why
+        group[0].ContentSequence.append(comment)
+    return group
 
 
 def _lesion_groups(seg: Dataset, lesions: Sequence[Mapping[str, Any]], versions: Mapping[str, str], series_uid: str,
@@ -117,12 +122,43 @@ def _lesion_groups(seg: Dataset, lesions: Sequence[Mapping[str, Any]], versions:
             referenced_segment=referenced_segment(seg, 2),
             finding_type=LESION_TYPE,
             algorithm_id=_algo(versions),
-            finding_sites=[hd.sr.FindingSite(CORD_TYPE)],
+            finding_sites=[hd.sr.FindingSite(CORD_TYPE), *level_sites(les.get("vertebral_levels", []))],
             measurements=[_m(VOLUME, les["volume_mm3"], MM3, versions),
                           _m(LENGTH, les["length_along_cord_mm"], MM, versions)]
             + ([_m(CERTAINTY, 100.0 * les["confidence"], PERCENT, versions)] if "confidence" in les else []),
         ))
     return out
+
+
+def level_sites(names: Sequence[str]) -> list[hd.sr.FindingSite]:
+    """Finding sites (SNOMED CT vertebrae, pydicom's codedict: ``codes.SCT.C3Vertebra`` = 113205007 "C3
+    vertebra") of vertebral level names ``["C3", "C4"]``."""
+    return [hd.sr.FindingSite(getattr(codes.SCT, f"{name}Vertebra")) for name in names]
+
+
+def vertebral_measurements(summary: Mapping[str, Any], versions: Mapping[str, str]) -> list[hd.sr.Measurement]:
+    """The cord's vertebral-level values (:func:`sci_node.measure.vertebral_summary`) as TID 300 measurements:
+    the mean CSA over C2 and C3 (finding sites C2 and C3 vertebrae), then each level's mean CSA (finding site
+    its vertebra). None when the levels are unknown (the reason is then in :func:`vertebral_comment`)."""
+    ms = []
+    if summary.get("csa_c2_c3_mm2") is not None:
+        ms.append(hd.sr.Measurement(name=AREA, value=float(round(summary["csa_c2_c3_mm2"], 3)), unit=MM2,
+                                    derivation=DERIVATIONS["mean"], finding_sites=level_sites(["C2", "C3"]),
+                                    algorithm_id=_algo(versions)))
+    for row in summary.get("vertebral_levels") or []:
+        ms.append(hd.sr.Measurement(name=AREA, value=float(round(row["csa_mm2_mean"], 3)), unit=MM2,
+                                    derivation=DERIVATIONS["mean"], finding_sites=level_sites([row["level"]]),
+                                    algorithm_id=_algo(versions)))
+    return ms
+
+
+def vertebral_comment(summary: Mapping[str, Any]) -> hd.sr.TextContentItem | None:
+    """A Comment (DCM 121106) saying why the vertebral levels are unknown, or None when they are known."""
+    reason = summary.get("vertebral_levels_unknown_reason")
+    if not reason:
+        return None
+    return hd.sr.TextContentItem(name=codes.DCM.Comment, value=f"vertebral levels unknown: {reason}"[:1024],
+                                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
 
 
 def _tracking(series_uid: str, versions: Mapping[str, str], finding: str) -> hd.sr.TrackingIdentifier:
