@@ -60,9 +60,14 @@ def merged_for_calibration(per_family: dict[str, dict[str, Any]], families: list
     return out
 
 
+VOLUME_RATIO_RANGE = (0.7, 1.4)  # issue 34's target for predicted / true lesion volume
+
+
 def nested_row(per_family: dict[str, dict[str, Any]], family: str, trained: list[str], task_max_fp: float | None
                ) -> dict[str, Any]:
-    """Score ``family`` per person at the setting chosen on the other persons and the ``trained`` families."""
+    """Score ``family`` per person at the setting chosen on the other persons and the ``trained`` families:
+    at most ``task_max_fp`` false lesions per healthy scan, then a pooled volume ratio within
+    :data:`VOLUME_RATIO_RANGE` where any setting has one, then the best mean of Dice and F1."""
     from trainer.seg_eval import calibrate
 
     pool = merged_for_calibration(per_family, trained)
@@ -70,7 +75,7 @@ def nested_row(per_family: dict[str, dict[str, Any]], family: str, trained: list
     chosen: dict[str, Any] = {}
     for g in per_family[family]:
         others = {h: r for h, r in pool.items() if h != g}
-        setting, _, _ = calibrate(others, "lesion", task_max_fp)
+        setting, _, _ = calibrate(others, "lesion", task_max_fp, VOLUME_RATIO_RANGE)
         chosen[g] = setting
         rows.update(per_family[family][g][setting])
     return summary_row(family, family in trained, rows, chosen)
@@ -99,8 +104,9 @@ def summary_row(family: str, trained_on: bool, rows: dict[str, dict[str, Any]], 
             "setting_per_person": {g: str(s) for g, s in chosen.items()}}
 
 
-def score_artifact(artifact: Path, config: Path, trials: int | None, families: list[str] | None) -> list[dict[str, Any]]:
-    """One row per family (all of them by default) for ``artifact``."""
+def score_artifact(artifact: Path, config: Path, trials: int | None, families: list[str] | None,
+                   raw_out: Path | None = None) -> list[dict[str, Any]]:
+    """One row per family (all of them by default) for ``artifact``; ``raw_out`` keeps every setting's scores."""
     from sci_node.artifact import load_network
     from trainer.lesion_families import FAMILIES
     from trainer.seg import load_config
@@ -117,6 +123,9 @@ def score_artifact(artifact: Path, config: Path, trials: int | None, families: l
     seed = int(card["training"].get("seed", 0))
     scored = sorted(set(families or FAMILIES) | set(trained), key=list(FAMILIES).index)
     per_family = {f: family_results(net, ecfg, spec, cases, f, seed, grid) for f in scored}
+    if raw_out is not None:  # every setting's per-scan scores, for re-calibration without re-running the network
+        raw_out.write_text(json.dumps({f: {g: {str(t): r for t, r in by.items()} for g, by in res.items()}
+                                       for f, res in per_family.items()}))
     max_fp = ecfg["train"].get("max_false_lesions_per_scan")
     return [{"artifact": str(artifact), "version": card["version"], "trained_families": trained,
              **nested_row(per_family, f, trained, max_fp)} for f in (families or list(FAMILIES))]
@@ -143,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=REPO / "trainer" / "configs" / "lesion_families_eval.toml")
     p.add_argument("--trials", type=int, default=None, help="injections per scan and family (default: the card's)")
     p.add_argument("--out", type=Path, help="also write the rows to this JSON file")
+    p.add_argument("--raw-out", type=Path, help="also write every setting's per-scan scores to this JSON file")
     p.add_argument("--summary", type=Path, nargs="+", help="merge rows files into the per-family table")
     a = p.parse_args(argv)
     if a.summary:
@@ -151,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.artifact is None:
         p.error("give --artifact or --summary")
-    rows = score_artifact(a.artifact, a.config, a.trials, a.family)
+    rows = score_artifact(a.artifact, a.config, a.trials, a.family, a.raw_out)
     if a.out:
         a.out.write_text(json.dumps(rows, indent=1))
     for r in rows:

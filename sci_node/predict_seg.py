@@ -416,10 +416,11 @@ class Segmenter:
             mask = mask * postprocess.dilate_mm(roi, spacing, keep_mm)  # type: ignore[arg-type]
         return mask
 
-    def grow_region(self, prob: np.ndarray, prepared: preprocess.Prepared, roi: np.ndarray | None = None
-                    ) -> np.ndarray | None:
-        """Source-grid voxels at or above ``postprocessing.grow_threshold`` (cut like the mask); None when off."""
-        low = float(self.post.get("grow_threshold", 0.0))
+    def grow_region(self, prob: np.ndarray, prepared: preprocess.Prepared, roi: np.ndarray | None = None,
+                    low: float | None = None) -> np.ndarray | None:
+        """Source-grid voxels at or above ``low`` (default ``postprocessing.grow_threshold``), cut like the
+        mask; None when off (0)."""
+        low = float(self.post.get("grow_threshold", 0.0)) if low is None else float(low)
         return self._source_mask(prob, prepared, low, roi) if low > 0 else None
 
     def grow(self, mask: np.ndarray, prob: np.ndarray, prepared: preprocess.Prepared,

@@ -127,3 +127,26 @@ def test_held_out_lesions_are_painted_on_raw_scanner_intensities(t2w) -> None:
         assert gain_norm > 0.05 and gain_raw == pytest.approx(gain_norm, rel=0.05), name
     ellipsoid = LesionSource.ellipsoid(LesionSpec())
     assert ellipsoid.for_raw_intensities().generators == ellipsoid.generators  # scale-free: untouched
+
+
+def test_calibration_prefers_settings_whose_lesion_volumes_a_reader_can_trust() -> None:
+    """Issue 34 item 5: among the settings within the false-lesion rate, one whose pooled predicted/true lesion
+    volume lies in 0.7-1.4 wins over a better-scoring one that over-segments; the grow threshold is a grid axis."""
+    from trainer.seg_eval import apply_setting, calibrate, parse_grow, parse_setting, setting_grid
+
+    def case(dice: float, f1: float, pred: float, true: float = 100.0) -> dict[str, float]:
+        return {"dice": dice, "lesion_f1": f1, "pred_voxels": pred, "true_voxels": true,
+                "false_lesions_lesion_free": 0.0}
+
+    folds = {g: {"0.6@5@0.1": {f"{g}/s": case(0.70, 0.90, 190.0)},   # best score, 1.9x the true volume
+                 "0.6@5@0.3": {f"{g}/s": case(0.66, 0.88, 120.0)}}   # 1.2x
+             for g in ("a", "b", "c")}
+    assert calibrate(folds, "lesion", 0.1)[0] == "0.6@5@0.1"
+    chosen, per_case, _ = calibrate(folds, "lesion", 0.1, (0.7, 1.4))
+    assert chosen == "0.6@5@0.3" and per_case["a/s"]["grow_threshold"] == 0.3
+    spec = prep_spec(load_config("lesion", CONFIGS / "lesion_families.toml"))
+    grid = setting_grid({"train": {"thresholds": [0.6], "min_volumes_mm3": [5], "grow_thresholds": [0.1, 0.3]}}, spec)
+    assert grid == ["0.6@5@0.1", "0.6@5@0.3"]
+    assert parse_setting(grid[1]) == (0.6, 5.0) and parse_grow(grid[1]) == 0.3 and parse_grow("0.6@5") is None
+    _, post = apply_setting({"post": {"grow_threshold": 0.1}}, spec, grid[1])
+    assert post == {"grow_threshold": 0.3, "min_volume_mm3": 5.0}

@@ -38,20 +38,31 @@ def setting_grid(cfg: dict[str, Any], spec: preprocess.PrepSpec) -> list[float |
     ``[train] thresholds`` (default: the card's threshold) and, when given,
     ``[train] min_volumes_mm3`` (the smallest component kept): every pair becomes a
     ``"threshold@volume"`` entry; with thresholds only, the entries are the float thresholds.
+    With ``[train] grow_thresholds`` as well (lesion model: how far a kept lesion grows, the
+    card's ``postprocessing.grow_threshold``) every triple becomes ``"threshold@volume@grow"``.
     """
     thresholds = [float(t) for t in cfg["train"].get("thresholds", [spec.threshold])]
     volumes = cfg["train"].get("min_volumes_mm3")
     if not volumes:
         return list(thresholds)
+    grows = cfg["train"].get("grow_thresholds")
+    if grows:
+        return [f"{t:g}@{float(v):g}@{float(g):g}" for t in thresholds for v in volumes for g in grows]
     return [f"{t:g}@{float(v):g}" for t in thresholds for v in volumes]
 
 
 def parse_setting(key: float | str) -> tuple[float, float | None]:
     """``(threshold, min_volume_mm3 or None)`` of a grid entry (also its JSON string form)."""
     if isinstance(key, str) and "@" in key:
-        t, v = key.split("@", 1)
+        t, v = key.split("@")[:2]
         return float(t), float(v)
     return float(key), None
+
+
+def parse_grow(key: float | str) -> float | None:
+    """The grow threshold of a ``"threshold@volume@grow"`` grid entry, else ``None`` (the card's)."""
+    parts = key.split("@") if isinstance(key, str) else []
+    return float(parts[2]) if len(parts) == 3 else None
 
 
 def apply_setting(cfg: dict[str, Any], spec: preprocess.PrepSpec, key: float | str
@@ -63,6 +74,8 @@ def apply_setting(cfg: dict[str, Any], spec: preprocess.PrepSpec, key: float | s
     post = dict(cfg.get("post", {}))
     if v is not None:
         post["min_volume_mm3"] = v
+    if parse_grow(key) is not None:
+        post["grow_threshold"] = parse_grow(key)
     return dataclasses.replace(spec, threshold=t), post
 
 
@@ -142,16 +155,17 @@ def clean_trial(image: sitk.Image, cord: sitk.Image) -> tuple[sitk.Image, np.nda
 def _lesion_pred(seg: Segmenter, prob: np.ndarray, prepared: preprocess.Prepared, setting: float | str,
                  cord: np.ndarray, base: dict[Any, Any]) -> np.ndarray:
     """The node's lesion mask for one grid setting; ``base`` caches one resampling per threshold (and the
-    grow region under ``"grow"``)."""
+    grow region per grow threshold under ``("grow", g)``)."""
     thr, vol = parse_setting(setting)
     if vol is None:
         return seg.finish(prob, prepared, thr, roi=cord)
     if thr not in base:  # not grown: the size limit applies to the thresholded lesion, then it grows
         base[thr] = seg.finish(prob, prepared, thr, roi=cord, min_volume_mm3=0.0, grow=False)
-    if "grow" not in base:
-        base["grow"] = seg.grow_region(prob, prepared, cord)
+    g = parse_grow(setting)
+    if ("grow", g) not in base:
+        base[("grow", g)] = seg.grow_region(prob, prepared, cord, low=g)
     kept = seg.keep_components(base[thr], _spacing(prepared.source), vol)
-    return seg.grow(kept, prob, prepared, cord, region=base["grow"])
+    return seg.grow(kept, prob, prepared, cord, region=base[("grow", g)])
 
 
 def _accumulate(a: dict[str, Any], pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float],
@@ -233,12 +247,16 @@ def objective(per_case: dict[str, dict[str, Any]], task: str) -> float:
 
 
 def calibrate(fold_results: dict[str, dict[float, dict[str, dict[str, Any]]]], task: str,
-              max_false_per_scan: float | None = None) -> tuple[float, dict[str, dict[str, Any]], dict[str, Any]]:
+              max_false_per_scan: float | None = None, volume_ratio_range: tuple[float, float] | None = None
+              ) -> tuple[float, dict[str, dict[str, Any]], dict[str, Any]]:
     """Pick the threshold on the validation folds, honestly.
 
     With ``max_false_per_scan`` (lesion model) only the settings whose mean number of false
     lesions per lesion-free real scan is at most that rate compete; when none is, the settings
     with the fewest false lesions do. The stated false-alarm rate comes first, Dice and F1 second.
+    With ``volume_ratio_range`` (lesion model) the remaining settings whose pooled predicted/true
+    lesion volume lies in that range are preferred (a reader trusts the volumes), then those closest
+    to it.
 
     Parameters
     ----------
@@ -266,11 +284,21 @@ def calibrate(fold_results: dict[str, dict[float, dict[str, dict[str, Any]]]], t
             vals = [v.get("false_lesions_lesion_free", 0.0) for g in use for v in fold_results[g][t].values()]
             return float(np.mean(vals)) if vals else 0.0
 
+        def ratio_miss(t: float) -> float:  # how far the pooled volume ratio lies outside the range
+            pred = sum(v.get("pred_voxels", 0.0) for g in use for v in fold_results[g][t].values())
+            true = sum(v.get("true_voxels", 0.0) for g in use for v in fold_results[g][t].values())
+            r = pred / true if true else 1.0
+            lo, hi = volume_ratio_range  # type: ignore[misc]
+            return max(lo - r, r - hi, 0.0)
+
         cands = list(grid)
         if max_false_per_scan is not None and cands:
             ok = [t for t in cands if false_rate(t) <= max_false_per_scan]
             low = min(false_rate(t) for t in cands)
             cands = ok or [t for t in cands if false_rate(t) == low]
+        if volume_ratio_range is not None and cands:
+            least = min(ratio_miss(t) for t in cands)
+            cands = [t for t in cands if ratio_miss(t) <= least + 1e-9]
         return max(cands, key=lambda t: (score(t), -abs(parse_setting(t)[0] - 0.5), -(parse_setting(t)[1] or 0.0)))
 
     per_case: dict[str, dict[str, Any]] = {}
@@ -281,6 +309,8 @@ def calibrate(fold_results: dict[str, dict[float, dict[str, dict[str, Any]]]], t
         chosen_for[g] = t
         thr, vol = parse_setting(t)
         extra = {"threshold": thr} if vol is None else {"threshold": thr, "min_volume_mm3": vol}
+        if parse_grow(t) is not None:
+            extra["grow_threshold"] = parse_grow(t)
         per_case.update({k: {**v, **extra} for k, v in fold_results[g][t].items()})
     final = best(groups) if groups else 0.5
     info = {"grid": grid, "chosen": final, "chosen_per_held_out_group": chosen_for,
