@@ -30,8 +30,8 @@ BINS = (0.0, 10.0, 20.0, 50.0, 100.0, float("inf"))
 
 def lesion_rows(seg, image: sitk.Image, cord: np.ndarray, truth: np.ndarray) -> list[dict[str, float]]:
     """One row per true lesion of ``truth`` (``(Z, Y, X)`` uint8 on ``image``'s canonical grid)."""
-    from sci_node import preprocess
-    from sci_node.postprocess import components
+    from sci_node.imaging import preprocess
+    from sci_node.imaging.postprocess import components
 
     prepared = preprocess.prepare(image, seg.spec)
     prob = seg.predict_prob_model_grid(prepared, roi=cord)
@@ -83,14 +83,14 @@ def recall_ceiling(rows: list[dict[str, float]], levels: tuple[float, ...] = (0.
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sci_node.artifact import load_network
-    from sci_node.predict_seg import Segmenter
-    from sci_node.registry import ModelRegistry
-    from trainer import data as tdata
-    from trainer.lesions import lesion_spec
-    from trainer.seg import load_config
-    from trainer.seg_eval import lesion_trials
-    from trainer.seg_recalibrate import eval_config, unseen_cases
+    from sci_node.models.artifact import load_network
+    from sci_node.models.predict_seg import Segmenter
+    from sci_node.models.registry import ModelRegistry
+    from trainer.segment import data as tdata
+    from trainer.lesion_families import lesion_source
+    from trainer.segment.train import load_config
+    from trainer.segment.evaluate import lesion_trials
+    from trainer.segment.recalibrate import eval_config, unseen_cases
 
     p = argparse.ArgumentParser(prog="bench/lesion_misses.py")
     p.add_argument("--artifact", type=Path, default=None, help="default: the active lesion model")
@@ -104,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     seg = Segmenter(net, card, "cpu")
     cfg = load_config("lesion", a.config)
     ecfg = eval_config(card, cfg, a.trials, test_generator={"length_mm": [3.0, 20.0], "width_mm": [2.0, 6.0]})
-    lspec = lesion_spec(ecfg, "test_generator")
+    source = lesion_source(ecfg, "test")
     n = int(ecfg.get("lesions", {}).get("val_trials", 4))
     rows: list[dict[str, float]] = []
     for case in unseen_cases(card, cfg):
         image, mask = tdata.load_case(case)
-        for img, cord, truth in lesion_trials(image, mask, lspec, n, int(card["training"].get("seed", 0))):
+        for img, cord, truth in lesion_trials(image, mask, source, n, int(card["training"].get("seed", 0))):
             for r in lesion_rows(seg, img, cord, truth):
                 rows.append({"case": case.key, **r})
     found = sum(r["found"] for r in rows)

@@ -11,12 +11,14 @@ Every invalid or unknown key is reported at once in a single :class:`ConfigError
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from sci_node.errors import ConfigError
 
@@ -71,7 +73,10 @@ class TLSConfig:
 class Limits:
     """Resource limits of the SCP."""
 
-    max_associations: int = 16
+    #: associations at once; one more is rejected transiently ("local limit exceeded"). Each costs
+    #: ~0.1 MiB open and at its peak ~2x the instance it is receiving (64 receiving 512 x 512 MR
+    #: instances at once: 147 MiB resident; bench/association_memory.py, docs/node.md "Bursts")
+    max_associations: int = 64
     max_pdu_bytes: int = 262_144
     max_instances_per_association: int = 100_000
     max_instances_per_series: int = 5_000
@@ -153,6 +158,10 @@ class EngineConfig:
     concurrency: int = 1
     #: jobs out at the broker or the workers at once (bounds the payloads held in Redis)
     max_outstanding: int = 32
+    #: accept a broker or store on another host whose URL carries no password (Redis ``requirepass`` or
+    #: an ACL user): refused by default, because the payloads are whole DICOM series (PHI) and whoever
+    #: can write to Redis can put objects into PACS through the gateway. Warned about either way.
+    allow_unauthenticated_broker: bool = False
 
     @property
     def redis_url(self) -> str | None:
@@ -177,6 +186,42 @@ class CorrectionsPolicy:
     heavy_dice_below: float = 0.8
     #: ``sci-node train ... --corrections``: share of the correction patients held out for scoring
     heldout_fraction: float = 0.2
+
+
+@dataclass(frozen=True)
+class Scanner:
+    """A modality the stack's Orthanc accepts on its DICOM port: calling AE title and source IPv4 address."""
+
+    ae_title: str
+    host: str
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}"
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """The embedded stack (``[stack]``; ``sci-node stack`` / ``demo``, docs/orthanc.md).
+
+    Orthanc's DICOM port accepts only the node and ``scanners`` (by calling AE title *and* source
+    address, with the called AE checked), listens on ``dicom_bind`` only, and speaks DICOM TLS
+    when ``tls.enabled``. The stack restarts a child that dies, ``restart_initial_backoff_seconds``
+    doubling up to ``restart_max_backoff_seconds``; after ``max_restarts`` restarts of a child
+    that never stayed up ``restart_reset_seconds`` it gives up. The plugin forwards a series again
+    when its forward to the node failed: ``forward_retries`` times, ``forward_retry_seconds``
+    doubling up to ``forward_retry_max_seconds`` apart.
+    """
+
+    scanners: tuple[Scanner, ...] = ()
+    dicom_bind: str = "127.0.0.1"
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    restart_initial_backoff_seconds: float = 1.0
+    restart_max_backoff_seconds: float = 60.0
+    restart_reset_seconds: float = 60.0
+    max_restarts: int = 10
+    forward_retries: int = 5
+    forward_retry_seconds: float = 5.0
+    forward_retry_max_seconds: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -216,6 +261,7 @@ class NodeConfig:
     routing: RoutingRules = field(default_factory=RoutingRules)
     engine: EngineConfig = field(default_factory=EngineConfig)
     corrections: CorrectionsPolicy = field(default_factory=CorrectionsPolicy)
+    stack: StackConfig = field(default_factory=StackConfig)
 
     @property
     def accepts_any_ae(self) -> bool:
@@ -240,6 +286,25 @@ def parse_destination(text: str) -> Destination:
     return Destination(m.group(1).strip(), m.group(2), port)
 
 
+def parse_scanner(text: str) -> Scanner:
+    """Parse ``AET@IPV4`` into a :class:`Scanner` (Orthanc checks the source by IP address only).
+
+    Raises
+    ------
+    ConfigError
+        When the AE title is not 1-16 printable characters or the host is not an IPv4 address.
+    """
+    aet, at, host = text.partition("@") if isinstance(text, str) else ("", "", "")
+    if not at or not _AET_RE.match(aet.strip()) or "\\" in aet:
+        raise ConfigError(f"stack.scanners: {text!r} must be AET@IPV4 (AE title of 1-16 printable characters)")
+    try:
+        ip = ipaddress.IPv4Address(host.strip())
+    except ValueError:
+        raise ConfigError(f"stack.scanners: {text!r}: host {host!r} must be an IPv4 address (Orthanc checks the "
+                          "sender by address, not by name)") from None
+    return Scanner(aet.strip(), str(ip))
+
+
 def parse_allowed_ae(text: str) -> AllowedAE:
     """Parse ``AET`` or ``AET@HOST`` into an :class:`AllowedAE`."""
     aet, _, host = text.partition("@")
@@ -257,6 +322,7 @@ _SECTIONS: dict[str, type] = {
     "routing": RoutingRules,
     "engine": EngineConfig,
     "corrections": CorrectionsPolicy,
+    "stack": StackConfig,
 }
 
 
@@ -302,8 +368,15 @@ def _build_section(cls: type, raw: Mapping[str, Any], prefix: str, errors: list[
     for key, value in raw.items():
         if key not in fields:
             errors.append(f"{prefix}{key}: unknown key")
-            continue
-        kwargs[key] = _coerce(prefix + key, value, fields[key].type, errors)
+        elif str(fields[key].type) == "TLSConfig":  # [stack.tls]
+            if isinstance(value, Mapping):
+                kwargs[key] = _build_section(TLSConfig, value, f"{prefix}{key}.", errors)
+            else:
+                errors.append(f"[{prefix}{key}]: must be a table")
+        elif key == "scanners" and cls is StackConfig:
+            kwargs[key] = tuple(_collect(parse_scanner, value, prefix + key, errors))
+        else:
+            kwargs[key] = _coerce(prefix + key, value, fields[key].type, errors)
     return cls(**kwargs)
 
 
@@ -332,6 +405,7 @@ def _validate(cfg: NodeConfig, errors: list[str]) -> None:
         errors.append("tls: enabled needs cert_file and key_file")
     if cfg.tls.require_client_cert and cfg.tls.ca_file is None:
         errors.append("tls: require_client_cert needs ca_file")
+    _validate_stack(cfg, errors)
     if cfg.retention_days is not None and not cfg.retention_days > 0:
         errors.append(f"retention_days: {cfg.retention_days} must be > 0 (or unset: keep everything)")
     if cfg.limits.max_associations < 1:
@@ -356,7 +430,88 @@ def _validate(cfg: NodeConfig, errors: list[str]) -> None:
                       f"heldout_fraction {cor.heldout_fraction} in [0, 1)")
 
 
+def _validate_stack(cfg: NodeConfig, errors: list[str]) -> None:
+    st = cfg.stack
+    try:
+        ipaddress.IPv4Address(st.dicom_bind)
+    except ValueError:
+        errors.append(f"stack.dicom_bind: {st.dicom_bind!r} must be an IPv4 address (127.0.0.1, 0.0.0.0 for every "
+                      "interface, or one of this host's addresses)")
+    if st.tls.enabled and (st.tls.cert_file is None or st.tls.key_file is None):
+        errors.append("stack.tls: enabled needs cert_file and key_file")
+    if st.tls.require_client_cert and not st.tls.enabled:
+        errors.append("stack.tls: require_client_cert needs enabled = true")
+    for s in st.scanners:
+        if s.ae_title == cfg.ae_title:
+            errors.append(f"stack.scanners: {s} has the node's own AE title {cfg.ae_title!r}")
+    if len({(s.ae_title, s.host) for s in st.scanners}) != len(st.scanners):
+        errors.append(f"stack.scanners: duplicate entries in {[str(s) for s in st.scanners]}")
+    if not 0 < st.restart_initial_backoff_seconds <= st.restart_max_backoff_seconds:
+        errors.append(f"stack.restart_initial_backoff_seconds: {st.restart_initial_backoff_seconds} must be > 0 and "
+                      f"<= restart_max_backoff_seconds ({st.restart_max_backoff_seconds})")
+    if st.max_restarts < 1 or st.restart_reset_seconds <= 0:
+        errors.append(f"stack.max_restarts: {st.max_restarts} must be >= 1 and restart_reset_seconds "
+                      f"{st.restart_reset_seconds} > 0")
+    if st.forward_retries < 0 or not 0 < st.forward_retry_seconds <= st.forward_retry_max_seconds:
+        errors.append(f"stack.forward_retries: {st.forward_retries} must be >= 0, forward_retry_seconds "
+                      f"{st.forward_retry_seconds} > 0 and <= forward_retry_max_seconds {st.forward_retry_max_seconds}")
+
+
 _BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
+#: broker/store URL schemes that encrypt the connection (TLS)
+TLS_SCHEMES = ("rediss", "amqps")
+
+
+def redact_url(url: str) -> str:
+    """A broker/store URL with its password replaced by ``***`` (for errors, logs and status)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparsable URL)"
+    if "@" not in parts.netloc:
+        return url
+    cred, _, host = parts.netloc.rpartition("@")
+    user, colon, _ = cred.partition(":")
+    netloc = f"{user}{':***' if colon else ''}@{host}" if user or colon else f"***@{host}"
+    return parts._replace(netloc=netloc).geturl()
+
+
+def url_has_password(url: str) -> bool:
+    """True when ``url`` carries a password (``redis://:PW@host``, ``rediss://USER:PW@host``, ``amqp://U:PW@h``)."""
+    try:
+        return bool(urlsplit(url).password)
+    except ValueError:
+        return False
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when ``url``'s host is this machine's loopback (``localhost``, 127.0.0.0/8, ``::1``)."""
+    import ipaddress
+
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def broker_auth_problems(eng: EngineConfig) -> list[str]:
+    """Why the broker/store URLs must be refused: another host and no password, unless allowed."""
+    if eng.allow_unauthenticated_broker:
+        return []
+    out = []
+    for key, url in (("broker_url", eng.broker_url), ("store_url", eng.store_url)):
+        if url and "://" in url and not url_has_password(url) and not is_loopback_url(url):
+            out.append(f"engine.{key}: {redact_url(url)!r} is on another host and has no password: whoever reaches "
+                       "it reads the series sent to the workers (patient data) and can queue objects for PACS. Put "
+                       "the Redis password or ACL user in the URL (redis://USER:PASSWORD@HOST:6379/0, rediss:// for "
+                       "TLS) or set [engine] allow_unauthenticated_broker = true")
+    return out
 
 
 def _validate_engine(eng: EngineConfig, errors: list[str]) -> None:
@@ -365,12 +520,13 @@ def _validate_engine(eng: EngineConfig, errors: list[str]) -> None:
     for key, url, schemes in (("broker_url", eng.broker_url, _BROKER_SCHEMES),
                               ("store_url", eng.store_url, ("redis", "rediss"))):
         if url is not None and (url.split("://", 1)[0] not in schemes or "://" not in url):
-            errors.append(f"engine.{key}: {url!r} is not a {' / '.join(s + '://' for s in schemes)} URL")
+            errors.append(f"engine.{key}: {redact_url(url)!r} is not a {' / '.join(s + '://' for s in schemes)} URL")
+    errors.extend(broker_auth_problems(eng))
     if eng.kind == "celery" and not eng.broker_url:
         errors.append("engine.broker_url: engine kind celery needs a broker URL (e.g. redis://127.0.0.1:6379/0)")
     elif eng.kind == "celery" and eng.redis_url is None:
-        errors.append(f"engine.store_url: the broker {eng.broker_url!r} is not Redis: set store_url to a redis:// URL"
-                      " for the payloads and results")
+        errors.append(f"engine.store_url: the broker {redact_url(str(eng.broker_url))!r} is not Redis: set store_url"
+                      " to a redis:// URL for the payloads and results")
     if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", eng.queue):
         errors.append(f"engine.queue: {eng.queue!r} must be 1-64 letters, digits, '_', '.' or '-'")
     if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", eng.namespace):

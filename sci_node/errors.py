@@ -62,6 +62,10 @@ class EngineError(SciNodeError):
     """The scale-out engine (broker, payload store, workers) is misconfigured or unreachable."""
 
 
+class ResultRejectedError(EngineError):
+    """A worker's result is not a result of its job (wrong SOP class, study, patient or source series)."""
+
+
 class CorrectionRefused(SciNodeError):
     """A radiologist's corrected SEG cannot be recorded (not a SEG, unknown source, wrong grid ...)."""
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything sci-node needs on a fresh Debian/Ubuntu machine, idempotently:
-#   * Debian packages: orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools, chromium (viewer test)
+#   * Debian packages: orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools, chromium (viewer test),
+#     gcc + libc6-dev (the stack compiles orthanc/bind_address.c, which keeps Orthanc's DICOM port on loopback)
 #   * the Python venv at .venv/ with sci-node installed in editable mode (+ test extras)
 #   * the pinned OHIF viewer (npm @ohif/app@3.13.2) under orthanc/ohif-dist/ (skipped with --no-ohif)
 #   * with --scale-out only: Debian's redis-server and the scale-out extra (Celery 5 + redis-py) for
@@ -21,10 +22,10 @@ for arg in "$@"; do
 done
 
 need_apt=0
-pkgs="orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools chromium"
+pkgs="orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools chromium gcc libc6-dev"
 # npm only fetches the OHIF package; Debian's npm only when none is there (NodeSource ships its own)
 if [ "$WITH_OHIF" = 1 ] && ! command -v npm >/dev/null 2>&1; then need_apt=1; pkgs="$pkgs npm"; fi
-for cmd in Orthanc storescu storescp echoscu dciodvfy chromium; do
+for cmd in Orthanc storescu storescp echoscu dciodvfy chromium cc; do
   command -v "$cmd" >/dev/null 2>&1 || need_apt=1
 done
 [ -e /usr/share/orthanc/plugins/libOrthancPython.so ] || [ -e /usr/share/orthanc/plugins-available/libOrthancPython.so ] || need_apt=1

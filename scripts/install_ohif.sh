@@ -13,7 +13,9 @@
 #     (/dicom-web for QIDO-RS, WADO-RS and STOW-RS, /wado for WADO-URI: the orthanc-dicomweb plugin),
 #     segmentation editing on in the viewer modes (OHIF's own customizations/segmentation/
 #     segmentationEditing.jsonc, loaded through customizationService.requires) and storing to the
-#     data source on (supportsStow: a corrected SEG goes back to Orthanc, docs/corrections.md).
+#     data source on (supportsStow: a corrected SEG goes back to Orthanc, docs/corrections.md), and
+#     the lines OHIF's SR view writes beside each finding of the node's own reports (sciNodeSrLines:
+#     every value with its name, docs/orthanc.md "The report in OHIF").
 #
 # Environment: SCI_NODE_CACHE (default ~/.cache/sci-node), OHIF_FORCE=1 to reinstall.
 set -euo pipefail
@@ -21,7 +23,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OHIF_VERSION=3.13.2
 OHIF_SHA512="WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA=="
-PATCH_LEVEL=5                       # bump when the patching below changes
+PATCH_LEVEL=6                       # bump when the patching below changes
 DEST="$ROOT/orthanc/ohif-dist"
 STAMP="$DEST/.sci-node-ohif"
 WANT="@ohif/app@$OHIF_VERSION patch $PATCH_LEVEL"
@@ -68,6 +70,67 @@ sed -i 's#url(/\([^/]\)#url(/ohif/\1#g' "$NEW"/*.css
 
 cat > "$NEW/app-config.js" <<'EOF'
 /** sci-node: OHIF served by Orthanc under /ohif/, data from Orthanc's DICOMweb on the same origin. */
+/**
+ * sci-node: the lines OHIF's SR view writes beside one finding of a sci-node report.
+ *
+ * OHIF 3.13 shows at most 5 "label: value" lines per finding, drops the derivation of a value
+ * (mean, minimum ...), shows "Length" without its name and a 0 as nothing. For a report whose
+ * Manufacturer is sci-node the lines are rebuilt from the report: the finding ("Lesion 1 of 2")
+ * and its vertebral level (a finding site other than the spinal cord), then one line per quantity,
+ * its derivations side by side. Other reports keep OHIF's own lines (null).
+ */
+function sciNodeSrLines(measurement, seriesInstanceUID) {
+  const list = x => (Array.isArray(x) ? x : x ? [x] : []);
+  const first = x => list(x)[0] || {};
+  const code = item => first(item.ConceptNameCodeSequence).CodeValue;
+  const sr = window.services.displaySetService.getDisplaySetsForSeries(seriesInstanceUID)
+    .map(displaySet => displaySet.instance).find(instance => instance && instance.Manufacturer === 'sci-node');
+  if (!sr) {
+    return null;
+  }
+  const groups = list(list(sr.ContentSequence).find(item => code(item) === '126010')?.ContentSequence)
+    .map(group => list(group.ContentSequence));
+  const mine = groups.filter(items => items.some(item => item.UID === measurement.TrackingUniqueIdentifier));
+  const count = groups.flat().find(item => code(item) === '246206008' && item.MeasuredValueSequence);
+  const levels = [...new Set(mine.flat().filter(item => code(item) === '363698007')
+    .map(item => first(item.ConceptCodeSequence).CodeMeaning).filter(site => site && site !== 'Spinal cord'))];
+  const rows = sciNodeSrRows(mine.flat().filter(item => item.ValueType === 'NUM' && item.MeasuredValueSequence),
+                             first, code, list);
+  if (!rows.length) {
+    return null;
+  }
+  const lesion = /^Lesion \d+$/.test(measurement.TrackingIdentifier) && count;
+  const total = lesion ? ` of ${Number(first(count.MeasuredValueSequence).NumericValue)}` : '';
+  const title = { label: measurement.TrackingIdentifier + total,
+                  value: levels.length ? levels.join(', ') : 'level not assessed' };
+  return [title, ...rows];
+}
+
+/** One line per quantity (concept and unit) of the NUM items, their derivations on the same line. */
+function sciNodeSrRows(nums, first, code, list) {
+  const names = { 'Number of lesions': 'Lesions', Length: 'Length along cord', 'Certainty of Finding': 'Confidence',
+                  Area: 'CSA' };
+  const units = { '1': '', mm2: 'mm²', mm3: 'mm³' };
+  const rows = new Map();
+  for (const item of nums) {
+    const measured = first(item.MeasuredValueSequence);
+    const unit = first(measured.MeasurementUnitsCodeSequence).CodeValue;
+    const meaning = first(item.ConceptNameCodeSequence).CodeMeaning;
+    const derivation = list(item.ContentSequence).find(child => code(child) === '121401');
+    const row = rows.get(meaning + '|' + unit) || { name: names[meaning] || meaning, unit: units[unit] ?? unit,
+                                                    kinds: [], values: [] };
+    if (derivation) {
+      row.kinds.push(first(derivation.ConceptCodeSequence).CodeMeaning.toLowerCase());
+    }
+    row.values.push(String(Math.round(Number(measured.NumericValue) * 10) / 10));
+    rows.set(meaning + '|' + unit, row);
+  }
+  return [...rows.values()].map(row => ({
+    label: [row.name, row.kinds.join('/')].filter(Boolean).join(' '),
+    value: row.values.join(' / ') + (row.unit ? ' ' + row.unit : ''),
+  }));
+}
+
 window.config = {
   name: 'sci-node',
   routerBasename: '/ohif',
@@ -76,7 +139,25 @@ window.config = {
   // segmentation editing (brush, eraser, add/delete segments, Export > DICOM SEG to the server) in the
   // basic viewer: OHIF's shipped customizations/segmentation/segmentationEditing.jsonc
   customizationUrlPrefixes: { default: './customizations/' },  // relative to PUBLIC_URL (/ohif/)
-  customizationService: { requires: ['segmentation/segmentationEditing'] },
+  customizationService: {
+    requires: ['segmentation/segmentationEditing'],
+    // the lines beside each finding of a sci-node report in OHIF's SR view (sciNodeSrLines above)
+    global: {
+      onBeforeSRAddMeasurement: {
+        $set: ({ measurement, SeriesInstanceUID }) => {
+          try {
+            const lines = sciNodeSrLines(measurement, SeriesInstanceUID);
+            if (lines) {
+              measurement.labels = lines;  // in place: OHIF keeps this object, not the one returned
+            }
+          } catch (error) {
+            console.warn('sci-node: SR labels', error);
+          }
+          return measurement;
+        },
+      },
+    },
+  },
   showStudyList: true,
   maxNumberOfWebWorkers: 2,
   showWarningMessageForCrossOrigin: false,

@@ -106,6 +106,15 @@ class Browser:
         if self.wait_for("document.title", 30) != "OHIF Viewer":
             raise AssertionError(f"{url} did not open the OHIF viewer")
 
+    def click(self, selector: str) -> bool:
+        """Click the first element matching a CSS ``selector`` (an SVG icon too, which has no
+        ``.click()``): a bubbling DOM click event; False when nothing matches. (CDP's synthetic
+        mouse input never reached OHIF's page in headless Chromium here.)"""
+        return bool(self.evaluate(
+            f"(() => {{ const e = document.querySelector({selector!r}); if (!e) return false;"
+            " e.dispatchEvent(new MouseEvent('click', {bubbles: true, cancelable: true, view: window}));"
+            " return true; })()"))
+
     def screenshot(self, path: Path) -> Path:
         """Save a PNG of the page."""
         data = self.send("Page.captureScreenshot", format="png")["data"]

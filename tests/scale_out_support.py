@@ -19,20 +19,47 @@ def sci_node_cmd() -> list[str]:
 
 @dataclass
 class RedisProc:
-    """``redis-server`` on 127.0.0.1 without persistence: a restart loses every key and queue."""
+    """``redis-server`` on 127.0.0.1 without persistence: a restart loses every key and queue.
+
+    ``password`` alone: ``requirepass``. ``user`` and ``password``: an ACL user with every right and the
+    ``default`` user switched off. ``tls`` (certificate, key, CA): TLS only, on ``port``, clients not
+    asked for certificates. ``host``: the address the URL names (also bound, besides loopback).
+    """
 
     port: int
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    user: str | None = None
+    password: str | None = None
+    tls: tuple[Path, Path, Path] | None = None
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        cred = f"{self.user or ''}:{self.password}@" if self.password else ""
+        scheme, query = ("rediss", f"?ssl_ca_certs={self.tls[2]}") if self.tls else ("redis", "")
+        return f"{scheme}://{cred}{self.host}:{self.port}/0{query}"
+
+    def argv(self) -> list[str]:
+        binds = ["127.0.0.1", *([self.host] if self.host != "127.0.0.1" else [])]
+        argv = ["redis-server", "--bind", *binds, "--save", "", "--appendonly", "no"]
+        if self.tls:
+            cert, key, ca = self.tls
+            argv += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert), "--tls-key-file",
+                     str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+        else:
+            argv += ["--port", str(self.port)]
+        if self.user and self.password:
+            argv += ["--user", "default", "off", "--user", self.user, "on", f">{self.password}", "~*", "&*", "+@all"]
+        elif self.password:
+            argv += ["--requirepass", self.password]
+        elif self.host != "127.0.0.1":  # an open Redis on the network, as the issue found it
+            argv += ["--protected-mode", "no"]
+        return argv
 
     def start(self) -> "RedisProc":
         with open(self.log, "ab") as fh:
-            self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                                          "--save", "", "--appendonly", "no"], stdout=fh, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.argv(), stdout=fh, stderr=subprocess.STDOUT)
         wait_for(lambda: port_open(self.port), 15, what=f"redis-server on port {self.port}")
         return self
 

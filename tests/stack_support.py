@@ -2,8 +2,8 @@
 
 One stack per test session is shared by ``test_orthanc_stack.py`` and ``test_viewer.py``
 (:func:`shared_stack`): starting Orthanc + the node and running the pipeline on the sample
-series once keeps the suite small. Ports are free loopback ports; Orthanc 1.10 binds its DICOM
-port on every interface (it cannot bind one address), but the tests only ever send to 127.0.0.1.
+series once keeps the suite small. Ports are free loopback ports; Orthanc's DICOM port listens on
+127.0.0.1 only and accepts the scanners given (``SCANNER@127.0.0.1`` unless a test says otherwise).
 """
 from __future__ import annotations
 
@@ -55,6 +55,9 @@ class StackProc:
     data_dir: Path
     toml: str = ""
     stable_seconds: float = 1.0
+    #: ``--scanner`` flags: the modalities Orthanc accepts besides the node
+    scanners: tuple[str, ...] = ("SCANNER@127.0.0.1",)
+    extra_args: tuple[str, ...] = ()
     http: int = 0
     dicom: int = 0
     node: int = 0
@@ -70,12 +73,13 @@ class StackProc:
         return f"http://127.0.0.1:{self.http}"
 
     def start(self, timeout: float = 180) -> "StackProc":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)  # the stack creates its data dir (0700)
         conf = self.data_dir.parent / (self.data_dir.name + ".toml")
         conf.write_text(self.toml)
         argv = [sys.executable, "-m", "sci_node.cli", "stack", "--config", str(conf), "--data-dir", str(self.data_dir),
                 "--http-port", str(self.http), "--dicom-port", str(self.dicom), "--node-port", str(self.node),
-                "--stable-seconds", str(self.stable_seconds), "--log-format", "json"]
+                "--stable-seconds", str(self.stable_seconds), "--log-format", "json",
+                *(a for sc in self.scanners for a in ("--scanner", sc)), *self.extra_args]
         env = {**os.environ, "SCI_ORTHANC_USER": USER, "SCI_ORTHANC_PASSWORD": PASSWORD}
         out = open(self.out_path, "w", encoding="utf-8")
         self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -103,9 +107,14 @@ class StackProc:
         return Orthanc(self.url, username=user, password=password, timeout=30, trust_env=False)
 
     def storescu(self, files: list[Path], calling: str = "SCANNER") -> None:
-        res = subprocess.run(["storescu", "-aet", calling, "-aec", "ORTHANC", "127.0.0.1", str(self.dicom),
-                              *map(str, files)], capture_output=True, text=True, timeout=120, env=DCMTK_ENV)
+        res = self.try_storescu(files, calling)
         assert res.returncode == 0, res.stdout + res.stderr
+
+    def try_storescu(self, files: list[Path], calling: str = "SCANNER", called: str = "ORTHANC",
+                     host: str = "127.0.0.1", tls: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+        """dcmtk ``storescu`` into Orthanc (``tls``: storescu's TLS options); the completed process."""
+        return subprocess.run(["storescu", *(tls or []), "-aet", calling, "-aec", called, host, str(self.dicom),
+                               *map(str, files)], capture_output=True, text=True, timeout=120, env=DCMTK_ENV)
 
     def find_series(self, study_uid: str, modality: str) -> list[str]:
         query = {"Level": "Series", "Query": {"StudyInstanceUID": study_uid, "Modality": modality}}
@@ -132,6 +141,24 @@ class StackProc:
                 proc.kill()
                 proc.wait()
         return proc.returncode
+
+
+def local_ipv4() -> str:
+    """An IPv4 address of this host that is not loopback (a sender "from another host" in the tests)."""
+    import fcntl
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _index, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:
+                continue
+            addr = socket.inet_ntoa(raw[20:24])
+            if not addr.startswith("127."):
+                return addr
+    raise AssertionError("this host has no non-loopback IPv4 address: the DICOM exposure tests need one")
 
 
 def pid_alive(pid: int) -> bool:

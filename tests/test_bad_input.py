@@ -12,13 +12,15 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import struct
+import subprocess
 from pathlib import Path
 from typing import Iterator
 
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import MRImageStorage
@@ -48,14 +50,15 @@ def _serving(node: NodeProc) -> None:
     assert res.returncode == 0, "the node stopped serving: " + res.stdout + res.stderr
 
 
-def _send_raw(node: NodeProc, meta_source: Path, dataset_bytes: bytes, tmp: Path) -> int:
+def _send_raw(node: NodeProc, meta_source: Path, dataset_bytes: bytes, tmp: Path,
+              syntax: str = ExplicitVRLittleEndian) -> int:
     """C-STORE ``dataset_bytes`` exactly as given (pynetdicom's chunked mode: no decoding on our
     side), with the SOP class/instance of ``meta_source``'s file meta in the request."""
     _, offset = split_dataset(meta_source)
     raw = tmp / f"raw-{generate_uid()}.dcm"
     raw.write_bytes(meta_source.read_bytes()[:offset] + dataset_bytes)
     ae = AE(CALLING)
-    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(MRImageStorage, syntax)
     old = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
@@ -70,9 +73,10 @@ def _send_raw(node: NodeProc, meta_source: Path, dataset_bytes: bytes, tmp: Path
     return int(rsp.Status) if "Status" in rsp else -1
 
 
-def _send(node: NodeProc, datasets: list[pydicom.Dataset], abort_after: int | None = None) -> list[int]:
+def _send(node: NodeProc, datasets: list[pydicom.Dataset], abort_after: int | None = None,
+          syntax: str = ExplicitVRLittleEndian) -> list[int]:
     ae = AE(CALLING)
-    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(MRImageStorage, syntax)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="SCINODE")
     assert assoc.is_established
     out = []
@@ -109,12 +113,76 @@ def test_truncated_data_sets_get_c210(node: NodeProc, tmp_path: Path) -> None:
     for cut in (7, 200, len(body) // 2, pixels_end - 1000, pixels_end - 1):
         assert _send_raw(node, f, body[:cut], tmp_path) == 0xC210, f"cut at {cut} of {len(body)}"
         _serving(node)
+    # only the trailing padding cut short: the image is whole, but its last element's length field claims
+    # one byte more than follows, and dcmtk refuses to read such a file ("premature end of stream")
+    assert _send_raw(node, f, body[:-1], tmp_path) == 0xC210
     assert not _indexed(node, str(pydicom.dcmread(f).SOPInstanceUID))
-    # only the trailing padding cut short: the image is whole, so it is stored as sent (and parses)
-    assert _send_raw(node, f, body[:-1], tmp_path) == 0x0000
-    assert _indexed(node, str(pydicom.dcmread(f).SOPInstanceUID))
+    assert _send_raw(node, f, body, tmp_path) == 0x0000  # the whole data set is stored as sent
     (stored,) = [p for p in (node.data_dir / "spool").rglob(f"{pydicom.dcmread(f).SOPInstanceUID}.dcm")]
     assert pydicom.dcmread(stored).PixelData == pydicom.dcmread(f).PixelData
+
+
+def _with_length(body: bytes, tag: bytes, length: int) -> bytes:
+    """``body`` with the 4-byte explicit-VR length field of the (first) element ``tag`` set to ``length``."""
+    at = body.index(tag)
+    assert body[at + 4:at + 6] in (b"OW", b"OB") and body[at + 6:at + 8] == b"\0\0"
+    return body[:at + 8] + struct.pack("<L", length) + body[at + 12:]
+
+
+def _spooled(node: NodeProc, sop_uid: str) -> list[Path]:
+    spool = node.data_dir / "spool"
+    return [p for p in spool.rglob("*") if p.is_file() and (sop_uid in p.name or p.name.endswith(".tmp"))]
+
+
+def test_lying_pixel_data_length_is_refused_and_nothing_is_spooled(node: NodeProc, tmp_path: Path) -> None:
+    """Issue 36: Pixel Data whose length field claims 4 GB with 54 kB following, sent byte for byte by a raw
+    pynetdicom SCU (dcmtk's storescu cannot even read such a file), gets C210, a logged reason, no spool file."""
+    (ds,) = _series(tmp_path, n=1)
+    ds.Rows = ds.Columns = 164  # 164 x 164 x 16 bits: 53 792 bytes of pixels
+    ds.PixelData = bytes(164 * 164 * 2)
+    whole = tmp_path / "whole.dcm"
+    ds.save_as(whole, enforce_file_format=True)
+    _, offset = split_dataset(whole)
+    body = whole.read_bytes()[offset:]
+    lying = _with_length(body, b"\xe0\x7f\x10\x00", 0xFFFFFFF0)
+    crafted = tmp_path / "lying.dcm"
+    crafted.write_bytes(whole.read_bytes()[:offset] + lying)
+    assert subprocess.run(["dcmdump", str(crafted)], capture_output=True, check=False).returncode != 0  # unreadable
+    assert _send_raw(node, whole, lying, tmp_path) == 0xC210
+    assert not _indexed(node, str(ds.SOPInstanceUID)) and _spooled(node, str(ds.SOPInstanceUID)) == []
+    refused = [json.loads(x) for x in node.log.read_text().splitlines() if '"store.refused"' in x]
+    assert any("(7FE0,0010) PixelData declares a value length of 4294967280 bytes but only" in e["reason"]
+               and e["status"] == "0xC210" for e in refused), refused[-3:]
+    _serving(node)
+    # the same header with the length field telling the truth is stored
+    assert _send_raw(node, whole, body, tmp_path) == 0x0000 and _indexed(node, str(ds.SOPInstanceUID))
+
+
+def test_pixel_data_that_does_not_fit_the_header_is_refused(node: NodeProc, tmp_path: Path) -> None:
+    """Native: longer than Rows x Columns x samples x bits x frames (an honest length field); encapsulated:
+    a fragment whose item length runs past the Pixel Data, and a Basic Offset Table for fewer frames."""
+    (ds,) = _series(tmp_path, n=1)
+    ds.PixelData = ds.PixelData + bytes(4096)  # 64 x 64 x 2 bytes needed, 4 kB more sent
+    assert _send(node, [ds]) == [0xC210] and _spooled(node, str(ds.SOPInstanceUID)) == []
+    rle = pydicom.dcmread(get_testdata_file("MR_small_RLE.dcm"))
+    rle.SOPInstanceUID = rle.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    src = tmp_path / "rle.dcm"
+    rle.save_as(src)
+    _, offset = split_dataset(src)
+    body = src.read_bytes()[offset:]
+    first = body.index(b"\xfe\xff\x00\xe0", body.index(b"\xe0\x7f\x10\x00") + 12 + 8)  # the first fragment
+    long_item = body[:first + 4] + struct.pack("<L", 0x00100000) + body[first + 8:]
+    assert _send_raw(node, src, long_item, tmp_path, RLELossless) == 0xC210
+    multi = pydicom.dcmread(src)
+    multi.NumberOfFrames = 3  # one offset (and one fragment) for 3 frames
+    assert _send(node, [multi], syntax=RLELossless) == [0xC210]
+    assert _spooled(node, str(rle.SOPInstanceUID)) == []
+    reasons = " | ".join(json.loads(x)["reason"] for x in node.log.read_text().splitlines()
+                         if '"store.refused"' in x)
+    assert "Pixel Data has 12288 bytes" in reasons and "needs 8192" in reasons
+    assert "encapsulated Pixel Data: item 1 declares 1048576 bytes" in reasons
+    assert "encapsulated Pixel Data: Basic Offset Table of 4 bytes for 3 frame(s)" in reasons
+    _serving(node)
 
 
 def test_wrong_preamble(node: NodeProc, tmp_path: Path) -> None:

@@ -78,3 +78,23 @@ def test_torch_threads_default_auto_and_bad_value(tmp_path: Path) -> None:
         assert configure_threads(3) == 3 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_broker_urls_without_a_password_on_another_host_are_refused_and_never_printed(tmp_path: Path) -> None:
+    from sci_node.config import redact_url
+
+    ok = {"redis://127.0.0.1:6379/0", "redis://localhost:6379/0", "redis://[::1]:6379/0",
+          "redis://:pw@10.0.0.5:6379/0", "rediss://sci:pw@redis.example:6380/0?ssl_ca_certs=/etc/ca.pem"}
+    for url in ok:
+        assert load_config(None, {"engine": {"kind": "celery", "broker_url": url}}).engine.broker_url == url
+    for url in ("redis://10.0.0.5:6379/0", "rediss://sci@redis.example:6380/0", "amqp://rabbit:5672//"):
+        with pytest.raises(ConfigError, match="is on another host and has no password"):
+            load_config(None, {"engine": {"kind": "celery", "broker_url": url, "store_url": "redis://:pw@r/0"}})
+        allowed = {"kind": "celery", "broker_url": url, "store_url": "redis://:pw@r/0",
+                   "allow_unauthenticated_broker": True}
+        assert load_config(None, {"engine": allowed}).engine.allow_unauthenticated_broker
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {"engine": {"kind": "celery", "broker_url": "http://u:hunter2@x/0"}})
+    assert "hunter2" not in str(err.value) and "http://u:***@x/0" in str(err.value)
+    assert redact_url("rediss://u:p@h:1/0?ssl_ca_certs=/a@b") == "rediss://u:***@h:1/0?ssl_ca_certs=/a@b"
+    assert redact_url("redis://:p@h/0") == "redis://:***@h/0" and redact_url("redis://h/0") == "redis://h/0"

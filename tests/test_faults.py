@@ -225,6 +225,7 @@ def test_association_limit_refuses_one_more_with_reason_and_pdu_limit(tmp_path: 
             wait_for(lambda: any(e["event"] == "association.rejected" for e in events), 5, what="the log line")
         (line,) = [e for e in events if e["event"] == "association.rejected"]
         assert line["reason"] == "local limit exceeded" and line["max_associations"] == 2
+        assert line["calling_aet"] == "SCANNER" and line["peer"] == "127.0.0.1", line  # who was refused
         assert line["slots_in_use"] == 3, line  # the two held and the one refused
         assert extra.is_rejected
         rj = extra.acceptor.primitive

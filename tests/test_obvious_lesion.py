@@ -108,3 +108,30 @@ def test_obvious_t2_lesion_found_and_covered(pipeline: Pipeline, clean: tuple[Se
     assert n == 1 and res.summary["lesion_count"] == 1, f"{n} lesions marked (1 inserted)"
     dice = 2 * float((lesion.astype(bool) & truth.astype(bool)).sum()) / float(lesion.sum() + truth.sum())
     assert dice >= 0.6, f"lesion Dice {dice:.3f} < 0.6 at height {height}"
+
+
+def test_each_lesion_has_its_confidence_in_report_and_sr(pipeline: Pipeline, clean: tuple[SeriesVolume, np.ndarray],
+                                                         tmp_path: Path) -> None:
+    """Issue 34 item 6: each lesion carries its confidence (the network's peak probability inside it) in the
+    summary that report.json and the job record hold, and as "Certainty of Finding" (DCM 111012, %) in the SR."""
+    vol, cord = clean
+    files, _ = with_lesion(vol, cord, 0.5, tmp_path / "in")
+    res = pipeline.run_dicom(files, tmp_path / "out")
+    assert res.status == "done", res.reason
+    (les,) = res.summary["lesions"]
+    # found at the card's threshold, so its peak probability is at least that threshold
+    threshold = float(pipeline.models.lesion.spec.threshold)  # type: ignore[attr-defined]
+    assert threshold <= les["confidence"] <= 1.0
+    assert 0.0 < les["mean_probability"] <= les["confidence"]
+    sr = pydicom.dcmread(next(p for p in res.outputs if pydicom.dcmread(p).Modality == "SR"))
+    values = []
+
+    def walk(items) -> None:  # every numeric content item named Certainty of Finding
+        for it in items:
+            name = it.get("ConceptNameCodeSequence")
+            if name and name[0].CodeValue == "111012" and "MeasuredValueSequence" in it:
+                values.append(float(it.MeasuredValueSequence[0].NumericValue))
+            walk(it.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    assert values == [pytest.approx(100.0 * les["confidence"], abs=0.01)]

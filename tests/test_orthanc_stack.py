@@ -78,12 +78,15 @@ def test_series_from_node_is_not_forwarded_and_manual_reprocess_is(processed: Pr
     assert len(stack.sci_node_jobs()["forwards"]) == before
     # ... but an administrator can ask for it explicitly.
     uid = str(pydicom.dcmread(looped[0], stop_before_pixels=True).SeriesInstanceUID)
-    r = httpx.post(f"{stack.url}/sci-node/series/{uid}/process", auth=(USER, PASSWORD), trust_env=False, timeout=30)
+    token = httpx.get(f"{stack.url}/sci-node/csrf", auth=(USER, PASSWORD), trust_env=False).json()["token"]
+    post = {"auth": (USER, PASSWORD), "trust_env": False, "timeout": 30, "json": {},
+            "headers": {"X-SCI-Node-CSRF": token}}  # what the status page's buttons send (test_stack_csrf.py)
+    r = httpx.post(f"{stack.url}/sci-node/series/{uid}/process", **post)
     assert r.status_code == 200, r.text
     assert r.json()["reason"] == "manual" and r.json()["series_uid"] == uid
     wait_for(lambda: any(j["series_uid"] == uid for j in stack.sci_node_jobs()["jobs"]), 60,
              interval=1, what="the node's job for the manually forwarded series")
-    bad = httpx.post(f"{stack.url}/sci-node/series/1.2.3.4.5/process", auth=(USER, PASSWORD), trust_env=False)
+    bad = httpx.post(f"{stack.url}/sci-node/series/1.2.3.4.5/process", **post)
     assert bad.status_code == 404
 
 

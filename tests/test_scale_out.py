@@ -11,8 +11,9 @@ import json
 import shutil
 import subprocess
 import time
+import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pydicom
 import pytest
@@ -308,3 +309,171 @@ def test_stack_on_the_celery_engine_seg_in_orthanc_and_workers_on_the_plugin_pag
         assert stack.proc is not None
         stack.proc.terminate()
         stack.proc.wait(60)
+
+
+# -- issue 36: Redis with authentication and TLS; results checked before they go to PACS --------------------
+
+PLUMBING_ENGINE = 'processor = "derived-sc"\n' + ENGINE_TOML
+
+
+def lan_address() -> str:
+    """A non-loopback IPv4 address of this host: a broker there is "on another host" for the gateway."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.123", 9))  # UDP connect sends nothing: it only picks the outgoing address
+        address = str(s.getsockname()[0])
+    assert not address.startswith("127."), "this host has no non-loopback IPv4 address"
+    return address
+
+
+def _log_events(node: NodeProc) -> list[dict]:
+    return [json.loads(x) for x in node.log.read_text().splitlines() if x.startswith("{")]
+
+
+def test_a_broker_on_another_host_without_a_password_is_refused_unless_allowed(
+        node_factory: Callable[..., NodeProc], tmp_path: Path) -> None:
+    lan, sci = lan_address(), sci_node_cmd()
+    url = f"redis://{lan}:{free_port()}/0"
+    for argv in (["serve", "--engine", "celery", "--broker", url, "--port", str(free_port()), "--data-dir",
+                  str(tmp_path / "d")], ["worker", "--broker", url]):
+        res = subprocess.run([*sci, *argv], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert f"engine.broker_url: '{url}' is on another host and has no password" in res.stderr
+        assert "allow_unauthenticated_broker = true" in res.stderr
+    # explicitly allowed: the gateway starts on that (real) broker and says twice what is wrong with it
+    open_redis = RedisProc(free_port(), tmp_path / "open.log", host=lan).start()
+    try:
+        node = node_factory(PLUMBING_ENGINE + f'kind = "celery"\nbroker_url = "{open_redis.url}"\n'
+                            "allow_unauthenticated_broker = true\n", name="open").start(timeout=60)
+        wait_for(lambda: any(e["event"] == "node.ready" for e in _log_events(node)), 60, what="the gateway ready")
+        warned = {e["event"]: e for e in _log_events(node) if e["event"].startswith("engine.broker_")}
+        assert set(warned) == {"engine.broker_unauthenticated", "engine.broker_plaintext"}, warned
+        assert warned["engine.broker_plaintext"]["url"] == open_redis.url
+        node.stop()
+    finally:
+        open_redis.kill9()
+    # a password on loopback: no warning about authentication, and the password is in no log line
+    secret = "pw-" + uuid.uuid4().hex
+    locked = RedisProc(free_port(), tmp_path / "locked.log", password=secret).start()
+    try:
+        node = node_factory(PLUMBING_ENGINE + f'kind = "celery"\nbroker_url = "{locked.url}"\n',
+                            name="locked").start(timeout=60)
+        wait_for(lambda: any(e["event"] == "node.ready" for e in _log_events(node)), 60, what="the gateway ready")
+        assert not [e for e in _log_events(node) if e["event"].startswith("engine.broker_")]
+        status = node.cli("status")
+        assert status.returncode == 0 and f"redis://:***@127.0.0.1:{locked.port}/0" in status.stdout
+        node.stop()
+        assert secret not in node.log.read_text() + status.stdout + status.stderr
+    finally:
+        locked.kill9()
+
+
+@pytest.mark.slow
+def test_rediss_with_an_acl_user_end_to_end_and_tls_verified(node_factory: Callable[..., NodeProc],
+                                                            storescp_factory: Callable[..., StoreSCP],
+                                                            tmp_path: Path) -> None:
+    """``rediss://USER:PASSWORD@HOST`` for redis-py and Celery alike, on a redis-server that speaks only TLS
+    and whose ``default`` user is off; Celery's connection verifies the server's certificate too."""
+    from test_security import make_pki
+
+    from sci_node.config import EngineConfig
+    from sci_node.engine.app import make_app
+
+    pki = make_pki(tmp_path / "pki")
+    secret = "pw-" + uuid.uuid4().hex
+    redis = RedisProc(free_port(), tmp_path / "redis.log", user="scinode", password=secret,
+                      tls=(pki["node_crt"], pki["node_key"], pki["ca_crt"])).start()
+    try:
+        worker = WorkerProc("wt", redis.url, tmp_path / "wt.log").start()
+        dest = storescp_factory()
+        node = node_factory(PLUMBING_ENGINE + f'kind = "celery"\nbroker_url = "{redis.url}"\n', "--stable-seconds",
+                            "1", "--destination", f"DEST@127.0.0.1:{dest.port}").start(timeout=60)
+        files = renamed(tmp_path / "s")
+        assert storescu(node.port, files).returncode == 0
+        (job,) = wait_delivered(node, 1, timeout=180)
+        assert job["state"] == "done" and short(job["result"]["worker"]) == "wt"
+        (sc,) = [pydicom.dcmread(f) for f in dest.files()]
+        assert sc.StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID  # checked, accepted, sent
+        shown = node.cli("status").stdout
+        assert f"rediss://scinode:***@127.0.0.1:{redis.port}/0" in shown
+        assert not [e for e in _log_events(node) if e["event"] == "engine.broker_unauthenticated"]
+        worker.stop()
+        node.stop()
+        assert secret not in node.log.read_text() + worker.text() + shown
+        # a wrong password, and a CA that does not sign the server's certificate: clear errors at start
+        wrong = redis.url.replace(secret, "not-it")
+        untrusted = redis.url.replace(str(pki["ca_crt"]), str(pki["rogue_crt"]))
+        for url, why in ((wrong, "invalid username-password pair"), (untrusted, "CERTIFICATE_VERIFY_FAILED")):
+            res = subprocess.run([*sci_node_cmd(), "worker", "--broker", url], capture_output=True, text=True,
+                                 timeout=120)
+            assert res.returncode != 0 and why in res.stderr, res.stderr[-2000:]
+            assert "not-it" not in res.stderr
+        # Celery's own connection (the task queue) verifies the server as redis-py does, also when the URL names
+        # no CA (the system's CAs do not know this one): it used to accept any certificate then
+        for url in (untrusted, redis.url.split("?", 1)[0]):
+            app = make_app(EngineConfig(kind="celery", broker_url=url))
+            with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):
+                with app.connection_for_write() as conn:
+                    conn.ensure_connection(max_retries=1, timeout=5)
+                    conn.default_channel.client.ping()
+    finally:
+        redis.kill9()
+
+
+def _forged(keys: Any, client: Any, token: str, job_id: int, path: Path) -> None:
+    """What anyone who can write to the Redis does: a result blob and a ``result`` event for a live token."""
+    from sci_node.engine import store as rstore
+
+    rstore.put_blob(client, keys.result(token), rstore.pack_files([path], [path.name]), 600)
+    rstore.push_event(client, keys, {"type": "result", "token": token, "job_id": job_id, "worker": "evil@nowhere",
+                                     "state": "done", "reason": None, "files": [path.name],
+                                     "record": {"status": "done", "outputs": [path.name]}})
+
+
+def test_forged_results_are_refused_and_nothing_reaches_pacs(node_factory: Callable[..., NodeProc],
+                                                            storescp_factory: Callable[..., StoreSCP],
+                                                            tmp_path: Path) -> None:
+    """No worker runs; the test writes to Redis instead: an object of another study, the source MR image
+    itself, and a well-formed result whose event names another job. Each is refused and logged, its job
+    fails with the reason, and the destination receives nothing."""
+    from sci_node.engine import store as rstore
+    from sci_node.engine.local import DerivedSCProcessor
+
+    secret = "pw-" + uuid.uuid4().hex
+    redis = RedisProc(free_port(), tmp_path / "redis.log", password=secret).start()
+    try:
+        dest = storescp_factory()
+        node = node_factory(PLUMBING_ENGINE + f'kind = "celery"\nbroker_url = "{redis.url}"\n', "--stable-seconds",
+                            "1", "--destination", f"DEST@127.0.0.1:{dest.port}").start(timeout=60)
+        sent = [renamed(tmp_path / f"s{i}") for i in range(3)]
+        for files in sent:
+            assert storescu(node.port, files).returncode == 0
+        wait_for(lambda: len([d for d in dispatches(node.data_dir) if d["state"] == "out"]) == 3, 60,
+                 interval=0.2, what="three jobs dispatched")
+        series_of = {str(pydicom.dcmread(f[0], stop_before_pixels=True).SeriesInstanceUID): f for f in sent}
+        job_series = {j["id"]: j["series_uid"] for j in node.jobs()}
+        out = {d["job_id"]: d["token"] for d in dispatches(node.data_dir)}
+        (j1, j2, j3) = sorted(out)
+        other_study = DerivedSCProcessor().process(renamed(tmp_path / "elsewhere"), tmp_path / "o1").outputs[0]
+        honest_3 = DerivedSCProcessor().process(series_of[job_series[j3]], tmp_path / "o3").outputs[0]
+        client, keys = rstore.connect(redis.url), rstore.Keys("sci-node")
+        _forged(keys, client, out[j1], j1, other_study)
+        _forged(keys, client, out[j2], j2, series_of[job_series[j2]][0])
+        _forged(keys, client, out[j3], j1, honest_3)
+        wait_for(lambda: all(j["state"] not in ("pending", "running") for j in node.jobs()), 60, interval=0.5,
+                 what="the three jobs to end")
+        time.sleep(3)  # anything queued for the destination would arrive by now
+        assert dest.files() == [] and {j["state"] for j in node.jobs()} == {"failed"}
+        reasons = {j["id"]: j["reason"] for j in node.jobs()}
+        assert "result of worker evil@nowhere rejected" in reasons[j1]
+        assert "Study Instance UID" in reasons[j1] and "is not the source study" in reasons[j1]
+        assert "SOP Class UID '1.2.840.10008.5.1.4.1.1.4' is not one this job's processor writes" in reasons[j2]
+        assert f"the result names job {j1}, but its token" in reasons[j3] and f"for job {j3}" in reasons[j3]
+        assert {d["state"] for d in dispatches(node.data_dir)} == {"rejected"}
+        rejected = [e for e in _log_events(node) if e["event"] == "job.result_rejected"]
+        assert len(rejected) == 3 and all(e["level"] == "error" and e["job_failed"] for e in rejected)
+        assert not list((node.data_dir / "results").rglob("*.dcm"))  # nothing of them is kept either
+        assert not client.keys("sci-node:result:*")
+    finally:
+        redis.kill9()

@@ -7,7 +7,9 @@ Certificates are a throwaway CA made with ``openssl`` in each test; the peers ar
 from __future__ import annotations
 
 import json
+import os
 import socket
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -176,6 +178,44 @@ def test_no_phi_in_info_log_and_private_modes(node_factory: Callable[..., NodePr
               "Droopfennel", "1903-02-17"]
     leaked = [v for v in values if v.lower() in log_text.lower()]
     assert leaked == [], f"PHI in the node's INFO log: {leaked}"
+
+
+def loose_modes(root: Path) -> list[tuple[str, str]]:
+    """``root`` and everything under it with a group or other permission bit: (path, mode)."""
+    out = []
+    for p in [root, *root.rglob("*")]:
+        mode = p.lstat().st_mode
+        if not stat.S_ISLNK(mode) and mode & 0o077:
+            out.append((str(p), oct(mode & 0o777)))
+    return out
+
+
+def test_data_dir_is_private_whichever_command_creates_it(node_factory: Callable[..., NodeProc],
+                                                          storescp_factory: Callable[..., StoreSCP],
+                                                          tmp_path: Path) -> None:
+    """Issue 36: a ``corrections`` command run before the node ever ran created the data dir 0755 and
+    ``corrections.sqlite`` (raw Patient IDs) 0644. Under an admin's umask 022, every command that touches
+    the data dir now creates it 0700 / 0600 (the node run, its results and WAL files included)."""
+    dest = storescp_factory()
+    previous = os.umask(0o022)  # an ordinary shell's umask: the node must not depend on a careful admin
+    try:
+        node = node_factory(PLUMBING, "--stable-seconds", "1", "--destination", f"DEST@127.0.0.1:{dest.port}")
+        listed = node.cli("corrections", "list")  # the first command ever on this data dir
+        assert listed.returncode == 0 and "no corrections" in listed.stdout, listed.stderr
+        assert (node.data_dir / "corrections.sqlite").exists()
+        node.start()
+        series = make_mr_series(tmp_path / "series", n=3)
+        assert storescu(node.port, series).returncode == 0
+        wait_for(lambda: bool(node.jobs()) and node.jobs()[0]["delivery"] == "delivered", 60, what="delivered")
+        not_a_seg = node.cli("corrections", "ingest", str(series[0]))  # refused: a row, no folder
+        assert not_a_seg.returncode == 1 and "refused" in not_a_seg.stdout
+        assert node.cli("status").returncode == 0
+    finally:
+        os.umask(previous)
+    names = {p.name for p in node.data_dir.rglob("*")}
+    assert {"corrections.sqlite", "index.sqlite3-wal", "spool", "results", "corrections"} <= names, names
+    assert node.stop() == 0
+    assert loose_modes(node.data_dir) == []
 
 
 def test_retention_purges_delivered_series_only(node_factory: Callable[..., NodeProc],

@@ -14,9 +14,10 @@ from pydicom.uid import generate_uid
 from dicom_validate import dciodvfy_errors
 from sci_node.errors import InvalidSeriesError
 from sci_node.imaging.measure import index_to_lps, summarize
+from sci_node.pipeline.key_slices import key_images, slice_counts
 from sci_node.pipeline.seg_writer import SegEncoding, build_seg, frame_references, seg_encoding
 from sci_node.pipeline.series import SeriesVolume, read_series
-from sci_node.pipeline.sr_writer import build_sr, read_measurements
+from sci_node.pipeline.sr_writer import build_sr, read_measurements, region_outline
 
 REPO = Path(__file__).resolve().parent.parent
 AXIAL = REPO / "tests" / "data" / "series" / "unf01_axial_T2w"
@@ -33,6 +34,13 @@ def _series_and_masks(vol: SeriesVolume | None = None) -> tuple[SeriesVolume, np
     z, y, x = np.argwhere(cord)[np.argwhere(cord).shape[0] // 2]
     lesion[z - 2:z + 2, y - 1:y + 2, x - 1:x + 2] = 1
     return vol, cord, lesion * cord
+
+
+def _sr(seg: pydicom.Dataset, vol: SeriesVolume, cord: np.ndarray, lesion: np.ndarray | None,
+        summary: dict, notes: tuple[str, ...] = ()) -> hd.sr.Comprehensive3DSR:
+    """The node's SR of these masks, with the key images the pipeline gives it."""
+    return build_sr(seg, list(vol.datasets), summary, VERSIONS, notes,
+                    key_images=key_images(vol, cord, lesion, summary.get("lesions", [])))
 
 
 def _write(ds: pydicom.Dataset, path: Path) -> Path:
@@ -84,7 +92,7 @@ def test_seg_and_sr_without_lesions(tmp_path: Path) -> None:
     assert {s for s, _, _ in frame_references(seg)} == {1}
     m = index_to_lps(vol.image.GetOrigin(), vol.image.GetSpacing(), vol.image.GetDirection())
     summary = summarize(cord, np.zeros_like(cord), m)  # the lesion model ran and found none
-    sr_path = _write(build_sr(seg, list(vol.datasets), summary, VERSIONS), tmp_path / "sr.dcm")
+    sr_path = _write(_sr(seg, vol, cord, np.zeros_like(cord), summary), tmp_path / "sr.dcm")
     assert dciodvfy_errors(sr_path) == []
     ms = read_measurements(pydicom.dcmread(sr_path))
     assert {m["group"] for m in ms} == {"Spinal cord"}
@@ -92,8 +100,7 @@ def test_seg_and_sr_without_lesions(tmp_path: Path) -> None:
     # the lesion model not run (a T1w): no lesion count at all, and the descriptions say why
     notes = ("lesions not assessed: T1w",)
     seg_t1 = build_seg(vol, cord, None, VERSIONS, notes)
-    sr_t1 = _write(build_sr(seg_t1, list(vol.datasets), summarize(cord, None, m), VERSIONS, notes),
-                   tmp_path / "sr_t1.dcm")
+    sr_t1 = _write(_sr(seg_t1, vol, cord, None, summarize(cord, None, m), notes), tmp_path / "sr_t1.dcm")
     assert dciodvfy_errors(sr_t1) == []
     assert "Number of lesions" not in {m["name"] for m in read_measurements(pydicom.dcmread(sr_t1))}
     assert {m["name"] for m in read_measurements(pydicom.dcmread(sr_t1))} >= {"Volume", "Length"}
@@ -111,9 +118,11 @@ def test_sr_valid_and_references_seg(tmp_path: Path) -> None:
     vol, cord, lesion = _series_and_masks()
     seg = build_seg(vol, cord, lesion, VERSIONS)
     _write(seg, tmp_path / "seg.dcm")
+    prob = np.where(lesion > 0, 0.93, 0.05).astype(np.float32)  # the lesion network's probability
     summary = summarize(cord, lesion, index_to_lps(vol.image.GetOrigin(), vol.image.GetSpacing(),
-                                                   vol.image.GetDirection()))
-    path = _write(build_sr(seg, list(vol.datasets), summary, VERSIONS), tmp_path / "sr.dcm")
+                                                   vol.image.GetDirection()), prob)
+    assert summary["lesions"][0]["confidence"] == pytest.approx(0.93)
+    path = _write(_sr(seg, vol, cord, lesion, summary), tmp_path / "sr.dcm")
     assert dciodvfy_errors(path) == []
     sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path))
     assert sr.StudyInstanceUID == vol.first.StudyInstanceUID
@@ -133,6 +142,49 @@ def test_sr_valid_and_references_seg(tmp_path: Path) -> None:
     assert 50 < ms[("Spinal cord", "Area", "Mean")]["value"] < 100  # adult cervical cord CSA
     assert ms[("Lesion 1", "Volume", None)]["value"] == pytest.approx(float(lesion.sum()), rel=1e-3)
     assert ms[("Lesion 1", "Length", None)]["value"] == pytest.approx(4.0, abs=0.5)  # 4 slices of 1 mm
+    assert ms[("Lesion 1", "Certainty of Finding", None)]["value"] == pytest.approx(93.0)
+    assert ms[("Lesion 1", "Certainty of Finding", None)]["unit"] == "%"
+
+
+def test_sr_outlines_every_finding_on_its_key_slice_for_ohif(tmp_path: Path) -> None:
+    """Issue 37 item 5: each finding also has a planar group (TID 1410) with the same tracking
+    identifier and UID as its volumetric group, outlining it on the slice where it is largest; the
+    planar groups come first, lesions by id then the cord (OHIF's SR view opens on the first)."""
+    vol, cord, lesion = _series_and_masks()
+    seg = build_seg(vol, cord, lesion, VERSIONS)
+    summary = summarize(cord, lesion, index_to_lps(vol.image.GetOrigin(), vol.image.GetSpacing(),
+                                                   vol.image.GetDirection()))
+    path = _write(_sr(seg, vol, cord, lesion, summary), tmp_path / "sr.dcm")
+    assert dciodvfy_errors(path) == []
+    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path))
+    planar = sr.content.get_planar_roi_measurement_groups()
+    volumetric = sr.content.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_identifier for g in planar] == ["Lesion 1", "Spinal cord"]
+    assert {g.tracking_identifier: g.tracking_uid for g in planar} == \
+        {g.tracking_identifier: g.tracking_uid for g in volumetric}
+    groups = sr.ContentSequence[-1].ContentSequence  # "Imaging Measurements": the planar groups first
+    assert [any(i.ValueType == "SCOORD" for i in g.ContentSequence) for g in groups] == [True, True, False, False]
+    uid_of = {z: r.sop_instance_uid for z, r in enumerate(vol.refs)}
+    for group, mask in zip(planar, (lesion, cord)):
+        region = group.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        xy = region.value  # (column, row) pixel corners, closed, never a 4- or 5-point "rectangle"
+        assert len(xy) > 5 and np.array_equal(xy[0], xy[-1])
+        counts = slice_counts(mask)
+        z = next(z for z, uid in uid_of.items()
+                 if uid == region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        assert counts[z] == counts.max()  # the slice where the finding is largest
+        rows, cols = np.nonzero(mask[z])
+        assert xy[:, 0].min() <= cols.min() and xy[:, 0].max() >= cols.max() + 1
+        assert xy[:, 1].min() <= rows.min() and xy[:, 1].max() >= rows.max() + 1
+
+
+def test_region_outline_is_column_row_and_splits_small_rectangles() -> None:
+    square = np.array([[1.0, 2.0], [1.0, 3.0], [2.0, 3.0], [2.0, 2.0], [1.0, 2.0]])  # (row, column)
+    xy = region_outline(square)
+    assert len(xy) == 9 and np.array_equal(xy[0], [2.0, 1.0]) and np.array_equal(xy[1], [2.5, 1.0])
+    ell = np.array([[0, 0], [0, 2], [1, 2], [1, 1], [2, 1], [2, 0], [0, 0]], dtype=float)
+    np.testing.assert_array_equal(region_outline(ell), ell[:, ::-1])
 
 
 def test_seg_and_sr_from_enhanced_multiframe_source(tmp_path: Path) -> None:
@@ -154,8 +206,14 @@ def test_seg_and_sr_from_enhanced_multiframe_source(tmp_path: Path) -> None:
         np.testing.assert_array_equal(pixels[i], (cord if seg_no == 1 else lesion)[z])
     summary = summarize(cord, lesion, index_to_lps(vol.image.GetOrigin(), vol.image.GetSpacing(),
                                                    vol.image.GetDirection()))
-    sr_path = _write(build_sr(seg, list(vol.datasets), summary, VERSIONS), tmp_path / "sr.dcm")
+    sr_path = _write(_sr(seg, vol, cord, lesion, summary), tmp_path / "sr.dcm")
     assert dciodvfy_errors(sr_path) == []
+    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(sr_path))
+    keys = {im.finding: im.source.frame_number for im in key_images(vol, cord, lesion, summary["lesions"])}
+    for group in sr.content.get_planar_roi_measurement_groups():  # the frame of the one instance it is drawn on
+        ref = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+        assert ref.ReferencedSOPInstanceUID == mf.SOPInstanceUID
+        assert int(ref.ReferencedFrameNumber) == keys[group.tracking_identifier]
 
 
 def test_output_uids_are_stable_per_content_and_change_with_the_series() -> None:
@@ -166,14 +224,14 @@ def test_output_uids_are_stable_per_content_and_change_with_the_series() -> None
     seg = build_seg(vol, cord, lesion, VERSIONS)
     again = build_seg(*_series_and_masks(), VERSIONS)
     assert (seg.SOPInstanceUID, seg.SeriesInstanceUID) == (again.SOPInstanceUID, again.SeriesInstanceUID)
-    sr = build_sr(seg, list(vol.datasets), {"lesion_count": 0, "cord_volume_mm3": 1.0, "cord_length_mm": 1.0,
-                                            "csa_mm2": {}, "lesions": []}, VERSIONS)
+    sr = _sr(seg, vol, cord, None, {"lesion_count": 0, "cord_volume_mm3": 1.0, "cord_length_mm": 1.0,
+                                    "csa_mm2": {}, "lesions": []})
     fewer = read_series(files[1:])  # the same series UID without its first slice
     small, cord2, lesion2 = _series_and_masks(fewer)
     seg2 = build_seg(small, cord2, lesion2, VERSIONS)
     assert seg2.SOPInstanceUID != seg.SOPInstanceUID and seg2.SeriesInstanceUID != seg.SeriesInstanceUID
-    sr2 = build_sr(seg2, list(small.datasets), {"lesion_count": 0, "cord_volume_mm3": 1.0, "cord_length_mm": 1.0,
-                                                "csa_mm2": {}, "lesions": []}, VERSIONS)
+    sr2 = _sr(seg2, small, cord2, None, {"lesion_count": 0, "cord_volume_mm3": 1.0, "cord_length_mm": 1.0,
+                                         "csa_mm2": {}, "lesions": []})
     assert sr2.SOPInstanceUID != sr.SOPInstanceUID
     newer = build_seg(vol, cord, lesion, {**VERSIONS, "cord": "0.2.0"})
     assert newer.SOPInstanceUID != seg.SOPInstanceUID
@@ -225,7 +283,10 @@ def test_seg_and_sr_of_series_with_a_missing_slice(tmp_path: Path) -> None:
     assert seg.ContentDescription.startswith("sci-node [1 slice missing]")
     summary = summarize(cord, lesion, index_to_lps(vol.image.GetOrigin(), vol.image.GetSpacing(),
                                                    vol.image.GetDirection()))
-    sr = build_sr(seg, list(vol.datasets), summary, VERSIONS, notes=["1 slice missing"])
+    sr = _sr(seg, vol, cord, lesion, summary, notes=("1 slice missing",))
     sr_path = _write(sr, tmp_path / "sr.dcm")
     assert dciodvfy_errors(sr_path) == []
     assert sr.SeriesDescription.startswith("sci-node measurements [1 slice missing] (")
+    drawn = {g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+             for g in hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_planar_roi_measurement_groups()}
+    assert drawn and drawn <= received  # outlines only on slices the series holds

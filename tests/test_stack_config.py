@@ -10,8 +10,11 @@ import pytest
 
 from sci_node.config import load_config
 from sci_node.errors import ConfigError, StackError
-from sci_node.app.stack import (CONFIG_TEMPLATE, PLUGIN_SCRIPT, OrthancCredentials, StackPorts, ohif_study_url,
-                            render_orthanc_config, resolve_credentials, write_orthanc_config)
+from sci_node.app.stack import (CONFIG_TEMPLATE, DEMO_AET, PLUGIN_SCRIPT, OrthancCredentials, StackPorts,
+                                ohif_study_url, render_orthanc_config, resolve_credentials, with_demo_sender,
+                                write_orthanc_config)
+from sci_node.app.stack_dicom import listening_addresses, node_tls_args, orthanc_env
+from sci_node.app.stack_supervisor import RestartPolicy
 
 
 def test_generated_credentials_are_stored_0600_and_reused(tmp_path: Path) -> None:
@@ -60,3 +63,60 @@ def test_template_placeholders_and_ports_are_checked() -> None:
     with pytest.raises(ConfigError, match="70000"):
         StackPorts(70000, 4242, 11112).validate()
     assert ohif_study_url("http://h:1", "1.2", "3.4") == "http://h:1/ohif/viewer?StudyInstanceUIDs=1.2&initialSeriesInstanceUID=3.4"
+
+
+def test_orthanc_dicom_port_is_closed_by_default_in_the_config(tmp_path: Path) -> None:
+    cfg = load_config(None, {"data_dir": str(tmp_path / "D"), "ae_title": "SCIN",
+                             "stack": {"scanners": ["MR1@10.1.2.3", "CT@10.1.2.4"]}})
+    conf = json.loads(write_orthanc_config(cfg, StackPorts(18042, 14242, 11112), OrthancCredentials("u", "p")).read_text())
+    assert (conf["DicomAlwaysAllowStore"], conf["DicomAlwaysAllowEcho"]) == (False, False)
+    assert (conf["DicomCheckModalityHost"], conf["DicomCheckCalledAet"], conf["DicomTlsEnabled"]) == (True, True, False)
+    mods = conf["DicomModalities"]
+    assert {(m["AET"], m["Host"]) for m in mods.values()} == {("SCIN", "127.0.0.1"), ("MR1", "10.1.2.3"),
+                                                              ("CT", "10.1.2.4")}
+    assert all(m["AllowStore"] and not (m["AllowFind"] or m["AllowMove"] or m["AllowGet"]) for m in mods.values())
+    assert conf["SciNode"]["ForwardRetries"] == 5 and conf["SciNode"]["ForwardRetrySeconds"] == 5.0
+    assert cfg.stack.dicom_bind == "127.0.0.1" and cfg.limits.max_associations == 64
+    env = orthanc_env(cfg, 14242, tmp_path, {"PATH": "/usr/bin"})  # compiles the bind shim
+    assert env["SCI_NODE_BIND_ADDR"] == "127.0.0.1" and env["LD_PRELOAD"].endswith("bind_address.so")
+    assert "LD_PRELOAD" not in orthanc_env(load_config(None, {"stack": {"dicom_bind": "0.0.0.0"}}), 1, tmp_path, {})
+    demo = with_demo_sender(cfg)
+    assert [str(s) for s in demo.stack.scanners] == ["MR1@10.1.2.3", "CT@10.1.2.4", f"{DEMO_AET}@127.0.0.1"]
+    assert isinstance(listening_addresses(1), set)
+
+
+def test_stack_tls_goes_to_orthanc_and_the_node(tmp_path: Path) -> None:
+    for name in ("c.crt", "c.key", "ca.crt"):
+        (tmp_path / name).write_text(f"-----{name}-----\n")
+    cfg = load_config(None, {"data_dir": str(tmp_path / "D"), "stack": {"tls": {
+        "enabled": True, "cert_file": str(tmp_path / "c.crt"), "key_file": str(tmp_path / "c.key"),
+        "ca_file": str(tmp_path / "ca.crt"), "require_client_cert": True}}})
+    conf = json.loads(write_orthanc_config(cfg, StackPorts(18042, 14242, 11112), OrthancCredentials("u", "p")).read_text())
+    assert conf["DicomTlsEnabled"] is True and conf["DicomTlsRemoteCertificateRequired"] is True
+    assert conf["DicomTlsCertificate"] == str(tmp_path / "c.crt") and conf["DicomTlsPrivateKey"] == str(tmp_path / "c.key")
+    bundle = Path(conf["DicomTlsTrustedCertificates"])
+    assert bundle.read_text() == "-----ca.crt-----\n-----c.crt-----\n" and stat.S_IMODE(bundle.stat().st_mode) == 0o600
+    assert conf["DicomModalities"]["sci-node"]["UseDicomTls"] is True
+    assert node_tls_args(cfg, bundle.parent) == ["--tls-cert", str(tmp_path / "c.crt"), "--tls-key",
+                                                str(tmp_path / "c.key"), "--tls-ca", str(bundle),
+                                                "--tls-require-client-cert"]
+
+
+def test_stack_config_errors_are_reported_together() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {"stack": {"scanners": ["MR1@mr1.hospital", "NOHOST", "A\\B@10.0.0.1"],
+                                     "tls": {"enabled": True, "bogus": 1}}})
+    text = str(err.value)
+    assert "'MR1@mr1.hospital'" in text and "IPv4" in text and "'NOHOST'" in text and "stack.tls.bogus" in text
+    assert "A\\\\B" in text
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {"stack": {"scanners": ["SCINODE@10.0.0.1", "X@10.0.0.2", "X@10.0.0.2"],
+                                     "dicom_bind": "any", "tls": {"enabled": True}, "max_restarts": 0}})
+    text = str(err.value)
+    for part in ("node's own AE title", "duplicate", "dicom_bind", "stack.tls: enabled needs", "max_restarts"):
+        assert part in text, part
+
+
+def test_restart_backoff_doubles_up_to_the_cap() -> None:
+    policy = RestartPolicy(initial_s=1.0, max_s=10.0, reset_s=60.0, max_restarts=5)
+    assert [policy.delay(n) for n in range(1, 7)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]

@@ -14,6 +14,7 @@ from sci_node.imaging import preprocess
 from sci_node.errors import DataError
 from sci_node.models.predict_seg import Segmenter, coarse_to_fine, infer_volume
 from trainer.segment import data as tdata
+from trainer.lesion_families import LesionSource
 from trainer.lesions import LesionSpec, inject_lookalikes
 from trainer.segment.train import Vol, cord_with_lesions, load_config, prep_spec
 from trainer.segment.evaluate import calibrate
@@ -129,7 +130,8 @@ def test_lookalikes_stay_inside_the_cord_and_brighten_it() -> None:
 def test_cord_training_lesions_keep_the_cord_label() -> None:
     img, cord = _tube()
     vols = [Vol("a", "a", img, cord, (2.0, 0.7, 0.7)) for _ in range(20)]
-    out = cord_with_lesions(vols, np.random.default_rng(1), LesionSpec(reference_percentile=90.0), 0.5)
+    source = LesionSource.ellipsoid(LesionSpec(reference_percentile=90.0))
+    out = cord_with_lesions(vols, np.random.default_rng(1), source, 0.5)
     changed = [v for v, o in zip(vols, out) if not np.array_equal(v.image, o.image)]
     assert 3 <= len(changed) <= 17  # about half of the volumes get lesions
     assert all(np.array_equal(o.label, cord) for o in out)  # a lesion is cord: the label is unchanged

@@ -16,6 +16,7 @@ from sci_node.errors import ConfigError, DataError
 from sci_node.imaging.postprocess import dilate_mm
 from sci_node.models.predict_seg import Segmenter
 from trainer.segment import data as tdata
+from trainer.lesion_families import LesionSource
 from trainer.lesions import LesionSpec, inject_lesions
 from trainer.segment.train import train_segmentation
 from trainer.segment.evaluate import parse_setting
@@ -220,17 +221,17 @@ def test_lesion_training_copies_clean_and_masked() -> None:
     image = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))).astype(np.float32)
     cord = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop_seg-manual.nii.gz"))).astype(np.uint8)
     vol = Vol("k", "g", image, cord, (1.0, 1.0, 1.0), cord=cord)
-    spec = LesionSpec(count=(1, 2), length_mm=(4, 12))
-    clean = with_lesions([vol] * 4, np.random.default_rng(1), spec, clean_fraction=1.0)
+    source = LesionSource.ellipsoid(LesionSpec(count=(1, 2), length_mm=(4, 12)))
+    clean = with_lesions([vol] * 4, np.random.default_rng(1), source, clean_fraction=1.0)
     assert all(not v.label.any() and np.array_equal(v.image, image) for v in clean)
-    sick = with_lesions([vol] * 4, np.random.default_rng(1), spec, clean_fraction=0.0)
+    sick = with_lesions([vol] * 4, np.random.default_rng(1), source, clean_fraction=0.0)
     assert sum(v.label.any() for v in sick) >= 3
-    masked = with_lesions([vol], np.random.default_rng(1), spec, post={"mask_input_to_roi": True, "roi_dilate_mm": 1.0})[0]
+    masked = with_lesions([vol], np.random.default_rng(1), source, post={"mask_input_to_roi": True, "roi_dilate_mm": 1.0})[0]
     near = dilate_mm(cord, (1.0, 1.0, 1.0), 1.0) > 0
     assert not masked.image[~near].any() and masked.image[near].any()
     # roi_normalise = "median": training divides by the ROI's median, exactly as inference does
     post = {"mask_input_to_roi": True, "roi_dilate_mm": 1.0, "roi_normalise": "median"}
-    normed = with_lesions([vol], np.random.default_rng(1), spec, post=post)[0]
+    normed = with_lesions([vol], np.random.default_rng(1), source, post=post)[0]
     assert np.median(normed.image[near]) == pytest.approx(1.0)
     assert np.allclose(normed.image, np.clip(masked.image / np.median(masked.image[near]), 0, 4))
 

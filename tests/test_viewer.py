@@ -8,6 +8,14 @@ page made to Orthanc (QIDO-RS of the study, WADO-RS of the SEG) and that the scr
 the coloured overlay on the grey MR. ``SCI_DOCS_SCREENSHOT=docs/img/ohif-seg.png`` also saves
 the screenshot there.
 
+Issue 37 item 5, the reading room: the "open in OHIF" link of the status page opens the node's SR
+in OHIF's SR view (not an empty viewport) on the slice with the most cord, or, with lesions, on the
+largest lesion; each finding is outlined there with every value of the report beside it, and the
+view's arrows step from lesion to lesion, then to the cord. The expected slices are computed here
+from the node's SEG, independently of the node's own choice. The lesions are written into a copy
+of the sample series (tests/lesion_support.py) sent to a stack of its own.
+``SCI_DOCS_SCREENSHOT_SR=docs/img/ohif-sr.png`` saves that screenshot.
+
 A second series of 99 x 99 images (a crop of the committed axial T2w series: Rows x Columns not
 a multiple of 8, so a BINARY SEG's frames would not start on a byte boundary) goes through the
 same stack: its SEG must be FRACTIONAL, pass dciodvfy, answer 200 to every DICOMweb
@@ -15,16 +23,22 @@ same stack: its SEG must be FRACTIONAL, pass dciodvfy, answer 200 to every DICOM
 """
 from __future__ import annotations
 
+import html
+import math
 import os
+import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from scipy import ndimage as ndi
 
 import httpx
 from pydicom.uid import generate_uid
@@ -32,6 +46,8 @@ from pydicom.uid import generate_uid
 from chromium_cdp import Browser
 from conftest import wait_for
 from dicom_validate import dciodvfy_errors
+from lesion_support import Lesion, cord_from_seg, with_lesions
+from sci_node.pipeline.series import SeriesVolume, read_series
 from stack_support import PASSWORD, SAMPLE, USER, ProcessedStudy, StackProc, seg_series_uid, shared_stack
 
 AXIAL = Path(__file__).resolve().parent / "data" / "series" / "unf01_axial_T2w"
@@ -187,3 +203,159 @@ def test_ohif_overlays_seg_of_99x99_series_and_every_frame_is_served(own_stack: 
     assert any(str(seg.SeriesInstanceUID) in u for u in requests if "/dicom-web/" in u), "the SEG was never fetched"
     assert all(status < 400 for u, status in statuses.items() if "/dicom-web/" in u), \
         {u: s for u, s in statuses.items() if s >= 400}
+
+
+# -- issue 37 item 5: the report (SR) in OHIF ----------------------------------------------------
+
+#: the image OHIF's viewport shows (its SOP Instance UID) and the text lines drawn beside the findings
+VIEWER_STATE = r"""(() => {
+  const viewport = window.cornerstone?.getRenderingEngines?.()[0]?.getViewports?.()[0];
+  const imageId = viewport?.getCurrentImageId?.() || '';
+  return { sop: (imageId.match(/instances\/([0-9.]+)/) || [])[1] || null,
+           lines: [...document.querySelectorAll('svg text tspan')].map(t => t.textContent) };
+})()"""
+
+
+@dataclass(frozen=True)
+class LesionStudy:
+    """The sample series with two lesions written in, processed by a stack of its own."""
+
+    stack: StackProc
+    study: str
+    files: list[Path]
+    summary: dict[str, Any]
+
+
+def _download(stack: StackProc, orthanc_series: str, path: Path) -> Path:
+    client = stack.client()
+    path.write_bytes(client.get_instances_id_file(client.get_series_id(orthanc_series)["Instances"][0]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def lesion_study(processed: ProcessedStudy, own_stack: StackProc,
+                 tmp_path_factory: pytest.TempPathFactory) -> LesionStudy:
+    tmp = tmp_path_factory.mktemp("lesion-study")
+    vol = read_series(SAMPLE)
+    cord = cord_from_seg(_download(processed.stack, processed.seg_series[0], tmp / "sample-seg.dcm"), vol)
+    files, _ = with_lesions(SAMPLE, vol, cord, [Lesion(0.3, 6.0, 2.5), Lesion(0.65, 4.0, 2.0)], tmp / "in")
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    own_stack.storescu(files)
+    wait_for(lambda: bool(own_stack.find_series(study, "SR")), 600, interval=1, what="the SR of the lesion series")
+    (job,) = own_stack.sci_node_jobs(f"/sci-node/studies/{study}/jobs")["jobs"]
+    return LesionStudy(own_stack, study, files, job["result"]["summary"])
+
+
+def status_page_link(stack: StackProc, study: str) -> str:
+    """The "open in OHIF" link of the plugin's status page for the node's job of ``study``."""
+    page = httpx.get(stack.url + "/sci-node", auth=(USER, PASSWORD), trust_env=False, timeout=60).text
+    links = [html.unescape(h) for h in re.findall(r'href="(/ohif/viewer\?[^"]*)"', page)]
+    mine = [h for h in links if f"StudyInstanceUIDs={study}" in h and "initialSeriesInstanceUID=" in h]
+    assert mine, f"no OHIF link to the report of study {study} on the status page: {links}"
+    return stack.url + mine[0]
+
+
+def most_voxels(stack: StackProc, study: str, files: list[Path], tmp: Path) -> dict[str, str]:
+    """The SOP Instance UID of the slice with the most voxels of every finding, read from the node's
+    SEG (downloaded into ``tmp``): "Spinal cord", and "Lesion k" for the k-th largest 26-connected lesion."""
+    vol = read_series(files)
+    seg = hd.seg.segread(_download(stack, stack.find_series(study, "SEG")[0], tmp / "node-seg.dcm"))
+    numbers = [int(s.SegmentNumber) for s in seg.SegmentSequence]
+    px = seg.get_pixels_by_source_instance([r.sop_instance_uid for r in vol.refs], segment_numbers=numbers,
+                                           skip_overlap_checks=True)
+    found = {"Spinal cord": _slice_with_most(px[..., numbers.index(1)], vol)}
+    if 2 in numbers:
+        labels, _ = ndi.label(px[..., numbers.index(2)], structure=np.ones((3, 3, 3)))
+        sizes = np.bincount(labels.ravel())[1:]
+        for k, i in enumerate(np.argsort(-sizes, kind="stable"), start=1):
+            found[f"Lesion {k}"] = _slice_with_most(labels == i + 1, vol)
+    return found
+
+
+def _slice_with_most(mask: np.ndarray, vol: SeriesVolume) -> str:
+    ref = vol.refs[int(np.argmax(mask.reshape(len(mask), -1).sum(axis=1)))]
+    assert ref is not None
+    return ref.sop_instance_uid
+
+
+def shown(browser: Browser, finding: str, timeout: float = 120) -> dict[str, Any]:
+    """Wait until OHIF's SR view writes ``finding``'s lines; the viewer state then."""
+    state = browser.wait_for(f"(() => {{ const s = {VIEWER_STATE}; return s.sop && "
+                             f"s.lines.some(l => l.startsWith({finding + ' '!r}) || l.startsWith({finding + ':'!r}))"
+                             " && s; })()", timeout)
+    assert state, f"OHIF's SR view never showed {finding}: {browser.evaluate(VIEWER_STATE)}"
+    return state
+
+
+def js1(value: float) -> str:
+    """A number as the viewer writes it: the report's value (3 decimals) to one decimal."""
+    v = math.floor(round(value, 3) * 10 + 0.5) / 10
+    return str(int(v)) if v.is_integer() else str(v)
+
+
+def finding_lines(summary: dict[str, Any], finding: str) -> list[str]:
+    """What the SR view must write beside ``finding``: every value of the report, named."""
+    if finding == "Spinal cord":
+        csa = summary["csa_mm2"]
+        return ["Spinal cord: level not assessed", f"Lesions: {summary['lesion_count']}",
+                f"Volume: {js1(summary['cord_volume_mm3'])} mm³",
+                f"Length along cord: {js1(summary['cord_length_mm'])} mm",
+                "CSA mean/minimum/maximum/median: " + " / ".join(js1(csa[k]) for k in ("mean", "min", "max", "median"))
+                + " mm²"]
+    les = next(r for r in summary["lesions"] if f"Lesion {r['id']}" == finding)
+    return [f"{finding} of {summary['lesion_count']}: level not assessed", f"Volume: {js1(les['volume_mm3'])} mm³",
+            f"Length along cord: {js1(les['length_along_cord_mm'])} mm",
+            f"Confidence: {js1(100.0 * les['confidence'])} %"]
+
+
+def viewport_drawn(png: Path) -> tuple[float, int]:
+    """Mean grey level of the viewport (an empty one is black) and its bright green pixels (the
+    active finding's outline and text in OHIF's SR view)."""
+    view = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)[70:-70, 300:1340]
+    green = (view[..., 1] > 200) & (view[..., 0] < 80) & (view[..., 2] < 80)
+    return float(view.mean()), int(green.sum())
+
+
+def test_report_link_opens_sr_view_on_largest_lesion_and_steps_to_each_finding(lesion_study: LesionStudy,
+                                                                                tmp_path: Path) -> None:
+    ls = lesion_study
+    assert ls.summary["lesion_count"] == 2, ls.summary["lesions"]  # both inserted lesions were found
+    url = status_page_link(ls.stack, ls.study)
+    assert f"initialSeriesInstanceUID={ls.summary['key_images']['sr_series_uid']}" in url
+    expected = most_voxels(ls.stack, ls.study, ls.files, tmp_path)
+    shot, states = tmp_path / "ohif-sr.png", {}
+    with Browser(tmp_path / "chromium-sr") as browser:
+        browser.send("Runtime.enable")
+        browser.open_ohif(url, USER, PASSWORD, before_load=HIDE_NAGS)
+        for finding in ("Lesion 1", "Lesion 2", "Spinal cord"):  # the report's reading order
+            if finding != "Lesion 1":
+                assert browser.click("[data-cy=viewport-action-arrows-right] svg"), "no arrows in the SR view"
+            states[finding] = shown(browser, finding)
+            if finding == "Lesion 1":
+                time.sleep(2)  # the last tiles, for the picture
+                browser.screenshot(shot)
+        thrown = [e["params"]["exceptionDetails"] for e in browser.events
+                  if e.get("method") == "Runtime.exceptionThrown"]
+    grey, green = viewport_drawn(shot)
+    assert grey > 10 and green > 50, f"the SR view looks empty in {shot} (mean {grey:.1f}, {green} green pixels)"
+    for finding, state in states.items():
+        assert state["sop"] == expected[finding], f"{finding} is not shown on the slice where it is largest"
+        assert state["lines"][:5] == finding_lines(ls.summary, finding)
+    assert not thrown, thrown
+    target = os.environ.get("SCI_DOCS_SCREENSHOT_SR")
+    if target:
+        shutil.copyfile(shot, target)
+
+
+def test_report_link_without_lesions_opens_on_slice_with_most_cord(processed: ProcessedStudy,
+                                                                    tmp_path: Path) -> None:
+    stack, study = processed.stack, processed.study_uid
+    url = status_page_link(stack, study)
+    (job,) = stack.sci_node_jobs(f"/sci-node/studies/{study}/jobs")["jobs"]
+    summary = job["result"]["summary"]
+    assert summary["lesion_count"] == 0
+    with Browser(tmp_path / "chromium-sr-cord") as browser:
+        browser.open_ohif(url, USER, PASSWORD, before_load=HIDE_NAGS)
+        state = shown(browser, "Spinal cord")
+    assert state["sop"] == most_voxels(stack, study, SAMPLE, tmp_path)["Spinal cord"]
+    assert state["lines"][:5] == finding_lines(summary, "Spinal cord")

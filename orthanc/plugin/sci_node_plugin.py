@@ -10,6 +10,8 @@ turns Orthanc events and HTTP requests into messages; nothing heavy runs in a ca
   recorded in the series' ``SciNodeForward`` metadata and in ``forwards.jsonl``. The node's own
   SEG/SR (Modality SEG/SR, RemoteAET = the node's AE title) are never forwarded, so nothing loops.
   After a restart, series that never became stable (Orthanc was stopped first) are forwarded too.
+  A forward whose job failed (the node was down) is forwarded again with back-off, at most
+  ``ForwardRetries`` times (``sci_node_forward_retry``), also when it failed before a restart.
 * REST routes under ``/sci-node/`` (behind Orthanc's authentication like the rest of its API):
 
   ==========================================  ====================================================
@@ -17,7 +19,9 @@ turns Orthanc events and HTTP requests into messages; nothing heavy runs in a ca
   ``GET  /sci-node/jobs``                      JSON: every node job + every forward
   ``GET  /sci-node/studies/<id>/jobs``         JSON: node jobs of one study (Orthanc id or UID)
   ``GET  /sci-node/series/<id>/jobs``          JSON: node jobs of one series (Orthanc id or UID)
-  ``POST /sci-node/series/<id>/process``       (re)forward one series to the node now
+  ``POST /sci-node/series/<id>/process``       (re)forward one series to the node now (same-origin JSON
+                                               with the ``X-SCI-Node-CSRF`` token: ``sci_node_csrf``)
+  ``GET  /sci-node/csrf``                      JSON: that token for the caller's login
   ``GET  /ohif/...``                           the OHIF viewer (``index.html`` for page routes)
   ==========================================  ====================================================
 
@@ -50,6 +54,14 @@ from typing import Any
 
 import orthanc  # provided by libOrthancPython.so
 
+# this script's folder, for its sibling modules (orthanc-python loads the script by path)
+_HERE = os.path.dirname(os.path.abspath(str(json.loads(orthanc.GetConfiguration()).get("PythonScript", ""))))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+from sci_node_csrf import CsrfGuard, page_script  # noqa: E402
+from sci_node_forward_retry import ForwardRetrier, job_state_from  # noqa: E402
+
 _UID_RE = re.compile(r"^[0-9.]{1,64}$")
 #: A correction whose ingest failed (not refused: a crash, a locked index) is tried this often, this far apart.
 HANDOFF_ATTEMPTS, HANDOFF_RETRY_S = 3, 5.0
@@ -67,6 +79,10 @@ def _status(output: Any, code: int, text: str) -> None:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _orthanc_log(level: str, message: str) -> None:
+    {"error": orthanc.LogError, "warning": orthanc.LogWarning}.get(level, orthanc.LogInfo)(message)
 
 
 class NodeJobs:
@@ -263,6 +279,12 @@ class SciNodePlugin:
         self.corrections = NodeJobs(cli + ["corrections", "--json", "--data-dir", self.data_dir, "list"],
                                     extract=lambda data: [data] if isinstance(data, dict) else [])
         self.handoff = CorrectionHandoff(cli, self.data_dir, self.plugin_dir, self.node_aet)
+        self.csrf = CsrfGuard()
+        self.retrier = ForwardRetrier(
+            job_state_from(orthanc.RestApiGet), lambda series, why, attempt: self.forward(series, why, attempt),
+            _orthanc_log, retries=int(settings.get("ForwardRetries", 5)),
+            first_s=float(settings.get("ForwardRetrySeconds", 5)),
+            max_s=float(settings.get("ForwardRetryMaxSeconds", 300)))
         # the engine and its workers (``sci-node status --json``: Celery inspect takes up to a second)
         self.status = NodeJobs(cli + ["status", "--json", "--data-dir", self.data_dir], ttl_s=5.0,
                                extract=lambda data: [data] if isinstance(data, dict) else [])
@@ -278,6 +300,7 @@ class SciNodePlugin:
                 orthanc.LogError(f"sci-node: recovery skipped: {exc!r}")
                 return
             threading.Thread(target=self._recover, args=(upto,), name="sci-node-recover", daemon=True).start()
+            self.retrier.start(self.forwards(with_state=False)[-2000:])
             return
         if change_type != orthanc.ChangeType.STABLE_SERIES:
             return
@@ -340,12 +363,16 @@ class SciNodePlugin:
         except Exception:  # noqa: BLE001 - instances uploaded over HTTP have no RemoteAET
             return ""
 
-    def forward(self, series_id: str, reason: str) -> dict[str, Any]:
-        """Queue an asynchronous C-STORE job of one series to the node and record it."""
+    def forward(self, series_id: str, reason: str, attempt: int = 0) -> dict[str, Any]:
+        """Queue an asynchronous C-STORE job of one series to the node, record it and watch it.
+
+        ``attempt`` 0 is a forward of its own; n the n-th retry of a failed one (the retrier's).
+        """
         body = json.dumps({"Resources": [series_id], "Asynchronous": True, "Permissive": False})
         job = json.loads(orthanc.RestApiPost(f"/modalities/{self.modality}/store", body))
         record = {"time": _now(), "series": series_id, "job": job.get("ID"), "reason": reason,
-                  "modality": self.modality}
+                  "modality": self.modality, "attempt": attempt}
+        self.retrier.track(series_id, job.get("ID"), attempt)
         try:
             tags = json.loads(orthanc.RestApiGet(f"/series/{series_id}")).get("MainDicomTags", {})
             study = json.loads(orthanc.RestApiGet(f"/series/{series_id}/study")).get("MainDicomTags", {})
@@ -417,10 +444,30 @@ class SciNodePlugin:
         answer.update({"jobs": jobs, "forwards": forwards, "node_error": error})
         output.AnswerBuffer(json.dumps(answer, indent=1), "application/json")
 
+    def csrf_refused(self, output: Any, uri: str, request: dict[str, Any]) -> bool:
+        """Answer and log a POST that may not start work (``sci_node_csrf``); True when refused."""
+        refusal = self.csrf.refusal(request)
+        if refusal is None:
+            return False
+        orthanc.LogWarning(f"sci-node: POST {uri} refused: {refusal[1]}")
+        _status(output, *refusal)
+        return True
+
+    def rest_csrf(self, output: Any, uri: str, **request: Any) -> None:
+        """``GET /sci-node/csrf``: the ``X-SCI-Node-CSRF`` token of the caller's login (JSON)."""
+        if request["method"] != "GET":
+            output.SendMethodNotAllowed("GET")
+            return
+        output.SetHttpHeader("Cache-Control", "no-store")
+        output.AnswerBuffer(json.dumps({"header": "X-SCI-Node-CSRF", "token": self.csrf.token(request)}),
+                            "application/json")
+
     def rest_process(self, output: Any, uri: str, **request: Any) -> None:
         """``POST /sci-node/series/<id>/process``: (re)forward one series to the node."""
         if request["method"] != "POST":
             output.SendMethodNotAllowed("POST")
+            return
+        if self.csrf_refused(output, uri, request):
             return
         try:
             oid, _uid = self._resolve("series", request["groups"][0])
@@ -456,7 +503,8 @@ class SciNodePlugin:
         corrections, _cerr = self.corrections_doc()
         status, _serr = self.status.get()
         engine = (status[0] if status else {}).get("engine")
-        output.AnswerBuffer(render_status_page(jobs, error, self.forwards()[-50:], corrections, engine),
+        output.AnswerBuffer(render_status_page(jobs, error, self.forwards()[-50:], corrections, engine,
+                                               csrf_token=self.csrf.token(request)),
                             "text/html; charset=utf-8")
 
     # -- OHIF -------------------------------------------------------------------------------
@@ -537,15 +585,24 @@ def render_engine(engine: dict[str, Any] | None) -> str:
             f'{rows or "<tr><td colspan=7>no worker connected</td></tr>"}</table>')
 
 
+def ohif_href(study_uid: str, job: dict[str, Any] | None = None) -> str:
+    """The OHIF link of a study; with a job whose report was written, OHIF opens that report (SR):
+    on the largest lesion, or on the slice with the most cord (the job's ``summary.key_images``)."""
+    url = f"/ohif/viewer?StudyInstanceUIDs={urllib.parse.quote(study_uid)}"
+    keys = (((job or {}).get("result") or {}).get("summary") or {}).get("key_images") or {}
+    sr = keys.get("sr_series_uid") if isinstance(keys, dict) else None
+    return url + (f"&initialSeriesInstanceUID={urllib.parse.quote(str(sr))}" if sr else "")
+
+
 def render_status_page(jobs: list[dict[str, Any]], error: str | None, forwards: list[dict[str, Any]],
-                       corrections: dict[str, Any] | None = None, engine: dict[str, Any] | None = None) -> str:
+                       corrections: dict[str, Any] | None = None, engine: dict[str, Any] | None = None,
+                       csrf_token: str = "") -> str:
     """HTML of the status page: node jobs (newest first), Orthanc's forwards, the corrections, the engine."""
     esc = html.escape
     rows = []
     for job in jobs[:200]:
         study = _job_study(job)
-        link = (f'<a href="/ohif/viewer?StudyInstanceUIDs={urllib.parse.quote(study)}">open in OHIF</a>'
-                if study else "")
+        link = f'<a href="{esc(ohif_href(study, job))}">open in OHIF</a>' if study else ""
         rows.append("<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in (
             _job_field(job, "id", "job_id"), _job_field(job, "state", "status"), _job_field(job, "delivery"),
             _job_field(job, "reason", "error"), _job_series(job),
@@ -556,13 +613,13 @@ def render_status_page(jobs: list[dict[str, Any]], error: str | None, forwards: 
              f"<td>{esc(str(f.get('job_state', '')))}</td>"
              f"<td><a href=\"/ohif/viewer?StudyInstanceUIDs={urllib.parse.quote(str(f.get('study_uid', '')))}\">"
              "open in OHIF</a></td>"
-             f"<td><form method=\"post\" action=\"/sci-node/series/{esc(str(f.get('series', '')))}/process\">"
-             "<button>reprocess</button></form></td></tr>" for f in reversed(forwards)]
+             f"<td><button data-sci-node-post=\"/sci-node/series/{esc(str(f.get('series', '')))}/process\">"
+             "reprocess</button></td></tr>" for f in reversed(forwards)]
     note = f'<p class="err">node status unavailable: {esc(error)}</p>' if error else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>sci-node status</title>
 <meta http-equiv="refresh" content="10"><style>
 body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}
-.err{{color:#a00}}</style></head><body>
+.err{{color:#a00}}</style>{page_script(csrf_token)}</head><body>
 <h1>sci-node</h1><p><a href="/app/explorer.html">Orthanc Explorer</a> · <a href="/ohif/">OHIF study list</a>
 · <a href="/sci-node/jobs">JSON</a></p>{note}
 <h2>Node jobs</h2><table><tr><th>job</th><th>state</th><th>delivery</th><th>reason</th><th>series UID</th><th>created (UTC)</th>
@@ -584,14 +641,20 @@ EXPLORER_JS = r"""
     });
   }
   addButton('#study', '#study-delete', 'sci-node-ohif-study', 'Open in OHIF (sci-node)', 'search', function (uuid) {
-    $.ajax({ url: '../studies/' + uuid, dataType: 'json', cache: false, success: function (s) {
-      window.open('../ohif/viewer?StudyInstanceUIDs=' + s.MainDicomTags.StudyInstanceUID);
+    // on the newest report of the study (jobs come newest first), as the status page's links
+    $.ajax({ url: '../sci-node/studies/' + uuid + '/jobs', dataType: 'json', cache: false, success: function (r) {
+      var sr = (r.jobs || []).map(function (j) { return (((j.result || {}).summary || {}).key_images || {}).sr_series_uid; })
+        .filter(Boolean)[0];
+      window.open('../ohif/viewer?StudyInstanceUIDs=' + r.uid + (sr ? '&initialSeriesInstanceUID=' + sr : ''));
     }});
   });
   addButton('#series', '#series-delete', 'sci-node-process-series', '(Re)process with sci-node', 'refresh', function (uuid) {
-    $.ajax({ url: '../sci-node/series/' + uuid + '/process', type: 'POST', dataType: 'json',
-      success: function (r) { alert('Queued for sci-node (Orthanc job ' + r.job + ')'); },
-      error: function (x) { alert('sci-node: ' + x.status + ' ' + x.responseText); } });
+    $.ajax({ url: '../sci-node/csrf', dataType: 'json', cache: false, success: function (t) {
+      $.ajax({ url: '../sci-node/series/' + uuid + '/process', type: 'POST', dataType: 'json',
+        contentType: 'application/json', data: '{}', headers: { 'X-SCI-Node-CSRF': t.token },
+        success: function (r) { alert('Queued for sci-node (Orthanc job ' + r.job + ')'); },
+        error: function (x) { alert('sci-node: ' + x.status + ' ' + x.responseText); } });
+    }});
   });
   $('#lookup').live('pagebeforecreate', function () {
     if ($('#sci-node-status-link').length) { return; }
@@ -614,6 +677,7 @@ def _install() -> None:
     orthanc.RegisterRestCallback("/sci-node/jobs", plugin.rest_jobs)
     orthanc.RegisterRestCallback("/sci-node/(studies|series)/([^/]+)/jobs", plugin.rest_jobs)
     orthanc.RegisterRestCallback("/sci-node/series/([^/]+)/process", plugin.rest_process)
+    orthanc.RegisterRestCallback("/sci-node/csrf", plugin.rest_csrf)
     orthanc.RegisterRestCallback("/sci-node/corrections", plugin.rest_corrections)
     orthanc.RegisterRestCallback("/ohif", plugin.serve_ohif)
     orthanc.RegisterRestCallback("/ohif/(.*)", plugin.serve_ohif)

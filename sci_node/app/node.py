@@ -7,7 +7,6 @@ to ``pending`` at the next start.
 """
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -23,6 +22,7 @@ from sci_node.dicom.export import Exporter
 from sci_node.app.retention import RetentionSweeper
 from sci_node.dicom.scp import start_scp
 from sci_node.engine.ledger import recover_jobs
+from sci_node.store.private_files import restrict_umask
 from sci_node.store import Store
 from sci_node.engine.local import ProviderFactory, Worker, default_provider
 
@@ -62,7 +62,7 @@ def run_node(cfg: NodeConfig, provider_factory: ProviderFactory = default_provid
         When the data dir cannot be opened or the port cannot be bound.
     """
     _log_config(cfg)
-    os.umask(0o077)  # everything the node writes (spool, index, WAL, results) is private to its user
+    restrict_umask()  # everything the node writes (spool, index, WAL, results) is private to its user
     stop = stop or threading.Event()
     store = _open_store(cfg)
     job_ready, result_ready = threading.Event(), threading.Event()
@@ -105,6 +105,10 @@ def run_node(cfg: NodeConfig, provider_factory: ProviderFactory = default_provid
 def _open_store(cfg: NodeConfig) -> Store:
     """The spool and job index, with the jobs a crash left running pending again and the spool reconciled."""
     store = Store(cfg.data_dir)
+    mode = cfg.data_dir.stat().st_mode & 0o777
+    if mode & 0o077:  # made by someone else before the node ran: what it holds is 0700 / 0600, but say so
+        log.warning("node.data_dir_not_private", data_dir=str(cfg.data_dir), mode=f"{mode:o}",
+                    detail="the data dir holds patient data: chmod 700 it")
     recovered = recover_jobs(store, celery=cfg.engine.kind == "celery")
     reindexed, removed_tmp = store.reconcile()
     if reindexed or removed_tmp:

@@ -2,7 +2,8 @@
 
 ``sci-node stack`` runs both as child processes until Ctrl-C/SIGTERM::
 
-    scanner --C-STORE--> Orthanc (DicomAet ORTHANC, --dicom-port)
+    scanner --C-STORE--> Orthanc (DicomAet ORTHANC, --dicom-port on [stack] dicom_bind; only the node
+                           |  and [stack] scanners, by AE title and address; DICOM TLS with [stack.tls])
                            | STABLE_SERIES of an MR series (plugin orthanc/plugin/sci_node_plugin.py)
                            v  asynchronous job POST /modalities/sci-node/store
                          sci-node serve (cfg.ae_title, 127.0.0.1:--node-port, allows ORTHANC only)
@@ -17,11 +18,15 @@ Layout in the data directory ``D`` (the node keeps its own spool and index in ``
     D/orthanc/credentials.json    generated HTTP credentials (mode 0600), only when none were given
     D/orthanc/storage/            Orthanc's storage and index
     D/orthanc/forwards.jsonl      the plugin's record of every forward to the node
+    D/orthanc/bind_address.so     the shim that binds Orthanc's DICOM port to [stack] dicom_bind
+    D/orthanc/dicom-tls-trusted.pem  with [stack.tls]: ca_file + Orthanc's certificate (mode 0600)
     D/logs/orthanc.log, node.log  the children's logs
 
-Orthanc 1.10 cannot bind its DICOM port to one address (it listens on every interface; its HTTP
-server only *answers* loopback clients unless ``RemoteAccessAllowed``): on a shared host, run the
-stack in a network namespace or firewall the DICOM port.
+Orthanc 1.10 cannot bind its DICOM port to one address: the stack preloads a shim that does
+(:mod:`sci_node.app.stack_dicom`; loopback unless ``[stack] dicom_bind`` says otherwise) and checks the
+listening socket. Orthanc's HTTP server only *answers* loopback clients unless ``RemoteAccessAllowed``.
+The stack supervises both children (:mod:`sci_node.app.stack_supervisor`): one that dies is restarted
+with back-off.
 
 :func:`run_demo` starts the same stack, sends the committed sample series with dcmtk's
 ``storescu``, waits for the SEG in that study and prints the OHIF URL.
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import math
 import os
@@ -46,9 +52,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
-from sci_node.config import REPO_ROOT, NodeConfig
+from sci_node.config import REPO_ROOT, NodeConfig, Scanner
 from sci_node.errors import ConfigError, StackError
 from sci_node.logs import get_logger
+from sci_node.store.private_files import make_private_dirs, restrict_umask
+from sci_node.app.stack_dicom import (check_dicom_listener, dicom_modalities, node_tls_args, orthanc_env, tls_values,
+                                  trust_bundle_path, write_trust_bundle)
+from sci_node.app.stack_supervisor import RestartPolicy, Supervisor
 
 log = get_logger(__name__)
 
@@ -63,6 +73,8 @@ ORTHANC_AET = "ORTHANC"
 NODE_MODALITY = "sci-node"
 DEFAULT_USER = "scinode"
 NODE_STABLE_SECONDS = 2.0  # Orthanc already waited StableAge; the node only waits out the forward
+#: the calling AE title ``sci-node demo`` sends the sample series as (allowed from 127.0.0.1 by the demo)
+DEMO_AET = "SCIDEMO"
 
 
 @dataclass(frozen=True)
@@ -116,7 +128,7 @@ def resolve_credentials(state_dir: Path, user: str | None, password: str | None)
             raise ConfigError(f"Orthanc user {user!r} must not contain ':'")
         return OrthancCredentials(user, password)
     path = state_dir / "credentials.json"
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dirs(state_dir)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -174,7 +186,13 @@ def render_orthanc_config(template: str, values: dict[str, Any]) -> dict[str, An
 def orthanc_config_values(cfg: NodeConfig, ports: StackPorts, creds: OrthancCredentials) -> dict[str, Any]:
     """The placeholder values of ``orthanc/orthanc.json.in`` for this stack."""
     state = cfg.data_dir / "orthanc"
+    st = cfg.stack
     return {
+        **tls_values(cfg, state),
+        "DICOM_MODALITIES": dicom_modalities(cfg, NODE_MODALITY, ports.node),
+        "FORWARD_RETRIES": st.forward_retries,
+        "FORWARD_RETRY_SECONDS": st.forward_retry_seconds,
+        "FORWARD_RETRY_MAX_SECONDS": st.forward_retry_max_seconds,
         "STORAGE_DIR": str(state / "storage"),
         "DICOMWEB_PLUGIN": str(find_orthanc_plugin("libOrthancDicomWeb.so")),
         "PYTHON_PLUGIN": str(find_orthanc_plugin("libOrthancPython.so")),
@@ -184,7 +202,6 @@ def orthanc_config_values(cfg: NodeConfig, ports: StackPorts, creds: OrthancCred
         "DICOM_PORT": ports.dicom,
         "NODE_MODALITY": NODE_MODALITY,
         "NODE_AET": cfg.ae_title,
-        "NODE_PORT": ports.node,
         "STABLE_AGE": max(1, math.ceil(cfg.stable_seconds)),
         "PLUGIN_SCRIPT": str(PLUGIN_SCRIPT),
         "NODE_DATA_DIR": str(cfg.data_dir),
@@ -200,6 +217,7 @@ def write_orthanc_config(cfg: NodeConfig, ports: StackPorts, creds: OrthancCrede
     state = cfg.data_dir / "orthanc"
     state.mkdir(mode=0o700, parents=True, exist_ok=True)
     (state / "storage").mkdir(mode=0o700, exist_ok=True)
+    write_trust_bundle(cfg, state)
     config = render_orthanc_config(CONFIG_TEMPLATE.read_text(encoding="utf-8"),
                                    orthanc_config_values(cfg, ports, creds))
     path = state / "orthanc.json"
@@ -234,12 +252,13 @@ class StackSpec:
 
 
 class Stack:
-    """Orthanc and ``sci-node serve`` as child processes; a context manager that stops both."""
+    """Orthanc and ``sci-node serve`` as supervised child processes; a context manager that stops both."""
 
     def __init__(self, spec: StackSpec) -> None:
         self.spec = spec
         self.log_dir = spec.cfg.data_dir / "logs"
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.children = Supervisor(self.log_dir, RestartPolicy.from_config(spec.cfg.stack), REPO_ROOT,
+                                   preexec=die_with_parent)
 
     @property
     def url(self) -> str:
@@ -259,21 +278,14 @@ class Stack:
         argv = [sys.executable, "-m", "sci_node.cli", "serve",
                 "--data-dir", str(cfg.data_dir), "--models-dir", str(cfg.models_dir),
                 "--ae-title", cfg.ae_title, "--port", str(ports.node), "--bind", "127.0.0.1",
-                "--destination", f"{ORTHANC_AET}@127.0.0.1:{ports.dicom}", "--allow-ae", ORTHANC_AET,
+                "--destination", f"{ORTHANC_AET}@127.0.0.1:{ports.dicom}", "--allow-ae", f"{ORTHANC_AET}@127.0.0.1",
                 "--stable-seconds", str(min(cfg.stable_seconds, NODE_STABLE_SECONDS)),
                 "--workers", str(cfg.workers), "--device", cfg.device,
-                "--log-format", "json", "--log-level", cfg.log_level]
+                "--log-format", "json", "--log-level", cfg.log_level,
+                *node_tls_args(cfg, cfg.data_dir / "orthanc")]
         if self.spec.config_file is not None:
             argv += ["--config", str(self.spec.config_file)]
         return argv
-
-    def _spawn(self, name: str, argv: Sequence[str], env: dict[str, str]) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / f"{name}.log", "ab") as logf:
-            self.procs[name] = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                cwd=str(REPO_ROOT), start_new_session=True, preexec_fn=die_with_parent)
-        log.info("stack_child_started", child=name, pid=self.procs[name].pid)
 
     def start(self) -> None:
         """Write Orthanc's config and start Orthanc, then the node."""
@@ -283,26 +295,23 @@ class Stack:
             raise StackError("Orthanc is not installed (no 'Orthanc' executable): run bash scripts/install.sh")
         conf = write_orthanc_config(self.spec.cfg, self.spec.ports, self.spec.creds)
         # dcmtk inside Orthanc waits ~40-90 ms per instance on Nagle/delayed ACK without this.
-        env = dict(os.environ, TCP_NODELAY="1")
-        self._spawn("orthanc", [exe, str(conf)], env)
+        env = orthanc_env(self.spec.cfg, self.spec.ports.dicom, conf.parent, dict(os.environ, TCP_NODELAY="1"))
+        self.children.start("orthanc", [exe, str(conf)], env)
         node_env = dict(os.environ, PYTHONUNBUFFERED="1")
         node_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), node_env.get("PYTHONPATH")]))
-        self._spawn("node", self.node_argv(), node_env)
+        self.children.start("node", self.node_argv(), node_env)
 
     def check_alive(self) -> None:
-        """Raise :class:`StackError` (with the log tail) when a child has exited."""
-        for name, proc in self.procs.items():
-            code = proc.poll()
-            if code is not None:
-                raise StackError(f"{name} exited with code {code}; last log lines:\n{self.log_tail(name)}")
+        """Raise :class:`StackError` (with the log tail) when a child has exited (while starting)."""
+        self.children.poll(restart=False)
+
+    def supervise(self) -> None:
+        """Restart a child that has exited, with back-off; raise :class:`StackError` when giving up."""
+        self.children.poll(restart=True)
 
     def log_tail(self, name: str, lines: int = 15) -> str:
         """The last lines of a child's log file."""
-        try:
-            text = (self.log_dir / f"{name}.log").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return self.children.log_tail(name, lines)
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         """Wait until Orthanc answers ``/system`` and C-ECHOes the node through its modality entry."""
@@ -329,26 +338,13 @@ class Stack:
                     raise StackError(f"{what} not ready after {timeout:.0f} s ({status or detail}); last log "
                                      f"lines:\n{self.log_tail(what)}")
                 time.sleep(0.3)
+            if what == "orthanc":
+                check_dicom_listener(self.spec.cfg, self.spec.ports.dicom)
             log.info("stack_child_ready", child=what)
 
     def stop(self, timeout: float = 30.0) -> dict[str, int | None]:
         """SIGTERM the node, then Orthanc; SIGKILL what has not exited after ``timeout``."""
-        codes: dict[str, int | None] = {}
-        for name in ("node", "orthanc"):
-            proc = self.procs.get(name)
-            if proc is None:
-                continue
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    log.warning("stack_child_killed", child=name, after_s=timeout)
-                    proc.kill()
-                    proc.wait()
-            codes[name] = proc.returncode
-        self.procs.clear()
-        return codes
+        return self.children.stop(("node", "orthanc"), timeout)
 
     def __enter__(self) -> "Stack":
         self.start()
@@ -365,22 +361,47 @@ def _say(out: TextIO, text: str) -> None:
     out.flush()
 
 
-def ohif_study_url(base_url: str, study_uid: str, seg_series_uid: str | None = None) -> str:
+def ohif_study_url(base_url: str, study_uid: str, initial_series_uid: str | None = None) -> str:
     """URL that opens one study in the OHIF viewer served by Orthanc.
 
-    With ``seg_series_uid`` the SEG is the initial series: OHIF shows it overlaid on the MR it
-    references (``disableConfirmationPrompts`` in our app-config skips the "open it?" prompt).
+    ``initial_series_uid`` is the series OHIF shows first. The node's SR: OHIF's SR view, on the
+    largest lesion or, without lesions, on the slice with the most cord (the report lists that
+    finding first, :mod:`sci_node.pipeline.key_slices`), each finding outlined with its numbers. The SEG:
+    overlaid on the MR it references (``disableConfirmationPrompts`` in our app-config skips the
+    "open it?" prompt), on the first slice with any segmentation (OHIF 3.13 picks that slice).
     """
     url = f"{base_url}/ohif/viewer?StudyInstanceUIDs={study_uid}"
-    return url + (f"&initialSeriesInstanceUID={seg_series_uid}" if seg_series_uid else "")
+    return url + (f"&initialSeriesInstanceUID={initial_series_uid}" if initial_series_uid else "")
+
+
+def _say_viewer_links(out: TextIO, stack: Stack, client: Any, study_uid: str, seg_uid: str) -> None:
+    """Print the OHIF links of the demo study: its report (SR) view, and the SEG over the MR."""
+    try:
+        srs = wait_for_modality(client, study_uid, "SR", 120.0, alive=stack.supervise)
+        sr_uid = client.get_series_id(srs[-1])["MainDicomTags"]["SeriesInstanceUID"]
+    except StackError:  # no report came: the SEG view is all there is
+        sr_uid = None
+    login = f"log in as {stack.spec.creds.user!r}"
+    if sr_uid:
+        _say(out, f"OHIF ({login}), the report on the largest lesion or the slice with the most cord: "
+                  f"{ohif_study_url(stack.url, study_uid, sr_uid)}")
+    _say(out, f"OHIF ({login}), the segmentation over the MR: {ohif_study_url(stack.url, study_uid, seg_uid)}")
+
+
+def _dicom_line(cfg: NodeConfig, port: int) -> str:
+    st = cfg.stack
+    where = "every interface" if st.dicom_bind == "0.0.0.0" else st.dicom_bind
+    scanners = ", ".join(map(str, st.scanners)) or "none yet: add one with --scanner AET@IP or [stack] scanners"
+    return (f"DICOM {ORTHANC_AET} port {port} on {where}{', DICOM TLS' if st.tls.enabled else ''}; accepts the node "
+            f"and scanners: {scanners}")
 
 
 def _announce(stack: Stack, out: TextIO) -> None:
     spec, url = stack.spec, stack.url
     creds = spec.creds
     _say(out, "sci-node stack is up")
-    _say(out, f"  Orthanc (PACS):   {url}/app/explorer.html   DICOM {ORTHANC_AET} port {spec.ports.dicom} "
-              "(Orthanc 1.10 listens on all interfaces)")
+    _say(out, f"  Orthanc (PACS):   {url}/app/explorer.html")
+    _say(out, f"  Orthanc DICOM:    {_dicom_line(spec.cfg, spec.ports.dicom)}")
     ohif = f"{url}/ohif/" if (OHIF_DIST / "index.html").is_file() else \
         "not installed (run scripts/install_ohif.sh)"
     _say(out, f"  OHIF viewer:      {ohif}")
@@ -394,7 +415,14 @@ def _announce(stack: Stack, out: TextIO) -> None:
     else:
         _say(out, f"  login:            user {creds.user!r} (password as given)")
     _say(out, f"  logs:             {stack.log_dir}")
-    _say(out, f"  send MR series:   storescu -aet SCANNER -aec {ORTHANC_AET} 127.0.0.1 {spec.ports.dicom} FILES...")
+    first = spec.cfg.stack.scanners[0] if spec.cfg.stack.scanners else Scanner("AET", "IP")
+    _say(out, f"  send MR series:   storescu -aet {first.ae_title} -aec {ORTHANC_AET} {_send_host(spec.cfg)} "
+              f"{spec.ports.dicom} FILES...   (from {first.host})")
+
+
+def _send_host(cfg: NodeConfig) -> str:
+    """The address a local sender reaches Orthanc's DICOM port at."""
+    return "127.0.0.1" if cfg.stack.dicom_bind == "0.0.0.0" else cfg.stack.dicom_bind
 
 
 def _run_until_signal(stack: Stack, out: TextIO) -> int:
@@ -405,7 +433,7 @@ def _run_until_signal(stack: Stack, out: TextIO) -> int:
     try:
         _say(out, "Ctrl-C stops both.")
         while not stop.wait(1.0):
-            stack.check_alive()
+            stack.supervise()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -417,8 +445,11 @@ def _run_until_signal(stack: Stack, out: TextIO) -> int:
 def _spec(cfg: NodeConfig, ports: StackPorts, user: str | None, password: str | None,
           config_file: Path | None) -> StackSpec:
     ports.validate()
+    restrict_umask()  # Orthanc and the node inherit it: their storage, indexes and logs are created private
+    make_private_dirs(cfg.data_dir / "logs")
     creds = resolve_credentials(cfg.data_dir / "orthanc", user, password)
-    return StackSpec(cfg=cfg, ports=ports, creds=creds, config_file=config_file)
+    # the node runs in the install's folder: a relative path would point elsewhere there
+    return StackSpec(cfg=cfg, ports=ports, creds=creds, config_file=config_file.resolve() if config_file else None)
 
 
 def run_stack(cfg: NodeConfig, http_port: int = 8042, dicom_port: int = 4242, node_port: int = 11112, *,
@@ -477,12 +508,13 @@ def sample_series_files(sample_dir: Path = SAMPLE_DIR) -> list[Path]:
 
 
 def storescu(files: Sequence[Path], port: int, calling_ae: str = "SCANNER", called_ae: str = ORTHANC_AET,
-             host: str = "127.0.0.1") -> None:
-    """Send files with dcmtk's ``storescu`` (what a scanner would do)."""
+             host: str = "127.0.0.1", tls: tuple[Path, Path, Path] | None = None) -> None:
+    """Send files with dcmtk's ``storescu`` (what a scanner would do); ``tls``: key, certificate, trusted."""
     exe = shutil.which("storescu")
     if exe is None:
         raise StackError("dcmtk's storescu is not installed: run bash scripts/install.sh")
-    proc = subprocess.run([exe, "-aet", calling_ae, "-aec", called_ae, host, str(port), *map(str, files)],
+    tls_args = ["+tls", str(tls[0]), str(tls[1]), "+cf", str(tls[2])] if tls else []
+    proc = subprocess.run([exe, *tls_args, "-aet", calling_ae, "-aec", called_ae, host, str(port), *map(str, files)],
                           capture_output=True, text=True, env=dict(os.environ, TCP_NODELAY="1"))
     if proc.returncode != 0:
         raise StackError(f"storescu to {called_ae}@{host}:{port} failed ({proc.returncode}): "
@@ -516,6 +548,14 @@ def _study_uid(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
 
 
+def with_demo_sender(cfg: NodeConfig) -> NodeConfig:
+    """``cfg`` whose ``[stack] scanners`` also allow the demo's sender, ``DEMO_AET`` from the local address."""
+    demo = Scanner(DEMO_AET, _send_host(cfg))
+    if demo in cfg.stack.scanners:
+        return cfg
+    return dataclasses.replace(cfg, stack=dataclasses.replace(cfg.stack, scanners=(*cfg.stack.scanners, demo)))
+
+
 def run_demo(cfg: NodeConfig, http_port: int = 8042, dicom_port: int = 4242, node_port: int = 11112,
              keep_running: bool = True, *, orthanc_user: str | None = None, orthanc_password: str | None = None,
              config_file: Path | None = None, sample_dir: Path = SAMPLE_DIR, seg_timeout: float = 900.0,
@@ -532,16 +572,21 @@ def run_demo(cfg: NodeConfig, http_port: int = 8042, dicom_port: int = 4242, nod
     """
     files = sample_series_files(sample_dir)
     study_uid = _study_uid(files[0])
+    cfg = with_demo_sender(cfg)
     spec = _spec(cfg, StackPorts(http_port, dicom_port, node_port), orthanc_user, orthanc_password, config_file)
     with _running(spec, out) as stack:
         t0 = time.monotonic()
-        storescu(files, dicom_port)
-        _say(out, f"sent {len(files)} sample instances (study {study_uid}); waiting for the segmentation...")
+        tls = cfg.stack.tls
+        storescu(files, dicom_port, calling_ae=DEMO_AET, host=_send_host(cfg),
+                 tls=(Path(str(tls.key_file)), Path(str(tls.cert_file)), trust_bundle_path(cfg.data_dir / "orthanc"))
+                 if tls.enabled else None)
+        _say(out, f"sent {len(files)} sample instances as {DEMO_AET} (study {study_uid}); waiting for the "
+                  "segmentation...")
         client = stack.client()
-        segs = wait_for_modality(client, study_uid, "SEG", seg_timeout, alive=stack.check_alive)
+        segs = wait_for_modality(client, study_uid, "SEG", seg_timeout, alive=stack.supervise)
         seg_uid = client.get_series_id(segs[-1])["MainDicomTags"]["SeriesInstanceUID"]
         _say(out, f"DICOM-SEG in Orthanc {time.monotonic() - t0:.1f} s after the send")
-        _say(out, f"OHIF (log in as {spec.creds.user!r}): {ohif_study_url(stack.url, study_uid, seg_uid)}")
+        _say_viewer_links(out, stack, client, study_uid, seg_uid)
         if keep_running:
             return _run_until_signal(stack, out)
         return 0

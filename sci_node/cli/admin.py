@@ -1,7 +1,8 @@
 """CLI presenters over the node's index: ``status`` and ``jobs list|show|retry``.
 
-They read the SQLite index (safe while the node runs: WAL) and print to stdout;
-``--json`` prints one machine-readable JSON document instead of the table.
+They read the SQLite index (safe while the node runs: WAL) and print to stdout through
+:mod:`sci_node.terminal` (UIDs, reasons, worker names and destinations may carry a sender's control
+characters: they are escaped); ``--json`` prints one machine-readable JSON document instead of the table.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sci_node.config import NodeConfig
 from sci_node.engine.ledger import Ledger
 from sci_node.errors import StorageError
 from sci_node.store import Job, OutboxEntry, Store
+from sci_node.terminal import echo, echo_json
 
 
 def _open(cfg: NodeConfig) -> Store:
@@ -64,33 +66,32 @@ def print_status(cfg: NodeConfig, as_json: bool = False) -> int:
 
     corrections = corrections_summary(cfg)
     if as_json:
-        print(json.dumps({"data_dir": str(cfg.data_dir), "counts": counts, "models": models, "engine": engine,
-                          "corrections": corrections,
-                          "last_jobs": [_job_dict(j) for j in last]}, indent=2, default=str))
+        echo_json({"data_dir": str(cfg.data_dir), "counts": counts, "models": models, "engine": engine,
+                   "corrections": corrections, "last_jobs": [_job_dict(j) for j in last]})
         return 0
     jobs = counts["jobs"]
-    print(f"data dir      {cfg.data_dir}")
-    print(f"queue         {jobs.get('pending', 0)} pending, {jobs.get('running', 0)} running")
-    print("jobs          " + (", ".join(f"{k} {v}" for k, v in sorted(jobs.items())) or "none"))
-    print("series        " + (", ".join(f"{k} {v}" for k, v in sorted(counts["series"].items())) or "none")
+    echo(f"data dir      {cfg.data_dir}")
+    echo(f"queue         {jobs.get('pending', 0)} pending, {jobs.get('running', 0)} running")
+    echo("jobs          " + (", ".join(f"{k} {v}" for k, v in sorted(jobs.items())) or "none"))
+    echo("series        " + (", ".join(f"{k} {v}" for k, v in sorted(counts["series"].items())) or "none")
           + f"; {counts['instances']['total']} instances spooled")
-    print("outbox        " + (", ".join(f"{k} {v}" for k, v in sorted(counts["outbox"].items())) or "empty"))
-    print("models        " + (", ".join(f"{k}={v}" for k, v in models.items()) or "none active"))
-    print("corrections   " + summary_line(corrections))
+    echo("outbox        " + (", ".join(f"{k} {v}" for k, v in sorted(counts["outbox"].items())) or "empty"))
+    echo("models        " + (", ".join(f"{k}={v}" for k, v in models.items()) or "none active"))
+    echo("corrections   " + summary_line(corrections))
     for line in format_engine(engine):
-        print(line)
+        echo(line)
     if last:
-        print("last jobs")
+        echo("last jobs")
         _print_table(last)
     return 0
 
 
 def _print_table(jobs: list[Job]) -> None:
-    print(f"  {'id':>5}  {'state':<11} {'delivery':<10} {'created':<19}  {'secs':>7}  series / reason")
+    echo(f"  {'id':>5}  {'state':<11} {'delivery':<10} {'created':<19}  {'secs':>7}  series / reason")
     for j in jobs:
         d = _job_dict(j)
         secs = f"{d['seconds']:.1f}" if d["seconds"] is not None else "-"
-        print(f"  {j.id:>5}  {j.state:<11} {j.delivery:<10} {_ts(j.created_at):<19}  {secs:>7}  "
+        echo(f"  {j.id:>5}  {j.state:<11} {j.delivery:<10} {_ts(j.created_at):<19}  {secs:>7}  "
               f"{j.series_uid}" + (f"  ({j.reason})" if j.reason else ""))
 
 
@@ -102,11 +103,11 @@ def list_jobs(cfg: NodeConfig, limit: int = 20, state: str | None = None, as_jso
     finally:
         store.close()
     if as_json:
-        print(json.dumps([_job_dict(j) for j in jobs], indent=2, default=str))
+        echo_json([_job_dict(j) for j in jobs])
     elif jobs:
         _print_table(jobs)
     else:
-        print("no jobs" + (f" in state {state!r}" if state else ""))
+        echo("no jobs" + (f" in state {state!r}" if state else ""))
     return 0
 
 
@@ -126,29 +127,29 @@ def show_job(cfg: NodeConfig, job_id: int, as_json: bool = False) -> int:
                             "worker": (job.result or {}).get("worker"),
                             "dispatches": [asdict(d) for d in dispatches]}
     if as_json:
-        print(json.dumps(doc, indent=2, default=str))
+        echo_json(doc)
         return 0
     result = job.result or {}
-    print(f"job {job.id}: {job.state}" + (f" ({job.reason})" if job.reason else ""))
-    print(f"  study        {job.study_uid}\n  series       {job.series_uid} (generation {job.generation}, "
-          f"{job.n_instances} instances)")
-    print(f"  created      {_ts(job.created_at)}; started {_ts(job.started_at)}; finished {_ts(job.finished_at)}; "
+    echo(f"job {job.id}: {job.state}" + (f" ({job.reason})" if job.reason else ""))
+    echo(f"  study        {job.study_uid}")
+    echo(f"  series       {job.series_uid} (generation {job.generation}, {job.n_instances} instances)")
+    echo(f"  created      {_ts(job.created_at)}; started {_ts(job.started_at)}; finished {_ts(job.finished_at)}; "
           f"attempts {job.attempts}")
     if job.superseded_by:
-        print(f"  superseded   by job {job.superseded_by}")
+        echo(f"  superseded   by job {job.superseded_by}")
     if result.get("worker"):
-        print(f"  worker       {result['worker']}")
+        echo(f"  worker       {result['worker']}")
     for d in dispatches:
-        print(f"  dispatch     {d.token[:12]} {d.state:<10} queue {d.queue}, worker {d.worker or '-'}"
+        echo(f"  dispatch     {d.token[:12]} {d.state:<10} queue {d.queue}, worker {d.worker or '-'}"
               + (f"  ({d.note})" if d.note else ""))
     for key in ("routing", "model_versions", "timings", "summary", "outputs"):
         if result.get(key):
-            print(f"  {key:<12} {json.dumps(result[key], default=str)}")
+            echo(f"  {key:<12} {json.dumps(result[key], default=str)}")
     if job.geometry:
-        print(f"  geometry     {json.dumps(job.geometry)}")
-    print(f"  delivery     {job.delivery}" + (f" (next attempt {_ts(min(pending))})" if pending else ""))
+        echo(f"  geometry     {json.dumps(job.geometry)}")
+    echo(f"  delivery     {job.delivery}" + (f" (next attempt {_ts(min(pending))})" if pending else ""))
     for e in outbox:
-        print(f"    -> {e.destination:<28} {e.state:<9} attempts {e.attempts}"
+        echo(f"    -> {e.destination:<28} {e.state:<9} attempts {e.attempts}"
               + (f"  sent {_ts(e.sent_at)}" if e.sent_at else "") + _next_attempt(e)
               + (f"  ({e.last_error})" if e.last_error else ""))
     return 0
@@ -175,5 +176,5 @@ def retry_job(cfg: NodeConfig, job_id: int) -> int:
         how = store.retry_job(job_id)
     finally:
         store.close()
-    print(f"job {job_id}: " + ("results queued for sending again" if how == "resend" else "queued to run again"))
+    echo(f"job {job_id}: " + ("results queued for sending again" if how == "resend" else "queued to run again"))
     return 0

@@ -1,9 +1,12 @@
 """``sci-node corrections list|show|export|ingest|purge``: the presenters (the export itself is
-:mod:`sci_node.corrections.export`)."""
+:mod:`sci_node.corrections.export`).
+
+What they print goes through :mod:`sci_node.terminal`: a correction's creator, reason and UIDs come from
+a SEG someone stored, so their control characters are escaped.
+"""
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,6 +14,7 @@ from typing import Any, Sequence
 from sci_node.config import NodeConfig
 from sci_node.corrections.export import export_corrections
 from sci_node.corrections.index import all_corrections, open_index, purge_expired, summary
+from sci_node.terminal import echo, echo_json, printable
 
 
 def _ts(t: float | None) -> str:
@@ -21,22 +25,21 @@ def list_corrections(cfg: NodeConfig, as_json: bool = False, limit: int | None =
     """Every correction (recorded, refused, expired), newest first, and the summary."""
     rows = all_corrections(cfg)[:limit] if limit else all_corrections(cfg)
     if as_json:
-        sys.stdout.write(json.dumps({"corrections": [c.to_dict() for c in rows], "summary": summary(cfg)},
-                                    indent=2, default=str) + "\n")
+        echo_json({"corrections": [c.to_dict() for c in rows], "summary": summary(cfg)})
         return 0
-    sys.stdout.write(f"corrections   {summary_line(summary(cfg))}\n")
+    echo(f"corrections   {summary_line(summary(cfg))}")
     if not rows:
-        sys.stdout.write("no corrections\n")
+        echo("no corrections")
         return 0
-    sys.stdout.write(f"  {'id':>4}  {'state':<9} {'received':<19}  {'cord Dice':>9} {'+les':>4} {'-les':>4}  "
-                     f"{'creator':<20} source series / reason\n")
+    echo(f"  {'id':>4}  {'state':<9} {'received':<19}  {'cord Dice':>9} {'+les':>4} {'-les':>4}  "
+         f"{'creator':<20} source series / reason")
     for c in rows:
         m = c.measures
         dice = f"{m['cord_dice']:.3f}" if "cord_dice" in m else "-"
-        sys.stdout.write(f"  {c.id:>4}  {c.state:<9} {_ts(c.received_at):<19}  {dice:>9} "
-                         f"{m.get('lesions_added', '-'):>4} {m.get('lesions_removed', '-'):>4}  "
-                         f"{(c.creator or '-')[:20]:<20} {c.source_series_uid or '-'}"
-                         + (f"  ({c.reason})" if c.reason else "") + "\n")
+        creator = printable(c.creator or "-")[:20]  # escaped before it is cut: no half escape sequence
+        echo(f"  {c.id:>4}  {c.state:<9} {_ts(c.received_at):<19}  {dice:>9} "
+             f"{m.get('lesions_added', '-'):>4} {m.get('lesions_removed', '-'):>4}  "
+             f"{creator:<20} {c.source_series_uid or '-'}" + (f"  ({c.reason})" if c.reason else ""))
     return 0
 
 
@@ -49,18 +52,18 @@ def show_correction(cfg: NodeConfig, correction_id: int, as_json: bool = False) 
         index.close()
     files = sorted(str(p.relative_to(c.path)) for p in Path(c.path).rglob("*") if p.is_file()) if c.path else []
     if as_json:
-        sys.stdout.write(json.dumps(c.to_dict() | {"files": files}, indent=2, default=str) + "\n")
+        echo_json(c.to_dict() | {"files": files})
         return 0
-    sys.stdout.write(f"correction {c.id}: {c.state}" + (f" ({c.reason})" if c.reason else "") + "\n")
+    echo(f"correction {c.id}: {c.state}" + (f" ({c.reason})" if c.reason else ""))
     for key in ("origin", "creator", "created", "study_uid", "source_series_uid", "seg_series_uid", "seg_sop_uid",
                 "job_id", "path"):
-        sys.stdout.write(f"  {key:<18} {getattr(c, key) or '-'}\n")
-    sys.stdout.write(f"  {'received':<18} {_ts(c.received_at)}\n")
+        echo(f"  {key:<18} {getattr(c, key) or '-'}")
+    echo(f"  {'received':<18} {_ts(c.received_at)}")
     for key in ("model_versions", "measures", "notes"):
         if getattr(c, key):
-            sys.stdout.write(f"  {key:<18} {json.dumps(getattr(c, key), default=str)}\n")
+            echo(f"  {key:<18} {json.dumps(getattr(c, key), default=str)}")
     if files:
-        sys.stdout.write(f"  {'files':<18} {len(files)} ({', '.join(f for f in files if '/' not in f)})\n")
+        echo(f"  {'files':<18} {len(files)} ({', '.join(f for f in files if '/' not in f)})")
     return 0
 
 
@@ -70,11 +73,11 @@ def ingest_files(cfg: NodeConfig, paths: Sequence[Path], origin: str = "cli", as
 
     outcomes = [ingest_correction(cfg, Path(p), origin) for p in paths]
     if as_json:
-        sys.stdout.write(json.dumps([o.to_dict() for o in outcomes], default=str) + "\n")
+        echo_json([o.to_dict() for o in outcomes], indent=None)
     else:
         for p, o in zip(paths, outcomes):
             cid = f" as correction {o.correction.id}" if o.correction else ""
-            sys.stdout.write(f"{p}: {o.state}{cid}" + (f" ({o.reason})" if o.reason else "") + "\n")
+            echo(f"{p}: {o.state}{cid}" + (f" ({o.reason})" if o.reason else ""))
     return 1 if any(o.state == "refused" for o in outcomes) else 0
 
 
@@ -85,7 +88,7 @@ def purge(cfg: NodeConfig) -> int:
         n = purge_expired(cfg, index)
     finally:
         index.close()
-    sys.stdout.write(f"{n} correction(s) past retention purged\n")
+    echo(f"{n} correction(s) past retention purged")
     return 0
 
 
@@ -102,6 +105,6 @@ def summary_line(s: dict[str, Any]) -> str:
 def export_cli(cfg: NodeConfig, out: Path, deidentify: bool = True) -> int:
     """``export DIR [--no-deidentify]``."""
     images = export_corrections(cfg, out, deidentify)
-    sys.stdout.write(f"exported {len(images)} correction(s) to {out}"
-                     f" ({'de-identified' if deidentify else 'WITH patient identity'})\n")
+    how = "de-identified" if deidentify else "WITH patient identity"
+    echo(f"exported {len(images)} correction(s) to {out} ({how})")
     return 0

@@ -17,11 +17,15 @@ from sci_node import __version__
 from sci_node.config import NodeConfig, load_config
 from sci_node.errors import SciNodeError
 from sci_node.logs import configure_logging
+from sci_node.store.private_files import restrict_umask
+from sci_node.terminal import echo
 
 Handler = Callable[[argparse.Namespace, NodeConfig], int]
 #: Entry-point group through which installed packages add ``sci-node`` subcommands (setup.cfg: the
 #: trainer registers ``train``), so the dependency runs one way: the trainer imports the node.
 COMMANDS_GROUP = "sci_node.commands"
+#: commands that write (or create) the data dir: run with umask 077, so all they create is 0700 / 0600
+PRIVATE_COMMANDS = frozenset({"serve", "worker", "status", "jobs", "corrections", "stack", "demo"})
 
 
 def _add_config_flags(p: argparse.ArgumentParser, node_flags: bool = False) -> None:
@@ -43,7 +47,16 @@ def _add_config_flags(p: argparse.ArgumentParser, node_flags: bool = False) -> N
         p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="inference device")
         p.add_argument("--torch-threads", dest="torch_threads", type=int,
                        help="torch threads for inference (default 0 = CPUs minus one, shared by the workers)")
+        _add_tls_flags(p)
         _add_engine_flags(p)
+
+
+def _add_tls_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", type=Path, metavar="FILE", help="DICOM TLS on: our certificate ([tls] cert_file)")
+    p.add_argument("--tls-key", type=Path, metavar="FILE", help="our private key ([tls] key_file)")
+    p.add_argument("--tls-ca", type=Path, metavar="FILE", help="certificates that verify peers ([tls] ca_file)")
+    p.add_argument("--tls-require-client-cert", action="store_true", default=None,
+                   help="verify client certificates against --tls-ca ([tls] require_client_cert)")
 
 
 def _add_engine_flags(p: argparse.ArgumentParser, worker: bool = False) -> None:
@@ -59,6 +72,17 @@ def _engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"kind": getattr(args, "engine", None), "broker_url": getattr(args, "broker", None),
             "store_url": getattr(args, "store", None), "queue": getattr(args, "queue", None),
             "concurrency": getattr(args, "concurrency", None)}
+
+
+def _tls_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    cert = getattr(args, "tls_cert", None)
+    return {"enabled": True if cert else None, "cert_file": cert, "key_file": getattr(args, "tls_key", None),
+            "ca_file": getattr(args, "tls_ca", None),
+            "require_client_cert": getattr(args, "tls_require_client_cert", None)}
+
+
+def _stack_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"scanners": getattr(args, "scanner", None), "dicom_bind": getattr(args, "dicom_bind", None)}
 
 
 def _config_from_args(args: argparse.Namespace) -> NodeConfig:
@@ -77,6 +101,8 @@ def _config_from_args(args: argparse.Namespace) -> NodeConfig:
         "device": getattr(args, "device", None),
         "torch_threads": getattr(args, "torch_threads", None),
         "engine": _engine_overrides(args),
+        "tls": _tls_overrides(args),
+        "stack": _stack_overrides(args),
     }
     return load_config(getattr(args, "config", None), overrides)
 
@@ -356,6 +382,12 @@ def _add_stack_commands(sub: Any) -> None:
         p.add_argument("--node-port", type=int, default=11112, help="sci-node DICOM port (default 11112)")
         p.add_argument("--stable-seconds", type=float,
                        help="seconds without a new instance before Orthanc forwards a series (Orthanc StableAge)")
+        p.add_argument("--scanner", action="append", metavar="AET@IP",
+                       help="a modality Orthanc accepts C-STORE from (calling AE title and source IPv4 address); "
+                            "repeat for several; replaces [stack] scanners")
+        p.add_argument("--dicom-bind", metavar="IP",
+                       help="address of Orthanc's DICOM port ([stack] dicom_bind; default 127.0.0.1, 0.0.0.0 = every "
+                            "interface)")
         if name == "demo":
             p.add_argument("--exit-after", action="store_true", help="stop the stack once the SEG has arrived")
         p.set_defaults(handler=handler)
@@ -364,12 +396,14 @@ def _add_stack_commands(sub: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""
     args = build_parser().parse_args(argv)
+    if args.command in PRIVATE_COMMANDS:
+        restrict_umask()  # before anything touches the data dir (and for the children the stack starts)
     try:
         cfg = _config_from_args(args)
         configure_logging(cfg.log_format, cfg.log_level)
         return int(args.handler(args, cfg))
     except SciNodeError as exc:
-        print(f"sci-node: error: {exc}", file=sys.stderr)
+        echo(f"sci-node: error: {exc}", sys.stderr)  # a reason may quote a sender's text: escaped
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

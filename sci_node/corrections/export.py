@@ -30,6 +30,7 @@ from sci_node.config import NodeConfig
 from sci_node.corrections.index import all_corrections
 from sci_node.errors import ConfigError, CorrectionRefused
 from sci_node.logs import get_logger
+from sci_node.store.private_files import make_private_dirs, open_private
 
 log = get_logger("sci_node.corrections")
 MANIFEST = "sci-node-corrections.json"
@@ -38,9 +39,9 @@ MANIFEST = "sci-node-corrections.json"
 def pseudonym_key(cfg: NodeConfig) -> bytes:
     """The site's random pseudonym key (created once, mode 0600)."""
     path = cfg.data_dir / "corrections" / ".pseudonym-key"
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dirs(path.parent)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     except FileExistsError:
         return path.read_bytes()
     key = secrets.token_bytes(32)

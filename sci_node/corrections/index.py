@@ -18,6 +18,7 @@ import numpy as np
 from sci_node.config import NodeConfig
 from sci_node.errors import CorrectionNotFoundError, StorageError
 from sci_node.logs import get_logger
+from sci_node.store.private_files import create_private, make_private_dirs
 from sci_node.store.transactions import write_tx
 
 log = get_logger("sci_node.corrections")
@@ -80,7 +81,8 @@ class CorrectionIndex:
         self.data_dir = Path(data_dir)
         self.root = self.data_dir / "corrections"
         try:
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_dirs(self.root)  # the data dir too, when an ingest comes before the node ever ran
+            create_private(self.data_dir / "corrections.sqlite")  # 0600 before SQLite opens it (and its WAL)
             self._db = sqlite3.connect(self.data_dir / "corrections.sqlite", timeout=30.0, isolation_level=None)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")

@@ -42,6 +42,7 @@ from sci_node.corrections.measures import change_measures
 from sci_node.dicom.geometry import VolumeGeometry
 from sci_node.errors import CorrectionRefused, SciNodeError
 from sci_node.logs import get_logger
+from sci_node.store.private_files import make_private_dirs, open_private, write_private
 
 log = get_logger("sci_node.corrections")
 
@@ -280,7 +281,7 @@ def _record(cfg: NodeConfig, index: CorrectionIndex, seg: Any, seg_path: Path, s
                 meta = {**facts, "id": cid, "sequence": _label(source.routing, "sequence"),
                         "view": _label(source.routing, "view"), "patient": _patient(first),
                         "spacing_zyx_mm": list(geom.spacing[::-1])}
-                (tmp / "correction.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+                write_private(tmp / "correction.json", json.dumps(meta, indent=2, default=str).encode("utf-8"))
                 db.execute("UPDATE corrections SET path=? WHERE id=?", (str(final), cid))
                 os.replace(tmp, final)
         finally:
@@ -303,13 +304,17 @@ def _patient(ds: Any) -> dict[str, str]:
 
 
 def _write_folder(tmp: Path, seg_path: Path, source: SourceJob, image: Any, masks: dict[str, np.ndarray]) -> None:
-    """Everything a correction keeps, into ``tmp`` (fsync'd files), before it is renamed into place."""
+    """Everything a correction keeps, into ``tmp`` (fsync'd files), before it is renamed into place.
+
+    ``tmp`` and ``tmp/source`` are created 0700 and our copies 0600; SimpleITK's NIfTI files get
+    0600 from the umask the CLI sets (:mod:`sci_node.store.private_files`), inside the 0700 folder anyway.
+    """
     import SimpleITK as sitk
 
-    (tmp / "source").mkdir(mode=0o700, parents=True)
-    shutil.copyfile(seg_path, tmp / "seg.dcm")
+    make_private_dirs(tmp / "source")
+    _copy_private(seg_path, tmp / "seg.dcm")
     for f in source.files:
-        shutil.copyfile(f, tmp / "source" / f.name)
+        _copy_private(f, tmp / "source" / f.name)
     sitk.WriteImage(image, str(tmp / "image.nii.gz"), True)
     for name, arr in masks.items():
         img = sitk.GetImageFromArray(arr.astype(np.uint8))
@@ -317,9 +322,14 @@ def _write_folder(tmp: Path, seg_path: Path, source: SourceJob, image: Any, mask
         sitk.WriteImage(img, str(tmp / f"{name}.nii.gz"), True)
     for f in tmp.rglob("*"):
         if f.is_file():
-            os.chmod(f, 0o600)
             fd = os.open(f, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def _copy_private(src: Path, dst: Path) -> None:
+    """Copy ``src`` to a new file ``dst`` created with mode 0600."""
+    with open(src, "rb") as fin, os.fdopen(open_private(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)

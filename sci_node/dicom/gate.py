@@ -364,9 +364,11 @@ def log_pynetdicom_rejection(event: Event) -> None:
         server = getattr(event.assoc, "_server", None)  # set by pynetdicom's request handler
         used = slots_in_use(server) if server is not None else -1
         limit = event.assoc.ae.maximum_associations
+        primitive = event.assoc.requestor.primitive  # who was refused, named on the line itself
+        calling = str(primitive.calling_ae_title if primitive is not None else "").strip()
         log.warning("association.rejected", reason="local limit exceeded" if used > limit else
                     "rejected by the DICOM upper layer", result="TRANSIENT", slots_in_use=used,
-                    max_associations=limit)
+                    max_associations=limit, calling_aet=calling, peer=str(event.assoc.requestor.address))
     except Exception:
         log.exception("gate.reject_log_failed")
 

@@ -3,7 +3,8 @@
 One handler per DIMSE service, all registered in :func:`event_handlers`; dependencies
 (config, store) are bound handler arguments. Handlers never raise and never infer:
 the C-STORE handler decodes the data set strictly under the negotiated transfer syntax
-(:mod:`sci_node.dicom.decoding`: a data set in the other VR mode gets ``0xC210``), reads the four
+(:mod:`sci_node.dicom.decoding`: a data set in the other VR mode, an element whose length field claims
+more bytes than were sent, or Pixel Data that does not fit the image header gets ``0xC210``), reads the four
 UIDs it needs from the header, writes ``event.encoded_dataset()`` (the bytes as sent, with a
 file meta header) durably to the spool, records it, and returns a named
 :class:`~sci_node.dicom.dimse.Status`.
@@ -35,7 +36,7 @@ from pynetdicom.utils import make_target
 from sci_node.config import NodeConfig, TLSConfig
 from sci_node.dicom.dimse import (STORAGE_TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS, RejectReason, RejectResult,
                             RejectSource, Status)
-from sci_node.dicom.decoding import decode_strict
+from sci_node.dicom.decoding import decode_strict, pixel_data_problem
 from sci_node.errors import ConfigError, InvalidDatasetError, StorageError
 from sci_node.dicom.gate import ConnectionGate, GatedAssociationServer, gate_handlers
 from sci_node.store import InstanceKey, Store
@@ -196,36 +197,10 @@ def _instance_key(event: Event) -> InstanceKey | tuple[Status, str]:
             f"SOP Class UID {sop_class} does not match the presentation context {event.context.abstract_syntax}")
     if sop != str(getattr(event.request, "AffectedSOPInstanceUID", "")):
         return Status.CANNOT_UNDERSTAND, "SOP Instance UID differs from the request's Affected SOP Instance UID"
-    problem = _pixel_problem(ds, str(event.context.transfer_syntax))
+    problem = pixel_data_problem(ds, str(event.context.transfer_syntax))
     if problem:
         return Status.CANNOT_UNDERSTAND, problem
     return InstanceKey(study, series, sop, sop_class, str(event.context.transfer_syntax))
-
-
-def _pixel_problem(ds: Any, transfer_syntax: str) -> str | None:
-    """Why the image's pixel data cannot be right (header vs length), or None."""
-    try:
-        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-        if rows <= 0 or cols <= 0:
-            return f"invalid matrix size Rows={rows} Columns={cols}"
-        if "PixelData" not in ds:
-            return "no Pixel Data"
-        if UID(transfer_syntax).is_compressed:
-            return None  # encapsulated fragments: decoding is the pipeline's job
-        bits = int(ds.get("BitsAllocated") or 0)
-        if bits not in (1, 8, 16, 32, 64):
-            return f"invalid Bits Allocated {bits}"
-        samples, frames = int(ds.get("SamplesPerPixel") or 1), int(ds.get("NumberOfFrames") or 1)
-        if samples < 1 or frames < 1:
-            return f"invalid Samples per Pixel {samples} / Number of Frames {frames}"
-        n = rows * cols * samples * frames
-        expected = (n * bits + 7) // 8
-        have = len(ds.PixelData)
-        if have < expected:
-            return f"Pixel Data has {have} bytes, Rows x Columns x frames needs {expected}"
-    except Exception as exc:
-        return f"unreadable image header: {type(exc).__name__}: {exc}"[:300]
-    return None
 
 
 def handle_store(event: Event, deps: ScpDeps) -> int:

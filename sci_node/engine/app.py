@@ -10,12 +10,17 @@ Reliability settings (docs/scale-out.md, "What happens when"):
   The node does not wait for that: it re-dispatches a job whose worker stopped beating
   (``gateway``), and cancels the old token, so the redelivered copy is skipped.
 * No result backend: results travel through the payload store as events (``store``).
+* ``rediss://`` (TLS): ``broker_use_ssl`` from the URL's redis-py query parameters
+  (``ssl_cert_reqs``, default ``required``, ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``), so
+  Celery verifies the server as redis-py does. An ACL user and password go in the URL
+  (``rediss://USER:PASSWORD@HOST:6380/0``) for both.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from sci_node.config import EngineConfig
+from sci_node.engine.redis_store import ssl_options
 from sci_node.errors import EngineError
 
 if TYPE_CHECKING:
@@ -57,4 +62,7 @@ def make_app(eng: EngineConfig) -> "Celery":
         broker_heartbeat=10,
         enable_utc=True,
     )
+    ssl_opts = ssl_options(eng.broker_url)
+    if ssl_opts is not None:
+        app.conf.broker_use_ssl = ssl_opts
     return app

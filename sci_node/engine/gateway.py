@@ -14,6 +14,9 @@ One thread (:class:`Gateway`) replaces the local worker threads. Each tick it
    left running with nothing out (a publish failed) is dispatched again as well.
 
 The job table stays the source of truth: everything in Redis can be rebuilt from it and the spool.
+Nothing from Redis is trusted: a result is accepted only when its outputs are the job's own
+(:mod:`sci_node.engine.result_check`: expected SOP classes, the source study, patient and series); any
+other fails the job with the reason (``job.result_rejected``) and nothing of it is sent.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import structlog
@@ -31,7 +35,8 @@ from sci_node.config import NodeConfig
 from sci_node.engine import ENGINE_FILE, TASK_NAME
 from sci_node.engine import redis_store as rstore
 from sci_node.engine.ledger import Dispatch, Ledger
-from sci_node.errors import EngineError, SciNodeError
+from sci_node.errors import EngineError, ResultRejectedError, SciNodeError
+from sci_node.engine.result_check import SourceSeries, check_outputs
 from sci_node.store import Job, Store, write_durable
 from sci_node.engine.local import job_notes
 
@@ -283,10 +288,15 @@ class Gateway(threading.Thread):
             self._redispatch(d, "lost", f"the result of worker {event['worker']} is gone from the store")
             return
         out_dir = self.store.results_dir / str(d.job_id) / f"dispatch-{d.token[:12]}"
-        files = rstore.unpack_files(data, out_dir, write=write_durable) if data else []
-        by_name = {p.name: p for p in files}
         record = dict(event["record"])
-        outputs = [by_name[n] for n in record.get("outputs", []) if n in by_name]
+        try:
+            files = rstore.unpack_files(data, out_dir, write=write_durable) if data else []
+            by_name = {p.name: p for p in files}
+            outputs = [by_name[n] for n in record.get("outputs", []) if n in by_name]
+            self._check_result(d, event, job, outputs)
+        except EngineError as exc:  # ResultRejectedError, or an archive entry that is not a plain file name
+            self._reject(d, event, out_dir, str(exc), record)
+            return
         record.update(outputs=[str(p) for p in outputs], worker=event["worker"], dispatch=d.token,
                       engine="celery")
         accepted, others = self.ledger.accept(d.token, d.job_id, str(event["state"]), event.get("reason"), record,
@@ -303,6 +313,42 @@ class Gateway(threading.Thread):
                      model_versions=record.get("model_versions"), timings=record.get("timings"))
             if done.delivery == "pending":
                 self.on_result.set()
+        self._drop(d.token)
+
+    def _check_result(self, d: Dispatch, event: Mapping[str, Any], job: Job, outputs: list[Path]) -> None:
+        """Raise :class:`ResultRejectedError` unless the result is this job's own (:mod:`sci_node.engine.result_check`)."""
+        if str(event.get("job_id")) != str(d.job_id):
+            raise ResultRejectedError(f"the result names job {event.get('job_id')!r}, but its token {d.token[:12]} "
+                                      f"was dispatched for job {d.job_id}")
+        if str(event["state"]) not in ("done", "routed-out", "failed"):
+            raise ResultRejectedError(f"the result's state {event['state']!r} is not done, routed-out or failed")
+        check_outputs(outputs, self._source(job), self.cfg.processor)
+
+    def _source(self, job: Job) -> SourceSeries:
+        """The job's source series as spooled: its instance UIDs and Patient ID."""
+        import pydicom
+
+        rows = self.store.query("SELECT sop_uid FROM instances WHERE series_uid=?", (job.series_uid,))
+        patient = None
+        files = self.store.series_files(job.series_uid)
+        if files:
+            try:
+                head = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["PatientID"])
+                patient = str(head.get("PatientID", "") or "") or None
+            except (OSError, ValueError) as exc:  # purged or unreadable: the UID checks still apply
+                log.warning("engine.source_unreadable", error=f"{type(exc).__name__}: {exc}"[:200])
+        return SourceSeries(job.study_uid, job.series_uid, frozenset(str(r[0]) for r in rows), patient)
+
+    def _reject(self, d: Dispatch, event: Mapping[str, Any], out_dir: Path, why: str,
+                record: dict[str, Any]) -> None:
+        """A result that is not the job's own: nothing of it is kept or sent; the job fails with the reason."""
+        shutil.rmtree(out_dir, ignore_errors=True)
+        reason = f"result of worker {event.get('worker')} rejected: {why}"
+        record.update(outputs=[], worker=event.get("worker"), dispatch=d.token, engine="celery", rejected=why)
+        failed, others = self.ledger.reject(d.token, d.job_id, reason, record)
+        for token in others:
+            self._cancel(token)
+        log.error("job.result_rejected", token=d.token[:12], worker=event.get("worker"), reason=why, job_failed=failed)
         self._drop(d.token)
 
     def _drop(self, token: str) -> None:
@@ -326,6 +372,8 @@ def build_gateway(cfg: NodeConfig, store: Store, wake: threading.Event, on_resul
     from sci_node.engine.app import make_app
 
     eng = cfg.engine
+    for event, fields in rstore.security_warnings(eng):
+        log.warning(event, **fields)
     rstore.check_broker(str(eng.broker_url))
     client = rstore.connect(str(eng.redis_url))
     write_durable(store.data_dir / ENGINE_FILE, json.dumps(asdict(eng), indent=1).encode())

@@ -4,7 +4,8 @@ One row per dispatch (a job is dispatched again under a new token when its worke
 lease ran out or the broker restarted). States: ``out`` (at the broker or a worker), ``resolved``
 (its result was accepted), ``superseded`` (another dispatch's result was accepted first, or it was
 dispatched again), ``lost`` (its worker stopped beating), ``expired`` (lease), ``duplicate`` (a
-result came after the job had finished), ``abandoned`` (the node restarted without the engine).
+result came after the job had finished), ``abandoned`` (the node restarted without the engine),
+``rejected`` (its result failed :mod:`sci_node.engine.result_check`: the job failed, nothing was sent).
 
 :meth:`Ledger.accept` writes the job's outcome and its outbox entries in the same transaction
 that checks the job is still running: the first result of a job is accepted, any later one is
@@ -143,6 +144,26 @@ class Ledger:
         with self.store.tx() as db:
             return db.execute("UPDATE dispatches SET state='abandoned', ended_at=?, note=? WHERE state='out'",
                               (time.time(), note)).rowcount
+
+    def reject(self, token: str, job_id: int, reason: str, record: Mapping[str, Any]) -> tuple[bool, list[str]]:
+        """A result failed its check: fail the job (no outbox) if it still runs; return (failed it, tokens out).
+
+        In one transaction, like :meth:`accept`: the job ``failed`` with ``reason``, this dispatch
+        ``rejected``, the job's other outstanding dispatches ``superseded``.
+        """
+        now = time.time()
+        with self.store.tx() as db:
+            db.execute("UPDATE dispatches SET state='rejected', ended_at=?, note=? WHERE token=?",
+                       (now, reason[:1000], token))
+            row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or row["state"] != "running":
+                return False, []
+            finish_in(db, job_id, "failed", reason[:1000], record)
+            others = [r[0] for r in db.execute("SELECT token FROM dispatches WHERE job_id=? AND state='out'",
+                                               (job_id,))]
+            db.execute("UPDATE dispatches SET state='superseded', ended_at=?, note=? WHERE job_id=? AND state='out'",
+                       (now, f"result of {token[:8]} rejected", job_id))
+        return True, others
 
     def counts(self) -> dict[str, Any]:
         """For status: dispatches by state, and jobs out per worker (``queued`` = not started yet)."""

@@ -27,6 +27,7 @@ import structlog
 
 from sci_node.config import NodeConfig
 from sci_node.errors import InvalidSeriesError, ModelError, SciNodeError
+from sci_node.store.private_files import make_private_dirs
 from sci_node.store import Job, Store
 
 log = structlog.get_logger("sci_node.worker")
@@ -113,6 +114,9 @@ class DerivedSCProcessor:
             coordinate_system="PATIENT", series_instance_uid=generate_uid(), series_number=9901,
             sop_instance_uid=generate_uid(), instance_number=1, manufacturer="sci-node",
             patient_orientation=("A", "F"), transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian)
+        source = pydicom.Dataset()  # what it was derived from: the gateway checks results reference their series
+        source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID = ref.SOPClassUID, ref.SOPInstanceUID
+        sc.SourceImageSequence = [source]
         out_dir.mkdir(parents=True, exist_ok=True)
         out = out_dir / "derived-sc.dcm"
         sc.save_as(out, enforce_file_format=True)
@@ -233,6 +237,7 @@ def process_outcome(provider: ProcessorProvider, files: Sequence[Path], out_dir:
 def run_job(job: Job, store: Store, provider: ProcessorProvider, destinations: Sequence[str]) -> Job:
     """Process one claimed job and record its outcome (never raises for a bad series/model)."""
     out_dir = store.results_dir / str(job.id) / f"attempt-{job.attempts}"
+    make_private_dirs(out_dir)  # 0700 from the start: the results are patient data
     o = process_outcome(provider, store.series_files(job.series_uid), out_dir, job_notes(job))
     return store.finish_job(job.id, o.state, o.reason, o.record, o.outputs, destinations)
 

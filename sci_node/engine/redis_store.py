@@ -15,8 +15,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from urllib.parse import parse_qsl, urlsplit
 
+from sci_node.config import TLS_SCHEMES, EngineConfig, is_loopback_url, redact_url, url_has_password
 from sci_node.errors import EngineError
+from sci_node.store.private_files import make_private_dirs
 
 if TYPE_CHECKING:
     import redis
@@ -57,12 +60,56 @@ class Keys:
 
 def redact(url: str) -> str:
     """A broker/store URL without its password (for logs and status)."""
-    head, sep, tail = url.partition("://")
-    if not sep or "@" not in tail:
-        return url
-    cred, _, host = tail.rpartition("@")
-    user = cred.split(":", 1)[0]
-    return f"{head}://{user + ':' if user else ''}***@{host}"
+    return redact_url(url)
+
+
+def security_warnings(eng: EngineConfig) -> list[tuple[str, dict[str, str]]]:
+    """What to warn about the broker and the store at start: (event, fields) per URL.
+
+    ``engine.broker_unauthenticated``: no password in the URL (even on loopback: any local process
+    could read the payloads); ``engine.broker_plaintext``: another host over plain TCP (the series
+    travel unencrypted). :func:`sci_node.config.broker_auth_problems` refuses the worst case at load.
+    """
+    out: list[tuple[str, dict[str, str]]] = []
+    for what, url in (("broker", eng.broker_url), ("store", eng.redis_url)):
+        if not url or (what == "store" and url == eng.broker_url):
+            continue
+        if not url_has_password(url):
+            out.append(("engine.broker_unauthenticated", {
+                "url": redact_url(url), "role": what,
+                "detail": "no password in the URL: whoever reaches it reads the series payloads (patient data) and "
+                          "can queue results for PACS; set Redis requirepass or an ACL user and put it in the URL"}))
+        if not is_loopback_url(url) and url.split("://", 1)[0] not in TLS_SCHEMES:
+            out.append(("engine.broker_plaintext", {
+                "url": redact_url(url), "role": what,
+                "detail": "another host over plain TCP: the series travel unencrypted; use rediss:// (TLS)"}))
+    return out
+
+
+def ssl_options(url: str) -> dict[str, Any] | None:
+    """Celery's ``broker_use_ssl`` for a ``rediss://`` URL, from its query (redis-py's own parameters):
+    ``ssl_cert_reqs`` (``required``, the default, ``optional`` or ``none``), ``ssl_ca_certs``,
+    ``ssl_certfile``, ``ssl_keyfile``; None for any other scheme.
+
+    Raises
+    ------
+    EngineError
+        An ``ssl_cert_reqs`` value that is not one of the three.
+    """
+    import ssl
+
+    if not url.startswith("rediss://"):
+        return None
+    query = dict(parse_qsl(urlsplit(url).query))
+    reqs = query.get("ssl_cert_reqs", "required").lower()
+    modes = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+    if reqs not in modes:
+        raise EngineError(f"{redact_url(url)!r}: ssl_cert_reqs={reqs!r} must be required, optional or none")
+    opts: dict[str, Any] = {"ssl_cert_reqs": modes[reqs]}
+    for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if query.get(key):
+            opts[key] = query[key]
+    return opts
 
 
 def connect(url: str, timeout_s: float = 3.0) -> "redis.Redis":
@@ -168,7 +215,7 @@ def unpack_files(data: bytes, out_dir: Path, write: Callable[[Path, bytes], None
     EngineError
         An entry name that is not a plain file name (no folders, no ``..``).
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(out_dir)  # the results of a job are patient data: 0700 from the start
     paths = []
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         for info in zf.infolist():

@@ -241,6 +241,8 @@ def run_worker(cfg: NodeConfig, name: str | None = None) -> int:
     eng = cfg.engine
     if not eng.broker_url:
         raise EngineError("sci-node worker needs --broker redis://HOST:PORT/DB (or [engine] broker_url)")
+    for event, fields in rstore.security_warnings(eng):
+        log.warning(event, **fields)
     rstore.check_broker(eng.broker_url)
     client = rstore.connect(str(eng.redis_url))
     name = name or default_worker_name()

@@ -344,10 +344,29 @@ class Segmenter:
             ``(Z, Y, X)`` mask on ``image``'s grid (the cord for the lesion model): the
             model only looks at a box around it and only keeps voxels in the dilated ROI.
         """
+        prepared, prob = self._prob(image, roi)
+        return self.finish(prob, prepared, roi=roi)
+
+    def predict_with_probability(self, image: sitk.Image, roi: np.ndarray | None = None
+                                 ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`predict`'s mask and the network's probability behind it, both on ``image``'s grid.
+
+        Returns
+        -------
+        tuple
+            ``(mask, prob)``: uint8 and float32 ``(Z, Y, X)`` arrays on ``image``'s grid; ``prob``
+            in [0, 1] is the model-grid probability resampled linearly (what a lesion's
+            confidence is read from, :func:`sci_node.measure.lesion_table`).
+        """
+        prepared, prob = self._prob(image, roi)
+        return self.finish(prob, prepared, roi=roi), preprocess.to_source_grid(prob, prepared, threshold=None)
+
+    def _prob(self, image: sitk.Image, roi: np.ndarray | None) -> tuple[preprocess.Prepared, np.ndarray]:
+        """``(prepared, model-grid probability)`` of a 3-D (or 4-D: first volume) image."""
         if image.GetDimension() not in (3, 4) or min(image.GetSize()[:3]) < 1:
             raise InvalidSeriesError(f"cannot segment a {image.GetDimension()}-D image of size {image.GetSize()}")
         prepared = preprocess.prepare(image, self.spec)
-        return self.finish(self.predict_prob_model_grid(prepared, roi), prepared, roi=roi)
+        return prepared, self.predict_prob_model_grid(prepared, roi)
 
     def finish(self, prob: np.ndarray, prepared: preprocess.Prepared, threshold: float | None = None,
                roi: np.ndarray | None = None, min_volume_mm3: float | None = None, grow: bool = True) -> np.ndarray:
@@ -397,10 +416,11 @@ class Segmenter:
             mask = mask * postprocess.dilate_mm(roi, spacing, keep_mm)  # type: ignore[arg-type]
         return mask
 
-    def grow_region(self, prob: np.ndarray, prepared: preprocess.Prepared, roi: np.ndarray | None = None
-                    ) -> np.ndarray | None:
-        """Source-grid voxels at or above ``postprocessing.grow_threshold`` (cut like the mask); None when off."""
-        low = float(self.post.get("grow_threshold", 0.0))
+    def grow_region(self, prob: np.ndarray, prepared: preprocess.Prepared, roi: np.ndarray | None = None,
+                    low: float | None = None) -> np.ndarray | None:
+        """Source-grid voxels at or above ``low`` (default ``postprocessing.grow_threshold``), cut like the
+        mask; None when off (0)."""
+        low = float(self.post.get("grow_threshold", 0.0)) if low is None else float(low)
         return self._source_mask(prob, prepared, low, roi) if low > 0 else None
 
     def grow(self, mask: np.ndarray, prob: np.ndarray, prepared: preprocess.Prepared,

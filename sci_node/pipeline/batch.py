@@ -24,6 +24,7 @@ import structlog
 
 from sci_node.config import NodeConfig
 from sci_node.errors import DataError, SciNodeError
+from sci_node.terminal import echo_all
 
 log = structlog.get_logger("sci_node.batch")
 
@@ -135,7 +136,7 @@ def run_batch(input: Path, out: Path, cfg: NodeConfig, device: str = "cpu", stre
         reports.append(_run_one(pipeline, item, out / item.name))
     (out / "report.json").write_text(json.dumps({"input": str(input), "device": device, "series": reports},
                                                 indent=2) + "\n", encoding="utf-8")
-    stream.write(format_table(reports) + "\n")
+    echo_all(table_lines(reports), stream)  # reasons may carry a header's control characters: escaped
     return 1 if any(r["status"] == "failed" for r in reports) else 0
 
 
@@ -216,8 +217,8 @@ def write_previews(seg: Any, out_dir: Path) -> list[Path]:
     return paths
 
 
-def format_table(reports: list[dict[str, Any]]) -> str:
-    """The summary table: one line per series (status, labels, lesions, time, reason)."""
+def table_lines(reports: list[dict[str, Any]]) -> list[str]:
+    """The summary table: one line per series (status, labels, lesions, time, reason), unescaped."""
     head = f"{'series':<40} {'status':<10} {'anatomy':<8} {'view':<9} {'seq':<8} {'lesions':>7} {'time s':>7}  reason"
     lines = [head, "-" * len(head)]
     for r in reports:
@@ -231,4 +232,4 @@ def format_table(reports: list[dict[str, Any]]) -> str:
     routed = sum(r["status"] == "routed-out" for r in reports)
     failed = sum(r["status"] == "failed" for r in reports)
     lines.append(f"{len(reports)} series: {done} segmented, {routed} routed out, {failed} failed")
-    return "\n".join(lines)
+    return lines

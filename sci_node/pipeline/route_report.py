@@ -14,7 +14,6 @@ run here: a network-decided sequence is shown as the network decided it, before 
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, Mapping, TextIO
@@ -23,6 +22,7 @@ import structlog
 
 from sci_node.config import NodeConfig, RoutingRules
 from sci_node.errors import SciNodeError
+from sci_node.terminal import echo_all, echo_json
 
 log = structlog.get_logger("sci_node.route_report")
 CLASSIFIERS = ("anatomy", "region_view", "sequence")
@@ -126,8 +126,9 @@ def route_inputs(input: Path, cfg: NodeConfig, device: str = "cpu") -> list[dict
     return reports
 
 
-def format_report(reports: list[dict[str, Any]]) -> str:
-    """Human-readable text: one block per series, one line per level."""
+def report_lines(reports: list[dict[str, Any]]) -> list[str]:
+    """Human-readable text: one block per series, one line per level (values as read: print them with
+    :func:`sci_node.terminal.echo`, which escapes the control characters a header may carry)."""
     lines: list[str] = []
     for r in reports:
         lines.append(f"{r['name']}  [{r['kind']}, {r['files']} file(s)]  -> {r['status']}")
@@ -145,7 +146,7 @@ def format_report(reports: list[dict[str, Any]]) -> str:
             lines.append(f"  reason: {r['reason']}")
         if r.get("note"):
             lines.append(f"  note: {r['note']}")
-    return "\n".join(lines)
+    return lines
 
 
 def run_route(input: Path, cfg: NodeConfig, as_json: bool = False, device: str = "cpu",
@@ -154,7 +155,7 @@ def run_route(input: Path, cfg: NodeConfig, as_json: bool = False, device: str =
     stream = stream or sys.stdout
     reports = route_inputs(input, cfg, device)
     if as_json:
-        stream.write(json.dumps({"input": str(input), "series": reports}, indent=2, default=str) + "\n")
+        echo_json({"input": str(input), "series": reports}, stream)
     else:
-        stream.write(format_report(reports) + "\n")
+        echo_all(report_lines(reports), stream)
     return 1 if any(r["status"] == "failed" for r in reports) else 0

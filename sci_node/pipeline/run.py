@@ -19,7 +19,7 @@ import structlog
 
 from sci_node.routing import contrast_rules
 from sci_node import routing
-from sci_node.imaging import measure
+from sci_node.imaging import levels, measure
 from sci_node.config import RoutingRules
 from sci_node.errors import InvalidDatasetError, InvalidSeriesError
 from sci_node.models.predict_cls import decided_by_header_rule, explaining
@@ -28,7 +28,7 @@ from sci_node.pipeline.series import MAX_MISSING_FRACTION, SeriesVolume, read_se
 log = structlog.get_logger("sci_node.pipeline")
 
 SEG_NAME, SR_NAME = "seg.dcm", "sr.dcm"
-CORD_NIFTI, LESION_NIFTI = "cord.nii.gz", "lesion.nii.gz"
+CORD_NIFTI, LESION_NIFTI, LEVELS_NIFTI = "cord.nii.gz", "lesion.nii.gz", "levels.nii.gz"
 
 
 class _Classifier(Protocol):
@@ -38,6 +38,8 @@ class _Classifier(Protocol):
 
 class _Segmenter(Protocol):
     def predict(self, image: sitk.Image, roi: np.ndarray | None = None) -> np.ndarray: ...
+    def predict_with_probability(self, image: sitk.Image, roi: np.ndarray | None = None
+                                 ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 class ModelSetLike(Protocol):
@@ -189,12 +191,14 @@ class Pipeline:
             return self._result("routed-out", decision.reason, decision, clock, gaps, notes=tuple(notes))
         cord = np.asarray(self.models.cord.predict(image), dtype=np.uint8)
         decision, contrast = self._recheck(decision, image, cord, how.get("sequence", "network"))
-        lesion = None
+        lesion, lesion_prob = None, None
         if decision.segment_lesions:
-            lesion = np.asarray(self.models.lesion.predict(image, roi=cord), dtype=np.uint8) * (cord.max() > 0)
+            lesion, lesion_prob = self.models.lesion.predict_with_probability(image, roi=cord)
+            lesion = np.asarray(lesion, dtype=np.uint8) * (cord.max() > 0)
         clock.lap("segment")
         m = measure.index_to_lps(image.GetOrigin(), image.GetSpacing()[:3], image.GetDirection())
-        summary = {**measure.summarize(cord, lesion, m), **gaps, **contrast}
+        vertebral = levels.label_image(image, cord, m)  # vertebral levels of the cord (sci_node.imaging.levels)
+        summary = {**measure.summarize(cord, lesion, m, lesion_prob, vertebral), **gaps, **contrast}
         if not cord.any():
             clock.lap("write")
             return self._result("routed-out", "the cord model found no spinal cord in this series",
@@ -202,7 +206,7 @@ class Pipeline:
         if not decision.segment_lesions:  # the SEG/SR say so, and the SR carries no lesion count
             notes = (*notes, lesion_note(decision, self.rules))
         out_dir.mkdir(parents=True, exist_ok=True)
-        masks = write_masks(image, cord, lesion, out_dir)
+        masks = write_masks(image, cord, lesion, out_dir, vertebral.level_map if vertebral.known else None)
         outputs = self._write_dicom(vol, cord, lesion, summary, out_dir, notes) if vol is not None else ()
         clock.lap("write")
         return self._result("done", None, decision, clock, summary, outputs=outputs, masks=masks,
@@ -229,16 +233,20 @@ class Pipeline:
         return checked, ({"csf_to_cord": round(measured.csf_to_cord, 3)} if measured is not None else {})
 
     def _write_dicom(self, vol: SeriesVolume, cord: np.ndarray, lesion: np.ndarray | None,
-                     summary: Mapping[str, Any], out_dir: Path, notes: Sequence[str] = ()) -> tuple[Path, ...]:
+                     summary: dict[str, Any], out_dir: Path, notes: Sequence[str] = ()) -> tuple[Path, ...]:
+        """Write the SEG and SR; ``summary`` gains ``key_images`` (where a viewer opens: :mod:`sci_node.pipeline.key_slices`)."""
+        from sci_node.pipeline.key_slices import key_images, viewer_record
         from sci_node.pipeline.seg_writer import build_seg
         from sci_node.pipeline.sr_writer import build_sr
 
         seg = build_seg(vol, cord, lesion, self.versions, notes)
         seg_path = out_dir / SEG_NAME
         seg.save_as(seg_path, enforce_file_format=True)
-        sr = build_sr(seg, list(vol.datasets), summary, self.versions, notes)
+        keys = key_images(vol, cord, lesion, summary.get("lesions", []))
+        sr = build_sr(seg, list(vol.datasets), summary, self.versions, notes, key_images=keys)
         sr_path = out_dir / SR_NAME
         sr.save_as(sr_path, enforce_file_format=True)
+        summary["key_images"] = viewer_record(keys, str(sr.SeriesInstanceUID))
         return (seg_path, sr_path)
 
     def _result(self, status: str, reason: str | None, decision: routing.RoutingDecision, clock: _Clock,
@@ -317,10 +325,12 @@ def _sidecar(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def write_masks(image: sitk.Image, cord: np.ndarray, lesion: np.ndarray | None, out_dir: Path) -> tuple[Path, ...]:
-    """Write ``(Z, Y, X)`` uint8 masks as NIfTI on ``image``'s grid; return their paths."""
+def write_masks(image: sitk.Image, cord: np.ndarray, lesion: np.ndarray | None, out_dir: Path,
+                level_map: np.ndarray | None = None) -> tuple[Path, ...]:
+    """Write ``(Z, Y, X)`` uint8 masks (and the vertebral level map, ``levels.nii.gz``: SCT numbering, 0 outside
+    the cord) as NIfTI on ``image``'s grid; return their paths."""
     paths = []
-    for name, arr in ((CORD_NIFTI, cord), (LESION_NIFTI, lesion)):
+    for name, arr in ((CORD_NIFTI, cord), (LESION_NIFTI, lesion), (LEVELS_NIFTI, level_map)):
         if arr is None:
             continue
         out = sitk.GetImageFromArray(np.ascontiguousarray(arr, dtype=np.uint8))

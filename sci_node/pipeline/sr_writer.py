@@ -6,20 +6,32 @@ Content:
   number of lesions, cord volume (mm3), cord length (mm), and the cord cross-sectional area
   (mm2) summary over the slice levels (mean, minimum, maximum, median);
 * one group per lesion (tracking id "Lesion N", ordered by decreasing volume), referencing SEG
-  segment 2 (all lesions: a segment reference cannot also name frames): volume (mm3) and length
-  along the cord (mm).
+  segment 2 (all lesions: a segment reference cannot also name frames): volume (mm3), length
+  along the cord (mm) and the lesion's confidence, "Certainty of Finding" (DCM 111012, %): the lesion
+  network's peak probability inside the lesion.
 
 The per-level CSA values themselves are in the batch ``report.json`` (and the job record).
+
+Every finding (the cord, each lesion) also gets a planar group (TID 1410) with the same tracking
+identifier and UID: its outline on its key slice (:mod:`sci_node.pipeline.key_slices`) as an "Image Region"
+POLYLINE that references the source image (and frame). These come first in "Imaging Measurements",
+in reading order: the lesions by id (the largest first), then the cord. OHIF 3.13 needs them: its SR view
+(extension cornerstone-dicom-sr) merges the groups of one Tracking Unique Identifier into one
+measurement, draws it on the image its SCOORD references with the group's numbers beside it, and
+opens on the first one; a measurement without an image-referenced SCOORD leaves the viewport empty
+(docs/orthanc.md, "The report in OHIF").
 """
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from sci_node import __version__
+from sci_node.pipeline.key_slices import CORD_FINDING, KeyImage
 from sci_node.pipeline.seg_writer import (CORD_TYPE, LESION_TYPE, SR_SERIES_OFFSET, derived_uid, described, frame_references,
                                  source_key, versions_text)
 
@@ -32,6 +44,8 @@ MM3 = hd.sr.CodedConcept("mm3", "UCUM", "cubic millimeter")
 MM2 = hd.sr.CodedConcept("mm2", "UCUM", "square millimeter")
 MM = hd.sr.CodedConcept("mm", "UCUM", "millimeter")
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
+CERTAINTY = hd.sr.CodedConcept("111012", "DCM", "Certainty of Finding")
 DERIVATIONS = {
     "mean": hd.sr.CodedConcept("373098007", _SCT, "Mean"),
     "min": hd.sr.CodedConcept("255605001", _SCT, "Minimum"),
@@ -82,7 +96,8 @@ def _cord_group(seg: Dataset, summary: Mapping[str, Any], versions: Mapping[str,
     for key, code in DERIVATIONS.items():
         if key in summary.get("csa_mm2", {}):
             ms.append(_m(AREA, summary["csa_mm2"][key], MM2, versions, derivation=code))
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+    ms += vertebral_measurements(summary, versions)
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(series_uid, versions, "track-cord"),
                                                      identifier="Spinal cord"),
         referenced_segment=referenced_segment(seg, 1),
@@ -91,6 +106,10 @@ def _cord_group(seg: Dataset, summary: Mapping[str, Any], versions: Mapping[str,
         finding_sites=[hd.sr.FindingSite(CORD_TYPE)],
         measurements=ms,
     )
+    comment = vertebral_comment(summary)
+    if comment is not None:  # the levels are unknown: say why
+        group[0].ContentSequence.append(comment)
+    return group
 
 
 def _lesion_groups(seg: Dataset, lesions: Sequence[Mapping[str, Any]], versions: Mapping[str, str], series_uid: str,
@@ -103,15 +122,88 @@ def _lesion_groups(seg: Dataset, lesions: Sequence[Mapping[str, Any]], versions:
             referenced_segment=referenced_segment(seg, 2),
             finding_type=LESION_TYPE,
             algorithm_id=_algo(versions),
-            finding_sites=[hd.sr.FindingSite(CORD_TYPE)],
+            finding_sites=[hd.sr.FindingSite(CORD_TYPE), *level_sites(les.get("vertebral_levels", []))],
             measurements=[_m(VOLUME, les["volume_mm3"], MM3, versions),
-                          _m(LENGTH, les["length_along_cord_mm"], MM, versions)],
+                          _m(LENGTH, les["length_along_cord_mm"], MM, versions)]
+            + ([_m(CERTAINTY, 100.0 * les["confidence"], PERCENT, versions)] if "confidence" in les else []),
+        ))
+    return out
+
+
+def level_sites(names: Sequence[str]) -> list[hd.sr.FindingSite]:
+    """Finding sites (SNOMED CT vertebrae, pydicom's codedict: ``codes.SCT.C3Vertebra`` = 113205007 "C3
+    vertebra") of vertebral level names ``["C3", "C4"]``."""
+    return [hd.sr.FindingSite(getattr(codes.SCT, f"{name}Vertebra")) for name in names]
+
+
+def vertebral_measurements(summary: Mapping[str, Any], versions: Mapping[str, str]) -> list[hd.sr.Measurement]:
+    """The cord's vertebral-level values (:func:`sci_node.measure.vertebral_summary`) as TID 300 measurements:
+    the mean CSA over C2 and C3 (finding sites C2 and C3 vertebrae), then each level's mean CSA (finding site
+    its vertebra). None when the levels are unknown (the reason is then in :func:`vertebral_comment`)."""
+    ms = []
+    if summary.get("csa_c2_c3_mm2") is not None:
+        ms.append(hd.sr.Measurement(name=AREA, value=float(round(summary["csa_c2_c3_mm2"], 3)), unit=MM2,
+                                    derivation=DERIVATIONS["mean"], finding_sites=level_sites(["C2", "C3"]),
+                                    algorithm_id=_algo(versions)))
+    for row in summary.get("vertebral_levels") or []:
+        ms.append(hd.sr.Measurement(name=AREA, value=float(round(row["csa_mm2_mean"], 3)), unit=MM2,
+                                    derivation=DERIVATIONS["mean"], finding_sites=level_sites([row["level"]]),
+                                    algorithm_id=_algo(versions)))
+    return ms
+
+
+def vertebral_comment(summary: Mapping[str, Any]) -> hd.sr.TextContentItem | None:
+    """A Comment (DCM 121106) saying why the vertebral levels are unknown, or None when they are known."""
+    reason = summary.get("vertebral_levels_unknown_reason")
+    if not reason:
+        return None
+    return hd.sr.TextContentItem(name=codes.DCM.Comment, value=f"vertebral levels unknown: {reason}"[:1024],
+                                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+
+
+def _tracking(series_uid: str, versions: Mapping[str, str], finding: str) -> hd.sr.TrackingIdentifier:
+    """The tracking identifier of a finding: ``"Spinal cord"`` / ``"Lesion N"`` and its derived UID,
+    the same for the finding's volumetric and planar groups."""
+    what = "track-cord" if finding == CORD_FINDING else "track-" + finding.lower().replace(" ", "-")
+    return hd.sr.TrackingIdentifier(uid=derived_uid(series_uid, versions, what), identifier=finding)
+
+
+def region_outline(outline_rc: np.ndarray) -> np.ndarray:
+    """``(N, 2)`` (column, row) graphic data of a closed ``(row, column)`` outline, never 4 or 5 points.
+
+    OHIF 3.13 takes a 4- or 5-point "Image Region" POLYLINE for a rectangle it can re-create as
+    its own RectangleROI tool and then converts the whole report into its editable annotations,
+    dropping our numbers; a small outline (one pixel, a rectangle) gets its edge midpoints added.
+    """
+    pts = np.asarray(outline_rc, dtype=np.float64)
+    if len(pts) <= 5:
+        mids = (pts[:-1] + pts[1:]) / 2.0
+        pts = np.vstack([np.column_stack([pts[:-1], mids]).reshape(-1, 2), pts[-1:]])
+    return pts[:, ::-1].copy()
+
+
+def _planar_groups(images: Sequence[KeyImage], versions: Mapping[str, str], series_uid: str,
+                   ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """One TID 1410 group per key image: the finding's outline on its key slice, no measurements."""
+    out = []
+    for im in images:
+        frames = [im.source.frame_number] if im.source.frame_number is not None else None
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=region_outline(im.key.outline),
+            source_image=hd.sr.SourceImageForRegion(im.source.sop_class_uid, im.source.sop_instance_uid, frames))
+        out.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(series_uid, versions, im.finding),
+            referenced_region=region,
+            finding_type=CORD_TYPE if im.finding == CORD_FINDING else LESION_TYPE,
+            algorithm_id=_algo(versions),
+            finding_sites=[hd.sr.FindingSite(CORD_TYPE)],
         ))
     return out
 
 
 def build_sr(seg: Dataset, sources: Sequence[Dataset], summary: Mapping[str, Any],
-             versions: Mapping[str, str], notes: Sequence[str] = ()) -> hd.sr.Comprehensive3DSR:
+             versions: Mapping[str, str], notes: Sequence[str] = (), *,
+             key_images: Sequence[KeyImage]) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 measurement report of one series.
 
     Parameters
@@ -126,6 +218,10 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], summary: Mapping[str, Any
         Model name -> version.
     notes
         Warnings (missing slices, incomplete transfer) that lead the Series Description.
+    key_images
+        :func:`sci_node.pipeline.key_slices.key_images` of the same masks, in reading order: one planar
+        group each. A finding without one has no region in the report and OHIF 3.13 then
+        shows none of it.
     """
     source = sources[0]
     series_uid = source_key(sources)
@@ -134,8 +230,10 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], summary: Mapping[str, Any
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=derived_uid("sci-node-device", {}, "device"), name="sci-node", manufacturer_name="sci-node",
             model_name=f"sci-node {__version__}"))
-    groups = [_cord_group(seg, summary, versions, series_uid)]
-    if summary.get("lesions") and len(seg.SegmentSequence) >= 2:
+    with_lesions = bool(summary.get("lesions")) and len(seg.SegmentSequence) >= 2
+    shown = [im for im in key_images if with_lesions or im.finding == CORD_FINDING]
+    groups: list[Any] = [*_planar_groups(shown, versions, series_uid), _cord_group(seg, summary, versions, series_uid)]
+    if with_lesions:
         groups += _lesion_groups(seg, summary["lesions"], versions, series_uid)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),

@@ -17,7 +17,6 @@ anyway); other processes (``sci-node status``) read concurrently thanks to WAL.
 """
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 from sci_node.errors import StorageError
 from sci_node.store.jobs import JobQueue
 from sci_node.store.outbox import Outbox
+from sci_node.store.private_files import create_private
 from sci_node.store.series_state import SeriesState
 from sci_node.store.spool import Spool, _makedirs_durable
 
@@ -113,9 +113,9 @@ class Store(Spool, SeriesState, JobQueue, Outbox):
         try:
             for d in (self.data_dir, self.spool_dir, self.results_dir):
                 _makedirs_durable(d)
+            create_private(self.data_dir / "index.sqlite3")  # 0600 before SQLite opens it: its -wal/-shm copy that
             self._db = sqlite3.connect(self.data_dir / "index.sqlite3", timeout=30.0,
                                        isolation_level=None, check_same_thread=False)
-            os.chmod(self.data_dir / "index.sqlite3", 0o600)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")

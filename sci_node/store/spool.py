@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sci_node.errors import StorageError
+from sci_node.store.private_files import make_private_dirs
 from sci_node.store.outbox import _hold_stale_results
 from sci_node.store.transactions import IndexBase
 
@@ -52,17 +53,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _makedirs_durable(path: Path) -> None:
-    """Create ``path`` (mode 0700) and fsync each parent whose entries changed."""
-    missing: list[Path] = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, 0o700)
-        except FileExistsError:
-            continue
+    """Create ``path`` (each missing level mode 0700) and fsync each parent whose entries changed."""
+    for d in make_private_dirs(path):
         _fsync_dir(d.parent)
 
 

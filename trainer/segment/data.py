@@ -219,6 +219,14 @@ def load_case(case: Case, tol: float = 1e-3, mask_threshold: float = 0.5) -> tup
     return image, mask
 
 
+def gm_mask_path(case: Case) -> Path | None:
+    """The grey-matter mask beside a case's cord mask (``*_seg-manual`` → ``*_gmseg-manual``), if any."""
+    if case.mask is None or "_seg-manual" not in case.mask.name:
+        return None
+    p = case.mask.with_name(case.mask.name.replace("_seg-manual", "_gmseg-manual"))
+    return p if p.is_file() else None
+
+
 def data_hash(cases: Sequence[Case]) -> str:
     """SHA-256 over the bytes of every image and mask file (sorted by path)."""
     h = hashlib.sha256()

@@ -123,7 +123,7 @@ def _mean(scores: dict[str, dict[str, float]]) -> float | None:
 
 def _train(cfg: dict[str, Any], spec: preprocess.PrepSpec, shared: list[tdata.Case], split: CorrectionSplit,
            init: Any, seed: int, device: str, epochs: int, margin: int) -> tuple[Any, list[dict[str, float]]]:
-    from trainer.lesions import lesion_spec
+    from trainer.lesion_families import lesion_source
     from trainer.segment.loop import train_network
 
     task = cfg["model"]["task"]
@@ -134,14 +134,14 @@ def _train(cfg: dict[str, Any], spec: preprocess.PrepSpec, shared: list[tdata.Ca
         vols = tseg.load_volumes(shared + list(split.train), spec, "cord", margin) + synth
         refresh = None
         if float(cfg["train"].get("lesion_fraction", 0.0)) > 0:
-            frac, lspec = float(cfg["train"]["lesion_fraction"]), lesion_spec(cfg)
-            refresh = lambda ep, r: tseg.cord_with_lesions(vols, r, lspec, frac)  # noqa: E731
+            frac, source = float(cfg["train"]["lesion_fraction"]), lesion_source(cfg)
+            refresh = lambda ep, r: tseg.cord_with_lesions(vols, r, source, frac)  # noqa: E731
     else:
         base = tseg.load_volumes(shared, spec, "lesion", margin) + synth
         real = real_lesion_vols(split.train, spec, margin, post)
-        lspec, lcfg = lesion_spec(cfg), cfg.get("lesions", {})
+        source, lcfg = lesion_source(cfg), cfg.get("lesions", {})
         clean, look = float(lcfg.get("clean_fraction", 0.0)), float(lcfg.get("lookalike_fraction", 0.0))
-        refresh = lambda ep, r: tseg.with_lesions(base, r, lspec, clean, post, look) + real  # noqa: E731
+        refresh = lambda ep, r: tseg.with_lesions(base, r, source, clean, post, look) + real  # noqa: E731
         vols = base + real
     minutes = float(cfg["train"].get("final_minutes", 6))
     return train_network(cfg, spec, vols, [], seed=seed, device=device, minutes=minutes, epochs=epochs,

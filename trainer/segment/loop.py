@@ -79,11 +79,14 @@ class SliceSampler:
     patch, as a sliding window at inference places it). With ``pos_by_component`` the voxel is
     drawn from a foreground component chosen uniformly (26-connected, per volume), so a 5 mm³
     lesion is sampled as often as a 500 mm³ one; otherwise uniformly over foreground voxels.
+    A ``hard_negative_fraction`` share of the other patches is centred on a hard-negative voxel
+    of the volume (``extra["hard_negatives"]``, e.g. grey matter), where it has any.
     """
 
     def __init__(self, vols: Sequence[Any], spec: preprocess.PrepSpec, rng: np.random.Generator,
                  pos_fraction: float, synth_fraction: float, canal_fraction: float = 0.0,
-                 pos_jitter: float = 0.25, pos_by_component: bool = False) -> None:
+                 pos_jitter: float = 0.25, pos_by_component: bool = False,
+                 hard_negative_fraction: float = 0.0) -> None:
         if not 0.0 <= pos_jitter <= 0.5:
             raise ConfigError(f"[train] pos_jitter = {pos_jitter}: must lie in [0, 0.5] (a share of the patch size)")
         self.real = [v for v in vols if not v.synthetic]
@@ -92,6 +95,7 @@ class SliceSampler:
         self.spec, self.rng = spec, rng
         self.pos_fraction, self.synth_fraction, self.canal_fraction = pos_fraction, synth_fraction, canal_fraction
         self.pos_jitter, self.pos_by_component = pos_jitter, pos_by_component
+        self.hard_negative_fraction = hard_negative_fraction
         self._components: dict[int, list[np.ndarray]] = {}
 
     def _pick(self):
@@ -127,6 +131,10 @@ class SliceSampler:
             jy, jx = int(self.pos_jitter * ph), int(self.pos_jitter * pw)
             y += int(self.rng.integers(-jy, jy + 1))
             x += int(self.rng.integers(-jx, jx + 1))
+        elif self.hard_negative_fraction > 0 and "hard_negatives" in v.extra \
+                and self.rng.random() < self.hard_negative_fraction:
+            hn = v.extra["hard_negatives"]
+            z, y, x = hn[int(self.rng.integers(len(hn)))]
         else:
             z = int(self.rng.integers(img.shape[0]))
             y, x = int(self.rng.integers(img.shape[1])), int(self.rng.integers(img.shape[2]))
@@ -283,7 +291,7 @@ def train_network(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: Se
             vols = refresh(ep, rng)
         sampler = SliceSampler(vols, spec, rng, float(t.get("pos_fraction", 0.67)), float(t.get("synth_fraction", 0.5)),
                                float(t.get("canal_fraction", 0.0)), float(t.get("pos_jitter", 0.25)),
-                               bool(t.get("pos_by_component", False)))
+                               bool(t.get("pos_by_component", False)), float(t.get("hard_negative_fraction", 0.0)))
         net.train()
         losses = []
         bar = tqdm(range(steps), desc=f"{tag} epoch {ep + 1}/{epochs}", leave=False, mininterval=5)

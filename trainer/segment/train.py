@@ -22,7 +22,8 @@ from sci_node.errors import ConfigError, DataError
 from trainer import __version__ as TRAINER_VERSION
 from trainer import git_commit, read_toml_config
 from trainer.segment import data as tdata
-from trainer.lesions import LesionSpec, inject_lesions, inject_lookalikes, lesion_spec
+from trainer.lesion_families import LesionSource, lesion_source
+from trainer.lesions import inject_lookalikes
 from trainer.segment.evaluate import apply_setting, evaluate_cord, evaluate_lesion, setting_grid
 from trainer.segment.loop import CANAL_GROUP
 
@@ -116,8 +117,15 @@ def _resolve(p: str | Path) -> Path:
     return p if p.is_absolute() else (REPO / p).resolve()
 
 
-def load_volumes(cases: list[tdata.Case], spec: preprocess.PrepSpec, task: str, margin_yx: int) -> list[Vol]:
-    """Preprocess each case with the inference preprocessing (model grid, normalised)."""
+def load_volumes(cases: list[tdata.Case], spec: preprocess.PrepSpec, task: str, margin_yx: int,
+                 hard_negatives: bool = False) -> list[Vol]:
+    """Preprocess each case with the inference preprocessing (model grid, normalised).
+
+    With ``hard_negatives`` (lesion model), a case with a grey-matter mask (:func:`trainer.data.gm_mask_path`)
+    gets its grey-matter voxels inside the cord, ``(N, 3)`` indices on the cropped model grid, as
+    ``extra["hard_negatives"]``: patch centres the sampler draws as hard negatives (grey matter is
+    brighter than white matter on T2*w and is not a lesion).
+    """
     vols = []
     for c in cases:
         image, mask = tdata.load_case(c)
@@ -127,13 +135,19 @@ def load_volumes(cases: list[tdata.Case], spec: preprocess.PrepSpec, task: str, 
             raise DataError(f"mask {str(c.mask)!r} is empty")
         sp = tuple(float(s) for s in prep.grid.GetSpacing()[::-1])
         arr = prep.array
+        gm_path = tdata.gm_mask_path(c) if hard_negatives else None
+        gm = None if gm_path is None else preprocess.mask_to_model_grid(tdata.read_image(gm_path), prep.grid)
         if task == "lesion":  # the lesion model sees a box around the cord, as at inference
             box = preprocess.roi_bbox(lab, (0, margin_yx, margin_yx))
             if box is None:
                 raise DataError(f"mask {str(c.mask)!r} is empty on the model grid")
             arr, lab = preprocess.crop(arr, box), preprocess.crop(lab, box)
+            gm = None if gm is None else preprocess.crop(gm, box)
+        extra: dict[str, Any] = {"case": c}
+        if gm is not None and (gm & lab).any():
+            extra["hard_negatives"] = np.argwhere((gm > 0) & (lab > 0))
         vols.append(Vol(c.key, c.group, arr, lab, sp, cord=lab if task == "lesion" else None,  # type: ignore[arg-type]
-                        extra={"case": c}))
+                        extra=extra))
     return vols
 
 
@@ -193,9 +207,11 @@ def _fold_vols(vols: list[Vol], synth: list[Vol], held: list[str], cfg: dict[str
     return train + [v for v in synth if not (no_synth and v.group == "synthetic")]
 
 
-def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec, clean_fraction: float = 0.0,
+def with_lesions(vols: list[Vol], rng: np.random.Generator, source: LesionSource, clean_fraction: float = 0.0,
                  post: dict[str, Any] | None = None, lookalike_fraction: float = 0.0) -> list[Vol]:
-    """Copies of cord volumes with freshly injected lesions (label = lesion mask).
+    """Copies of cord volumes with freshly injected lesions (label = lesion mask), each drawn from one
+    of ``source``'s lesion families (:mod:`trainer.lesion_families`). A family that swells the cord
+    also gives the copy its swollen cord (the ROI the network is fed).
 
     ``clean_fraction`` of the copies (drawn per volume) get no lesion and an empty label:
     healthy cords the network must leave unmarked (false lesions on healthy scans).
@@ -220,19 +236,23 @@ def with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec, c
         base = v.image
         if lookalike_fraction > 0 and rng.random() < lookalike_fraction:
             base = inject_lookalikes(rng, v.image, v.cord, v.spacing)
+        cord = v.cord
         if clean_fraction > 0 and rng.random() < clean_fraction:
             img, les = base.copy(), np.zeros(v.image.shape, np.uint8)
         else:
-            img, les = inject_lesions(rng, base, v.cord, v.spacing, lspec)
+            draw = source(rng, base, v.cord, v.spacing)
+            img, les, cord = draw.image, draw.lesion, draw.cord
         if post.get("mask_input_to_roi"):
-            img = roi_input(img, dilate_mm(v.cord, v.spacing, roi_dilate_mm(post)), post)
-        out.append(Vol(v.key, v.group, img, les, v.spacing, cord=v.cord, synthetic=v.synthetic, extra=v.extra))
+            img = roi_input(img, dilate_mm(cord, v.spacing, roi_dilate_mm(post)), post)
+        out.append(Vol(v.key, v.group, img, les, v.spacing, cord=cord, synthetic=v.synthetic, extra=v.extra))
     return out
 
 
-def cord_with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSpec, fraction: float) -> list[Vol]:
+def cord_with_lesions(vols: list[Vol], rng: np.random.Generator, source: LesionSource,
+                      fraction: float) -> list[Vol]:
     """The cord training volumes, a ``fraction`` of them (drawn anew each epoch) with synthetic
-    hyperintense lesions injected inside the cord and the **cord label unchanged**.
+    hyperintense lesions from ``source``'s families injected inside the cord; the cord label is
+    unchanged, or the family's swollen cord when it models swelling.
 
     A lesion is part of the cord: without this the cord model reads a bright intramedullary
     lesion as CSF, cuts it out of the cord mask, and the lesion model (whose output is cut to
@@ -241,8 +261,8 @@ def cord_with_lesions(vols: list[Vol], rng: np.random.Generator, lspec: LesionSp
     out = []
     for v in vols:
         if v.label.any() and rng.random() < fraction:
-            img, _ = inject_lesions(rng, v.image, v.label, v.spacing, lspec)
-            v = Vol(v.key, v.group, img, v.label, v.spacing, synthetic=v.synthetic, extra=v.extra)
+            draw = source(rng, v.image, v.label, v.spacing)
+            v = Vol(v.key, v.group, draw.image, draw.cord, v.spacing, synthetic=v.synthetic, extra=v.extra)
         out.append(v)
     return out
 
@@ -254,15 +274,15 @@ def run_fold(cfg: dict[str, Any], spec: preprocess.PrepSpec, train_vols: list[Vo
 
     refresh = None
     if cfg["model"]["task"] == "lesion":
-        lspec = lesion_spec(cfg)
+        source = lesion_source(cfg)
         post = cfg.get("post", {})
-        val_vols = with_lesions(val_vols, np.random.default_rng(seed + 1), lspec, post=post)
+        val_vols = with_lesions(val_vols, np.random.default_rng(seed + 1), source, post=post)
         clean = float(cfg.get("lesions", {}).get("clean_fraction", 0.0))
         look = float(cfg.get("lesions", {}).get("lookalike_fraction", 0.0))
-        refresh = lambda ep, rng: with_lesions(train_vols, rng, lspec, clean, post, look)  # noqa: E731
+        refresh = lambda ep, rng: with_lesions(train_vols, rng, source, clean, post, look)  # noqa: E731
     elif float(cfg["train"].get("lesion_fraction", 0.0)) > 0:
-        frac, lspec = float(cfg["train"]["lesion_fraction"]), lesion_spec(cfg)
-        refresh = lambda ep, rng: cord_with_lesions(train_vols, rng, lspec, frac)  # noqa: E731
+        frac, source = float(cfg["train"]["lesion_fraction"]), lesion_source(cfg)
+        refresh = lambda ep, rng: cord_with_lesions(train_vols, rng, source, frac)  # noqa: E731
     return train_network(cfg, spec, train_vols, val_vols, seed=seed, device=device, minutes=minutes,
                          epochs=epochs, tag=tag, refresh=refresh, checkpoint=checkpoint)
 
@@ -442,7 +462,7 @@ def train_segmentation(model_name: str, config: Path | None, data: Path | None, 
     root = Path(data) if data else _resolve(cfg["data"]["root"])
     cases = config_cases(cfg, root)
     margin = int(cfg.get("lesions", {}).get("crop_margin_yx", 24))
-    vols = load_volumes(cases, spec, task, margin)
+    vols = load_volumes(cases, spec, task, margin, hard_negatives=bool(cfg.get("lesions", {}).get("hard_negatives")))
     rng = np.random.default_rng(seed)
     synth = synth_pool(cfg, spec, rng, task, margin)
     log.info("train.start", model=model_name, cases=[v.key for v in vols], synthetic=len(synth), epochs=n_epochs)
