@@ -234,7 +234,8 @@ class Pipeline:
 
     def _write_dicom(self, vol: SeriesVolume, cord: np.ndarray, lesion: np.ndarray | None,
                      summary: dict[str, Any], out_dir: Path, notes: Sequence[str] = ()) -> tuple[Path, ...]:
-        """Write the SEG and SR; ``summary`` gains ``key_images`` (where a viewer opens: :mod:`sci_node.pipeline.key_slices`)."""
+        """Write the SEG and SR; ``summary`` gains ``key_images`` (where a viewer opens:
+        :mod:`sci_node.pipeline.key_slices`)."""
         from sci_node.pipeline.key_slices import key_images, viewer_record
         from sci_node.pipeline.seg_writer import build_seg
         from sci_node.pipeline.sr_writer import build_sr
