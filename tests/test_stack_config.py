@@ -8,10 +8,18 @@ from pathlib import Path
 
 import pytest
 
+from sci_node.app.stack import (
+    CONFIG_TEMPLATE,
+    PLUGIN_SCRIPT,
+    OrthancCredentials,
+    StackPorts,
+    ohif_study_url,
+    render_orthanc_config,
+    resolve_credentials,
+    write_orthanc_config,
+)
 from sci_node.config import load_config
 from sci_node.errors import ConfigError, StackError
-from sci_node.app.stack import (CONFIG_TEMPLATE, PLUGIN_SCRIPT, OrthancCredentials, StackPorts, ohif_study_url,
-                            render_orthanc_config, resolve_credentials, write_orthanc_config)
 
 
 def test_generated_credentials_are_stored_0600_and_reused(tmp_path: Path) -> None:

@@ -21,12 +21,11 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import httpx
 import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-
-import httpx
 from pydicom.uid import generate_uid
 
 from chromium_cdp import Browser

@@ -31,9 +31,9 @@ from sci_node.config import NodeConfig
 from sci_node.engine import ENGINE_FILE, TASK_NAME
 from sci_node.engine import redis_store as rstore
 from sci_node.engine.ledger import Dispatch, Ledger
+from sci_node.engine.local import job_notes
 from sci_node.errors import EngineError, SciNodeError
 from sci_node.store import Job, Store, write_durable
-from sci_node.engine.local import job_notes
 
 if TYPE_CHECKING:
     import redis
@@ -106,7 +106,8 @@ class Gateway(threading.Thread):
         if now - self._last_check >= CHECK_EVERY_S:
             self._check_outstanding()
             self._last_check = now
-        raw = self.client.blmove(self.keys.events, self.keys.events_taken, 0.5, "LEFT", "RIGHT")
+        # Redis >= 6 takes a fractional timeout; redis-py's annotation says int
+        raw = self.client.blmove(self.keys.events, self.keys.events_taken, 0.5, "LEFT", "RIGHT")  # type: ignore[arg-type]
         n = 0
         while raw is not None and n < EVENTS_PER_TICK:
             self._handle_raw(raw)

@@ -159,8 +159,8 @@ class RegistryPipelineProvider:
             When the registry/pipeline modules are unavailable or no models are active.
         """
         try:
-            from sci_node.pipeline import Pipeline
             from sci_node.models.registry import ModelRegistry
+            from sci_node.pipeline import Pipeline
         except ImportError as exc:
             raise ModelError(f"the inference pipeline is not available ({exc}); "
                              "set processor = \"derived-sc\" to check the plumbing only") from exc

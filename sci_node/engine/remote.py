@@ -30,8 +30,8 @@ import structlog
 from sci_node.config import NodeConfig, RoutingRules
 from sci_node.engine import TASK_NAME
 from sci_node.engine import redis_store as rstore
-from sci_node.errors import EngineError
 from sci_node.engine.local import DerivedSCProcessor, FixedProvider, Processor, _PipelineAdapter, process_outcome
+from sci_node.errors import EngineError
 
 if TYPE_CHECKING:
     import redis
