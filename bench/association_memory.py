@@ -29,11 +29,10 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from common import emit, machine, start_node, stop
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pynetdicom import AE
-
-from common import emit, machine, start_node, stop
 
 
 def mib(pid: int, field: str) -> float:

@@ -29,9 +29,9 @@ def main() -> None:
     import torch
 
     from sci_node.config import RoutingRules
-    from sci_node.routing.evidence import HeaderEvidence
     from sci_node.pipeline.route_report import load_classifiers, route_series
     from sci_node.pipeline.series import find_dicom_files, read_series
+    from sci_node.routing.evidence import HeaderEvidence
 
     torch.set_num_threads(1)
     classifiers = load_classifiers(REPO / "models")

@@ -47,8 +47,8 @@ def extent_scores(pred: np.ndarray, truth: np.ndarray, axis: int) -> dict[str, f
 def main() -> int:
     from sci_node.models.predict_seg import Segmenter, configure_threads
     from trainer.segment import data as tdata
-    from trainer.segment.train import load_config
     from trainer.segment.recalibrate import unseen_cases
+    from trainer.segment.train import load_config
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", type=Path, default=REPO / "models" / "cord" / "0.2.3")

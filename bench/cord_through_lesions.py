@@ -62,11 +62,11 @@ def score(artifact: Path | None, trials: int, families: list[str]) -> dict[str, 
     from sci_node.imaging import preprocess
     from sci_node.models.predict_seg import Segmenter
     from sci_node.models.registry import ModelRegistry
+    from trainer.lesion_families import LesionSource, family_generator
     from trainer.segment import data as tdata
-    from trainer.lesion_families import family_generator, LesionSource
-    from trainer.segment.train import load_config
     from trainer.segment.evaluate import lesion_trials
     from trainer.segment.recalibrate import unseen_cases
+    from trainer.segment.train import load_config
 
     if artifact is None:
         reg = ModelRegistry(REPO / "models")

@@ -25,8 +25,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import (SAMPLE, emit, machine, replicate, start_node, start_orthanc, start_storescp, stop,
-                    storescu)
+from common import SAMPLE, emit, machine, replicate, start_node, start_orthanc, start_storescp, stop, storescu
 
 SERVERS = ("storescp", "sci-node", "orthanc")
 

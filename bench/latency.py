@@ -10,8 +10,8 @@ Two paths, each on a warm node (one warm-up series first, which includes model l
   ``/tools/find`` shows the SEG series in the study, and that minus both stable waits
   (Orthanc's StableAge + the node's own stable wait).
 
-Inputs: the committed sagittal lumbar series (``tests/data/series/lumbar_sag_T2w``, 38 slices) and, with ``--slices 50``, the same
-series resampled to 50 slices (same field of view) - the target is "<= 6 s beyond the stable
+Inputs: the committed sagittal lumbar series (``tests/data/series/lumbar_sag_T2w``, 38 slices) and, with
+``--slices 50``, the same series resampled to 50 slices (same field of view) - the target is "<= 6 s beyond the stable
 wait for a 50-slice sagittal T2w". Each round sends a fresh copy (new UIDs).
 
 Usage (from the repo root)::
@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from common import (SAMPLE, emit, free_port, replicate, resample_series, start_node, start_storescp, stop,
-                    storescu)
+from common import SAMPLE, emit, free_port, replicate, resample_series, start_node, start_storescp, stop, storescu
 
 
 def _seg_arrived(out: Path) -> bool:
@@ -79,8 +77,8 @@ def bench_orthanc(tmp: Path, inputs: dict[str, Path], rounds: int, stable: float
     """``sci-node stack`` (Orthanc + node); SEG visible in Orthanc."""
     import pydicom
 
-    from sci_node.config import load_config
     from sci_node.app.stack import NODE_STABLE_SECONDS, OrthancCredentials, Stack, StackPorts, StackSpec
+    from sci_node.config import load_config
 
     cfg = load_config(None, {"data_dir": str(tmp / "stack"), "stable_seconds": stable})
     ports = StackPorts(free_port(), free_port(), free_port())

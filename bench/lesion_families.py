@@ -109,9 +109,9 @@ def score_artifact(artifact: Path, config: Path, trials: int | None, families: l
     """One row per family (all of them by default) for ``artifact``; ``raw_out`` keeps every setting's scores."""
     from sci_node.models.artifact import load_network
     from trainer.lesion_families import FAMILIES
-    from trainer.segment.train import load_config
     from trainer.segment.evaluate import setting_grid
     from trainer.segment.recalibrate import card_spec, eval_config, unseen_cases
+    from trainer.segment.train import load_config
 
     net, card = load_network(artifact)
     cfg = load_config("lesion", config)

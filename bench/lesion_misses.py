@@ -86,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     from sci_node.models.artifact import load_network
     from sci_node.models.predict_seg import Segmenter
     from sci_node.models.registry import ModelRegistry
-    from trainer.segment import data as tdata
     from trainer.lesion_families import lesion_source
-    from trainer.segment.train import load_config
+    from trainer.segment import data as tdata
     from trainer.segment.evaluate import lesion_trials
     from trainer.segment.recalibrate import eval_config, unseen_cases
+    from trainer.segment.train import load_config
 
     p = argparse.ArgumentParser(prog="bench/lesion_misses.py")
     p.add_argument("--artifact", type=Path, default=None, help="default: the active lesion model")

@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from sci_node.config import RoutingRules
-    from sci_node.pipeline import Pipeline
     from sci_node.models.registry import ModelRegistry
+    from sci_node.pipeline import Pipeline
     from sci_node.pipeline.series import read_series
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

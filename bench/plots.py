@@ -37,7 +37,8 @@ def plot_ingest(rows: list[dict], out: Path) -> None:
     rates = [r["inst_per_s"] for r in summ]
     bars = ax.barh(names, rates, color=["#888", "#1f77b4", "#ff7f0e"][:len(names)])
     for b, r in zip(bars, summ):
-        ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" {r['inst_per_s']:.0f}/s ({r['ratio_to_storescp']:.0%})",
+        ax.text(b.get_width(), b.get_y() + b.get_height() / 2,
+                f" {r['inst_per_s']:.0f}/s ({r['ratio_to_storescp']:.0%})",
                 va="center", fontsize=8)
     ax.set_xlabel(f"instances/s (median; {summ[0]['instances']} MR instances, storescu client)")
     ax.set_xlim(0, max(rates) * 1.35)

@@ -34,8 +34,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (REPO, emit, free_port, loadavg, machine, replicate, sci_node_cmd, start_node, start_storescp,
-                    stop, storescu, wait_port)
+from common import (
+    REPO,
+    emit,
+    free_port,
+    loadavg,
+    machine,
+    replicate,
+    sci_node_cmd,
+    start_node,
+    start_storescp,
+    stop,
+    storescu,
+    wait_port,
+)
 
 SAMPLE = REPO / "sample" / "series"
 

@@ -58,15 +58,16 @@ def spine_contrasts(data: Path, segmenter: Any, mask_op: str) -> tuple[dict[int,
 
 
 def main() -> int:
-    from sci_node.routing import contrast_rules
     from sci_node.models.predict_seg import Segmenter, configure_threads
     from sci_node.models.registry import ModelRegistry
+    from sci_node.routing import contrast_rules
     from trainer.classify.ensemble import mean_predictions
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "spine")
     ap.add_argument("--mask", choices=("as-is", "erode", "dilate"), default="as-is")
-    ap.add_argument("--cards", type=Path, nargs="+", help="sequence artefact folders to average (default: the active one)")
+    ap.add_argument("--cards", type=Path, nargs="+",
+                    help="sequence artefact folders to average (default: the active one)")
     args = ap.parse_args()
     configure_threads(2)
     reg = ModelRegistry(REPO / "models")
@@ -92,7 +93,8 @@ def main() -> int:
             t["spine_" + key] += int(ok) if spine else 0
         if spine and p["condition"] == "header_removed":
             print(json.dumps({"series": Path(src.path).name, "group": src.group, "true": p["true"], "network": net,
-                              "p": round(p["probs"][net], 3), "csf_to_cord": None if c is None else round(c.csf_to_cord, 3),
+                              "p": round(p["probs"][net], 3),
+                              "csf_to_cord": None if c is None else round(c.csf_to_cord, 3),
                               "rule": rule.rule, "after_check": final}))
     for cond, t in totals.items():
         print(json.dumps({"condition": cond, "mask": args.mask,

@@ -27,9 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from sci_node.app.stack import OrthancCredentials, Stack, StackPorts, StackSpec, sample_series_files, wait_for_modality  # noqa: E402
 from sci_node.config import load_config  # noqa: E402
-from sci_node.app.stack import (OrthancCredentials, Stack, StackPorts, StackSpec,  # noqa: E402
-                            sample_series_files, wait_for_modality)
 
 
 def _free_port() -> int:

@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                           "seconds_max": max(r["seconds"] for r in sel)}))
     unk = [r for r in rows if r.get("expected") == "unknown"]
     if unk:
-        print(json.dumps({"summary": "no anchor in view", "series": len(unk), "reported_unknown": sum(r["ok"] for r in unk)}))
+        print(json.dumps({"summary": "no anchor in view", "series": len(unk),
+                          "reported_unknown": sum(r["ok"] for r in unk)}))
     return 0
 
 

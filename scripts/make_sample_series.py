@@ -20,9 +20,10 @@ Outputs (all uncompressed Explicit VR Little Endian MR Image Storage, 16-bit uns
 
 Geometry: the NIfTI affine (RAS) is converted to DICOM patient LPS; ImagePositionPatient /
 ImageOrientationPatient are exact. Acquisition headers: the source's BIDS sidecar values when it has
-one (sub-unf01: spine-generic 3-D T2 SPACE), otherwise typical values for the contrast. Intensities are rescaled linearly to 0..4095 (12 bits
-stored), without RescaleSlope (MR Image IOD). UIDs are derived deterministically from the
-series name (``pydicom.uid.generate_uid(entropy_srcs=...)``) so re-running gives identical files.
+one (sub-unf01: spine-generic 3-D T2 SPACE), otherwise typical values for the contrast. Intensities are
+rescaled linearly to 0..4095 (12 bits stored), without RescaleSlope (MR Image IOD). UIDs are derived
+deterministically from the series name (``pydicom.uid.generate_uid(entropy_srcs=...)``) so re-running gives
+identical files.
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom
 from nibabel import orientations as ornt
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid

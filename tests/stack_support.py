@@ -23,8 +23,9 @@ import httpx
 import pydicom
 from pyorthanc import Orthanc
 
-from conftest import DCMTK_ENV, free_port, wait_for
 from sci_node.app.stack import die_with_parent
+
+from conftest import DCMTK_ENV, free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = sorted((REPO / "sample" / "series").glob("*.dcm"))

@@ -10,13 +10,13 @@ import pydicom
 import pytest
 from pydicom.data import DATA_ROOT
 
-from sci_node.routing.anatomy_rules import anatomy_from_header, body_part_class, mentions_spine, names_non_spine
-from sci_node.routing.cls_features import header_features
 from sci_node.config import RoutingRules, load_config
 from sci_node.errors import ConfigError
+from sci_node.routing import route, slice_count
+from sci_node.routing.anatomy_rules import anatomy_from_header, body_part_class, mentions_spine, names_non_spine
+from sci_node.routing.cls_features import header_features
 from sci_node.routing.evidence import HeaderEvidence
 from sci_node.routing.header_rules import sequence_from_header
-from sci_node.routing import route, slice_count
 
 REPO = Path(__file__).resolve().parents[1]
 SERIES = REPO / "tests" / "data" / "series"

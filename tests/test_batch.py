@@ -9,9 +9,10 @@ import highdicom as hd
 import pytest
 import SimpleITK as sitk
 
-from dicom_validate import dciodvfy_errors
 from sci_node.cli import main
 from sci_node.pipeline.series import read_series
+
+from dicom_validate import dciodvfy_errors
 
 REPO = Path(__file__).resolve().parent.parent
 SERIES = REPO / "tests" / "data" / "series"

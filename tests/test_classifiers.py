@@ -12,11 +12,11 @@ import SimpleITK as sitk
 import torch
 
 from sci_node.cli import main
-from sci_node.routing.cls_features import N_FEATURES, series_inputs, view_of_image
 from sci_node.errors import InvalidDatasetError
-from sci_node.routing.evidence import HeaderEvidence
 from sci_node.models.predict_cls import Classifier
 from sci_node.models.registry import ModelRegistry
+from sci_node.routing.cls_features import N_FEATURES, series_inputs, view_of_image
+from sci_node.routing.evidence import HeaderEvidence
 
 REPO = Path(__file__).resolve().parent.parent
 FIX = REPO / "tests" / "data" / "cls"
@@ -38,7 +38,8 @@ def _nibabel_file(name: str) -> Path:
 @pytest.fixture(scope="module")
 def shipped() -> dict[str, Classifier]:
     reg = ModelRegistry(REPO / "models")
-    return {n: Classifier.from_artifact(reg.path_of(n, reg.active()[n])) for n in ("anatomy", "region_view", "sequence")}
+    return {n: Classifier.from_artifact(reg.path_of(n, reg.active()[n]))
+            for n in ("anatomy", "region_view", "sequence")}
 
 
 @pytest.fixture(scope="module")
@@ -355,7 +356,8 @@ def test_route_command_names_the_reason_of_an_unreadable_series(tmp_path: Path,
 
 
 def test_score_command_accuracy_and_confusion(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from trainer.studies.cls_score import bids_labels, main as score_main
+    from trainer.studies.cls_score import bids_labels
+    from trainer.studies.cls_score import main as score_main
 
     assert bids_labels("sub-1_acq-MTon_MTS.nii.gz") == {"sequence": "other"}
     assert bids_labels("sub-1_T2star.nii.gz") == {"sequence": "T2starw"} and bids_labels("x.nii") == {}

@@ -12,11 +12,12 @@ import torch
 
 from sci_node.cli import main
 from sci_node.errors import ModelError
-from sci_node.routing.evidence import HeaderEvidence
 from sci_node.models.predict_cls import Classifier
 from sci_node.models.registry import ModelRegistry
-from test_classifiers import FIX, T2_TSE, TINY_SEQUENCE
+from sci_node.routing.evidence import HeaderEvidence
 from trainer.classify.ensemble import build_ensemble
+
+from test_classifiers import FIX, T2_TSE, TINY_SEQUENCE
 
 torch.set_num_threads(1)
 
@@ -44,10 +45,12 @@ def test_ensemble_serves_the_mean_of_its_members_calibrated_probabilities(member
     image = sitk.ReadImage(str(FIX / "spine_ax_T2w_cervical.nii.gz"))
     for ev in (None, HeaderEvidence(), T2_TSE):
         got = ens.predict_explained(image, ev)
-        want = {c: float(np.mean([s.predict(image, ev)["sequence"][c] for s in singles])) for c in ens.heads["sequence"]}
+        want = {c: float(np.mean([s.predict(image, ev)["sequence"][c] for s in singles]))
+                for c in ens.heads["sequence"]}
         assert got[0]["sequence"] == pytest.approx(want, abs=1e-5)
         assert got[1]["sequence"] == singles[0].predict_explained(image, ev)[1]["sequence"]  # header rules as before
-    fired = ens.predict(image, T2_TSE)["sequence"]  # the spin-echo rule fires: the mean of the members' rule confidences
+    # the spin-echo rule fires: the mean of the members' rule confidences
+    fired = ens.predict(image, T2_TSE)["sequence"]
     assert max(fired, key=fired.get) == "T2w"
     assert fired["T2w"] == pytest.approx(np.mean([s.rules_confidence for s in singles]), abs=1e-5)
 
@@ -66,7 +69,8 @@ def test_ensemble_card_scores_the_mean_of_the_members_held_out_predictions(membe
             assert v == pytest.approx((first[k]["probs"][c] + second[k]["probs"][c]) / 2, abs=1e-4)
     removed = [p for p in rs["predictions"] if p["condition"] == "header_removed" and p["true"]]
     correct = sum(max(p["probs"], key=p["probs"].get) == p["true"] for p in removed)
-    assert rs["header_removed"]["n"] == len(removed) and rs["header_removed"]["accuracy"] == round(correct / len(removed), 4)
+    assert rs["header_removed"]["n"] == len(removed)
+    assert rs["header_removed"]["accuracy"] == round(correct / len(removed), 4)
     assert rs["header_removed"]["n_spine"] == len(removed)  # both fixture groups are spine
     assert card["architecture"]["class"] == "sci_node.nets.ProbMeanSeriesNet"
     assert card["architecture"]["args"]["temperatures"]["sequence"] == [c["calibration"]["temperature"]["sequence"]

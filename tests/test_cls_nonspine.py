@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sci_node.routing.cls_features import N_FEATURES, THUMB_SIZE, series_inputs
 from sci_node.errors import ConfigError
-from trainer.classify.train import EXTRA_DATA_KEYS, _with_nonspine
+from sci_node.routing.cls_features import N_FEATURES, THUMB_SIZE, series_inputs
 from trainer.classify.data import ANATOMY, TASKS, SampleSet
 from trainer.classify.nonspine import KINDS, epi_artefacts
+from trainer.classify.train import EXTRA_DATA_KEYS, _with_nonspine
 
 EXPECTED = {"brain_epi": "brain", "brain_crop": "brain", "phantom_scan": "other", "ct_crop": "abdomen",
             "abdomen_slice": "abdomen"}

@@ -14,6 +14,7 @@ from typing import Callable
 from pydicom.data import get_testdata_file
 
 from sci_node.config import REPO_ROOT
+
 from conftest import NodeProc, storescu
 
 STATEMENT = REPO_ROOT / "conformance" / "conformance-statement.md"

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from sci_node.routing import contrast_rules as cr
 from sci_node.config import RoutingRules
-from sci_node.pipeline import Pipeline
 from sci_node.models.registry import ModelRegistry
+from sci_node.pipeline import Pipeline
+from sci_node.routing import contrast_rules as cr
 from sci_node.routing import recheck_sequence, route
 
 REPO = Path(__file__).resolve().parent.parent

@@ -30,13 +30,14 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 from scipy import ndimage
-
-from conftest import wait_for
-from stack_support import PASSWORD, SAMPLE, USER, StackProc
 from test_trainer_seg import _bids, _tiny_config
+
 from sci_node.config import REPO_ROOT
 from sci_node.corrections import dice, lesion_changes
 from sci_node.models.registry import ModelRegistry
+
+from conftest import wait_for
+from stack_support import PASSWORD, SAMPLE, USER, StackProc
 
 AXIAL = REPO_ROOT / "tests" / "data" / "series" / "unf01_axial_T2w"
 SHIPPED_CORD = ModelRegistry(REPO_ROOT / "models").active()["cord"]
@@ -195,7 +196,8 @@ def test_corrections_loop_end_to_end(loop: dict[str, Any]) -> None:
     z0 = int(np.argmax(cord1.reshape(len(cord1), -1).sum(1)))
     ys, xs = np.nonzero(cord1[z0])
     blob = np.zeros_like(cord1)
-    blob[max(z0 - 1, 0):z0 + 2, int(np.median(ys)) - 2:int(np.median(ys)) + 3, int(np.median(xs)) - 1:int(np.median(xs)) + 2] = 1
+    yc, xc = int(np.median(ys)), int(np.median(xs))
+    blob[max(z0 - 1, 0):z0 + 2, yc - 2:yc + 3, xc - 1:xc + 2] = 1
     blob &= cord1
     order = [str(ds.SOPInstanceUID) for ds in _sorted_sources(p1)]
 
@@ -374,9 +376,9 @@ def test_lesion_finetune_on_exported_layout(tmp_path: Path) -> None:
 
 def test_the_node_retention_sweep_expires_corrections_and_keeps_their_measures(tmp_path: Path) -> None:
     """``[corrections] retention_days`` is applied by the node's own retention sweeper too."""
+    from sci_node.app.retention import RetentionSweeper
     from sci_node.config import load_config
     from sci_node.corrections import open_index
-    from sci_node.app.retention import RetentionSweeper
     from sci_node.store import Store
 
     (tmp_path / "c.toml").write_text("[corrections]\nretention_days = 0.00001\n")  # < 1 s

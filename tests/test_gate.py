@@ -8,8 +8,8 @@ import socket
 import struct
 import time
 from collections import Counter
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np

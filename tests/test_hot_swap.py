@@ -16,13 +16,14 @@ from typing import Callable
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
-
-from conftest import NodeProc, StoreSCP, storescu, wait_for
 from test_trainer_seg import _bids, _tiny_config
+
 from sci_node.cli import main
 from sci_node.config import REPO_ROOT
 from sci_node.models.registry import ModelRegistry
 from trainer.segment.train import train_segmentation
+
+from conftest import NodeProc, StoreSCP, storescu, wait_for
 
 SERIES = REPO_ROOT / "tests" / "data" / "series" / "unf01_axial_T2w"
 NEW_VERSION = "0.2.0-hotswap"

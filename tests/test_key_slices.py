@@ -5,9 +5,17 @@ import numpy as np
 import pytest
 from matplotlib.path import Path as Polygon
 
-from sci_node.pipeline.key_slices import (CORD_FINDING, key_images, key_slice, lesion_key_slices, nearest_acquired, outline,
-                                 slice_counts, viewer_record)
 from sci_node.imaging.measure import index_to_lps, summarize
+from sci_node.pipeline.key_slices import (
+    CORD_FINDING,
+    key_images,
+    key_slice,
+    lesion_key_slices,
+    nearest_acquired,
+    outline,
+    slice_counts,
+    viewer_record,
+)
 from sci_node.pipeline.series import SourceRef
 
 

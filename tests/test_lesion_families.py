@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from sci_node.imaging import preprocess
 from sci_node.errors import ConfigError
+from sci_node.imaging import preprocess
 from trainer.lesion_families import FAMILIES, LesionSource, family_generator, lesion_source
 from trainer.lesions import LesionSpec, inject_lesions
-from trainer.segment.train import Vol, cord_with_lesions, load_config, prep_spec, with_lesions
 from trainer.segment.loop import SliceSampler
+from trainer.segment.train import Vol, cord_with_lesions, load_config, prep_spec, with_lesions
 
 SEG = Path(__file__).parent / "data" / "seg"
 CONFIGS = Path(__file__).resolve().parents[1] / "trainer" / "configs"

@@ -71,7 +71,6 @@ def test_axial_three_slices_are_unknown_with_a_reason(cord_model) -> None:
 
 def test_infer_writes_levels_nifti_report_and_sr(tmp_path: Path) -> None:
     from sci_node.cli import main
-
     from tests.dicom_validate import dciodvfy_errors
 
     out = tmp_path / "out"

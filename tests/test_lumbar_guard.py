@@ -15,8 +15,8 @@ import highdicom as hd
 import numpy as np
 
 from sci_node.config import RoutingRules
-from sci_node.pipeline import Pipeline
 from sci_node.models.registry import ModelRegistry
+from sci_node.pipeline import Pipeline
 from sci_node.pipeline.series import read_series
 
 REPO = Path(__file__).resolve().parent.parent

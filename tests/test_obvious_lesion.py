@@ -19,8 +19,8 @@ import pytest
 from scipy import ndimage as ndi
 
 from sci_node.config import RoutingRules
-from sci_node.pipeline import Pipeline
 from sci_node.models.registry import ModelRegistry
+from sci_node.pipeline import Pipeline
 from sci_node.pipeline.series import SeriesVolume, read_series
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from conftest import make_mr_series, wait_for
-from stack_support import (PASSWORD, USER, ProcessedStudy, StackProc, pid_alive, shared_stack)
+from stack_support import PASSWORD, USER, ProcessedStudy, StackProc, pid_alive, shared_stack
 
 pytestmark = pytest.mark.slow
 

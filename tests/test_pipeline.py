@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from dicom_validate import dciodvfy_errors
 from sci_node.config import RoutingRules
-from sci_node.pipeline import Pipeline, PipelineResult
 from sci_node.models.registry import ModelRegistry
+from sci_node.pipeline import Pipeline, PipelineResult
 from sci_node.pipeline.series import read_series
+
+from dicom_validate import dciodvfy_errors
 
 REPO = Path(__file__).resolve().parent.parent
 SERIES = REPO / "tests" / "data" / "series"

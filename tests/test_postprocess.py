@@ -73,7 +73,8 @@ def test_calibration_of_threshold_and_minimum_volume_is_nested() -> None:
     spec = PrepSpec(spacing_yx=(0.8, 0.8), patch_yx=(32, 32), threshold=0.5)
     grid = setting_grid(cfg, spec)
     assert grid == ["0.3@2", "0.3@10", "0.5@2", "0.5@10"]
-    assert parse_setting("0.5@10") == (0.5, 10.0) and parse_setting(0.4) == (0.4, None) and parse_setting("0.4") == (0.4, None)
+    assert parse_setting("0.5@10") == (0.5, 10.0)
+    assert parse_setting(0.4) == (0.4, None) and parse_setting("0.4") == (0.4, None)
 
     def row(d: float) -> dict:
         return {"dice": d, "lesion_f1": d, "subject": "s", "contrast": "T2w"}

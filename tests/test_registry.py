@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sci_node.models.artifact import CARD, WEIGHTS, sha256_file
 from sci_node.cli import main
 from sci_node.errors import ModelError
+from sci_node.models.artifact import CARD, WEIGHTS, sha256_file
 from sci_node.models.registry import ModelRegistry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,7 +38,8 @@ def _active(models_dir: Path) -> dict[str, str]:
 
 @pytest.fixture()
 def two_versions(tmp_path: Path) -> tuple[Path, Path, Path]:
-    return (tmp_path / "models", _version(SHIPPED, tmp_path / "a1", "1.0.0"), _version(SHIPPED, tmp_path / "a2", "2.0.0"))
+    return (tmp_path / "models", _version(SHIPPED, tmp_path / "a1", "1.0.0"),
+            _version(SHIPPED, tmp_path / "a2", "2.0.0"))
 
 
 def test_add_activate_rollback_list(two_versions: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:

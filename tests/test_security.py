@@ -18,8 +18,7 @@ from typing import Callable
 import pydicom
 import pytest
 
-from conftest import (DCMTK_ENV, NodeProc, StoreSCP, echoscu, free_port, make_mr_series, port_open, storescu,
-                      wait_for)
+from conftest import DCMTK_ENV, NodeProc, StoreSCP, echoscu, free_port, make_mr_series, port_open, storescu, wait_for
 
 PLUMBING = 'processor = "derived-sc"\n'
 
@@ -260,9 +259,9 @@ def test_retention_purges_delivered_series_only(node_factory: Callable[..., Node
 def test_retention_purge_never_loses_an_instance_arriving_meanwhile(tmp_path: Path) -> None:
     """The purge/ingest race, step by step on the real store: an instance whose file was written just
     before the purge moved its series away is refused (StorageError -> 0xA700), not acknowledged."""
+    from sci_node.app.retention import purge_expired
     from sci_node.config import load_config
     from sci_node.errors import ConfigError, StorageError
-    from sci_node.app.retention import purge_expired
     from sci_node.store import InstanceKey, Store, write_durable
 
     store = Store(tmp_path / "d")

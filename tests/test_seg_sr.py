@@ -11,13 +11,14 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
-from dicom_validate import dciodvfy_errors
 from sci_node.errors import InvalidSeriesError
 from sci_node.imaging.measure import index_to_lps, summarize
 from sci_node.pipeline.key_slices import key_images, slice_counts
 from sci_node.pipeline.seg_writer import SegEncoding, build_seg, frame_references, seg_encoding
 from sci_node.pipeline.series import SeriesVolume, read_series
 from sci_node.pipeline.sr_writer import build_sr, read_measurements, region_outline
+
+from dicom_validate import dciodvfy_errors
 
 REPO = Path(__file__).resolve().parent.parent
 AXIAL = REPO / "tests" / "data" / "series" / "unf01_axial_T2w"
@@ -273,7 +274,8 @@ def test_seg_and_sr_of_series_with_a_missing_slice(tmp_path: Path) -> None:
     received = {r.sop_instance_uid for r in vol.refs if r is not None}
     refs = frame_references(seg)
     assert {uid for _, uid, _ in refs} <= received and gone not in {uid for _, uid, _ in refs}
-    listed = {str(i.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
+    listed = {str(i.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence
+              for i in s.ReferencedInstanceSequence}
     assert listed == received and len(received) == 15
     z_of = {r.sop_instance_uid: z for z, r in enumerate(vol.refs) if r is not None}
     frames = pydicom.dcmread(path).pixel_array

@@ -8,13 +8,22 @@ from pathlib import Path
 
 import pytest
 
-from sci_node.config import load_config
-from sci_node.errors import ConfigError, StackError
-from sci_node.app.stack import (CONFIG_TEMPLATE, DEMO_AET, PLUGIN_SCRIPT, OrthancCredentials, StackPorts,
-                                ohif_study_url, render_orthanc_config, resolve_credentials, with_demo_sender,
-                                write_orthanc_config)
+from sci_node.app.stack import (
+    CONFIG_TEMPLATE,
+    DEMO_AET,
+    PLUGIN_SCRIPT,
+    OrthancCredentials,
+    StackPorts,
+    ohif_study_url,
+    render_orthanc_config,
+    resolve_credentials,
+    with_demo_sender,
+    write_orthanc_config,
+)
 from sci_node.app.stack_dicom import listening_addresses, node_tls_args, orthanc_env
 from sci_node.app.stack_supervisor import RestartPolicy
+from sci_node.config import load_config
+from sci_node.errors import ConfigError, StackError
 
 
 def test_generated_credentials_are_stored_0600_and_reused(tmp_path: Path) -> None:
@@ -68,7 +77,8 @@ def test_template_placeholders_and_ports_are_checked() -> None:
 def test_orthanc_dicom_port_is_closed_by_default_in_the_config(tmp_path: Path) -> None:
     cfg = load_config(None, {"data_dir": str(tmp_path / "D"), "ae_title": "SCIN",
                              "stack": {"scanners": ["MR1@10.1.2.3", "CT@10.1.2.4"]}})
-    conf = json.loads(write_orthanc_config(cfg, StackPorts(18042, 14242, 11112), OrthancCredentials("u", "p")).read_text())
+    conf = json.loads(write_orthanc_config(cfg, StackPorts(18042, 14242, 11112),
+                                           OrthancCredentials("u", "p")).read_text())
     assert (conf["DicomAlwaysAllowStore"], conf["DicomAlwaysAllowEcho"]) == (False, False)
     assert (conf["DicomCheckModalityHost"], conf["DicomCheckCalledAet"], conf["DicomTlsEnabled"]) == (True, True, False)
     mods = conf["DicomModalities"]
@@ -91,9 +101,11 @@ def test_stack_tls_goes_to_orthanc_and_the_node(tmp_path: Path) -> None:
     cfg = load_config(None, {"data_dir": str(tmp_path / "D"), "stack": {"tls": {
         "enabled": True, "cert_file": str(tmp_path / "c.crt"), "key_file": str(tmp_path / "c.key"),
         "ca_file": str(tmp_path / "ca.crt"), "require_client_cert": True}}})
-    conf = json.loads(write_orthanc_config(cfg, StackPorts(18042, 14242, 11112), OrthancCredentials("u", "p")).read_text())
+    conf = json.loads(write_orthanc_config(cfg, StackPorts(18042, 14242, 11112),
+                                           OrthancCredentials("u", "p")).read_text())
     assert conf["DicomTlsEnabled"] is True and conf["DicomTlsRemoteCertificateRequired"] is True
-    assert conf["DicomTlsCertificate"] == str(tmp_path / "c.crt") and conf["DicomTlsPrivateKey"] == str(tmp_path / "c.key")
+    assert conf["DicomTlsCertificate"] == str(tmp_path / "c.crt")
+    assert conf["DicomTlsPrivateKey"] == str(tmp_path / "c.key")
     bundle = Path(conf["DicomTlsTrustedCertificates"])
     assert bundle.read_text() == "-----ca.crt-----\n-----c.crt-----\n" and stat.S_IMODE(bundle.stat().st_mode) == 0o600
     assert conf["DicomModalities"]["sci-node"]["UseDicomTls"] is True

@@ -112,7 +112,8 @@ def test_dicom_tls_on_orthancs_port_and_the_node_link(tmp_path: Path) -> None:
 
 def test_demo_still_sends_its_sample_through_the_closed_port(tmp_path: Path) -> None:
     http, dicom, node = free_ports(3)
-    res = subprocess.run([sys.executable, "-m", "sci_node.cli", "demo", "--exit-after", "--data-dir", str(tmp_path / "d"),
+    res = subprocess.run([sys.executable, "-m", "sci_node.cli", "demo", "--exit-after",
+                          "--data-dir", str(tmp_path / "d"),
                           "--http-port", str(http), "--dicom-port", str(dicom), "--node-port", str(node),
                           "--stable-seconds", "1", "--log-format", "json"],
                          capture_output=True, text=True, timeout=900,

@@ -24,11 +24,11 @@ from typing import Any, Iterator
 import numpy as np
 import pydicom
 import pytest
+from test_corrections import _copy, _job_masks, _node_job, _radiologist_seg, _sorted_sources, _stow
+from test_terminal import raw_controls
 
 from conftest import wait_for
 from stack_support import SAMPLE, StackProc
-from test_corrections import _copy, _job_masks, _node_job, _radiologist_seg, _sorted_sources, _stow
-from test_terminal import raw_controls
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent

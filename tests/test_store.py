@@ -37,9 +37,9 @@ def test_spool_is_durable_private_and_idempotent(tmp_path: Path) -> None:
 
 
 def test_reconcile_reindexes_lost_rows_and_drops_temp_files(tmp_path: Path) -> None:
-    from conftest import make_mr_series
-
     import pydicom
+
+    from conftest import make_mr_series
 
     (f,) = make_mr_series(tmp_path / "s", n=1)
     ds = pydicom.dcmread(f)

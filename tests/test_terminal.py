@@ -18,9 +18,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import MRImageStorage
 
+from sci_node.terminal import printable
+
 from conftest import NodeProc, make_mr_series, wait_for
 from scale_out_support import sci_node_cmd
-from sci_node.terminal import printable
 
 #: SGR red, an OSC window title ended by BEL, a C1 CSI, DEL and a bidi override: what a hostile value carries
 HOSTILE = "\x1b[31m\x1b]0;pwned\x07\x9b2J\x7f\u202e"

@@ -10,15 +10,15 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from sci_node.imaging import preprocess
 from sci_node.errors import DataError
+from sci_node.imaging import preprocess
 from sci_node.models.predict_seg import Segmenter, coarse_to_fine, infer_volume
-from trainer.segment import data as tdata
 from trainer.lesion_families import LesionSource
 from trainer.lesions import LesionSpec, inject_lookalikes
-from trainer.segment.train import Vol, cord_with_lesions, load_config, prep_spec
+from trainer.segment import data as tdata
 from trainer.segment.evaluate import calibrate
 from trainer.segment.loop import train_network
+from trainer.segment.train import Vol, cord_with_lesions, load_config, prep_spec
 
 SEG = Path(__file__).parent / "data" / "seg"
 CONFIGS = Path(__file__).resolve().parents[1] / "trainer" / "configs"
@@ -216,8 +216,8 @@ def test_partial_run_assembles_an_artefact_that_names_its_pending_folds(tmp_path
     import json
 
     from sci_node.models.artifact import load_network
-    from trainer.segment.train import train_segmentation
     from trainer.segment.assemble import assemble
+    from trainer.segment.train import train_segmentation
 
     data, config = _tiny_cord_config(tmp_path)
     work = tmp_path / "work"
@@ -238,8 +238,8 @@ def test_folds_option_runs_some_folds_and_the_full_run_reuses_them(tmp_path: Pat
     """``only_folds`` (``--folds``) trains and scores those folds into the work dir and stops there (no
     calibration, no final network), so two processes can share one run; the full run then reuses them.
     An unknown fold name, or no work dir, is a ConfigError."""
-    from sci_node.models.artifact import load_network
     from sci_node.errors import ConfigError
+    from sci_node.models.artifact import load_network
     from trainer.segment.train import train_segmentation
 
     data, config = _tiny_cord_config(tmp_path)
@@ -357,8 +357,8 @@ def test_fold_artifacts_score_each_person_with_the_fold_that_held_it_out(tmp_pat
 
     import torch
 
-    from sci_node.models.artifact import load_network, write_artifact
     from sci_node.errors import DataError
+    from sci_node.models.artifact import load_network, write_artifact
     from trainer.segment.recalibrate import recalibrate
 
     cfg = _unseen_persons_config(tmp_path, "cord", "[0.5]")

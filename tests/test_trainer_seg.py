@@ -11,15 +11,15 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from sci_node.models.artifact import load_network
 from sci_node.errors import ConfigError, DataError
 from sci_node.imaging.postprocess import dilate_mm
+from sci_node.models.artifact import load_network
 from sci_node.models.predict_seg import Segmenter
-from trainer.segment import data as tdata
 from trainer.lesion_families import LesionSource
 from trainer.lesions import LesionSpec, inject_lesions
-from trainer.segment.train import train_segmentation
+from trainer.segment import data as tdata
 from trainer.segment.evaluate import parse_setting
+from trainer.segment.train import train_segmentation
 
 SEG = Path(__file__).parent / "data" / "seg"
 CONFIGS = Path(__file__).resolve().parents[1] / "trainer" / "configs"
@@ -226,7 +226,8 @@ def test_lesion_training_copies_clean_and_masked() -> None:
     assert all(not v.label.any() and np.array_equal(v.image, image) for v in clean)
     sick = with_lesions([vol] * 4, np.random.default_rng(1), source, clean_fraction=0.0)
     assert sum(v.label.any() for v in sick) >= 3
-    masked = with_lesions([vol], np.random.default_rng(1), source, post={"mask_input_to_roi": True, "roi_dilate_mm": 1.0})[0]
+    masked = with_lesions([vol], np.random.default_rng(1), source,
+                          post={"mask_input_to_roi": True, "roi_dilate_mm": 1.0})[0]
     near = dilate_mm(cord, (1.0, 1.0, 1.0), 1.0) > 0
     assert not masked.image[~near].any() and masked.image[near].any()
     # roi_normalise = "median": training divides by the ROI's median, exactly as inference does
@@ -257,10 +258,10 @@ def test_thickness_channel_reaches_the_network_in_training_and_inference() -> No
     appended after augmentation in training and by ``infer_volume`` at inference; a card whose
     network does not take that many channels is refused."""
     from sci_node.errors import ModelError
-    from sci_node.models.predict_seg import infer_volume
     from sci_node.imaging.preprocess import PrepSpec, thickness_value
-    from trainer.segment.train import Vol
+    from sci_node.models.predict_seg import infer_volume
     from trainer.segment.loop import SliceSampler, augmentation
+    from trainer.segment.train import Vol
 
     spec = PrepSpec(patch_yx=(32, 32), thickness_channel=True)
     assert spec.in_channels == 2 and PrepSpec.from_card(spec.to_card()) == spec
@@ -291,8 +292,8 @@ def test_flip_x_tta_averages_the_slice_and_its_left_right_mirror() -> None:
     """``preprocessing.flip_x_tta``: the shipped cord network's probabilities become exactly
     mirror-equivariant (mean of the logits of a slice and of its X mirror); without it they are
     not. The setting survives the card round trip and is honoured by a :class:`Segmenter`."""
-    from sci_node.models.predict_seg import infer_volume
     from sci_node.imaging.preprocess import PrepSpec
+    from sci_node.models.predict_seg import infer_volume
 
     net, card = load_network(Path(__file__).parents[1] / "models" / "cord" / "0.2.0")
     image = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG / "sub-unf01_T2w_crop.nii.gz"))).astype(np.float32)
@@ -316,8 +317,8 @@ def test_windows_without_a_kept_voxel_are_skipped_and_the_kept_voxels_are_unchan
     full run (to float rounding), with and without the flip TTA. The shipped lesion network on a real crop."""
     import torch
 
-    from sci_node.models.predict_seg import infer_volume
     from sci_node.imaging.preprocess import PrepSpec
+    from sci_node.models.predict_seg import infer_volume
 
     net, _ = load_network(Path(__file__).parents[1] / "models" / "lesion" / "0.4.2")
     seen: list[int] = []
@@ -347,9 +348,9 @@ def test_cord_free_canal_volumes_stay_in_every_fold_and_are_drawn_at_their_share
     made without the PAM50 template, so they stay in the fold that holds the template image out
     (the PAM50-derived volumes leave it); the sampler draws them at ``canal_fraction``."""
     from sci_node.imaging.preprocess import PrepSpec
-    from trainer.segment.train import Vol, _fold_vols, synth_pool
     from trainer.segment.loop import SliceSampler
     from trainer.segment.synth import synth_canal_volume
+    from trainer.segment.train import Vol, _fold_vols, synth_pool
 
     img, mask, (sz, sy, sx) = synth_canal_volume(np.random.default_rng(3))
     assert img.shape[1:] == (112, 112) and img.shape == mask.shape and not mask.any()
@@ -380,8 +381,8 @@ def test_positive_patches_per_lesion_and_anywhere_in_the_window() -> None:
     ``pos_jitter = 0.45`` puts the lesion anywhere in the patch (0.25: only the middle half);
     a jitter beyond half the patch is refused."""
     from sci_node.imaging.preprocess import PrepSpec
-    from trainer.segment.train import Vol
     from trainer.segment.loop import SliceSampler
+    from trainer.segment.train import Vol
 
     lab = np.zeros((12, 64, 64), np.uint8)
     lab[2:9, 20:27, 20:27] = 1  # 343 voxels
@@ -411,8 +412,8 @@ def test_positive_patches_per_lesion_and_anywhere_in_the_window() -> None:
 
 
 def test_seed_ensemble_averages_its_members_logits_and_refuses_strangers(tmp_path: Path) -> None:
-    from sci_node.models.artifact import read_card, write_artifact
     from sci_node.errors import ModelError
+    from sci_node.models.artifact import read_card, write_artifact
     from trainer.segment.ensemble import main as ensemble_main
 
     base = Path(__file__).resolve().parents[1] / "models" / "lesion" / "0.8.1"

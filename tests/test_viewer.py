@@ -34,20 +34,20 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import highdicom as hd
+import httpx
 import numpy as np
 import pydicom
 import pytest
+from lesion_support import Lesion, cord_from_seg, with_lesions
 from PIL import Image
+from pydicom.uid import generate_uid
 from scipy import ndimage as ndi
 
-import httpx
-from pydicom.uid import generate_uid
+from sci_node.pipeline.series import SeriesVolume, read_series
 
 from chromium_cdp import Browser
 from conftest import wait_for
 from dicom_validate import dciodvfy_errors
-from lesion_support import Lesion, cord_from_seg, with_lesions
-from sci_node.pipeline.series import SeriesVolume, read_series
 from stack_support import PASSWORD, SAMPLE, USER, ProcessedStudy, StackProc, seg_series_uid, shared_stack
 
 AXIAL = Path(__file__).resolve().parent / "data" / "series" / "unf01_axial_T2w"

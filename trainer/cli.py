@@ -23,7 +23,8 @@ def train(model: str, config: Path | None, data: Path | None, out: Path | None, 
           seed: int, device: str, keep_folds: Path | None = None, work_dir: Path | None = None,
           folds: list[str] | None = None) -> int:
     """Train ``model`` and write its artefact; return the exit code (0). ``folds`` (segmentation
-    models, with ``work_dir``): run those cross-validation folds only (:func:`trainer.segment.train.train_segmentation`).
+    models, with ``work_dir``): run those cross-validation folds only
+    (:func:`trainer.segment.train.train_segmentation`).
 
     Raises
     ------
@@ -109,7 +110,8 @@ def register(sub: Any, add_config_flags: Callable[[argparse.ArgumentParser], Non
                         "re-run the same command to resume")
     p.add_argument("--folds", type=lambda v: [f for f in v.split(",") if f], metavar="FOLD[,FOLD]",
                    help="segmentation models, with --work-dir: run these cross-validation folds only (e.g. "
-                        "fold0,fold1; 'final' = the final network; one process per core), then the same command without it to finish")
+                        "fold0,fold1; 'final' = the final network; one process per core), then the same command "
+                        "without it to finish")
     p.add_argument("--corrections", nargs="?", const="data-dir", default=None, metavar="DIR",
                    help="cord/lesion: fine-tune the active model on the shared data plus the site's corrections "
                         "(an exported DIR, or without DIR: exported, de-identified, from --data-dir)")

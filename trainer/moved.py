@@ -19,6 +19,7 @@ MOVED: dict[str, str] = {
     "trainer.cls_score": "trainer.studies.cls_score",
     "trainer.cls_synth": "trainer.classify.synth",
     "trainer.data": "trainer.segment.data",
+    "trainer.disc_render": "trainer.labels.disc_render",
     "trainer.examples": "trainer.studies.examples",
     "trainer.finetune": "trainer.segment.finetune",
     "trainer.infer_check": "trainer.studies.infer_check",

@@ -627,7 +627,7 @@ body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse}} td
 <h2>Series forwarded by Orthanc</h2><table><tr><th>time</th><th>why</th><th>series UID</th><th>Orthanc job</th><th>job state</th><th></th><th></th></tr>
 {''.join(frows) or '<tr><td colspan="7">none yet</td></tr>'}</table>
 {render_engine(engine)}
-{render_corrections(corrections)}</body></html>"""
+{render_corrections(corrections)}</body></html>"""  # noqa: E501 (HTML, served as written)
 
 
 EXPLORER_JS = r"""
@@ -662,7 +662,7 @@ EXPLORER_JS = r"""
       .text('sci-node jobs and status')).prependTo($('#lookup div[data-role=content]'));
   });
 })();
-"""
+"""  # noqa: E501 (JavaScript, served as written)
 
 
 def _install() -> None:

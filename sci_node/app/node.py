@@ -16,15 +16,15 @@ from typing import Any
 import structlog
 
 from sci_node import __version__
-from sci_node.dicom.completion import CompletionMonitor
-from sci_node.config import NodeConfig
-from sci_node.dicom.export import Exporter
 from sci_node.app.retention import RetentionSweeper
+from sci_node.config import NodeConfig
+from sci_node.dicom.completion import CompletionMonitor
+from sci_node.dicom.export import Exporter
 from sci_node.dicom.scp import start_scp
 from sci_node.engine.ledger import recover_jobs
-from sci_node.store.private_files import restrict_umask
-from sci_node.store import Store
 from sci_node.engine.local import ProviderFactory, Worker, default_provider
+from sci_node.store import Store
+from sci_node.store.private_files import restrict_umask
 
 log = structlog.get_logger("sci_node.node")
 

@@ -88,7 +88,8 @@ class RetentionSweeper:
             log.exception("retention.sweep_failed")
         try:
             if self.cfg.corrections.retention_days is not None:
-                from sci_node.corrections.index import open_index, purge_expired as purge_corrections
+                from sci_node.corrections.index import open_index
+                from sci_node.corrections.index import purge_expired as purge_corrections
 
                 index = open_index(self.cfg)
                 try:

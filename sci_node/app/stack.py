@@ -52,13 +52,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
+from sci_node.app.stack_dicom import (
+    check_dicom_listener,
+    dicom_modalities,
+    node_tls_args,
+    orthanc_env,
+    tls_values,
+    trust_bundle_path,
+    write_trust_bundle,
+)
+from sci_node.app.stack_supervisor import RestartPolicy, Supervisor
 from sci_node.config import REPO_ROOT, NodeConfig, Scanner
 from sci_node.errors import ConfigError, StackError
 from sci_node.logs import get_logger
 from sci_node.store.private_files import make_private_dirs, restrict_umask
-from sci_node.app.stack_dicom import (check_dicom_listener, dicom_modalities, node_tls_args, orthanc_env, tls_values,
-                                  trust_bundle_path, write_trust_bundle)
-from sci_node.app.stack_supervisor import RestartPolicy, Supervisor
 
 log = get_logger(__name__)
 

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypedDict
 
 from sci_node import __version__
 from sci_node.config import NodeConfig, load_config
@@ -42,7 +42,8 @@ def _add_config_flags(p: argparse.ArgumentParser, node_flags: bool = False) -> N
                        help="where results are sent (AET@HOST:PORT or AET@HOST PORT); repeat for several")
         p.add_argument("--allow-ae", action="append", metavar="AET[@HOST]",
                        help="calling AE allowed to associate; repeat for several (none: accept any)")
-        p.add_argument("--stable-seconds", type=float, help="seconds without a new instance before a series is complete")
+        p.add_argument("--stable-seconds", type=float,
+                       help="seconds without a new instance before a series is complete")
         p.add_argument("--workers", type=int, help="number of processing workers")
         p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="inference device")
         p.add_argument("--torch-threads", dest="torch_threads", type=int,
@@ -219,7 +220,12 @@ def _demo(args: argparse.Namespace, cfg: NodeConfig) -> int:
                     keep_running=not args.exit_after, config_file=args.config, **_orthanc_login())
 
 
-def _orthanc_login() -> dict[str, str | None]:
+class _OrthancLogin(TypedDict):
+    orthanc_user: str | None
+    orthanc_password: str | None
+
+
+def _orthanc_login() -> _OrthancLogin:
     """Orthanc's HTTP login from the environment: read here, at the CLI edge, and passed in."""
     return {"orthanc_user": os.environ.get("SCI_ORTHANC_USER") or None,
             "orthanc_password": os.environ.get("SCI_ORTHANC_PASSWORD") or None}
@@ -237,7 +243,8 @@ def _late_flags(action_parsers: Iterable[argparse.ArgumentParser]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argparse tree of every subcommand."""
-    parser = argparse.ArgumentParser(prog="sci-node", description="sci-node: DICOM AI node for spinal cord and lesion segmentation on MRI.")
+    parser = argparse.ArgumentParser(
+        prog="sci-node", description="sci-node: DICOM AI node for spinal cord and lesion segmentation on MRI.")
     parser.add_argument("--version", action="version", version=f"sci-node {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

@@ -7,11 +7,19 @@ from __future__ import annotations
 
 from sci_node.corrections.export import export_corrections
 from sci_node.corrections.grid import CORD_CODE, LESION_CODE, check_grid, decode_masks, segment_roles
-from sci_node.corrections.index import (Correction, CorrectionIndex, all_corrections, open_index, purge_expired,
-                                        summary)
-from sci_node.corrections.ingest import (NODE_MANUFACTURER, SEG_SOP_CLASS, IngestOutcome, SourceJob, created_of,
-                                         creator_of, find_source_job, ingest_correction, is_node_authored,
-                                         referenced_series)
+from sci_node.corrections.index import Correction, CorrectionIndex, all_corrections, open_index, purge_expired, summary
+from sci_node.corrections.ingest import (
+                                        NODE_MANUFACTURER,
+                                        SEG_SOP_CLASS,
+                                        IngestOutcome,
+                                        SourceJob,
+                                        created_of,
+                                        creator_of,
+                                        find_source_job,
+                                        ingest_correction,
+                                        is_node_authored,
+                                        referenced_series,
+)
 from sci_node.corrections.measures import change_measures, dice, lesion_changes, lesion_components
 
 __all__ = ["CORD_CODE", "LESION_CODE", "NODE_MANUFACTURER", "SEG_SOP_CLASS",

@@ -5,6 +5,7 @@ from typing import Any
 
 import numpy as np
 
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice of two masks of the same shape (any dtype, > 0 is foreground); 1.0 when both are empty."""
     if a.shape != b.shape:

@@ -27,8 +27,7 @@ import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from sci_node.config import NodeConfig
-from sci_node.dicom.geometry import (GAP_FACTOR, ORIENTATION_TOL, SAME_POSITION_MM, SliceHeader,
-                                     read_slice_headers)
+from sci_node.dicom.geometry import GAP_FACTOR, ORIENTATION_TOL, SAME_POSITION_MM, SliceHeader, read_slice_headers
 from sci_node.store import SeriesRow, Store
 
 log = structlog.get_logger("sci_node.completion")

@@ -9,11 +9,11 @@ from __future__ import annotations
 from enum import IntEnum
 
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -23,7 +23,6 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-
 
 #: Verification SOP Class (C-ECHO).
 VERIFICATION_SOP_CLASS = UID("1.2.840.10008.1.1")

@@ -25,8 +25,8 @@ import structlog
 
 from sci_node.config import Destination, ExportPolicy, NodeConfig, parse_destination
 from sci_node.dicom.dimse import STORED_STATUSES, Status, is_transient_failure
-from sci_node.errors import DicomNetworkError, SciNodeError
 from sci_node.dicom.scu import AssociationRejectedError, export_contexts, open_association
+from sci_node.errors import DicomNetworkError, SciNodeError
 from sci_node.store import OutboxEntry, Store
 
 log = structlog.get_logger("sci_node.export")

@@ -34,11 +34,17 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from sci_node.config import NodeConfig, TLSConfig
-from sci_node.dicom.dimse import (STORAGE_TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS, RejectReason, RejectResult,
-                            RejectSource, Status)
 from sci_node.dicom.decoding import decode_strict, pixel_data_problem
-from sci_node.errors import ConfigError, InvalidDatasetError, StorageError
+from sci_node.dicom.dimse import (
+    STORAGE_TRANSFER_SYNTAXES,
+    VERIFICATION_SOP_CLASS,
+    RejectReason,
+    RejectResult,
+    RejectSource,
+    Status,
+)
 from sci_node.dicom.gate import ConnectionGate, GatedAssociationServer, gate_handlers
+from sci_node.errors import ConfigError, InvalidDatasetError, StorageError
 from sci_node.store import InstanceKey, Store
 
 log = structlog.get_logger("sci_node.scp")

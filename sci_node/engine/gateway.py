@@ -35,10 +35,10 @@ from sci_node.config import NodeConfig
 from sci_node.engine import ENGINE_FILE, TASK_NAME
 from sci_node.engine import redis_store as rstore
 from sci_node.engine.ledger import Dispatch, Ledger
-from sci_node.errors import EngineError, ResultRejectedError, SciNodeError
-from sci_node.engine.result_check import SourceSeries, check_outputs
-from sci_node.store import Job, Store, write_durable
 from sci_node.engine.local import job_notes
+from sci_node.engine.result_check import SourceSeries, check_outputs
+from sci_node.errors import EngineError, ResultRejectedError, SciNodeError
+from sci_node.store import Job, Store, write_durable
 
 if TYPE_CHECKING:
     import redis
@@ -111,7 +111,8 @@ class Gateway(threading.Thread):
         if now - self._last_check >= CHECK_EVERY_S:
             self._check_outstanding()
             self._last_check = now
-        raw = self.client.blmove(self.keys.events, self.keys.events_taken, 0.5, "LEFT", "RIGHT")
+        # Redis >= 6 takes a fractional timeout; redis-py's annotation says int
+        raw = self.client.blmove(self.keys.events, self.keys.events_taken, 0.5, "LEFT", "RIGHT")  # type: ignore[arg-type]
         n = 0
         while raw is not None and n < EVENTS_PER_TICK:
             self._handle_raw(raw)
@@ -316,7 +317,10 @@ class Gateway(threading.Thread):
         self._drop(d.token)
 
     def _check_result(self, d: Dispatch, event: Mapping[str, Any], job: Job, outputs: list[Path]) -> None:
-        """Raise :class:`ResultRejectedError` unless the result is this job's own (:mod:`sci_node.engine.result_check`)."""
+        """Raise :class:`ResultRejectedError` unless the result is this job's own.
+
+        See :mod:`sci_node.engine.result_check`.
+        """
         if str(event.get("job_id")) != str(d.job_id):
             raise ResultRejectedError(f"the result names job {event.get('job_id')!r}, but its token {d.token[:12]} "
                                       f"was dispatched for job {d.job_id}")

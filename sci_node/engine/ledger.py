@@ -104,7 +104,8 @@ class Ledger:
     def started(self, token: str, worker: str, at: float) -> None:
         """A worker began running ``token``."""
         with self.store.tx() as db:
-            db.execute("UPDATE dispatches SET started_at=?, worker=? WHERE token=? AND state='out'", (at, worker, token))
+            db.execute("UPDATE dispatches SET started_at=?, worker=? WHERE token=? AND state='out'",
+                       (at, worker, token))
 
     def note(self, token: str, text: str) -> None:
         """Record why a worker refused the task (it stays out: it went back to the queue)."""

@@ -27,8 +27,8 @@ import structlog
 
 from sci_node.config import NodeConfig
 from sci_node.errors import InvalidSeriesError, ModelError, SciNodeError
-from sci_node.store.private_files import make_private_dirs
 from sci_node.store import Job, Store
+from sci_node.store.private_files import make_private_dirs
 
 log = structlog.get_logger("sci_node.worker")
 
@@ -163,8 +163,8 @@ class RegistryPipelineProvider:
             When the registry/pipeline modules are unavailable or no models are active.
         """
         try:
-            from sci_node.pipeline import Pipeline
             from sci_node.models.registry import ModelRegistry
+            from sci_node.pipeline import Pipeline
         except ImportError as exc:
             raise ModelError(f"the inference pipeline is not available ({exc}); "
                              "set processor = \"derived-sc\" to check the plumbing only") from exc

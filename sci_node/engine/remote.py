@@ -30,8 +30,8 @@ import structlog
 from sci_node.config import NodeConfig, RoutingRules
 from sci_node.engine import TASK_NAME
 from sci_node.engine import redis_store as rstore
-from sci_node.errors import EngineError
 from sci_node.engine.local import DerivedSCProcessor, FixedProvider, Processor, _PipelineAdapter, process_outcome
+from sci_node.errors import EngineError
 
 if TYPE_CHECKING:
     import redis
@@ -241,8 +241,8 @@ def run_worker(cfg: NodeConfig, name: str | None = None) -> int:
     eng = cfg.engine
     if not eng.broker_url:
         raise EngineError("sci-node worker needs --broker redis://HOST:PORT/DB (or [engine] broker_url)")
-    for event, fields in rstore.security_warnings(eng):
-        log.warning(event, **fields)
+    for event, detail in rstore.security_warnings(eng):
+        log.warning(event, **detail)
     rstore.check_broker(eng.broker_url)
     client = rstore.connect(str(eng.redis_url))
     name = name or default_worker_name()

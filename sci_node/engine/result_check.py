@@ -104,7 +104,8 @@ def _check_references(name: str, ds: Any, source: SourceSeries, own_series: set[
                  *(ds.get("PertinentOtherEvidenceSequence") or [])]
         studies = {str(i.get("StudyInstanceUID", "")) for i in items}
         if studies - {source.study_uid}:
-            raise ResultRejectedError(f"{name}: its evidence names other studies {sorted(studies - {source.study_uid})}")
+            others = sorted(studies - {source.study_uid})
+            raise ResultRejectedError(f"{name}: its evidence names other studies {others}")
         series = [(str(s.get("SeriesInstanceUID", "")), _uids(s.get("ReferencedSOPSequence")))
                   for i in items for s in (i.get("ReferencedSeriesSequence") or [])]
         _require_source(name, "evidence", series, source, own_series)

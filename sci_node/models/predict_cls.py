@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
+from sci_node.errors import ModelError
 from sci_node.models.artifact import load_network
 from sci_node.routing.cls_features import N_FEATURES, N_HEADER_FEATURES, PREPROCESSING_IDS, series_inputs
-from sci_node.errors import ModelError
 from sci_node.routing.evidence import HeaderEvidence
 from sci_node.routing.header_rules import RULES_ID, HeaderRule, sequence_from_header
 

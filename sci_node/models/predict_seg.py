@@ -6,17 +6,20 @@ the trainer also uses for validation, so training-time scores come from the same
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 import SimpleITK as sitk
 
+from sci_node.errors import InvalidSeriesError, ModelError
 from sci_node.imaging import postprocess, preprocess
 from sci_node.models.artifact import load_network
-from sci_node.errors import InvalidSeriesError, ModelError
 
 if TYPE_CHECKING:
     import torch
+
+#: A network, or a wrapper around one: ``(B, C, Y, X)`` windows -> ``(B, 1, Y, X)`` logits.
+Predictor = Callable[["torch.Tensor"], "torch.Tensor"]
 
 
 def infer_volume(net: "torch.nn.Module", array: np.ndarray, spec: preprocess.PrepSpec, device: str = "cpu",
@@ -80,7 +83,7 @@ def _infer_logits(net: "torch.nn.Module", stacked: np.ndarray, inner: tuple[slic
     import torch
     from monai.inferers import sliding_window_inference
 
-    predictor = _flip_x_mean(net) if spec.flip_x_tta else net
+    predictor: Predictor = _flip_x_mean(net) if spec.flip_x_tta else net
     if keep is not None:  # the mask rides along as a last channel that the predictor strips
         stacked = np.concatenate([stacked, preprocess.pad_to(keep[:, None].astype(np.float32), spec.patch_yx)[0]],
                                  axis=1)
@@ -92,12 +95,12 @@ def _infer_logits(net: "torch.nn.Module", stacked: np.ndarray, inner: tuple[slic
             # 64 windows per forward pass: sw_batch_size=16 was ~3x slower on 2 CPU cores
             logits = sliding_window_inference(x, roi_size=spec.patch_yx, sw_batch_size=64,
                                               predictor=predictor, overlap=spec.sw_overlap, mode="gaussian")
-            out[z0:z0 + batch_slices] = logits[:, 0].cpu().numpy()[:, inner[0], inner[1]]  # type: ignore[index]
+            out[z0:z0 + batch_slices] = logits[:, 0].cpu().numpy()[:, inner[0], inner[1]]  # type: ignore[index, call-overload]
     return out
 
 
-def coarse_to_fine(infer, array: np.ndarray, spacing: tuple[float, float, float], spec: preprocess.PrepSpec,
-                   step_mm: float, margin_mm: float, threshold: float) -> np.ndarray:
+def coarse_to_fine(infer: Callable[[np.ndarray], np.ndarray], array: np.ndarray, spacing: tuple[float, float, float],
+                   spec: preprocess.PrepSpec, step_mm: float, margin_mm: float, threshold: float) -> np.ndarray:
     """Find the cord coarsely, then segment at full resolution only around it.
 
     The network first runs on every slice ``step_mm`` apart (same in-plane resolution: the
@@ -166,7 +169,7 @@ def _track_box(coarse: np.ndarray, spacing: tuple[float, float, float], margin_m
             max(0, int(b[:, 2].min()) - mx), min(xn, int(b[:, 3].max()) + 1 + mx))
 
 
-def _skip_empty(predict):
+def _skip_empty(predict: Predictor) -> Predictor:
     """A predictor for ``(B, C+1, Y, X)`` windows whose last channel is a keep-mask: ``predict``
     runs on the first ``C`` channels of the windows holding a kept voxel; the others get logits
     of -20 (probability ~2e-9) without running the network."""
@@ -183,7 +186,7 @@ def _skip_empty(predict):
     return run
 
 
-def _flip_x_mean(net: "torch.nn.Module"):
+def _flip_x_mean(net: "torch.nn.Module") -> Predictor:
     """A predictor returning the mean logits of a ``(B, C, Y, X)`` batch and of its X mirror."""
     import torch
 
@@ -322,8 +325,8 @@ class Segmenter:
             if step > 0:
                 sz, sy, sx = (float(v) for v in prepared.grid.GetSpacing()[::-1])
                 return coarse_to_fine(lambda a: infer_volume(self.net, a, self.spec, self.device, z_spacing=z_spacing),
-                                      prepared.array, (sz, sy, sx), self.spec, step, float(self.post.get("coarse_margin_mm", 20.0)),
-                                      self.spec.threshold)
+                                      prepared.array, (sz, sy, sx), self.spec, step,
+                                      float(self.post.get("coarse_margin_mm", 20.0)), self.spec.threshold)
             return infer_volume(self.net, prepared.array, self.spec, self.device, z_spacing=z_spacing)
         roi_m, box = self._roi_box(prepared, roi)
         if box is None:

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import structlog
 
-from sci_node.models.artifact import CARD, read_card, verify_artifact
 from sci_node.errors import ModelError
+from sci_node.models.artifact import CARD, read_card, verify_artifact
 
 if TYPE_CHECKING:
     from sci_node.models.predict_cls import Classifier
@@ -270,7 +270,8 @@ class ModelRegistry:
         with self._locked() as state:
             stack = state["stacks"].get(name, [])
             if len(stack) < 2:
-                raise ModelError(f"cannot roll back {name!r}: no earlier activation (active: {stack[-1] if stack else 'none'})")
+                raise ModelError(f"cannot roll back {name!r}: no earlier activation "
+                                 f"(active: {stack[-1] if stack else 'none'})")
             current = stack.pop()
             target = stack[-1]
             tpath = self.path_of(name, target)
@@ -350,7 +351,8 @@ def _metric_summary(card: Mapping[str, Any]) -> str:
     for head in card.get("heads") or {}:
         m = metrics.get(head) or {}
         if m.get("accuracy") is not None:
-            parts.append(f"{head} {scheme} acc {m['accuracy']:.3f} (real {m.get('accuracy_real') or 0:.3f}, n={m.get('n')})")
+            parts.append(f"{head} {scheme} acc {m['accuracy']:.3f} "
+                         f"(real {m.get('accuracy_real') or 0:.3f}, n={m.get('n')})")
             series = (m.get("real_series") or {}).get("as_available") or {}
             if series.get("accuracy") is not None:
                 parts[-1] += f", real series {series['accuracy']:.3f} (n={series['n']})"

@@ -44,7 +44,8 @@ class ProbMeanSeriesNet(nn.Module):
             raise ValueError(f"an ensemble needs at least one member, got members={members!r}")
         heads = dict(member_args.get("heads", {}))
         if set(temperatures) != set(heads):
-            raise ValueError(f"temperatures are given for heads {sorted(temperatures)}, the members have {sorted(heads)}")
+            raise ValueError(f"temperatures are given for heads {sorted(temperatures)}, "
+                             f"the members have {sorted(heads)}")
         for head, temps in temperatures.items():
             if len(temps) != n or any(float(t) <= 0 for t in temps):
                 raise ValueError(f"head {head!r}: need {n} positive temperatures, got {list(temps)}")

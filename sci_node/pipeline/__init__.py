@@ -6,8 +6,16 @@ Imports the core, dicom/ (geometry), imaging/, routing/ and models/. ``sci_node.
 """
 from __future__ import annotations
 
-from sci_node.pipeline.run import (ModelSetLike, Pipeline, PipelineResult, Segmented, lesion_note, missing_notes,
-                                   read_nifti, write_masks)
+from sci_node.pipeline.run import (
+                                   ModelSetLike,
+                                   Pipeline,
+                                   PipelineResult,
+                                   Segmented,
+                                   lesion_note,
+                                   missing_notes,
+                                   read_nifti,
+                                   write_masks,
+)
 
 __all__ = ["ModelSetLike", "Pipeline", "PipelineResult", "Segmented", "lesion_note", "missing_notes", "read_nifti",
            "write_masks"]

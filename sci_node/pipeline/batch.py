@@ -118,8 +118,8 @@ def run_batch(input: Path, out: Path, cfg: NodeConfig, device: str = "cpu", stre
     """
     from tqdm import tqdm
 
-    from sci_node.pipeline.run import Pipeline
     from sci_node.models.registry import ModelRegistry
+    from sci_node.pipeline.run import Pipeline
 
     stream = stream or sys.stdout
     items = find_inputs(Path(input))

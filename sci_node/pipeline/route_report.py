@@ -90,10 +90,11 @@ def route_series(classifiers: Mapping[str, Any], image: Any, evidence: Any, rule
 
 
 def load_item(item: Any) -> tuple[Any, Any]:
-    """Image and header evidence of a :class:`sci_node.pipeline.batch.BatchItem`, read as ``sci-node infer`` reads it."""
-    from sci_node.routing.evidence import HeaderEvidence
+    """Image and header evidence of a :class:`sci_node.pipeline.batch.BatchItem`, read as ``sci-node infer``
+    reads it."""
     from sci_node.pipeline.run import _sidecar, read_nifti
     from sci_node.pipeline.series import read_series
+    from sci_node.routing.evidence import HeaderEvidence
 
     if item.kind == "dicom":
         vol = read_series(list(item.files))

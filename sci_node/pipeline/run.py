@@ -17,13 +17,13 @@ import numpy as np
 import SimpleITK as sitk
 import structlog
 
-from sci_node.routing import contrast_rules
 from sci_node import routing
-from sci_node.imaging import levels, measure
 from sci_node.config import RoutingRules
 from sci_node.errors import InvalidDatasetError, InvalidSeriesError
+from sci_node.imaging import levels, measure
 from sci_node.models.predict_cls import decided_by_header_rule, explaining
 from sci_node.pipeline.series import MAX_MISSING_FRACTION, SeriesVolume, read_series
+from sci_node.routing import contrast_rules
 
 log = structlog.get_logger("sci_node.pipeline")
 

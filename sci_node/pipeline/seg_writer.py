@@ -5,8 +5,8 @@ boundary (Rows x Columns a multiple of 8), else FRACTIONAL with a Maximum Fracti
 (one byte per pixel, values 0/1). A bit-packed frame that does not start on a byte boundary
 cannot be served by Orthanc 1.10's DICOMweb (``/frames/N`` answers 400) nor, when the packed
 length is odd and padded, read whole by OHIF 3.13 (it expects the unpadded length): such a SEG
-never displays (docs/node.md, "SEG encoding"). Empty frames omitted, same rows/columns as the source; each frame references the
-source instance (and frame) it was derived from; slices the series lacks (interpolated for
+never displays (docs/node.md, "SEG encoding"). Empty frames omitted, same rows/columns as the source;
+each frame references the source instance (and frame) it was derived from; slices the series lacks (interpolated for
 inference, see :mod:`sci_node.pipeline.series`) get no frame. Segment 1 "Spinal cord"
 (SCT 2748008, category Anatomical Structure SCT 91723000); segment 2 "Lesion"
 (SCT 52988006, category Morphologically Abnormal Structure SCT 49755003) only when lesions

@@ -36,8 +36,18 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
-from sci_node.dicom.geometry import (GRID_TOL_MM, ORIENTATION_TOL, SAME_POSITION_MM, SPACING_RTOL, SPACING_TOL_MM,
-                                     UNIT_TOL, SliceHeader, functional_group, is_multiframe, slice_headers)
+from sci_node.dicom.geometry import (
+    GRID_TOL_MM,
+    ORIENTATION_TOL,
+    SAME_POSITION_MM,
+    SPACING_RTOL,
+    SPACING_TOL_MM,
+    UNIT_TOL,
+    SliceHeader,
+    functional_group,
+    is_multiframe,
+    slice_headers,
+)
 from sci_node.errors import InvalidDatasetError, InvalidSeriesError
 
 #: Default largest fraction of the regular slice grid that may be missing (see ``NodeConfig``).

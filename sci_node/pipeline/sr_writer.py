@@ -32,8 +32,16 @@ from pydicom.sr.codedict import codes
 
 from sci_node import __version__
 from sci_node.pipeline.key_slices import CORD_FINDING, KeyImage
-from sci_node.pipeline.seg_writer import (CORD_TYPE, LESION_TYPE, SR_SERIES_OFFSET, derived_uid, described,
-                                          frame_references, source_key, versions_text)
+from sci_node.pipeline.seg_writer import (
+    CORD_TYPE,
+    LESION_TYPE,
+    SR_SERIES_OFFSET,
+    derived_uid,
+    described,
+    frame_references,
+    source_key,
+    versions_text,
+)
 
 _SCT = "SCT"
 NUMBER_OF_LESIONS = hd.sr.CodedConcept("246206008", _SCT, "Number of lesions")

@@ -34,9 +34,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from sci_node.config import RoutingRules
 from sci_node.routing.anatomy_rules import RULES_ID as ANATOMY_RULES_ID
 from sci_node.routing.anatomy_rules import AnatomyRule, anatomy_from_header, region_from_header
-from sci_node.config import RoutingRules
 from sci_node.routing.contrast_rules import RULES_ID as CONTRAST_RULES_ID
 from sci_node.routing.contrast_rules import ContrastRule
 from sci_node.routing.evidence import HeaderEvidence

@@ -84,7 +84,8 @@ def ernst_angle_deg(tr_ms: float, t1_ms: float) -> float:
 
 
 def _fmt(ev: HeaderEvidence) -> str:
-    parts = [f"scan={'/'.join(ev.scanning_sequence or ()) or '-'}", f"variant={'/'.join(ev.sequence_variant or ()) or '-'}"]
+    parts = [f"scan={'/'.join(ev.scanning_sequence or ()) or '-'}",
+             f"variant={'/'.join(ev.sequence_variant or ()) or '-'}"]
     for name, val in (("TE", ev.echo_time_ms), ("TR", ev.repetition_time_ms), ("TI", ev.inversion_time_ms),
                       ("flip", ev.flip_angle_deg), ("ETL", ev.echo_train_length)):
         if val is not None:

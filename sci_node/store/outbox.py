@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from sci_node.store.transactions import IndexBase
 
+
 @dataclass(frozen=True)
 class OutboxEntry:
     """One result file to send to one destination."""

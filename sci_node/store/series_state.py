@@ -20,6 +20,7 @@ from sci_node.store.outbox import _refresh_delivery
 from sci_node.store.spool import _safe_name
 from sci_node.store.transactions import IndexBase
 
+
 @dataclass(frozen=True)
 class SeriesRow:
     """A series waiting for completion."""

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 from sci_node.errors import StorageError
-from sci_node.store.private_files import make_private_dirs
 from sci_node.store.outbox import _hold_stale_results
+from sci_node.store.private_files import make_private_dirs
 from sci_node.store.transactions import IndexBase
 
 _UID_RE = re.compile(r"^[0-9A-Za-z.\-_]{1,64}$")

@@ -15,13 +15,13 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import SimpleITK as sitk
 
-from sci_node.routing.cls_features import N_FEATURES, THUMB_SIZE, series_inputs, view_of_image
 from sci_node.errors import DataError
+from sci_node.routing.cls_features import view_of_image
 from sci_node.routing.evidence import HeaderEvidence
 
 ANATOMY = ("spine", "brain", "abdomen", "other")
@@ -206,7 +206,8 @@ def source_file(src: Source, data: Path) -> Path:
     """The file a catalogue entry reads (the first DICOM file of a ``.mosaic`` folder)."""
     path = root_dir(src.root, data) / src.path
     if path.suffix == ".mosaic":
-        files = sorted(p for p in path.with_suffix("").iterdir() if p.is_file()) if path.with_suffix("").is_dir() else []
+        folder = path.with_suffix("")
+        files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
         if not files:
             raise DataError(f"classifier training source {str(path.with_suffix(''))!r} holds no DICOM file")
         return files[0]

@@ -173,7 +173,8 @@ def build_ensemble(members: Sequence[Path], out: Path, version: str) -> Path:
                                                "members_confidence": confs}
     card["metrics"] = {"validation": f"{first['metrics'].get('validation', '')}; ensemble scored as the mean of "
                                      f"the members' held-out serving probabilities on the stored real series",
-                       **({"header_rules": first["metrics"]["header_rules"]} if "header_rules" in first["metrics"] else {})}
+                       **({"header_rules": first["metrics"]["header_rules"]}
+                          if "header_rules" in first["metrics"] else {})}
     for h in first["heads"]:
         card["metrics"][h] = head_metrics(mean_predictions(cards, h), abstain, spine_groups, cards, h)
     card["training"] = {"command": "python -m trainer.cls_ensemble --members " + " ".join(str(m) for m in members)

@@ -199,7 +199,8 @@ def _phantom_inserts(s: Scene, rng: np.random.Generator, fill: np.ndarray, r: fl
     for _ in range(int(rng.integers(0, 5))):
         c = rng.uniform(-0.5, 0.5, 3) * r
         rr = float(rng.uniform(4, 15))
-        fill[inside & (((s.z - c[0]) ** 2 + (s.y - c[1]) ** 2 + (s.x - c[2]) ** 2) < rr ** 2)] = float(rng.uniform(0, 1.5))
+        ball = ((s.z - c[0]) ** 2 + (s.y - c[1]) ** 2 + (s.x - c[2]) ** 2) < rr ** 2
+        fill[inside & ball] = float(rng.uniform(0, 1.5))
     if rng.random() < 0.4:  # resolution block: slats of 2-6 mm period
         period = float(rng.uniform(4, 12))
         box = inside & (np.abs(other[0]) < 0.35 * r) & (np.abs(other[1]) < 0.2 * r)

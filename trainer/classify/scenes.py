@@ -168,7 +168,8 @@ def render(s: Scene, rng: np.random.Generator, seq: str, ct: bool) -> sitk.Image
             vals[[FAT, MARROW]] *= 0.15
         coarse = rng.standard_normal((3, 3, 3)).astype(np.float32)
         # bias amplitude from 1.5 T (flat) to 7 T (strong B1 inhomogeneity)
-        bias = np.exp(rng.uniform(0.1, 0.6) * ndi.zoom(coarse, [n / 3 for n in s.shape], order=1)[: s.shape[0], : s.shape[1], : s.shape[2]])
+        zoomed = ndi.zoom(coarse, [n / 3 for n in s.shape], order=1)[: s.shape[0], : s.shape[1], : s.shape[2]]
+        bias = np.exp(rng.uniform(0.1, 0.6) * zoomed)
         arr = vals[s.lab] * bias + rng.normal(0, rng.uniform(0.01, 0.04), s.shape).astype(np.float32)
         arr = np.abs(arr) * float(rng.uniform(200, 3000))
     img = sitk.GetImageFromArray(arr.astype(np.float32))

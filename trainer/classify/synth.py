@@ -115,7 +115,8 @@ def pam50_sample(p: Pam50, rng: np.random.Generator) -> tuple[sitk.Image, Header
     sub.SetOrigin(p.image.TransformIndexToPhysicalPoint([0, 0, z0]))
     lev = p.levels[zc][p.levels[zc] > 0]
     ys, xs = np.nonzero(p.levels[zc] > 0)
-    centre = np.asarray(p.image.TransformContinuousIndexToPhysicalPoint([float(xs.mean()), float(ys.mean()), float(zc)]))
+    centre = np.asarray(p.image.TransformContinuousIndexToPhysicalPoint(
+        [float(xs.mean()), float(ys.mean()), float(zc)]))
     centre += rng.normal(0, 4.0, 3)
     size, spacing = _grid(view, rng)
     d = _frame(view, rng)

@@ -19,15 +19,34 @@ from typing import Any, Sequence
 import numpy as np
 import structlog
 
-from sci_node.routing.cls_features import FEATURE_NAMES, N_FEATURES, N_HEADER_FEATURES, PREPROCESSING_ID, PREPROCESSING_IDS, \
-    THUMB_SIZE, n_channels, series_inputs
 from sci_node.errors import ConfigError, DataError
 from sci_node.models.artifact import sha256_file as file_sha
+from sci_node.routing.cls_features import (
+    FEATURE_NAMES,
+    N_FEATURES,
+    N_HEADER_FEATURES,
+    PREPROCESSING_ID,
+    PREPROCESSING_IDS,
+    THUMB_SIZE,
+    n_channels,
+    series_inputs,
+)
 from trainer import __version__ as TRAINER_VERSION
 from trainer import git_commit, read_toml_config
+from trainer.classify.data import (
+    ANATOMY,
+    DEFAULT_SOURCES,
+    REGION,
+    SEQUENCE,
+    TASKS,
+    VIEW,
+    SampleSet,
+    Source,
+    real_samples,
+    root_dir,
+    source_file,
+)
 from trainer.classify.metrics import fit_temperature, head_metrics, header_present, rule_confidence
-from trainer.classify.data import ANATOMY, REGION, SEQUENCE, TASKS, VIEW, DEFAULT_SOURCES, SampleSet, Source, \
-    load_source, real_samples, root_dir, source_file
 
 log = structlog.get_logger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -269,7 +288,8 @@ def _net_args(cfg: dict[str, Any], heads: Sequence[str]) -> dict[str, Any]:
 
 def fit(cfg: dict[str, Any], heads: Sequence[str], train: SampleSet, epochs: int, seed: int, device: str,
         val: SampleSet | None = None, desc: str = "train") -> Any:
-    """Train a fresh network (``[network] class``, default SeriesNet) on ``train``; progress bar with loss and held-out accuracy."""
+    """Train a fresh network (``[network] class``, default SeriesNet) on ``train``; progress bar with loss and
+    held-out accuracy."""
     import torch
     from tqdm import tqdm
 
@@ -288,7 +308,8 @@ def fit(cfg: dict[str, Any], heads: Sequence[str], train: SampleSet, epochs: int
         w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(counts), 0.0)
         power = float(tcfg.get("class_weight_power", 0.5))  # 0.5 = sqrt of inverse class frequency
         weights[h] = torch.as_tensor(w ** power, dtype=torch.float32, device=device)
-    opt = torch.optim.AdamW(net.parameters(), lr=float(tcfg.get("lr", 3e-3)), weight_decay=float(tcfg.get("weight_decay", 1e-4)))
+    opt = torch.optim.AdamW(net.parameters(), lr=float(tcfg.get("lr", 3e-3)),
+                            weight_decay=float(tcfg.get("weight_decay", 1e-4)))
     batch, drop = int(tcfg.get("batch_size", 64)), float(tcfg.get("header_dropout", 0.25))
     n_pool = len(thumbs) + (max(0, int(tcfg.get("real_repeat", 1)) - 1)) * int(np.sum(train.real))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(tcfg.get("lr", 3e-3)), total_steps=max(1, epochs * (
@@ -410,7 +431,8 @@ def _labels(heads: Sequence[str]) -> list[dict[str, Any]]:
 
 def train_classifier(model: str, config: Path | None, data: Path | None, out: Path | None, epochs: int | None,
                      seed: int, device: str) -> Path:
-    """Train ``anatomy``, ``region_view`` or ``sequence``: grouped k-fold validation, calibration, final model, artefact.
+    """Train ``anatomy``, ``region_view`` or ``sequence``: grouped k-fold validation, calibration, final model,
+    artefact.
 
     Returns the artefact folder (default ``models/MODEL/VERSION``).
     """
@@ -482,7 +504,8 @@ def _rules_of(cfg: dict[str, Any], samples: SampleSet) -> dict[str, dict[str, An
     return {"sequence": {"id": RULES_ID, "head": "sequence", "confidence": round(conf, 4),
                          "fallback": "network with the header features" if cfg["network"].get(
                              "header_features", True) else "network on the image alone",
-                         "measured_on": f"{hits}/{n} training samples whose header fired a rule agree with their label"}}
+                         "measured_on": f"{hits}/{n} training samples whose header fired a rule agree with "
+                                        "their label"}}
 
 
 def _work_dir(cfg: dict[str, Any], model: str, samples: SampleSet, seed: int, epochs: int) -> Path | None:
@@ -499,7 +522,8 @@ def _work_dir(cfg: dict[str, Any], model: str, samples: SampleSet, seed: int, ep
 def _card(cfg: dict[str, Any], model: str, heads: Sequence[str], metrics: dict[str, Any], temps: dict[str, float],
           abstain: float, samples: SampleSet, folds: list[list[str]], seed: int, epochs: int, device: str,
           custom_config: bool) -> dict[str, Any]:
-    """The model card of a trained classifier (see :mod:`sci_node.models.artifact` and :mod:`sci_node.models.predict_cls`)."""
+    """The model card of a trained classifier (see :mod:`sci_node.models.artifact` and
+    :mod:`sci_node.models.predict_cls`)."""
     return {
         "name": model, "version": cfg["model"]["version"], "kind": "classifier",
         "description": cfg["model"].get("description", ""),

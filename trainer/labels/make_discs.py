@@ -2,7 +2,7 @@
 
 The readings below are canonical-grid indices ``(z, y)`` on canonical sagittal slice ``x``
 (:func:`sci_node.preprocess.canonicalise`: ``Z`` inferior->superior, ``Y`` anterior->posterior,
-``X`` right->left), read off the PNGs of :mod:`trainer.disc_render`, each the centre of the disc
+``X`` right->left), read off the PNGs of :mod:`trainer.labels.disc_render`, each the centre of the disc
 (middle of its height and of its anterior-posterior depth) on that slice. This script turns
 them into patient LPS mm and the voxel index ``(i, j, k)`` of the source NIfTI file as stored
 (nibabel/ITK index order), which is what discs.json keeps. Needs ``../shared/data/spine``.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from trainer.disc_render import load_canonical
+from trainer.labels.disc_render import load_canonical
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "spine"
@@ -82,7 +82,8 @@ def main() -> int:
     for k, ser in enumerate(data["series"]):
         head = {key: ser[key] for key in ("image", "person", "anchored")}
         lines.append("  " + json.dumps(head)[:-1] + ', "discs": [')
-        lines += ["   " + json.dumps(d) + ("," if i < len(ser["discs"]) - 1 else "") for i, d in enumerate(ser["discs"])]
+        last = len(ser["discs"]) - 1
+        lines += ["   " + json.dumps(d) + ("," if i < last else "") for i, d in enumerate(ser["discs"])]
         lines.append("  ]}" + ("," if k < len(data["series"]) - 1 else ""))
     lines.append(" ]}")
     OUT.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -21,11 +21,11 @@ from typing import Any
 
 import structlog
 
-from sci_node.models.artifact import build_network, write_artifact
 from sci_node.errors import DataError
+from sci_node.models.artifact import build_network, write_artifact
 from trainer.segment import data as tdata
-from trainer.segment.train import REPO, _card, config_cases, cv_folds, load_config, prep_spec, summarise, train_command
 from trainer.segment.evaluate import apply_setting, calibrate
+from trainer.segment.train import REPO, _card, config_cases, cv_folds, load_config, prep_spec, summarise, train_command
 
 log = structlog.get_logger(__name__)
 

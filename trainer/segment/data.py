@@ -16,8 +16,8 @@ origin, direction within ``tol``). Violations raise :class:`DataError` naming th
 """
 from __future__ import annotations
 
-import hashlib
 import fnmatch
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence

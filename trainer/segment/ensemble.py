@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sci_node.models.artifact import WEIGHTS, verify_artifact, write_artifact
 from sci_node.errors import DataError
+from sci_node.models.artifact import WEIGHTS, verify_artifact, write_artifact
 from trainer import git_commit
 
 ENSEMBLE_CLASS = "sci_node.nets.LogitMeanEnsemble"

@@ -1,5 +1,5 @@
 """Held-out evaluation of segmentation networks on each **source grid**, through the same
-:class:`sci_node.models.predict_seg.Segmenter` the node uses (MONAI Dice and Hausdorff-95,
+:class:`sci_node.predict_seg.Segmenter` the node uses (MONAI Dice and Hausdorff-95,
 lesion-wise F1 by connected components).
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from scipy import ndimage as ndi
 from sci_node.imaging import preprocess
 from sci_node.imaging.postprocess import lesion_f1
 from sci_node.models.predict_seg import Segmenter
-from trainer.segment import data as tdata
 from trainer.lesion_families import LesionSource, lesion_source
+from trainer.segment import data as tdata
 
 
 def scores(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float]) -> dict[str, float | None]:

@@ -8,7 +8,7 @@ post-processing as its card) and trains ``epochs`` epochs on the shared cases (`
 the training config, or ``--data``) plus the other patients' corrections, at a tenth of the
 config's learning rate. The card records how many corrections went in and scores the new model
 and the model it replaces on the held-out corrections (on their source grids, through
-:class:`sci_node.models.predict_seg.Segmenter`, like the node).
+:class:`sci_node.predict_seg.Segmenter`, like the node).
 
 The lesion model is trained as in :mod:`trainer.seg` (synthetic lesions injected in the shared
 cords every epoch) plus the corrections' real lesion masks (``_lesion-manual``, an empty mask
@@ -26,11 +26,11 @@ import numpy as np
 import SimpleITK as sitk
 import structlog
 
-from sci_node.imaging import preprocess
 from sci_node.errors import DataError, ModelError
+from sci_node.imaging import preprocess
 from trainer import __version__ as TRAINER_VERSION
-from trainer.segment import data as tdata
 from trainer import git_commit
+from trainer.segment import data as tdata
 from trainer.segment import train as tseg
 
 log = structlog.get_logger(__name__)

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import structlog
 
+from sci_node.errors import ConfigError
 from sci_node.imaging import preprocess
 from sci_node.models.artifact import build_network
-from sci_node.errors import ConfigError
 from sci_node.models.predict_seg import roi_dilate_mm
 
 if TYPE_CHECKING:

@@ -39,12 +39,12 @@ from typing import Any
 
 import structlog
 
+from sci_node.errors import DataError
 from sci_node.imaging import preprocess
 from sci_node.models.artifact import load_network, write_artifact
-from sci_node.errors import DataError
 from trainer.segment import data as tdata
-from trainer.segment.train import config_cases, load_config, summarise
 from trainer.segment.evaluate import apply_setting, calibrate, evaluate_cord, evaluate_lesion, setting_grid
+from trainer.segment.train import config_cases, load_config, summarise
 
 log = structlog.get_logger(__name__)
 

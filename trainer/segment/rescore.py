@@ -22,11 +22,11 @@ from typing import Any
 
 import structlog
 
-from sci_node.models.artifact import load_network, verify_artifact, write_card
 from sci_node.errors import DataError, ModelError
+from sci_node.models.artifact import load_network, verify_artifact, write_card
 from trainer.segment import data as tdata
-from trainer.segment.train import _resolve, data_spec, jsonable_settings, load_config, prep_spec, summarise
 from trainer.segment.evaluate import apply_setting, calibrate, evaluate_cord, evaluate_lesion, setting_grid
+from trainer.segment.train import _resolve, data_spec, jsonable_settings, load_config, prep_spec, summarise
 
 log = structlog.get_logger(__name__)
 

@@ -164,7 +164,8 @@ def _acquire(rng: np.random.Generator, img: np.ndarray, cord: np.ndarray, length
     image = ndi.affine_transform(img, matrix, offset, out_shape, order=1, mode="reflect")
     mask = ndi.affine_transform(cord, matrix, offset, out_shape, order=1, mode="constant") >= 0.5
     bias = np.exp(smooth_noise(rng, tuple(max(2, s // 16) for s in out_shape), 1.0) * rng.uniform(0, 0.3))
-    bias = ndi.zoom(bias, [s / b for s, b in zip(out_shape, bias.shape)], order=1)[: out_shape[0], : out_shape[1], : out_shape[2]]
+    bias = ndi.zoom(bias, [s / b for s, b in zip(out_shape, bias.shape)], order=1)
+    bias = bias[: out_shape[0], : out_shape[1], : out_shape[2]]
     image = image * bias + rng.standard_normal(out_shape).astype(np.float32) * rng.uniform(0.0, 0.05)
     return image.astype(np.float32), mask.astype(np.uint8), (sz, spacing_yx[0], spacing_yx[1])
 
@@ -205,7 +206,8 @@ def _canal_tissue(rng: np.random.Generator, n: int, size: int = 141) -> np.ndarr
     disc = (np.mod(np.arange(n) + rng.uniform(0, period), period) < period * rng.uniform(0.2, 0.35))[:, None, None]
     body_r = rng.uniform(13, 20) / TEMPLATE_SPACING
     body_cy = cy - ry - rng.uniform(2, 5) / TEMPLATE_SPACING - body_r
-    body = ((yy[None] - body_cy[:, None, None]) / body_r) ** 2 + ((xx[None] - cx[:, None, None]) / (1.2 * body_r)) ** 2 < 1
+    body = (((yy[None] - body_cy[:, None, None]) / body_r) ** 2
+            + ((xx[None] - cx[:, None, None]) / (1.2 * body_r)) ** 2 < 1)
     field = _coarse_field(rng, shape)
     k = int(rng.integers(2, 6))
     # as in _tissue_image, but the class intensities are drawn before the cuts

@@ -2,8 +2,8 @@
 
 ``train_segmentation`` = leave-one-subject-out (LOSO) folds for validation, then a final model on
 every labelled subject, written as an artefact whose card carries the LOSO metrics. Everything
-the model sees goes through :mod:`sci_node.imaging.preprocess` (the same code as inference), and the
-final scores are computed by :class:`sci_node.models.predict_seg.Segmenter` on each source grid.
+the model sees goes through :mod:`sci_node.preprocess` (the same code as inference), and the
+final scores are computed by :class:`sci_node.predict_seg.Segmenter` on each source grid.
 """
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import structlog
 
-from sci_node.imaging import preprocess
 from sci_node.errors import ConfigError, DataError
+from sci_node.imaging import preprocess
 from trainer import __version__ as TRAINER_VERSION
 from trainer import git_commit, read_toml_config
-from trainer.segment import data as tdata
 from trainer.lesion_families import LesionSource, lesion_source
 from trainer.lesions import inject_lookalikes
+from trainer.segment import data as tdata
 from trainer.segment.evaluate import apply_setting, evaluate_cord, evaluate_lesion, setting_grid
 from trainer.segment.loop import CANAL_GROUP
 
@@ -221,9 +221,9 @@ def with_lesions(vols: list[Vol], rng: np.random.Generator, source: LesionSource
 
     ``post`` is the config's ``[post]`` table (the card's ``postprocessing``). With
     ``mask_input_to_roi`` the image is fed, after the injection, through
-    :func:`~sci_node.models.predict_seg.roi_input` with the cord dilated by
-    :func:`~sci_node.models.predict_seg.roi_dilate_mm`: what the node's
-    :meth:`~sci_node.models.predict_seg.Segmenter.predict_prob_model_grid` feeds the network.
+    :func:`~sci_node.predict_seg.roi_input` with the cord dilated by
+    :func:`~sci_node.predict_seg.roi_dilate_mm`: what the node's
+    :meth:`~sci_node.predict_seg.Segmenter.predict_prob_model_grid` feeds the network.
     """
     from sci_node.imaging.postprocess import dilate_mm
     from sci_node.models.predict_seg import roi_dilate_mm, roi_input

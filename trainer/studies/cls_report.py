@@ -121,8 +121,8 @@ def stored_sources(data: Path, config: Path) -> Iterator[tuple[list[int], Any, A
     """
     import tomllib
 
-    from trainer.classify.train import sources_of
     from trainer.classify.data import has_header, load_source
+    from trainer.classify.train import sources_of
 
     cfg = tomllib.loads(config.read_text())
     n_aug_default = int(cfg["data"].get("n_aug", 10))
@@ -152,7 +152,8 @@ def stored_guard_inputs(data: Path, config: Path = REPO / "trainer" / "configs" 
 def _tally_row(cond: str, members: list[_Key], preds: dict[_Key, dict[str, dict[str, float]]],
                truth: dict[_Key, tuple[str, str]], seq_truth: dict[_Key, str | None],
                guards: _Guards | None = None, rules: Any = None) -> str:
-    """One table row: route every member with ``rules`` (default: the node's) and the guards when given; count outcomes."""
+    """One table row: route every member with ``rules`` (default: the node's) and the guards when given; count
+    outcomes."""
     from collections import Counter
 
     from sci_node.config import RoutingRules
@@ -185,8 +186,9 @@ def _tally_row(cond: str, members: list[_Key], preds: dict[_Key, dict[str, dict[
             tally["segmented" if wanted else "other in"] += 1
     n_sp = tally["spine"]
     return (f"| {cond.replace('_', ' ')} | {n_sp} | {tally['abstained']} ({tally['abstained'] / max(1, n_sp):.1%}) | "
-            f"{tally['by action']} | {tally['segmentable']} | {tally['segmented']} | {tally['wrong out']} | {tally['other out']} | "
-            f"{tally['other in']} | {tally['lesions, other class']} | {tally['non-spine']} | {tally['non-spine routed in']} "
+            f"{tally['by action']} | {tally['segmentable']} | {tally['segmented']} | {tally['wrong out']} | "
+            f"{tally['other out']} | {tally['other in']} | {tally['lesions, other class']} | {tally['non-spine']} | "
+            f"{tally['non-spine routed in']} "
             f"({', '.join(sorted(routed_in)) or '–'}) |")
 
 

@@ -92,8 +92,8 @@ def score_folder(folder: Path, models_dir: Path, min_confidence: float, table: M
                  defaults: Mapping[str, str], use_header: bool = True) -> dict[str, Any]:
     """Classify every series of ``folder`` and score each level against its labels."""
     from sci_node.pipeline.batch import find_inputs
-    from sci_node.routing.cls_features import view_of_image
     from sci_node.pipeline.route_report import load_classifiers, load_item
+    from sci_node.routing.cls_features import view_of_image
 
     classifiers = load_classifiers(models_dir)
     pairs: dict[str, list[tuple[str, str]]] = {lv: [] for lv in LEVEL_MODEL}

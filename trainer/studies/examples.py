@@ -25,9 +25,12 @@ spec = preprocess.PrepSpec()
 def example_pngs() -> None:
     """Synthetic images and synthetic lesions → docs/img/{synth,lesion}_examples.png."""
     rows = []
-    for img_p, m_p in [("ivadomed-data-testing/sub-unf01/anat/sub-unf01_T2w.nii.gz", "ivadomed-data-testing/derivatives/labels/sub-unf01/anat/sub-unf01_T2w_seg-manual.nii.gz"),
-                       ("ivadomed-data-testing/sub-unf01/anat/sub-unf01_T2star.nii.gz", "ivadomed-data-testing/derivatives/labels/sub-unf01/anat/sub-unf01_T2star_seg-manual.nii.gz"),
-                       ("sct-testing-data/sub-PAM50small/anat/sub-PAM50small_T2w.nii.gz", "sct-testing-data/derivatives/labels/sub-PAM50small/anat/sub-PAM50small_T2w_seg-manual.nii.gz")]:
+    for img_p, m_p in [("ivadomed-data-testing/sub-unf01/anat/sub-unf01_T2w.nii.gz",
+                        "ivadomed-data-testing/derivatives/labels/sub-unf01/anat/sub-unf01_T2w_seg-manual.nii.gz"),
+                       ("ivadomed-data-testing/sub-unf01/anat/sub-unf01_T2star.nii.gz",
+                        "ivadomed-data-testing/derivatives/labels/sub-unf01/anat/sub-unf01_T2star_seg-manual.nii.gz"),
+                       ("sct-testing-data/sub-PAM50small/anat/sub-PAM50small_T2w.nii.gz",
+                        "sct-testing-data/derivatives/labels/sub-PAM50small/anat/sub-PAM50small_T2w_seg-manual.nii.gz")]:
         p = preprocess.prepare(sitk.ReadImage(str(D / img_p)), spec)
         cord = preprocess.mask_to_model_grid(sitk.ReadImage(str(D / m_p)), p.grid)
         rows.append((img_p.split("/")[-1].replace(".nii.gz", ""), p.array, cord, tuple(p.grid.GetSpacing()[::-1])))
@@ -45,8 +48,10 @@ def example_pngs() -> None:
         z = int(np.argmax(les.sum((1, 2)))) if les.any() else arr.shape[0] // 2
         box = preprocess.roi_bbox(cord[z][None], (0, 20, 20))
         ys, xs = box[1], box[2]
-        axes[r, 0].imshow(arr[z, ys, xs], cmap="gray", vmin=0, vmax=1.2); axes[r, 0].set_title(f"{name}\naxial z={z}, before")
-        axes[r, 1].imshow(les_img[z, ys, xs], cmap="gray", vmin=0, vmax=1.2); axes[r, 1].set_title("with synthetic lesion")
+        axes[r, 0].imshow(arr[z, ys, xs], cmap="gray", vmin=0, vmax=1.2)
+        axes[r, 0].set_title(f"{name}\naxial z={z}, before")
+        axes[r, 1].imshow(les_img[z, ys, xs], cmap="gray", vmin=0, vmax=1.2)
+        axes[r, 1].set_title("with synthetic lesion")
         axes[r, 2].imshow(les_img[z, ys, xs], cmap="gray", vmin=0, vmax=1.2)
         axes[r, 2].contour(cord[z, ys, xs], [0.5], colors="y", linewidths=0.8)
         if les[z].any():
@@ -57,19 +62,25 @@ def example_pngs() -> None:
         if les[:, :, x].any():
             axes[r, 3].contour(les[:, :, x], [0.5], colors="r", linewidths=0.8)
         axes[r, 3].set_title(f"sagittal reformat x={x} (Z spacing {sp[0]:.1f} mm)")
-        for a in axes[r]: a.axis("off")
-    plt.tight_layout(); plt.savefig("docs/img/lesion_examples.png", dpi=80)
+        for a in axes[r]:
+            a.axis("off")
+    plt.tight_layout()
+    plt.savefig("docs/img/lesion_examples.png", dpi=80)
     fig, axes = plt.subplots(2, 5, figsize=(15, 6))
     rng = np.random.default_rng(7)
     for i in range(5):
-        im, m, sp = synth_volume(rng, tmpl, (0.8, 0.8)); im = preprocess.normalise(im, spec)
+        im, m, sp = synth_volume(rng, tmpl, (0.8, 0.8))
+        im = preprocess.normalise(im, spec)
         z = im.shape[0] // 2
-        axes[0, i].imshow(im[z], cmap="gray"); axes[0, i].contour(m[z], [0.5], colors="r", linewidths=0.8)
+        axes[0, i].imshow(im[z], cmap="gray")
+        axes[0, i].contour(m[z], [0.5], colors="r", linewidths=0.8)
         axes[0, i].set_title(f"axial, slab {sp[0]:.1f} mm")
         axes[1, i].imshow(im[:, :, im.shape[2] // 2], cmap="gray", aspect=sp[0] / sp[1], origin="lower")
         axes[1, i].set_title("sagittal reformat")
-        for a in axes[:, i]: a.axis("off")
-    plt.tight_layout(); plt.savefig("docs/img/synth_examples.png", dpi=80)
+        for a in axes[:, i]:
+            a.axis("off")
+    plt.tight_layout()
+    plt.savefig("docs/img/synth_examples.png", dpi=80)
 
 
 def predictions_png(cord_dir: Path, out: Path = Path("docs/img/cord_predictions.png")) -> Path:
@@ -110,7 +121,8 @@ def below_conus_png(fold_dir: Path, out: Path = Path("docs/img/pam50_below_conus
 
     rel = "sct-testing-data/{}/anat/sub-PAM50small_T2w{}.nii.gz"
     img = sitk.ReadImage(str(D / rel.format("sub-PAM50small", "")))
-    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(D / rel.format("derivatives/labels/sub-PAM50small", "_seg-manual"))))
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(D / rel.format("derivatives/labels/sub-PAM50small",
+                                                                     "_seg-manual"))))
     seg = Segmenter.from_artifact(fold_dir)
     prepared = preprocess.prepare(img, seg.spec)
     pred = seg.finish(seg.predict_prob_model_grid(prepared), prepared, 0.4)

@@ -40,8 +40,8 @@ import numpy as np
 import SimpleITK as sitk
 import structlog
 
-from sci_node.imaging import preprocess
 from sci_node.errors import ConfigError
+from sci_node.imaging import preprocess
 from trainer.segment import data as tdata
 from trainer.segment import train as seg
 from trainer.segment.evaluate import scores, segmenter_for
@@ -69,7 +69,8 @@ def build_net() -> "torch.nn.Module":
 
 def fold_split(cfg: dict[str, Any], cases: list[tdata.Case], fold: str
                ) -> tuple[list[str], list[tdata.Case], list[tdata.Case]]:
-    """``(held_out_groups, train_cases, val_cases)`` of the fold named ``fold`` (:func:`trainer.segment.train.cv_folds`).
+    """``(held_out_groups, train_cases, val_cases)`` of the fold named ``fold``
+    (:func:`trainer.segment.train.cv_folds`).
 
     Train = every case whose group is not held out (the ``train_only`` templates included),
     val = the cases of the held-out groups: the real cases of :func:`trainer.segment.train._run_cv_fold`.
@@ -232,7 +233,8 @@ def predict_prob(net, array: np.ndarray, device: str = "cpu") -> np.ndarray:
 
 def evaluate(net, cfg: dict[str, Any], spec: preprocess.PrepSpec, cases: Sequence[tdata.Case],
              device: str = "cpu") -> list[dict[str, Any]]:
-    """Per held-out case: Dice and HD95 (mm) on the source grid, as :func:`trainer.segment.evaluate.evaluate_cord` scores.
+    """Per held-out case: Dice and HD95 (mm) on the source grid, as
+    :func:`trainer.segment.evaluate.evaluate_cord` scores.
 
     ``dice`` / ``hd95_mm``: after :meth:`~sci_node.models.predict_seg.Segmenter.finish` (the node's
     post-processing, threshold ``THRESHOLD``); ``dice_raw`` / ``hd95_raw_mm``: the bare
@@ -284,8 +286,8 @@ def run(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     torch.manual_seed(args.seed)
     net = build_net().to(args.device)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
-    expect = {"config": str(Path(args.config).resolve()), "fold": args.fold, "seed": args.seed, "filters": list(FILTERS),
-              "patch": list(PATCH)}
+    expect = {"config": str(Path(args.config).resolve()), "fold": args.fold, "seed": args.seed,
+              "filters": list(FILTERS), "patch": list(PATCH)}
     ckpt = Path(args.out) / "ckpt.pt"
     state: dict[str, Any] = {**expect, "step": 0, "seconds": 0.0, "loss_log": []}
     if ckpt.is_file():
@@ -293,7 +295,8 @@ def run(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         log.info("seg3d.resumed", checkpoint=str(ckpt), step=state["step"], minutes=round(state["seconds"] / 60, 2))
     if state["step"] < args.steps and state["seconds"] < args.minutes * 60:
         vols = seg.load_volumes(train_cases, spec, "cord", 0)
-        log.info("seg3d.train", fold=args.fold, held_out=held, train=[v.key for v in vols], val=[c.key for c in val_cases])
+        log.info("seg3d.train", fold=args.fold, held_out=held, train=[v.key for v in vols],
+                 val=[c.key for c in val_cases])
         state = train(net, opt, vols, state, args, ckpt)
     else:
         log.info("seg3d.budget_spent", step=state["step"], minutes=round(state["seconds"] / 60, 2))

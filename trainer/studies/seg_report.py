@@ -32,7 +32,8 @@ def table(folders: list[Path]) -> str:
     for f in folders:
         name, m = _metrics(f)
         for key, r in sorted(m.get("per_case", {}).items()):
-            setting = _fmt(r.get("threshold")) + ("" if r.get("min_volume_mm3") is None else f" / {r['min_volume_mm3']:g}")
+            setting = _fmt(r.get("threshold")) + ("" if r.get("min_volume_mm3") is None
+                                                  else f" / {r['min_volume_mm3']:g}")
             rows.append(f"| {name} | {r['subject']} | {r['contrast']} | {_fmt(r['dice'])} | {_fmt(r.get('hd95_mm'))} "
                         f"| {_fmt(r.get('lesion_precision'))} | {_fmt(r.get('lesion_recall'))} "
                         f"| {_fmt(r.get('lesion_f1'))} | {_fmt(r.get('false_lesions_lesion_free'))} | {setting} |")

@@ -9,7 +9,7 @@ a cord mask is given, else the middle slice), with superior up and anterior left
 off the picture as canonical ``(z, y)`` on slice ``x`` is then turned into LPS mm and the source
 file's own voxel index by ``trainer/labels/discs.py``.
 
-    .venv/bin/python -m trainer.disc_render IMAGE.nii.gz OUT.png [--mask CORD.nii.gz] [--x X]
+    .venv/bin/python -m trainer.labels.disc_render IMAGE.nii.gz OUT.png [--mask CORD.nii.gz] [--x X]
         [--z0 Z --z1 Z] [--y0 Y --y1 Y] [--zoom 3] [--grid 10]
 
 Needs the shared data (``../shared/data/spine``); writes only OUT.png.
