@@ -303,7 +303,8 @@ def finding_lines(summary: dict[str, Any], finding: str) -> list[str]:
                 "CSA mean/minimum/maximum/median: " + " / ".join(js1(csa[k]) for k in ("mean", "min", "max", "median"))
                 + " mm²"]
     les = next(r for r in summary["lesions"] if f"Lesion {r['id']}" == finding)
-    return [f"{finding} of {summary['lesion_count']}: level not assessed", f"Volume: {js1(les['volume_mm3'])} mm³",
+    levels = ", ".join(f"{level} vertebra" for level in les.get("vertebral_levels") or []) or "level not assessed"
+    return [f"{finding} of {summary['lesion_count']}: {levels}", f"Volume: {js1(les['volume_mm3'])} mm³",
             f"Length along cord: {js1(les['length_along_cord_mm'])} mm",
             f"Confidence: {js1(100.0 * les['confidence'])} %"]
 
