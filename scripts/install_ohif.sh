@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OHIF_VERSION=3.13.2
 OHIF_SHA512="WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA=="
-PATCH_LEVEL=6                       # bump when the patching below changes
+PATCH_LEVEL=7                       # bump when the patching below changes
 DEST="$ROOT/orthanc/ohif-dist"
 STAMP="$DEST/.sci-node-ohif"
 WANT="@ohif/app@$OHIF_VERSION patch $PATCH_LEVEL"
@@ -94,8 +94,11 @@ function sciNodeSrLines(measurement, seriesInstanceUID) {
   const count = groups.flat().find(item => code(item) === '246206008' && item.MeasuredValueSequence);
   const levels = [...new Set(mine.flat().filter(item => code(item) === '363698007')
     .map(item => first(item.ConceptCodeSequence).CodeMeaning).filter(site => site && site !== 'Spinal cord'))];
-  const rows = sciNodeSrRows(mine.flat().filter(item => item.ValueType === 'NUM' && item.MeasuredValueSequence),
-                             first, code, list);
+  // a NUM with a finding site of its own is a per-vertebral-level value (in the SR and report.json): the five
+  // lines OHIF shows keep the finding's own summary
+  const own = item => !list(item.ContentSequence).some(child => code(child) === '363698007');
+  const rows = sciNodeSrRows(mine.flat().filter(item => item.ValueType === 'NUM' && item.MeasuredValueSequence
+                                                && own(item)), first, code, list);
   if (!rows.length) {
     return null;
   }

@@ -61,7 +61,7 @@ def eval_config(card: dict[str, Any], cfg: dict[str, Any], trials: int | None,
     from the artefact's own test generator, else its training generator), e.g. a smallest size."""
     own = copy.deepcopy(card["training"]["config"])
     own["data"] = cfg["data"]
-    for key in ("thresholds", "min_volumes_mm3", "max_false_lesions_per_scan"):
+    for key in ("thresholds", "min_volumes_mm3", "grow_thresholds", "max_false_lesions_per_scan"):
         if key in cfg["train"]:
             own["train"][key] = cfg["train"][key]
     own["post"] = {**card.get("postprocessing", own.get("post", {})), **(post or {})}
