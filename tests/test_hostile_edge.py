@@ -224,3 +224,57 @@ def test_infer_report_json_records_the_missing_slice(tmp_path: Path, capsys: pyt
     seg = pydicom.dcmread(out / series["name"] / "seg.dcm")
     assert seg.SeriesDescription.startswith("sci-node SEG [1 slice missing]")
     assert framed_instances(seg) <= sop_uids(files[:7] + files[8:])
+
+
+HANGING_SENDER = """
+import sys, time
+import pydicom
+from pynetdicom import AE
+from pydicom.uid import MRImageStorage, ExplicitVRLittleEndian
+ae = AE(ae_title="SCANNER")
+ae.add_requested_context(MRImageStorage, [ExplicitVRLittleEndian])
+assoc = ae.associate("127.0.0.1", int(sys.argv[1]), ae_title="SCINODE")
+assert assoc.is_established
+for f in sys.argv[2:]:
+    assert assoc.send_c_store(pydicom.dcmread(f)).Status == 0
+print("sent", flush=True)
+time.sleep(120)  # still associated, more to come: the node dies meanwhile
+"""
+
+
+def test_series_cut_by_a_node_crash_waits_the_grace_period_and_is_flagged_incomplete(
+        node_factory: Callable[..., NodeProc], storescp_factory: Callable[..., StoreSCP], tmp_path: Path) -> None:
+    """Issue 36 item 8: kill -9 of the node while a sender is mid-series. After the restart, that series
+    waits ``abort_grace_seconds`` (from the restart) for a resend and, when none comes, completes
+    flagged "incomplete transfer"; a series whose association was released before the crash is whole
+    and completes as usual. Before the fix the cut series completed at once, unflagged."""
+    import subprocess
+    import sys
+
+    dest = storescp_factory()
+    node = node_factory("abort_grace_seconds = 15\n", "--stable-seconds", "4",
+                        "--destination", f"DEST@127.0.0.1:{dest.port}").start()
+    whole = renamed_series(SAMPLE, tmp_path / "whole")
+    assert storescu(node.port, whole).returncode == 0  # released: the sender was done
+    sender = subprocess.Popen([sys.executable, "-c", HANGING_SENDER, str(node.port), *map(str, SAMPLE[:30])],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert sender.stdout is not None and sender.stdout.readline().strip() == "sent", sender.stderr
+        assert job_states(node) == []  # both still inside stable_seconds
+        node.kill9()  # the node dies; the 30-slice association is cut
+    finally:
+        sender.kill()
+        sender.wait(30)
+    t_restart = time.monotonic()  # the grace runs from the node's start (before its port opens)
+    node.start()
+    wait_for(lambda: len(job_states(node)) == 2, 120, interval=0.2, what="both jobs after the restart")
+    assert time.monotonic() - t_restart >= 15, "the cut series completed before its grace period"
+    wait_for(lambda: job_states(node) == ["done", "done"], 300, interval=0.5, what="both jobs done")
+    jobs = {j["n_instances"]: j for j in node.jobs()}
+    assert set(jobs) == {30, len(SAMPLE)}
+    cut, ok = jobs[30], jobs[len(SAMPLE)]
+    assert cut["reason"] == "incomplete transfer" and cut["geometry"]["incomplete_transfer"]["grace_seconds"] == 15
+    assert ok["reason"] is None and "incomplete_transfer" not in ok["geometry"]
+    assert ok["id"] < cut["id"]  # the whole series did not wait for the grace period
+    lines = [line for line in node.log.read_text().splitlines() if '"node.series_cut_by_restart"' in line]
+    assert len(lines) == 1 and '"series": 1' in lines[0]

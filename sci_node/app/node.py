@@ -111,6 +111,11 @@ def _open_store(cfg: NodeConfig) -> Store:
                     detail="the data dir holds patient data: chmod 700 it")
     recovered = recover_jobs(store, celery=cfg.engine.kind == "celery")
     reindexed, removed_tmp = store.reconcile()
+    cut = store.cut_by_restart()
+    if cut:
+        log.warning("node.series_cut_by_restart", series=len(cut), grace_seconds=cfg.abort_grace_seconds,
+                    detail="an association was still sending when the node stopped: each waits for a resend, "
+                           "then completes flagged incomplete transfer")
     if reindexed or removed_tmp:
         log.warning("node.reconciled_spool", reindexed=reindexed, removed_temp_files=removed_tmp)
     if recovered:

@@ -228,8 +228,11 @@ def handle_store(event: Event, deps: ScpDeps) -> int:
             log.warning("store.refused", reason="per-series instance cap reached", series_uid=key.series_uid,
                         cap=deps.cfg.limits.max_instances_per_series)
             return int(Status.OUT_OF_RESOURCES)
+        with deps.lock:
+            opens = key.series_uid not in deps.series.get(aid, ())
         try:
-            is_new = deps.store.spool_instance(key, event.encoded_dataset(), calling_aet=calling)
+            is_new = deps.store.spool_instance(key, event.encoded_dataset(), calling_aet=calling,
+                                               opens_association=opens)
         except StorageError as exc:
             log.error("store.failed", status="0xA700", reason=str(exc), sop_uid=key.sop_uid)
             return int(Status.OUT_OF_RESOURCES)

@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS series (
     first_received_at REAL NOT NULL,
     last_received_at REAL NOT NULL,
     completed_at REAL,
-    aborted_at REAL
+    aborted_at REAL,
+    open_associations INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state, last_received_at);
 CREATE TABLE IF NOT EXISTS instances (
@@ -124,6 +125,8 @@ class Store(Spool, SeriesState, JobQueue, Outbox):
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(series)")}
             if "aborted_at" not in columns:  # an index written before the abort grace existed
                 self._db.execute("ALTER TABLE series ADD COLUMN aborted_at REAL")
+            if "open_associations" not in columns:  # ... before crash-cut series were recognised
+                self._db.execute("ALTER TABLE series ADD COLUMN open_associations INTEGER NOT NULL DEFAULT 0")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open the data directory {str(self.data_dir)!r}: {exc}") from exc

@@ -63,8 +63,26 @@ class SeriesState(IndexBase):
             return
         marks = ",".join("?" * len(series_uids))
         with self._tx() as db:
+            db.execute(f"UPDATE series SET open_associations = MAX(open_associations - 1, 0) "
+                       f"WHERE series_uid IN ({marks})", tuple(series_uids))
             db.execute(f"UPDATE series SET aborted_at=? WHERE state='receiving' AND series_uid IN ({marks})",
                        (time.time() if aborted else None, *series_uids))
+
+    def cut_by_restart(self, now: float | None = None) -> list[str]:
+        """At start: series whose association was still open when the node stopped (a crash, a kill) are
+        treated like aborted ones. Returns their UIDs.
+
+        Each gets ``aborted_at`` = ``now``, so it waits ``abort_grace_seconds`` from this start for a
+        resend, and completes flagged "incomplete transfer" if none comes (:meth:`quiet_series`).
+        Series whose last association was released (the sender was done) are left alone.
+        """
+        when = time.time() if now is None else now
+        with self._tx() as db:
+            cut = [r[0] for r in db.execute("SELECT series_uid FROM series WHERE open_associations > 0 "
+                                            "AND state='receiving'")]
+            db.execute("UPDATE series SET aborted_at=? WHERE open_associations > 0 AND state='receiving'", (when,))
+            db.execute("UPDATE series SET open_associations=0 WHERE open_associations > 0")
+        return cut
 
     def series_files(self, series_uid: str) -> list[Path]:
         """Absolute paths of every spooled instance of a series (sorted by SOP instance UID)."""

@@ -98,13 +98,16 @@ class Spool(IndexBase):
                 / f"{_safe_name(key.sop_uid)}.dcm")
 
     def spool_instance(self, key: InstanceKey, data: bytes | Sequence[bytes],
-                       calling_aet: str | None = None) -> bool:
+                       calling_aet: str | None = None, opens_association: bool = False) -> bool:
         """Write an instance durably, then record it; return False for a duplicate SOP instance.
 
         A duplicate replaces the file atomically and counts once. An instance of a series
         that was already complete re-opens it (generation + 1) and cancels the earlier
         generations' unsent results: the completion check will then enqueue a job that
-        supersedes the earlier one.
+        supersedes the earlier one. ``opens_association``: the first instance of this series in
+        its association, which counts the association as open on the series until
+        :meth:`~sci_node.store.Store.association_ended` (a crash leaves it open:
+        :meth:`~sci_node.store.Store.cut_by_restart`).
 
         Raises
         ------
@@ -116,9 +119,10 @@ class Spool(IndexBase):
             write_durable(path, data)
         except OSError as exc:
             raise StorageError(f"cannot write {path}: {exc}") from exc
-        return self._record_instance(key, path, calling_aet)
+        return self._record_instance(key, path, calling_aet, opens_association)
 
-    def _record_instance(self, key: InstanceKey, path: Path, calling_aet: str | None) -> bool:
+    def _record_instance(self, key: InstanceKey, path: Path, calling_aet: str | None,
+                         opens_association: bool = False) -> bool:
         now = time.time()
         # The file is already fsync'd: it is the durable copy. The row is rebuilt from it by
         # reconcile() if a power loss drops this (not fsync'd) commit.
@@ -148,6 +152,9 @@ class Spool(IndexBase):
                 (key.sop_uid, key.series_uid, key.study_uid, key.sop_class_uid, key.transfer_syntax,
                  str(path.relative_to(self.data_dir)), size, calling_aet, now, generation))
             is_new = cur.rowcount == 1
+            if opens_association:
+                db.execute("UPDATE series SET open_associations = open_associations + 1 WHERE series_uid=?",
+                           (key.series_uid,))
             if is_new:
                 db.execute("UPDATE series SET n_instances = n_instances + 1 WHERE series_uid=?",
                            (key.series_uid,))
