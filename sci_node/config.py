@@ -186,6 +186,16 @@ class CorrectionsPolicy:
     heavy_dice_below: float = 0.8
     #: ``sci-node train ... --corrections``: share of the correction patients held out for scoring
     heldout_fraction: float = 0.2
+    #: Orthanc users whose DICOMweb STOW-RS uploads may be corrections (empty: every named Orthanc user)
+    users: tuple[str, ...] = ()
+    #: DICOM senders (``AET@IPV4``, calling AE title and source address) whose SEGs may be corrections
+    dicom_senders: tuple["Scanner", ...] = ()
+    #: flag a correction for review when its cord Dice against the node's own cord is below this
+    min_cord_dice: float = 0.5
+    #: ... or when more than ``max_outside_fraction`` of its cord + lesion voxels lie farther than
+    #: ``neighbourhood_mm`` from the node's cord (a mask drawn somewhere else)
+    neighbourhood_mm: float = 10.0
+    max_outside_fraction: float = 0.02
 
 
 @dataclass(frozen=True)
@@ -286,7 +296,7 @@ def parse_destination(text: str) -> Destination:
     return Destination(m.group(1).strip(), m.group(2), port)
 
 
-def parse_scanner(text: str) -> Scanner:
+def parse_scanner(text: str, key: str = "stack.scanners") -> Scanner:
     """Parse ``AET@IPV4`` into a :class:`Scanner` (Orthanc checks the source by IP address only).
 
     Raises
@@ -296,11 +306,11 @@ def parse_scanner(text: str) -> Scanner:
     """
     aet, at, host = text.partition("@") if isinstance(text, str) else ("", "", "")
     if not at or not _AET_RE.match(aet.strip()) or "\\" in aet:
-        raise ConfigError(f"stack.scanners: {text!r} must be AET@IPV4 (AE title of 1-16 printable characters)")
+        raise ConfigError(f"{key}: {text!r} must be AET@IPV4 (AE title of 1-16 printable characters)")
     try:
         ip = ipaddress.IPv4Address(host.strip())
     except ValueError:
-        raise ConfigError(f"stack.scanners: {text!r}: host {host!r} must be an IPv4 address (Orthanc checks the "
+        raise ConfigError(f"{key}: {text!r}: host {host!r} must be an IPv4 address (Orthanc checks the "
                           "sender by address, not by name)") from None
     return Scanner(aet.strip(), str(ip))
 
@@ -373,8 +383,8 @@ def _build_section(cls: type, raw: Mapping[str, Any], prefix: str, errors: list[
                 kwargs[key] = _build_section(TLSConfig, value, f"{prefix}{key}.", errors)
             else:
                 errors.append(f"[{prefix}{key}]: must be a table")
-        elif key == "scanners" and cls is StackConfig:
-            kwargs[key] = tuple(_collect(parse_scanner, value, prefix + key, errors))
+        elif (key, cls) in (("scanners", StackConfig), ("dicom_senders", CorrectionsPolicy)):
+            kwargs[key] = tuple(_collect(lambda t, k=prefix + key: parse_scanner(t, k), value, prefix + key, errors))
         else:
             kwargs[key] = _coerce(prefix + key, value, fields[key].type, errors)
     return cls(**kwargs)
@@ -425,6 +435,9 @@ def _validate(cfg: NodeConfig, errors: list[str]) -> None:
         errors.append(f"corrections.retention_days: {cor.retention_days} must be > 0 (or unset: keep them)")
     if cor.status_window < 1:
         errors.append(f"corrections.status_window: {cor.status_window} must be >= 1")
+    if not 0 <= cor.min_cord_dice <= 1 or not 0 <= cor.max_outside_fraction <= 1 or not cor.neighbourhood_mm > 0:
+        errors.append(f"corrections: min_cord_dice {cor.min_cord_dice} and max_outside_fraction "
+                      f"{cor.max_outside_fraction} must be in [0, 1], neighbourhood_mm {cor.neighbourhood_mm} > 0")
     if not 0 <= cor.heavy_dice_below <= 1 or not 0 <= cor.heldout_fraction < 1:
         errors.append(f"corrections: heavy_dice_below {cor.heavy_dice_below} must be in [0, 1] and "
                       f"heldout_fraction {cor.heldout_fraction} in [0, 1)")

@@ -3,7 +3,9 @@
 The "radiologist" is this test: it cannot paint in a headless OHIF, so it writes corrected SEGs
 with highdicom on the node's own masks (a lesion removed, a lesion added, the cord boundary
 moved) and STOW-RSes them to Orthanc's DICOMweb endpoint, as OHIF's "Export > DICOM SEG" does.
-The plugin hands them to the node, which records the corrections with their change measures;
+The plugin hands them to the node with the Orthanc login that stored them; the node keeps the
+corrections, pending, with their change measures, and they count only once an admin accepts them
+(one on the status page, one by the CLI);
 bad objects (a SEG of a series the node never saw, a SEG on the wrong grid, a non-SEG object
 with Modality SEG) are refused with a reason and store nothing; the node's own SEGs are never
 taken. ``export`` gives trainer input, ``train cord --corrections --epochs 1`` fine-tunes the
@@ -253,7 +255,7 @@ def test_corrections_loop_end_to_end(loop: dict[str, Any]) -> None:
         return len(doc["corrections"]) >= 5
 
     wait_for(settled, 240, interval=2, what="the plugin to hand the five SEGs to the node")
-    rows = {c["source_series_uid"]: c for c in doc["corrections"] if c["state"] == "recorded"}
+    rows = {c["source_series_uid"]: c for c in doc["corrections"] if c["state"] == "pending"}
     refused = [c for c in doc["corrections"] if c["state"] == "refused"]
     assert set(rows) == {s1, s2} and len(refused) == 3, json.dumps(doc, indent=1)[:4000]
     m1, m2 = rows[s1]["measures"], rows[s2]["measures"]
@@ -261,7 +263,9 @@ def test_corrections_loop_end_to_end(loop: dict[str, Any]) -> None:
     assert (m1["lesions_added"], m1["lesions_removed"]) == (1, 0)
     assert m2["cord_dice"] == pytest.approx(dice(cord2, corr2_cord), abs=1e-4)
     assert (m2["lesions_added"], m2["lesions_removed"]) == (0, lesion_changes(les2, les2)["lesions_original"])
-    assert rows[s1]["creator"] == "Doe^Jane" and rows[s2]["creator"] == "Roe^Richard"
+    assert rows[s1]["creator"] == "Doe^Jane" and rows[s2]["creator"] == "Roe^Richard"  # what the SEGs claim
+    assert rows[s1]["sender"] == rows[s2]["sender"] == f"orthanc-user:{USER}"  # who stored them (STOW-RS login)
+    assert rows[s1]["flags"] == [] and rows[s2]["flags"] == [], rows
     assert rows[s1]["job_id"] == job1["id"] and rows[s1]["model_versions"]["cord"] == SHIPPED_CORD
     reasons = sorted(c["reason"] for c in refused)
     assert any("has not segmented" in r for r in reasons), reasons
@@ -282,15 +286,35 @@ def test_corrections_loop_end_to_end(loop: dict[str, Any]) -> None:
     listed = _cli("corrections", "--data-dir", str(stack.data_dir), "list")
     assert "has not segmented" in listed.stdout and "refused" in listed.stdout
 
-    # 5. watch it: status and the /sci-node/ page
+    # 5. nothing counts before an admin accepts it; then accept one on the status page, one by the CLI
     status = json.loads(_cli("status", "--json", "--data-dir", str(stack.data_dir)).stdout)["corrections"]
-    assert status["recorded"] == 2 and status["refused"] == 3
+    assert (status["to_review"], status["counted"], status["mean_cord_dice_last_n"]) == (2, 0, None), status
+    early = _cli("corrections", "--data-dir", str(stack.data_dir), "export", str(tmp / "early"))
+    assert early.returncode != 0 and "no accepted correction" in early.stderr and "2 pending" in early.stderr
+    page = httpx.get(f"{stack.url}/sci-node/", auth=(USER, PASSWORD), trust_env=False, timeout=60).text
+    assert f'data-sci-node-post="/sci-node/corrections/{rows[s1]["id"]}/accept"' in page
+    token = httpx.get(f"{stack.url}/sci-node/csrf", auth=(USER, PASSWORD), trust_env=False, timeout=30).json()
+    r = httpx.post(f"{stack.url}/sci-node/corrections/{rows[s1]['id']}/accept", content=b"{}",
+                   auth=(USER, PASSWORD), trust_env=False, timeout=120,
+                   headers={"Content-Type": "application/json", token["header"]: token["token"]})
+    assert r.status_code == 200 and r.json()["state"] == "accepted", r.text
+    res = _cli("corrections", "--data-dir", str(stack.data_dir), "accept", str(rows[s2]["id"]), "--by", "cli:admin")
+    assert res.returncode == 0 and "accepted" in res.stdout, res.stdout + res.stderr
+    again = _cli("corrections", "--data-dir", str(stack.data_dir), "reject", str(rows[s2]["id"]))
+    assert again.returncode == 1 and "not pending" in again.stdout
+    reviewed = {c["id"]: c for c in _corrections(stack)["corrections"]}
+    assert reviewed[rows[s1]["id"]]["reviewed_by"] == f"orthanc-user:{USER}"
+    assert reviewed[rows[s2]["id"]]["reviewed_by"] == "cli:admin"
+
+    # 6. watch it: status and the /sci-node/ page
+    status = json.loads(_cli("status", "--json", "--data-dir", str(stack.data_dir)).stdout)["corrections"]
+    assert status["accepted"] == 2 and status["counted"] == 2 and status["refused"] == 3
     assert status["mean_cord_dice_last_n"] == pytest.approx((m1["cord_dice"] + m2["cord_dice"]) / 2, abs=1e-3)
     assert status["by_cord_model"][SHIPPED_CORD]["n"] == 2
     page = httpx.get(f"{stack.url}/sci-node/", auth=(USER, PASSWORD), trust_env=False, timeout=60).text
     assert "Radiologists' corrections" in page and f"{status['mean_cord_dice_last_n']:.3f}" in page
 
-    # 6. use it: export (de-identified) -> fine-tune -> register + activate -> the next job uses it
+    # 7. use it: export (de-identified) -> fine-tune -> register + activate -> the next job uses it
     out = tmp / "export"
     res = _cli("corrections", "--data-dir", str(stack.data_dir), "export", str(out))
     assert res.returncode == 0, res.stderr
@@ -388,11 +412,11 @@ def test_the_node_retention_sweep_expires_corrections_and_keeps_their_measures(t
     folder.mkdir()
     (folder / "seg.dcm").write_bytes(b"x")
     with index.tx() as db:
-        index.insert(db, {"state": "recorded", "received_at": time.time() - 5, "path": str(folder),
-                          "patient_key": "k", "measures": {"cord_dice": 0.9}})
+        index.insert(db, {"state": "accepted", "verdict": "accepted", "received_at": time.time() - 5,
+                          "path": str(folder), "patient_key": "k", "measures": {"cord_dice": 0.9}})
     assert RetentionSweeper(cfg, store).sweep() == 1
     (row,) = index.all()
-    assert row.state == "expired" and row.path is None and row.patient_key is None
+    assert row.state == "expired" and row.verdict == "accepted" and row.path is None and row.patient_key is None
     assert row.measures == {"cord_dice": 0.9} and not folder.exists()
     index.close()
     store.close()

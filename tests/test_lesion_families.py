@@ -151,7 +151,7 @@ def test_calibration_prefers_settings_whose_lesion_volumes_a_reader_can_trust() 
     _, post = apply_setting({"post": {"grow_threshold": 0.1}}, spec, grid[1])
     assert post == {"grow_threshold": 0.3, "min_volume_mm3": 5.0}
     # the bench's evaluation config carries the grow axis into the artefact's own config
-    from trainer.seg_recalibrate import eval_config
+    from trainer.segment.recalibrate import eval_config
 
     card = {"training": {"config": {"train": {}, "lesions": {}}}, "postprocessing": {"grow_threshold": 0.1}}
     ecfg = eval_config(card, load_config("lesion", CONFIGS / "lesion_families_eval.toml"), None)

@@ -79,7 +79,8 @@ function sciNodePost(url, button) {{
   return fetch(url, {{method: 'POST', credentials: 'same-origin', body: '{{}}',
                       headers: {{'Content-Type': 'application/json', '{TOKEN_HEADER}': SCI_NODE_CSRF}}}})
     .then(function (r) {{ return r.text().then(function (t) {{
-      if (button) {{ button.textContent = r.ok ? 'queued' : ('refused: ' + r.status); }}
+      var done = button && (button.getAttribute('data-done') || 'queued');
+      if (button) {{ button.textContent = r.ok ? done : ('refused: ' + r.status); }}
       if (!r.ok) {{ alert('sci-node: ' + r.status + ' ' + t); }}
       return r; }}); }});
 }}

@@ -22,13 +22,18 @@ turns Orthanc events and HTTP requests into messages; nothing heavy runs in a ca
   ``POST /sci-node/series/<id>/process``       (re)forward one series to the node now (same-origin JSON
                                                with the ``X-SCI-Node-CSRF`` token: ``sci_node_csrf``)
   ``GET  /sci-node/csrf``                      JSON: that token for the caller's login
+  ``GET  /sci-node/corrections``               JSON: the node's corrections and their summary
+  ``POST /sci-node/corrections/<id>/accept``   an admin accepts (or ``.../reject`` rejects) a pending
+                                               correction, recorded as ``orthanc-user:<login>`` (CSRF
+                                               as above; ``sci_node_corrections``)
   ``GET  /ohif/...``                           the OHIF viewer (``index.html`` for page routes)
   ==========================================  ====================================================
 
 * ``STABLE_SERIES`` of a SEG series: each instance the node did not write (not from its AE
   title; not Manufacturer ``sci-node`` with a ``sci-node^`` ContentCreatorName) is handed to
-  ``sci-node corrections ingest`` in a background thread: a radiologist's correction
-  (docs/corrections.md). ``GET /sci-node/corrections`` answers the node's corrections as JSON.
+  ``sci-node corrections ingest`` in a background thread with who stored it (the Orthanc user
+  of a STOW-RS, or the AE title and address of a C-STORE): a radiologist's correction, pending an
+  admin's review (docs/corrections.md, ``sci_node_corrections``).
 * Orthanc Explorer gets "Open in OHIF", "(Re)process with sci-node" and "sci-node jobs" buttons.
 
 The node's job status comes from the node's own CLI (``sci-node jobs --json``) run in a
@@ -43,7 +48,6 @@ import html
 import json
 import mimetypes
 import os
-import queue
 import re
 import subprocess
 import sys
@@ -59,12 +63,11 @@ _HERE = os.path.dirname(os.path.abspath(str(json.loads(orthanc.GetConfiguration(
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
+from sci_node_corrections import CorrectionHandoff, Uploaders, basic_user, render_corrections, review  # noqa: E402
 from sci_node_csrf import CsrfGuard, page_script  # noqa: E402
 from sci_node_forward_retry import ForwardRetrier, job_state_from  # noqa: E402
 
 _UID_RE = re.compile(r"^[0-9.]{1,64}$")
-#: A correction whose ingest failed (not refused: a crash, a locked index) is tried this often, this far apart.
-HANDOFF_ATTEMPTS, HANDOFF_RETRY_S = 3, 5.0
 _OID_RE = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
 _ASSET_RE = re.compile(r"\.[A-Za-z0-9]{1,8}$")  # a path with a file extension is an asset, not a route
 _EXTRA_MIME = {".wasm": "application/wasm", ".js": "application/javascript", ".mjs": "application/javascript",
@@ -160,105 +163,6 @@ def _job_series(job: dict[str, Any]) -> str:
     return _job_field(job, "series_uid", "series_instance_uid", "SeriesInstanceUID")
 
 
-class CorrectionHandoff:
-    """Hands SEGs the node did not write to ``sci-node corrections ingest`` (one background thread).
-
-    :meth:`consider` runs in Orthanc's change callback and only queues instance ids; the
-    worker thread reads each instance file through the REST API, writes it to
-    ``<state>/corrections-inbox/``, runs the node's CLI on it and appends the outcome to
-    ``<state>/corrections.jsonl`` (instances already handed over are never handed again).
-    """
-
-    def __init__(self, cli: list[str], data_dir: str, state_dir: str, node_aet: str) -> None:
-        self._argv = cli + ["corrections", "--json", "--data-dir", data_dir, "ingest", "--origin", "orthanc"]
-        self.node_aet = node_aet
-        self.inbox = os.path.join(state_dir, "corrections-inbox")
-        self.record_path = os.path.join(state_dir, "corrections.jsonl")
-        self._queue: "queue.Queue[str]" = queue.Queue()
-        self._lock = threading.Lock()
-        self._handed: set[str] = set()
-        try:
-            with open(self.record_path, encoding="utf-8") as fh:
-                self._handed = {json.loads(line).get("instance", "") for line in fh if line.strip()}
-        except (OSError, ValueError):
-            pass
-        threading.Thread(target=self._run, name="sci-node-corrections", daemon=True).start()
-
-    @staticmethod
-    def _tag(instance: str, tag: str) -> str:
-        try:
-            return orthanc.RestApiGet(f"/instances/{instance}/content/{tag}").decode(errors="replace").strip(" \x00")
-        except Exception:  # noqa: BLE001 - the tag is absent
-            return ""
-
-    def node_authored(self, instance: str) -> str | None:
-        """Why ``instance`` is the node's own SEG (RemoteAET, Manufacturer + ContentCreatorName), or None."""
-        try:
-            aet = orthanc.RestApiGet(f"/instances/{instance}/metadata/RemoteAET").decode().strip()
-        except Exception:  # noqa: BLE001 - STOW-RS uploads have no RemoteAET
-            aet = ""
-        if aet == self.node_aet:
-            return f"sent by the node ({aet})"
-        if self._tag(instance, "0008-0070") == "sci-node" and self._tag(instance, "0070-0084").startswith("sci-node^"):
-            return "Manufacturer sci-node, ContentCreatorName sci-node^..."
-        return None
-
-    def consider(self, series_id: str, series: dict[str, Any]) -> None:
-        """Queue every instance of a SEG series not yet handed over and not written by the node."""
-        for instance in series.get("Instances", []):
-            with self._lock:
-                if instance in self._handed:
-                    continue
-            own = self.node_authored(instance)
-            if own:
-                orthanc.LogInfo(f"sci-node: SEG instance {instance} is the node's own ({own}): not a correction")
-                continue
-            with self._lock:
-                self._handed.add(instance)
-            self._queue.put(instance)
-
-    def _run(self) -> None:
-        while True:
-            instance = self._queue.get()
-            try:
-                self._hand_over(instance)
-            except Exception as exc:  # noqa: BLE001 - a background thread must not die
-                orthanc.LogError(f"sci-node: SEG instance {instance}: correction hand-over failed: {exc!r}")
-
-    def _ingest(self, instance: str) -> dict[str, Any]:
-        """One run of the node's CLI on the instance's file: its outcome (state, reason, correction)."""
-        os.makedirs(self.inbox, mode=0o700, exist_ok=True)
-        path = os.path.join(self.inbox, f"{instance}.dcm")
-        with open(path, "wb") as fh:
-            fh.write(orthanc.RestApiGet(f"/instances/{instance}/file"))
-        try:
-            proc = subprocess.run(self._argv + [path], capture_output=True, text=True, timeout=600)
-        finally:
-            os.unlink(path)
-        try:
-            return json.loads(proc.stdout.strip().splitlines()[-1])[0]
-        except (ValueError, IndexError):
-            return {"state": "error", "reason": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
-
-    def _hand_over(self, instance: str) -> None:
-        for attempt in range(HANDOFF_ATTEMPTS):  # "error" = the ingest failed (not refused): try again
-            outcome = self._ingest(instance)
-            if outcome.get("state") != "error" or attempt == HANDOFF_ATTEMPTS - 1:
-                break
-            orthanc.LogWarning(f"sci-node: SEG instance {instance}: correction hand-over failed "
-                               f"({outcome.get('reason')}), attempt {attempt + 1} of {HANDOFF_ATTEMPTS}")
-            time.sleep(HANDOFF_RETRY_S)
-        corr = outcome.get("correction") or {}
-        record = {"time": _now(), "instance": instance, "state": outcome.get("state"),
-                  "reason": outcome.get("reason"), "correction": corr.get("id")}
-        with self._lock, open(self.record_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-        log = orthanc.LogWarning if record["state"] in ("refused", "error") else orthanc.LogInfo
-        log(f"sci-node: SEG instance {instance}: correction {record['state']}"
-            + (f" ({record['reason']})" if record["reason"] else "")
-            + (f" as correction {record['correction']}" if record["correction"] else ""))
-
-
 class SciNodePlugin:
     """Everything the plugin does, bound to the ``SciNode`` configuration section."""
 
@@ -275,10 +179,16 @@ class SciNodePlugin:
         self._log_lock = threading.Lock()
         cli = settings.get("NodeCli", ["sci-node"])
         cli = [cli] if isinstance(cli, str) else list(cli)
-        self.jobs = NodeJobs(cli + ["jobs", "--json", "--data-dir", self.data_dir, "list", "--limit", "500"])
-        self.corrections = NodeJobs(cli + ["corrections", "--json", "--data-dir", self.data_dir, "list"],
+        # the node's own configuration file, when the stack has one ([corrections] decides who may teach)
+        node_flags = ["--data-dir", self.data_dir] + (["--config", str(settings["NodeConfig"])]
+                                                      if settings.get("NodeConfig") else [])
+        self.node_flags = node_flags
+        self.jobs = NodeJobs(cli + ["jobs", "--json", *node_flags, "list", "--limit", "500"])
+        self.corrections = NodeJobs(cli + ["corrections", "--json", *node_flags, "list"],
                                     extract=lambda data: [data] if isinstance(data, dict) else [])
-        self.handoff = CorrectionHandoff(cli, self.data_dir, self.plugin_dir, self.node_aet)
+        self.cli = cli
+        self.uploaders = Uploaders(self.plugin_dir, trusted=bool(settings.get("AuthenticationEnabled", False)))
+        self.handoff = CorrectionHandoff(cli, node_flags, self.plugin_dir, self.node_aet, self.uploaders)
         self.csrf = CsrfGuard()
         self.retrier = ForwardRetrier(
             job_state_from(orthanc.RestApiGet), lambda series, why, attempt: self.forward(series, why, attempt),
@@ -286,7 +196,7 @@ class SciNodePlugin:
             first_s=float(settings.get("ForwardRetrySeconds", 5)),
             max_s=float(settings.get("ForwardRetryMaxSeconds", 300)))
         # the engine and its workers (``sci-node status --json``: Celery inspect takes up to a second)
-        self.status = NodeJobs(cli + ["status", "--json", "--data-dir", self.data_dir], ttl_s=5.0,
+        self.status = NodeJobs(cli + ["status", "--json", *node_flags], ttl_s=5.0,
                                extract=lambda data: [data] if isinstance(data, dict) else [])
 
     # -- forwarding -------------------------------------------------------------------------
@@ -493,6 +403,22 @@ class SciNodePlugin:
         doc, error = self.corrections_doc()
         output.AnswerBuffer(json.dumps(dict(doc, node_error=error), indent=1), "application/json")
 
+    def rest_review(self, output: Any, uri: str, **request: Any) -> None:
+        """``POST /sci-node/corrections/<id>/accept|reject``: an admin's decision, recorded with their login."""
+        if request["method"] != "POST":
+            output.SendMethodNotAllowed("POST")
+            return
+        if self.csrf_refused(output, uri, request):
+            return
+        cid, action = request["groups"]
+        user = basic_user(request.get("headers") or {})
+        code, answer = review(self.cli, self.node_flags, cid, action, user)
+        orthanc.LogWarning(f"sci-node: correction {cid} {action} by {user or 'unknown'}: HTTP {code}")
+        if code != 200:
+            _status(output, code, answer)
+            return
+        output.AnswerBuffer(answer, "application/json")
+
     def rest_status_page(self, output: Any, uri: str, **request: Any) -> None:
         """``GET /sci-node/``: a small self-refreshing HTML page."""
         if request["method"] != "GET":
@@ -535,33 +461,6 @@ class SciNodePlugin:
         output.SetHttpHeader("Cache-Control", "private, max-age=86400" if hashed else "no-cache")
         with open(path, "rb") as fh:
             output.AnswerBuffer(fh.read(), mime)
-
-
-def render_corrections(doc: dict[str, Any] | None) -> str:
-    """HTML of the corrections block: counts, mean cord Dice over the last N, per cord model, last 20."""
-    esc = html.escape
-    s = (doc or {}).get("summary") or {}
-    if not s:
-        return "<h2>Radiologists' corrections</h2><p>none yet</p>"
-    mean = s.get("mean_cord_dice_last_n")
-    heavy = s.get("heavily_corrected") or []
-    head = (f"<p>{int(s.get('recorded', 0)) + int(s.get('expired', 0))} recorded, {int(s.get('refused', 0))} refused; "
-            f"mean cord Dice original vs corrected over the last {esc(str(s.get('window', '')))}: "
-            f"<b id=\"sci-node-corrections-dice\">{'-' if mean is None else f'{mean:.3f}'}</b></p>")
-    if heavy:
-        head += f'<p class="err">heavily corrected cord model(s): {esc(", ".join(map(str, heavy)))}</p>'
-    models = "".join(f"<tr><td>cord {esc(str(v))}</td><td>{esc(str(d.get('n')))}</td>"
-                     f"<td>{esc(str(d.get('mean_cord_dice')))}</td></tr>"
-                     for v, d in (s.get("by_cord_model") or {}).items())
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in (
-            c.get("id"), c.get("state"), (c.get("measures") or {}).get("cord_dice", ""),
-            (c.get("measures") or {}).get("lesions_added", ""), (c.get("measures") or {}).get("lesions_removed", ""),
-            c.get("creator") or "", c.get("reason") or "")) + "</tr>"
-        for c in ((doc or {}).get("corrections") or [])[:20])
-    return (f"<h2>Radiologists' corrections</h2>{head}<table><tr><th>cord model</th><th>corrections</th>"
-            f"<th>mean cord Dice</th></tr>{models}</table><p></p><table><tr><th>id</th><th>state</th><th>cord Dice</th>"
-            f"<th>lesions added</th><th>removed</th><th>by</th><th>reason</th></tr>{rows}</table>")
 
 
 def render_engine(engine: dict[str, Any] | None) -> str:
@@ -667,7 +566,8 @@ EXPLORER_JS = r"""
 
 def _install() -> None:
     config = json.loads(orthanc.GetConfiguration())
-    settings = dict(config.get("SciNode", {}), StableAge=config.get("StableAge", 60))
+    settings = dict(config.get("SciNode", {}), StableAge=config.get("StableAge", 60),
+                    AuthenticationEnabled=config.get("AuthenticationEnabled", False))
     site = settings.get("SitePackages")
     if site and site not in sys.path:
         sys.path.insert(0, str(site))  # the venv's site-packages (same Python 3.11 ABI)
@@ -679,6 +579,9 @@ def _install() -> None:
     orthanc.RegisterRestCallback("/sci-node/series/([^/]+)/process", plugin.rest_process)
     orthanc.RegisterRestCallback("/sci-node/csrf", plugin.rest_csrf)
     orthanc.RegisterRestCallback("/sci-node/corrections", plugin.rest_corrections)
+    orthanc.RegisterRestCallback("/sci-node/corrections/([0-9]{1,12})/(accept|reject)", plugin.rest_review)
+    orthanc.RegisterIncomingHttpRequestFilter(plugin.uploaders.on_request)
+    orthanc.RegisterOnStoredInstanceCallback(plugin.uploaders.on_stored)
     orthanc.RegisterRestCallback("/ohif", plugin.serve_ohif)
     orthanc.RegisterRestCallback("/ohif/(.*)", plugin.serve_ohif)
     orthanc.ExtendOrthancExplorer(EXPLORER_JS)

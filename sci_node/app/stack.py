@@ -190,7 +190,8 @@ def render_orthanc_config(template: str, values: dict[str, Any]) -> dict[str, An
         raise StackError(f"Orthanc config template does not parse after filling: {exc}") from None
 
 
-def orthanc_config_values(cfg: NodeConfig, ports: StackPorts, creds: OrthancCredentials) -> dict[str, Any]:
+def orthanc_config_values(cfg: NodeConfig, ports: StackPorts, creds: OrthancCredentials,
+                          config_file: Path | None = None) -> dict[str, Any]:
     """The placeholder values of ``orthanc/orthanc.json.in`` for this stack."""
     state = cfg.data_dir / "orthanc"
     st = cfg.stack
@@ -214,19 +215,25 @@ def orthanc_config_values(cfg: NodeConfig, ports: StackPorts, creds: OrthancCred
         "NODE_DATA_DIR": str(cfg.data_dir),
         "PLUGIN_STATE_DIR": str(state),
         "NODE_CLI": [sys.executable, "-m", "sci_node.cli"],
+        "NODE_CONFIG": str(config_file) if config_file else None,
         "SITE_PACKAGES": sysconfig.get_paths()["purelib"],
         "OHIF_DIST": str(OHIF_DIST),
     }
 
 
-def write_orthanc_config(cfg: NodeConfig, ports: StackPorts, creds: OrthancCredentials) -> Path:
-    """Write ``D/orthanc/orthanc.json`` (mode 0600) and create Orthanc's storage folder."""
+def write_orthanc_config(cfg: NodeConfig, ports: StackPorts, creds: OrthancCredentials,
+                         config_file: Path | None = None) -> Path:
+    """Write ``D/orthanc/orthanc.json`` (mode 0600) and create Orthanc's storage folder.
+
+    ``config_file`` is the node's TOML file, handed to the plugin's ``sci-node`` calls (who may
+    hand in corrections is ``[corrections]``'s decision).
+    """
     state = cfg.data_dir / "orthanc"
     state.mkdir(mode=0o700, parents=True, exist_ok=True)
     (state / "storage").mkdir(mode=0o700, exist_ok=True)
     write_trust_bundle(cfg, state)
     config = render_orthanc_config(CONFIG_TEMPLATE.read_text(encoding="utf-8"),
-                                   orthanc_config_values(cfg, ports, creds))
+                                   orthanc_config_values(cfg, ports, creds, config_file))
     path = state / "orthanc.json"
     tmp = path.with_suffix(".json.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -300,7 +307,7 @@ class Stack:
         exe = shutil.which(self.spec.orthanc_bin) or shutil.which("Orthanc", path="/usr/sbin:/usr/bin")
         if exe is None:
             raise StackError("Orthanc is not installed (no 'Orthanc' executable): run bash scripts/install.sh")
-        conf = write_orthanc_config(self.spec.cfg, self.spec.ports, self.spec.creds)
+        conf = write_orthanc_config(self.spec.cfg, self.spec.ports, self.spec.creds, self.spec.config_file)
         # dcmtk inside Orthanc waits ~40-90 ms per instance on Nagle/delayed ACK without this.
         env = orthanc_env(self.spec.cfg, self.spec.ports.dicom, conf.parent, dict(os.environ, TCP_NODELAY="1"))
         self.children.start("orthanc", [exe, str(conf)], env)

@@ -187,7 +187,10 @@ def _corrections(args: argparse.Namespace, cfg: NodeConfig) -> int:
     if args.corrections_cmd == "export":
         return cc.export_cli(cfg, args.out_dir, deidentify=args.deidentify)
     if args.corrections_cmd == "ingest":
-        return cc.ingest_files(cfg, args.files, origin=args.origin, as_json=args.json)
+        return cc.ingest_files(cfg, args.files, origin=args.origin, as_json=args.json, sender=args.sender)
+    if args.corrections_cmd in ("accept", "reject"):
+        return cc.review(cfg, args.ids, args.corrections_cmd, by=args.by, force=getattr(args, "force", False),
+                         as_json=args.json)
     if args.corrections_cmd == "purge":
         return cc.purge(cfg)
     return cc.list_corrections(cfg, as_json=args.json)
@@ -346,16 +349,27 @@ def _add_admin_commands(sub: Any) -> None:
     _add_config_flags(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     csub = p.add_subparsers(dest="corrections_cmd", metavar="ACTION")
-    csub.add_parser("list", help="every correction (recorded, refused, expired), newest first")
+    csub.add_parser("list", help="every correction (pending, accepted, rejected, refused, expired), newest first")
     cs = csub.add_parser("show", help="one correction: who, when, change measures, files")
     cs.add_argument("correction_id", type=int)
-    ce = csub.add_parser("export", help="write the recorded corrections as trainer input (BIDS-like)")
+    ce = csub.add_parser("export", help="write the accepted corrections as trainer input (BIDS-like)")
     ce.add_argument("out_dir", type=Path)
     ce.add_argument("--deidentify", action=argparse.BooleanOptionalAction, default=True,
                     help="strip patient identity (default; --no-deidentify keeps it)")
-    ci = csub.add_parser("ingest", help="record corrected SEG files (the Orthanc plugin calls this)")
+    ci = csub.add_parser("ingest", help="keep corrected SEG files, pending review (the Orthanc plugin calls this)")
     ci.add_argument("files", type=Path, nargs="+")
-    ci.add_argument("--origin", default="cli", help="who handed them over (recorded)")
+    ci.add_argument("--origin", default="cli", help="which program handed them over (recorded)")
+    ci.add_argument("--sender", default=None,
+                    help="who stored them, authenticated: orthanc-user:NAME or dicom:AET@IP (the plugin sets it); "
+                         "default with --origin cli: cli:LOGIN, else none (refused)")
+    for verdict, text in (("accept", "accept pending corrections: they reach export, training and the statistics"),
+                          ("reject", "reject pending corrections: kept for the record, never used")):
+        cr = csub.add_parser(verdict, help=text)
+        cr.add_argument("ids", type=int, nargs="+", metavar="ID")
+        cr.add_argument("--by", default=None, help="who decides (default cli:LOGIN; the status page sets "
+                                                   "orthanc-user:NAME)")
+        if verdict == "accept":
+            cr.add_argument("--force", action="store_true", help="accept even when flagged for review")
     csub.add_parser("purge", help="apply [corrections] retention_days now")
     _late_flags(csub.choices.values())  # flags after the action too
     p.set_defaults(handler=_corrections, corrections_cmd="list")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sci_node.config import NodeConfig
-from sci_node.corrections.index import all_corrections
+from sci_node.corrections.index import all_corrections, counted
 from sci_node.errors import ConfigError, CorrectionRefused
 from sci_node.logs import get_logger
 from sci_node.store.private_files import make_private_dirs, open_private
@@ -80,18 +80,24 @@ def _prepare_out(out: Path) -> None:
 
 
 def export_corrections(cfg: NodeConfig, out: Path, deidentify: bool = True) -> list[Path]:
-    """Write every recorded correction as trainer input under ``out``; return the image paths.
+    """Write every accepted correction as trainer input under ``out``; return the image paths.
+
+    Pending, rejected and refused corrections never reach training; of a series corrected and
+    accepted twice only the newest is written (:func:`~sci_node.corrections.index.counted`).
 
     Raises
     ------
     ConfigError
         ``out`` is a non-empty folder that is not an earlier export.
     CorrectionRefused
-        There is no recorded correction to export.
+        There is no accepted correction to export.
     """
-    rows = [c for c in all_corrections(cfg) if c.state == "recorded" and c.path]
+    everything = all_corrections(cfg)
+    rows = [c for c in counted(everything) if c.state == "accepted" and c.path]
     if not rows:
-        raise CorrectionRefused(f"no recorded correction in {str(cfg.data_dir)!r} to export")
+        pending = sum(1 for c in everything if c.state == "pending")
+        raise CorrectionRefused(f"no accepted correction in {str(cfg.data_dir)!r} to export"
+                                + (f" ({pending} pending: sci-node corrections accept ID)" if pending else ""))
     out = Path(out)
     _prepare_out(out)
     key = pseudonym_key(cfg) if deidentify else None

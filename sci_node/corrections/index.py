@@ -9,14 +9,14 @@ import os
 import shutil
 import sqlite3
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from sci_node.config import NodeConfig
-from sci_node.errors import CorrectionNotFoundError, StorageError
+from sci_node.errors import CorrectionNotFoundError, CorrectionRefused, StorageError
 from sci_node.logs import get_logger
 from sci_node.store.private_files import create_private, make_private_dirs
 from sci_node.store.transactions import write_tx
@@ -46,13 +46,21 @@ CREATE TABLE IF NOT EXISTS corrections (
 CREATE INDEX IF NOT EXISTS corrections_sop ON corrections(seg_sop_uid);
 """
 
+#: columns added after the first schema (issue 36: corrections are a privilege); added on open
+_LATER_COLUMNS = {"sender": "TEXT", "flags": "TEXT", "mask_hash": "TEXT", "verdict": "TEXT",
+                  "reviewed_by": "TEXT", "reviewed_at": "REAL"}
+
+#: states whose folder is kept (the rest have none)
+KEPT_STATES = ("pending", "accepted", "rejected")
+
 
 @dataclass(frozen=True)
 class Correction:
     """One row of ``corrections.sqlite`` (JSON columns decoded)."""
 
     id: int
-    state: str  # "recorded" | "refused" | "expired"
+    #: "pending" (waits for an admin) | "accepted" | "rejected" | "refused" (never kept) | "expired" (retention)
+    state: str
     reason: str | None
     received_at: float
     origin: str | None
@@ -68,6 +76,22 @@ class Correction:
     measures: dict[str, Any]
     notes: list[str]
     path: str | None
+    #: who handed it in, authenticated: ``orthanc-user:NAME``, ``dicom:AET@IP`` or ``cli:LOGIN``
+    #: (``creator`` is only what the SEG claims)
+    sender: str | None = None
+    #: why a reviewer should look twice (implausible masks); never accepted without ``--force``
+    flags: list[str] = field(default_factory=list)
+    mask_hash: str | None = None
+    #: the admin's decision, kept when the row expires: "accepted" | "rejected" | None
+    verdict: str | None = None
+    reviewed_by: str | None = None
+    reviewed_at: float | None = None
+
+    @property
+    def counts(self) -> bool:
+        """Whether it reaches export, training and the statistics: accepted (and not since expired, for
+        export; :func:`summary` also counts expired accepted ones)."""
+        return self.verdict == "accepted"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (``--json``)."""
@@ -88,9 +112,19 @@ class CorrectionIndex:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"corrections index in {str(self.data_dir)!r}: {exc}") from None
         self._sweep_orphans()
+
+    def _migrate(self) -> None:
+        """Add the later columns; rows of the first schema's "recorded" state become "pending" (never reviewed)."""
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(corrections)")}
+        with write_tx(self._db, "corrections index") as db:
+            for name, kind in _LATER_COLUMNS.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE corrections ADD COLUMN {name} {kind}")
+            db.execute("UPDATE corrections SET state='pending' WHERE state='recorded'")
 
     def close(self) -> None:
         """Close the SQLite connection."""
@@ -134,7 +168,7 @@ class CorrectionIndex:
             if not free:
                 return
             keep = {Path(r[0]).name for r in self._db.execute(
-                "SELECT path FROM corrections WHERE state='recorded' AND path IS NOT NULL")}
+                f"SELECT path FROM corrections WHERE state IN {KEPT_STATES} AND path IS NOT NULL")}
             for entry in self.root.iterdir():
                 if entry.is_dir() and entry.name not in keep and (entry.name.startswith(".tmp-")
                                                                   or entry.name.isdigit()):
@@ -158,6 +192,39 @@ class CorrectionIndex:
                                (sop_uid,)).fetchone()
         return None if row is None else _row(row)
 
+    def by_hash(self, mask_hash: str) -> Correction | None:
+        """The latest kept (pending, accepted, or expired after acceptance) correction with these masks, or None."""
+        row = self._db.execute("SELECT * FROM corrections WHERE mask_hash=? AND (state IN ('pending', 'accepted') "
+                               "OR (state='expired' AND verdict='accepted')) ORDER BY id DESC LIMIT 1",
+                               (mask_hash,)).fetchone()
+        return None if row is None else _row(row)
+
+    def review(self, correction_id: int, verdict: str, by: str, force: bool = False) -> Correction:
+        """Accept or reject a pending correction (``verdict`` "accepted" | "rejected"); the changed row.
+
+        Raises
+        ------
+        CorrectionNotFoundError
+            No correction with that id.
+        CorrectionRefused
+            It is not pending, or it is flagged and ``force`` is off (accepting only).
+        """
+        with self.tx() as db:
+            row = db.execute("SELECT * FROM corrections WHERE id=?", (correction_id,)).fetchone()
+            if row is None:
+                raise CorrectionNotFoundError(f"correction {correction_id} does not exist")
+            c = _row(row)
+            if c.state != "pending":
+                raise CorrectionRefused(f"correction {correction_id} is {c.state}, not pending: nothing to "
+                                        f"{'accept' if verdict == 'accepted' else 'reject'}")
+            if verdict == "accepted" and c.flags and not force:
+                raise CorrectionRefused(f"correction {correction_id} is flagged for review ({'; '.join(c.flags)}): "
+                                        "look at it, then accept with --force")
+            db.execute("UPDATE corrections SET state=?, verdict=?, reviewed_by=?, reviewed_at=? WHERE id=?",
+                       (verdict, verdict, by, time.time(), correction_id))
+        log.info("correction.reviewed", correction=correction_id, verdict=verdict, by=by, flags=c.flags)
+        return self.get(correction_id)
+
     def insert(self, db: sqlite3.Connection, fields: dict[str, Any]) -> int:
         """Insert a row inside transaction ``db``; JSON-encodes dict/list values; returns its id."""
         cols = {k: (json.dumps(v, default=str) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
@@ -168,7 +235,7 @@ class CorrectionIndex:
 
 def _row(r: sqlite3.Row) -> Correction:
     d = dict(r)
-    for key, empty in (("model_versions", {}), ("measures", {}), ("notes", [])):
+    for key, empty in (("model_versions", {}), ("measures", {}), ("notes", []), ("flags", [])):
         d[key] = json.loads(d[key]) if d[key] else empty
     return Correction(**d)
 
@@ -188,7 +255,7 @@ def purge_expired(cfg: NodeConfig, index: CorrectionIndex, now: float | None = N
     if days is None:
         return 0
     cutoff = (time.time() if now is None else now) - days * 86400.0
-    old = [c for c in index.all() if c.state == "recorded" and c.received_at <= cutoff]
+    old = [c for c in index.all() if c.state in KEPT_STATES and c.received_at <= cutoff]
     for c in old:
         with index.tx() as db:
             db.execute("UPDATE corrections SET state='expired', path=NULL, patient_key=NULL WHERE id=?", (c.id,))
@@ -208,14 +275,30 @@ def all_corrections(cfg: NodeConfig) -> list[Correction]:
         index.close()
 
 
+def counted(rows: list[Correction]) -> list[Correction]:
+    """The corrections that count, newest first: accepted ones (expired after acceptance too), one per
+    source series (the newest accepted: a series corrected twice counts once)."""
+    seen: set[str] = set()
+    out = []
+    for c in rows:
+        key = c.source_series_uid or f"#{c.id}"
+        if c.counts and key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
 def summary(cfg: NodeConfig) -> dict[str, Any]:
     """Counts by state and the mean original-vs-corrected cord Dice over the last ``status_window``.
 
-    Per cord model version too, with ``heavily_corrected`` naming the versions whose mean is
-    below ``heavy_dice_below``. Reads only; an absent index gives zeros.
+    Only accepted corrections count for the mean (one per source series); per cord model version
+    too, with ``heavily_corrected`` naming the versions whose mean is below ``heavy_dice_below``.
+    ``to_review`` counts the pending ones, ``flagged`` those of them with flags. Reads only; an
+    absent index gives zeros.
     """
     pol = cfg.corrections
-    out: dict[str, Any] = {"received": 0, "recorded": 0, "refused": 0, "expired": 0, "window": pol.status_window,
+    out: dict[str, Any] = {"received": 0, "pending": 0, "accepted": 0, "rejected": 0, "refused": 0, "expired": 0,
+                           "to_review": 0, "flagged": 0, "counted": 0, "window": pol.status_window,
                            "mean_cord_dice_last_n": None, "by_cord_model": {}, "heavily_corrected": []}
     if not (cfg.data_dir / "corrections.sqlite").exists():
         return out
@@ -227,7 +310,10 @@ def summary(cfg: NodeConfig) -> dict[str, Any]:
     for c in rows:
         out[c.state] = out.get(c.state, 0) + 1
     out["received"] = len(rows)
-    kept = [c for c in rows if c.state in ("recorded", "expired") and "cord_dice" in c.measures]
+    out["to_review"] = out["pending"]
+    out["flagged"] = sum(1 for c in rows if c.state == "pending" and c.flags)
+    kept = [c for c in counted(rows) if "cord_dice" in c.measures]
+    out["counted"] = len(kept)
     last = kept[:pol.status_window]
     if last:
         out["mean_cord_dice_last_n"] = round(float(np.mean([c.measures["cord_dice"] for c in last])), 4)

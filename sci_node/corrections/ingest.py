@@ -2,8 +2,13 @@
 
 A radiologist edits the node's SEG in OHIF and stores the result back to Orthanc; the Orthanc
 plugin hands every SEG the node did not write to ``sci-node corrections ingest FILE``, which
-calls :func:`ingest_correction`. A correction is recorded only when it is a Segmentation
-Storage object on the grid of a series the node segmented; then the node keeps, under
+calls :func:`ingest_correction` with who stored it. A correction is kept only when it arrived by
+an authenticated path (:mod:`sci_node.corrections.trust`: an Orthanc user by STOW-RS, an allow-listed
+DICOM AE@host, or an admin's CLI) and is a Segmentation Storage object on the grid of a series the
+node segmented. It is then **pending**: it reaches export, training and the statistics only once
+an admin accepts it (``sci-node corrections accept ID``, or the status page); implausible ones
+carry flags and are accepted only with ``--force``. The same masks of the same series sent again
+are a duplicate and kept once. The node keeps, under
 ``DATA_DIR/corrections/<id>/`` (written to a temporary folder first and renamed into place
 with its index row, so nothing is ever stored half-way)::
 
@@ -13,7 +18,7 @@ with its index row, so nothing is ever stored half-way)::
     image.nii.gz                           the source series as a volume (LPS)
     cord_corrected.nii.gz, lesion_corrected.nii.gz   the radiologist's masks on that grid
     cord_original.nii.gz, lesion_original.nii.gz     the node's masks of the same series
-    correction.json                        who, when, model versions, change measures, patient
+    correction.json                        sender, when, model versions, change measures, flags, patient
 
 The index is ``DATA_DIR/corrections.sqlite`` (WAL, :mod:`sci_node.corrections.index`). A refused object
 gets a row too (state ``refused`` and the reason), but no files. The node's own SEGs
@@ -39,6 +44,7 @@ from sci_node.config import NodeConfig
 from sci_node.corrections.grid import decode_masks
 from sci_node.corrections.index import Correction, CorrectionIndex, open_index, purge_expired
 from sci_node.corrections.measures import change_measures
+from sci_node.corrections.trust import Sender, authenticate, mask_hash, plausibility_flags
 from sci_node.dicom.geometry import VolumeGeometry
 from sci_node.errors import CorrectionRefused, SciNodeError
 from sci_node.logs import get_logger
@@ -88,7 +94,7 @@ def created_of(ds: Any) -> str | None:
 
 @dataclass(frozen=True)
 class IngestOutcome:
-    """What :func:`ingest_correction` did: ``state`` recorded | refused | ignored | duplicate."""
+    """What :func:`ingest_correction` did: ``state`` pending | refused | ignored | duplicate."""
 
     state: str
     reason: str | None
@@ -175,7 +181,8 @@ def _read_seg(path: Path) -> Any:
     return ds
 
 
-def ingest_correction(cfg: NodeConfig, seg_path: Path, origin: str = "cli") -> IngestOutcome:
+def ingest_correction(cfg: NodeConfig, seg_path: Path, origin: str = "cli",
+                      sender: Sender | None = None) -> IngestOutcome:
     """Recognise, check, measure and keep one corrected SEG (see the module docstring).
 
     Parameters
@@ -186,25 +193,28 @@ def ingest_correction(cfg: NodeConfig, seg_path: Path, origin: str = "cli") -> I
     seg_path
         A DICOM file: the corrected SEG (anything else is refused and recorded as such).
     origin
-        Who handed it over (``orthanc`` from the plugin, ``cli`` by hand), recorded.
+        Which program handed it over (``orthanc`` from the plugin, ``cli`` by hand), recorded.
+    sender
+        Who stored it, authenticated (:class:`~sci_node.corrections.trust.Sender`); None is no
+        authentication, and the correction is refused.
 
     Returns
     -------
     IngestOutcome
-        ``recorded`` (with the new correction), ``duplicate`` (that SOP instance is already
-        recorded), ``ignored`` (the node's own SEG: nothing stored) or ``refused`` (a row with
-        the reason, no files).
+        ``pending`` (with the new correction), ``duplicate`` (that SOP instance, or the same
+        masks of the same series, is already kept), ``ignored`` (the node's own SEG: nothing
+        stored) or ``refused`` (a row with the reason, no files).
     """
     index = open_index(cfg)
     try:
         purge_expired(cfg, index)
-        return _ingest(cfg, index, Path(seg_path), origin)
+        return _ingest(cfg, index, Path(seg_path), origin, sender or Sender("none"))
     finally:
         index.close()
 
 
-def _ingest(cfg: NodeConfig, index: CorrectionIndex, seg_path: Path, origin: str) -> IngestOutcome:
-    facts: dict[str, Any] = {"origin": origin}
+def _ingest(cfg: NodeConfig, index: CorrectionIndex, seg_path: Path, origin: str, sender: Sender) -> IngestOutcome:
+    facts: dict[str, Any] = {"origin": origin, "sender": str(sender)}
     try:
         seg = _read_seg(seg_path)
         facts.update(seg_sop_uid=str(seg.SOPInstanceUID), seg_series_uid=str(seg.get("SeriesInstanceUID", "")),
@@ -213,9 +223,10 @@ def _ingest(cfg: NodeConfig, index: CorrectionIndex, seg_path: Path, origin: str
         if is_node_authored(seg):
             log.info("correction.ignored", seg_sop_uid=facts["seg_sop_uid"], reason="the node's own SEG")
             return IngestOutcome("ignored", "the node's own SEG (Manufacturer sci-node): not a correction", None)
+        authenticate(cfg.corrections, sender)
         known = index.by_sop(facts["seg_sop_uid"])
-        if known is not None and known.state in ("recorded", "expired"):
-            return IngestOutcome("duplicate", f"already recorded as correction {known.id}", known)
+        if known is not None and known.state not in ("refused",):
+            return IngestOutcome("duplicate", f"already kept as correction {known.id} ({known.state})", known)
         facts["source_series_uid"] = referenced_series(seg)
         source = find_source_job(cfg, facts["source_series_uid"])
         if facts["seg_sop_uid"] in {_sop_of(p) for p in source.outputs}:
@@ -265,10 +276,19 @@ def _record(cfg: NodeConfig, index: CorrectionIndex, seg: Any, seg_path: Path, s
                    else np.zeros_like(orig_cord))
     if orig_cord.shape != cord.shape:
         raise CorrectionRefused(f"the node's masks {orig_cord.shape} are not on the source grid {cord.shape}")
-    measures = change_measures(orig_cord, orig_lesion, cord, lesion, tuple(geom.spacing[::-1]))  # type: ignore[arg-type]
+    spacing = tuple(float(v) for v in geom.spacing[::-1])
+    measures = change_measures(orig_cord, orig_lesion, cord, lesion, spacing)  # type: ignore[arg-type]
+    digest = mask_hash(source.series_uid, cord, lesion)
+    same = index.by_hash(digest)
+    if same is not None:
+        log.info("correction.duplicate", correction=same.id, seg_sop_uid=facts["seg_sop_uid"])
+        return IngestOutcome("duplicate", f"the same masks of series {source.series_uid} are already kept as "
+                                          f"correction {same.id} ({same.state})", same)
+    flags = plausibility_flags(cfg.corrections, orig_cord, cord, lesion, spacing,  # type: ignore[arg-type]
+                               measures.get("cord_dice"))
     first = volume.first
     facts.update(patient_key=str(first.get("PatientID", "") or "") or f"study-{source.study_uid}",
-                 measures=measures, notes=notes)
+                 measures=measures, notes=notes, flags=flags, mask_hash=digest)
     tmp = index.root / f".tmp-{uuid.uuid4().hex}"
     with index.writer_lock():  # no other process sweeps the folder away before its row is committed
         try:
@@ -276,7 +296,7 @@ def _record(cfg: NodeConfig, index: CorrectionIndex, seg: Any, seg_path: Path, s
                                                                  "cord_original": orig_cord,
                                                                  "lesion_original": orig_lesion})
             with index.tx() as db:
-                cid = index.insert(db, {**facts, "state": "recorded", "received_at": time.time()})
+                cid = index.insert(db, {**facts, "state": "pending", "received_at": time.time()})
                 final = index.root / str(cid)
                 meta = {**facts, "id": cid, "sequence": _label(source.routing, "sequence"),
                         "view": _label(source.routing, "view"), "patient": _patient(first),
@@ -288,9 +308,10 @@ def _record(cfg: NodeConfig, index: CorrectionIndex, seg: Any, seg_path: Path, s
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     record = index.get(cid)
-    log.info("correction.recorded", correction=cid, source_series_uid=source.series_uid, job=source.job_id,
-             creator=record.creator, **{k: measures[k] for k in ("cord_dice", "lesions_added", "lesions_removed")})
-    return IngestOutcome("recorded", None, record)
+    log.info("correction.pending", correction=cid, source_series_uid=source.series_uid, job=source.job_id,
+             sender=record.sender, flags=flags,
+             **{k: measures[k] for k in ("cord_dice", "lesions_added", "lesions_removed")})
+    return IngestOutcome("pending", None, record)
 
 
 def _label(routing: dict[str, Any], level: str) -> str | None:
