@@ -54,6 +54,17 @@ def test_mr_series_gets_seg_and_sr_in_same_study_exactly_once(processed: Process
     seg_tags = client.get_instances_id_tags(client.get_series_id(seg)["Instances"][0], params={"simplify": True})
     mr_uid = client.get_series_id(mr)["MainDicomTags"]["SeriesInstanceUID"]
     assert seg_tags["ReferencedSeriesSequence"][0]["SeriesInstanceUID"] == mr_uid
+    # where it is: the SEG's description and the status page name the vertebral levels the cord covers
+    summary = job["result"]["summary"]
+    names = [v["level"] for v in summary["vertebral_levels"]]
+    page = httpx.get(f"{stack.url}/sci-node/", auth=(USER, PASSWORD), trust_env=False, timeout=60).text
+    assert "findings (vertebral levels)" in page
+    if names:
+        covered = names[0] if names[0] == names[-1] else f"{names[0]}-{names[-1]}"
+        assert f" {covered} (" in seg_tags["SeriesDescription"], seg_tags["SeriesDescription"]
+        assert f"cord {covered}; {summary['lesion_count']} lesion" in page
+    else:
+        assert summary["vertebral_levels_unknown_reason"] and "levels unknown (" in page
 
 
 def test_authentication_is_enforced(processed: ProcessedStudy) -> None:

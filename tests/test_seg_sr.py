@@ -292,3 +292,14 @@ def test_seg_and_sr_of_series_with_a_missing_slice(tmp_path: Path) -> None:
     drawn = {g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
              for g in hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_planar_roi_measurement_groups()}
     assert drawn and drawn <= received  # outlines only on slices the series holds
+
+
+def test_descriptions_name_the_vertebral_levels_covered_and_keep_warnings_first() -> None:
+    from sci_node.pipeline.seg_writer import described, levels_covered
+
+    assert levels_covered([{"level": "C2"}, {"level": "C3"}, {"level": "C5"}]) == "C2-C5"
+    assert levels_covered([{"level": "T4"}]) == "T4" and levels_covered([]) is None
+    versions = {"cord": "0.2.3", "lesion": "0.8.1", "anatomy": "0.4.0", "region_view": "0.3.0", "sequence": "0.4.0"}
+    text = described("sci-node SEG", versions, ["incomplete transfer"], "C2-C5")
+    assert text.startswith("sci-node SEG [incomplete transfer] C2-C5 (") and len(text) == 64
+    assert described("sci-node SEG", {"cord": "0.2.3"}) == "sci-node SEG (cord 0.2.3)"

@@ -493,6 +493,25 @@ def ohif_href(study_uid: str, job: dict[str, Any] | None = None) -> str:
     return url + (f"&initialSeriesInstanceUID={urllib.parse.quote(str(sr))}" if sr else "")
 
 
+def findings_text(job: dict[str, Any]) -> str:
+    """``"cord C2-C5; 2 lesions (C3, C4)"`` from a job's summary; the reason when the levels are unknown."""
+    summary = (job.get("result") or {}).get("summary") or {}
+    if not summary:
+        return ""
+    names = [str(v.get("level")) for v in summary.get("vertebral_levels") or [] if v.get("level")]
+    if names:
+        cord = f"cord {names[0]}" + (f"-{names[-1]}" if names[-1] != names[0] else "")
+    else:
+        why = summary.get("vertebral_levels_unknown_reason")
+        cord = f"levels unknown ({why})" if why else "levels unknown"
+    count = summary.get("lesion_count")
+    if count is None:
+        return cord
+    sites = sorted({str(level) for les in summary.get("lesions") or [] for level in les.get("vertebral_levels") or []},
+                   key=lambda n: names.index(n) if n in names else len(names))
+    return f"{cord}; {count} lesion{'s' if count != 1 else ''}" + (f" ({', '.join(sites)})" if sites else "")
+
+
 def render_status_page(jobs: list[dict[str, Any]], error: str | None, forwards: list[dict[str, Any]],
                        corrections: dict[str, Any] | None = None, engine: dict[str, Any] | None = None,
                        csrf_token: str = "") -> str:
@@ -504,7 +523,7 @@ def render_status_page(jobs: list[dict[str, Any]], error: str | None, forwards: 
         link = f'<a href="{esc(ohif_href(study, job))}">open in OHIF</a>' if study else ""
         rows.append("<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in (
             _job_field(job, "id", "job_id"), _job_field(job, "state", "status"), _job_field(job, "delivery"),
-            _job_field(job, "reason", "error"), _job_series(job),
+            _job_field(job, "reason", "error"), findings_text(job), _job_series(job),
             _when(job, "created_at", "created", "queued_at"),
             _when(job, "finished_at", "updated_at", "finished"))) + f"<td>{link}</td></tr>")
     frows = [f"<tr><td>{esc(str(f.get('time', '')))}</td><td>{esc(str(f.get('reason', '')))}</td>"
@@ -521,8 +540,8 @@ body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse}} td
 .err{{color:#a00}}</style>{page_script(csrf_token)}</head><body>
 <h1>sci-node</h1><p><a href="/app/explorer.html">Orthanc Explorer</a> · <a href="/ohif/">OHIF study list</a>
 · <a href="/sci-node/jobs">JSON</a></p>{note}
-<h2>Node jobs</h2><table><tr><th>job</th><th>state</th><th>delivery</th><th>reason</th><th>series UID</th><th>created (UTC)</th>
-<th>finished (UTC)</th><th></th></tr>{''.join(rows) or '<tr><td colspan="8">no jobs yet</td></tr>'}</table>
+<h2>Node jobs</h2><table><tr><th>job</th><th>state</th><th>delivery</th><th>reason</th><th>findings (vertebral levels)</th><th>series UID</th><th>created (UTC)</th>
+<th>finished (UTC)</th><th></th></tr>{''.join(rows) or '<tr><td colspan="9">no jobs yet</td></tr>'}</table>
 <h2>Series forwarded by Orthanc</h2><table><tr><th>time</th><th>why</th><th>series UID</th><th>Orthanc job</th><th>job state</th><th></th><th></th></tr>
 {''.join(frows) or '<tr><td colspan="7">none yet</td></tr>'}</table>
 {render_engine(engine)}

@@ -237,10 +237,11 @@ class Pipeline:
         """Write the SEG and SR; ``summary`` gains ``key_images`` (where a viewer opens:
         :mod:`sci_node.pipeline.key_slices`)."""
         from sci_node.pipeline.key_slices import key_images, viewer_record
-        from sci_node.pipeline.seg_writer import build_seg
+        from sci_node.pipeline.seg_writer import build_seg, levels_covered
         from sci_node.pipeline.sr_writer import build_sr
 
-        seg = build_seg(vol, cord, lesion, self.versions, notes)
+        seg = build_seg(vol, cord, lesion, self.versions, notes,
+                        where=levels_covered(summary.get("vertebral_levels") or []))
         seg_path = out_dir / SEG_NAME
         seg.save_as(seg_path, enforce_file_format=True)
         keys = key_images(vol, cord, lesion, summary.get("lesions", []))

@@ -61,14 +61,24 @@ def seg_encoding(rows: int, columns: int) -> SegEncoding:
     return SegEncoding.BINARY if (rows * columns) % 8 == 0 else SegEncoding.FRACTIONAL
 
 
-def described(prefix: str, versions: Mapping[str, str], notes: Sequence[str] = ()) -> str:
-    """``"sci-node SEG [1 slice missing] (cord 0.1.0, ...)"``, at most 64 characters (LO).
+def described(prefix: str, versions: Mapping[str, str], notes: Sequence[str] = (), where: str | None = None) -> str:
+    """``"sci-node SEG [1 slice missing] C2-C5 (cord 0.1.0, ...)"``, at most 64 characters (LO).
 
-    Notes (missing slices, an incomplete transfer) come before the model versions so that
-    truncation to 64 characters cuts the versions, never the warning.
+    Notes (missing slices, an incomplete transfer) and ``where`` (the vertebral levels the cord
+    covers, :func:`levels_covered`) come before the model versions so that truncation to 64
+    characters cuts the versions, never the warning or the levels.
     """
     flags = f" [{'; '.join(notes)}]" if notes else ""
-    return f"{prefix}{flags} ({versions_text(versions)})"[:64]
+    place = f" {where}" if where else ""
+    return f"{prefix}{flags}{place} ({versions_text(versions)})"[:64]
+
+
+def levels_covered(vertebral_levels: Sequence[Mapping[str, object]]) -> str | None:
+    """``"C2-C5"`` (first and last vertebral level of the cord, top down), ``"C3"``; None when unknown."""
+    names = [str(v.get("level")) for v in vertebral_levels if v.get("level")]
+    if not names:
+        return None
+    return names[0] if names[0] == names[-1] else f"{names[0]}-{names[-1]}"
 
 
 def versions_text(versions: Mapping[str, str]) -> str:
@@ -135,7 +145,7 @@ def source_order(volume: SeriesVolume, masks: np.ndarray) -> np.ndarray:
 
 def build_seg(volume: SeriesVolume, cord: np.ndarray, lesion: np.ndarray | None,
               versions: Mapping[str, str], notes: Sequence[str] = (),
-              encoding: SegEncoding | None = None) -> hd.seg.Segmentation:
+              encoding: SegEncoding | None = None, where: str | None = None) -> hd.seg.Segmentation:
     """Build the DICOM-SEG of one series.
 
     Parameters
@@ -152,6 +162,9 @@ def build_seg(volume: SeriesVolume, cord: np.ndarray, lesion: np.ndarray | None,
         lead the Series and Content Description.
     encoding
         None: :func:`seg_encoding` of the source matrix (BINARY only when byte-aligned).
+    where
+        The vertebral levels the cord covers (``"C2-C5"``, :func:`levels_covered`), shown in the
+        Series and Content Description; None when unknown.
 
     Raises
     ------
@@ -188,13 +201,13 @@ def build_seg(volume: SeriesVolume, cord: np.ndarray, lesion: np.ndarray | None,
         manufacturer_model_name="sci-node",
         software_versions=f"sci-node {__version__}",
         device_serial_number="sci-node",
-        content_description=described("sci-node", versions, notes),
+        content_description=described("sci-node", versions, notes, where),
         content_creator_name=f"sci-node^{vtext}"[:64],
         content_label="SCINODE",
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=True,
     )
-    seg.SeriesDescription = described("sci-node SEG", versions, notes)
+    seg.SeriesDescription = described("sci-node SEG", versions, notes, where)
     return seg
 
 

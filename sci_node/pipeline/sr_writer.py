@@ -39,6 +39,7 @@ from sci_node.pipeline.seg_writer import (
     derived_uid,
     described,
     frame_references,
+    levels_covered,
     source_key,
     versions_text,
 )
@@ -260,7 +261,8 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], summary: Mapping[str, Any
         is_final=False,
         is_verified=False,
     )
-    sr.SeriesDescription = described("sci-node measurements", versions, notes)
+    sr.SeriesDescription = described("sci-node measurements", versions, notes,
+                                     levels_covered(summary.get("vertebral_levels") or []))
     return sr
 
 
