@@ -30,9 +30,15 @@ from common import SAMPLE, emit, machine, replicate, start_node, start_orthanc, 
 SERVERS = ("storescp", "sci-node", "orthanc")
 
 
-def send_to(server: str, files: list[Path], work: Path) -> float:
-    """Start ``server`` fresh in ``work``, send ``files``, stop it; the send's wall time (s)."""
-    if server == "storescp":
+def send_to(server: str, files: list[Path], work: Path, variants: dict[str, str] | None = None) -> float:
+    """Start ``server`` fresh in ``work``, send ``files``, stop it; the send's wall time (s).
+
+    ``variants``: extra sci-node servers by name, each with the TOML lines it adds to the node's config.
+    """
+    if server in (variants or {}):
+        proc, port = start_node(work / "node", stable=3600, processor="derived-sc", extra_toml=(variants or {})[server])
+        called = "SCINODE"
+    elif server == "storescp":
         proc, port = start_storescp(work / "out")
         called = "DEST"
     elif server == "sci-node":
@@ -53,25 +59,31 @@ def main() -> int:
     ap.add_argument("--copies", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=TOML",
+                    help="another sci-node server, its config lines added (e.g. "
+                         "'poll=[limits]\\nreactor_poll_seconds = 0.0001'; \\n is a line break)")
     args = ap.parse_args()
+    variants = {v.split("=", 1)[0]: v.split("=", 1)[1].replace("\\n", "\n") for v in args.variant}
+    servers = SERVERS + tuple(variants)
     emit({"bench": "machine", **machine()}, args.json_out)
     tmp = Path(tempfile.mkdtemp(prefix="scinode-ingest-"))
     try:
         files = replicate(args.series, args.copies, tmp / "files")
         mb = sum(f.stat().st_size for f in files) / 1e6
-        times: dict[str, list[float]] = {s: [] for s in SERVERS}
+        times: dict[str, list[float]] = {s: [] for s in servers}
         for r in range(args.rounds):
-            order = SERVERS[r % 3:] + SERVERS[:r % 3]
+            k = r % len(servers)
+            order = servers[k:] + servers[:k]
             for server in order:
                 work = tmp / f"{server}-{r}"
-                dt = send_to(server, files, work)
+                dt = send_to(server, files, work, variants)
                 times[server].append(dt)
                 emit({"bench": "ingest", "server": server, "round": r, "instances": len(files),
                       "mb": round(mb, 1), "seconds": round(dt, 3), "inst_per_s": round(len(files) / dt, 1)},
                      args.json_out)
                 shutil.rmtree(work, ignore_errors=True)
         ref = len(files) / statistics.median(times["storescp"])
-        for server in SERVERS:
+        for server in servers:
             med = statistics.median(times[server])
             rate = len(files) / med
             emit({"bench": "ingest-summary", "server": server, "instances": len(files), "mb": round(mb, 1),

@@ -140,6 +140,9 @@ def handle_established(event: Event, deps: ScpDeps) -> None:
     """EVT_ESTABLISHED: start counting this association's instances."""
     with deps.lock:
         deps.stored[id(event.assoc)] = 0
+    dul = getattr(event.assoc, "dul", None)
+    if dul is not None and hasattr(dul, "_run_loop_delay"):  # pynetdicom's reactor sleep (private; 1 ms)
+        dul._run_loop_delay = deps.cfg.limits.reactor_poll_seconds
     log.info("association.accepted", contexts=len(event.assoc.accepted_contexts),
              refused_sop_classes=refused_sop_classes(event.assoc.rejected_contexts))
 
