@@ -58,18 +58,21 @@ def sop_uids(files: list[Path]) -> set[str]:
     return {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
 
 
-CRASHING_SENDER = """
-import os, signal, sys
+SENDER = """
+import os, signal, sys, time
 import pydicom
 from pynetdicom import AE
 from pydicom.uid import MRImageStorage, ExplicitVRLittleEndian
 ae = AE(ae_title="SCANNER")
 ae.add_requested_context(MRImageStorage, [ExplicitVRLittleEndian])
-assoc = ae.associate("127.0.0.1", int(sys.argv[1]), ae_title="SCINODE")
+assoc = ae.associate("127.0.0.1", int(sys.argv[2]), ae_title="SCINODE")
 assert assoc.is_established
-for f in sys.argv[2:]:
+for f in sys.argv[3:]:
     assert assoc.send_c_store(pydicom.dcmread(f)).Status == 0
-os.kill(os.getpid(), signal.SIGKILL)  # the sender crashes: no A-RELEASE, no A-ABORT, the kernel closes the socket
+if sys.argv[1] == "crash":
+    os.kill(os.getpid(), signal.SIGKILL)  # the sender crashes: no A-RELEASE, no A-ABORT, the kernel closes the socket
+print("sent", flush=True)
+time.sleep(120)  # "hang": still associated, more to come (the node dies meanwhile)
 """
 
 
@@ -78,7 +81,7 @@ def crash_after_sending(port: int, files: list[Path]) -> None:
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", CRASHING_SENDER, str(port), *map(str, files)],
+    proc = subprocess.run([sys.executable, "-c", SENDER, "crash", str(port), *map(str, files)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr[-2000:]
 
@@ -226,22 +229,6 @@ def test_infer_report_json_records_the_missing_slice(tmp_path: Path, capsys: pyt
     assert framed_instances(seg) <= sop_uids(files[:7] + files[8:])
 
 
-HANGING_SENDER = """
-import sys, time
-import pydicom
-from pynetdicom import AE
-from pydicom.uid import MRImageStorage, ExplicitVRLittleEndian
-ae = AE(ae_title="SCANNER")
-ae.add_requested_context(MRImageStorage, [ExplicitVRLittleEndian])
-assoc = ae.associate("127.0.0.1", int(sys.argv[1]), ae_title="SCINODE")
-assert assoc.is_established
-for f in sys.argv[2:]:
-    assert assoc.send_c_store(pydicom.dcmread(f)).Status == 0
-print("sent", flush=True)
-time.sleep(120)  # still associated, more to come: the node dies meanwhile
-"""
-
-
 def test_series_cut_by_a_node_crash_waits_the_grace_period_and_is_flagged_incomplete(
         node_factory: Callable[..., NodeProc], storescp_factory: Callable[..., StoreSCP], tmp_path: Path) -> None:
     """Issue 36 item 8: kill -9 of the node while a sender is mid-series. After the restart, that series
@@ -256,7 +243,7 @@ def test_series_cut_by_a_node_crash_waits_the_grace_period_and_is_flagged_incomp
                         "--destination", f"DEST@127.0.0.1:{dest.port}").start()
     whole = renamed_series(SAMPLE, tmp_path / "whole")
     assert storescu(node.port, whole).returncode == 0  # released: the sender was done
-    sender = subprocess.Popen([sys.executable, "-c", HANGING_SENDER, str(node.port), *map(str, SAMPLE[:30])],
+    sender = subprocess.Popen([sys.executable, "-c", SENDER, "hang", str(node.port), *map(str, SAMPLE[:30])],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert sender.stdout is not None and sender.stdout.readline().strip() == "sent", sender.stderr
