@@ -173,6 +173,12 @@ def _infer(args: argparse.Namespace, cfg: NodeConfig) -> int:
     return run_batch(args.input, args.out, cfg, device=args.device or cfg.device)
 
 
+def _compare(args: argparse.Namespace, cfg: NodeConfig) -> int:
+    from sci_node.pipeline.compare import run_compare
+
+    return run_compare(args.prior, args.current, args.out, cfg, device=args.device or "cpu")
+
+
 def _route(args: argparse.Namespace, cfg: NodeConfig) -> int:
     from sci_node.pipeline.route_report import run_route
 
@@ -312,7 +318,7 @@ def _add_peer_commands(sub: Any) -> None:
 
 
 def _add_offline_commands(sub: Any) -> None:
-    """infer, route (and train, registered by the trainer): batch work without the node."""
+    """infer, compare, route (and train, registered by the trainer): batch work without the node."""
     p = sub.add_parser("infer", help="batch: segment every series under INPUT into OUTDIR")
     _add_config_flags(p)
     p.add_argument("input", type=Path, help="folder (or file) of DICOM series and/or NIfTI volumes")
@@ -321,6 +327,17 @@ def _add_offline_commands(sub: Any) -> None:
     p.add_argument("--torch-threads", dest="torch_threads", type=int,
                    help="torch threads (default 0 = CPUs minus one)")
     p.set_defaults(handler=_infer)
+
+    p = sub.add_parser("compare", help="follow-up: what changed between a PRIOR and a CURRENT series (new, "
+                                       "enlarging, resolved lesions; cord area)")
+    _add_config_flags(p)
+    p.add_argument("prior", type=Path, help="the earlier series (DICOM folder or NIfTI file)")
+    p.add_argument("current", type=Path, help="the later series of the same person")
+    p.add_argument("--out", type=Path, required=True, help="output folder (comparison.json, new_or_enlarging.nii.gz)")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--torch-threads", dest="torch_threads", type=int,
+                   help="torch threads (default 0 = CPUs minus one)")
+    p.set_defaults(handler=_compare)
 
     p = sub.add_parser("route", help="print the routing decision of every series under INPUT (no segmentation)")
     _add_config_flags(p)

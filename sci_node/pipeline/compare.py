@@ -1,0 +1,143 @@
+"""``sci-node compare PRIOR CURRENT --out OUT``: what changed since the prior scan, offline (issue 39).
+
+Each of PRIOR and CURRENT is a folder (or file) holding one series the node can segment: a DICOM
+series or a NIfTI volume. Both go through the node's own pipeline (as ``sci-node infer``: their
+results in ``OUT/prior/`` and ``OUT/current/``), then :func:`sci_node.imaging.followup.compare`
+registers the prior to the current series on the cord, checks the registration, and classifies
+every lesion as new, enlarging, stable, shrinking or resolved. Written:
+
+* ``OUT/comparison.json``: the registration check (and the refusal's reason when it fails), the
+  counts, every lesion with its volume then and now, status and current LPS position, the C2-C3
+  mean CSA then, now and its change (when both scans have vertebral levels), per level, and the
+  mean CSA over each scan's cord (comparable when both cover the same stretch);
+* ``OUT/new_or_enlarging.nii.gz``: the new and enlarging lesions on the current series' grid.
+
+Exit code 0 when compared, 1 when the comparison was refused (registration check failed, or a
+side has no segmented series); the reason is printed and in the JSON.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import SimpleITK as sitk
+
+from sci_node.config import NodeConfig
+from sci_node.errors import DataError
+from sci_node.imaging import followup
+from sci_node.imaging.measure import index_to_lps, si_axis
+from sci_node.terminal import echo_all
+
+
+def _segment(pipeline: Any, source: Path, out_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """The one series under ``source`` through the pipeline: ``(Segmented, summary)``.
+
+    Raises
+    ------
+    DataError
+        Not exactly one series, or it was not segmented (routed out, or failed).
+    """
+    from sci_node.pipeline.batch import find_inputs
+
+    items = find_inputs(source)
+    if len(items) != 1:
+        raise DataError(f"{str(source)!r} holds {len(items)} series; compare takes one prior and one current series")
+    item = items[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res = (pipeline.run_dicom(list(item.files), out_dir) if item.kind == "dicom"
+           else pipeline.run_nifti(item.files[0], out_dir))
+    summary = dict(res.summary)
+    (out_dir / "report.json").write_text(json.dumps({"source": str(source), "status": res.status, "reason": res.reason,
+                                                     "model_versions": res.model_versions, "summary": summary},
+                                                    indent=2, default=str) + "\n", encoding="utf-8")
+    if res.segmented is None:
+        raise DataError(f"{str(source)!r}: the series was not segmented ({res.status}: {res.reason})")
+    return res.segmented, summary
+
+
+def _lps(image: sitk.Image, zyx: tuple[float, float, float]) -> list[float]:
+    return [round(v, 2) for v in image.TransformContinuousIndexToPhysicalPoint([float(v) for v in zyx[::-1]])]
+
+
+def _per_level(then: dict[str, Any], now: dict[str, Any]) -> list[dict[str, Any]]:
+    before = {v["level"]: v.get("csa_mm2_mean") for v in then.get("vertebral_levels") or []}
+    return [{"level": v["level"], **followup.csa_change(before[v["level"]], v.get("csa_mm2_mean"))}
+            for v in now.get("vertebral_levels") or [] if v["level"] in before]
+
+
+def comparison_record(result: followup.Comparison, current: sitk.Image, then: dict[str, Any],
+                      now: dict[str, Any]) -> dict[str, Any]:
+    """The JSON of ``comparison.json`` (see the module docstring)."""
+    check = result.check
+    return {
+        "compared": check.passed,
+        "reason": None if check.passed else f"registration check failed: {check.reason}",
+        "registration": {"cord_dice": check.cord_dice, "centerline_mm": check.centerline_mm,
+                         "rigid_parameters": list(result.transform), "rules": vars(followup.FollowupRules())},
+        "counts": result.counts() if check.passed else None,
+        "lesions": [{"status": c.status, "volume_then_mm3": c.volume_then_mm3, "volume_now_mm3": c.volume_now_mm3,
+                     "current_id": c.current_id, "prior_ids": list(c.prior_ids),
+                     "centroid_lps_mm": _lps(current, c.centroid_index_zyx) if c.current_id else None}
+                    for c in result.lesions],
+        "csa_c2_c3": followup.csa_change(then.get("csa_c2_c3_mm2"), now.get("csa_c2_c3_mm2")),
+        # the mean over each scan's whole cord: comparable when both cover the same stretch (a rescan)
+        "csa_mean": followup.csa_change((then.get("csa_mm2") or {}).get("mean"),
+                                        (now.get("csa_mm2") or {}).get("mean")),
+        "csa_per_level": _per_level(then, now),
+    }
+
+
+def run_compare(prior: Path, current: Path, out: Path, cfg: NodeConfig, device: str = "cpu",
+                stream: TextIO | None = None) -> int:
+    """``sci-node compare``: segment both, compare, write ``OUT/comparison.json`` (module docstring).
+
+    Raises
+    ------
+    DataError
+        A side does not hold exactly one segmentable series. ``ModelError`` when the models cannot load.
+    """
+    from sci_node.models.predict_seg import configure_threads
+    from sci_node.models.registry import ModelRegistry
+    from sci_node.pipeline.run import Pipeline
+
+    stream = stream or sys.stdout
+    configure_threads(cfg.torch_threads)
+    pipeline = Pipeline(ModelRegistry(cfg.models_dir).load_active(device), cfg.routing, device,
+                        cfg.max_missing_fraction)
+    out = Path(out)
+    seg_then, then = _segment(pipeline, Path(prior), out / "prior")
+    seg_now, now = _segment(pipeline, Path(current), out / "current")
+    empty = np.zeros_like(seg_then.cord)
+    img = seg_now.image
+    axis = si_axis(index_to_lps(img.GetOrigin(), img.GetSpacing(), img.GetDirection()))
+    started = time.perf_counter()
+    result = followup.compare(seg_then.image, seg_then.cord,
+                              seg_then.lesion if seg_then.lesion is not None else empty, img, seg_now.cord,
+                              seg_now.lesion if seg_now.lesion is not None else np.zeros_like(seg_now.cord), axis)
+    record = comparison_record(result, img, then, now)
+    record["compare_seconds"] = round(time.perf_counter() - started, 3)  # registration + matching, not segmentation
+    (out / "comparison.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    if result.new_or_enlarging is not None:
+        mask = sitk.GetImageFromArray(result.new_or_enlarging.astype(np.uint8))
+        mask.CopyInformation(img)
+        sitk.WriteImage(mask, str(out / "new_or_enlarging.nii.gz"), True)
+    echo_all(_lines(record), stream)
+    return 0 if record["compared"] else 1
+
+
+def _lines(record: dict[str, Any]) -> list[str]:
+    reg = record["registration"]
+    lines = [f"registration: cord Dice {reg['cord_dice']}, centre lines {reg['centerline_mm']} mm apart"]
+    if not record["compared"]:
+        return [*lines, f"not compared: {record['reason']}"]
+    lines.append("lesions: " + ", ".join(f"{n} {k}" for k, n in record["counts"].items()))
+    for les in record["lesions"]:
+        lines.append(f"  {les['status']:<10} {les['volume_then_mm3']:>8.1f} -> {les['volume_now_mm3']:>8.1f} mm3")
+    csa = record["csa_c2_c3"]
+    if csa["change_pct"] is not None:
+        lines.append(f"C2-C3 mean CSA {csa['then_mm2']} -> {csa['now_mm2']} mm2 ({csa['change_pct']:+.1f} %)")
+    return lines
