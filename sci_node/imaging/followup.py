@@ -108,10 +108,12 @@ def register_rigid(prior: sitk.Image, prior_cord: np.ndarray, current: sitk.Imag
         ``(Z, Y, X)`` cord masks on each image's grid; their centres of mass initialise the fit and
         the current cord dilated by ``rules.margin_mm`` is where the metric is evaluated.
     """
-    fixed = sitk.Cast(current, sitk.sitkFloat32)
-    moving = sitk.Cast(prior, sitk.sitkFloat32)
     spacing = tuple(float(s) for s in current.GetSpacing()[::-1])
-    region = _mask_image(dilate_mm(current_cord > 0, spacing, rules.margin_mm), current)  # type: ignore[arg-type]
+    near = dilate_mm(current_cord > 0, spacing, rules.margin_mm)  # type: ignore[arg-type]
+    # only the cord's neighbourhood takes part: crop both images around their cords (physical space is kept)
+    fixed = sitk.Cast(_crop_around(current, near, 0.0), sitk.sitkFloat32)
+    moving = sitk.Cast(_crop_around(prior, prior_cord > 0, 2 * rules.margin_mm), sitk.sitkFloat32)
+    region = _crop_around(_mask_image(near, current), near, 0.0)
     init = sitk.CenteredTransformInitializer(_mask_image(current_cord > 0, current),
                                              _mask_image(prior_cord > 0, prior), sitk.Euler3DTransform(),
                                              sitk.CenteredTransformInitializerFilter.MOMENTS)
@@ -129,6 +131,18 @@ def register_rigid(prior: sitk.Image, prior_cord: np.ndarray, current: sitk.Imag
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetInitialTransform(init, inPlace=False)
     return reg.Execute(fixed, moving)
+
+
+def _crop_around(image: sitk.Image, mask: np.ndarray, margin_mm: float) -> sitk.Image:
+    """``image`` cut to the bounding box of ``mask`` (``(Z, Y, X)``) widened by ``margin_mm``; geometry kept."""
+    if not mask.any():
+        return image
+    spacing_zyx = np.asarray(image.GetSpacing()[::-1], dtype=float)
+    pad = np.ceil(margin_mm / spacing_zyx).astype(int)
+    idx = np.nonzero(mask)
+    lo = np.maximum([int(i.min()) for i in idx] - pad, 0)
+    hi = np.minimum([int(i.max()) + 1 for i in idx] + pad, mask.shape)
+    return sitk.RegionOfInterest(image, [int(v) for v in (hi - lo)[::-1]], [int(v) for v in lo[::-1]])
 
 
 def to_current(mask: np.ndarray, prior: sitk.Image, current: sitk.Image, transform: sitk.Transform) -> np.ndarray:
