@@ -202,6 +202,18 @@ class CorrectionsPolicy:
 
 
 @dataclass(frozen=True)
+class FollowupPolicy:
+    """Follow-up comparison against the same person's prior series (``[followup]``; docs/followup.md)."""
+
+    #: after a series is segmented, look for a prior of the same patient in the node's own job history
+    enabled: bool = True
+    #: the longest interval between the two studies' dates that is compared, in days
+    max_interval_days: float = 3650.0
+    #: how many of the latest done jobs are searched for the prior
+    search_jobs: int = 500
+
+
+@dataclass(frozen=True)
 class Scanner:
     """A modality the stack's Orthanc accepts on its DICOM port: calling AE title and source IPv4 address."""
 
@@ -274,6 +286,7 @@ class NodeConfig:
     routing: RoutingRules = field(default_factory=RoutingRules)
     engine: EngineConfig = field(default_factory=EngineConfig)
     corrections: CorrectionsPolicy = field(default_factory=CorrectionsPolicy)
+    followup: FollowupPolicy = field(default_factory=FollowupPolicy)
     stack: StackConfig = field(default_factory=StackConfig)
 
     @property
@@ -335,6 +348,7 @@ _SECTIONS: dict[str, type] = {
     "routing": RoutingRules,
     "engine": EngineConfig,
     "corrections": CorrectionsPolicy,
+    "followup": FollowupPolicy,
     "stack": StackConfig,
 }
 
@@ -438,6 +452,9 @@ def _validate(cfg: NodeConfig, errors: list[str]) -> None:
     cor = cfg.corrections
     if cor.retention_days is not None and not cor.retention_days > 0:
         errors.append(f"corrections.retention_days: {cor.retention_days} must be > 0 (or unset: keep them)")
+    if not cfg.followup.max_interval_days > 0 or cfg.followup.search_jobs < 1:
+        errors.append(f"followup: max_interval_days {cfg.followup.max_interval_days} must be > 0 and search_jobs "
+                      f"{cfg.followup.search_jobs} >= 1")
     if cor.status_window < 1:
         errors.append(f"corrections.status_window: {cor.status_window} must be >= 1")
     if not 0 <= cor.min_cord_dice <= 1 or not 0 <= cor.max_outside_fraction <= 1 or not cor.neighbourhood_mm > 0:

@@ -505,11 +505,18 @@ def findings_text(job: dict[str, Any]) -> str:
         why = summary.get("vertebral_levels_unknown_reason")
         cord = f"levels unknown ({why})" if why else "levels unknown"
     count = summary.get("lesion_count")
+    fu = summary.get("followup") or {}
+    since = ""
+    if fu:
+        counts = fu.get("counts") or {}
+        since = ("; vs prior: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("new", "enlarging", "resolved"))
+                 if fu.get("compared") else "; vs prior: not compared")
     if count is None:
-        return cord
+        return cord + since
     sites = sorted({str(level) for les in summary.get("lesions") or [] for level in les.get("vertebral_levels") or []},
                    key=lambda n: names.index(n) if n in names else len(names))
-    return f"{cord}; {count} lesion{'s' if count != 1 else ''}" + (f" ({', '.join(sites)})" if sites else "")
+    return (f"{cord}; {count} lesion{'s' if count != 1 else ''}" + (f" ({', '.join(sites)})" if sites else "")
+            + since)
 
 
 def render_status_page(jobs: list[dict[str, Any]], error: str | None, forwards: list[dict[str, Any]],

@@ -142,6 +142,9 @@ def show_job(cfg: NodeConfig, job_id: int, as_json: bool = False) -> int:
     for d in dispatches:
         echo(f"  dispatch     {d.token[:12]} {d.state:<10} queue {d.queue}, worker {d.worker or '-'}"
               + (f"  ({d.note})" if d.note else ""))
+    fu = (result.get("summary") or {}).get("followup")
+    if fu:
+        echo(f"  follow-up    {followup_text(fu)}")
     for key in ("routing", "model_versions", "timings", "summary", "outputs"):
         if result.get(key):
             echo(f"  {key:<12} {json.dumps(result[key], default=str)}")
@@ -178,3 +181,15 @@ def retry_job(cfg: NodeConfig, job_id: int) -> int:
         store.close()
     echo(f"job {job_id}: " + ("results queued for sending again" if how == "resend" else "queued to run again"))
     return 0
+
+
+def followup_text(fu: dict[str, Any]) -> str:
+    """``vs job 3 (study 1.2...): 1 new, 0 enlarging, 2 stable, 0 shrinking, 0 resolved; C2-C3 CSA -1.2 %``."""
+    head = f"vs job {fu.get('prior_job')} (study {fu.get('prior_study_uid')})"
+    if not fu.get("compared"):
+        return f"{head}: not compared ({fu.get('reason')})"
+    counts = ", ".join(f"{n} {k}" for k, n in (fu.get("counts") or {}).items())
+    csa = [f"{name} CSA {v['change_pct']:+.1f} %" for name, v in (("C2-C3", fu.get("csa_c2_c3") or {}),
+                                                                  ("mean", fu.get("csa_mean") or {}))
+           if v.get("change_pct") is not None]
+    return f"{head}: {counts}" + (f"; {csa[0]}" if csa else "")

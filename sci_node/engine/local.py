@@ -234,11 +234,22 @@ def process_outcome(provider: ProcessorProvider, files: Sequence[Path], out_dir:
     return Outcome("failed", reason[:1000], {"seconds": round(time.perf_counter() - t0, 3)})
 
 
-def run_job(job: Job, store: Store, provider: ProcessorProvider, destinations: Sequence[str]) -> Job:
-    """Process one claimed job and record its outcome (never raises for a bad series/model)."""
+def run_job(job: Job, store: Store, provider: ProcessorProvider, destinations: Sequence[str],
+            cfg: NodeConfig | None = None) -> Job:
+    """Process one claimed job and record its outcome (never raises for a bad series/model).
+
+    With ``cfg`` and ``[followup] enabled``, a segmented series is compared with the same person's
+    prior (:mod:`sci_node.engine.followup`); its summary gains ``followup``.
+    """
     out_dir = store.results_dir / str(job.id) / f"attempt-{job.attempts}"
     make_private_dirs(out_dir)  # 0700 from the start: the results are patient data
     o = process_outcome(provider, store.series_files(job.series_uid), out_dir, job_notes(job))
+    if cfg is not None and cfg.followup.enabled and o.state == "done" and "summary" in o.record:
+        from sci_node.engine.followup import followup_of
+
+        fu = followup_of(cfg.followup, store, job, o.record, out_dir, cfg.max_missing_fraction)
+        if fu is not None:
+            o.record["summary"]["followup"] = fu
     return store.finish_job(job.id, o.state, o.reason, o.record, o.outputs, destinations)
 
 
@@ -285,7 +296,7 @@ class Worker(threading.Thread):
         try:
             log.info("job.started", generation=job.generation, instances=job.n_instances,
                      waited_s=round((job.started_at or 0) - job.created_at, 3))
-            done = run_job(job, self.store, self.provider, self.destinations)
+            done = run_job(job, self.store, self.provider, self.destinations, self.cfg)
             result = done.result or {}
             log.info("job.finished", state=done.state, reason=done.reason, delivery=done.delivery,
                      seconds=result.get("seconds"), routing=result.get("routing"),

@@ -91,6 +91,49 @@ def comparison_record(result: followup.Comparison, current: sitk.Image, then: di
     }
 
 
+def compare_results(prior_files: list[Path], prior_dir: Path, current_files: list[Path], current_dir: Path,
+                    prior_summary: dict[str, Any], current_summary: dict[str, Any],
+                    max_missing_fraction: float) -> dict[str, Any]:
+    """The node's follow-up of one job against a prior job of the same person (both already segmented).
+
+    Reads both series (their spooled DICOM files) and each job's ``cord.nii.gz`` / ``lesion.nii.gz``
+    from its result folder, compares them (:func:`sci_node.imaging.followup.compare`) and writes
+    ``comparison.json`` and ``new_or_enlarging.nii.gz`` into ``current_dir``. Returns the record.
+
+    Raises
+    ------
+    SciNodeError
+        A series does not read, or a job's masks are missing or not on its series' grid.
+    """
+    from sci_node.pipeline.series import read_series
+
+    def side(files: list[Path], folder: Path) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
+        image = read_series(files, max_missing_fraction).image
+        masks = []
+        for name in ("cord.nii.gz", "lesion.nii.gz"):
+            path = folder / name
+            arr = (sitk.GetArrayFromImage(sitk.ReadImage(str(path))) if path.is_file()
+                   else np.zeros(image.GetSize()[::-1], np.uint8))
+            if arr.shape != image.GetSize()[::-1]:
+                raise DataError(f"{path}: {arr.shape} is not on its series' grid {image.GetSize()[::-1]}")
+            masks.append(arr.astype(np.uint8))
+        return image, masks[0], masks[1]
+
+    started = time.perf_counter()
+    p_img, p_cord, p_les = side(prior_files, prior_dir)
+    c_img, c_cord, c_les = side(current_files, current_dir)
+    axis = si_axis(index_to_lps(c_img.GetOrigin(), c_img.GetSpacing(), c_img.GetDirection()))
+    result = followup.compare(p_img, p_cord, p_les, c_img, c_cord, c_les, axis)
+    record = comparison_record(result, c_img, prior_summary, current_summary)
+    record["compare_seconds"] = round(time.perf_counter() - started, 3)
+    (current_dir / "comparison.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    if result.new_or_enlarging is not None:
+        mask = sitk.GetImageFromArray(result.new_or_enlarging.astype(np.uint8))
+        mask.CopyInformation(c_img)
+        sitk.WriteImage(mask, str(current_dir / "new_or_enlarging.nii.gz"), True)
+    return record
+
+
 def run_compare(prior: Path, current: Path, out: Path, cfg: NodeConfig, device: str = "cpu",
                 stream: TextIO | None = None) -> int:
     """``sci-node compare``: segment both, compare, write ``OUT/comparison.json`` (module docstring).
