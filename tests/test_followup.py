@@ -153,3 +153,19 @@ def test_sci_node_compare_end_to_end_with_the_shipped_models(tmp_path: Path) -> 
     assert counts["new"] + counts["enlarging"] + counts["stable"] + counts["shrinking"] == n_now
     assert counts["resolved"] <= n_prior and len(rec["lesions"]) == n_now + counts["resolved"]
     assert all(les["centroid_lps_mm"] is not None for les in rec["lesions"] if les["status"] != "resolved")
+
+
+def test_each_current_lesion_is_named_as_the_report_names_it() -> None:
+    from sci_node.imaging.followup import Comparison, LesionChange, RegistrationCheck
+    from sci_node.pipeline.compare import comparison_record
+
+    img = sitk.Image(10, 10, 10, sitk.sitkFloat32)  # identity geometry: index (z, y, x) -> LPS (x, y, z)
+    changes = [LesionChange("new", 0.0, 30.0, 1, (), (2.0, 3.0, 4.0)),
+               LesionChange("resolved", 12.0, 0.0, None, (1,), (5.0, 5.0, 5.0))]
+    now = {"lesions": [{"id": 2, "centroid_lps_mm": [9.0, 9.0, 9.0], "vertebral_levels": ["C5"]},
+                       {"id": 1, "centroid_lps_mm": [4.5, 3.0, 2.0], "vertebral_levels": ["C3", "C4"]}]}
+    rec = comparison_record(Comparison(RegistrationCheck(True, 0.97, 0.2), changes), img, {}, now)
+    new, gone = rec["lesions"]
+    assert (new["lesion_id"], new["vertebral_levels"], new["centroid_lps_mm"]) == (1, ["C3", "C4"], [4.0, 3.0, 2.0])
+    assert (gone["lesion_id"], gone["centroid_lps_mm"]) == (None, None)
+    assert rec["counts"] == {"new": 1, "enlarging": 0, "stable": 0, "shrinking": 0, "resolved": 1}

@@ -192,4 +192,7 @@ def followup_text(fu: dict[str, Any]) -> str:
     csa = [f"{name} CSA {v['change_pct']:+.1f} %" for name, v in (("C2-C3", fu.get("csa_c2_c3") or {}),
                                                                   ("mean", fu.get("csa_mean") or {}))
            if v.get("change_pct") is not None]
-    return f"{head}: {counts}" + (f"; {csa[0]}" if csa else "")
+    named = [f"lesion {c['lesion_id']} {c['status']}" + (f" ({', '.join(c['vertebral_levels'])})"
+                                                         if c.get("vertebral_levels") else "")
+             for c in fu.get("changed") or [] if c.get("lesion_id")]
+    return f"{head}: {counts}" + (f"; {csa[0]}" if csa else "") + (f"; {'; '.join(named)}" if named else "")

@@ -105,7 +105,10 @@ def followup_of(policy: FollowupPolicy, store: Store, job: Job, record: dict[str
            "prior_study_uid": pjob.study_uid, "prior_series_uid": pjob.series_uid, "counts": rec["counts"],
            "csa_c2_c3": rec["csa_c2_c3"], "csa_mean": rec["csa_mean"], "registration": {
                k: rec["registration"][k] for k in ("cord_dice", "centerline_mm")},
-           "seconds": rec["compare_seconds"]}
+           "seconds": rec["compare_seconds"],
+           # what changed, each current lesion named as report.json and the SR name it
+           "changed": [{k: les[k] for k in ("status", "lesion_id", "vertebral_levels", "volume_then_mm3",
+                                             "volume_now_mm3")} for les in rec["lesions"] if les["status"] != "stable"]}
     log.info("followup.compared", prior_job=pjob.id, compared=rec["compared"], counts=rec["counts"],
              seconds=rec["compare_seconds"])
     return out

@@ -69,6 +69,19 @@ def _per_level(then: dict[str, Any], now: dict[str, Any]) -> list[dict[str, Any]
             for v in now.get("vertebral_levels") or [] if v["level"] in before]
 
 
+def _reported(lps: list[float] | None, now: dict[str, Any], within_mm: float = 5.0) -> dict[str, Any]:
+    """``centroid_lps_mm`` and, for a current lesion, the report's own lesion there (nearest centroid within
+    ``within_mm``): its ``lesion_id`` (the id in report.json and the SR) and ``vertebral_levels``."""
+    out: dict[str, Any] = {"centroid_lps_mm": lps, "lesion_id": None, "vertebral_levels": []}
+    lesions = [les for les in now.get("lesions") or [] if les.get("centroid_lps_mm")]
+    if lps is None or not lesions:
+        return out
+    near = min(lesions, key=lambda les: float(np.linalg.norm(np.subtract(les["centroid_lps_mm"], lps))))
+    if float(np.linalg.norm(np.subtract(near["centroid_lps_mm"], lps))) <= within_mm:
+        out.update(lesion_id=near.get("id"), vertebral_levels=list(near.get("vertebral_levels") or []))
+    return out
+
+
 def comparison_record(result: followup.Comparison, current: sitk.Image, then: dict[str, Any],
                       now: dict[str, Any]) -> dict[str, Any]:
     """The JSON of ``comparison.json`` (see the module docstring)."""
@@ -81,7 +94,7 @@ def comparison_record(result: followup.Comparison, current: sitk.Image, then: di
         "counts": result.counts() if check.passed else None,
         "lesions": [{"status": c.status, "volume_then_mm3": c.volume_then_mm3, "volume_now_mm3": c.volume_now_mm3,
                      "current_id": c.current_id, "prior_ids": list(c.prior_ids),
-                     "centroid_lps_mm": _lps(current, c.centroid_index_zyx) if c.current_id else None}
+                     **_reported(_lps(current, c.centroid_index_zyx) if c.current_id else None, now)}
                     for c in result.lesions],
         "csa_c2_c3": followup.csa_change(then.get("csa_c2_c3_mm2"), now.get("csa_c2_c3_mm2")),
         # the mean over each scan's whole cord: comparable when both cover the same stretch (a rescan)
@@ -179,7 +192,10 @@ def _lines(record: dict[str, Any]) -> list[str]:
         return [*lines, f"not compared: {record['reason']}"]
     lines.append("lesions: " + ", ".join(f"{n} {k}" for k, n in record["counts"].items()))
     for les in record["lesions"]:
-        lines.append(f"  {les['status']:<10} {les['volume_then_mm3']:>8.1f} -> {les['volume_now_mm3']:>8.1f} mm3")
+        where = f"  lesion {les['lesion_id']}" if les.get("lesion_id") else ""
+        where += f" ({', '.join(les['vertebral_levels'])})" if les.get("vertebral_levels") else ""
+        then, now = les["volume_then_mm3"], les["volume_now_mm3"]
+        lines.append(f"  {les['status']:<10} {then:>8.1f} -> {now:>8.1f} mm3{where}")
     csa = record["csa_c2_c3"]
     if csa["change_pct"] is not None:
         lines.append(f"C2-C3 mean CSA {csa['then_mm2']} -> {csa['now_mm2']} mm2 ({csa['change_pct']:+.1f} %)")
