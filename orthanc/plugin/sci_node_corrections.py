@@ -98,9 +98,8 @@ class Uploaders:
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 with os.fdopen(fd, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps({"instance": instance_id, "user": user, "time": _now()}) + "\n")
-                if len(self._users) > UPLOADERS_KEPT:
-                    for key in list(self._users)[:len(self._users) - UPLOADERS_KEPT]:
-                        del self._users[key]
+                while len(self._users) > UPLOADERS_KEPT:  # the oldest first (dicts keep insertion order)
+                    del self._users[next(iter(self._users))]
         except Exception as exc:  # noqa: BLE001 - a callback must never raise into Orthanc
             orthanc.LogError(f"sci-node: stored-instance callback: {exc!r}")
 

@@ -133,17 +133,32 @@ def compare_results(prior_files: list[Path], prior_dir: Path, current_files: lis
         return image, masks[0], masks[1]
 
     started = time.perf_counter()
-    p_img, p_cord, p_les = side(prior_files, prior_dir)
-    c_img, c_cord, c_les = side(current_files, current_dir)
+    prior = side(prior_files, prior_dir)
+    current = side(current_files, current_dir)
+    return compare_and_write(prior, current, prior_summary, current_summary, current_dir, started)
+
+
+def compare_and_write(prior: tuple[sitk.Image, np.ndarray, np.ndarray | None],
+                      current: tuple[sitk.Image, np.ndarray, np.ndarray | None], prior_summary: dict[str, Any],
+                      current_summary: dict[str, Any], out_dir: Path, started: float | None = None) -> dict[str, Any]:
+    """Compare ``(image, cord, lesion)`` of the prior and the current series (lesion None: none found), write
+    ``out_dir/comparison.json`` and ``out_dir/new_or_enlarging.nii.gz``; return the record.
+
+    ``compare_seconds`` counts from ``started`` (``time.perf_counter()``; default: now, i.e. the
+    registration and matching only).
+    """
+    started = time.perf_counter() if started is None else started
+    (p_img, p_cord, p_les), (c_img, c_cord, c_les) = prior, current
     axis = si_axis(index_to_lps(c_img.GetOrigin(), c_img.GetSpacing(), c_img.GetDirection()))
-    result = followup.compare(p_img, p_cord, p_les, c_img, c_cord, c_les, axis)
+    result = followup.compare(p_img, p_cord, np.zeros_like(p_cord) if p_les is None else p_les,
+                              c_img, c_cord, np.zeros_like(c_cord) if c_les is None else c_les, axis)
     record = comparison_record(result, c_img, prior_summary, current_summary)
     record["compare_seconds"] = round(time.perf_counter() - started, 3)
-    (current_dir / "comparison.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "comparison.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     if result.new_or_enlarging is not None:
         mask = sitk.GetImageFromArray(result.new_or_enlarging.astype(np.uint8))
         mask.CopyInformation(c_img)
-        sitk.WriteImage(mask, str(current_dir / "new_or_enlarging.nii.gz"), True)
+        sitk.WriteImage(mask, str(out_dir / "new_or_enlarging.nii.gz"), True)
     return record
 
 
@@ -167,20 +182,8 @@ def run_compare(prior: Path, current: Path, out: Path, cfg: NodeConfig, device: 
     out = Path(out)
     seg_then, then = _segment(pipeline, Path(prior), out / "prior")
     seg_now, now = _segment(pipeline, Path(current), out / "current")
-    empty = np.zeros_like(seg_then.cord)
-    img = seg_now.image
-    axis = si_axis(index_to_lps(img.GetOrigin(), img.GetSpacing(), img.GetDirection()))
-    started = time.perf_counter()
-    result = followup.compare(seg_then.image, seg_then.cord,
-                              seg_then.lesion if seg_then.lesion is not None else empty, img, seg_now.cord,
-                              seg_now.lesion if seg_now.lesion is not None else np.zeros_like(seg_now.cord), axis)
-    record = comparison_record(result, img, then, now)
-    record["compare_seconds"] = round(time.perf_counter() - started, 3)  # registration + matching, not segmentation
-    (out / "comparison.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    if result.new_or_enlarging is not None:
-        mask = sitk.GetImageFromArray(result.new_or_enlarging.astype(np.uint8))
-        mask.CopyInformation(img)
-        sitk.WriteImage(mask, str(out / "new_or_enlarging.nii.gz"), True)
+    record = compare_and_write((seg_then.image, seg_then.cord, seg_then.lesion),
+                               (seg_now.image, seg_now.cord, seg_now.lesion), then, now, out)
     echo_all(_lines(record), stream)
     return 0 if record["compared"] else 1
 
