@@ -225,7 +225,9 @@ def roi_input(array: np.ndarray, roi: np.ndarray, post: Mapping[str, Any]) -> np
         The card's ``postprocessing``: ``mask_input_to_roi`` zeroes everything outside the ROI;
         ``roi_normalise = "median"`` then divides by the median intensity inside the ROI (the
         cord's own level = 1, so "brighter than this cord" means the same on every contrast and
-        scanner) and clips to ``[0, roi_clip_max]`` (default 4).
+        scanner) and clips to ``[0, roi_clip_max]`` (default 4); ``roi_normalise = "percentile"``
+        divides by the ``roi_normalise_percentile`` (default 50) instead, for a ROI dilated so far
+        that its CSF rim would pull the median up.
 
     Returns
     -------
@@ -235,8 +237,10 @@ def roi_input(array: np.ndarray, roi: np.ndarray, post: Mapping[str, Any]) -> np
     if not post.get("mask_input_to_roi"):
         return array
     out = (array * (roi > 0)).astype(np.float32)
-    if post.get("roi_normalise") == "median" and roi.any():
-        level = max(float(np.median(out[roi > 0])), 1e-3)
+    norm = post.get("roi_normalise")
+    if norm in ("median", "percentile") and roi.any():
+        q = 50.0 if norm == "median" else float(post.get("roi_normalise_percentile", 50.0))
+        level = max(float(np.percentile(out[roi > 0], q)), 1e-3)
         out = np.clip(out / level, 0.0, float(post.get("roi_clip_max", 4.0))).astype(np.float32)
     return out
 
