@@ -17,10 +17,11 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
-from dicom_validate import dciodvfy_errors
 from sci_node.pipeline.compare import write_comparison_dicom
 from sci_node.pipeline.comparison_sr import COUNT_CODES, CSA_CHANGE, QUALITATIVE_DIFFERENCE, STATUS_CODES
 from sci_node.pipeline.series import read_series
+
+from dicom_validate import dciodvfy_errors
 
 SERIES = sorted((Path(__file__).parent / "data" / "series" / "pam50_sag_T2w").glob("*.dcm"))
 VERSIONS = {"cord": "0.2.3", "lesion": "0.8.1"}
@@ -63,7 +64,8 @@ def _groups(sr: hd.sr.Comprehensive3DSR) -> list[dict]:
         when = [i.TextValue for i in items if i.ConceptNameCodeSequence[0].CodeValue == "C2348792"]  # Time Point
         out.append({"id": g.tracking_identifier, "when": when[0] if when else None,
                     "quality": coded(QUALITATIVE_DIFFERENCE.value), "sites": coded("363698007"),
-                    "values": {(m.name.value, m.unit.value): float(m.value) for m in g.get_measurements() if m.name.value != "126073"}})  # not the Time Point Order
+                    "values": {(m.name.value, m.unit.value): float(m.value) for m in g.get_measurements()
+                               if m.name.value != "126073"}})  # not the Time Point Order (a NUM too)
     return out
 
 

@@ -32,8 +32,17 @@ from pydicom.sr.codedict import codes
 
 from sci_node import __version__
 from sci_node.pipeline.seg_writer import CORD_TYPE, LESION_TYPE, derived_uid, source_key, versions_text
-from sci_node.pipeline.sr_writer import AREA, DERIVATIONS, IMAGING_PROCEDURE, MM2, MM3, NO_UNITS, PERCENT, VOLUME, \
-    level_sites
+from sci_node.pipeline.sr_writer import (
+    AREA,
+    DERIVATIONS,
+    IMAGING_PROCEDURE,
+    MM2,
+    MM3,
+    NO_UNITS,
+    PERCENT,
+    VOLUME,
+    level_sites,
+)
 
 PRIVATE = "99SCINODE"
 COMPARISON_SERIES_OFFSET = 9903
@@ -92,7 +101,8 @@ def _group(tracking: hd.sr.TrackingIdentifier, when: hd.sr.TimePointContext, fin
 def _lesion_groups(record: Mapping[str, Any], key: str, versions: Mapping[str, str],
                    times: tuple[hd.sr.TimePointContext, hd.sr.TimePointContext],
                    ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
-    """Two groups (then, now) per lesion of ``record["lesions"]`` (:func:`sci_node.pipeline.compare.comparison_record`)."""
+    """Two groups (then, now) per lesion of ``record["lesions"]``
+    (:func:`sci_node.pipeline.compare.comparison_record`)."""
     out = []
     for k, les in enumerate(record.get("lesions") or [], start=1):
         name = f"Lesion {les['lesion_id']}" if les.get("lesion_id") else (
