@@ -109,3 +109,27 @@ def test_a_follow_up_study_is_compared_with_the_prior_in_the_node_history(
     third = _done(node, other_series, followup=False)
     assert "followup" not in third["result"]["summary"]  # another person: no prior
     assert [Path(d["path"]).name for d in third["deliveries"]] == ["seg.dcm", "sr.dcm"]
+
+
+def test_a_comparison_that_fails_leaves_the_current_result_whole(
+        node_factory: Callable[..., NodeProc], storescp_factory: Callable[..., StoreSCP], tmp_path: Path) -> None:
+    """The prior's cord mask is damaged on disk (not on its series' grid): the comparison fails with the reason,
+    the job stays done and its own SEG and SR are delivered; no comparison DICOM is sent."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    dest = storescp_factory(port=free_port())
+    node = node_factory("", "--stable-seconds", "1", "--destination", f"DEST@127.0.0.1:{dest.port}").start()
+    prior, prior_series = _study(tmp_path / "prior", "FU3", "20250107")
+    assert storescu(node.port, prior).returncode == 0
+    first = _done(node, prior_series, followup=False)
+    folder = Path(first["result"]["outputs"][0]).parent
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((3, 4, 5), np.uint8)), str(folder / "cord.nii.gz"))
+    later, later_series = _study(tmp_path / "later", "FU3", "20260107")
+    assert storescu(node.port, later).returncode == 0
+    second = _done(node, later_series, followup=True)
+    fu = second["result"]["summary"]["followup"]
+    assert fu["compared"] is False and "is not on its series' grid" in fu["reason"], fu
+    assert second["state"] == "done" and second["delivery"] == "delivered"
+    assert [Path(d["path"]).name for d in second["deliveries"]] == ["seg.dcm", "sr.dcm"]
+    assert len(dest.files()) == 4  # the two jobs' own SEG and SR, nothing else
