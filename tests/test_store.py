@@ -196,3 +196,24 @@ def test_retry_of_a_failed_run_requeues_it(tmp_path: Path) -> None:
     assert store.retry_job(job.id) == "rerun"
     again = store.claim_job()
     assert again is not None and again.id == job.id and again.attempts == 2 and again.reason is None
+
+
+def test_follow_up_outputs_queue_after_the_job_own_and_never_for_a_series_that_moved_on(tmp_path: Path) -> None:
+    store = Store(tmp_path / "d")
+    store.spool_instance(_key("1.1"), b"a")
+    job1 = _complete(store)
+    store.finish_job(store.claim_job().id, "done", None, {"status": "done", "summary": {"lesion_count": 2}},
+                     [Path("/r/seg.dcm"), Path("/r/sr.dcm")], ["D@h:1"])
+    store.mark_sent(store.due_outbox()[0].id)
+    store.mark_sent(store.due_outbox()[0].id)
+    assert store.job(job1).delivery == "delivered"
+    fu = {"compared": True, "outputs": ["/r/new-or-enlarging-seg.dcm", "/r/comparison-sr.dcm"]}
+    done = store.add_job_outputs(job1, {"followup": fu}, [Path(p) for p in fu["outputs"]], ["D@h:1"])
+    assert done.state == "done" and done.delivery == "pending"  # the comparison's entries are still to send
+    assert done.result == {"status": "done", "summary": {"lesion_count": 2, "followup": fu}}
+    assert [e.path for e in store.outbox_for_job(job1)] == ["/r/seg.dcm", "/r/sr.dcm", *fu["outputs"]]
+    assert [e.path for e in store.due_outbox()] == fu["outputs"]
+    store.spool_instance(_key("1.2"), b"b")  # late instance: the series moved on, job 1's results are stale
+    late = store.add_job_outputs(job1, {"followup": {"compared": False}}, [Path("/r/x.dcm")], ["D@h:1"])
+    assert "/r/x.dcm" not in [e.path for e in store.outbox_for_job(job1)]
+    assert (late.result or {})["summary"]["followup"] == {"compared": False}

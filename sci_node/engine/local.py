@@ -3,7 +3,9 @@
 A job's outcome and its outbox entries are written in one transaction
 (:meth:`sci_node.store.Store.finish_job`), so after ``kill -9`` a job either runs again
 (it was left ``running``; :meth:`~sci_node.store.Store.recover` puts it back to ``pending``)
-or its results are sent — never both, never neither.
+or its results are sent — never both, never neither. A follow-up comparison
+(:func:`sci_node.engine.followup.followup_job`) runs only after that, and queues its own SEG and SR
+as further entries of the job.
 
 Processors
 ----------
@@ -235,22 +237,26 @@ def process_outcome(provider: ProcessorProvider, files: Sequence[Path], out_dir:
 
 
 def run_job(job: Job, store: Store, provider: ProcessorProvider, destinations: Sequence[str],
-            cfg: NodeConfig | None = None) -> Job:
+            cfg: NodeConfig | None = None, on_finished: Callable[[Job], None] | None = None) -> Job:
     """Process one claimed job and record its outcome (never raises for a bad series/model).
 
-    With ``cfg`` and ``[followup] enabled``, a segmented series is compared with the same person's
-    prior (:mod:`sci_node.engine.followup`); its summary gains ``followup``.
+    With ``cfg`` and ``[followup] enabled``, a segmented series is then compared with the same person's
+    prior (:func:`sci_node.engine.followup.followup_job`): only after the job's own outcome and outbox
+    entries were written and ``on_finished`` was called with the finished job (the worker wakes the
+    exporter there), so the comparison never delays the current result. Its summary gains ``followup``
+    and the comparison's SEG and SR are queued after the job's own results.
     """
     out_dir = store.results_dir / str(job.id) / f"attempt-{job.attempts}"
     make_private_dirs(out_dir)  # 0700 from the start: the results are patient data
     o = process_outcome(provider, store.series_files(job.series_uid), out_dir, job_notes(job))
-    if cfg is not None and cfg.followup.enabled and o.state == "done" and "summary" in o.record:
-        from sci_node.engine.followup import followup_of
+    done = store.finish_job(job.id, o.state, o.reason, o.record, o.outputs, destinations)
+    if on_finished is not None:
+        on_finished(done)
+    if cfg is not None and cfg.followup.enabled and done.state == "done" and "summary" in o.record:
+        from sci_node.engine.followup import followup_job
 
-        fu = followup_of(cfg.followup, store, job, o.record, out_dir, cfg.max_missing_fraction)
-        if fu is not None:
-            o.record["summary"]["followup"] = fu
-    return store.finish_job(job.id, o.state, o.reason, o.record, o.outputs, destinations)
+        done = followup_job(cfg.followup, store, done, o.record, out_dir, cfg.max_missing_fraction, destinations)
+    return done
 
 
 class Worker(threading.Thread):
@@ -296,17 +302,22 @@ class Worker(threading.Thread):
         try:
             log.info("job.started", generation=job.generation, instances=job.n_instances,
                      waited_s=round((job.started_at or 0) - job.created_at, 3))
-            done = run_job(job, self.store, self.provider, self.destinations, self.cfg)
-            result = done.result or {}
-            log.info("job.finished", state=done.state, reason=done.reason, delivery=done.delivery,
-                     seconds=result.get("seconds"), routing=result.get("routing"),
-                     model_versions=result.get("model_versions"), timings=result.get("timings"))
-            if done.delivery == "pending":
+            done = run_job(job, self.store, self.provider, self.destinations, self.cfg, on_finished=self._finished)
+            if done.delivery == "pending":  # the follow-up's SEG and SR, queued after the job's own
                 self.on_result.set()
         except Exception:
             log.exception("worker.job_error")  # the job stays running -> pending at next start
         finally:
             structlog.contextvars.unbind_contextvars("job_id", "series_uid", "study_uid")
+
+    def _finished(self, done: Job) -> None:
+        """The job's outcome is recorded: log it and wake the exporter for its results."""
+        result = done.result or {}
+        log.info("job.finished", state=done.state, reason=done.reason, delivery=done.delivery,
+                 seconds=result.get("seconds"), routing=result.get("routing"),
+                 model_versions=result.get("model_versions"), timings=result.get("timings"))
+        if done.delivery == "pending":
+            self.on_result.set()
 
 
 ProviderFactory = Callable[[NodeConfig], ProcessorProvider]

@@ -162,6 +162,46 @@ def compare_and_write(prior: tuple[sitk.Image, np.ndarray, np.ndarray | None],
     return record
 
 
+COMPARISON_SR_NAME = "comparison-sr.dcm"
+NEW_OR_ENLARGING_SEG_NAME = "new-or-enlarging-seg.dcm"
+
+
+def write_comparison_dicom(record: dict[str, Any], prior_files: list[Path], current_files: list[Path],
+                           out_dir: Path, versions: dict[str, str], max_missing_fraction: float) -> tuple[Path, Path]:
+    """Write the follow-up's DICOM into ``out_dir``: the "New or enlarging lesion" SEG and the comparison SR.
+
+    ``record`` is the compared record :func:`compare_and_write` wrote beside ``new_or_enlarging.nii.gz``
+    (``(Z, Y, X)`` on the current series' grid; absent: nothing new or enlarging). Returns
+    ``(SEG path, SR path)``.
+
+    Raises
+    ------
+    SciNodeError
+        The current series does not read or the mask is not on its grid. ``ValueError`` when the record
+        was not compared.
+    """
+    import pydicom
+
+    from sci_node.pipeline.comparison_seg import build_new_or_enlarging_seg
+    from sci_node.pipeline.comparison_sr import build_comparison_sr
+    from sci_node.pipeline.series import read_series
+
+    volume = read_series(current_files, max_missing_fraction)
+    prior = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in prior_files),
+                   key=lambda d: int(d.get("InstanceNumber") or 0))
+    path = out_dir / "new_or_enlarging.nii.gz"
+    mask = (sitk.GetArrayFromImage(sitk.ReadImage(str(path))) if path.is_file()
+            else np.zeros(volume.image.GetSize()[::-1], np.uint8)).astype(np.uint8)
+    seg = build_new_or_enlarging_seg(volume, mask, str(prior[0].get("StudyDate") or ""),
+                                     str(prior[0].SeriesInstanceUID), versions)
+    seg_path = out_dir / NEW_OR_ENLARGING_SEG_NAME
+    seg.save_as(seg_path, enforce_file_format=True)
+    sr = build_comparison_sr(record, list(volume.datasets), prior, versions)
+    sr_path = out_dir / COMPARISON_SR_NAME
+    sr.save_as(sr_path, enforce_file_format=True)
+    return seg_path, sr_path
+
+
 def run_compare(prior: Path, current: Path, out: Path, cfg: NodeConfig, device: str = "cpu",
                 stream: TextIO | None = None) -> int:
     """``sci-node compare``: segment both, compare, write ``OUT/comparison.json`` (module docstring).

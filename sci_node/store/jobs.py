@@ -88,6 +88,34 @@ class JobQueue(IndexBase):
             finish_in(db, job_id, state, reason, result, outputs, destinations)
         return self.job(job_id)
 
+    def add_job_outputs(self, job_id: int, summary: Mapping[str, Any], outputs: Sequence[Path] = (),
+                        destinations: Sequence[str] = ()) -> Job:
+        """After a job finished: merge ``summary`` into its result's summary and queue further outputs.
+
+        The follow-up comparison (:mod:`sci_node.engine.followup`) runs after
+        :meth:`finish_job` queued the job's own results, so these entries come after them (the exporter
+        sends in entry order). Outputs are queued only while the job is ``done`` and its series has not
+        moved on (:meth:`finish_job`'s check); the summary is merged in any case.
+        """
+        with self._tx() as db:
+            row = db.execute("SELECT j.state, j.result, j.superseded_by, j.generation, s.generation AS current"
+                             " FROM jobs j LEFT JOIN series s ON s.series_uid = j.series_uid WHERE j.id=?",
+                             (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFoundError(f"job {job_id} does not exist")
+            result = json.loads(row["result"] or "{}")
+            result["summary"] = {**(result.get("summary") or {}), **dict(summary)}
+            db.execute("UPDATE jobs SET result=? WHERE id=?", (json.dumps(result, default=str), job_id))
+            stale = _stale_reason(row["superseded_by"], row["generation"], row["current"])
+            if row["state"] == "done" and stale is None:
+                now = time.time()
+                for out in outputs:
+                    for dest in destinations:
+                        db.execute("INSERT INTO outbox (job_id, destination, path, state, next_attempt_at,"
+                                   " created_at) VALUES (?,?,?,?,?,?)", (job_id, dest, str(out), "pending", now, now))
+                _refresh_delivery(db, job_id)
+        return self.job(job_id)
+
     def job(self, job_id: int) -> Job:
         """One job by id.
 
