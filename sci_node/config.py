@@ -211,6 +211,16 @@ class FollowupPolicy:
     max_interval_days: float = 3650.0
     #: how many of the latest done jobs are searched for the prior
     search_jobs: int = 500
+    #: the PACS asked (C-FIND, then C-GET) when the job history holds no prior, ``AET@HOST:PORT``
+    #: (in the stack: its own Orthanc); None: the job history only
+    pacs: Destination | None = None
+    #: how many of the PACS' candidate series (newest study first) are fetched and routed at most
+    pacs_max_series: int = 4
+    #: an unreachable PACS is asked again after this many seconds, doubling up to ``retry_max_seconds``
+    retry_seconds: float = 30.0
+    retry_max_seconds: float = 1800.0
+    #: and given up (the job's follow-up says so) this many hours after the series was processed
+    give_up_hours: float = 72.0
 
 
 @dataclass(frozen=True)
@@ -400,6 +410,8 @@ def _build_section(cls: type, raw: Mapping[str, Any], prefix: str, errors: list[
                 kwargs[key] = _build_section(TLSConfig, value, f"{prefix}{key}.", errors)
             else:
                 errors.append(f"[{prefix}{key}]: must be a table")
+        elif (key, cls) == ("pacs", FollowupPolicy):
+            kwargs[key] = (_collect(parse_destination, [value], prefix + key, errors) or [None])[0] if value else None
         elif (key, cls) in (("scanners", StackConfig), ("dicom_senders", CorrectionsPolicy)):
             kwargs[key] = tuple(_collect(lambda t, k=prefix + key: parse_scanner(t, k), value, prefix + key, errors))
         else:
@@ -452,6 +464,11 @@ def _validate(cfg: NodeConfig, errors: list[str]) -> None:
     cor = cfg.corrections
     if cor.retention_days is not None and not cor.retention_days > 0:
         errors.append(f"corrections.retention_days: {cor.retention_days} must be > 0 (or unset: keep them)")
+    fu = cfg.followup
+    if fu.pacs_max_series < 1 or not 0 < fu.retry_seconds <= fu.retry_max_seconds or fu.give_up_hours <= 0:
+        errors.append(f"followup: pacs_max_series {fu.pacs_max_series} must be >= 1, 0 < retry_seconds "
+                      f"{fu.retry_seconds} <= retry_max_seconds {fu.retry_max_seconds}, give_up_hours "
+                      f"{fu.give_up_hours} > 0")
     if not cfg.followup.max_interval_days > 0 or cfg.followup.search_jobs < 1:
         errors.append(f"followup: max_interval_days {cfg.followup.max_interval_days} must be > 0 and search_jobs "
                       f"{cfg.followup.search_jobs} >= 1")

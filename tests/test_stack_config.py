@@ -84,7 +84,10 @@ def test_orthanc_dicom_port_is_closed_by_default_in_the_config(tmp_path: Path) -
     mods = conf["DicomModalities"]
     assert {(m["AET"], m["Host"]) for m in mods.values()} == {("SCIN", "127.0.0.1"), ("MR1", "10.1.2.3"),
                                                               ("CT", "10.1.2.4")}
-    assert all(m["AllowStore"] and not (m["AllowFind"] or m["AllowMove"] or m["AllowGet"]) for m in mods.values())
+    assert all(m["AllowStore"] and not m["AllowMove"] for m in mods.values())
+    # scanners only store; the node on loopback may also find and get (the prior of a follow-up)
+    assert {m["AET"]: (m["AllowFind"], m["AllowGet"]) for m in mods.values()} == {
+        "SCIN": (True, True), "MR1": (False, False), "CT": (False, False)}
     assert conf["SciNode"]["ForwardRetries"] == 5 and conf["SciNode"]["ForwardRetrySeconds"] == 5.0
     assert cfg.stack.dicom_bind == "127.0.0.1" and cfg.limits.max_associations == 64
     env = orthanc_env(cfg, 14242, tmp_path, {"PATH": "/usr/bin"})  # compiles the bind shim

@@ -33,7 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"nets", "imaging", "routing"},
     "pipeline": {"nets", "imaging", "routing", "models", "dicom.geometry"},
     "corrections": {"store", "dicom.geometry", "pipeline"},
-    "engine": {"store", "models", "pipeline"},
+    "engine": {"store", "models", "pipeline", "dicom.query"},
     "app": {"nets", "imaging", "store", "dicom", "routing", "models", "pipeline", "corrections", "engine"},
     "cli": {"nets", "imaging", "store", "dicom", "routing", "models", "pipeline", "corrections", "engine", "app"},
 }

@@ -510,7 +510,8 @@ def findings_text(job: dict[str, Any]) -> str:
     if fu:
         counts = fu.get("counts") or {}
         since = ("; vs prior: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("new", "enlarging", "resolved"))
-                 if fu.get("compared") else "; vs prior: not compared")
+                 if fu.get("compared") else "; vs prior: pending (PACS)" if fu.get("pending")
+                 else "; vs prior: not compared")
     if count is None:
         return cord + since
     sites = sorted({str(level) for les in summary.get("lesions") or [] for level in les.get("vertebral_levels") or []},

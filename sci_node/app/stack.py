@@ -299,6 +299,8 @@ class Stack:
                 *node_tls_args(cfg, cfg.data_dir / "orthanc")]
         if self.spec.config_file is not None:
             argv += ["--config", str(self.spec.config_file)]
+        if cfg.followup.pacs is None:  # the prior of a follow-up: this Orthanc holds every earlier study
+            argv += ["--followup-pacs", f"{ORTHANC_AET}@127.0.0.1:{ports.dicom}"]
         return argv
 
     def start(self) -> None:

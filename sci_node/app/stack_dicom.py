@@ -35,17 +35,18 @@ _PROC_NET = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
 _TCP_LISTEN = "0A"
 
 
-def _modality(aet: str, host: str, port: int, tls: bool = False) -> dict[str, Any]:
-    return {"AET": aet, "Host": host, "Port": port, "AllowEcho": True, "AllowStore": True, "AllowFind": False,
-            "AllowMove": False, "AllowGet": False, "AllowStorageCommitment": False, "UseDicomTls": tls}
+def _modality(aet: str, host: str, port: int, tls: bool = False, query: bool = False) -> dict[str, Any]:
+    return {"AET": aet, "Host": host, "Port": port, "AllowEcho": True, "AllowStore": True, "AllowFind": query,
+            "AllowMove": False, "AllowGet": query, "AllowStorageCommitment": False, "UseDicomTls": tls}
 
 
 def dicom_modalities(cfg: NodeConfig, node_modality: str, node_port: int) -> dict[str, dict[str, Any]]:
     """Orthanc's ``DicomModalities``: the node (on loopback) and every ``[stack] scanners`` entry.
 
-    Each may C-ECHO and C-STORE, nothing else. Scanner entries are named ``scanner-<n>-<AET>``.
+    Each may C-ECHO and C-STORE; the node may also C-FIND and C-GET (the prior of a follow-up,
+    ``[followup] pacs``), nothing else. Scanner entries are named ``scanner-<n>-<AET>``.
     """
-    mods = {node_modality: _modality(cfg.ae_title, "127.0.0.1", node_port, tls=cfg.stack.tls.enabled)}
+    mods = {node_modality: _modality(cfg.ae_title, "127.0.0.1", node_port, tls=cfg.stack.tls.enabled, query=True)}
     for i, scanner in enumerate(cfg.stack.scanners, start=1):
         mods[f"scanner-{i}-{scanner.ae_title}"] = _modality(scanner.ae_title, scanner.host, SCANNER_PLACEHOLDER_PORT)
     return mods

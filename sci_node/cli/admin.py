@@ -185,7 +185,10 @@ def retry_job(cfg: NodeConfig, job_id: int) -> int:
 
 def followup_text(fu: dict[str, Any]) -> str:
     """``vs job 3 (study 1.2...): 1 new, 0 enlarging, 2 stable, 0 shrinking, 0 resolved; C2-C3 CSA -1.2 %``."""
-    head = f"vs job {fu.get('prior_job')} (study {fu.get('prior_study_uid')})"
+    if fu.get("pending"):
+        return f"pending (attempt {fu.get('attempts')}, asked again in a moment): {fu.get('reason')}"
+    who = f"job {fu.get('prior_job')}" if fu.get("prior_job") is not None else str(fu.get("prior_source") or "?")
+    head = f"vs {who} (study {fu.get('prior_study_uid')})"
     if not fu.get("compared"):
         return f"{head}: not compared ({fu.get('reason')})"
     counts = ", ".join(f"{n} {k}" for k, n in (fu.get("counts") or {}).items())

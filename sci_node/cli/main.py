@@ -48,6 +48,8 @@ def _add_config_flags(p: argparse.ArgumentParser, node_flags: bool = False) -> N
         p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="inference device")
         p.add_argument("--torch-threads", dest="torch_threads", type=int,
                        help="torch threads for inference (default 0 = CPUs minus one, shared by the workers)")
+        p.add_argument("--followup-pacs", metavar="AET@HOST:PORT",
+                       help="PACS asked (C-FIND, C-GET) for a prior when the job history has none ([followup] pacs)")
         _add_tls_flags(p)
         _add_engine_flags(p)
 
@@ -104,6 +106,7 @@ def _config_from_args(args: argparse.Namespace) -> NodeConfig:
         "engine": _engine_overrides(args),
         "tls": _tls_overrides(args),
         "stack": _stack_overrides(args),
+        "followup": {"pacs": getattr(args, "followup_pacs", None)},
     }
     return load_config(getattr(args, "config", None), overrides)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ssl
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import pydicom
 import structlog
@@ -57,8 +57,12 @@ def client_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
 
 
 def open_association(dest: Destination, calling_ae: str, tls: TLSConfig,
-                     contexts: Iterable[tuple[str, Sequence[str]]], timeout: float = 30.0) -> Association:
+                     contexts: Iterable[tuple[str, Sequence[str]]], timeout: float = 30.0,
+                     ext_neg: Sequence[Any] = (), handlers: Sequence[tuple[Any, Any]] = ()) -> Association:
     """Associate with ``dest`` proposing ``contexts`` (abstract syntax, transfer syntaxes).
+
+    ``ext_neg`` (e.g. SCP/SCU role selection for C-GET) and ``handlers`` (extra pynetdicom event
+    handlers, e.g. ``EVT_C_STORE`` for C-GET's sub-operations) are passed to the association.
 
     Raises
     ------
@@ -75,7 +79,8 @@ def open_association(dest: Destination, calling_ae: str, tls: TLSConfig,
     ctx = client_ssl_context(tls)
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
                          tls_args=(ctx, dest.host) if ctx else None,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+                         ext_neg=list(ext_neg) or None,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), *handlers])
     if assoc.is_established:
         return assoc
     rsp = assoc.acceptor.primitive

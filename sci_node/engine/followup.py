@@ -11,17 +11,25 @@ queued (:func:`followup_job`): the job's summary gains ``followup``, its result 
 (:func:`sci_node.pipeline.compare.write_comparison_dicom`), and these two are queued after the job's own
 SEG and SR. A comparison that fails (the registration check, an unreadable prior) is recorded with its
 reason; it never fails or delays the job's own result.
+
+With no prior in the history and ``[followup] pacs`` set, the PACS is asked
+(:mod:`sci_node.engine.prior_pacs`: C-FIND, C-GET, the prior routed and segmented here). A PACS that
+cannot be asked leaves the follow-up ``pending``; the first worker asks again when it is due
+(:func:`retry_pending`: ``retry_seconds`` doubling up to ``retry_max_seconds``, given up after
+``give_up_hours``). The job's own result has gone out meanwhile.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import structlog
 
-from sci_node.config import FollowupPolicy
-from sci_node.errors import SciNodeError
+from sci_node.config import FollowupPolicy, NodeConfig
+from sci_node.engine.prior_pacs import Current, Process, fetch_prior
+from sci_node.errors import DicomNetworkError, SciNodeError
 from sci_node.store import Job, Store
 
 log = structlog.get_logger("sci_node.followup")
@@ -84,41 +92,103 @@ def find_prior(store: Store, job: Job, routing: Mapping[str, Any], files: list[P
     return None
 
 
-def followup_of(policy: FollowupPolicy, store: Store, job: Job, record: dict[str, Any], out_dir: Path,
-                max_missing_fraction: float) -> dict[str, Any] | None:
+def _current(files: list[Path], routing: Mapping[str, Any]) -> Current | None:
+    """What the PACS search needs of the current series (None: no Patient ID, no search)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=[
+            "PatientID", "IssuerOfPatientID", "StudyDate", "StudyInstanceUID", "SeriesDescription"])
+    except Exception:  # noqa: BLE001 - an unreadable file: no follow-up, not a failure
+        return None
+    pid = str(ds.get("PatientID", "") or "").strip()
+    if not pid:
+        return None
+    return Current(pid, str(ds.get("IssuerOfPatientID", "") or ""), str(ds.get("StudyDate", "") or ""),
+                   str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesDescription", "") or ""), _labels(routing))
+
+
+def _prior(cfg: NodeConfig, store: Store, job: Job, record: dict[str, Any], files: list[Path], out_dir: Path,
+           process: Process | None) -> tuple[dict[str, Any], list[Path], Path, dict[str, Any]] | None:
+    """``(who, files, result folder, summary)`` of the prior: the job history first, then ``[followup] pacs``.
+
+    Raises
+    ------
+    DicomNetworkError
+        The PACS could not be asked (the follow-up stays pending).
+    """
+    found = find_prior(store, job, record.get("routing") or {}, files, cfg.followup)
+    if found is not None:
+        pjob, pfiles, pfolder = found
+        who = {"prior_job": pjob.id, "prior_study_uid": pjob.study_uid, "prior_series_uid": pjob.series_uid,
+               "prior_source": "job history"}
+        return who, pfiles, Path(pfolder), dict((pjob.result or {}).get("summary") or {})
+    current = _current(files, record.get("routing") or {}) if cfg.followup.pacs and process else None
+    if current is None or process is None:
+        return None
+    got = fetch_prior(cfg, current, process, out_dir / "prior", _labels)
+    if got is None:
+        return None
+    who = {"prior_job": None, "prior_study_uid": got.series.study_uid, "prior_series_uid": got.series.series_uid,
+           "prior_source": f"PACS {cfg.followup.pacs}"}
+    return who, got.files, got.folder, got.summary
+
+
+def _pending(cfg: NodeConfig, exc: Exception, previous: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The follow-up of an unreachable PACS: pending, asked again later, given up after ``give_up_hours``."""
+    policy, now = cfg.followup, time.time()
+    since = float((previous or {}).get("pending_since") or now)
+    attempts = int((previous or {}).get("attempts") or 0) + 1
+    reason = f"PACS {policy.pacs} unreachable: {exc}"[:400]
+    if now - since >= policy.give_up_hours * 3600:
+        log.warning("followup.gave_up", attempts=attempts, reason=reason)
+        return {"compared": False, "reason": f"gave up after {attempts} attempts in {policy.give_up_hours:g} h: "
+                                              f"{reason}"}
+    delay = min(policy.retry_seconds * 2 ** (attempts - 1), policy.retry_max_seconds)
+    log.warning("followup.pending", attempts=attempts, retry_in_s=delay, reason=reason)
+    return {"compared": False, "pending": True, "reason": reason, "attempts": attempts, "pending_since": since,
+            "next_attempt_at": now + delay}
+
+
+def followup_of(cfg: NodeConfig, store: Store, job: Job, record: dict[str, Any], out_dir: Path,
+                process: Process | None = None, previous: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """The job's follow-up summary (None: no prior found); never raises.
 
     A compared follow-up also gets its DICOM written (:func:`_dicom`): ``outputs`` lists the SEG and
     SR paths; a failure there is recorded as ``dicom_error`` and leaves the comparison itself standing.
+    ``process`` routes and segments a prior fetched from ``[followup] pacs`` (None: the job history
+    only); a PACS that cannot be asked gives a ``pending`` follow-up (``previous``: the last one).
     """
     from sci_node.pipeline.compare import compare_results
 
     try:
         files = store.series_files(job.series_uid)
-        prior = find_prior(store, job, record.get("routing") or {}, files, policy)
+        prior = _prior(cfg, store, job, record, files, out_dir, process)
         if prior is None:
             return None
-        pjob, pfiles, pfolder = prior
-        psummary = dict((pjob.result or {}).get("summary") or {})
-        rec = compare_results(pfiles, Path(pfolder), files, out_dir, psummary, dict(record.get("summary") or {}),
-                              max_missing_fraction)
+        who, pfiles, pfolder, psummary = prior
+        rec = compare_results(pfiles, pfolder, files, out_dir, psummary, dict(record.get("summary") or {}),
+                              cfg.max_missing_fraction)
+    except DicomNetworkError as exc:
+        return _pending(cfg, exc, previous)
     except SciNodeError as exc:
         log.warning("followup.failed", reason=str(exc)[:300])
         return {"compared": False, "reason": f"{type(exc).__name__}: {exc}"[:500]}
     except Exception as exc:  # noqa: BLE001 - a bug here must not fail the job
         log.exception("followup.crashed")
         return {"compared": False, "reason": f"internal error: {type(exc).__name__}: {exc}"[:500]}
-    out = {"compared": rec["compared"], "reason": rec["reason"], "prior_job": pjob.id,
-           "prior_study_uid": pjob.study_uid, "prior_series_uid": pjob.series_uid, "counts": rec["counts"],
+    out = {"compared": rec["compared"], "reason": rec["reason"], **who, "counts": rec["counts"],
            "csa_c2_c3": rec["csa_c2_c3"], "csa_mean": rec["csa_mean"], "registration": {
                k: rec["registration"][k] for k in ("cord_dice", "centerline_mm")},
            "seconds": rec["compare_seconds"], "comparison_json": str(out_dir / "comparison.json"),
            # what changed, each current lesion named as report.json and the SR name it
-           "changed": [{k: les[k] for k in ("status", "lesion_id", "vertebral_levels", "volume_then_mm3",
-                                             "volume_now_mm3")} for les in rec["lesions"] if les["status"] != "stable"]}
+           "changed": [{k: les.get(k) for k in ("status", "lesion_id", "vertebral_levels", "volume_then_mm3",
+                                                 "volume_now_mm3", "found_by")}
+                       for les in rec["lesions"] if les["status"] != "stable"]}
     if rec["compared"]:
-        out.update(_dicom(rec, pfiles, files, out_dir, dict(record.get("model_versions") or {}), max_missing_fraction))
-    log.info("followup.compared", prior_job=pjob.id, compared=rec["compared"], counts=rec["counts"],
+        out.update(_dicom(rec, pfiles, files, out_dir, dict(record.get("model_versions") or {}),
+                          cfg.max_missing_fraction))
+    log.info("followup.compared", prior=who, compared=rec["compared"], counts=rec["counts"],
              seconds=rec["compare_seconds"], outputs=len(out.get("outputs") or []))
     return out
 
@@ -136,16 +206,35 @@ def _dicom(rec: dict[str, Any], prior_files: list[Path], files: list[Path], out_
     return {"outputs": [str(p) for p in paths]}
 
 
-def followup_job(policy: FollowupPolicy, store: Store, job: Job, record: dict[str, Any], out_dir: Path,
-                 max_missing_fraction: float, destinations: Sequence[str]) -> Job:
+def followup_job(cfg: NodeConfig, store: Store, job: Job, record: dict[str, Any], out_dir: Path,
+                 destinations: Sequence[str], process: Process | None = None,
+                 previous: Mapping[str, Any] | None = None) -> Job:
     """After ``job`` was finished (its own results queued): compare, then record and queue the follow-up.
 
     The job's summary gains ``followup`` (:func:`followup_of`) and its comparison SEG and SR are queued
     as further outbox entries of the job (:meth:`sci_node.store.Store.add_job_outputs`), after its own.
     No prior: the job is returned unchanged. Never fails the job: a failed comparison is recorded.
     """
-    fu = followup_of(policy, store, job, record, out_dir, max_missing_fraction)
+    fu = followup_of(cfg, store, job, record, out_dir, process, previous)
     if fu is None:
-        return store.job(job.id)
+        return store.job(job.id) if previous is None else store.add_job_outputs(job.id, {"followup": None})
     outputs = tuple(Path(p) for p in fu.get("outputs") or [])
     return store.add_job_outputs(job.id, {"followup": fu}, outputs, destinations)
+
+
+def retry_pending(cfg: NodeConfig, store: Store, destinations: Sequence[str], process: Process) -> int:
+    """Ask the PACS again for every done job whose follow-up is pending and due; return how many were tried."""
+    now, tried = time.time(), 0
+    for job in store.jobs(limit=cfg.followup.search_jobs, state="done"):
+        result = job.result or {}
+        fu = (result.get("summary") or {}).get("followup") or {}
+        if not fu.get("pending") or float(fu.get("next_attempt_at") or 0) > now or not result.get("outputs"):
+            continue
+        tried += 1
+        out_dir = Path(result["outputs"][0]).parent
+        structlog.contextvars.bind_contextvars(job_id=job.id, series_uid=job.series_uid, study_uid=job.study_uid)
+        try:
+            followup_job(cfg, store, job, result, out_dir, destinations, process, previous=fu)
+        finally:
+            structlog.contextvars.unbind_contextvars("job_id", "series_uid", "study_uid")
+    return tried

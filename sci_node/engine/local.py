@@ -255,8 +255,18 @@ def run_job(job: Job, store: Store, provider: ProcessorProvider, destinations: S
     if cfg is not None and cfg.followup.enabled and done.state == "done" and "summary" in o.record:
         from sci_node.engine.followup import followup_job
 
-        done = followup_job(cfg.followup, store, done, o.record, out_dir, cfg.max_missing_fraction, destinations)
+        done = followup_job(cfg, store, done, o.record, out_dir, destinations, prior_processor(provider))
     return done
+
+
+def prior_processor(provider: ProcessorProvider) -> Callable[[Sequence[Path], Path], tuple[str, dict[str, Any],
+                                                                                       dict[str, Any]]]:
+    """How a prior fetched from the PACS is routed and segmented: the current processor, into ``out`` (0700)."""
+    def process(files: Sequence[Path], out: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        make_private_dirs(out)
+        result = provider.current().process(list(files), out, ())
+        return str(result.status), dict(result.routing), dict(result.summary)
+    return process
 
 
 class Worker(threading.Thread):
@@ -276,6 +286,7 @@ class Worker(threading.Thread):
         self.cfg, self.store, self.provider = cfg, store, provider
         self.wake, self.on_result, self.stop_event = wake, on_result, stop
         self.destinations = [str(d) for d in cfg.destinations]
+        self._next_retry = 0.0  # time.monotonic() of the next look for pending follow-ups
 
     def run(self) -> None:
         try:  # load the models now, not on the first series (and say so if they are missing)
@@ -292,10 +303,26 @@ class Worker(threading.Thread):
                 log.exception("worker.claim_failed")
                 job = None
             if job is None:
+                self._retry_followups()
                 self.wake.wait(1.0)
                 self.wake.clear()
                 continue
             self._run_one(job)
+
+    def _retry_followups(self) -> None:
+        """The first worker asks the PACS again for pending follow-ups, every 5 s at most (never raises)."""
+        fu = self.cfg.followup
+        now = time.monotonic()
+        if self.name != "worker-1" or not (fu.enabled and fu.pacs) or now < self._next_retry:
+            return
+        self._next_retry = now + 5.0
+        try:
+            from sci_node.engine.followup import retry_pending
+
+            if retry_pending(self.cfg, self.store, self.destinations, prior_processor(self.provider)):
+                self.on_result.set()
+        except Exception:  # noqa: BLE001 - a follow-up must never stop the worker
+            log.exception("worker.followup_retry_error")
 
     def _run_one(self, job: Job) -> None:
         structlog.contextvars.bind_contextvars(job_id=job.id, series_uid=job.series_uid, study_uid=job.study_uid)
