@@ -31,11 +31,28 @@ PAIRS = [(f"sub-{p}Ses{a}/anat/sub-{p}Ses{a}_run-{r}_T2starw.nii.gz",
          for p in ("9709", "10062") for (a, r, b, s) in ((1, 1, 2, 1), (1, 1, 1, 2), (2, 1, 2, 2))]
 
 
+
+def parse_rules(texts: list[str]):  # noqa: ANN201 - a bench
+    """``FollowupRules`` with ``KEY=VALUE`` overrides (``--rule diff_min_mm3=5``)."""
+    import dataclasses
+
+    from sci_node.imaging.followup import FollowupRules
+
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(FollowupRules)}
+    over = {}
+    for t in texts:
+        k, _, v = t.partition("=")
+        over[k] = (v.lower() in ("1", "true", "yes")) if kinds[k] is bool else kinds[k](v)
+    return FollowupRules(**over)
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "spine")
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a FollowupRules field (e.g. diff_min_mm3=5)")
     args = ap.parse_args()
+    rules = parse_rules(args.rule)
     cfg = load_config(None, {"log_level": "WARNING"})
     rows = []
     with tempfile.TemporaryDirectory(prefix="scinode-followup-") as tmp:
@@ -46,7 +63,7 @@ def main() -> int:
             out = Path(tmp) / f"{a.name}-{b.name}"
             t0 = time.perf_counter()
             with open("/dev/null", "w") as quiet:
-                rc = run_compare(a, b, out, cfg, stream=quiet)
+                rc = run_compare(a, b, out, cfg, stream=quiet, rules=rules)
             seconds = time.perf_counter() - t0
             rec = json.loads((out / "comparison.json").read_text())
             row = {"prior": a.name, "current": b.name, "rc": rc, "compared": rec["compared"],

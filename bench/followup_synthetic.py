@@ -55,6 +55,20 @@ def segment(pipeline, img: sitk.Image, folder: Path):  # noqa: ANN001, ANN201 - 
     return pipeline.run_nifti(path, folder).segmented
 
 
+
+def parse_rules(texts: list[str]):  # noqa: ANN201 - a bench
+    """``FollowupRules`` with ``KEY=VALUE`` overrides (``--rule diff_min_mm3=5``)."""
+    import dataclasses
+
+    from sci_node.imaging.followup import FollowupRules
+
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(FollowupRules)}
+    over = {}
+    for t in texts:
+        k, _, v = t.partition("=")
+        over[k] = (v.lower() in ("1", "true", "yes")) if kinds[k] is bool else kinds[k](v)
+    return FollowupRules(**over)
+
 def main() -> int:
     from sci_node.config import load_config
     from sci_node.imaging import followup
@@ -73,7 +87,10 @@ def main() -> int:
     ap.add_argument("--cases", type=int, default=8)
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--models-dir", type=Path, help="another model registry (default: the repo's models/)")
+    ap.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a FollowupRules field (e.g. diff_min_mm3=5)")
     args = ap.parse_args()
+    rules = parse_rules(args.rule)
     extra = {"models_dir": str(args.models_dir)} if args.models_dir else {}
     cfg = load_config(None, {"log_level": "WARNING", **extra})
     registry = ModelRegistry(cfg.models_dir)
@@ -109,7 +126,7 @@ def main() -> int:
                 t0 = time.perf_counter()
                 empty = lambda s: s.lesion if s.lesion is not None else np.zeros_like(s.cord)  # noqa: E731
                 res = followup.compare(prior_seg.image, prior_seg.cord, empty(prior_seg), cur_seg.image, cur_seg.cord,
-                                       empty(cur_seg), si_axis(m))
+                                       empty(cur_seg), si_axis(m), rules)
                 seconds = time.perf_counter() - t0
                 lab, n = ndi.label(cur_truth > 0, structure=CONN26)
                 flagged = res.new_or_enlarging if res.new_or_enlarging is not None else np.zeros_like(lab)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from sci_node.imaging import followup
 from sci_node.imaging.followup import FollowupRules, compare, csa_change, match_lesions, prior_labels
 
 SEG = Path(__file__).parent / "data" / "seg"
@@ -169,3 +170,23 @@ def test_each_current_lesion_is_named_as_the_report_names_it() -> None:
     assert (new["lesion_id"], new["vertebral_levels"], new["centroid_lps_mm"]) == (1, ["C3", "C4"], [4.0, 3.0, 2.0])
     assert (gone["lesion_id"], gone["centroid_lps_mm"]) == (None, None)
     assert rec["counts"] == {"new": 1, "enlarging": 0, "stable": 0, "shrinking": 0, "resolved": 1}
+
+
+def test_subtraction_finds_a_new_hyperintensity_the_lesion_masks_miss_and_nothing_in_noise() -> None:
+    """:func:`followup.new_by_difference` on a synthetic cord (0.6 mm in plane, 3 mm slices): a lesion at 1.4x the
+    cord appears in the current image only -> one component on it; noise alone, or a lesion already in a
+    lesion mask (``known``), -> none."""
+    rng = np.random.default_rng(3)
+    shape, spacing = (12, 40, 40), (3.0, 0.6, 0.6)
+    zz, yy, xx = np.indices(shape)
+    cord = ((yy - 20) ** 2 + (xx - 20) ** 2) <= 8 ** 2
+    base = np.where(cord, 100.0, 300.0).astype(np.float32)
+    prior = base + rng.normal(0, 3, shape).astype(np.float32)
+    lesion = cord & ((yy - 20) ** 2 + (xx - 25) ** 2 <= 3 ** 2) & (zz >= 4) & (zz <= 6)  # touches the cord's edge
+    current = base + rng.normal(0, 3, shape).astype(np.float32)
+    noise_only = followup.new_by_difference(current, prior, cord, cord, np.zeros(shape, bool), spacing)
+    current[lesion] *= 1.4
+    found = followup.new_by_difference(current, prior, cord, cord, np.zeros(shape, bool), spacing)
+    assert noise_only == []
+    assert len(found) == 1 and (found[0] & lesion).sum() >= 0.8 * lesion.sum() and not (found[0] & ~cord).any()
+    assert followup.new_by_difference(current, prior, cord, cord, lesion, spacing) == []

@@ -133,3 +133,44 @@ def test_a_comparison_that_fails_leaves_the_current_result_whole(
     assert second["state"] == "done" and second["delivery"] == "delivered"
     assert [Path(d["path"]).name for d in second["deliveries"]] == ["seg.dcm", "sr.dcm"]
     assert len(dest.files()) == 4  # the two jobs' own SEG and SR, nothing else
+
+
+def test_a_new_lesion_in_the_follow_up_is_flagged_new_and_drawn_in_the_comparison_seg(
+        node_factory: Callable[..., NodeProc], storescp_factory: Callable[..., StoreSCP], tmp_path: Path) -> None:
+    """The prior is healthy; a year later the same images carry one lesion (written into a copy at twice the cord's
+    median): the follow-up counts it new, and the "New or enlarging lesion" SEG at the destination marks it."""
+    import highdicom as hd
+    import numpy as np
+    import SimpleITK as sitk
+    from lesion_support import Lesion, with_lesions
+
+    from sci_node.pipeline.series import read_series
+
+    dest = storescp_factory(port=free_port())
+    node = node_factory("", "--stable-seconds", "1", "--destination", f"DEST@127.0.0.1:{dest.port}").start()
+    prior, prior_series = _study(tmp_path / "prior", "FU4", "20250107")
+    assert storescu(node.port, prior).returncode == 0
+    first = _done(node, prior_series, followup=False)
+    folder = Path(first["result"]["outputs"][0]).parent
+    vol = read_series(prior)
+    cord = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "cord.nii.gz")))
+    later, truth = with_lesions(prior, vol, cord, [Lesion(0.5, 5.0, 2.5)], tmp_path / "later")
+    for f in later:
+        ds = pydicom.dcmread(f)
+        ds.StudyDate = "20260107"
+        ds.save_as(f, enforce_file_format=True)
+    later_series = str(pydicom.dcmread(later[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert storescu(node.port, later).returncode == 0
+    second = _done(node, later_series, followup=True)
+    fu = second["result"]["summary"]["followup"]
+    assert fu["compared"] and fu["counts"]["new"] >= 1 and fu["counts"]["resolved"] == 0, fu
+    names = [Path(d["path"]).name for d in second["deliveries"]]
+    assert names == ["seg.dcm", "sr.dcm", "new-or-enlarging-seg.dcm", "comparison-sr.dcm"], names
+    seg = hd.seg.segread(second["deliveries"][2]["path"])
+    later_vol = read_series(later)
+    px = seg.get_pixels_by_source_instance([r.sop_instance_uid for r in later_vol.refs], segment_numbers=[1],
+                                           skip_overlap_checks=True)[..., 0]
+    assert px.shape == truth.shape and (px[truth > 0] > 0).mean() > 0.5, "the new lesion is not drawn"
+    assert (px[truth == 0] > 0).sum() < (truth > 0).sum(), "the SEG marks more outside the lesion than in it"
+    assert dciodvfy_errors(Path(second["deliveries"][2]["path"])) == []
+    assert np.count_nonzero(px) > 0

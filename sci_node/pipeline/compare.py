@@ -83,18 +83,19 @@ def _reported(lps: list[float] | None, now: dict[str, Any], within_mm: float = 5
 
 
 def comparison_record(result: followup.Comparison, current: sitk.Image, then: dict[str, Any],
-                      now: dict[str, Any]) -> dict[str, Any]:
+                      now: dict[str, Any], rules: followup.FollowupRules = followup.FollowupRules()) -> dict[str, Any]:
     """The JSON of ``comparison.json`` (see the module docstring)."""
     check = result.check
     return {
         "compared": check.passed,
         "reason": None if check.passed else f"registration check failed: {check.reason}",
         "registration": {"cord_dice": check.cord_dice, "centerline_mm": check.centerline_mm,
-                         "rigid_parameters": list(result.transform), "rules": vars(followup.FollowupRules())},
+                         "rigid_parameters": list(result.transform), "rules": vars(rules)},
         "counts": result.counts() if check.passed else None,
         "lesions": [{"status": c.status, "volume_then_mm3": c.volume_then_mm3, "volume_now_mm3": c.volume_now_mm3,
-                     "current_id": c.current_id, "prior_ids": list(c.prior_ids),
-                     **_reported(_lps(current, c.centroid_index_zyx) if c.current_id else None, now)}
+                     "current_id": c.current_id, "prior_ids": list(c.prior_ids), "found_by": c.found_by,
+                     **_reported(_lps(current, c.centroid_index_zyx) if c.status != "resolved" else None,
+                                 now if c.current_id else {})}
                     for c in result.lesions],
         "csa_c2_c3": followup.csa_change(then.get("csa_c2_c3_mm2"), now.get("csa_c2_c3_mm2")),
         # the mean over each scan's whole cord: comparable when both cover the same stretch (a rescan)
@@ -140,7 +141,8 @@ def compare_results(prior_files: list[Path], prior_dir: Path, current_files: lis
 
 def compare_and_write(prior: tuple[sitk.Image, np.ndarray, np.ndarray | None],
                       current: tuple[sitk.Image, np.ndarray, np.ndarray | None], prior_summary: dict[str, Any],
-                      current_summary: dict[str, Any], out_dir: Path, started: float | None = None) -> dict[str, Any]:
+                      current_summary: dict[str, Any], out_dir: Path, started: float | None = None,
+                      rules: followup.FollowupRules = followup.FollowupRules()) -> dict[str, Any]:
     """Compare ``(image, cord, lesion)`` of the prior and the current series (lesion None: none found), write
     ``out_dir/comparison.json`` and ``out_dir/new_or_enlarging.nii.gz``; return the record.
 
@@ -151,8 +153,8 @@ def compare_and_write(prior: tuple[sitk.Image, np.ndarray, np.ndarray | None],
     (p_img, p_cord, p_les), (c_img, c_cord, c_les) = prior, current
     axis = si_axis(index_to_lps(c_img.GetOrigin(), c_img.GetSpacing(), c_img.GetDirection()))
     result = followup.compare(p_img, p_cord, np.zeros_like(p_cord) if p_les is None else p_les,
-                              c_img, c_cord, np.zeros_like(c_cord) if c_les is None else c_les, axis)
-    record = comparison_record(result, c_img, prior_summary, current_summary)
+                              c_img, c_cord, np.zeros_like(c_cord) if c_les is None else c_les, axis, rules)
+    record = comparison_record(result, c_img, prior_summary, current_summary, rules)
     record["compare_seconds"] = round(time.perf_counter() - started, 3)
     (out_dir / "comparison.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     if result.new_or_enlarging is not None:
@@ -203,7 +205,7 @@ def write_comparison_dicom(record: dict[str, Any], prior_files: list[Path], curr
 
 
 def run_compare(prior: Path, current: Path, out: Path, cfg: NodeConfig, device: str = "cpu",
-                stream: TextIO | None = None) -> int:
+                stream: TextIO | None = None, rules: followup.FollowupRules = followup.FollowupRules()) -> int:
     """``sci-node compare``: segment both, compare, write ``OUT/comparison.json`` (module docstring).
 
     Raises
@@ -223,7 +225,7 @@ def run_compare(prior: Path, current: Path, out: Path, cfg: NodeConfig, device: 
     seg_then, then = _segment(pipeline, Path(prior), out / "prior")
     seg_now, now = _segment(pipeline, Path(current), out / "current")
     record = compare_and_write((seg_then.image, seg_then.cord, seg_then.lesion),
-                               (seg_now.image, seg_now.cord, seg_now.lesion), then, now, out)
+                               (seg_now.image, seg_now.cord, seg_now.lesion), then, now, out, rules=rules)
     echo_all(_lines(record), stream)
     return 0 if record["compared"] else 1
 

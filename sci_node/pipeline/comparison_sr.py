@@ -106,7 +106,9 @@ def _lesion_groups(record: Mapping[str, Any], key: str, versions: Mapping[str, s
     out = []
     for k, les in enumerate(record.get("lesions") or [], start=1):
         name = f"Lesion {les['lesion_id']}" if les.get("lesion_id") else (
-            f"Resolved lesion {k}" if les["status"] == "resolved" else f"Current lesion {les.get('current_id') or k}")
+            f"Resolved lesion {k}" if les["status"] == "resolved" else
+            f"New hyperintensity {k} (subtraction)" if les.get("found_by") == "subtraction" else
+            f"Current lesion {les.get('current_id') or k}")
         tracking = hd.sr.TrackingIdentifier(uid=derived_uid(key, versions, f"cmp-lesion-{k}"), identifier=name)
         sites = [hd.sr.FindingSite(CORD_TYPE), *level_sites(les.get("vertebral_levels") or [])]
         out.append(_group(tracking, times[0], LESION_TYPE, sites,
