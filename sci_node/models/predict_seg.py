@@ -81,7 +81,6 @@ def _infer_logits(net: "torch.nn.Module", stacked: np.ndarray, inner: tuple[slic
     """``(Z, Y, X)`` float32 logits of ``net`` on padded ``(Z, C, Y', X')`` slices ``stacked``
     (``inner`` crops the padding back off); windows without a ``keep`` voxel are not run."""
     import torch
-    from monai.inferers import sliding_window_inference
 
     predictor: Predictor = _flip_x_mean(net) if spec.flip_x_tta else net
     if keep is not None:  # the mask rides along as a last channel that the predictor strips
@@ -93,10 +92,66 @@ def _infer_logits(net: "torch.nn.Module", stacked: np.ndarray, inner: tuple[slic
         for z0 in range(0, stacked.shape[0], batch_slices):
             x = torch.from_numpy(np.ascontiguousarray(stacked[z0:z0 + batch_slices])).float().to(device)
             # 64 windows per forward pass: sw_batch_size=16 was ~3x slower on 2 CPU cores
-            logits = sliding_window_inference(x, roi_size=spec.patch_yx, sw_batch_size=64,
-                                              predictor=predictor, overlap=spec.sw_overlap, mode="gaussian")
+            logits = sliding_window(x, spec.patch_yx, 64, predictor, spec.sw_overlap)
             out[z0:z0 + batch_slices] = logits[:, 0].cpu().numpy()[:, inner[0], inner[1]]  # type: ignore[index, call-overload]
     return out
+
+
+def _window_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Window origins along one axis of ``size >= roi`` (MONAI's ``dense_patch_slices``: step
+    ``int(roi * (1 - overlap))``, at least 1; the last window ends on the border)."""
+    step = roi if roi == size else max(1, int(roi * (1 - overlap)))
+    n = next((d for d in range(int(np.ceil(size / step))) if d * step + roi >= size), 0) + 1
+    return [i * step - max(i * step + roi - size, 0) for i in range(n)]
+
+
+def _gaussian_weights(roi: tuple[int, int]) -> "torch.Tensor":
+    """MONAI's ``compute_importance_map(roi, "gaussian", sigma_scale=0.125)``: ``(1, 1, Y, X)``."""
+    import torch
+
+    w: "torch.Tensor | None" = None
+    for i, n in enumerate(roi):
+        x = torch.arange(start=-(n - 1) / 2.0, end=(n - 1) / 2.0 + 1, dtype=torch.float)
+        x = torch.exp(x ** 2 / (-2 * (n * 0.125) ** 2))
+        w = x if w is None else w.unsqueeze(-1) * x[(None,) * i]
+    assert w is not None
+    return torch.clamp(w, min=max(float(w.min()), 1e-3))[None, None]
+
+
+def sliding_window(x: "torch.Tensor", roi: tuple[int, int], sw_batch: int, predictor: Predictor,
+                   overlap: float) -> "torch.Tensor":
+    """Gaussian-blended sliding-window logits of ``(B, C, Y, X)`` slices at least ``roi`` in size.
+
+    The same windows, batches, weights and summation order as MONAI's
+    ``sliding_window_inference(x, roi, sw_batch, predictor, overlap, mode="gaussian")``, so the
+    same numbers (``tests/test_segmenter.py``), without importing MONAI at inference.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, K, Y, X)`` float32, ``K`` the predictor's output channels.
+    """
+    import torch
+
+    b, _, yn, xn = x.shape
+    if yn < roi[0] or xn < roi[1]:
+        raise ValueError(f"slices {yn}x{xn} are smaller than the window {roi}; pad them first")
+    wins = [(y, xx) for y in _window_starts(yn, roi[0], overlap) for xx in _window_starts(xn, roi[1], overlap)]
+    weight = _gaussian_weights(roi).to(x.device)
+    count = torch.zeros((1, 1, yn, xn), dtype=x.dtype, device=x.device)
+    for y, xx in wins:
+        count[:, :, y:y + roi[0], xx:xx + roi[1]] += weight
+    out: "torch.Tensor | None" = None
+    idx = [(k // len(wins), *wins[k % len(wins)]) for k in range(b * len(wins))]
+    for g in range(0, len(idx), sw_batch):
+        chunk = idx[g:g + sw_batch]
+        pred = predictor(torch.cat([x[i:i + 1, :, y:y + roi[0], xx:xx + roi[1]] for i, y, xx in chunk])) * weight
+        if out is None:
+            out = torch.zeros((b, pred.shape[1], yn, xn), dtype=x.dtype, device=x.device)
+        for p, (i, y, xx) in zip(pred, chunk):
+            out[i, :, y:y + roi[0], xx:xx + roi[1]] += p
+    assert out is not None
+    return out / count
 
 
 def coarse_to_fine(infer: Callable[[np.ndarray], np.ndarray], array: np.ndarray, spacing: tuple[float, float, float],

@@ -192,18 +192,18 @@ def key_slices(cord: np.ndarray, lesion: np.ndarray | None, max_slices: int = 4)
 
 def write_previews(seg: Any, out_dir: Path) -> list[Path]:
     """PNG overlays (cord green, lesion red) of :func:`key_slices` of a ``Segmented``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import SimpleITK as sitk
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # not pyplot: its import and global figure manager cost a cold start
 
     arr = sitk.GetArrayFromImage(seg.image)
     sx, sy = seg.image.GetSpacing()[:2]
     lo, hi = np.percentile(arr, [1, 99.5])
     paths = []
     for z in key_slices(seg.cord, seg.lesion):
-        fig, ax = plt.subplots(figsize=(5, 5 * arr.shape[1] * sy / max(arr.shape[2] * sx, 1e-6)), dpi=100)
+        fig = Figure(figsize=(5, 5 * arr.shape[1] * sy / max(arr.shape[2] * sx, 1e-6)), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
         ax.imshow(arr[z], cmap="gray", vmin=lo, vmax=hi, aspect=sy / sx, interpolation="nearest")
         for mask, colour in ((seg.cord, "lime"), (seg.lesion, "red")):
             if mask is not None and mask[z].any():
@@ -212,7 +212,6 @@ def write_previews(seg: Any, out_dir: Path) -> list[Path]:
         ax.axis("off")
         path = out_dir / f"preview_z{z + 1:03d}.png"
         fig.savefig(path, bbox_inches="tight")
-        plt.close(fig)
         paths.append(path)
     return paths
 
