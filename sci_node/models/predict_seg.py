@@ -159,11 +159,14 @@ def coarse_to_fine(infer: Callable[[np.ndarray], np.ndarray], array: np.ndarray,
     """Find the cord coarsely, then segment at full resolution only around it.
 
     The network first runs on every slice ``step_mm`` apart (same in-plane resolution: the
-    network only knows that scale). The in-plane box of what it marks there (union over
-    those slices, plus ``margin_mm``) is then segmented on every slice. A full-FOV sagittal
-    (384 x 225 mm, canonical axial grid 225 x 548 x 74 at 0.7 mm) shrinks to a box about
-    70 mm wide: a fraction of the work. Fields of view at most twice the patch in each
-    in-plane axis, or a coarse pass that finds nothing, run the plain full-volume inference.
+    network only knows that scale). Each slice is then segmented in a strip that follows the
+    cord: the box of what the coarse pass marks on the two coarse slices around it, plus
+    ``margin_mm`` (trimmed, to no less than half of it a side, when that saves a sliding
+    window), the same size on every slice. A full-FOV sagittal (canonical axial grid 216 x 480
+    x 65 at 0.8 mm) runs one window per slice instead of three (the box of the whole track) or
+    ten. Networks that read neighbouring slices (``spec.context``) get the box of the whole
+    track, so neighbours stay aligned. Fields of view at most twice the patch in each in-plane
+    axis, or a coarse pass that finds nothing, run the plain full-volume inference.
 
     Parameters
     ----------
@@ -175,7 +178,7 @@ def coarse_to_fine(infer: Callable[[np.ndarray], np.ndarray], array: np.ndarray,
     Returns
     -------
     numpy.ndarray
-        ``(Z, Y, X)`` float32 probabilities, zero outside the fine box.
+        ``(Z, Y, X)`` float32 probabilities, zero outside the strips.
     """
     zn, yn, xn = array.shape
     py, px = spec.patch_yx
@@ -183,45 +186,80 @@ def coarse_to_fine(infer: Callable[[np.ndarray], np.ndarray], array: np.ndarray,
         return infer(array)
     k = max(1, int(round(step_mm / max(spacing[0], 1e-3))))
     zs = np.arange(min(k // 2, zn - 1), zn, k)
-    box = _track_box(infer(np.ascontiguousarray(array[zs])) >= threshold, spacing, margin_mm)
-    if box is None:
+    track = _track(infer(np.ascontiguousarray(array[zs])) >= threshold, spacing)
+    if track is None or not track[1].any():
         return infer(array)
-    y0, y1, x0, x1 = box
+    boxes, kept = track
+    my, mx = int(np.ceil(margin_mm / spacing[1])), int(np.ceil(margin_mm / spacing[2]))
     out = np.zeros(array.shape, np.float32)
-    out[:, y0:y1, x0:x1] = infer(np.ascontiguousarray(array[:, y0:y1, x0:x1]))
+    if spec.context > 0:
+        b = boxes[kept]
+        y0, y1 = max(0, int(b[:, 0].min()) - my), min(yn, int(b[:, 1].max()) + 1 + my)
+        x0, x1 = max(0, int(b[:, 2].min()) - mx), min(xn, int(b[:, 3].max()) + 1 + mx)
+        out[:, y0:y1, x0:x1] = infer(np.ascontiguousarray(array[:, y0:y1, x0:x1]))
+        return out
+    per_z = _boxes_per_slice(boxes[kept], zs[kept], zn)
+    hy = _strip_size(int((per_z[:, 1] - per_z[:, 0]).max()) + 1, my, py, yn)
+    hx = _strip_size(int((per_z[:, 3] - per_z[:, 2]).max()) + 1, mx, px, xn)
+    ys = np.clip((per_z[:, 0] + per_z[:, 1] + 1) // 2 - hy // 2, 0, yn - hy)
+    xs = np.clip((per_z[:, 2] + per_z[:, 3] + 1) // 2 - hx // 2, 0, xn - hx)
+    strips = np.stack([array[z, ys[z]:ys[z] + hy, xs[z]:xs[z] + hx] for z in range(zn)])
+    prob = infer(strips)
+    for z in range(zn):
+        out[z, ys[z]:ys[z] + hy, xs[z]:xs[z] + hx] = prob[z]
     return out
 
 
-def _track_box(coarse: np.ndarray, spacing: tuple[float, float, float], margin_mm: float,
-               max_offset_mm: float = 30.0) -> tuple[int, int, int, int] | None:
-    """In-plane box ``(y0, y1, x0, x1)`` around the cord's track in a coarse ``(Z', Y, X)`` mask.
+def _strip_size(extent: int, margin: int, patch: int, size: int) -> int:
+    """Strip width: ``extent`` plus ``margin`` a side, trimmed to ``patch`` (one window) when half the
+    margin a side still fits in it; at most ``size``."""
+    want = extent + 2 * margin
+    if want > patch and extent + margin <= patch:
+        want = patch
+    return min(size, want)
 
-    Per slice the largest 2-D component stands for the cord; slices whose component centre
+
+def _boxes_per_slice(boxes: np.ndarray, zc: np.ndarray, zn: int) -> np.ndarray:
+    """``(zn, 4)`` in-plane boxes ``(y0, y1, x0, x1)`` (inclusive) of every slice: the union of the
+    boxes of the coarse slices ``zc`` (sorted) either side of it, the nearest one beyond the ends."""
+    z = np.arange(zn)
+    hi = np.clip(np.searchsorted(zc, z), 0, len(zc) - 1)
+    lo = np.clip(np.searchsorted(zc, z, side="right") - 1, 0, len(zc) - 1)
+    a, b = boxes[lo], boxes[hi]
+    return np.stack([np.minimum(a[:, 0], b[:, 0]), np.maximum(a[:, 1], b[:, 1]),
+                     np.minimum(a[:, 2], b[:, 2]), np.maximum(a[:, 3], b[:, 3])], axis=1).astype(np.int64)
+
+
+def _track(coarse: np.ndarray, spacing: tuple[float, float, float],
+           max_offset_mm: float = 30.0) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cord's track in a coarse ``(Z', Y, X)`` mask: ``(boxes, kept)``.
+
+    Per slice the largest 2-D component stands for the cord: ``boxes`` ``(Z', 4)`` holds its
+    ``(y0, y1, x0, x1)`` (inclusive; -1 where a slice has none). Slices whose component centre
     lies more than ``max_offset_mm`` from the running median of the centres (5 coarse slices:
-    the cord curves, a blob at the field's edge that outgrew a faint cord jumps) are ignored.
-    ``None`` when no slice has a component.
+    the cord curves, a blob at the field's edge that outgrew a faint cord jumps) are not
+    ``kept``, nor slices without a component. ``None`` when no slice has a component.
     """
     from scipy import ndimage as ndi
 
-    boxes, centres = [], []
-    for sl in coarse:
+    boxes = np.full((coarse.shape[0], 4), -1, np.int64)
+    centres = np.full((coarse.shape[0], 2), np.nan)
+    for i, sl in enumerate(coarse):
         lab, n = ndi.label(sl)
         if n == 0:
             continue
         big = int(np.argmax(ndi.sum_labels(sl, lab, index=np.arange(1, n + 1)))) + 1
         ys, xs = np.nonzero(lab == big)
-        boxes.append((ys.min(), ys.max(), xs.min(), xs.max()))
-        centres.append((ys.mean() * spacing[1], xs.mean() * spacing[2]))
-    if not boxes:
+        boxes[i] = (ys.min(), ys.max(), xs.min(), xs.max())
+        centres[i] = (ys.mean() * spacing[1], xs.mean() * spacing[2])
+    found = np.nonzero(boxes[:, 0] >= 0)[0]
+    if found.size == 0:
         return None
-    c = np.asarray(centres)
+    c = centres[found]
     med = np.stack([np.median(c[max(0, i - 2):i + 3], axis=0) for i in range(len(c))])
-    keep = np.hypot(*(c - med).T) <= max_offset_mm
-    b = np.asarray(boxes)[keep]
-    my, mx = int(np.ceil(margin_mm / spacing[1])), int(np.ceil(margin_mm / spacing[2]))
-    yn, xn = coarse.shape[1:]
-    return (max(0, int(b[:, 0].min()) - my), min(yn, int(b[:, 1].max()) + 1 + my),
-            max(0, int(b[:, 2].min()) - mx), min(xn, int(b[:, 3].max()) + 1 + mx))
+    kept = np.zeros(coarse.shape[0], bool)
+    kept[found[np.hypot(*(c - med).T) <= max_offset_mm]] = True
+    return boxes, kept
 
 
 def _skip_empty(predict: Predictor) -> Predictor:
