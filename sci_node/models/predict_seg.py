@@ -164,9 +164,13 @@ def coarse_to_fine(infer: Callable[[np.ndarray], np.ndarray], array: np.ndarray,
     ``margin_mm`` (trimmed, to no less than half of it a side, when that saves a sliding
     window), the same size on every slice. A full-FOV sagittal (canonical axial grid 216 x 480
     x 65 at 0.8 mm) runs one window per slice instead of three (the box of the whole track) or
-    ten. Networks that read neighbouring slices (``spec.context``) get the box of the whole
-    track, so neighbours stay aligned. Fields of view at most twice the patch in each in-plane
-    axis, or a coarse pass that finds nothing, run the plain full-volume inference.
+    ten. Where the track sweeps across the field by no more than half a window (axial series:
+    the cord stays put), and for networks that read neighbouring slices (``spec.context``, whose
+    neighbours must stay aligned), every slice gets the box of the whole track plus the margin.
+    Fields of view at most twice the patch in each in-plane axis, or a coarse pass that finds
+    nothing, run the plain full-volume inference. An in-plane axis a few voxels (at most an
+    eighth of the patch) longer than a multiple of the patch loses them on the coarse pass
+    (centred crop): 65 -> 64 halves its windows.
 
     Parameters
     ----------
@@ -186,19 +190,24 @@ def coarse_to_fine(infer: Callable[[np.ndarray], np.ndarray], array: np.ndarray,
         return infer(array)
     k = max(1, int(round(step_mm / max(spacing[0], 1e-3))))
     zs = np.arange(min(k // 2, zn - 1), zn, k)
-    track = _track(infer(np.ascontiguousarray(array[zs])) >= threshold, spacing)
+    (cy, ey), (cx, ex) = _coarse_crop(yn, py), _coarse_crop(xn, px)
+    rough = infer(np.ascontiguousarray(array[zs, cy:yn - ey, cx:xn - ex])) >= threshold
+    track = _track(rough, spacing)
     if track is None or not track[1].any():
         return infer(array)
     boxes, kept = track
+    boxes = boxes + np.array([cy, cy, cx, cx])
     my, mx = int(np.ceil(margin_mm / spacing[1])), int(np.ceil(margin_mm / spacing[2]))
     out = np.zeros(array.shape, np.float32)
-    if spec.context > 0:
-        b = boxes[kept]
+    per_z = _boxes_per_slice(boxes[kept], zs[kept], zn)
+    b = boxes[kept]
+    sweep = max(int(b[:, 1].max() - b[:, 0].min() - (per_z[:, 1] - per_z[:, 0]).max()),
+                int(b[:, 3].max() - b[:, 2].min() - (per_z[:, 3] - per_z[:, 2]).max()))
+    if spec.context > 0 or sweep <= min(py, px) // 2:  # the track's box is already near the cord
         y0, y1 = max(0, int(b[:, 0].min()) - my), min(yn, int(b[:, 1].max()) + 1 + my)
         x0, x1 = max(0, int(b[:, 2].min()) - mx), min(xn, int(b[:, 3].max()) + 1 + mx)
         out[:, y0:y1, x0:x1] = infer(np.ascontiguousarray(array[:, y0:y1, x0:x1]))
         return out
-    per_z = _boxes_per_slice(boxes[kept], zs[kept], zn)
     hy = _strip_size(int((per_z[:, 1] - per_z[:, 0]).max()) + 1, my, py, yn)
     hx = _strip_size(int((per_z[:, 3] - per_z[:, 2]).max()) + 1, mx, px, xn)
     ys = np.clip((per_z[:, 0] + per_z[:, 1] + 1) // 2 - hy // 2, 0, yn - hy)
@@ -208,6 +217,15 @@ def coarse_to_fine(infer: Callable[[np.ndarray], np.ndarray], array: np.ndarray,
     for z in range(zn):
         out[z, ys[z]:ys[z] + hy, xs[z]:xs[z] + hx] = prob[z]
     return out
+
+
+def _coarse_crop(size: int, patch: int) -> tuple[int, int]:
+    """Voxels cut from the start and the end of an axis for the coarse pass: none, or the excess over
+    a multiple of ``patch`` split between the ends when it is at most ``patch // 8``."""
+    excess = size % patch
+    if size > patch and 0 < excess <= patch // 8:
+        return excess // 2, excess - excess // 2
+    return 0, 0
 
 
 def _strip_size(extent: int, margin: int, patch: int, size: int) -> int:
