@@ -132,35 +132,12 @@ def run_batch(input: Path, out: Path, cfg: NodeConfig, device: str = "cpu", stre
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     reports = []
-    _import_in_background(WRITE_STAGE_MODULES)
     for item in tqdm(items, desc="series", unit="series", disable=len(items) < 2, file=sys.stderr):
         reports.append(_run_one(pipeline, item, out / item.name))
     (out / "report.json").write_text(json.dumps({"input": str(input), "device": device, "series": reports},
                                                 indent=2) + "\n", encoding="utf-8")
     echo_all(table_lines(reports), stream)  # reasons may carry a header's control characters: escaped
     return 1 if any(r["status"] == "failed" for r in reports) else 0
-
-
-#: What the first series' write stage and previews import (0.5-0.7 s cold): loaded while it is
-#: segmented, whose convolutions release the GIL, instead of after.
-WRITE_STAGE_MODULES = ("highdicom", "sci_node.pipeline.seg_writer", "sci_node.pipeline.sr_writer",
-                       "matplotlib.figure", "matplotlib.backends.backend_agg")
-
-
-def _import_in_background(modules: tuple[str, ...]) -> None:
-    """Import ``modules`` in a daemon thread; a failure is left for the real import to report."""
-    import importlib
-    import threading
-
-    def load() -> None:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except Exception as exc:  # noqa: BLE001 - the stage that needs it raises it properly
-                log.debug("batch.preload_failed", module=name, error=str(exc))
-                return
-
-    threading.Thread(target=load, name="sci-node-preload", daemon=True).start()
 
 
 def _run_one(pipeline: Any, item: BatchItem, out_dir: Path) -> dict[str, Any]:
