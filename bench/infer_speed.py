@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python bench/infer_speed.py [--part infer|fov|all] [--runs 5] [--threads 0] [--baseline DIR]
+    .venv/bin/python bench/infer_speed.py [--part infer|batch|fov|all] [--runs 5] [--threads 0] [--baseline DIR]
 
 ``--baseline DIR``: a checkout of the code to compare with (``git archive REV sci_node models |
 tar -x -C DIR``), run the same way (``PYTHONPATH=DIR``) in processes alternating with this
@@ -12,6 +12,9 @@ tree's, so both see the same machine load; each line then has ``"code": "baselin
 ``--runs`` fresh processes (median, min, max) and the median of each stage the pipeline
 records in its ``report.json`` ``timings`` (load, classify, segment, write); start-up (imports,
 model loading, previews, exit) is the rest of the wall time.
+
+``batch``: the four series of ``tests/data/series`` (one routed out) in one ``sci-node infer``
+against one process per series (sum of the walls), ``--runs // 2`` interleaved rounds.
 
 ``fov``: ``Segmenter.predict`` of the active cord model on the full-FOV sagittal T2w of the
 errsm subjects with a manual cord mask (``../shared/data/spine/sct-history``, 384 x ~220 x 52 at
@@ -78,6 +81,28 @@ def bench_infer(runs: int, threads: int, baseline: Path | None) -> None:
                "wall_median_s": round(wall, 2), "wall_min_s": round(min(walls[code]), 2),
                "wall_max_s": round(max(walls[code]), 2), "stages_median_s": med,
                "startup_and_rest_s": round(wall - sum(med.values()), 2)})
+
+
+def _infer_wall(inp: Path, threads: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "sci_node.cli", "infer", str(inp), "--out", tmp, "--log-level", "WARNING",
+               "--torch-threads", str(threads)]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+        return time.perf_counter() - t0
+
+
+def bench_batch(runs: int, threads: int) -> None:
+    """The series of ``tests/data/series`` in one ``sci-node infer`` against one process per series."""
+    folder = SERIES.parent
+    series = sorted(p for p in folder.iterdir() if p.is_dir())
+    one, each = [], []
+    for _ in range(runs):  # interleaved
+        one.append(_infer_wall(folder, threads))
+        each.append(sum(_infer_wall(p, threads) for p in series))
+    _emit({"bench": "infer_many_series", "series": len(series), "one_process_wall_median_s":
+           round(statistics.median(one), 2), "process_per_series_wall_median_s": round(statistics.median(each), 2),
+           "runs": runs})
 
 
 def bench_fov_compare(repeat: int, threads: int, baseline: Path) -> None:
@@ -149,7 +174,7 @@ def bench_fov(repeat: int, threads: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["infer", "fov", "all"], default="all")
+    p.add_argument("--part", choices=["infer", "fov", "batch", "all"], default="all")
     p.add_argument("--runs", type=int, default=5, help="fresh sci-node infer processes")
     p.add_argument("--repeat", type=int, default=3, help="predictions per full-FOV image (median)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = the node's default)")
@@ -157,6 +182,8 @@ def main() -> None:
     args = p.parse_args()
     if args.part in ("infer", "all"):
         bench_infer(args.runs, args.threads, args.baseline)
+    if args.part in ("batch", "all"):
+        bench_batch(max(1, args.runs // 2), args.threads)
     if args.part in ("fov", "all"):
         if not SPINE.is_dir():
             sys.exit(f"{SPINE} not found: the full-FOV part needs the shared data")

@@ -9,6 +9,10 @@ Per series, in ``OUTDIR/<series>/``: ``seg.dcm`` and ``sr.dcm`` (DICOM input onl
 ``report.json`` (routing decisions with probabilities, lesion list, measurements, timings,
 model versions). ``OUTDIR/report.json`` lists every series. A summary table goes to stdout;
 routed-out series appear in it with their reason.
+
+One process handles every series: imports and the five models are loaded once, so many series
+belong in one ``sci-node infer`` (docs/benchmarks.md section 5: four series 8.3 s, as four
+processes 17.2 s).
 """
 from __future__ import annotations
 
