@@ -70,3 +70,25 @@ def test_find_peaks_is_scipys() -> None:
         d, prom = int(rng.integers(1, 12)), float(rng.choice([0.0, 0.05, 0.15, 0.3]))
         np.testing.assert_array_equal(find_peaks(x, distance=d, prominence=prom),
                                       scipy_find_peaks(x, distance=d, prominence=prom)[0])
+
+
+def test_coarse_to_fine_follows_a_track_that_sweeps_across_the_field() -> None:
+    """A cord crossing 300 px of a 400-px field: one 64 x 64 strip a slice, every cord voxel inside one."""
+    from pathlib import Path
+
+    from sci_node.models.predict_seg import Segmenter, coarse_to_fine
+
+    spec = Segmenter.from_artifact(Path(__file__).resolve().parents[1] / "models" / "cord" / "0.2.3").spec
+    vol = np.zeros((200, 400, 65), np.float32)
+    for z in range(200):
+        y = 30 + int(1.5 * z)
+        vol[z, y:y + 10, 28:38] = 1.0
+    calls: list[tuple[int, ...]] = []
+
+    def infer(a: np.ndarray) -> np.ndarray:  # a voxel-wise "network": equal to the full run wherever it runs
+        calls.append(a.shape)
+        return (a > 0.5).astype(np.float32)
+
+    out = coarse_to_fine(infer, vol, (1.0, 0.8, 0.8), spec, 8.0, 20.0, 0.5)
+    assert calls == [(25, 400, 64), (200, 64, 60)]  # coarse: 65 -> 64 columns; fine: one window a slice
+    np.testing.assert_array_equal(out, vol)

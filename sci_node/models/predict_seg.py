@@ -198,7 +198,6 @@ def coarse_to_fine(infer: Callable[[np.ndarray], np.ndarray], array: np.ndarray,
     boxes, kept = track
     boxes = boxes + np.array([cy, cy, cx, cx])
     my, mx = int(np.ceil(margin_mm / spacing[1])), int(np.ceil(margin_mm / spacing[2]))
-    out = np.zeros(array.shape, np.float32)
     per_z = _boxes_per_slice(boxes[kept], zs[kept], zn)
     b = boxes[kept]
     sweep = max(int(b[:, 1].max() - b[:, 0].min() - (per_z[:, 1] - per_z[:, 0]).max()),
@@ -206,14 +205,23 @@ def coarse_to_fine(infer: Callable[[np.ndarray], np.ndarray], array: np.ndarray,
     if spec.context > 0 or sweep <= min(py, px) // 2:  # the track's box is already near the cord
         y0, y1 = max(0, int(b[:, 0].min()) - my), min(yn, int(b[:, 1].max()) + 1 + my)
         x0, x1 = max(0, int(b[:, 2].min()) - mx), min(xn, int(b[:, 3].max()) + 1 + mx)
+        out = np.zeros(array.shape, np.float32)
         out[:, y0:y1, x0:x1] = infer(np.ascontiguousarray(array[:, y0:y1, x0:x1]))
         return out
-    hy = _strip_size(int((per_z[:, 1] - per_z[:, 0]).max()) + 1, my, py, yn)
-    hx = _strip_size(int((per_z[:, 3] - per_z[:, 2]).max()) + 1, mx, px, xn)
+    return _fine_strips(infer, array, per_z, (my, mx), spec.patch_yx)
+
+
+def _fine_strips(infer: Callable[[np.ndarray], np.ndarray], array: np.ndarray, per_z: np.ndarray,
+                 margin: tuple[int, int], patch: tuple[int, int]) -> np.ndarray:
+    """:func:`coarse_to_fine`'s fine pass along the track: ``infer`` on one strip a slice, centred on
+    that slice's box ``per_z[z]`` (``(y0, y1, x0, x1)``), all of one size (:func:`_strip_size`)."""
+    zn, yn, xn = array.shape
+    hy = _strip_size(int((per_z[:, 1] - per_z[:, 0]).max()) + 1, margin[0], patch[0], yn)
+    hx = _strip_size(int((per_z[:, 3] - per_z[:, 2]).max()) + 1, margin[1], patch[1], xn)
     ys = np.clip((per_z[:, 0] + per_z[:, 1] + 1) // 2 - hy // 2, 0, yn - hy)
     xs = np.clip((per_z[:, 2] + per_z[:, 3] + 1) // 2 - hx // 2, 0, xn - hx)
-    strips = np.stack([array[z, ys[z]:ys[z] + hy, xs[z]:xs[z] + hx] for z in range(zn)])
-    prob = infer(strips)
+    prob = infer(np.stack([array[z, ys[z]:ys[z] + hy, xs[z]:xs[z] + hx] for z in range(zn)]))
+    out = np.zeros(array.shape, np.float32)
     for z in range(zn):
         out[z, ys[z]:ys[z] + hy, xs[z]:xs[z] + hx] = prob[z]
     return out
