@@ -8,10 +8,12 @@ stderr and a non-zero exit code; nothing else is caught.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypedDict
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypedDict
 
 from sci_node import __version__
 from sci_node.config import NodeConfig, load_config
@@ -167,10 +169,32 @@ def _send(args: argparse.Namespace, cfg: NodeConfig) -> int:
     return send_path(args.path, parse_destination(" ".join(args.target)), calling_ae=args.calling_ae, tls=cfg.tls)
 
 
-def _infer(args: argparse.Namespace, cfg: NodeConfig) -> int:
-    from sci_node.pipeline.batch import run_batch
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector over a one-shot command's start-up (imports, model loading).
 
-    return run_batch(args.input, args.out, cfg, device=args.device or cfg.device)
+    Those allocate millions of long-lived objects and free almost none, so every collection the
+    allocations trigger is wasted: 0.44 s of CPU of a one-series ``sci-node infer`` (user time
+    4.91 -> 4.47 s, wall median 5.80 -> 5.48 s, 5 interleaved runs each, load 3.9). What the
+    start-up built is then frozen (:func:`gc.freeze`: never scanned again) and collection resumes
+    for the series themselves.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if was_enabled:
+            gc.enable()
+
+
+def _infer(args: argparse.Namespace, cfg: NodeConfig) -> int:
+    with _gc_paused():
+        from sci_node.pipeline.batch import run_batch, start_batch
+
+        started = start_batch(args.input, cfg, device=args.device or cfg.device)
+    return run_batch(args.input, args.out, cfg, started=started)
 
 
 def _compare(args: argparse.Namespace, cfg: NodeConfig) -> int:

@@ -106,8 +106,41 @@ def _resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_batch(input: Path, out: Path, cfg: NodeConfig, device: str = "cpu", stream: TextIO | None = None) -> int:
+@dataclass(frozen=True)
+class StartedBatch:
+    """What :func:`start_batch` prepared: the inputs, the device and the pipeline with its models."""
+
+    items: tuple[BatchItem, ...]
+    device: str
+    pipeline: Any
+
+
+def start_batch(input: Path, cfg: NodeConfig, device: str = "cpu") -> StartedBatch:
+    """Find the inputs (a bad one fails before anything loads), set torch's threads and load the
+    five active models once for every series of the batch.
+
+    Raises
+    ------
+    DataError
+        Nothing to process. ``ModelError`` when the models cannot be loaded.
+    """
+    from sci_node.models.predict_seg import configure_threads
+    from sci_node.models.registry import ModelRegistry
+    from sci_node.pipeline.run import Pipeline
+
+    items = tuple(find_inputs(Path(input)))
+    device = _resolve_device(device)
+    configure_threads(cfg.torch_threads)
+    models = ModelRegistry(cfg.models_dir).load_active(device)
+    return StartedBatch(items, device, Pipeline(models, cfg.routing, device, cfg.max_missing_fraction))
+
+
+def run_batch(input: Path, out: Path, cfg: NodeConfig, device: str = "cpu", stream: TextIO | None = None,
+              started: StartedBatch | None = None) -> int:
     """Run the pipeline on every series under ``input``; write results under ``out``.
+
+    ``started``: what :func:`start_batch` returned for ``input`` (the CLI loads it while the
+    garbage collector is paused); ``None`` starts here.
 
     Returns
     -------
@@ -122,24 +155,15 @@ def run_batch(input: Path, out: Path, cfg: NodeConfig, device: str = "cpu", stre
     """
     from tqdm import tqdm
 
-    from sci_node.models.registry import ModelRegistry
-    from sci_node.pipeline.run import Pipeline
-
     stream = stream or sys.stdout
-    items = find_inputs(Path(input))
-    device = _resolve_device(device)
-    from sci_node.models.predict_seg import configure_threads
-
-    configure_threads(cfg.torch_threads)
-    models = ModelRegistry(cfg.models_dir).load_active(device)
-    pipeline = Pipeline(models, cfg.routing, device, cfg.max_missing_fraction)
+    started = started or start_batch(input, cfg, device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     reports = []
-    for item in tqdm(items, desc="series", unit="series", disable=len(items) < 2, file=sys.stderr):
-        reports.append(_run_one(pipeline, item, out / item.name))
-    (out / "report.json").write_text(json.dumps({"input": str(input), "device": device, "series": reports},
-                                                indent=2) + "\n", encoding="utf-8")
+    for item in tqdm(started.items, desc="series", unit="series", disable=len(started.items) < 2, file=sys.stderr):
+        reports.append(_run_one(started.pipeline, item, out / item.name))
+    (out / "report.json").write_text(json.dumps({"input": str(input), "device": started.device,
+                                                 "series": reports}, indent=2) + "\n", encoding="utf-8")
     echo_all(table_lines(reports), stream)  # reasons may carry a header's control characters: escaped
     return 1 if any(r["status"] == "failed" for r in reports) else 0
 
