@@ -76,3 +76,22 @@ def test_infer_missing_input_is_a_clear_error(tmp_path: Path, capsys: pytest.Cap
     rc = main(["infer", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
     assert rc == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_infer_process_quick_exit_flushes_everything(tmp_path: Path) -> None:
+    """The console command ends without the interpreter's teardown (cli.main.QUICK_EXIT_COMMANDS):
+    its exit code, stdout table, stderr and report still arrive whole."""
+    import subprocess
+    import sys
+
+    bad = subprocess.run([sys.executable, "-m", "sci_node.cli", "infer", str(tmp_path / "nope"), "--out",
+                          str(tmp_path / "o1")], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert bad.returncode == 1 and "does not exist" in bad.stderr
+    series = tmp_path / "in"
+    shutil.copytree(SERIES / "pam50_sag_T2w", series)
+    ok = subprocess.run([sys.executable, "-m", "sci_node.cli", "infer", str(series), "--out", str(tmp_path / "o2"),
+                         "--log-level", "WARNING"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.rstrip().endswith("1 series: 1 segmented, 0 routed out, 0 failed")
+    report = json.loads((tmp_path / "o2" / "report.json").read_text())
+    assert report["series"][0]["status"] == "done"

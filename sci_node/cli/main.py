@@ -8,10 +8,12 @@ stderr and a non-zero exit code; nothing else is caught.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypedDict
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypedDict
 
 from sci_node import __version__
 from sci_node.config import NodeConfig, load_config
@@ -170,10 +172,32 @@ def _send(args: argparse.Namespace, cfg: NodeConfig) -> int:
     return send_path(args.path, parse_destination(" ".join(args.target)), calling_ae=args.calling_ae, tls=cfg.tls)
 
 
-def _infer(args: argparse.Namespace, cfg: NodeConfig) -> int:
-    from sci_node.pipeline.batch import run_batch
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector over a one-shot command's start-up (imports, model loading).
 
-    return run_batch(args.input, args.out, cfg, device=args.device or cfg.device)
+    Those allocate millions of long-lived objects and free almost none, so every collection the
+    allocations trigger is wasted: 0.44 s of CPU of a one-series ``sci-node infer`` (user time
+    4.91 -> 4.47 s, wall median 5.80 -> 5.48 s, 5 interleaved runs each, load 3.9). What the
+    start-up built is then frozen (:func:`gc.freeze`: never scanned again) and collection resumes
+    for the series themselves.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if was_enabled:
+            gc.enable()
+
+
+def _infer(args: argparse.Namespace, cfg: NodeConfig) -> int:
+    with _gc_paused():
+        from sci_node.pipeline.batch import run_batch, start_batch
+
+        started = start_batch(args.input, cfg, device=args.device or cfg.device)
+    return run_batch(args.input, args.out, cfg, started=started)
 
 
 def _compare(args: argparse.Namespace, cfg: NodeConfig) -> int:
@@ -434,25 +458,52 @@ def _add_stack_commands(sub: Any) -> None:
         p.set_defaults(handler=handler)
 
 
+#: One-shot batch commands whose process ends as soon as their results are written: the
+#: interpreter's teardown after torch was loaded (module finalisers, torch's static destructors)
+#: costs 0.5-1 s of nothing, a tenth of a one-series ``sci-node infer``; every file is closed by then.
+QUICK_EXIT_COMMANDS = frozenset({"infer", "route", "compare"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""
+    return _run(argv)[0]
+
+
+def _run(argv: Sequence[str] | None) -> tuple[int, str]:
+    """``(exit code, command)`` of one CLI invocation."""
     args = build_parser().parse_args(argv)
     if args.command in PRIVATE_COMMANDS:
         restrict_umask()  # before anything touches the data dir (and for the children the stack starts)
     try:
         cfg = _config_from_args(args)
         configure_logging(cfg.log_format, cfg.log_level)
-        return int(args.handler(args, cfg))
+        return int(args.handler(args, cfg)), str(args.command)
     except SciNodeError as exc:
         echo(f"sci-node: error: {exc}", sys.stderr)  # a reason may quote a sender's text: escaped
-        return exc.exit_code
+        return exc.exit_code, str(args.command)
     except KeyboardInterrupt:
-        return 130
+        return 130, str(args.command)
+
+
+def _quick_exit(code: int) -> None:
+    """Flush the logs and standard streams, then end the process without the interpreter's teardown."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to say
+            pass
+    os._exit(code)
 
 
 def entrypoint() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
+    """Console-script entry point (:data:`QUICK_EXIT_COMMANDS` skip the interpreter's teardown)."""
+    code, command = _run(None)
+    if command in QUICK_EXIT_COMMANDS:
+        _quick_exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

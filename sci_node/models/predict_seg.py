@@ -81,7 +81,6 @@ def _infer_logits(net: "torch.nn.Module", stacked: np.ndarray, inner: tuple[slic
     """``(Z, Y, X)`` float32 logits of ``net`` on padded ``(Z, C, Y', X')`` slices ``stacked``
     (``inner`` crops the padding back off); windows without a ``keep`` voxel are not run."""
     import torch
-    from monai.inferers import sliding_window_inference
 
     predictor: Predictor = _flip_x_mean(net) if spec.flip_x_tta else net
     if keep is not None:  # the mask rides along as a last channel that the predictor strips
@@ -93,10 +92,66 @@ def _infer_logits(net: "torch.nn.Module", stacked: np.ndarray, inner: tuple[slic
         for z0 in range(0, stacked.shape[0], batch_slices):
             x = torch.from_numpy(np.ascontiguousarray(stacked[z0:z0 + batch_slices])).float().to(device)
             # 64 windows per forward pass: sw_batch_size=16 was ~3x slower on 2 CPU cores
-            logits = sliding_window_inference(x, roi_size=spec.patch_yx, sw_batch_size=64,
-                                              predictor=predictor, overlap=spec.sw_overlap, mode="gaussian")
+            logits = sliding_window(x, spec.patch_yx, 64, predictor, spec.sw_overlap)
             out[z0:z0 + batch_slices] = logits[:, 0].cpu().numpy()[:, inner[0], inner[1]]  # type: ignore[index, call-overload]
     return out
+
+
+def _window_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Window origins along one axis of ``size >= roi`` (MONAI's ``dense_patch_slices``: step
+    ``int(roi * (1 - overlap))``, at least 1; the last window ends on the border)."""
+    step = roi if roi == size else max(1, int(roi * (1 - overlap)))
+    n = next((d for d in range(int(np.ceil(size / step))) if d * step + roi >= size), 0) + 1
+    return [i * step - max(i * step + roi - size, 0) for i in range(n)]
+
+
+def _gaussian_weights(roi: tuple[int, int]) -> "torch.Tensor":
+    """MONAI's ``compute_importance_map(roi, "gaussian", sigma_scale=0.125)``: ``(1, 1, Y, X)``."""
+    import torch
+
+    w: "torch.Tensor | None" = None
+    for i, n in enumerate(roi):
+        x = torch.arange(start=-(n - 1) / 2.0, end=(n - 1) / 2.0 + 1, dtype=torch.float)
+        x = torch.exp(x ** 2 / (-2 * (n * 0.125) ** 2))
+        w = x if w is None else w.unsqueeze(-1) * x[(None,) * i]
+    assert w is not None
+    return torch.clamp(w, min=max(float(w.min()), 1e-3))[None, None]
+
+
+def sliding_window(x: "torch.Tensor", roi: tuple[int, int], sw_batch: int, predictor: Predictor,
+                   overlap: float) -> "torch.Tensor":
+    """Gaussian-blended sliding-window logits of ``(B, C, Y, X)`` slices at least ``roi`` in size.
+
+    The same windows, batches, weights and summation order as MONAI's
+    ``sliding_window_inference(x, roi, sw_batch, predictor, overlap, mode="gaussian")``, so the
+    same numbers (``tests/test_segmenter.py``), without importing MONAI at inference.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, K, Y, X)`` float32, ``K`` the predictor's output channels.
+    """
+    import torch
+
+    b, _, yn, xn = x.shape
+    if yn < roi[0] or xn < roi[1]:
+        raise ValueError(f"slices {yn}x{xn} are smaller than the window {roi}; pad them first")
+    wins = [(y, xx) for y in _window_starts(yn, roi[0], overlap) for xx in _window_starts(xn, roi[1], overlap)]
+    weight = _gaussian_weights(roi).to(x.device)
+    count = torch.zeros((1, 1, yn, xn), dtype=x.dtype, device=x.device)
+    for y, xx in wins:
+        count[:, :, y:y + roi[0], xx:xx + roi[1]] += weight
+    out: "torch.Tensor | None" = None
+    idx = [(k // len(wins), *wins[k % len(wins)]) for k in range(b * len(wins))]
+    for g in range(0, len(idx), sw_batch):
+        chunk = idx[g:g + sw_batch]
+        pred = predictor(torch.cat([x[i:i + 1, :, y:y + roi[0], xx:xx + roi[1]] for i, y, xx in chunk])) * weight
+        if out is None:
+            out = torch.zeros((b, pred.shape[1], yn, xn), dtype=x.dtype, device=x.device)
+        for p, (i, y, xx) in zip(pred, chunk):
+            out[i, :, y:y + roi[0], xx:xx + roi[1]] += p
+    assert out is not None
+    return out / count
 
 
 def coarse_to_fine(infer: Callable[[np.ndarray], np.ndarray], array: np.ndarray, spacing: tuple[float, float, float],
@@ -104,11 +159,18 @@ def coarse_to_fine(infer: Callable[[np.ndarray], np.ndarray], array: np.ndarray,
     """Find the cord coarsely, then segment at full resolution only around it.
 
     The network first runs on every slice ``step_mm`` apart (same in-plane resolution: the
-    network only knows that scale). The in-plane box of what it marks there (union over
-    those slices, plus ``margin_mm``) is then segmented on every slice. A full-FOV sagittal
-    (384 x 225 mm, canonical axial grid 225 x 548 x 74 at 0.7 mm) shrinks to a box about
-    70 mm wide: a fraction of the work. Fields of view at most twice the patch in each
-    in-plane axis, or a coarse pass that finds nothing, run the plain full-volume inference.
+    network only knows that scale). Each slice is then segmented in a strip that follows the
+    cord: the box of what the coarse pass marks on the two coarse slices around it, plus
+    ``margin_mm`` (trimmed, to no less than half of it a side, when that saves a sliding
+    window), the same size on every slice. A full-FOV sagittal (canonical axial grid 216 x 480
+    x 65 at 0.8 mm) runs one window per slice instead of three (the box of the whole track) or
+    ten. Where the track sweeps across the field by no more than half a window (axial series:
+    the cord stays put), and for networks that read neighbouring slices (``spec.context``, whose
+    neighbours must stay aligned), every slice gets the box of the whole track plus the margin.
+    Fields of view at most twice the patch in each in-plane axis, or a coarse pass that finds
+    nothing, run the plain full-volume inference. An in-plane axis a few voxels (at most an
+    eighth of the patch) longer than a multiple of the patch loses them on the coarse pass
+    (centred crop): 65 -> 64 halves its windows.
 
     Parameters
     ----------
@@ -120,7 +182,7 @@ def coarse_to_fine(infer: Callable[[np.ndarray], np.ndarray], array: np.ndarray,
     Returns
     -------
     numpy.ndarray
-        ``(Z, Y, X)`` float32 probabilities, zero outside the fine box.
+        ``(Z, Y, X)`` float32 probabilities, zero outside the strips.
     """
     zn, yn, xn = array.shape
     py, px = spec.patch_yx
@@ -128,45 +190,102 @@ def coarse_to_fine(infer: Callable[[np.ndarray], np.ndarray], array: np.ndarray,
         return infer(array)
     k = max(1, int(round(step_mm / max(spacing[0], 1e-3))))
     zs = np.arange(min(k // 2, zn - 1), zn, k)
-    box = _track_box(infer(np.ascontiguousarray(array[zs])) >= threshold, spacing, margin_mm)
-    if box is None:
+    (cy, ey), (cx, ex) = _coarse_crop(yn, py), _coarse_crop(xn, px)
+    rough = infer(np.ascontiguousarray(array[zs, cy:yn - ey, cx:xn - ex])) >= threshold
+    track = _track(rough, spacing)
+    if track is None or not track[1].any():
         return infer(array)
-    y0, y1, x0, x1 = box
+    boxes, kept = track
+    boxes = boxes + np.array([cy, cy, cx, cx])
+    my, mx = int(np.ceil(margin_mm / spacing[1])), int(np.ceil(margin_mm / spacing[2]))
+    per_z = _boxes_per_slice(boxes[kept], zs[kept], zn)
+    b = boxes[kept]
+    sweep = max(int(b[:, 1].max() - b[:, 0].min() - (per_z[:, 1] - per_z[:, 0]).max()),
+                int(b[:, 3].max() - b[:, 2].min() - (per_z[:, 3] - per_z[:, 2]).max()))
+    if spec.context > 0 or sweep <= min(py, px) // 2:  # the track's box is already near the cord
+        y0, y1 = max(0, int(b[:, 0].min()) - my), min(yn, int(b[:, 1].max()) + 1 + my)
+        x0, x1 = max(0, int(b[:, 2].min()) - mx), min(xn, int(b[:, 3].max()) + 1 + mx)
+        out = np.zeros(array.shape, np.float32)
+        out[:, y0:y1, x0:x1] = infer(np.ascontiguousarray(array[:, y0:y1, x0:x1]))
+        return out
+    return _fine_strips(infer, array, per_z, (my, mx), spec.patch_yx)
+
+
+def _fine_strips(infer: Callable[[np.ndarray], np.ndarray], array: np.ndarray, per_z: np.ndarray,
+                 margin: tuple[int, int], patch: tuple[int, int]) -> np.ndarray:
+    """:func:`coarse_to_fine`'s fine pass along the track: ``infer`` on one strip a slice, centred on
+    that slice's box ``per_z[z]`` (``(y0, y1, x0, x1)``), all of one size (:func:`_strip_size`)."""
+    zn, yn, xn = array.shape
+    hy = _strip_size(int((per_z[:, 1] - per_z[:, 0]).max()) + 1, margin[0], patch[0], yn)
+    hx = _strip_size(int((per_z[:, 3] - per_z[:, 2]).max()) + 1, margin[1], patch[1], xn)
+    ys = np.clip((per_z[:, 0] + per_z[:, 1] + 1) // 2 - hy // 2, 0, yn - hy)
+    xs = np.clip((per_z[:, 2] + per_z[:, 3] + 1) // 2 - hx // 2, 0, xn - hx)
+    prob = infer(np.stack([array[z, ys[z]:ys[z] + hy, xs[z]:xs[z] + hx] for z in range(zn)]))
     out = np.zeros(array.shape, np.float32)
-    out[:, y0:y1, x0:x1] = infer(np.ascontiguousarray(array[:, y0:y1, x0:x1]))
+    for z in range(zn):
+        out[z, ys[z]:ys[z] + hy, xs[z]:xs[z] + hx] = prob[z]
     return out
 
 
-def _track_box(coarse: np.ndarray, spacing: tuple[float, float, float], margin_mm: float,
-               max_offset_mm: float = 30.0) -> tuple[int, int, int, int] | None:
-    """In-plane box ``(y0, y1, x0, x1)`` around the cord's track in a coarse ``(Z', Y, X)`` mask.
+def _coarse_crop(size: int, patch: int) -> tuple[int, int]:
+    """Voxels cut from the start and the end of an axis for the coarse pass: none, or the excess over
+    a multiple of ``patch`` split between the ends when it is at most ``patch // 8``."""
+    excess = size % patch
+    if size > patch and 0 < excess <= patch // 8:
+        return excess // 2, excess - excess // 2
+    return 0, 0
 
-    Per slice the largest 2-D component stands for the cord; slices whose component centre
+
+def _strip_size(extent: int, margin: int, patch: int, size: int) -> int:
+    """Strip width: ``extent`` plus ``margin`` a side, trimmed to ``patch`` (one window) when half the
+    margin a side still fits in it; at most ``size``."""
+    want = extent + 2 * margin
+    if want > patch and extent + margin <= patch:
+        want = patch
+    return min(size, want)
+
+
+def _boxes_per_slice(boxes: np.ndarray, zc: np.ndarray, zn: int) -> np.ndarray:
+    """``(zn, 4)`` in-plane boxes ``(y0, y1, x0, x1)`` (inclusive) of every slice: the union of the
+    boxes of the coarse slices ``zc`` (sorted) either side of it, the nearest one beyond the ends."""
+    z = np.arange(zn)
+    hi = np.clip(np.searchsorted(zc, z), 0, len(zc) - 1)
+    lo = np.clip(np.searchsorted(zc, z, side="right") - 1, 0, len(zc) - 1)
+    a, b = boxes[lo], boxes[hi]
+    return np.stack([np.minimum(a[:, 0], b[:, 0]), np.maximum(a[:, 1], b[:, 1]),
+                     np.minimum(a[:, 2], b[:, 2]), np.maximum(a[:, 3], b[:, 3])], axis=1).astype(np.int64)
+
+
+def _track(coarse: np.ndarray, spacing: tuple[float, float, float],
+           max_offset_mm: float = 30.0) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cord's track in a coarse ``(Z', Y, X)`` mask: ``(boxes, kept)``.
+
+    Per slice the largest 2-D component stands for the cord: ``boxes`` ``(Z', 4)`` holds its
+    ``(y0, y1, x0, x1)`` (inclusive; -1 where a slice has none). Slices whose component centre
     lies more than ``max_offset_mm`` from the running median of the centres (5 coarse slices:
-    the cord curves, a blob at the field's edge that outgrew a faint cord jumps) are ignored.
-    ``None`` when no slice has a component.
+    the cord curves, a blob at the field's edge that outgrew a faint cord jumps) are not
+    ``kept``, nor slices without a component. ``None`` when no slice has a component.
     """
     from scipy import ndimage as ndi
 
-    boxes, centres = [], []
-    for sl in coarse:
+    boxes = np.full((coarse.shape[0], 4), -1, np.int64)
+    centres = np.full((coarse.shape[0], 2), np.nan)
+    for i, sl in enumerate(coarse):
         lab, n = ndi.label(sl)
         if n == 0:
             continue
         big = int(np.argmax(ndi.sum_labels(sl, lab, index=np.arange(1, n + 1)))) + 1
         ys, xs = np.nonzero(lab == big)
-        boxes.append((ys.min(), ys.max(), xs.min(), xs.max()))
-        centres.append((ys.mean() * spacing[1], xs.mean() * spacing[2]))
-    if not boxes:
+        boxes[i] = (ys.min(), ys.max(), xs.min(), xs.max())
+        centres[i] = (ys.mean() * spacing[1], xs.mean() * spacing[2])
+    found = np.nonzero(boxes[:, 0] >= 0)[0]
+    if found.size == 0:
         return None
-    c = np.asarray(centres)
+    c = centres[found]
     med = np.stack([np.median(c[max(0, i - 2):i + 3], axis=0) for i in range(len(c))])
-    keep = np.hypot(*(c - med).T) <= max_offset_mm
-    b = np.asarray(boxes)[keep]
-    my, mx = int(np.ceil(margin_mm / spacing[1])), int(np.ceil(margin_mm / spacing[2]))
-    yn, xn = coarse.shape[1:]
-    return (max(0, int(b[:, 0].min()) - my), min(yn, int(b[:, 1].max()) + 1 + my),
-            max(0, int(b[:, 2].min()) - mx), min(xn, int(b[:, 3].max()) + 1 + mx))
+    kept = np.zeros(coarse.shape[0], bool)
+    kept[found[np.hypot(*(c - med).T) <= max_offset_mm]] = True
+    return boxes, kept
 
 
 def _skip_empty(predict: Predictor) -> Predictor:

@@ -9,6 +9,10 @@ Per series, in ``OUTDIR/<series>/``: ``seg.dcm`` and ``sr.dcm`` (DICOM input onl
 ``report.json`` (routing decisions with probabilities, lesion list, measurements, timings,
 model versions). ``OUTDIR/report.json`` lists every series. A summary table goes to stdout;
 routed-out series appear in it with their reason.
+
+One process handles every series: imports and the five models are loaded once, so many series
+belong in one ``sci-node infer`` (docs/benchmarks.md section 5: four series 8.3 s, as four
+processes 17.2 s).
 """
 from __future__ import annotations
 
@@ -102,8 +106,41 @@ def _resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_batch(input: Path, out: Path, cfg: NodeConfig, device: str = "cpu", stream: TextIO | None = None) -> int:
+@dataclass(frozen=True)
+class StartedBatch:
+    """What :func:`start_batch` prepared: the inputs, the device and the pipeline with its models."""
+
+    items: tuple[BatchItem, ...]
+    device: str
+    pipeline: Any
+
+
+def start_batch(input: Path, cfg: NodeConfig, device: str = "cpu") -> StartedBatch:
+    """Find the inputs (a bad one fails before anything loads), set torch's threads and load the
+    five active models once for every series of the batch.
+
+    Raises
+    ------
+    DataError
+        Nothing to process. ``ModelError`` when the models cannot be loaded.
+    """
+    from sci_node.models.predict_seg import configure_threads
+    from sci_node.models.registry import ModelRegistry
+    from sci_node.pipeline.run import Pipeline
+
+    items = tuple(find_inputs(Path(input)))
+    device = _resolve_device(device)
+    configure_threads(cfg.torch_threads)
+    models = ModelRegistry(cfg.models_dir).load_active(device)
+    return StartedBatch(items, device, Pipeline(models, cfg.routing, device, cfg.max_missing_fraction))
+
+
+def run_batch(input: Path, out: Path, cfg: NodeConfig, device: str = "cpu", stream: TextIO | None = None,
+              started: StartedBatch | None = None) -> int:
     """Run the pipeline on every series under ``input``; write results under ``out``.
+
+    ``started``: what :func:`start_batch` returned for ``input`` (the CLI loads it while the
+    garbage collector is paused); ``None`` starts here.
 
     Returns
     -------
@@ -118,24 +155,15 @@ def run_batch(input: Path, out: Path, cfg: NodeConfig, device: str = "cpu", stre
     """
     from tqdm import tqdm
 
-    from sci_node.models.registry import ModelRegistry
-    from sci_node.pipeline.run import Pipeline
-
     stream = stream or sys.stdout
-    items = find_inputs(Path(input))
-    device = _resolve_device(device)
-    from sci_node.models.predict_seg import configure_threads
-
-    configure_threads(cfg.torch_threads)
-    models = ModelRegistry(cfg.models_dir).load_active(device)
-    pipeline = Pipeline(models, cfg.routing, device, cfg.max_missing_fraction)
+    started = started or start_batch(input, cfg, device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     reports = []
-    for item in tqdm(items, desc="series", unit="series", disable=len(items) < 2, file=sys.stderr):
-        reports.append(_run_one(pipeline, item, out / item.name))
-    (out / "report.json").write_text(json.dumps({"input": str(input), "device": device, "series": reports},
-                                                indent=2) + "\n", encoding="utf-8")
+    for item in tqdm(started.items, desc="series", unit="series", disable=len(started.items) < 2, file=sys.stderr):
+        reports.append(_run_one(started.pipeline, item, out / item.name))
+    (out / "report.json").write_text(json.dumps({"input": str(input), "device": started.device,
+                                                 "series": reports}, indent=2) + "\n", encoding="utf-8")
     echo_all(table_lines(reports), stream)  # reasons may carry a header's control characters: escaped
     return 1 if any(r["status"] == "failed" for r in reports) else 0
 
@@ -192,18 +220,18 @@ def key_slices(cord: np.ndarray, lesion: np.ndarray | None, max_slices: int = 4)
 
 def write_previews(seg: Any, out_dir: Path) -> list[Path]:
     """PNG overlays (cord green, lesion red) of :func:`key_slices` of a ``Segmented``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import SimpleITK as sitk
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # not pyplot: its import and global figure manager cost a cold start
 
     arr = sitk.GetArrayFromImage(seg.image)
     sx, sy = seg.image.GetSpacing()[:2]
     lo, hi = np.percentile(arr, [1, 99.5])
     paths = []
     for z in key_slices(seg.cord, seg.lesion):
-        fig, ax = plt.subplots(figsize=(5, 5 * arr.shape[1] * sy / max(arr.shape[2] * sx, 1e-6)), dpi=100)
+        fig = Figure(figsize=(5, 5 * arr.shape[1] * sy / max(arr.shape[2] * sx, 1e-6)), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
         ax.imshow(arr[z], cmap="gray", vmin=lo, vmax=hi, aspect=sy / sx, interpolation="nearest")
         for mask, colour in ((seg.cord, "lime"), (seg.lesion, "red")):
             if mask is not None and mask[z].any():
@@ -212,7 +240,6 @@ def write_previews(seg: Any, out_dir: Path) -> list[Path]:
         ax.axis("off")
         path = out_dir / f"preview_z{z + 1:03d}.png"
         fig.savefig(path, bbox_inches="tight")
-        plt.close(fig)
         paths.append(path)
     return paths
 
