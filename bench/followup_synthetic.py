@@ -10,8 +10,8 @@ Per follow-up: the painted lesions found as new or enlarging (a painted lesion c
 a new-or-enlarging component touches it), and the new-or-enlarging components that touch no
 painted lesion (false new).
 
-    .venv/bin/python bench/followup_synthetic.py [--families columns field swelling] [--cases 8] [--models-dir D]
-        [--json-out F]
+    .venv/bin/python bench/followup_synthetic.py [--families columns field swelling] [--cases 8] [--skip 0] [--seed 0]
+        [--models-dir D] [--rule KEY=VALUE] [--json-out F]
 """
 from __future__ import annotations
 
@@ -85,6 +85,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", nargs="+", default=["columns", "field", "swelling"])
     ap.add_argument("--cases", type=int, default=8)
+    ap.add_argument("--skip", type=int, default=0, help="start at this unseen case (a fresh set of follow-ups)")
+    ap.add_argument("--seed", type=int, default=0, help="the motion/noise draw (a fresh draw on the same cases)")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--models-dir", type=Path, help="another model registry (default: the repo's models/)")
     ap.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
@@ -99,9 +101,10 @@ def main() -> int:
     card = json.loads((lesion_dir / "card.json").read_text())
     tcfg = load_train_config("lesion", REPO / "trainer" / "configs" / "lesion_families_eval.toml")
     spec = lesion_spec(tcfg, "test_generator")
-    cases = unseen_cases(card, tcfg)[:args.cases]
+    cases = unseen_cases(card, tcfg)[args.skip:args.skip + args.cases]
+    print(json.dumps({"cases": [c.key for c in cases]}), flush=True)
     rows = []
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory(prefix="scinode-fu-synth-") as tmp:
         for case in cases:
             image, mask = tdata.load_case(case)
