@@ -69,16 +69,21 @@ def main() -> int:
             row = {"prior": a.name, "current": b.name, "rc": rc, "compared": rec["compared"],
                    "reason": rec["reason"], "cord_dice": rec["registration"]["cord_dice"],
                    "centerline_mm": rec["registration"]["centerline_mm"], "counts": rec["counts"],
-                   "csa_mean": rec["csa_mean"], "csa_c2_c3": rec["csa_c2_c3"], "seconds_total": round(seconds, 2),
+                   "csa_mean": rec["csa_mean"], "csa_common_stretch": rec.get("csa_common_stretch"),
+                   "csa_c2_c3": rec["csa_c2_c3"], "seconds_total": round(seconds, 2),
                    "seconds_compare": rec["compare_seconds"]}
             rows.append(row)
             print(json.dumps(row))
     diffs = [abs(r["csa_mean"]["change_pct"]) for r in rows if r["csa_mean"]["change_pct"] is not None]
+    common = [abs(r["csa_common_stretch"]["change_pct"]) for r in rows
+              if (r.get("csa_common_stretch") or {}).get("change_pct") is not None]
     news = [r["counts"]["new"] + r["counts"]["enlarging"] for r in rows if r["counts"]]
     summary = {"summary": "scan-rescan", "pairs": len(rows), "compared": sum(r["compared"] for r in rows),
                "false_new_or_enlarging_total": sum(news), "pairs_with_false_new": sum(1 for n in news if n),
                "csa_mean_abs_diff_pct_median": round(statistics.median(diffs), 2) if diffs else None,
                "csa_mean_abs_diff_pct_max": round(max(diffs), 2) if diffs else None,
+               "csa_common_stretch_abs_diff_pct_median": round(statistics.median(common), 2) if common else None,
+               "csa_common_stretch_abs_diff_pct_max": round(max(common), 2) if common else None,
                "seconds_compare_max": max((r["seconds_compare"] for r in rows), default=None)}
     print(json.dumps(summary))
     if args.json_out:

@@ -193,6 +193,8 @@ def followup_text(fu: dict[str, Any]) -> str:
         return f"{head}: not compared ({fu.get('reason')})"
     counts = ", ".join(f"{n} {k}" for k, n in (fu.get("counts") or {}).items())
     csa = [f"{name} CSA {v['change_pct']:+.1f} %" for name, v in (("C2-C3", fu.get("csa_c2_c3") or {}),
+                                                                  ("common-stretch", fu.get("csa_common_stretch")
+                                                                   or {}),
                                                                   ("mean", fu.get("csa_mean") or {}))
            if v.get("change_pct") is not None]
     named = [f"lesion {c['lesion_id']} {c['status']}" + (f" ({', '.join(c['vertebral_levels'])})"

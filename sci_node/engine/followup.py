@@ -178,7 +178,8 @@ def followup_of(cfg: NodeConfig, store: Store, job: Job, record: dict[str, Any],
         log.exception("followup.crashed")
         return {"compared": False, "reason": f"internal error: {type(exc).__name__}: {exc}"[:500]}
     out = {"compared": rec["compared"], "reason": rec["reason"], **who, "counts": rec["counts"],
-           "csa_c2_c3": rec["csa_c2_c3"], "csa_mean": rec["csa_mean"], "registration": {
+           "csa_c2_c3": rec["csa_c2_c3"], "csa_mean": rec["csa_mean"],
+           "csa_common_stretch": rec.get("csa_common_stretch"), "registration": {
                k: rec["registration"][k] for k in ("cord_dice", "centerline_mm")},
            "seconds": rec["compare_seconds"], "comparison_json": str(out_dir / "comparison.json"),
            # what changed, each current lesion named as report.json and the SR name it

@@ -98,6 +98,8 @@ class Comparison:
     lesions: list[LesionChange] = field(default_factory=list)
     new_or_enlarging: np.ndarray | None = None
     transform: tuple[float, ...] = ()
+    #: the cord's mean area over the stretch both scans cover (:func:`csa_common_stretch`)
+    csa_common: dict[str, Any] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """Lesions per status."""
@@ -312,7 +314,41 @@ def compare(prior: sitk.Image, prior_cord: np.ndarray, prior_lesion: np.ndarray,
             cz = tuple(round(float(v), 2) for v in ndi.center_of_mass(comp))
             vol = round(float(comp.sum()) * float(np.prod(spacing)), 2)
             changes.append(LesionChange("new", 0.0, vol, None, (), cz, "subtraction"))  # type: ignore[arg-type]
-    return Comparison(check, changes, flagged, params)
+    csa = csa_common_stretch(prior_cord, prior, current_cord, current, transform, si_axis)
+    return Comparison(check, changes, flagged, params, csa)
+
+
+def csa_common_stretch(prior_cord: np.ndarray, prior: sitk.Image, current_cord: np.ndarray, current: sitk.Image,
+                       transform: sitk.Transform, si_axis: int, trim: int = 1) -> dict[str, Any]:
+    """The cord's mean cross-section then and now over the slices both scans cover, on the current grid.
+
+    The prior cord is moved onto the current grid with linear interpolation of its 0/1 mask (partial
+    volume kept, so its area is not quantised by the resampling); per slice across ``si_axis`` both areas are
+    summed (voxel fractions x in-plane voxel area, mm2); the slices where both cords are present, less
+    ``trim`` at each end of that stretch, are averaged. Each scan's whole-cord mean compares different
+    stretches when the two fields of view differ; this compares the same one.
+
+    Returns
+    -------
+    dict
+        ``{"then_mm2", "now_mm2", "change_pct", "slices"}`` (None values when fewer than 3 slices overlap).
+    """
+    img = sitk.GetImageFromArray((prior_cord > 0).astype(np.float32))
+    img.CopyInformation(prior)
+    moved = sitk.GetArrayFromImage(sitk.Resample(img, current, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    spacing = current.GetSpacing()[::-1]
+    plane = [a for a in range(3) if a != si_axis]
+    pixel = float(spacing[plane[0]] * spacing[plane[1]])
+    then = moved.sum(axis=tuple(plane)) * pixel
+    now = (current_cord > 0).sum(axis=tuple(plane)) * pixel
+    both = np.flatnonzero((then > 2 * pixel) & (now > 0))
+    if both.size == 0:
+        return {**csa_change(None, None), "slices": 0}
+    keep = both[(both >= both.min() + trim) & (both <= both.max() - trim)]
+    if keep.size < 3:
+        return {**csa_change(None, None), "slices": int(keep.size)}
+    return {**csa_change(round(float(then[keep].mean()), 3), round(float(now[keep].mean()), 3)),
+            "slices": int(keep.size)}
 
 
 def new_by_difference(current: np.ndarray, moved_prior: np.ndarray, current_cord: np.ndarray,

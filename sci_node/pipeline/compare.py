@@ -98,6 +98,8 @@ def comparison_record(result: followup.Comparison, current: sitk.Image, then: di
                                  now if c.current_id else {})}
                     for c in result.lesions],
         "csa_c2_c3": followup.csa_change(then.get("csa_c2_c3_mm2"), now.get("csa_c2_c3_mm2")),
+        # the mean over the stretch both scans cover, the prior moved onto the current grid
+        "csa_common_stretch": result.csa_common or None,
         # the mean over each scan's whole cord: comparable when both cover the same stretch (a rescan)
         "csa_mean": followup.csa_change((then.get("csa_mm2") or {}).get("mean"),
                                         (now.get("csa_mm2") or {}).get("mean")),
