@@ -483,6 +483,10 @@ def _run(argv: Sequence[str] | None) -> tuple[int, str]:
         return exc.exit_code, str(args.command)
     except KeyboardInterrupt:
         return 130, str(args.command)
+    except BrokenPipeError:  # `sci-node jobs list | head -1`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not raise again
+        return 141, str(args.command)
 
 
 def _quick_exit(code: int) -> None:
