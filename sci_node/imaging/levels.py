@@ -282,7 +282,7 @@ def _best_chain(f: np.ndarray, anchor: int) -> tuple[float, list[tuple[int, int,
     scores, chains = _fit_chain(f, anchor, _SCALES)
     k = int(np.argmax(scores))
     scale, chain = float(_SCALES[k]), chains[k]
-    peaks, _ = find_peaks(f, distance=5, prominence=0.1)
+    peaks = find_peaks(f, distance=5, prominence=0.1)
     out: list[tuple[int, int, bool]] = []
     for label, pos in chain:
         seen = bool(peaks.size) and int(np.min(np.abs(peaks - pos))) <= 3 and f[pos] >= _SEEN
