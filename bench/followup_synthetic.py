@@ -135,9 +135,14 @@ def main() -> int:
                 flagged = res.new_or_enlarging if res.new_or_enlarging is not None else np.zeros_like(lab)
                 found = sum(1 for i in range(1, n + 1) if (flagged[lab == i] > 0).any())
                 flab, fn = ndi.label(flagged > 0, structure=CONN26)
-                false_new = sum(1 for i in range(1, fn + 1) if not (cur_truth[flab == i] > 0).any())
+                false_ids = [i for i in range(1, fn + 1) if not (cur_truth[flab == i] > 0).any()]
+                false_new = len(false_ids)
+                model = empty(cur_seg) > 0  # a false component on the lesion model's mask, else the subtraction's
+                false_by_model = sum(1 for i in false_ids if (model[flab == i]).any())
                 row = {"case": case.key, "family": fam, "compared": res.check.passed, "cord_dice": res.check.cord_dice,
-                       "painted": n, "found_new": found, "false_new": false_new, "counts": res.counts(),
+                       "painted": n, "found_new": found, "false_new": false_new,
+                       "false_new_lesion_model": false_by_model, "false_new_subtraction": false_new - false_by_model,
+                       "counts": res.counts(),
                        "seconds": round(seconds, 2)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -27,7 +27,9 @@ no I/O. Steps:
    is subtracted from the current one, each divided by its cord median; a component inside both cords
    (the current one eroded by ``diff_erode_mm``) that rises by ``max(diff_min_rise, diff_k`` robust SDs),
    is brighter than the cord, spans ``diff_min_mm3`` and touches no lesion of either time point is a
-   new lesion ``found_by`` "subtraction": a lesion the lesion model did not segment still shows as new.
+   new lesion ``found_by`` "subtraction": a lesion the lesion model did not segment still shows as new. A lesion
+   the model marks only now but that did not rise on the subtraction (median < ``diff_confirm_rise``) was there
+   before, unsegmented: it is "stable", not new (:func:`confirm_new`).
 5. **Cord area**: the C2-C3 mean CSA then and now (when both time points have vertebral levels),
    and its change in %.
 """
@@ -60,9 +62,12 @@ class FollowupRules:
     #: (eroded by ``diff_erode_mm``: the cord's rim is where misregistration and partial volume differ)
     diff_enabled: bool = True
     diff_k: float = 5.0
-    diff_min_rise: float = 0.2
-    diff_min_mm3: float = 10.0
+    diff_min_rise: float = 0.15
+    diff_min_mm3: float = 5.0
     diff_erode_mm: float = 0.0
+    #: a lesion the lesion model marks only now is new only if it rose on the subtraction by this much (median
+    #: over its voxels); otherwise it was there before, unsegmented: "stable" (the model's flicker, not a change)
+    diff_confirm_rise: float = 0.06
 
 
 @dataclass(frozen=True)
@@ -305,10 +310,13 @@ def compare(prior: sitk.Image, prior_cord: np.ndarray, prior_lesion: np.ndarray,
     changes, flagged = match_lesions(plab, moved, current_lesion, float(np.prod(prior.GetSpacing())),
                                      spacing, rules)  # type: ignore[arg-type]
     if rules.diff_enabled:
-        moved_image = sitk.Resample(prior, current, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        moved_image = sitk.GetArrayFromImage(sitk.Resample(prior, current, transform, sitk.sitkLinear, 0.0,
+                                                           sitk.sitkFloat32))
+        cur_array = sitk.GetArrayFromImage(current).astype(np.float32)
+        changes = confirm_new(changes, flagged, current_lesion, cur_array, moved_image, current_cord > 0,
+                              moved_cord > 0, rules)
         known = dilate_mm((moved > 0) | (current_lesion > 0), spacing, rules.match_tolerance_mm)  # type: ignore
-        for comp in new_by_difference(sitk.GetArrayFromImage(current).astype(np.float32),
-                                      sitk.GetArrayFromImage(moved_image), current_cord > 0, moved_cord > 0,
+        for comp in new_by_difference(cur_array, moved_image, current_cord > 0, moved_cord > 0,
                                       known, spacing, rules):  # type: ignore[arg-type]
             flagged[comp] = 1
             cz = tuple(round(float(v), 2) for v in ndi.center_of_mass(comp))
@@ -351,6 +359,42 @@ def csa_common_stretch(prior_cord: np.ndarray, prior: sitk.Image, current_cord: 
             "slices": int(keep.size)}
 
 
+def normalised_difference(current: np.ndarray, moved_prior: np.ndarray, region: np.ndarray) -> np.ndarray | None:
+    """``current / median - moved_prior / median`` over ``region`` (each divided by its own median there), or None
+    when ``region`` holds fewer than 50 voxels. All ``(Z, Y, X)`` on the current grid; float32 out."""
+    if region.sum() < 50:
+        return None
+    cur = current / max(float(np.median(current[region])), 1e-6)
+    pri = moved_prior / max(float(np.median(moved_prior[region])), 1e-6)
+    return (cur - pri).astype(np.float32)
+
+
+def confirm_new(changes: list[LesionChange], flagged: np.ndarray, current_lesion: np.ndarray, current: np.ndarray,
+                moved_prior: np.ndarray, current_cord: np.ndarray, moved_cord: np.ndarray,
+                rules: FollowupRules = FollowupRules()) -> list[LesionChange]:
+    """Keep "new" only for lesion-model lesions that rose on the subtraction; the others were there before.
+
+    A lesion the model segments in the follow-up but not in the prior, where the prior image (moved onto the
+    current grid) was already as bright (median normalised rise over its voxels < ``rules.diff_confirm_rise``), is
+    the same hyperintensity segmented only now: it becomes "stable" (then = now, ``found_by`` says why) and leaves
+    ``flagged`` (changed in place). ``current_lesion`` is labelled as :func:`match_lesions` labels it.
+    """
+    diff = normalised_difference(current, moved_prior, current_cord & moved_cord & (moved_prior > 0))
+    if diff is None:
+        return changes
+    clab, _ = ndi.label(current_lesion > 0, structure=_CONN26)
+    out = []
+    for c in changes:
+        if c.status == "new" and c.found_by == "lesion model" and c.current_id:
+            comp = clab == c.current_id
+            if float(np.median(diff[comp])) < rules.diff_confirm_rise:
+                flagged[comp] = 0
+                c = LesionChange("stable", c.volume_now_mm3, c.volume_now_mm3, c.current_id, c.prior_ids,
+                                 c.centroid_index_zyx, "lesion model; as bright in the prior (not segmented then)")
+        out.append(c)
+    return out
+
+
 def new_by_difference(current: np.ndarray, moved_prior: np.ndarray, current_cord: np.ndarray,
                       moved_cord: np.ndarray, known: np.ndarray, spacing_zyx: tuple[float, float, float],
                       rules: FollowupRules = FollowupRules()) -> list[np.ndarray]:
@@ -380,11 +424,11 @@ def new_by_difference(current: np.ndarray, moved_prior: np.ndarray, current_cord
     for _ in range(max(0, int(round(rules.diff_erode_mm / min(spacing_zyx[1:]))))):
         eroded = ndi.binary_erosion(eroded, structure=np.ones((1, 3, 3), bool))
     region = eroded & moved_cord & (moved_prior > 0)
-    if region.sum() < 50:
+    got = normalised_difference(current, moved_prior, region)
+    if got is None:
         return []
+    diff = got
     cur = current / max(float(np.median(current[region])), 1e-6)
-    pri = moved_prior / max(float(np.median(moved_prior[region])), 1e-6)
-    diff = cur - pri
     mad = 1.4826 * float(np.median(np.abs(diff[region] - np.median(diff[region]))))
     rise = max(rules.diff_min_rise, rules.diff_k * mad)
     cand = region & (diff > rise) & (cur > 1.0 + rise / 2)
