@@ -86,9 +86,12 @@ class Limits:
     association_request_timeout_seconds: float = 5.0
     #: connections allowed to wait for their A-ASSOCIATE-RQ at once; one more is closed at once
     max_pending_connections: int = 64
-    #: how long an association's DUL reactor sleeps when the link has nothing for it (pynetdicom's
+    #: how long an idle association's DUL reactor sleeps when the link has nothing for it (pynetdicom's
     #: default 1 ms; docs/node.md "Ingest speed")
     reactor_poll_seconds: float = 0.001
+    #: the same sleep while the association is storing (from its establishment and each C-STORE until
+    #: 0.5 s without one; sci_node.dicom.poll); 0 = always ``reactor_poll_seconds``
+    reactor_poll_busy_seconds: float = 0.0001
 
 
 @dataclass(frozen=True)
@@ -454,6 +457,9 @@ def _validate(cfg: NodeConfig, errors: list[str]) -> None:
                       " must be in (0, 60]")
     if not 0 < cfg.limits.reactor_poll_seconds <= 0.1:
         errors.append(f"limits.reactor_poll_seconds: {cfg.limits.reactor_poll_seconds} must be in (0, 0.1]")
+    if not 0 <= cfg.limits.reactor_poll_busy_seconds <= cfg.limits.reactor_poll_seconds:
+        errors.append(f"limits.reactor_poll_busy_seconds: {cfg.limits.reactor_poll_busy_seconds} must be in "
+                      f"[0, reactor_poll_seconds = {cfg.limits.reactor_poll_seconds}] (0 = not adaptive)")
     if cfg.limits.max_pending_connections < 1:
         errors.append(f"limits.max_pending_connections: {cfg.limits.max_pending_connections} must be >= 1")
     if not 0 <= cfg.routing.min_confidence <= 1:

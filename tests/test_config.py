@@ -98,3 +98,11 @@ def test_broker_urls_without_a_password_on_another_host_are_refused_and_never_pr
     assert "hunter2" not in str(err.value) and "http://u:***@x/0" in str(err.value)
     assert redact_url("rediss://u:p@h:1/0?ssl_ca_certs=/a@b") == "rediss://u:***@h:1/0?ssl_ca_certs=/a@b"
     assert redact_url("redis://:p@h/0") == "redis://:***@h/0" and redact_url("redis://h/0") == "redis://h/0"
+
+
+def test_reactor_poll_busy_seconds_validated() -> None:
+    assert load_config(None, {}).limits.reactor_poll_busy_seconds == 0.0001  # adaptive by default
+    assert load_config(None, {"limits": {"reactor_poll_busy_seconds": 0}}).limits.reactor_poll_busy_seconds == 0
+    for bad in (-0.001, 0.002):  # negative; slower than the idle poll (0.001)
+        with pytest.raises(ConfigError, match=f"limits.reactor_poll_busy_seconds: {bad}"):
+            load_config(None, {"limits": {"reactor_poll_busy_seconds": bad}})

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pydicom
@@ -12,10 +13,11 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000, DeflatedExplicitVRLittleEndian, generate_uid
 
 from sci_node.config import NodeConfig, load_config
+from sci_node.dicom.poll import loop_delay
 from sci_node.dicom.scp import start_scp
 from sci_node.store import Store
 
-from conftest import echoscu, free_port, make_mr_series, storescu
+from conftest import echoscu, free_port, make_mr_series, storescu, wait_for
 
 
 @pytest.fixture
@@ -289,3 +291,71 @@ def test_mis_encoded_data_sets_refused_with_c210_both_directions(scp: tuple[Node
     stored_uids = {str(pydicom.dcmread(f).SOPInstanceUID) for f in spooled}
     assert stored_uids == {str(pydicom.dcmread(sources[i]).SOPInstanceUID) for i in (2, 3)}
     assert echoscu(cfg.port).returncode == 0
+
+
+def _node_side_delays(server: Any) -> list[float | None]:
+    """The DUL reactor sleep of each association the SCP holds open."""
+    return [loop_delay(a) for a in server.active_associations]
+
+
+@pytest.mark.parametrize("busy_s", [0.0001, 0.0])
+def test_adaptive_poll_fast_while_storing_idle_after(tmp_path: Path, busy_s: float) -> None:
+    """An association polls at ``reactor_poll_busy_seconds`` from its establishment and each C-STORE,
+    at ``reactor_poll_seconds`` once idle for 0.5 s; ``reactor_poll_busy_seconds = 0`` keeps it idle."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import MRImageStorage
+
+    cfg = load_config(None, {"port": free_port(), "data_dir": str(tmp_path / "data"), "allowed_aes": ["SCANNER"],
+                             "limits": {"reactor_poll_busy_seconds": busy_s}})
+    idle, fast = cfg.limits.reactor_poll_seconds, busy_s or cfg.limits.reactor_poll_seconds
+    store = Store(cfg.data_dir)
+    server = start_scp(cfg, store)
+    files = make_mr_series(tmp_path / "s", n=2)
+    ae = AE("SCANNER")
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", cfg.port, ae_title="SCINODE")
+    try:
+        assert assoc.is_established
+        wait_for(lambda: len(server.active_associations) == 1, 5, 0.01, "the association on the node's side")
+        assert _node_side_delays(server) == [fast]  # established: senders store right away
+        assert int(assoc.send_c_store(files[0]).Status) == 0
+        assert _node_side_delays(server) == [fast]
+        wait_for(lambda: _node_side_delays(server) == [idle], 3, 0.05, "the idle poll after 0.5 s")
+        assert int(assoc.send_c_store(files[1]).Status) == 0
+        assert _node_side_delays(server) == [fast]  # storing again: fast again
+        wait_for(lambda: _node_side_delays(server) == [idle], 3, 0.05, "the idle poll again")
+        wait_for(lambda: not any(t.name == "dul-poll-sweeper" for t in threading.enumerate()), 2, 0.05,
+                 "the sweeper thread to end once no association is busy")
+    finally:
+        assoc.release()
+        server.shutdown()
+        store.close()
+
+
+def test_adaptive_poll_only_one_association_fast(tmp_path: Path) -> None:
+    """With two associations busy at once neither polls fast (one's wait overlaps the other's work)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import MRImageStorage
+
+    cfg = load_config(None, {"port": free_port(), "data_dir": str(tmp_path / "data"), "allowed_aes": ["SCANNER"]})
+    idle, fast = cfg.limits.reactor_poll_seconds, cfg.limits.reactor_poll_busy_seconds
+    store = Store(cfg.data_dir)
+    server = start_scp(cfg, store)
+    files = make_mr_series(tmp_path / "s", n=3)
+    ae = AE("SCANNER")
+    ae.add_requested_context(MRImageStorage)
+    first = ae.associate("127.0.0.1", cfg.port, ae_title="SCINODE")
+    try:
+        wait_for(lambda: _node_side_delays(server) == [fast], 5, 0.01, "the first association polling fast")
+        second = ae.associate("127.0.0.1", cfg.port, ae_title="SCINODE")
+        wait_for(lambda: len(server.active_associations) == 2, 5, 0.01, "the second association")
+        assert int(first.send_c_store(files[0]).Status) == 0 and int(second.send_c_store(files[1]).Status) == 0
+        assert _node_side_delays(server) == [idle, idle]
+        second.release()
+        wait_for(lambda: len(server.active_associations) == 1, 5, 0.01, "the second association to end")
+        assert int(first.send_c_store(files[2]).Status) == 0
+        assert _node_side_delays(server) == [fast]  # alone again: fast again
+    finally:
+        first.release()
+        server.shutdown()
+        store.close()

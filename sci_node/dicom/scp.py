@@ -44,6 +44,7 @@ from sci_node.dicom.dimse import (
     Status,
 )
 from sci_node.dicom.gate import ConnectionGate, GatedAssociationServer, gate_handlers
+from sci_node.dicom.poll import AdaptivePoll, set_loop_delay
 from sci_node.errors import ConfigError, InvalidDatasetError, StorageError
 from sci_node.store import InstanceKey, Store
 
@@ -65,6 +66,12 @@ class ScpDeps:
     #: recorded on them (:meth:`Store.association_ended`, the abort grace period)
     series: dict[int, set[str]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: each association's DUL reactor sleep: ``reactor_poll_busy_seconds`` while it stores,
+    #: ``reactor_poll_seconds`` when idle (built from ``cfg``)
+    poll: AdaptivePoll = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.poll = AdaptivePoll(self.cfg.limits.reactor_poll_seconds, self.cfg.limits.reactor_poll_busy_seconds)
 
 
 def set_nodelay(sock: socket.socket | None) -> None:
@@ -137,12 +144,11 @@ def handle_requested(event: Event, deps: ScpDeps) -> None:
 
 
 def handle_established(event: Event, deps: ScpDeps) -> None:
-    """EVT_ESTABLISHED: start counting this association's instances."""
+    """EVT_ESTABLISHED: start counting this association's instances; its reactor polls fast (adaptive)."""
     with deps.lock:
         deps.stored[id(event.assoc)] = 0
-    dul = getattr(event.assoc, "dul", None)
-    if dul is not None and hasattr(dul, "_run_loop_delay"):  # pynetdicom's reactor sleep (private; 1 ms)
-        dul._run_loop_delay = deps.cfg.limits.reactor_poll_seconds
+    set_loop_delay(event.assoc, deps.cfg.limits.reactor_poll_seconds)  # pynetdicom's reactor sleep (private)
+    deps.poll.busy(event.assoc)  # senders store right after association: poll fast from here
     log.info("association.accepted", contexts=len(event.assoc.accepted_contexts),
              refused_sop_classes=refused_sop_classes(event.assoc.rejected_contexts))
 
@@ -170,6 +176,7 @@ def handle_closed(event: Event, deps: ScpDeps) -> None:
     with deps.lock:
         n = deps.stored.pop(id(event.assoc), 0)
         series = sorted(deps.series.pop(id(event.assoc), ()))
+    deps.poll.forget(event.assoc)
     aborted = event.event is evt.EVT_ABORTED
     try:
         deps.store.association_ended(series, aborted=aborted)
@@ -215,6 +222,7 @@ def _instance_key(event: Event) -> InstanceKey | tuple[Status, str]:
 def handle_store(event: Event, deps: ScpDeps) -> int:
     """C-STORE: spool (fsync) + record, then Success; a named failure status otherwise."""
     try:
+        deps.poll.busy(event.assoc)  # the response and the next request: on the fast poll
         aid = id(event.assoc)
         with deps.lock:
             n = deps.stored.get(aid, 0)
