@@ -267,3 +267,29 @@ def resample_series(series: Path, out: Path, n_slices: int | None = None,
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def add_variant_arg(ap: Any) -> None:
+    """``--variant NAME=TOML`` on an ``argparse`` parser (read back with :func:`parse_variants`)."""
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=TOML",
+                    help="a node configuration, its config lines (\\n is a line break); 'default' is always run")
+
+
+def parse_variants(texts: Sequence[str]) -> dict[str, str]:
+    """``--variant NAME=TOML`` arguments as ``{name: config lines}`` (``\\n`` in TOML is a line break)."""
+    return {k: v.replace("\\n", "\n") for k, v in (t.split("=", 1) for t in texts)}
+
+
+def parse_rules(texts: Sequence[str]) -> Any:
+    """``FollowupRules`` with ``--rule KEY=VALUE`` overrides (``diff_min_mm3=5``)."""
+    import dataclasses
+
+    from sci_node.imaging.followup import FollowupRules
+
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(FollowupRules)}
+    over: dict[str, Any] = {}
+    for t in texts:
+        k, _, v = t.partition("=")
+        over[k] = (v.lower() in ("1", "true", "yes")) if kinds[k] is bool else kinds[k](v)
+    return FollowupRules(**over)
+

@@ -32,18 +32,6 @@ PAIRS = [(f"sub-{p}Ses{a}/anat/sub-{p}Ses{a}_run-{r}_T2starw.nii.gz",
 
 
 
-def parse_rules(texts: list[str]):  # noqa: ANN201 - a bench
-    """``FollowupRules`` with ``KEY=VALUE`` overrides (``--rule diff_min_mm3=5``)."""
-    import dataclasses
-
-    from sci_node.imaging.followup import FollowupRules
-
-    kinds = {f.name: type(f.default) for f in dataclasses.fields(FollowupRules)}
-    over = {}
-    for t in texts:
-        k, _, v = t.partition("=")
-        over[k] = (v.lower() in ("1", "true", "yes")) if kinds[k] is bool else kinds[k](v)
-    return FollowupRules(**over)
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,6 +40,8 @@ def main() -> int:
     ap.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
                     help="override a FollowupRules field (e.g. diff_min_mm3=5)")
     args = ap.parse_args()
+    from common import parse_rules
+
     rules = parse_rules(args.rule)
     cfg = load_config(None, {"log_level": "WARNING"})
     rows = []

@@ -56,18 +56,6 @@ def segment(pipeline, img: sitk.Image, folder: Path):  # noqa: ANN001, ANN201 - 
 
 
 
-def parse_rules(texts: list[str]):  # noqa: ANN201 - a bench
-    """``FollowupRules`` with ``KEY=VALUE`` overrides (``--rule diff_min_mm3=5``)."""
-    import dataclasses
-
-    from sci_node.imaging.followup import FollowupRules
-
-    kinds = {f.name: type(f.default) for f in dataclasses.fields(FollowupRules)}
-    over = {}
-    for t in texts:
-        k, _, v = t.partition("=")
-        over[k] = (v.lower() in ("1", "true", "yes")) if kinds[k] is bool else kinds[k](v)
-    return FollowupRules(**over)
 
 def main() -> int:
     from sci_node.config import load_config
@@ -92,6 +80,8 @@ def main() -> int:
     ap.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
                     help="override a FollowupRules field (e.g. diff_min_mm3=5)")
     args = ap.parse_args()
+    from common import parse_rules
+
     rules = parse_rules(args.rule)
     extra = {"models_dir": str(args.models_dir)} if args.models_dir else {}
     cfg = load_config(None, {"log_level": "WARNING", **extra})

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SAMPLE, dicom_files, emit, loadavg, start_node, stop
+from common import SAMPLE, add_variant_arg, dicom_files, emit, loadavg, parse_variants, start_node, stop
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.association import Association
@@ -72,10 +72,9 @@ def main() -> int:
     ap.add_argument("--associations", type=int, default=4)
     ap.add_argument("--settle", type=float, default=1.5)
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=TOML",
-                    help="a node configuration, its config lines (\\n is a line break); 'default' is always run")
+    add_variant_arg(ap)
     args = ap.parse_args()
-    variants = {"default": ""} | {k: v.replace("\\n", "\n") for k, v in (x.split("=", 1) for x in args.variant)}
+    variants = {"default": ""} | parse_variants(args.variant)
     names = list(variants)
     results: dict[str, list[float]] = {k: [] for k in names}
     with tempfile.TemporaryDirectory(prefix="idle_cpu_") as tmp:

@@ -25,7 +25,18 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import SAMPLE, emit, machine, replicate, start_node, start_orthanc, start_storescp, stop, storescu
+from common import (
+    SAMPLE,
+    emit,
+    machine,
+    parse_variants,
+    replicate,
+    start_node,
+    start_orthanc,
+    start_storescp,
+    stop,
+    storescu,
+)
 
 SERVERS = ("storescp", "sci-node", "orthanc")
 
@@ -63,7 +74,7 @@ def main() -> int:
                     help="another sci-node server, its config lines added (e.g. "
                          "'poll=[limits]\\nreactor_poll_seconds = 0.0001'; \\n is a line break)")
     args = ap.parse_args()
-    variants = {v.split("=", 1)[0]: v.split("=", 1)[1].replace("\\n", "\n") for v in args.variant}
+    variants = parse_variants(args.variant)
     servers = SERVERS + tuple(variants)
     emit({"bench": "machine", **machine()}, args.json_out)
     tmp = Path(tempfile.mkdtemp(prefix="scinode-ingest-"))

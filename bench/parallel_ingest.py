@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import SAMPLE, emit, loadavg, replicate, start_node, stop, storescu
+from common import SAMPLE, add_variant_arg, emit, loadavg, parse_variants, replicate, start_node, stop, storescu
 
 
 def burst(work: Path, toml: str, sets: list[list[Path]]) -> float:
@@ -37,10 +37,9 @@ def main() -> int:
     ap.add_argument("--senders", type=int, default=16)
     ap.add_argument("--copies", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=TOML",
-                    help="a node configuration, its config lines (\\n is a line break); 'default' is always run")
+    add_variant_arg(ap)
     args = ap.parse_args()
-    variants = {"default": ""} | {k: v.replace("\\n", "\n") for k, v in (x.split("=", 1) for x in args.variant)}
+    variants = {"default": ""} | parse_variants(args.variant)
     results: dict[str, list[float]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory(prefix="parallel_ingest_") as tmp:
         sets = [replicate(SAMPLE, args.copies, Path(tmp) / f"in{i}") for i in range(args.senders)]

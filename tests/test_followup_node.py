@@ -57,6 +57,18 @@ def _done(node: NodeProc, series_uid: str, followup: bool) -> dict:
     return node.job(found[0]["id"])
 
 
+def _node_with_prior(node_factory: Callable[..., NodeProc], storescp_factory: Callable[..., StoreSCP], tmp_path: Path,
+                     patient: str) -> tuple[StoreSCP, NodeProc, list[Path], dict, Path]:
+    """A node sending to a storescp, with ``patient``'s prior study (2025-01-07) processed: ``(dest, node, prior
+    files, its job, its result folder)``."""
+    dest = storescp_factory(port=free_port())
+    node = node_factory("", "--stable-seconds", "1", "--destination", f"DEST@127.0.0.1:{dest.port}").start()
+    prior, prior_series = _study(tmp_path / "prior", patient, "20250107")
+    assert storescu(node.port, prior).returncode == 0
+    first = _done(node, prior_series, followup=False)
+    return dest, node, prior, first, Path(first["result"]["outputs"][0]).parent
+
+
 def _received(dest: StoreSCP) -> dict[str, tuple[int, Path]]:
     """SOP Instance UID -> (arrival time in ns, file) of what the destination holds."""
     return {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): (f.stat().st_mtime_ns, f)
@@ -118,12 +130,7 @@ def test_a_comparison_that_fails_leaves_the_current_result_whole(
     import numpy as np
     import SimpleITK as sitk
 
-    dest = storescp_factory(port=free_port())
-    node = node_factory("", "--stable-seconds", "1", "--destination", f"DEST@127.0.0.1:{dest.port}").start()
-    prior, prior_series = _study(tmp_path / "prior", "FU3", "20250107")
-    assert storescu(node.port, prior).returncode == 0
-    first = _done(node, prior_series, followup=False)
-    folder = Path(first["result"]["outputs"][0]).parent
+    dest, node, prior, first, folder = _node_with_prior(node_factory, storescp_factory, tmp_path, "FU3")
     sitk.WriteImage(sitk.GetImageFromArray(np.ones((3, 4, 5), np.uint8)), str(folder / "cord.nii.gz"))
     later, later_series = _study(tmp_path / "later", "FU3", "20260107")
     assert storescu(node.port, later).returncode == 0
@@ -146,12 +153,7 @@ def test_a_new_lesion_in_the_follow_up_is_flagged_new_and_drawn_in_the_compariso
 
     from sci_node.pipeline.series import read_series
 
-    dest = storescp_factory(port=free_port())
-    node = node_factory("", "--stable-seconds", "1", "--destination", f"DEST@127.0.0.1:{dest.port}").start()
-    prior, prior_series = _study(tmp_path / "prior", "FU4", "20250107")
-    assert storescu(node.port, prior).returncode == 0
-    first = _done(node, prior_series, followup=False)
-    folder = Path(first["result"]["outputs"][0]).parent
+    dest, node, prior, first, folder = _node_with_prior(node_factory, storescp_factory, tmp_path, "FU4")
     vol = read_series(prior)
     cord = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "cord.nii.gz")))
     later, truth = with_lesions(prior, vol, cord, [Lesion(0.5, 5.0, 2.5)], tmp_path / "later")

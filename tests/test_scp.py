@@ -298,21 +298,26 @@ def _node_side_delays(server: Any) -> list[float | None]:
     return [loop_delay(a) for a in server.active_associations]
 
 
-@pytest.mark.parametrize("busy_s", [0.0001, 0.0])
-def test_adaptive_poll_fast_while_storing_idle_after(tmp_path: Path, busy_s: float) -> None:
-    """An association polls at ``reactor_poll_busy_seconds`` from its establishment and each C-STORE,
-    at ``reactor_poll_seconds`` once idle for 0.5 s; ``reactor_poll_busy_seconds = 0`` keeps it idle."""
+def _poll_setup(tmp_path: Path, limits: dict[str, Any], n: int) -> tuple[Any, Store, Any, list[Path], Any]:
+    """A running SCP with ``[limits]`` overrides, ``n`` MR files and a pynetdicom client AE ``SCANNER``."""
     from pynetdicom import AE
     from pynetdicom.sop_class import MRImageStorage
 
     cfg = load_config(None, {"port": free_port(), "data_dir": str(tmp_path / "data"), "allowed_aes": ["SCANNER"],
-                             "limits": {"reactor_poll_busy_seconds": busy_s}})
-    idle, fast = cfg.limits.reactor_poll_seconds, busy_s or cfg.limits.reactor_poll_seconds
+                             "limits": limits})
     store = Store(cfg.data_dir)
     server = start_scp(cfg, store)
-    files = make_mr_series(tmp_path / "s", n=2)
     ae = AE("SCANNER")
     ae.add_requested_context(MRImageStorage)
+    return cfg, store, server, make_mr_series(tmp_path / "s", n=n), ae
+
+
+@pytest.mark.parametrize("busy_s", [0.0001, 0.0])
+def test_adaptive_poll_fast_while_storing_idle_after(tmp_path: Path, busy_s: float) -> None:
+    """An association polls at ``reactor_poll_busy_seconds`` from its establishment and each C-STORE,
+    at ``reactor_poll_seconds`` once idle for 0.5 s; ``reactor_poll_busy_seconds = 0`` keeps it idle."""
+    cfg, store, server, files, ae = _poll_setup(tmp_path, {"reactor_poll_busy_seconds": busy_s}, 2)
+    idle, fast = cfg.limits.reactor_poll_seconds, busy_s or cfg.limits.reactor_poll_seconds
     assoc = ae.associate("127.0.0.1", cfg.port, ae_title="SCINODE")
     try:
         assert assoc.is_established
@@ -334,16 +339,8 @@ def test_adaptive_poll_fast_while_storing_idle_after(tmp_path: Path, busy_s: flo
 
 def test_adaptive_poll_only_one_association_fast(tmp_path: Path) -> None:
     """With two associations busy at once neither polls fast (one's wait overlaps the other's work)."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import MRImageStorage
-
-    cfg = load_config(None, {"port": free_port(), "data_dir": str(tmp_path / "data"), "allowed_aes": ["SCANNER"]})
+    cfg, store, server, files, ae = _poll_setup(tmp_path, {}, 3)
     idle, fast = cfg.limits.reactor_poll_seconds, cfg.limits.reactor_poll_busy_seconds
-    store = Store(cfg.data_dir)
-    server = start_scp(cfg, store)
-    files = make_mr_series(tmp_path / "s", n=3)
-    ae = AE("SCANNER")
-    ae.add_requested_context(MRImageStorage)
     first = ae.associate("127.0.0.1", cfg.port, ae_title="SCINODE")
     try:
         wait_for(lambda: _node_side_delays(server) == [fast], 5, 0.01, "the first association polling fast")
