@@ -1,11 +1,12 @@
 """The prior from the PACS (issue 39), end to end: ``sci-node serve`` with ``--followup-pacs``, a real Orthanc as
 the PACS, dcmtk's storescu and storescp.
 
-Patient FU3's prior study lies only in the PACS, never sent to the node. The PACS is down when the later
-study arrives: the job's own SEG and SR go out at once, the follow-up is recorded as pending with the
-reason. Once the PACS answers (started on the configured port, the prior stored in it), the node asks
-again by itself: C-FIND finds the prior, C-GET fetches it, the node routes and segments it, compares, and
-queues the "New or enlarging lesion" SEG and the comparison SR after the job's own results.
+Patient FU3's prior study lies only in the PACS, never sent to the node (stored whole, then the PACS stops, so
+the node cannot fetch a half-stored series). The PACS is down when the later study arrives: the job's own SEG
+and SR go out at once, the follow-up is recorded as pending with the reason. Once the PACS answers again (on
+the configured port, the prior in it), the node asks again by itself: C-FIND finds the prior, C-GET fetches
+it, the node routes and segments it, compares, and queues the "New or enlarging lesion" SEG and the comparison
+SR after the job's own results.
 """
 from __future__ import annotations
 
@@ -33,6 +34,11 @@ def test_a_prior_only_in_the_pacs_is_fetched_and_compared_once_the_pacs_answers(
                         "--followup-pacs", f"ORTHANC@127.0.0.1:{pacs_dicom}").start()
     prior, prior_series = _study(tmp_path / "prior", "FU3", "20250107")
     later, later_series = _study(tmp_path / "later", "FU3", "20260107")
+    pacs = BareOrthanc(tmp_path / "pacs", pacs_dicom, pacs_http).start()
+    try:  # the PACS has held the prior for a year (stored whole before the node can ask), then goes down
+        pacs.store(prior)
+    finally:
+        pacs.stop()
     assert storescu(node.port, later).returncode == 0
 
     # the PACS is down: the current result is delivered, the follow-up waits
@@ -50,11 +56,9 @@ def test_a_prior_only_in_the_pacs_is_fetched_and_compared_once_the_pacs_answers(
     shown = node.cli("jobs", "show", str(job["id"]))
     assert "follow-up" in shown.stdout and "pending" in shown.stdout, shown.stdout
 
-    # the PACS comes up holding the prior: the node asks again by itself
-    pacs = BareOrthanc(tmp_path / "pacs", pacs_dicom, pacs_http).start()
+    # the PACS comes back up, holding the prior: the node asks again by itself
+    pacs.start()
     try:
-        pacs.store(prior)
-
         def compared() -> dict | None:
             j = node.job(job["id"])
             f = j["result"]["summary"].get("followup") or {}
