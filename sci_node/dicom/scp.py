@@ -90,19 +90,16 @@ def _assoc_socket(event: Event) -> socket.socket | None:
 
 # -- handlers ---------------------------------------------------------------------------------
 
-#: Seconds pynetdicom's DUL loop sleeps when it found nothing to do (its default 0.001 s).
-#: Each C-STORE waits on this poll: 0.5 ms cut the ingest time of 380 instances by ~20 %
-#: (docs/benchmarks.md); shorter gains nothing more. Cost: an *idle* open association uses
-#: ~8 % of a core instead of ~5 %.
+#: Seconds pynetdicom's DUL loop sleeps during association negotiation (its default 0.001 s); once
+#: established, :func:`handle_established` hands the association to the adaptive poll
+#: (:mod:`sci_node.dicom.poll`, ``[limits] reactor_poll_seconds`` / ``reactor_poll_busy_seconds``).
 DUL_LOOP_DELAY_S = 0.0005
 
 
 def handle_conn_open(event: Event) -> None:
-    """EVT_CONN_OPEN: TCP_NODELAY on the accepted socket; a shorter DUL poll delay."""
+    """EVT_CONN_OPEN: TCP_NODELAY on the accepted socket; a shorter DUL poll delay until established."""
     set_nodelay(_assoc_socket(event))
-    dul = getattr(event.assoc, "dul", None)
-    if dul is not None and hasattr(dul, "_run_loop_delay"):  # private in pynetdicom 3.0: guard it
-        dul._run_loop_delay = DUL_LOOP_DELAY_S
+    set_loop_delay(event.assoc, DUL_LOOP_DELAY_S)
 
 
 def admission_refusal(deps: ScpDeps, calling_aet: str, host: str) -> tuple[RejectResult, RejectSource,

@@ -39,17 +39,8 @@ _HEADS = ("region", "view", "sequence")
 
 def _identity(files: list[Path]) -> tuple[str, str, str] | None:
     """``(PatientID, IssuerOfPatientID, StudyDate)`` of a series' first file, or None when it has no Patient ID."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(files[0], stop_before_pixels=True,
-                             specific_tags=["PatientID", "IssuerOfPatientID", "StudyDate"])
-    except Exception:  # noqa: BLE001 - an unreadable file: no follow-up, not a failure
-        return None
-    pid = str(ds.get("PatientID", "") or "").strip()
-    if not pid:
-        return None
-    return pid, str(ds.get("IssuerOfPatientID", "") or ""), str(ds.get("StudyDate", "") or "")
+    me = _current(files, {})
+    return None if me is None else (me.patient_id, me.issuer, me.study_date)
 
 
 def _labels(routing: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -93,7 +84,7 @@ def find_prior(store: Store, job: Job, routing: Mapping[str, Any], files: list[P
 
 
 def _current(files: list[Path], routing: Mapping[str, Any]) -> Current | None:
-    """What the PACS search needs of the current series (None: no Patient ID, no search)."""
+    """What a prior search needs of a series, from its first file's header (None: unreadable or no Patient ID)."""
     import pydicom
 
     try:

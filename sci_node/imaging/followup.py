@@ -359,14 +359,15 @@ def csa_common_stretch(prior_cord: np.ndarray, prior: sitk.Image, current_cord: 
             "slices": int(keep.size)}
 
 
-def normalised_difference(current: np.ndarray, moved_prior: np.ndarray, region: np.ndarray) -> np.ndarray | None:
-    """``current / median - moved_prior / median`` over ``region`` (each divided by its own median there), or None
-    when ``region`` holds fewer than 50 voxels. All ``(Z, Y, X)`` on the current grid; float32 out."""
+def normalised_difference(current: np.ndarray, moved_prior: np.ndarray,
+                          region: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(cur, cur - pri)``: ``current`` and ``moved_prior`` each divided by its own median over ``region``, and
+    their difference; None when ``region`` holds fewer than 50 voxels. All ``(Z, Y, X)`` on the current grid."""
     if region.sum() < 50:
         return None
     cur = current / max(float(np.median(current[region])), 1e-6)
     pri = moved_prior / max(float(np.median(moved_prior[region])), 1e-6)
-    return (cur - pri).astype(np.float32)
+    return cur, (cur - pri).astype(np.float32)
 
 
 def confirm_new(changes: list[LesionChange], flagged: np.ndarray, current_lesion: np.ndarray, current: np.ndarray,
@@ -379,9 +380,10 @@ def confirm_new(changes: list[LesionChange], flagged: np.ndarray, current_lesion
     the same hyperintensity segmented only now: it becomes "stable" (then = now, ``found_by`` says why) and leaves
     ``flagged`` (changed in place). ``current_lesion`` is labelled as :func:`match_lesions` labels it.
     """
-    diff = normalised_difference(current, moved_prior, current_cord & moved_cord & (moved_prior > 0))
-    if diff is None:
+    got = normalised_difference(current, moved_prior, current_cord & moved_cord & (moved_prior > 0))
+    if got is None:
         return changes
+    diff = got[1]
     clab, _ = ndi.label(current_lesion > 0, structure=_CONN26)
     out = []
     for c in changes:
@@ -427,8 +429,7 @@ def new_by_difference(current: np.ndarray, moved_prior: np.ndarray, current_cord
     got = normalised_difference(current, moved_prior, region)
     if got is None:
         return []
-    diff = got
-    cur = current / max(float(np.median(current[region])), 1e-6)
+    cur, diff = got
     mad = 1.4826 * float(np.median(np.abs(diff[region] - np.median(diff[region]))))
     rise = max(rules.diff_min_rise, rules.diff_k * mad)
     cand = region & (diff > rise) & (cur > 1.0 + rise / 2)
