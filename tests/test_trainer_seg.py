@@ -376,6 +376,21 @@ def test_cord_free_canal_volumes_stay_in_every_fold_and_are_drawn_at_their_share
     assert all(default._pick().group != "synthetic-canal" for _ in range(200))
 
 
+def test_below_end_negatives_lie_in_the_canal_below_a_cord_end_in_view_only() -> None:
+    """``[train] below_end_negatives_mm``: patch centres below a cord label that ends in view, near its axis;
+    none for a label that reaches the grid's inferior edge (a crop), for axial slabs, or when off."""
+    from trainer.segment.train import below_end_negatives
+
+    lab = np.zeros((100, 40, 40), np.uint8)
+    lab[30:, 18:22, 10:14] = 1  # 1 mm slices: the cord ends 30 mm above the bottom, centred at (19.5, 11.5)
+    hn = below_end_negatives(lab, (1.0, 0.8, 0.8), 20.0, radius_mm=4.0)
+    assert hn is not None and hn[:, 0].min() == 10 and hn[:, 0].max() == 29  # the 20 mm below the end
+    assert np.all(np.hypot((hn[:, 1] - 19.5) * 0.8, (hn[:, 2] - 11.5) * 0.8) <= 4.0) and not lab[tuple(hn.T)].any()
+    assert below_end_negatives(lab[25:], (1.0, 0.8, 0.8), 20.0) is None  # ends 5 mm above the edge: not in view
+    assert below_end_negatives(lab, (5.0, 0.8, 0.8), 20.0) is None  # axial slabs
+    assert below_end_negatives(lab, (1.0, 0.8, 0.8), 0.0) is None  # off
+
+
 def test_positive_patches_per_lesion_and_anywhere_in_the_window() -> None:
     """``pos_by_component``: a 1-voxel lesion is drawn as often as a 343-voxel one (not 1 in 344);
     ``pos_jitter = 0.45`` puts the lesion anywhere in the patch (0.25: only the middle half);

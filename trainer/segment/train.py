@@ -117,14 +117,38 @@ def _resolve(p: str | Path) -> Path:
     return p if p.is_absolute() else (REPO / p).resolve()
 
 
+def below_end_negatives(lab: np.ndarray, spacing: tuple[float, float, float], below_mm: float,
+                        radius_mm: float = 12.0, edge_mm: float = 10.0, max_slice_mm: float = 2.5) -> np.ndarray | None:
+    """Patch centres below the inferior end of a cord label whose end is in view (the thecal sac below the conus).
+
+    ``(N, 3)`` indices of the ``(Z, Y, X)`` model grid: every voxel of the ``below_mm`` below the
+    label's lowest slice within ``radius_mm`` in-plane of the label's centre on its lowest 5 mm.
+    ``None`` when off (``below_mm <= 0``), when the label reaches to within ``edge_mm`` of the
+    grid's inferior edge (the end is not in view: a crop), or when the grid is coarser than
+    ``max_slice_mm`` along Z (axial slabs). In the data this is ``sub-PAM50small``, whose mask ends
+    at the conus of an image that goes on 76 mm below it.
+    """
+    zs = np.nonzero(lab.reshape(lab.shape[0], -1).any(axis=1))[0]
+    sz = float(spacing[0])
+    if below_mm <= 0 or zs.size == 0 or sz > max_slice_mm or zs[0] * sz < edge_mm:
+        return None
+    low = lab[zs[0]:zs[0] + max(1, int(round(5.0 / sz)))]
+    _, cy, cx = np.argwhere(low > 0).mean(axis=0)
+    yy, xx = np.mgrid[:lab.shape[1], :lab.shape[2]]
+    disc = np.hypot((yy - cy) * spacing[1], (xx - cx) * spacing[2]) <= radius_mm
+    z_lo = max(0, zs[0] - int(round(below_mm / sz)))
+    return np.array([(z, y, x) for z in range(z_lo, zs[0]) for y, x in np.argwhere(disc)], dtype=np.int64)
+
+
 def load_volumes(cases: list[tdata.Case], spec: preprocess.PrepSpec, task: str, margin_yx: int,
-                 hard_negatives: bool = False) -> list[Vol]:
+                 hard_negatives: bool = False, below_end_mm: float = 0.0) -> list[Vol]:
     """Preprocess each case with the inference preprocessing (model grid, normalised).
 
     With ``hard_negatives`` (lesion model), a case with a grey-matter mask (:func:`trainer.data.gm_mask_path`)
     gets its grey-matter voxels inside the cord, ``(N, 3)`` indices on the cropped model grid, as
     ``extra["hard_negatives"]``: patch centres the sampler draws as hard negatives (grey matter is
-    brighter than white matter on T2*w and is not a lesion).
+    brighter than white matter on T2*w and is not a lesion). With ``below_end_mm`` (cord model), a
+    case whose cord label ends in view gets the canal below that end instead (:func:`below_end_negatives`).
     """
     vols = []
     for c in cases:
@@ -146,6 +170,9 @@ def load_volumes(cases: list[tdata.Case], spec: preprocess.PrepSpec, task: str, 
         extra: dict[str, Any] = {"case": c}
         if gm is not None and (gm & lab).any():
             extra["hard_negatives"] = np.argwhere((gm > 0) & (lab > 0))
+        below = below_end_negatives(lab, sp, below_end_mm) if task == "cord" else None  # type: ignore[arg-type]
+        if below is not None and below.size:
+            extra["hard_negatives"] = below
         vols.append(Vol(c.key, c.group, arr, lab, sp, cord=lab if task == "lesion" else None,  # type: ignore[arg-type]
                         extra=extra))
     return vols
@@ -462,7 +489,9 @@ def train_segmentation(model_name: str, config: Path | None, data: Path | None, 
     root = Path(data) if data else _resolve(cfg["data"]["root"])
     cases = config_cases(cfg, root)
     margin = int(cfg.get("lesions", {}).get("crop_margin_yx", 24))
-    vols = load_volumes(cases, spec, task, margin, hard_negatives=bool(cfg.get("lesions", {}).get("hard_negatives")))
+    vols = load_volumes(cases, spec, task, margin, hard_negatives=bool(cfg.get("lesions", {}).get("hard_negatives")),
+                        below_end_mm=float(tcfg.get("below_end_negatives_mm", 0.0)))
+    log.info("train.below_end_negatives", cases=[v.key for v in vols if task == "cord" and "hard_negatives" in v.extra])
     rng = np.random.default_rng(seed)
     synth = synth_pool(cfg, spec, rng, task, margin)
     log.info("train.start", model=model_name, cases=[v.key for v in vols], synthetic=len(synth), epochs=n_epochs)
