@@ -218,7 +218,8 @@ def _documented_modules() -> set[str]:
     """Module names after ``python -m`` in the README, docs/, the training configs and the model cards."""
     texts = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
              *sorted((REPO / "trainer" / "configs").glob("*.toml")), *sorted((REPO / "models").glob("*/*/card.json"))]
-    return {m for t in texts for m in re.findall(r"python -m ((?:sci_node|trainer)(?:\.[a-z_0-9]+)+)", t.read_text())}
+    pattern = r"python -m ((?:sci_node|trainer)(?:\.[a-z_0-9]+)+)"
+    return {m for t in texts for m in re.findall(pattern, t.read_text(encoding="utf-8"))}
 
 
 def test_documented_python_m_commands_resolve() -> None:
