@@ -11,10 +11,15 @@ model segments the cord (as the node does), then :func:`sci_node.imaging.levels.
 * a series whose count is not anchored in the labels (``"anchored": false``) must come out unknown;
 * time of ``label_levels`` alone (the cord model not included), median of 3 runs.
 
+``--fov-cuts`` adds the safety check of a field of view that does not start at C1: every anchored series is cut
+at ``S = C2-C3 + t`` mm (``t`` = -60 ... +42 in 3 mm steps; image and cord set to 0 above, as the edge of a field
+of view), and each cut is scored right (every disc found has the name of the labelled disc within 8 mm of it),
+wrong (one or more named wrongly: a silent wrong level), or unknown. Wrong must be 0.
+
 ``--persons`` limits the run (the method was tuned on sub-errsm11 and sub-errsm18 only; every other person
 is held out). Needs ``../shared/data/spine`` (our machines only).
 
-    .venv/bin/python bench/vertebral_levels.py [--persons sub-errsm20 ...]
+    .venv/bin/python bench/vertebral_levels.py [--fov-cuts] [--persons sub-errsm20 ...]
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data" / "spine"
 LABELS = REPO / "trainer" / "labels" / "discs.json"
 TUNED_ON = ("sub-errsm11", "sub-errsm18")
+CUTS_MM = tuple(range(-60, 43, 3))  # field-of-view tops relative to the labelled C2-C3 disc (--fov-cuts)
 
 
 def reference_levels(image: np.ndarray, cord: np.ndarray, m: np.ndarray, discs: list[dict]) -> tuple[np.ndarray, list]:
@@ -94,12 +100,44 @@ def score(series: dict, seg) -> dict:
     return row
 
 
+def fov_cuts(series: dict, seg) -> dict:
+    """The series cut above ``S = C2-C3 + t`` for ``t`` in ``CUTS_MM``: ``{t: "right" | "wrong" | "unknown"}``."""
+    from sci_node.imaging import levels as lv
+    from sci_node.imaging.measure import index_to_lps
+    from sci_node.pipeline import read_nifti
+
+    img = read_nifti(DATA / series["image"])
+    arr = sitk.GetArrayFromImage(img)
+    cord = np.asarray(seg.predict(img), dtype=np.uint8)
+    m = index_to_lps(img.GetOrigin(), img.GetSpacing(), img.GetDirection())
+    axis = int(np.argmax(np.abs(m[2, :3])))  # the array axis along S
+    s_of_index = np.arange(arr.shape[axis]) * m[2, axis] + m[2, 3]
+    z23 = series["discs"][0]["lps_mm"][2]
+    out = {}
+    for t in CUTS_MM:
+        gone = [slice(None)] * 3
+        gone[axis] = s_of_index > z23 + t
+        a2, c2 = arr.copy(), cord.copy()
+        a2[tuple(gone)], c2[tuple(gone)] = 0, 0
+        res = lv.label_levels(a2, c2, m)
+        if not res.known:
+            out[t] = "unknown"
+            continue
+        wrong = 0
+        for d in res.discs:
+            near = min(series["discs"], key=lambda x: abs(x["lps_mm"][2] - d.lps_mm[2]))
+            wrong += int(near["disc"] != d.name and abs(near["lps_mm"][2] - d.lps_mm[2]) < 8.0)
+        out[t] = "wrong" if wrong else "right"
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from sci_node.models.predict_seg import configure_threads
     from sci_node.models.registry import ModelRegistry
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--persons", nargs="*")
+    ap.add_argument("--fov-cuts", action="store_true", help="also cut every anchored series above C2-C3 + t mm")
     a = ap.parse_args(argv)
     configure_threads(1)
     seg = ModelRegistry(REPO / "models").load_active("cpu").cord
@@ -126,6 +164,16 @@ def main(argv: list[str] | None = None) -> int:
                           "disc_err_3d_median_mm": round(float(np.median(errs3)), 1) if errs3 else None,
                           "disc_err_3d_max_mm": round(float(np.max(errs3)), 1) if errs3 else None,
                           "seconds_max": max(r["seconds"] for r in sel)}))
+    if a.fov_cuts:
+        counts = {"right": 0, "wrong": 0, "unknown": 0}
+        for series in labels["series"]:
+            if series["anchored"] and (not a.persons or series["person"] in a.persons):
+                cuts = fov_cuts(series, seg)
+                print(json.dumps({"person": series["person"], "fov_cuts": " ".join(
+                    f"{t:+d}:{v[0].upper()}" for t, v in cuts.items())}), flush=True)
+                for v in cuts.values():
+                    counts[v] += 1
+        print(json.dumps({"summary": "fov cuts (R right, W wrong, U unknown)", **counts}))
     unk = [r for r in rows if r.get("expected") == "unknown"]
     if unk:
         print(json.dumps({"summary": "no anchor in view", "series": len(unk),

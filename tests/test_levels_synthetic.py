@@ -1,5 +1,6 @@
 """Vertebral levels (sci_node.imaging.levels) on synthetic sagittal columns whose disc positions are known: the global
-fit keeps every level below a faint disc and a spurious band, and a column with lumbar spacings stays unknown."""
+fit keeps every level below a faint disc and a spurious band, a column with lumbar spacings stays unknown, and a field
+of view cut below C2 stays unknown (a disc-free stretch with discs above it; a disc near the upper edge of the view)."""
 from __future__ import annotations
 
 import numpy as np
@@ -65,3 +66,40 @@ def test_column_with_lumbar_spacings_is_unknown() -> None:
     res = label_levels(image, cord, M)
     assert not res.known and "no anchor" in (res.unknown_reason or "")
     assert not res.level_map.any()
+
+
+
+def _cut(truth: dict[int, float], top: int, faint: dict[int, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The column of ``truth`` with the field of view (image and cord) ending at ``z = top`` mm."""
+    return _column({label: z for label, z in truth.items() if z < top - 1}, top, faint=faint)
+
+
+def test_a_disc_free_stretch_with_discs_above_it_is_no_c2() -> None:
+    # the view starts inside C4 (C2-C3, C3-C4 cut off); C6-C7 (label 7) is invisible, so C7-T1 has 29 mm of
+    # disc-free column above it, more than the C2 test asks at this spacing; but C4-C5 and C5-C6 lie above that: the
+    # column goes on (the anchor before this check took a thoracic disc for C2-C3)
+    truth = _disc_positions(212.0, 0.9, 14)
+    image, cord = _cut(truth, int(truth[5]) + 12, faint={7: 0.4})
+    res = label_levels(image, cord, M)
+    assert not res.known, [d.name for d in res.discs]
+    assert "no anchor" in (res.unknown_reason or "")
+
+
+def test_a_disc_near_the_upper_edge_of_the_view_still_counts() -> None:
+    # the view ends 6-8 mm above a faint C3-C4 (C2-C3 cut off): the 5 mm second difference sees that band only from
+    # below, at a fraction of its strength; counted at a quarter of the candidate's (not half), it still rules out
+    # C4-C5 as C2-C3 (the anchor before this took C4-C5 for C2-C3 in all three views)
+    truth = _disc_positions(212.0, 0.85, 13)
+    for above, band in ((6, 0.2), (7, 0.25), (8, 0.3)):
+        image, cord = _cut(truth, int(truth[4]) + above, faint={4: band})
+        res = label_levels(image, cord, M)
+        assert not res.known, (above, [d.name for d in res.discs])
+
+
+def test_full_column_still_anchored_with_c2_shown() -> None:
+    # the same column with 30 mm of C2 in view: C2-C3 is found (the new checks do not refuse a column that shows C2)
+    truth = _disc_positions(212.0, 0.8, 13)
+    image, cord = _cut(truth, 242)
+    res = label_levels(image, cord, M)
+    assert res.known, res.unknown_reason
+    assert res.discs[0].name == "C2-C3" and abs(res.discs[0].lps_mm[2] - truth[3]) <= 3.0

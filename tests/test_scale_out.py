@@ -28,14 +28,16 @@ SAMPLE = sorted((REPO / "sample" / "series").glob("*.dcm"))
 ENGINE_TOML = "[engine]\nheartbeat_seconds = 2.0\nlease_seconds = 120.0\n"
 
 def renamed(out: Path) -> list[Path]:
-    """The sample series as a new series of a new study (new UIDs), as another scanner would send it."""
+    """The sample series as a new series of a new study of another patient (new UIDs and Patient ID), as another
+    scanner would send it: one copy is never the follow-up of another (no comparison SEG among the SEGs counted)."""
     from pydicom.uid import generate_uid
 
     out.mkdir(parents=True, exist_ok=True)
     study, series, paths = generate_uid(), generate_uid(), []
+    patient = "SO" + series[-12:]
     for f in SAMPLE:
         ds = pydicom.dcmread(f)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID = study, series, patient
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.save_as(out / f.name, enforce_file_format=True)
         paths.append(out / f.name)
@@ -477,3 +479,61 @@ def test_forged_results_are_refused_and_nothing_reaches_pacs(node_factory: Calla
         assert not client.keys("sci-node:result:*")
     finally:
         redis.kill9()
+
+
+# -- issue 39: the follow-up comparison on the celery engine ---------------------------------------------------
+
+@pytest.mark.slow
+def test_a_follow_up_on_the_celery_engine_is_compared_on_the_node_and_its_seg_and_sr_delivered(
+        node_factory: Callable[..., NodeProc], storescp_factory: Callable[..., StoreSCP], redis_server: RedisProc,
+        workers: Callable[..., WorkerProc], tmp_path: Path) -> None:
+    """A prior study (PAM50 sagittal T2w) and, a year later, the same images with one lesion written into the cord
+    go through the gateway to a ``sci-node worker``. The node (which holds the job history) finds the prior job,
+    compares, and the destination receives the follow-up's own SEG and SR, then the "New or enlarging lesion" SEG
+    (marking the written lesion) and the comparison SR referencing the prior study."""
+    import highdicom as hd
+    import SimpleITK as sitk
+    from lesion_support import Lesion, with_lesions
+    from test_followup_node import _done, _study
+
+    from sci_node.pipeline.series import read_series
+
+    from dicom_validate import dciodvfy_errors
+
+    dest = storescp_factory()
+    w = workers("wf")
+    node = gateway(node_factory, redis_server, dest)
+    prior, prior_series = _study(tmp_path / "prior", "FUCEL", "20250107")
+    assert storescu(node.port, prior).returncode == 0
+    first = _done(node, prior_series, followup=False)
+    assert first["result"]["engine"] == "celery" and "followup" not in first["result"]["summary"]
+    folder = Path(first["result"]["outputs"][0]).parent  # the worker's masks came back with its SEG and SR
+    cord = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "cord.nii.gz")))
+    later, truth = with_lesions(prior, read_series(prior), cord, [Lesion(0.5, 5.0, 2.5)], tmp_path / "later")
+    for f in later:
+        ds = pydicom.dcmread(f)
+        ds.StudyDate = "20260107"
+        ds.save_as(f, enforce_file_format=True)
+    later_series = str(pydicom.dcmread(later[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert storescu(node.port, later).returncode == 0
+    second = _done(node, later_series, followup=True)
+    assert second["result"]["engine"] == "celery" and short(second["result"]["worker"]) == w.name
+    fu = second["result"]["summary"]["followup"]
+    assert fu["compared"] and fu["prior_job"] == first["id"] and fu["prior_source"] == "job history", fu
+    assert fu["counts"]["new"] >= 1 and fu["counts"]["resolved"] == 0, fu
+    sent = second["deliveries"]
+    assert [Path(d["path"]).name for d in sent] == ["seg.dcm", "sr.dcm", "new-or-enlarging-seg.dcm",
+                                                    "comparison-sr.dcm"], sent
+    assert all(d["state"] == "sent" for d in sent), sent
+    got = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in dest.files()}
+    new_seg, cmp_sr = (got[str(pydicom.dcmread(d["path"], stop_before_pixels=True).SOPInstanceUID)] for d in sent[2:])
+    assert dciodvfy_errors(new_seg) == [] and dciodvfy_errors(cmp_sr) == []
+    seg = hd.seg.segread(new_seg)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["New or enlarging lesion"]
+    px = seg.get_pixels_by_source_instance([r.sop_instance_uid for r in read_series(later).refs],
+                                           segment_numbers=[1], skip_overlap_checks=True)[..., 0]
+    assert (px[truth > 0] > 0).mean() > 0.5, "the written lesion is not in the delivered comparison SEG"
+    sr = pydicom.dcmread(cmp_sr)
+    assert [str(i.StudyInstanceUID) for i in sr.PertinentOtherEvidenceSequence] == [first["study_uid"]]
+    shown = node.cli("jobs", "show", str(second["id"])).stdout
+    assert f"follow-up    vs job {first['id']}" in shown, shown

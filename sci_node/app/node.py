@@ -126,11 +126,13 @@ def _open_store(cfg: NodeConfig) -> Store:
 def _build_workers(cfg: NodeConfig, store: Store, provider_factory: ProviderFactory, job_ready: threading.Event,
                    result_ready: threading.Event, stop: threading.Event) -> list[threading.Thread]:
     """The embedded engine's worker threads, or with the celery engine the one gateway thread that hands
-    series to ``sci-node worker``s through the broker."""
+    series to ``sci-node worker``s through the broker (and, with ``[followup] enabled``, the thread that
+    compares its accepted results with their priors)."""
     if cfg.engine.kind == "celery":
         from sci_node.engine.gateway import build_gateway
 
-        return [build_gateway(cfg, store, job_ready, result_ready, stop)]
+        gateway = build_gateway(cfg, store, job_ready, result_ready, stop)
+        return [gateway] if gateway.followups is None else [gateway, gateway.followups]
     from sci_node.engine import ENGINE_FILE
 
     (cfg.data_dir / ENGINE_FILE).unlink(missing_ok=True)  # a gateway ran here before: status shows local now

@@ -17,10 +17,19 @@ With no prior in the history and ``[followup] pacs`` set, the PACS is asked
 cannot be asked leaves the follow-up ``pending``; the first worker asks again when it is due
 (:func:`retry_pending`: ``retry_seconds`` doubling up to ``retry_max_seconds``, given up after
 ``give_up_hours``). The job's own result has gone out meanwhile.
+
+Both engines run it the same way: the local engine's worker thread calls :func:`followup_job` right
+after a job's outcome was recorded (:func:`sci_node.engine.local.run_job`) and, when idle, asks
+:class:`PendingRetries` to retry; with the celery engine the gateway hands each accepted ``done`` result
+to a :class:`FollowupThread` on the node, which holds the job history, the spool and the outbox (a
+``sci-node worker`` has none of them), and which retries too. A prior fetched from the PACS is then routed
+and segmented on the node with its own active models (:func:`node_prior_processor`).
 """
 from __future__ import annotations
 
 import datetime as _dt
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -230,3 +239,108 @@ def retry_pending(cfg: NodeConfig, store: Store, destinations: Sequence[str], pr
         finally:
             structlog.contextvars.unbind_contextvars("job_id", "series_uid", "study_uid")
     return tried
+
+
+def should_compare(cfg: NodeConfig, job: Job, record: Mapping[str, Any]) -> bool:
+    """Whether a just-finished job gets a follow-up: ``[followup] enabled`` and the series was segmented."""
+    return cfg.followup.enabled and job.state == "done" and "summary" in record
+
+
+class PendingRetries:
+    """Asks the PACS again for the pending follow-ups (:func:`retry_pending`) at most every ``every_s``.
+
+    Parameters
+    ----------
+    cfg, store, destinations
+        The node's configuration, index and export destinations.
+    process
+        How a fetched prior is routed and segmented (:data:`~sci_node.engine.prior_pacs.Process`).
+    every_s
+        The shortest time between two looks.
+    """
+
+    def __init__(self, cfg: NodeConfig, store: Store, destinations: Sequence[str], process: Process,
+                 every_s: float = 5.0) -> None:
+        self.cfg, self.store, self.destinations, self.process = cfg, store, list(destinations), process
+        self.every_s = every_s
+        self._next = 0.0  # time.monotonic() of the next look
+
+    def maybe_run(self) -> bool:
+        """Retry the due follow-ups when it is time; True when one was tried (wake the exporter). Never raises."""
+        fu, now = self.cfg.followup, time.monotonic()
+        if not (fu.enabled and fu.pacs) or now < self._next:
+            return False
+        self._next = now + self.every_s
+        try:
+            return retry_pending(self.cfg, self.store, self.destinations, self.process) > 0
+        except Exception:  # noqa: BLE001 - a follow-up must never stop the thread that retries it
+            log.exception("followup.retry_error")
+            return False
+
+
+def node_prior_processor(cfg: NodeConfig) -> Process:
+    """The node's own processor for a prior fetched from the PACS, built (models loaded) on first use.
+
+    With the celery engine the gateway runs no inference otherwise: its active models (which it already
+    fingerprints for every dispatch) are loaded only when a PACS prior has to be segmented, with
+    ``torch_threads`` for one worker.
+    """
+    built: list[Process] = []
+
+    def process(files: Sequence[Path], out: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        if not built:
+            from sci_node.engine.local import default_provider, prior_processor
+
+            if cfg.processor == "pipeline":
+                from sci_node.models.predict_seg import configure_threads
+
+                configure_threads(cfg.torch_threads, 1)
+            built.append(prior_processor(default_provider(cfg)))
+        return built[0](files, out)
+    return process
+
+
+class FollowupThread(threading.Thread):
+    """The celery engine's follow-ups, on the node: each accepted ``done`` job compared after its result.
+
+    The gateway thread :meth:`submit`s a job once its outcome and its own outbox entries were written;
+    this thread runs :func:`followup_job` (so dispatch and result collection never wait for a
+    comparison) and, when idle, :class:`PendingRetries`. ``on_result`` is set when a follow-up queued
+    outputs. A job submitted but not yet compared when the node stops is not compared later, as with the
+    local engine (its own result is safe).
+    """
+
+    def __init__(self, cfg: NodeConfig, store: Store, on_result: threading.Event, stop: threading.Event,
+                 process: Process | None = None) -> None:
+        super().__init__(name="followup", daemon=True)
+        self.cfg, self.store, self.on_result, self.stop_event = cfg, store, on_result, stop
+        self.destinations = [str(d) for d in cfg.destinations]
+        self.process = process or node_prior_processor(cfg)
+        self.retries = PendingRetries(cfg, store, self.destinations, self.process)
+        self._queue: queue.Queue[tuple[int, dict[str, Any], Path]] = queue.Queue()
+
+    def submit(self, job: Job, record: Mapping[str, Any], out_dir: Path) -> None:
+        """Compare ``job`` (finished, its own results queued) with its prior, in this thread."""
+        self._queue.put((job.id, dict(record), out_dir))
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                job_id, record, out_dir = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                if self.retries.maybe_run():
+                    self.on_result.set()
+                continue
+            self._compare(job_id, record, out_dir)
+
+    def _compare(self, job_id: int, record: dict[str, Any], out_dir: Path) -> None:
+        job = self.store.job(job_id)
+        structlog.contextvars.bind_contextvars(job_id=job.id, series_uid=job.series_uid, study_uid=job.study_uid)
+        try:
+            done = followup_job(self.cfg, self.store, job, record, out_dir, self.destinations, self.process)
+            if done.delivery == "pending":  # the comparison's SEG and SR, queued after the job's own
+                self.on_result.set()
+        except Exception:  # noqa: BLE001 - never stop the thread: the job's own result is already out
+            log.exception("followup.thread_error")
+        finally:
+            structlog.contextvars.unbind_contextvars("job_id", "series_uid", "study_uid")

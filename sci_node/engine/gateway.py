@@ -14,6 +14,10 @@ One thread (:class:`Gateway`) replaces the local worker threads. Each tick it
    left running with nothing out (a publish failed) is dispatched again as well.
 
 The job table stays the source of truth: everything in Redis can be rebuilt from it and the spool.
+A ``done`` result, once accepted, is compared with the same person's prior on the node
+(:class:`sci_node.engine.followup.FollowupThread`, the local engine's follow-up code): the comparison SEG
+and SR are queued after the job's own results.
+
 Nothing from Redis is trusted: a result is accepted only when its outputs are the job's own
 (:mod:`sci_node.engine.result_check`: expected SOP classes, the source study, patient and series); any
 other fails the job with the reason (``job.result_rejected``) and nothing of it is sent.
@@ -34,6 +38,7 @@ import structlog
 from sci_node.config import NodeConfig
 from sci_node.engine import ENGINE_FILE, TASK_NAME
 from sci_node.engine import redis_store as rstore
+from sci_node.engine.followup import FollowupThread, should_compare
 from sci_node.engine.ledger import Dispatch, Ledger
 from sci_node.engine.local import job_notes
 from sci_node.engine.result_check import SourceSeries, check_outputs
@@ -81,6 +86,8 @@ class Gateway(threading.Thread):
         self._models: dict[str, Any] = {}
         self._last_check = 0.0
         self._down_since: float | None = None
+        #: the follow-up comparisons of accepted results, on the node (started beside this thread)
+        self.followups = FollowupThread(cfg, store, on_result, stop) if cfg.followup.enabled else None
 
     # -- loop ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -314,6 +321,8 @@ class Gateway(threading.Thread):
                      model_versions=record.get("model_versions"), timings=record.get("timings"))
             if done.delivery == "pending":
                 self.on_result.set()
+            if self.followups is not None and should_compare(self.cfg, done, record):
+                self.followups.submit(done, record, out_dir)
         self._drop(d.token)
 
     def _check_result(self, d: Dispatch, event: Mapping[str, Any], job: Job, outputs: list[Path]) -> None:

@@ -23,7 +23,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 import structlog
 
@@ -31,6 +31,9 @@ from sci_node.config import NodeConfig
 from sci_node.errors import InvalidSeriesError, ModelError, SciNodeError
 from sci_node.store import Job, Store
 from sci_node.store.private_files import make_private_dirs
+
+if TYPE_CHECKING:
+    from sci_node.engine.followup import PendingRetries
 
 log = structlog.get_logger("sci_node.worker")
 
@@ -252,10 +255,11 @@ def run_job(job: Job, store: Store, provider: ProcessorProvider, destinations: S
     done = store.finish_job(job.id, o.state, o.reason, o.record, o.outputs, destinations)
     if on_finished is not None:
         on_finished(done)
-    if cfg is not None and cfg.followup.enabled and done.state == "done" and "summary" in o.record:
-        from sci_node.engine.followup import followup_job
+    if cfg is not None and cfg.followup.enabled:
+        from sci_node.engine.followup import followup_job, should_compare
 
-        done = followup_job(cfg, store, done, o.record, out_dir, destinations, prior_processor(provider))
+        if should_compare(cfg, done, o.record):
+            done = followup_job(cfg, store, done, o.record, out_dir, destinations, prior_processor(provider))
     return done
 
 
@@ -286,7 +290,7 @@ class Worker(threading.Thread):
         self.cfg, self.store, self.provider = cfg, store, provider
         self.wake, self.on_result, self.stop_event = wake, on_result, stop
         self.destinations = [str(d) for d in cfg.destinations]
-        self._next_retry = 0.0  # time.monotonic() of the next look for pending follow-ups
+        self._retries: PendingRetries | None = None  # made on the first idle moment
 
     def run(self) -> None:
         try:  # load the models now, not on the first series (and say so if they are missing)
@@ -311,18 +315,14 @@ class Worker(threading.Thread):
 
     def _retry_followups(self) -> None:
         """The first worker asks the PACS again for pending follow-ups, every 5 s at most (never raises)."""
-        fu = self.cfg.followup
-        now = time.monotonic()
-        if self.name != "worker-1" or not (fu.enabled and fu.pacs) or now < self._next_retry:
+        if self.name != "worker-1":
             return
-        self._next_retry = now + 5.0
-        try:
-            from sci_node.engine.followup import retry_pending
+        if self._retries is None:
+            from sci_node.engine.followup import PendingRetries
 
-            if retry_pending(self.cfg, self.store, self.destinations, prior_processor(self.provider)):
-                self.on_result.set()
-        except Exception:  # noqa: BLE001 - a follow-up must never stop the worker
-            log.exception("worker.followup_retry_error")
+            self._retries = PendingRetries(self.cfg, self.store, self.destinations, prior_processor(self.provider))
+        if self._retries.maybe_run():
+            self.on_result.set()
 
     def _run_one(self, job: Job) -> None:
         structlog.contextvars.bind_contextvars(job_id=job.id, series_uid=job.series_uid, study_uid=job.study_uid)
