@@ -31,6 +31,29 @@ PAIRS = [(f"sub-{p}Ses{a}/anat/sub-{p}Ses{a}_run-{r}_T2starw.nii.gz",
          for p in ("9709", "10062") for (a, r, b, s) in ((1, 1, 2, 1), (1, 1, 1, 2), (2, 1, 2, 2))]
 
 
+def manual_common_stretch(data: Path, prior: str, current: str) -> dict | None:
+    """The same comparison's common-stretch CSA change measured on the raters' ``_seg-manual`` cords (the
+    reference: how much the manual masks of the two scans differ), or None without both masks."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from sci_node.imaging import followup
+    from sci_node.imaging.measure import index_to_lps, si_axis
+    from sci_node.imaging.preprocess import as_scalar_float, canonicalise
+
+    def side(rel: str) -> tuple[sitk.Image, np.ndarray] | None:
+        mask = data / GM / "derivatives" / "labels" / rel.replace(".nii.gz", "_seg-manual.nii.gz")
+        if not mask.is_file():
+            return None
+        img = canonicalise(as_scalar_float(sitk.ReadImage(str(data / GM / rel))))
+        return img, (sitk.GetArrayFromImage(canonicalise(sitk.ReadImage(str(mask)))) > 0).astype(np.uint8)
+
+    a, b = side(prior), side(current)
+    if a is None or b is None:
+        return None
+    m = index_to_lps(b[0].GetOrigin(), b[0].GetSpacing(), b[0].GetDirection())
+    res = followup.compare(a[0], a[1], np.zeros_like(a[1]), b[0], b[1], np.zeros_like(b[1]), si_axis(m))
+    return res.csa_common if res.check.passed else None
 
 
 def main() -> int:
@@ -61,7 +84,8 @@ def main() -> int:
                    "centerline_mm": rec["registration"]["centerline_mm"], "counts": rec["counts"],
                    "csa_mean": rec["csa_mean"], "csa_common_stretch": rec.get("csa_common_stretch"),
                    "csa_c2_c3": rec["csa_c2_c3"], "seconds_total": round(seconds, 2),
-                   "seconds_compare": rec["compare_seconds"]}
+                   "seconds_compare": rec["compare_seconds"],
+                   "manual_csa_common_stretch": manual_common_stretch(args.data, prior, current)}
             rows.append(row)
             print(json.dumps(row))
     diffs = [abs(r["csa_mean"]["change_pct"]) for r in rows if r["csa_mean"]["change_pct"] is not None]
@@ -74,6 +98,9 @@ def main() -> int:
                "csa_mean_abs_diff_pct_max": round(max(diffs), 2) if diffs else None,
                "csa_common_stretch_abs_diff_pct_median": round(statistics.median(common), 2) if common else None,
                "csa_common_stretch_abs_diff_pct_max": round(max(common), 2) if common else None,
+               "csa_common_stretch_abs_diff_pct_mean": round(statistics.fmean(common), 2) if common else None,
+               "manual_masks_common_stretch_abs_diff_pct": [abs(r["manual_csa_common_stretch"]["change_pct"])
+                                                            for r in rows if r["manual_csa_common_stretch"]],
                "seconds_compare_max": max((r["seconds_compare"] for r in rows), default=None)}
     print(json.dumps(summary))
     if args.json_out:

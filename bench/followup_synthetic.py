@@ -10,7 +10,7 @@ Per follow-up: the painted lesions found as new or enlarging (a painted lesion c
 a new-or-enlarging component touches it), and the new-or-enlarging components that touch no
 painted lesion (false new).
 
-    .venv/bin/python bench/followup_synthetic.py [--families columns field swelling] [--cases 8] [--skip 0] [--seed 0]
+    .venv/bin/python bench/followup_synthetic.py [--families columns field swelling] [--cases 8] [--skip 0] [--seed 0] [--paint-seed 0]
         [--models-dir D] [--rule KEY=VALUE] [--json-out F]
 """
 from __future__ import annotations
@@ -75,6 +75,7 @@ def main() -> int:
     ap.add_argument("--cases", type=int, default=8)
     ap.add_argument("--skip", type=int, default=0, help="start at this unseen case (a fresh set of follow-ups)")
     ap.add_argument("--seed", type=int, default=0, help="the motion/noise draw (a fresh draw on the same cases)")
+    ap.add_argument("--paint-seed", type=int, default=0, help="the lesions' draw (another set of painted lesions)")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--models-dir", type=Path, help="another model registry (default: the repo's models/)")
     ap.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
@@ -101,7 +102,7 @@ def main() -> int:
             prior_seg = None
             for fam in args.families:
                 source = LesionSource((fam,), (family_generator(fam, spec),))
-                ((img, _cord, truth),) = lesion_trials(image, mask, source, 1, 0)
+                ((img, _cord, truth),) = lesion_trials(image, mask, source, 1, args.paint_seed)
                 arr = sitk.GetArrayFromImage(img)
                 med = float(np.median(arr[_cord > 0])) if _cord.any() else float(np.median(arr))
                 noisy = sitk.GetImageFromArray(arr + rng.normal(0, 0.02 * med, arr.shape).astype(np.float32))

@@ -26,7 +26,8 @@ no I/O. Steps:
 4. **New by subtraction** (:func:`new_by_difference`): the prior image resampled onto the current grid
    is subtracted from the current one, each divided by its cord median; a component inside both cords
    (the current one eroded by ``diff_erode_mm``) that rises by ``max(diff_min_rise, diff_k`` robust SDs),
-   is brighter than the cord, spans ``diff_min_mm3`` and touches no lesion of either time point is a
+   is brighter than the cord, spans ``diff_min_mm3``, rises somewhere by more than a shift of
+   ``diff_shift_mm`` explains (:func:`shift_explained`) and touches no lesion of either time point is a
    new lesion ``found_by`` "subtraction": a lesion the lesion model did not segment still shows as new. A lesion
    the model marks only now but that did not rise on the subtraction (median < ``diff_confirm_rise``) was there
    before, unsegmented: it is "stable", not new (:func:`confirm_new`).
@@ -65,6 +66,10 @@ class FollowupRules:
     diff_min_rise: float = 0.15
     diff_min_mm3: float = 5.0
     diff_erode_mm: float = 0.0
+    #: a residual misregistration of this much (mm) explains a rise up to ``diff_shift_mm`` times the local
+    #: intensity gradient (per mm, the larger of the two images'); a component none of whose voxels rises beyond
+    #: that is the cord's edge against bright CSF seen a fraction of a voxel apart, not a new lesion
+    diff_shift_mm: float = 0.15
     #: a lesion the lesion model marks only now is new only if it rose on the subtraction by this much (median
     #: over its voxels); otherwise it was there before, unsegmented: "stable" (the model's flicker, not a change)
     diff_confirm_rise: float = 0.06
@@ -435,11 +440,55 @@ def new_by_difference(current: np.ndarray, moved_prior: np.ndarray, current_cord
     cand = region & (diff > rise) & (cur > 1.0 + rise / 2)
     lab, n = ndi.label(cand, structure=_CONN26)
     voxel = float(np.prod(spacing_zyx))
+    unexplained = ~shift_explained(cur, cur - diff, diff - rise, cand, spacing_zyx, rules.diff_shift_mm)
     out = []
     for i in range(1, n + 1):
         comp = lab == i
-        if comp.sum() * voxel >= rules.diff_min_mm3 and not (comp & known).any():
+        if comp.sum() * voxel >= rules.diff_min_mm3 and not (comp & known).any() and (comp & unexplained).any():
             out.append(comp)
+    return out
+
+
+def shift_explained(cur: np.ndarray, pri: np.ndarray, excess: np.ndarray, where: np.ndarray,
+                    spacing_zyx: tuple[float, float, float], shift_mm: float) -> np.ndarray:
+    """Voxels of ``where`` whose rise a residual misregistration of ``shift_mm`` explains.
+
+    To first order a shift by ``d`` mm changes an image by ``d`` times its gradient, so where the two images
+    differ by less than ``shift_mm * max(|grad cur|, |grad pri|)`` (per mm, central differences with the
+    voxel spacing) the difference may be the same edge seen a fraction of a voxel apart: the cord's rim
+    against CSF on T2w, which a rigid registration on the cord cannot align to better than a voxel.
+
+    Parameters
+    ----------
+    cur, pri
+        ``(Z, Y, X)`` float: the current and the moved prior image, each divided by its cord median.
+    excess
+        ``(Z, Y, X)`` float: how far the difference rises beyond the subtraction's threshold.
+    where
+        ``(Z, Y, X)`` bool: the voxels to judge (the candidates); the gradient is computed on their bounding
+        box with one voxel of margin.
+    spacing_zyx
+        Voxel size (mm).
+    shift_mm
+        The residual misregistration allowed (mm); 0 explains nothing.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(Z, Y, X)`` bool, True inside ``where`` where ``excess <= shift_mm * gradient``.
+    """
+    out = np.zeros(where.shape, dtype=bool)
+    if not where.any() or shift_mm <= 0:
+        return out
+    idx = np.argwhere(where)
+    box = tuple(slice(max(int(lo) - 1, 0), int(hi) + 2) for lo, hi in zip(idx.min(0), idx.max(0)))
+    grad = np.zeros(out[box].shape, dtype=np.float32)
+    for image in (cur[box], pri[box]):
+        axes = [a for a in range(3) if image.shape[a] > 1]
+        parts = np.gradient(image.astype(np.float32), *[spacing_zyx[a] for a in axes], axis=axes)
+        parts = parts if isinstance(parts, list | tuple) else [parts]
+        grad = np.maximum(grad, np.sqrt(sum(g * g for g in parts)))
+    out[box] = where[box] & (excess[box] <= shift_mm * grad)
     return out
 
 
