@@ -10,8 +10,8 @@ Per follow-up: the painted lesions found as new or enlarging (a painted lesion c
 a new-or-enlarging component touches it), and the new-or-enlarging components that touch no
 painted lesion (false new).
 
-    .venv/bin/python bench/followup_synthetic.py [--families columns field swelling] [--cases 8] [--skip 0] [--seed 0] [--paint-seed 0]
-        [--models-dir D] [--rule KEY=VALUE] [--json-out F]
+    .venv/bin/python bench/followup_synthetic.py [--families columns field swelling] [--cases 8] [--skip 0] [--seed 0]
+        [--paint-seed 0] [--models-dir D] [--rule KEY=VALUE] [--json-out F]
 """
 from __future__ import annotations
 
