@@ -154,6 +154,17 @@ def test_sci_node_compare_end_to_end_with_the_shipped_models(tmp_path: Path) -> 
     assert counts["new"] + counts["enlarging"] + counts["stable"] + counts["shrinking"] == n_now
     assert counts["resolved"] <= n_prior and len(rec["lesions"]) == n_now + counts["resolved"]
     assert all(les["centroid_lps_mm"] is not None for les in rec["lesions"] if les["status"] != "resolved")
+    stretch = same["csa_common_stretch"]  # the same scan twice: no change, well within the measurement error
+    assert stretch["change_pct"] == 0.0 and stretch["beyond_error"] is False
+    assert stretch["error_pct"] == FollowupRules().csa_error_pct and stretch["smallest_real_change_pct"] == 3.04
+
+
+def test_a_csa_change_is_judged_against_the_scan_rescan_error() -> None:
+    assert followup.with_error(csa_change(80.0, 83.2), 1.55) == {
+        "then_mm2": 80.0, "now_mm2": 83.2, "change_pct": 4.0, "error_pct": 1.55, "smallest_real_change_pct": 3.04,
+        "beyond_error": True}
+    assert followup.with_error(csa_change(80.0, 78.0), 1.55)["beyond_error"] is False  # -2.5 %
+    assert followup.with_error(csa_change(None, 78.0), 1.55)["beyond_error"] is None
 
 
 def test_each_current_lesion_is_named_as_the_report_names_it() -> None:

@@ -183,6 +183,14 @@ def retry_job(cfg: NodeConfig, job_id: int) -> int:
     return 0
 
 
+def _error_note(csa: dict[str, Any]) -> str:
+    """`` (within the 3.04 % scan-rescan error)`` when the record carries the measurement error, else empty."""
+    if csa.get("beyond_error") is None:
+        return ""
+    judged = "beyond" if csa["beyond_error"] else "within"
+    return f" ({judged} the {csa['smallest_real_change_pct']} % scan-rescan error)"
+
+
 def followup_text(fu: dict[str, Any]) -> str:
     """``vs job 3 (study 1.2...): 1 new, 0 enlarging, 2 stable, 0 shrinking, 0 resolved; C2-C3 CSA -1.2 %``."""
     if fu.get("pending"):
@@ -192,7 +200,7 @@ def followup_text(fu: dict[str, Any]) -> str:
     if not fu.get("compared"):
         return f"{head}: not compared ({fu.get('reason')})"
     counts = ", ".join(f"{n} {k}" for k, n in (fu.get("counts") or {}).items())
-    csa = [f"{name} CSA {v['change_pct']:+.1f} %" for name, v in (("C2-C3", fu.get("csa_c2_c3") or {}),
+    csa = [f"{name} CSA {v['change_pct']:+.1f} %" + _error_note(v) for name, v in (("C2-C3", fu.get("csa_c2_c3") or {}),
                                                                   ("common-stretch", fu.get("csa_common_stretch")
                                                                    or {}),
                                                                   ("mean", fu.get("csa_mean") or {}))

@@ -73,6 +73,10 @@ class FollowupRules:
     #: a lesion the lesion model marks only now is new only if it rose on the subtraction by this much (median
     #: over its voxels); otherwise it was there before, unsegmented: "stable" (the model's flicker, not a change)
     diff_confirm_rise: float = 0.06
+    #: the CSA's measurement error: the root-mean-square difference of the node's same-stretch CSA between two scans
+    #: of the same cord (6 real scan-rescan pairs, bench/followup.py, session 23: 1.55 %); a change is beyond it
+    #: when larger than 1.96 times this (the 95 % limit of the paired differences: 3.0 %)
+    csa_error_pct: float = 1.55
 
 
 @dataclass(frozen=True)
@@ -496,3 +500,13 @@ def csa_change(then: float | None, now: float | None) -> dict[str, Any]:
     """``{"then_mm2", "now_mm2", "change_pct"}`` (None where a value is missing)."""
     pct = None if not then or now is None else round(100.0 * (now - then) / then, 2)
     return {"then_mm2": then, "now_mm2": now, "change_pct": pct}
+
+
+def with_error(change: dict[str, Any], error_pct: float) -> dict[str, Any]:
+    """``change`` (a :func:`csa_change` dict) with its measurement error: ``error_pct`` (the scan-rescan RMS
+    difference, %), ``smallest_real_change_pct`` (1.96 times it: the paired differences' 95 % limit) and
+    ``beyond_error`` (True when ``|change_pct|`` exceeds that limit; None without a change)."""
+    limit = round(1.96 * error_pct, 2)
+    pct = change.get("change_pct")
+    return {**change, "error_pct": error_pct, "smallest_real_change_pct": limit,
+            "beyond_error": None if pct is None else abs(pct) > limit}

@@ -97,12 +97,15 @@ def comparison_record(result: followup.Comparison, current: sitk.Image, then: di
                      **_reported(_lps(current, c.centroid_index_zyx) if c.status != "resolved" else None,
                                  now if c.current_id else {})}
                     for c in result.lesions],
-        "csa_c2_c3": followup.csa_change(then.get("csa_c2_c3_mm2"), now.get("csa_c2_c3_mm2")),
+        "csa_c2_c3": followup.with_error(followup.csa_change(then.get("csa_c2_c3_mm2"), now.get("csa_c2_c3_mm2")),
+                                         rules.csa_error_pct),
         # the mean over the stretch both scans cover, the prior moved onto the current grid
-        "csa_common_stretch": result.csa_common or None,
+        "csa_common_stretch": followup.with_error(result.csa_common, rules.csa_error_pct) if result.csa_common
+        else None,
         # the mean over each scan's whole cord: comparable when both cover the same stretch (a rescan)
-        "csa_mean": followup.csa_change((then.get("csa_mm2") or {}).get("mean"),
-                                        (now.get("csa_mm2") or {}).get("mean")),
+        "csa_mean": followup.with_error(followup.csa_change((then.get("csa_mm2") or {}).get("mean"),
+                                                           (now.get("csa_mm2") or {}).get("mean")),
+                                        rules.csa_error_pct),
         "csa_per_level": _per_level(then, now),
     }
 
@@ -243,7 +246,10 @@ def _lines(record: dict[str, Any]) -> list[str]:
         where += f" ({', '.join(les['vertebral_levels'])})" if les.get("vertebral_levels") else ""
         then, now = les["volume_then_mm3"], les["volume_now_mm3"]
         lines.append(f"  {les['status']:<10} {then:>8.1f} -> {now:>8.1f} mm3{where}")
-    csa = record["csa_c2_c3"]
-    if csa["change_pct"] is not None:
-        lines.append(f"C2-C3 mean CSA {csa['then_mm2']} -> {csa['now_mm2']} mm2 ({csa['change_pct']:+.1f} %)")
+    for name, csa in (("C2-C3 mean CSA", record["csa_c2_c3"]), ("CSA over the common stretch",
+                                                                  record.get("csa_common_stretch") or {})):
+        if csa.get("change_pct") is not None:
+            judged = "beyond" if csa.get("beyond_error") else "within"
+            lines.append(f"{name} {csa['then_mm2']} -> {csa['now_mm2']} mm2 ({csa['change_pct']:+.1f} %, {judged} "
+                         f"the {csa.get('smallest_real_change_pct')} % scan-rescan error)")
     return lines
