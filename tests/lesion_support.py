@@ -74,3 +74,31 @@ def with_lesions(files: Sequence[Path], vol: SeriesVolume, cord: np.ndarray, les
         ds.save_as(out / f.name, enforce_file_format=True)
         written.append(out / f.name)
     return written, labels
+
+
+def as_study(files: Sequence[Path], out: Path, patient: str, date: str) -> tuple[list[Path], str]:
+    """``files`` (one series) written to ``out`` as ``patient``'s study of ``date`` with new study, series and
+    instance UIDs: ``(paths, series_uid)``."""
+    out.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.StudyDate = study, series, date
+        ds.PatientID, ds.PatientName = patient, f"Doe^{patient}"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(out / Path(f).name, enforce_file_format=True)
+        paths.append(out / Path(f).name)
+    return paths, series
+
+
+def follow_up_with_lesion(prior: Sequence[Path], vol: SeriesVolume, cord: np.ndarray, out: Path,
+                          date: str = "20260107") -> tuple[list[Path], np.ndarray, str]:
+    """The prior series a year later with one lesion written into its cord (:func:`with_lesions`, a 0.5
+    contrast, 5 mm long, 2.5 mm wide), dated ``date``: ``(paths, truth, series_uid)``."""
+    later, truth = with_lesions(prior, vol, cord, [Lesion(0.5, 5.0, 2.5)], out)
+    for f in later:
+        ds = pydicom.dcmread(f)
+        ds.StudyDate = date
+        ds.save_as(f, enforce_file_format=True)
+    return later, truth, str(pydicom.dcmread(later[0], stop_before_pixels=True).SeriesInstanceUID)

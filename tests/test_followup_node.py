@@ -17,7 +17,7 @@ from typing import Callable
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
+from lesion_support import as_study
 
 from conftest import NodeProc, StoreSCP, free_port, storescu, wait_for
 from dicom_validate import dciodvfy_errors
@@ -28,17 +28,7 @@ SERIES = sorted((REPO / "tests" / "data" / "series" / "pam50_sag_T2w").glob("*.d
 
 
 def _study(out: Path, patient: str, date: str) -> tuple[list[Path], str]:
-    out.mkdir(parents=True)
-    study, series = generate_uid(), generate_uid()
-    paths = []
-    for f in SERIES:
-        ds = pydicom.dcmread(f)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.StudyDate = study, series, date
-        ds.PatientID, ds.PatientName = patient, f"Doe^{patient}"
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.save_as(out / f.name, enforce_file_format=True)
-        paths.append(out / f.name)
-    return paths, series
+    return as_study(SERIES, out, patient, date)
 
 
 def _done(node: NodeProc, series_uid: str, followup: bool) -> dict:
@@ -149,19 +139,14 @@ def test_a_new_lesion_in_the_follow_up_is_flagged_new_and_drawn_in_the_compariso
     import highdicom as hd
     import numpy as np
     import SimpleITK as sitk
-    from lesion_support import Lesion, with_lesions
+    from lesion_support import follow_up_with_lesion
 
     from sci_node.pipeline.series import read_series
 
     dest, node, prior, first, folder = _node_with_prior(node_factory, storescp_factory, tmp_path, "FU4")
     vol = read_series(prior)
     cord = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "cord.nii.gz")))
-    later, truth = with_lesions(prior, vol, cord, [Lesion(0.5, 5.0, 2.5)], tmp_path / "later")
-    for f in later:
-        ds = pydicom.dcmread(f)
-        ds.StudyDate = "20260107"
-        ds.save_as(f, enforce_file_format=True)
-    later_series = str(pydicom.dcmread(later[0], stop_before_pixels=True).SeriesInstanceUID)
+    later, truth, later_series = follow_up_with_lesion(prior, vol, cord, tmp_path / "later")
     assert storescu(node.port, later).returncode == 0
     second = _done(node, later_series, followup=True)
     fu = second["result"]["summary"]["followup"]

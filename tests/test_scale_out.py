@@ -493,7 +493,7 @@ def test_a_follow_up_on_the_celery_engine_is_compared_on_the_node_and_its_seg_an
     (marking the written lesion) and the comparison SR referencing the prior study."""
     import highdicom as hd
     import SimpleITK as sitk
-    from lesion_support import Lesion, with_lesions
+    from lesion_support import follow_up_with_lesion
     from test_followup_node import _done, _study
 
     from sci_node.pipeline.series import read_series
@@ -509,12 +509,7 @@ def test_a_follow_up_on_the_celery_engine_is_compared_on_the_node_and_its_seg_an
     assert first["result"]["engine"] == "celery" and "followup" not in first["result"]["summary"]
     folder = Path(first["result"]["outputs"][0]).parent  # the worker's masks came back with its SEG and SR
     cord = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "cord.nii.gz")))
-    later, truth = with_lesions(prior, read_series(prior), cord, [Lesion(0.5, 5.0, 2.5)], tmp_path / "later")
-    for f in later:
-        ds = pydicom.dcmread(f)
-        ds.StudyDate = "20260107"
-        ds.save_as(f, enforce_file_format=True)
-    later_series = str(pydicom.dcmread(later[0], stop_before_pixels=True).SeriesInstanceUID)
+    later, truth, later_series = follow_up_with_lesion(prior, read_series(prior), cord, tmp_path / "later")
     assert storescu(node.port, later).returncode == 0
     second = _done(node, later_series, followup=True)
     assert second["result"]["engine"] == "celery" and short(second["result"]["worker"]) == w.name

@@ -22,9 +22,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from lesion_support import Lesion, cord_from_seg, with_lesions
+from lesion_support import as_study, cord_from_seg, follow_up_with_lesion
 from PIL import Image
-from pydicom.uid import generate_uid
 
 from sci_node.pipeline.comparison_seg import NEW_OR_ENLARGING_COLOR
 from sci_node.pipeline.series import read_series
@@ -62,21 +61,6 @@ CLICK_SEGMENT = """(() => {
 })()""" % LABEL
 
 
-def _study(out: Path, patient: str, date: str) -> list[Path]:
-    """The PAM50 series as ``patient``'s study of ``date`` (new UIDs)."""
-    out.mkdir(parents=True)
-    study, series = generate_uid(), generate_uid()
-    paths = []
-    for f in SERIES:
-        ds = pydicom.dcmread(f)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.StudyDate = study, series, date
-        ds.PatientID, ds.PatientName = patient, f"Doe^{patient}"
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.save_as(out / f.name, enforce_file_format=True)
-        paths.append(out / f.name)
-    return paths
-
-
 def _download(stack: StackProc, orthanc_series: str, path: Path) -> Path:
     client = stack.client()
     path.write_bytes(client.get_instances_id_file(client.get_series_id(orthanc_series)["Instances"][0]))
@@ -108,17 +92,13 @@ def followup_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackPr
 def test_ohif_shows_the_new_or_enlarging_lesion_segment_of_a_follow_up(followup_stack: StackProc,
                                                                        tmp_path: Path) -> None:
     stack = followup_stack
-    prior = _study(tmp_path / "prior", "FUVIEW", "20250107")
+    prior, _ = as_study(SERIES, tmp_path / "prior", "FUVIEW", "20250107")
     prior_study = str(pydicom.dcmread(prior[0], stop_before_pixels=True).StudyInstanceUID)
     stack.storescu(prior)
     wait_for(lambda: bool(stack.find_series(prior_study, "SR")), 600, interval=1, what="the prior's SR in Orthanc")
     vol = read_series(prior)
     cord = cord_from_seg(_download(stack, stack.find_series(prior_study, "SEG")[0], tmp_path / "prior-seg.dcm"), vol)
-    later, truth = with_lesions(prior, vol, cord, [Lesion(0.5, 5.0, 2.5)], tmp_path / "later")
-    for f in later:
-        ds = pydicom.dcmread(f)
-        ds.StudyDate = "20260107"
-        ds.save_as(f, enforce_file_format=True)
+    later, truth, _ = follow_up_with_lesion(prior, vol, cord, tmp_path / "later")
     study = str(pydicom.dcmread(later[0], stop_before_pixels=True).StudyInstanceUID)
     stack.storescu(later)
 
