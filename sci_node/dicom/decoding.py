@@ -140,16 +140,35 @@ def check_lengths(ds: Dataset, data: bytes) -> None:
 
 def _check_raw_length(elem: RawDataElement, data: bytes) -> None:
     got = len(elem.value) if elem.value is not None else 0
-    name = f"{Tag(elem.tag)} {keyword_for_tag(elem.tag) or 'private/unknown'}"
     if elem.length != UNDEFINED_LENGTH:
         if got < elem.length:
-            raise LengthError(f"element {name} declares a value length of {elem.length} bytes but only {got} "
-                              "follow in the data set (a lying or truncated length field)")
+            raise LengthError(f"element {_name(elem.tag)} declares a value length of {elem.length} bytes but only "
+                              f"{got} follow in the data set (a lying or truncated length field)")
         return
     end = elem.value_tell + got
     if data[end:end + 8] != _SEQUENCE_DELIMITER:
-        raise LengthError(f"element {name} has an undefined length but no Sequence Delimitation Item: the data set "
-                          f"ends after {got} bytes of its value")
+        raise LengthError(f"element {_name(elem.tag)} has an undefined length but no Sequence Delimitation Item: the "
+                          f"data set ends after {got} bytes of its value")
+
+
+def _name(tag: int) -> str:
+    """``(gggg,eeee) Keyword`` of an element, for a refusal's reason (built only when one is refused)."""
+    return f"{Tag(tag)} {keyword_for_tag(tag) or 'private/unknown'}"
+
+
+def text_value(ds: Dataset, keyword_tag: int) -> str:
+    """A top-level text element's value (e.g. a UID) without pydicom's value conversion, '' when absent.
+
+    The bytes of a still-raw element are decoded as ASCII (invalid bytes replaced) and stripped of
+    NUL and space padding; an element pydicom already converted gives ``str(value)``.
+    """
+    elem = ds.get_item(keyword_tag)
+    if elem is None:
+        return ""
+    value = elem.value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("ascii", "replace").strip("\0 ")
+    return str(value or "").strip("\0 ")
 
 
 def pixel_data_problem(ds: Dataset, transfer_syntax: str) -> str | None:
