@@ -1,5 +1,5 @@
-"""Spool journal (one fdatasync per instance): replay after a power loss, torn appends, wraps, purges;
-the hand-built file meta header; the in-memory series counts."""
+"""Spool journal (one fdatasync per instance): replay after a power loss, torn appends, wraps, purges, a failed append;
+the hand-built file meta header; the in-memory series counts; UIDs read from the raw bytes."""
 from __future__ import annotations
 
 import os
@@ -121,11 +121,16 @@ def test_instance_larger_than_the_ring_is_written_durably_without_it(tmp_path: P
     store = Store(tmp_path / "d")
     store.open_journal(RING)
     key, data = _key("1.2.3.3.9"), os.urandom(RING)
-    assert store.spool_instance(key, data) is True
+    assert store.spool_instance(key, b"an earlier, journaled version") is True
+    assert store.spool_instance(key, data) is False
     assert store.instance_path(key).read_bytes() == data
     journal = store.journal
-    assert journal is not None and list(journal.records()) == []
-    store.close()
+    assert journal is not None and list(journal.records()) == []  # the earlier version can never replay over it
+    _power_loss(store)
+    again = Store(tmp_path / "d")
+    assert again.open_journal(RING) == 0
+    assert again.instance_path(key).read_bytes() == data
+    again.close()
 
 
 def test_series_count_in_memory_follows_duplicates_and_purge(tmp_path: Path) -> None:
@@ -190,3 +195,45 @@ def test_concurrent_appends_share_fdatasyncs_and_all_replay(tmp_path: Path, monk
     assert again.open_journal(RING) == 60
     assert all(again.instance_path(k).read_bytes() == data for k, data in sent.items())
     again.close()
+
+
+def test_failed_append_refuses_and_keeps_no_new_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sci_node.errors import StorageError
+
+    store = Store(tmp_path / "d")
+    store.open_journal(RING)
+    journal = store.journal
+    assert journal is not None
+
+    def full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(journal, "append", full)
+    with pytest.raises(StorageError):
+        store.spool_instance(_key("1.2.3.3.1"), b"never acknowledged")
+    assert not store.instance_path(_key("1.2.3.3.1")).exists()
+    assert store.series_size("1.2.3.2") == 0
+    monkeypatch.undo()
+    store.close()
+
+
+def test_uids_read_raw_only_when_pydicom_would_read_them_alike() -> None:
+    import struct
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+
+    from sci_node.dicom.decoding import text_value
+
+    def element(tag: int, vr: bytes, value: bytes) -> bytes:
+        return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+    good = read_dataset(BytesIO(element(0x00080018, b"UI", b"1.2.3\0")), False, True)
+    assert text_value(good, 0x00080018) == "1.2.3"
+    assert text_value(good, 0x0020000D) == ""
+    first = element(0x00080016, b"UI", b"1.2.840.10008.5.1.4.1.1.4\0")  # read as explicit VR from here
+    flipped = read_dataset(BytesIO(first + element(0x00080018, b"U\0", b"1.2.3\0")), False, True)
+    with pytest.raises(NotImplementedError):  # an unknown VR: refused as before (0xC210), never stored
+        text_value(flipped, 0x00080018)
+    multi = read_dataset(BytesIO(element(0x00080018, b"UI", b"1.2\\3.4\0")), False, True)
+    assert text_value(multi, 0x00080018) == str(multi.SOPInstanceUID)

@@ -156,19 +156,23 @@ def _name(tag: int) -> str:
     return f"{Tag(tag)} {keyword_for_tag(tag) or 'private/unknown'}"
 
 
-def text_value(ds: Dataset, keyword_tag: int) -> str:
-    """A top-level text element's value (e.g. a UID) without pydicom's value conversion, '' when absent.
+def text_value(ds: Dataset, tag: int, vr: str = "UI") -> str:
+    """A top-level single-valued text element (e.g. a UID), '' when absent; pydicom's value otherwise.
 
-    The bytes of a still-raw element are decoded as ASCII (invalid bytes replaced) and stripped of
-    NUL and space padding; an element pydicom already converted gives ``str(value)``.
+    A still-raw element of the expected ``vr`` (or implicit VR) with one value is decoded from its
+    bytes (ISO 8859-1 as pydicom does, NUL and space padding stripped) without pydicom's value
+    conversion and validation (much of the handler's decode time). Any
+    other element (another or an unknown VR, several values, already converted) goes through
+    pydicom as before: ``str(value)``, and whatever pydicom raises for it propagates.
     """
-    elem = ds.get_item(keyword_tag)
+    elem = ds.get_item(tag)
     if elem is None:
         return ""
     value = elem.value
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("ascii", "replace").strip("\0 ")
-    return str(value or "").strip("\0 ")
+    if (isinstance(elem, RawDataElement) and elem.VR in (None, vr) and isinstance(value, (bytes, bytearray))
+            and b"\\" not in value):
+        return bytes(value).decode("latin-1").strip("\0 ")  # as pydicom decodes UI (its default encoding)
+    return str(ds[tag].value or "").strip("\0 ")
 
 
 def pixel_data_problem(ds: Dataset, transfer_syntax: str) -> str | None:

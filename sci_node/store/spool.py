@@ -116,6 +116,28 @@ def write_atomic(path: Path, data: bytes | Sequence[Buffer], durable: bool) -> N
         _fsync_dir(path.parent)
 
 
+def _write_journaled(journal: SpoolJournal, rel: str, path: Path, chunks: Sequence[Buffer]) -> None:
+    """Write the file (no fsync), then append its record (durable once this returns).
+
+    The file comes first: a checkpoint after the append fsyncs it. When the append fails, a file
+    that did not exist before is removed again (never acknowledged); a duplicate's stays.
+
+    Raises
+    ------
+    OSError
+        The file or the record could not be written.
+    """
+    existed = path.exists()
+    write_atomic(path, chunks, durable=False)
+    try:
+        journal.append(rel, path, chunks)  # one (shared) fdatasync
+    except OSError:
+        if not existed:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+
+
 class Spool(IndexBase):
     """The spool part of :class:`~sci_node.store.Store`: files under ``spool/`` and their ``instances`` rows."""
 
@@ -146,10 +168,11 @@ class Spool(IndexBase):
         try:
             journal, rel = self.journal, str(path.relative_to(self.data_dir))
             if journal is not None and journal.fits(sum(len(c) for c in chunks), rel):
-                write_atomic(path, chunks, durable=False)  # first: a checkpoint after the append fsyncs it
-                journal.append(rel, path, chunks)  # durable once this returns: one (shared) fdatasync
+                _write_journaled(journal, rel, path, chunks)
             else:
                 write_durable(path, chunks)
+                if journal is not None:  # an earlier version journaled for this path must not replay over it
+                    journal.checkpoint()
         except OSError as exc:
             raise StorageError(f"cannot write {path}: {exc}") from exc
         return self._record_instance(key, path, calling_aet, opens_association)
