@@ -132,19 +132,26 @@ def sci_node_cmd() -> list[str]:
 
 
 def start_node(data_dir: Path, *, stable: float, processor: str = "pipeline", dest_port: int | None = None,
-               extra_toml: str = "", log_level: str = "WARNING") -> tuple[subprocess.Popen[bytes], int]:
-    """``sci-node serve`` on a free port with its own data dir (calling AE ``SCANNER`` allowed)."""
+               extra_toml: str = "", log_level: str = "WARNING",
+               code: Path | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """``sci-node serve`` on a free port with its own data dir (calling AE ``SCANNER`` allowed).
+
+    ``code``: another checkout of the package to run instead of this tree's (``git archive REV sci_node
+    models pyproject.toml | tar -x -C DIR``), as ``python -m sci_node.cli`` with ``PYTHONPATH=DIR``.
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cfg = data_dir.parent / f"{data_dir.name}.toml"
     cfg.write_text(f'processor = "{processor}"\n{extra_toml}')
-    cmd = [*sci_node_cmd(), "serve", "--config", str(cfg), "--port", str(port), "--data-dir", str(data_dir),
+    base = sci_node_cmd() if code is None else [sys.executable, "-m", "sci_node.cli"]
+    env = None if code is None else {**os.environ, "PYTHONPATH": str(code)}
+    cmd = [*base, "serve", "--config", str(cfg), "--port", str(port), "--data-dir", str(data_dir),
            "--stable-seconds", str(stable), "--allow-ae", "SCANNER", "--log-format", "json",
            "--log-level", log_level]
     if dest_port:
         cmd += ["--destination", f"DEST@127.0.0.1:{dest_port}"]
     with open(data_dir.parent / f"{data_dir.name}.log", "ab") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=code)
     wait_port(port, proc=proc)
     return proc, port
 

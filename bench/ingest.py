@@ -16,6 +16,11 @@ instances/s and the ratio to storescp's median rate.
 Usage (from the repo root)::
 
     .venv/bin/python bench/ingest.py [--copies 10] [--rounds 3] [--json-out FILE]
+        [--inplane N] [--baseline DIR] [--variant NAME=TOML ...]
+
+``--inplane N``: the series resampled to N x N pixels first (56: ~8 kB instances, 290: ~170 kB).
+``--baseline DIR``: one more server, ``baseline``, the node from another checkout of the code
+(``git archive REV sci_node models pyproject.toml | tar -x -C DIR``), in the same rotation.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from common import (
     machine,
     parse_variants,
     replicate,
+    resample_series,
     start_node,
     start_orthanc,
     start_storescp,
@@ -41,12 +47,17 @@ from common import (
 SERVERS = ("storescp", "sci-node", "orthanc")
 
 
-def send_to(server: str, files: list[Path], work: Path, variants: dict[str, str] | None = None) -> float:
+def send_to(server: str, files: list[Path], work: Path, variants: dict[str, str] | None = None,
+            baseline: Path | None = None) -> float:
     """Start ``server`` fresh in ``work``, send ``files``, stop it; the send's wall time (s).
 
     ``variants``: extra sci-node servers by name, each with the TOML lines it adds to the node's config.
+    ``baseline``: the checkout the server named ``baseline`` runs.
     """
-    if server in (variants or {}):
+    if server == "baseline":
+        proc, port = start_node(work / "node", stable=3600, processor="derived-sc", code=baseline)
+        called = "SCINODE"
+    elif server in (variants or {}):
         proc, port = start_node(work / "node", stable=3600, processor="derived-sc", extra_toml=(variants or {})[server])
         called = "SCINODE"
     elif server == "storescp":
@@ -70,16 +81,22 @@ def main() -> int:
     ap.add_argument("--copies", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--inplane", type=int, help="resample the series to N x N pixels first")
+    ap.add_argument("--baseline", type=Path, help="another checkout of the code, run as the server 'baseline'")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=TOML",
                     help="another sci-node server, its config lines added (e.g. "
                          "'poll=[limits]\\nreactor_poll_seconds = 0.0001'; \\n is a line break)")
     args = ap.parse_args()
     variants = parse_variants(args.variant)
-    servers = SERVERS + tuple(variants)
+    servers = SERVERS + tuple(variants) + (("baseline",) if args.baseline else ())
     emit({"bench": "machine", **machine()}, args.json_out)
     tmp = Path(tempfile.mkdtemp(prefix="scinode-ingest-"))
     try:
-        files = replicate(args.series, args.copies, tmp / "files")
+        series = args.series
+        if args.inplane:
+            resample_series(args.series, tmp / "resampled", inplane=args.inplane)
+            series = tmp / "resampled"
+        files = replicate(series, args.copies, tmp / "files")
         mb = sum(f.stat().st_size for f in files) / 1e6
         times: dict[str, list[float]] = {s: [] for s in servers}
         for r in range(args.rounds):
@@ -87,7 +104,7 @@ def main() -> int:
             order = servers[k:] + servers[:k]
             for server in order:
                 work = tmp / f"{server}-{r}"
-                dt = send_to(server, files, work, variants)
+                dt = send_to(server, files, work, variants, args.baseline)
                 times[server].append(dt)
                 emit({"bench": "ingest", "server": server, "round": r, "instances": len(files),
                       "mb": round(mb, 1), "seconds": round(dt, 3), "inst_per_s": round(len(files) / dt, 1)},

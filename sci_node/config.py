@@ -92,6 +92,9 @@ class Limits:
     #: the same sleep while the association is storing (from its establishment and each C-STORE until
     #: 0.5 s without one; sci_node.dicom.poll); 0 = always ``reactor_poll_seconds``
     reactor_poll_busy_seconds: float = 0.0001
+    #: size of the spool journal's ring (MiB): each instance is made durable by one append + fdatasync
+    #: there instead of a file fsync and a directory fsync (sci_node.store.journal); 0 = no journal
+    spool_journal_mb: int = 64
 
 
 @dataclass(frozen=True)
@@ -460,6 +463,8 @@ def _validate(cfg: NodeConfig, errors: list[str]) -> None:
     if not 0 <= cfg.limits.reactor_poll_busy_seconds <= cfg.limits.reactor_poll_seconds:
         errors.append(f"limits.reactor_poll_busy_seconds: {cfg.limits.reactor_poll_busy_seconds} must be in "
                       f"[0, reactor_poll_seconds = {cfg.limits.reactor_poll_seconds}] (0 = not adaptive)")
+    if not (cfg.limits.spool_journal_mb == 0 or 8 <= cfg.limits.spool_journal_mb <= 4096):
+        errors.append(f"limits.spool_journal_mb: {cfg.limits.spool_journal_mb} must be 0 (off) or in [8, 4096]")
     if cfg.limits.max_pending_connections < 1:
         errors.append(f"limits.max_pending_connections: {cfg.limits.max_pending_connections} must be >= 1")
     if not 0 <= cfg.routing.min_confidence <= 1:

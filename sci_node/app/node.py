@@ -110,6 +110,11 @@ def _open_store(cfg: NodeConfig) -> Store:
         log.warning("node.data_dir_not_private", data_dir=str(cfg.data_dir), mode=f"{mode:o}",
                     detail="the data dir holds patient data: chmod 700 it")
     recovered = recover_jobs(store, celery=cfg.engine.kind == "celery")
+    if cfg.limits.spool_journal_mb:
+        restored = store.open_journal(cfg.limits.spool_journal_mb * 2**20)
+        if restored:
+            log.warning("node.spool_journal_replayed", restored=restored,
+                        detail="instance files a power loss had lost were rewritten from the spool journal")
     reindexed, removed_tmp = store.reconcile()
     cut = store.cut_by_restart()
     if cut:

@@ -140,16 +140,39 @@ def check_lengths(ds: Dataset, data: bytes) -> None:
 
 def _check_raw_length(elem: RawDataElement, data: bytes) -> None:
     got = len(elem.value) if elem.value is not None else 0
-    name = f"{Tag(elem.tag)} {keyword_for_tag(elem.tag) or 'private/unknown'}"
     if elem.length != UNDEFINED_LENGTH:
         if got < elem.length:
-            raise LengthError(f"element {name} declares a value length of {elem.length} bytes but only {got} "
-                              "follow in the data set (a lying or truncated length field)")
+            raise LengthError(f"element {_name(elem.tag)} declares a value length of {elem.length} bytes but only "
+                              f"{got} follow in the data set (a lying or truncated length field)")
         return
     end = elem.value_tell + got
     if data[end:end + 8] != _SEQUENCE_DELIMITER:
-        raise LengthError(f"element {name} has an undefined length but no Sequence Delimitation Item: the data set "
-                          f"ends after {got} bytes of its value")
+        raise LengthError(f"element {_name(elem.tag)} has an undefined length but no Sequence Delimitation Item: the "
+                          f"data set ends after {got} bytes of its value")
+
+
+def _name(tag: int) -> str:
+    """``(gggg,eeee) Keyword`` of an element, for a refusal's reason (built only when one is refused)."""
+    return f"{Tag(tag)} {keyword_for_tag(tag) or 'private/unknown'}"
+
+
+def text_value(ds: Dataset, tag: int, vr: str = "UI") -> str:
+    """A top-level single-valued text element (e.g. a UID), '' when absent; pydicom's value otherwise.
+
+    A still-raw element of the expected ``vr`` (or implicit VR) with one value is decoded from its
+    bytes (ISO 8859-1 as pydicom does, NUL and space padding stripped) without pydicom's value
+    conversion and validation (much of the handler's decode time). Any
+    other element (another or an unknown VR, several values, already converted) goes through
+    pydicom as before: ``str(value)``, and whatever pydicom raises for it propagates.
+    """
+    elem = ds.get_item(tag)
+    if elem is None:
+        return ""
+    value = elem.value
+    if (isinstance(elem, RawDataElement) and elem.VR in (None, vr) and isinstance(value, (bytes, bytearray))
+            and b"\\" not in value):
+        return bytes(value).decode("latin-1").strip("\0 ")  # as pydicom decodes UI (its default encoding)
+    return str(ds[tag].value or "").strip("\0 ")
 
 
 def pixel_data_problem(ds: Dataset, transfer_syntax: str) -> str | None:

@@ -5,9 +5,9 @@ One handler per DIMSE service, all registered in :func:`event_handlers`; depende
 the C-STORE handler decodes the data set strictly under the negotiated transfer syntax
 (:mod:`sci_node.dicom.decoding`: a data set in the other VR mode, an element whose length field claims
 more bytes than were sent, or Pixel Data that does not fit the image header gets ``0xC210``), reads the four
-UIDs it needs from the header, writes ``event.encoded_dataset()`` (the bytes as sent, with a
-file meta header) durably to the spool, records it, and returns a named
-:class:`~sci_node.dicom.dimse.Status`.
+UIDs it needs from the header, writes the bytes as sent behind a file meta header
+(:func:`~sci_node.dicom.filemeta.file_header`, the same bytes as ``event.encoded_dataset()``) durably
+to the spool, records it, and returns a named :class:`~sci_node.dicom.dimse.Status`.
 
 Before any of this, the connection gate (:mod:`sci_node.dicom.gate`) lets a TCP connection become
 an association (and hold one of ``limits.max_associations`` slots) only once it has sent an
@@ -34,7 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from sci_node.config import NodeConfig, TLSConfig
-from sci_node.dicom.decoding import decode_strict, pixel_data_problem
+from sci_node.dicom.decoding import decode_strict, pixel_data_problem, text_value
 from sci_node.dicom.dimse import (
     STORAGE_TRANSFER_SYNTAXES,
     VERIFICATION_SOP_CLASS,
@@ -43,12 +43,16 @@ from sci_node.dicom.dimse import (
     RejectSource,
     Status,
 )
+from sci_node.dicom.filemeta import file_header
 from sci_node.dicom.gate import ConnectionGate, GatedAssociationServer, gate_handlers
 from sci_node.dicom.poll import AdaptivePoll, set_loop_delay
 from sci_node.errors import ConfigError, InvalidDatasetError, StorageError
 from sci_node.store import InstanceKey, Store
 
 log = structlog.get_logger("sci_node.scp")
+
+#: Study, Series and SOP Instance UID, SOP Class UID: what the index needs from a received data set
+_KEY_TAGS = (0x0020000D, 0x0020000E, 0x00080018, 0x00080016)
 
 #: Storage SOP classes accepted as SCP.
 STORAGE_SOP_CLASSES: tuple[str, ...] = (MRImageStorage, EnhancedMRImageStorage)
@@ -189,18 +193,22 @@ def handle_echo(event: Event) -> int:
     return int(Status.SUCCESS)
 
 
-def _instance_key(event: Event) -> InstanceKey | tuple[Status, str]:
-    """The UIDs of the received data set, or the status + reason to refuse it with."""
+def _received_bytes(event: Event) -> bytes:
+    """The C-STORE's data set as the peer sent it (pynetdicom keeps it in a ``BytesIO``)."""
+    stream = getattr(event.request, "DataSet", None)
+    return stream.getvalue() if stream is not None else b""
+
+
+def _instance_key(event: Event, raw: bytes) -> InstanceKey | tuple[Status, str]:
+    """The UIDs of the received data set ``raw``, or the status + reason to refuse it with."""
     try:  # strictly under the negotiated syntax: pydicom's silent VR-mode fallback would spool corrupt bytes
-        stream = getattr(event.request, "DataSet", None)  # the C-STORE's data set bytes (BytesIO)
-        ds = decode_strict(stream.getvalue() if stream is not None else b"", str(event.context.transfer_syntax))
-        uids = [str(ds.get(kw) or "") for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
-                                                  "SOPClassUID")]
+        ds = decode_strict(raw, str(event.context.transfer_syntax))
+        uids = [text_value(ds, tag) for tag in _KEY_TAGS]
     except InvalidDatasetError as exc:  # mis-encoded, truncated, undecodable
         return Status.CANNOT_UNDERSTAND, str(exc)[:300]
     except Exception as exc:  # corrupt / undecodable data set
         return Status.CANNOT_UNDERSTAND, f"cannot decode data set: {type(exc).__name__}: {exc}"[:300]
-    study, series, sop, sop_class = (u.strip("\0 ") for u in uids)
+    study, series, sop, sop_class = uids
     missing = [kw for kw, v in zip(("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"), (study, series, sop))
                if not v]
     if missing:
@@ -226,7 +234,8 @@ def handle_store(event: Event, deps: ScpDeps) -> int:
         if n >= deps.cfg.limits.max_instances_per_association:
             log.warning("store.refused", reason="per-association instance cap reached", cap=n)
             return int(Status.OUT_OF_RESOURCES)
-        key = _instance_key(event)
+        raw = _received_bytes(event)
+        key = _instance_key(event, raw)
         if isinstance(key, tuple):
             status, why = key
             log.warning("store.refused", status=f"0x{status:04X}", reason=why)
@@ -239,8 +248,8 @@ def handle_store(event: Event, deps: ScpDeps) -> int:
         with deps.lock:
             opens = key.series_uid not in deps.series.get(aid, ())
         try:
-            is_new = deps.store.spool_instance(key, event.encoded_dataset(), calling_aet=calling,
-                                               opens_association=opens)
+            header = file_header(str(event.request.AffectedSOPClassUID), key.sop_uid, key.transfer_syntax)
+            is_new = deps.store.spool_instance(key, (header, raw), calling_aet=calling, opens_association=opens)
         except StorageError as exc:
             log.error("store.failed", status="0xA700", reason=str(exc), sop_uid=key.sop_uid)
             return int(Status.OUT_OF_RESOURCES)

@@ -169,12 +169,15 @@ class SeriesState(IndexBase):
                 return False
             series_dir = self.spool_dir / _safe_name(row["study_uid"]) / _safe_name(series_uid)
             job_ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE series_uid=?", (series_uid,))]
+            if self.journal is not None:  # no journal record of the series may outlive its files (replay)
+                self.journal.checkpoint()
             os.mkdir(trash, 0o700)
             if series_dir.exists():
                 os.replace(series_dir, trash / "spool")
             try:
                 db.execute("DELETE FROM instances WHERE series_uid=?", (series_uid,))
                 db.execute("DELETE FROM series WHERE series_uid=?", (series_uid,))
+                self._remember_count(series_uid, None)
             except BaseException:
                 if (trash / "spool").exists():
                     os.replace(trash / "spool", series_dir)

@@ -1,27 +1,36 @@
 """The spool: received instances on disk, written durably, and their rows in the index.
 
-Durability rule: an instance file is written under a temporary name, fsync'd, renamed
-into place and its directory fsync'd; only then is it recorded in the index (one
-committed transaction). The SCP acknowledges Success only after :meth:`Spool.spool_instance`
-returned, so an acknowledged instance survives ``kill -9`` and power loss.
+Durability rule: an instance's bytes are durable before it is recorded in the index (one
+committed transaction), and the SCP acknowledges Success only after :meth:`Spool.spool_instance`
+returned, so an acknowledged instance survives ``kill -9`` and power loss. Durable means either
+appended to the spool journal and ``fdatasync``'d (:mod:`sci_node.store.journal`, the node's
+default: the file is written under a temporary name and renamed first, and fsync'd at the journal's
+next checkpoint), or, without a journal, the file written under a temporary name, fsync'd,
+renamed into place and its directory fsync'd.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from sci_node.errors import StorageError
+from sci_node.store.journal import SpoolJournal
 from sci_node.store.outbox import _hold_stale_results
 from sci_node.store.private_files import make_private_dirs
 from sci_node.store.transactions import IndexBase
 
+#: bytes of an instance, as received or built
+Buffer = bytes | bytearray | memoryview
+#: the spool journal's ring file, in the data dir (:mod:`sci_node.store.journal`)
+JOURNAL_NAME = "spool.journal"
+_TMP_COUNTER = itertools.count()
 _UID_RE = re.compile(r"^[0-9A-Za-z.\-_]{1,64}$")
 
 
@@ -58,7 +67,7 @@ def _makedirs_durable(path: Path) -> None:
         _fsync_dir(d.parent)
 
 
-def write_durable(path: Path, data: bytes | Sequence[bytes]) -> None:
+def write_durable(path: Path, data: bytes | Sequence[Buffer]) -> None:
     """Write ``data`` to ``path`` atomically and durably (temp file, fsync, rename, dir fsync).
 
     Raises
@@ -66,10 +75,27 @@ def write_durable(path: Path, data: bytes | Sequence[bytes]) -> None:
     OSError
         On any I/O failure; the temporary file is removed and ``path`` is untouched.
     """
-    _makedirs_durable(path.parent)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    write_atomic(path, data, durable=True)
+
+
+def write_atomic(path: Path, data: bytes | Sequence[Buffer], durable: bool) -> None:
+    """Write ``data`` under a temporary name and rename it to ``path``; ``durable``: fsync file and folder.
+
+    Without ``durable`` the file survives a crash of the process (page cache) but not a power
+    loss: the caller has made the bytes durable elsewhere (the spool journal).
+
+    Raises
+    ------
+    OSError
+        On any I/O failure; the temporary file is removed and ``path`` is untouched.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_TMP_COUNTER)}.tmp")  # O_EXCL: never reused
     chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:  # the series folder usually exists: create (and fsync) the missing levels only when it does not
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileNotFoundError:
+        _makedirs_durable(path.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:
             for chunk in chunks:
@@ -77,7 +103,8 @@ def write_durable(path: Path, data: bytes | Sequence[bytes]) -> None:
                 while view:
                     n = os.write(fd, view)
                     view = view[n:]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -85,8 +112,30 @@ def write_durable(path: Path, data: bytes | Sequence[bytes]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
+
+def _write_journaled(journal: SpoolJournal, rel: str, path: Path, chunks: Sequence[Buffer]) -> None:
+    """Write the file (no fsync), then append its record (durable once this returns).
+
+    The file comes first: a checkpoint after the append fsyncs it. When the append fails, a file
+    that did not exist before is removed again (never acknowledged); a duplicate's stays.
+
+    Raises
+    ------
+    OSError
+        The file or the record could not be written.
+    """
+    existed = path.exists()
+    write_atomic(path, chunks, durable=False)
+    try:
+        journal.append(rel, path, chunks)  # one (shared) fdatasync
+    except OSError:
+        if not existed:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
 
 
 class Spool(IndexBase):
@@ -97,7 +146,7 @@ class Spool(IndexBase):
         return (self.spool_dir / _safe_name(key.study_uid) / _safe_name(key.series_uid)
                 / f"{_safe_name(key.sop_uid)}.dcm")
 
-    def spool_instance(self, key: InstanceKey, data: bytes | Sequence[bytes],
+    def spool_instance(self, key: InstanceKey, data: bytes | Sequence[Buffer],
                        calling_aet: str | None = None, opens_association: bool = False) -> bool:
         """Write an instance durably, then record it; return False for a duplicate SOP instance.
 
@@ -115,8 +164,15 @@ class Spool(IndexBase):
             When the file or the index cannot be written (nothing was recorded).
         """
         path = self.instance_path(key)
+        chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
         try:
-            write_durable(path, data)
+            journal, rel = self.journal, str(path.relative_to(self.data_dir))
+            if journal is not None and journal.fits(sum(len(c) for c in chunks), rel):
+                _write_journaled(journal, rel, path, chunks)
+            else:
+                write_durable(path, chunks)
+                if journal is not None:  # an earlier version journaled for this path must not replay over it
+                    journal.checkpoint()
         except OSError as exc:
             raise StorageError(f"cannot write {path}: {exc}") from exc
         return self._record_instance(key, path, calling_aet, opens_association)
@@ -124,15 +180,17 @@ class Spool(IndexBase):
     def _record_instance(self, key: InstanceKey, path: Path, calling_aet: str | None,
                          opens_association: bool = False) -> bool:
         now = time.time()
-        # The file is already fsync'd: it is the durable copy. The row is rebuilt from it by
-        # reconcile() if a power loss drops this (not fsync'd) commit.
-        with self._tx(sync_commit=False) as db:
+        # The bytes are durable already (the file fsync'd, or its spool journal record): the row is
+        # rebuilt from the file by reconcile() (after the journal's replay) if a power loss drops this
+        # (not fsync'd) commit.
+        with self._lock, self._tx(sync_commit=False) as db:  # the lock: count cached in commit order
             try:  # under the lock: a retention purge may have moved the series away meanwhile
                 size = path.stat().st_size
             except OSError as exc:
                 raise StorageError(f"cannot record {path}: {exc}") from exc
-            row = db.execute("SELECT state, generation FROM series WHERE series_uid=?",
+            row = db.execute("SELECT state, generation, n_instances FROM series WHERE series_uid=?",
                              (key.series_uid,)).fetchone()
+            count = 0 if row is None else int(row["n_instances"])
             if row is None:
                 generation = 1
                 db.execute("INSERT INTO series (series_uid, study_uid, state, generation, calling_aet,"
@@ -145,24 +203,55 @@ class Spool(IndexBase):
                 _hold_stale_results(db, key.series_uid, generation)
             else:
                 generation = row["generation"]
-                db.execute("UPDATE series SET last_received_at=? WHERE series_uid=?", (now, key.series_uid))
             cur = db.execute(
                 "INSERT OR IGNORE INTO instances (sop_uid, series_uid, study_uid, sop_class_uid, transfer_syntax,"
                 " path, size, calling_aet, received_at, generation) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (key.sop_uid, key.series_uid, key.study_uid, key.sop_class_uid, key.transfer_syntax,
                  str(path.relative_to(self.data_dir)), size, calling_aet, now, generation))
             is_new = cur.rowcount == 1
-            if opens_association:
-                db.execute("UPDATE series SET open_associations = open_associations + 1 WHERE series_uid=?",
-                           (key.series_uid,))
-            if is_new:
-                db.execute("UPDATE series SET n_instances = n_instances + 1 WHERE series_uid=?",
-                           (key.series_uid,))
-            else:
+            count += is_new
+            db.execute("UPDATE series SET last_received_at=?, n_instances = n_instances + ?,"
+                       " open_associations = open_associations + ? WHERE series_uid=?",
+                       (now, int(is_new), int(opens_association), key.series_uid))
+            if not is_new:
                 db.execute("UPDATE instances SET receptions = receptions + 1, received_at=?, generation=?,"
                            " size=?, transfer_syntax=? WHERE sop_uid=?",
                            (now, generation, size, key.transfer_syntax, key.sop_uid))
+            self._remember_count(key.series_uid, count)  # forgotten again if the commit fails (_tx)
         return is_new
+
+    def open_journal(self, size_bytes: int) -> int:
+        """Replay the spool journal (after a power loss), then journal every instance from now on.
+
+        Every instance the journal holds whose file is missing or differs is written again
+        durably (:func:`write_durable`); then a checkpoint starts a new epoch. Call before
+        :meth:`reconcile`, which indexes the rewritten files if their rows were lost too.
+
+        Returns
+        -------
+        int
+            Instance files rewritten from the journal.
+        """
+        journal = SpoolJournal(self.data_dir / JOURNAL_NAME, size_bytes)
+        latest: dict[str, bytes] = {}
+        for rel, data in journal.records():
+            latest.pop(rel, None)
+            latest[rel] = data  # a duplicate's later bytes win
+        restored = 0
+        spool = self.spool_dir.resolve()
+        for rel, data in latest.items():
+            path = (self.data_dir / rel).resolve()
+            if spool not in path.parents:
+                continue  # not a spool path: never ours
+            with contextlib.suppress(OSError):
+                if path.stat().st_size == len(data) and path.read_bytes() == data:
+                    continue
+            write_durable(path, data)
+            restored += 1
+        journal.checkpoint()
+        journal.start()
+        self.journal = journal
+        return restored
 
     def reconcile(self) -> tuple[int, int]:
         """At start-up: index spooled files the index lost (power loss), delete stale temp files.
@@ -197,9 +286,17 @@ class Spool(IndexBase):
         return recorded, removed
 
     def series_size(self, series_uid: str) -> int:
-        """Instances recorded for a series (0 if unknown)."""
-        rows = self._query("SELECT n_instances FROM series WHERE series_uid=?", (series_uid,))
-        return int(rows[0][0]) if rows else 0
+        """Instances recorded for a series (0 if unknown).
+
+        Served from memory for a series this process recorded an instance of (the count its
+        last committed row had), read from the index otherwise; a purge forgets it.
+        """
+        with self._lock:
+            counts = self._series_counts()
+            if series_uid in counts:
+                return counts[series_uid]
+            rows = self._query("SELECT n_instances FROM series WHERE series_uid=?", (series_uid,))
+            return int(rows[0][0]) if rows else 0
 
     def free_disk_mb(self) -> float:
         """Free space of the data directory's file system, in MiB."""

@@ -6,9 +6,15 @@ import contextlib
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from sci_node.errors import StorageError
+
+if TYPE_CHECKING:
+    from sci_node.store.journal import SpoolJournal
+
+#: series whose instance count the index keeps in memory (:meth:`IndexBase._remember_count`)
+MAX_CACHED_COUNTS = 10_000
 
 
 @contextlib.contextmanager
@@ -46,9 +52,16 @@ class IndexBase:
     results_dir: Path
     _db: sqlite3.Connection
     _lock: threading.RLock
+    #: the spool journal, once the node opened it (:meth:`~sci_node.store.spool.Spool.open_journal`)
+    journal: SpoolJournal | None = None
+    #: series instance counts kept in memory (:meth:`_remember_count`), created on first use
+    _counts: dict[str, int]
 
     def close(self) -> None:
-        """Close the index connection."""
+        """Close the spool journal (checkpointed first) and the index connection."""
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
         with self._lock:
             self._db.close()
 
@@ -58,22 +71,43 @@ class IndexBase:
 
         ``sync_commit=False`` commits without fsyncing the WAL (synchronous=NORMAL): the
         commit survives a process crash but not a power loss. Only for rows that
-        :meth:`reconcile` can rebuild from fsync'd spool files.
+        :meth:`reconcile` can rebuild from fsync'd spool files. A failed transaction forgets the
+        in-memory series counts (:meth:`_remember_count`): the index answers again.
         """
         where = f"index {self.data_dir / 'index.sqlite3'}"
+        mode = "FULL" if sync_commit else "NORMAL"
         with self._lock:
-            if not sync_commit:
+            if getattr(self, "_synchronous", "FULL") != mode:  # set only on a change: instance rows come in runs
                 try:
-                    self._db.execute("PRAGMA synchronous=NORMAL")
+                    self._synchronous = "unknown"
+                    self._db.execute(f"PRAGMA synchronous={mode}")
+                    self._synchronous = mode
                 except sqlite3.Error as exc:
                     raise StorageError(f"{where}: {exc}") from exc
             try:
                 with write_tx(self._db, where) as db:
                     yield db
-            finally:
-                if not sync_commit:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._db.execute("PRAGMA synchronous=FULL")
+            except BaseException:
+                self._series_counts().clear()  # a count remembered inside the rolled-back transaction
+                raise
+
+    def _series_counts(self) -> dict[str, int]:
+        """The in-memory series counts (created on first use; the caller holds ``_lock``)."""
+        counts: dict[str, int] | None = getattr(self, "_counts", None)
+        if counts is None:
+            counts = {}
+            self._counts = counts
+        return counts
+
+    def _remember_count(self, series_uid: str, count: int | None) -> None:
+        """Keep (``None``: forget) a series' instance count; at most ``MAX_CACHED_COUNTS`` series are kept."""
+        counts = self._series_counts()
+        if count is None:
+            counts.pop(series_uid, None)
+            return
+        if len(counts) >= MAX_CACHED_COUNTS and series_uid not in counts:
+            counts.clear()  # rare: the index answers until the series are seen again
+        counts[series_uid] = count
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
