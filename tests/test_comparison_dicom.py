@@ -48,7 +48,8 @@ def _record() -> dict:
            {"status": "resolved", "volume_then_mm3": 20.0, "volume_now_mm3": 0.0, "lesion_id": None,
             "vertebral_levels": []}]
     return {"compared": True, "counts": {"new": 1, "enlarging": 1, "stable": 0, "shrinking": 0, "resolved": 1},
-            "lesions": les, "csa_c2_c3": {"then_mm2": 80.0, "now_mm2": 76.0, "change_pct": -5.0},
+            "lesions": les, "csa_c2_c3": {"then_mm2": 80.0, "now_mm2": 76.0, "change_pct": -5.0, "beyond_error": True},
+            "csa_common_stretch": {"then_mm2": 81.0, "now_mm2": 80.0, "change_pct": -1.23, "beyond_error": False},
             "csa_mean": {"then_mm2": 70.0, "now_mm2": None, "change_pct": None}}
 
 
@@ -105,6 +106,10 @@ def test_comparison_sr_and_new_or_enlarging_seg_are_valid_and_say_what_changed(t
     csa = [g for g in groups if g["id"] == "Spinal cord C2-C3"]
     assert csa[0]["values"] == {("42798000", "mm2"): 80.0}
     assert csa[1]["values"] == {("42798000", "mm2"): 76.0, (CSA_CHANGE.value, "%"): -5.0}
+    assert csa[1]["quality"] == [STATUS_CODES["shrinking"].value]  # -5 % is beyond the scan-rescan error
+    stretch = [g for g in groups if g["id"] == "Spinal cord, stretch both scans cover"]
+    assert stretch[1]["values"][(CSA_CHANGE.value, "%")] == -1.23
+    assert stretch[1]["quality"] == [STATUS_CODES["stable"].value] and stretch[0]["quality"] == []
     assert not [g for g in groups if g["id"] == "Spinal cord"]  # the mean over the cord has no value now
 
 

@@ -121,9 +121,12 @@ def _lesion_groups(record: Mapping[str, Any], key: str, versions: Mapping[str, s
 def _csa_groups(record: Mapping[str, Any], key: str, versions: Mapping[str, str],
                 times: tuple[hd.sr.TimePointContext, hd.sr.TimePointContext],
                 ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
-    """Then and now groups of the C2-C3 mean CSA and of the mean CSA over the cord, where both are known."""
+    """Then and now groups of the C2-C3 mean CSA, of the mean over the stretch both scans cover and of the mean
+    over each cord, where both are known; the current group judges the change against the scan-rescan error
+    (``beyond_error``: a Qualitative Difference "No change", or "Increase"/"Decrease in size")."""
     out = []
     for what, name, sites in (("csa_c2_c3", "Spinal cord C2-C3", level_sites(["C2", "C3"])),
+                              ("csa_common_stretch", "Spinal cord, stretch both scans cover", []),
                               ("csa_mean", "Spinal cord", [])):
         csa = record.get(what) or {}
         if csa.get("then_mm2") is None or csa.get("now_mm2") is None:
@@ -135,7 +138,10 @@ def _csa_groups(record: Mapping[str, Any], key: str, versions: Mapping[str, str]
             now.append(_m(CSA_CHANGE, csa["change_pct"], PERCENT, versions))
         out.append(_group(tracking, times[0], CORD_TYPE, [hd.sr.FindingSite(CORD_TYPE), *sites],
                           [_m(AREA, csa["then_mm2"], MM2, versions, derivation=mean)], versions))
-        out.append(_group(tracking, times[1], CORD_TYPE, [hd.sr.FindingSite(CORD_TYPE), *sites], now, versions))
+        judged = None if csa.get("beyond_error") is None else "stable" if not csa["beyond_error"] else (
+            "enlarging" if csa["change_pct"] > 0 else "shrinking")
+        out.append(_group(tracking, times[1], CORD_TYPE, [hd.sr.FindingSite(CORD_TYPE), *sites], now, versions,
+                          judged))
     return out
 
 
