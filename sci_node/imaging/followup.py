@@ -369,14 +369,14 @@ def csa_common_stretch(prior_cord: np.ndarray, prior: sitk.Image, current_cord: 
 
 
 def normalised_difference(current: np.ndarray, moved_prior: np.ndarray,
-                          region: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(cur, cur - pri)``: ``current`` and ``moved_prior`` each divided by its own median over ``region``, and
-    their difference; None when ``region`` holds fewer than 50 voxels. All ``(Z, Y, X)`` on the current grid."""
+                          region: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(cur, pri, cur - pri)``: ``current`` and ``moved_prior`` each divided by its own median over ``region``,
+    and their difference; None when ``region`` holds fewer than 50 voxels. All ``(Z, Y, X)`` on the current grid."""
     if region.sum() < 50:
         return None
     cur = current / max(float(np.median(current[region])), 1e-6)
     pri = moved_prior / max(float(np.median(moved_prior[region])), 1e-6)
-    return cur, (cur - pri).astype(np.float32)
+    return cur, pri, (cur - pri).astype(np.float32)
 
 
 def confirm_new(changes: list[LesionChange], flagged: np.ndarray, current_lesion: np.ndarray, current: np.ndarray,
@@ -392,7 +392,7 @@ def confirm_new(changes: list[LesionChange], flagged: np.ndarray, current_lesion
     got = normalised_difference(current, moved_prior, current_cord & moved_cord & (moved_prior > 0))
     if got is None:
         return changes
-    diff = got[1]
+    diff = got[2]
     clab, _ = ndi.label(current_lesion > 0, structure=_CONN26)
     out = []
     for c in changes:
@@ -438,13 +438,13 @@ def new_by_difference(current: np.ndarray, moved_prior: np.ndarray, current_cord
     got = normalised_difference(current, moved_prior, region)
     if got is None:
         return []
-    cur, diff = got
+    cur, pri, diff = got
     mad = 1.4826 * float(np.median(np.abs(diff[region] - np.median(diff[region]))))
     rise = max(rules.diff_min_rise, rules.diff_k * mad)
     cand = region & (diff > rise) & (cur > 1.0 + rise / 2)
     lab, n = ndi.label(cand, structure=_CONN26)
     voxel = float(np.prod(spacing_zyx))
-    unexplained = ~shift_explained(cur, cur - diff, diff - rise, cand, spacing_zyx, rules.diff_shift_mm)
+    unexplained = ~shift_explained(cur, pri, diff - rise, cand, spacing_zyx, rules.diff_shift_mm)
     out = []
     for i in range(1, n + 1):
         comp = lab == i
