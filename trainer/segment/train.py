@@ -136,8 +136,9 @@ def below_end_negatives(lab: np.ndarray, spacing: tuple[float, float, float], be
     _, cy, cx = np.argwhere(low > 0).mean(axis=0)
     yy, xx = np.mgrid[:lab.shape[1], :lab.shape[2]]
     disc = np.hypot((yy - cy) * spacing[1], (xx - cx) * spacing[2]) <= radius_mm
-    z_lo = max(0, zs[0] - int(round(below_mm / sz)))
-    return np.array([(z, y, x) for z in range(z_lo, zs[0]) for y, x in np.argwhere(disc)], dtype=np.int64)
+    below = np.zeros(lab.shape, dtype=bool)
+    below[max(0, zs[0] - int(round(below_mm / sz))):zs[0]] = disc
+    return np.argwhere(below)
 
 
 def load_volumes(cases: list[tdata.Case], spec: preprocess.PrepSpec, task: str, margin_yx: int,
