@@ -55,7 +55,9 @@ def test_one_family_source_is_the_old_generator_bit_for_bit(t2w) -> None:
 def test_configs_name_their_families_and_unknown_ones_are_refused() -> None:
     cfg = load_config("lesion", CONFIGS / "lesion_families_lofo_field.toml")
     assert lesion_source(cfg).names == ("ellipsoid", "columns", "swelling")
-    assert set(lesion_source(load_config("lesion", CONFIGS / "lesion_families.toml")).names) == set(FAMILIES)
+    # every family but "perivenular" (issue 34's fifth, not yet in a training config: that waits for its LOFO run)
+    shipped = set(lesion_source(load_config("lesion", CONFIGS / "lesion_families.toml")).names)
+    assert shipped == set(FAMILIES) - {"perivenular"}
     with pytest.raises(ConfigError, match="'blobs'"):
         lesion_source({"lesions": {"families": ["blobs"]}})
     with pytest.raises(ConfigError, match="non-empty list"):
@@ -115,7 +117,7 @@ def test_held_out_lesions_are_painted_on_raw_scanner_intensities(t2w) -> None:
 
     image, cord, sp = t2w
     raw = (image * 1800.0 + 40.0).astype(np.float32)  # an affine scanner scale of the normalised crop
-    for name in ("columns", "field", "swelling"):
+    for name in ("columns", "field", "swelling", "perivenular"):
         gen = family_generator(name)
         on_norm = gen(np.random.default_rng(5), image, cord, sp)
         on_raw = on_raw_intensities(gen)(np.random.default_rng(5), raw, cord, sp)

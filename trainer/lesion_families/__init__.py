@@ -13,7 +13,10 @@ models; a lesion model is trained on some of them and scored on the one it never
 * ``field`` — a thresholded smooth random field: irregular, multifocal, confluent, soft edges,
   from barely brighter than the cord to CSF-bright (:mod:`trainer.lesion_families.field`);
 * ``swelling`` — long acute lesions with a bright core and oedema halo, cord swelling, small
-  satellites (:mod:`trainer.lesion_families.swelling`).
+  satellites (:mod:`trainer.lesion_families.swelling`);
+* ``perivenular`` — lesions grown around radial (mostly dorsal/lateral, subpial) or central sulcal veins,
+  multifocal, sometimes confluent, brightened by a contrast-to-noise ratio of the local noise (down to
+  faint, CNR 2-15), partial volume through thick slices (:mod:`trainer.lesion_families.perivenular`).
 
 In a training config, ``[lesions] families = [...]`` names the training families (one is drawn
 per volume and draw) and ``[lesions] test_families = [...]`` the held-out evaluation's; without
@@ -31,7 +34,7 @@ import numpy as np
 from sci_node.errors import ConfigError
 from trainer.lesion_families.base import LesionDraw
 
-FAMILIES = ("ellipsoid", "columns", "field", "swelling")
+FAMILIES = ("ellipsoid", "columns", "field", "swelling", "perivenular")
 # families whose numbers hold on any intensity scale (percentiles and ratios only); the others are written
 # for the normalised model-grid intensities (trainer.lesion_families.base) and are given raw scanner
 # intensities through :func:`on_raw_intensities`
