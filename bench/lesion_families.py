@@ -132,11 +132,20 @@ def score_artifact(artifact: Path, config: Path, trials: int | None, families: l
 
 
 def summarise_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The per-family table: each family's left-out row (a model that never trained on it), the worst one."""
-    left_out = [r for r in rows if not r["trained_on"]]
+    """The per-family table: each family's left-out row (a model that never trained on it, the one trained on the
+    most other families when several did not), the worst of those rows."""
+    # per family, the row of the model that trained on the most other families (the leave-exactly-one-out one;
+    # a model trained before a family existed also never saw it, but says less about it)
+    best: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if not r["trained_on"] and (r["family"] not in best
+                                    or len(r["trained_families"]) > len(best[r["family"]]["trained_families"])):
+            best[r["family"]] = r
+    left_out = list(best.values())
     worst = min(left_out, key=lambda r: (r["dice"], r["lesion_f1"])) if left_out else None
-    return {"left_out": {r["family"]: {k: r[k] for k in ("version", "dice", "lesion_f1", "volume_ratio",
-                                                          "false_lesions_per_healthy_scan", "false_lesions_on_gm")}
+    keys = ("version", "trained_families", "dice", "lesion_f1", "volume_ratio", "false_lesions_per_healthy_scan",
+            "false_lesions_on_gm")
+    return {"left_out": {r["family"]: {k: r[k] for k in keys}
                          for r in left_out},
             "worst_left_out": None if worst is None else {"family": worst["family"], "dice": worst["dice"],
                                                           "lesion_f1": worst["lesion_f1"]},
