@@ -161,3 +161,39 @@ def test_a_new_lesion_in_the_follow_up_is_flagged_new_and_drawn_in_the_compariso
     assert (px[truth == 0] > 0).sum() < (truth > 0).sum(), "the SEG marks more outside the lesion than in it"
     assert dciodvfy_errors(Path(second["deliveries"][2]["path"])) == []
     assert np.count_nonzero(px) > 0
+
+
+def test_a_comparison_cut_short_by_kill_9_is_done_at_the_next_start(
+        node_factory: Callable[..., NodeProc], storescp_factory: Callable[..., StoreSCP], tmp_path: Path) -> None:
+    """The node is frozen the moment its comparison starts (its log says ``followup.comparing``) and killed with
+    ``-9``: the job's own result is recorded with the "comparison due" marker and no follow-up. Started again, the
+    node compares it (``followup.resumed``) and sends the comparison SEG and SR after the job's own."""
+    import os
+    import signal
+    import time
+
+    dest, node, prior, first, folder = _node_with_prior(node_factory, storescp_factory, tmp_path, "FU5")
+    seen = node.log.stat().st_size
+    later, later_series = _study(tmp_path / "later", "FU5", "20260107")
+    assert storescu(node.port, later).returncode == 0
+    deadline = time.monotonic() + 300
+    while b'"followup.comparing"' not in node.log.read_bytes()[seen:]:
+        assert time.monotonic() < deadline and node.proc is not None and node.proc.poll() is None, "no comparison"
+        time.sleep(0.01)
+    assert node.proc is not None
+    os.kill(node.proc.pid, signal.SIGSTOP)  # frozen inside the comparison (it takes about a second)
+    job = next(j for j in node.jobs(10) if j["series_uid"] == later_series)
+    summary = node.job(job["id"])["result"]["summary"]
+    assert job["state"] == "done" and "followup" not in summary and summary["followup_due"]["attempts"] == 0, summary
+    node.kill9()
+
+    node.start()
+    second = _done(node, later_series, followup=True)
+    fu = second["result"]["summary"]["followup"]
+    assert fu["compared"] and fu["prior_job"] == first["id"], fu
+    assert second["result"]["summary"].get("followup_due") is None
+    assert b'"followup.resumed"' in node.log.read_bytes()[seen:]
+    names = [Path(d["path"]).name for d in second["deliveries"]]
+    assert names == ["seg.dcm", "sr.dcm", "new-or-enlarging-seg.dcm", "comparison-sr.dcm"], names
+    assert all(d["state"] == "sent" for d in second["deliveries"]), second["deliveries"]
+    assert len(_received(dest)) == 6  # the prior's SEG and SR, the follow-up's own two, the comparison's two

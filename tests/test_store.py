@@ -217,3 +217,32 @@ def test_follow_up_outputs_queue_after_the_job_own_and_never_for_a_series_that_m
     late = store.add_job_outputs(job1, {"followup": {"compared": False}}, [Path("/r/x.dcm")], ["D@h:1"])
     assert "/r/x.dcm" not in [e.path for e in store.outbox_for_job(job1)]
     assert (late.result or {})["summary"]["followup"] == {"compared": False}
+
+
+def test_a_comparison_left_due_by_an_earlier_run_is_resumed_and_given_up_after_three_stops(tmp_path: Path) -> None:
+    """``resume_interrupted``: a "comparison due" marker from before this process's start is resumed (no prior in
+    the history here: the follow-up ends with none and the marker is cleared); one set since the start is left to
+    the comparison still running; after three stops the follow-up is recorded as given up, nothing queued."""
+    import time
+
+    from sci_node.config import load_config
+    from sci_node.engine.followup import DUE, resume_interrupted
+
+    cfg = load_config(None, {"data_dir": str(tmp_path / "d"), "followup": {"enabled": True}})
+    store = Store(tmp_path / "d")
+    started = time.time()
+    jobs = []
+    for i, due in enumerate([{"since": started - 60, "attempts": 0}, {"since": started + 1, "attempts": 0},
+                             {"since": started - 60, "attempts": 3}]):
+        store.spool_instance(_key(f"1.{i}", series=f"1.2.3.{10 + i}"), b"\0" * 128 + b"DICM")
+        jobs.append(_complete(store, series=f"1.2.3.{10 + i}"))
+        seg = tmp_path / f"r{i}" / "seg.dcm"
+        store.finish_job(store.claim_job().id, "done", None, {"status": "done", "outputs": [str(seg)],
+                                                              "summary": {DUE: due}}, [seg], ["D@h:1"])
+    assert resume_interrupted(cfg, store, ["D@h:1"], None, started) == 2
+    resumed, running, stopped = (store.job(j).result["summary"] for j in jobs)
+    assert resumed[DUE] is None and "followup" not in resumed  # compared with nothing: no prior of that person
+    assert running[DUE]["since"] == started + 1  # still this process's own comparison: untouched
+    assert stopped[DUE] is None and stopped["followup"] == {
+        "compared": False, "reason": "gave up: the node stopped during the comparison 3 times"}
+    assert [e.path for e in store.outbox_for_job(jobs[2])] == [str(tmp_path / "r2" / "seg.dcm")]

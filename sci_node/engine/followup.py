@@ -167,6 +167,7 @@ def followup_of(cfg: NodeConfig, store: Store, job: Job, record: dict[str, Any],
         if prior is None:
             return None
         who, pfiles, pfolder, psummary = prior
+        log.info("followup.comparing", prior=who)
         rec = compare_results(pfiles, pfolder, files, out_dir, psummary, dict(record.get("summary") or {}),
                               cfg.max_missing_fraction)
     except DicomNetworkError as exc:
@@ -218,9 +219,9 @@ def followup_job(cfg: NodeConfig, store: Store, job: Job, record: dict[str, Any]
     """
     fu = followup_of(cfg, store, job, record, out_dir, process, previous)
     if fu is None:
-        return store.job(job.id) if previous is None else store.add_job_outputs(job.id, {"followup": None})
+        return store.add_job_outputs(job.id, {DUE: None} if previous is None else {"followup": None, DUE: None})
     outputs = tuple(Path(p) for p in fu.get("outputs") or [])
-    return store.add_job_outputs(job.id, {"followup": fu}, outputs, destinations)
+    return store.add_job_outputs(job.id, {"followup": fu, DUE: None}, outputs, destinations)
 
 
 def retry_pending(cfg: NodeConfig, store: Store, destinations: Sequence[str], process: Process) -> int:
@@ -241,6 +242,55 @@ def retry_pending(cfg: NodeConfig, store: Store, destinations: Sequence[str], pr
     return tried
 
 
+#: the job summary key that says a comparison is due (set with the job's own outcome, cleared by :func:`followup_job`)
+DUE = "followup_due"
+#: a comparison the node was stopped in this often is given up (it may be what stops the node)
+RESUME_ATTEMPTS = 3
+
+
+def mark_due(cfg: NodeConfig, state: str, record: dict[str, Any]) -> None:
+    """Put the "comparison due" marker into a finishing job's ``record`` (in place) when it will be compared.
+
+    Written in the same transaction as the job's own outcome, it lets a node that was stopped (``kill -9``,
+    power) between the outcome and the end of its comparison run the comparison at its next start
+    (:func:`resume_interrupted`).
+    """
+    if cfg.followup.enabled and state == "done" and isinstance(record.get("summary"), dict):
+        record["summary"] = {**record["summary"], DUE: {"since": time.time(), "attempts": 0}}
+
+
+def resume_interrupted(cfg: NodeConfig, store: Store, destinations: Sequence[str], process: Process | None,
+                       started_at: float) -> int:
+    """Compare every done job whose comparison a previous run of the node left unfinished; return how many.
+
+    A job is resumed when its summary still holds the :data:`DUE` marker from before ``started_at`` (this
+    process's start: a comparison still running in this process is never resumed). Each resume counts an
+    attempt; after :data:`RESUME_ATTEMPTS` the follow-up is recorded as given up.
+    """
+    resumed = 0
+    for job in store.jobs(limit=cfg.followup.search_jobs, state="done"):
+        result = job.result or {}
+        due = (result.get("summary") or {}).get(DUE)
+        if not isinstance(due, dict) or float(due.get("since") or 0) >= started_at or not result.get("outputs"):
+            continue
+        resumed += 1
+        attempts = int(due.get("attempts") or 0) + 1
+        structlog.contextvars.bind_contextvars(job_id=job.id, series_uid=job.series_uid, study_uid=job.study_uid)
+        try:
+            if attempts > RESUME_ATTEMPTS:
+                log.warning("followup.gave_up", attempts=attempts - 1, reason="the node stopped during the comparison")
+                store.add_job_outputs(job.id, {DUE: None, "followup": {
+                    "compared": False, "reason": f"gave up: the node stopped during the comparison {attempts - 1} "
+                                                 "times"}})
+                continue
+            log.info("followup.resumed", attempts=attempts)
+            store.add_job_outputs(job.id, {DUE: {"since": time.time(), "attempts": attempts}})
+            followup_job(cfg, store, job, result, Path(result["outputs"][0]).parent, destinations, process)
+        finally:
+            structlog.contextvars.unbind_contextvars("job_id", "series_uid", "study_uid")
+    return resumed
+
+
 def should_compare(cfg: NodeConfig, job: Job, record: Mapping[str, Any]) -> bool:
     """Whether a just-finished job gets a follow-up: ``[followup] enabled`` and the series was segmented."""
     return cfg.followup.enabled and job.state == "done" and "summary" in record
@@ -255,19 +305,33 @@ class PendingRetries:
         The node's configuration, index and export destinations.
     process
         How a fetched prior is routed and segmented (:data:`~sci_node.engine.prior_pacs.Process`).
+    started_at
+        ``time.time()`` when this node process started: comparisons marked due before it are resumed.
     every_s
         The shortest time between two looks.
     """
 
     def __init__(self, cfg: NodeConfig, store: Store, destinations: Sequence[str], process: Process,
-                 every_s: float = 5.0) -> None:
+                 started_at: float, every_s: float = 5.0) -> None:
         self.cfg, self.store, self.destinations, self.process = cfg, store, list(destinations), process
-        self.every_s = every_s
+        self.started_at, self.every_s = started_at, every_s
         self._next = 0.0  # time.monotonic() of the next look
+        self._resumed = False
 
     def maybe_run(self) -> bool:
-        """Retry the due follow-ups when it is time; True when one was tried (wake the exporter). Never raises."""
+        """Retry the due follow-ups when it is time; True when one was tried (wake the exporter). Never raises.
+
+        The first call also resumes the comparisons an earlier run of the node left unfinished
+        (:func:`resume_interrupted`, jobs marked before ``started_at``), with or without ``[followup] pacs``.
+        """
         fu, now = self.cfg.followup, time.monotonic()
+        if fu.enabled and not self._resumed:
+            self._resumed = True
+            try:
+                if resume_interrupted(self.cfg, self.store, self.destinations, self.process, self.started_at):
+                    return True
+            except Exception:  # noqa: BLE001 - never stop the thread that retries
+                log.exception("followup.resume_error")
         if not (fu.enabled and fu.pacs) or now < self._next:
             return False
         self._next = now + self.every_s
@@ -306,8 +370,8 @@ class FollowupThread(threading.Thread):
     The gateway thread :meth:`submit`s a job once its outcome and its own outbox entries were written;
     this thread runs :func:`followup_job` (so dispatch and result collection never wait for a
     comparison) and, when idle, :class:`PendingRetries`. ``on_result`` is set when a follow-up queued
-    outputs. A job submitted but not yet compared when the node stops is not compared later, as with the
-    local engine (its own result is safe).
+    outputs. A job submitted but not yet compared when the node stops is compared at the node's next start
+    (:func:`resume_interrupted`, through :class:`PendingRetries`), as with the local engine.
     """
 
     def __init__(self, cfg: NodeConfig, store: Store, on_result: threading.Event, stop: threading.Event,
@@ -316,7 +380,7 @@ class FollowupThread(threading.Thread):
         self.cfg, self.store, self.on_result, self.stop_event = cfg, store, on_result, stop
         self.destinations = [str(d) for d in cfg.destinations]
         self.process = process or node_prior_processor(cfg)
-        self.retries = PendingRetries(cfg, store, self.destinations, self.process)
+        self.retries = PendingRetries(cfg, store, self.destinations, self.process, time.time())
         self._queue: queue.Queue[tuple[int, dict[str, Any], Path]] = queue.Queue()
 
     def submit(self, job: Job, record: Mapping[str, Any], out_dir: Path) -> None:

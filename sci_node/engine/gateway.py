@@ -38,7 +38,7 @@ import structlog
 from sci_node.config import NodeConfig
 from sci_node.engine import ENGINE_FILE, TASK_NAME
 from sci_node.engine import redis_store as rstore
-from sci_node.engine.followup import FollowupThread, should_compare
+from sci_node.engine.followup import FollowupThread, mark_due, should_compare
 from sci_node.engine.ledger import Dispatch, Ledger
 from sci_node.engine.local import job_notes
 from sci_node.engine.result_check import SourceSeries, check_outputs
@@ -307,6 +307,7 @@ class Gateway(threading.Thread):
             return
         record.update(outputs=[str(p) for p in outputs], worker=event["worker"], dispatch=d.token,
                       engine="celery")
+        mark_due(self.cfg, str(event["state"]), record)  # with the outcome: a comparison lost to a stop is redone
         accepted, others = self.ledger.accept(d.token, d.job_id, str(event["state"]), event.get("reason"), record,
                                               outputs, self.destinations)
         if not accepted:

@@ -252,6 +252,10 @@ def run_job(job: Job, store: Store, provider: ProcessorProvider, destinations: S
     out_dir = store.results_dir / str(job.id) / f"attempt-{job.attempts}"
     make_private_dirs(out_dir)  # 0700 from the start: the results are patient data
     o = process_outcome(provider, store.series_files(job.series_uid), out_dir, job_notes(job))
+    if cfg is not None and cfg.followup.enabled:
+        from sci_node.engine.followup import mark_due
+
+        mark_due(cfg, o.state, o.record)  # with the outcome: a comparison lost to a stop is redone at the next start
     done = store.finish_job(job.id, o.state, o.reason, o.record, o.outputs, destinations)
     if on_finished is not None:
         on_finished(done)
@@ -291,6 +295,7 @@ class Worker(threading.Thread):
         self.wake, self.on_result, self.stop_event = wake, on_result, stop
         self.destinations = [str(d) for d in cfg.destinations]
         self._retries: PendingRetries | None = None  # made on the first idle moment
+        self._started_at = time.time()  # comparisons marked due before this were left by an earlier run
 
     def run(self) -> None:
         try:  # load the models now, not on the first series (and say so if they are missing)
@@ -320,7 +325,8 @@ class Worker(threading.Thread):
         if self._retries is None:
             from sci_node.engine.followup import PendingRetries
 
-            self._retries = PendingRetries(self.cfg, self.store, self.destinations, prior_processor(self.provider))
+            self._retries = PendingRetries(self.cfg, self.store, self.destinations, prior_processor(self.provider),
+                                           self._started_at)
         if self._retries.maybe_run():
             self.on_result.set()
 
