@@ -95,6 +95,9 @@ class Limits:
     #: size of the spool journal's ring (MiB): each instance is made durable by one append + fdatasync
     #: there instead of a file fsync and a directory fsync (sci_node.store.journal); 0 = no journal
     spool_journal_mb: int = 64
+    #: with the journal on: Success once the instance is appended there; its file and index row are written
+    #: right after by a writer thread (sci_node.store.writebehind; docs/node.md "Crash safety"); False = before
+    spool_write_behind: bool = True
 
 
 @dataclass(frozen=True)
