@@ -1,7 +1,7 @@
-"""Write-behind (``[limits] spool_write_behind``): Success once the instance is in the spool journal, the file
-and the index row written after it by a writer thread. Against real parts: dcmtk ``storescu``, a real node
-process killed with SIGKILL, a real tmpfs filled up, and the writer held back by another process holding
-the index's SQLite write lock (the writer waits on it exactly as on a slow disk).
+"""Write-behind (``[limits] spool_write_behind = true``, opt-in): Success once the instance is in the spool
+journal, the file and the index row written after it by a writer thread. Against real parts: dcmtk
+``storescu``, a real node process killed with SIGKILL, a real tmpfs filled up, and the writer held back by
+another process holding the index's SQLite write lock (the writer waits on it exactly as on a slow disk).
 
 The rule: every instance acknowledged with Success is, after any kill and a restart, in the spool (its
 file parses) and in the index; a full disk at the deferred write refuses new instances (``0xA700``)
@@ -28,7 +28,7 @@ from sci_node.store import journal as journal_mod
 
 from conftest import NodeProc, free_port, make_mr_series, storescu, wait_for
 
-PLUMBING = 'processor = "derived-sc"\n'
+PLUMBING = 'processor = "derived-sc"\n[limits]\nspool_write_behind = true\n'
 
 
 @contextlib.contextmanager
@@ -92,7 +92,7 @@ def _fill(mnt: Path, leave: int) -> Path:
 def test_disk_full_at_the_deferred_write_refuses_new_instances_and_loses_none(tmpfs16: Path,
                                                                              tmp_path: Path) -> None:
     cfg = load_config(None, {"port": free_port(), "data_dir": str(tmpfs16 / "data"), "allowed_aes": ["SCANNER"],
-                             "limits": {"min_free_disk_mb": 1, "spool_journal_mb": 8}})
+                             "limits": {"min_free_disk_mb": 1, "spool_journal_mb": 8, "spool_write_behind": True}})
     store = Store(cfg.data_dir)
     store.open_journal(8 * 2**20, write_behind=True)
     ring = cfg.data_dir / "spool.journal"
