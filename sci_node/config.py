@@ -95,6 +95,10 @@ class Limits:
     #: size of the spool journal's ring (MiB): each instance is made durable by one append + fdatasync
     #: there instead of a file fsync and a directory fsync (sci_node.store.journal); 0 = no journal
     spool_journal_mb: int = 64
+    #: with the journal on: Success once the instance is appended there; its file and index row are written
+    #: right after by a writer thread (sci_node.store.writebehind; docs/node.md "Crash safety"). Off by default:
+    #: no measurable gain on the 2-core reference machine (docs/benchmarks.md section 1, "write-behind")
+    spool_write_behind: bool = False
 
 
 @dataclass(frozen=True)

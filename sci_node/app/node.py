@@ -111,7 +111,7 @@ def _open_store(cfg: NodeConfig) -> Store:
                     detail="the data dir holds patient data: chmod 700 it")
     recovered = recover_jobs(store, celery=cfg.engine.kind == "celery")
     if cfg.limits.spool_journal_mb:
-        restored = store.open_journal(cfg.limits.spool_journal_mb * 2**20)
+        restored = store.open_journal(cfg.limits.spool_journal_mb * 2**20, write_behind=cfg.limits.spool_write_behind)
         if restored:
             log.warning("node.spool_journal_replayed", restored=restored,
                         detail="instance files a power loss had lost were rewritten from the spool journal")

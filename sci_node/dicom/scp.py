@@ -225,7 +225,8 @@ def _instance_key(event: Event, raw: bytes) -> InstanceKey | tuple[Status, str]:
 
 
 def handle_store(event: Event, deps: ScpDeps) -> int:
-    """C-STORE: spool (fsync) + record, then Success; a named failure status otherwise."""
+    """C-STORE: spool (journal append + fdatasync; file and row now or write-behind), then Success; else a named
+    failure status."""
     try:
         deps.poll.busy(event.assoc)  # the response and the next request: on the fast poll
         aid = id(event.assoc)
@@ -256,7 +257,8 @@ def handle_store(event: Event, deps: ScpDeps) -> int:
         with deps.lock:
             deps.stored[aid] = deps.stored.get(aid, 0) + 1
             deps.series.setdefault(aid, set()).add(key.series_uid)
-        log.debug("store.ok", sop_uid=key.sop_uid, series_uid=key.series_uid, duplicate=not is_new)
+        log.debug("store.ok", sop_uid=key.sop_uid, series_uid=key.series_uid,
+                  duplicate=None if is_new is None else not is_new)  # None: indexed by the write-behind thread
         return int(Status.SUCCESS)
     except Exception as exc:  # never raise out of a DIMSE handler
         log.exception("store.error", reason=str(exc)[:200])

@@ -17,17 +17,23 @@ ring's start: records of older epochs are never replayed. A background thread ch
 journal has been idle ``IDLE_CHECKPOINT_SECONDS`` (and, once half full, fsyncs the pending files while
 appends go on), so a full ring rarely stalls an association. Two header slots hold the current epoch
 (the newer valid one wins: a torn header write is harmless).
+
+With the spool's write-behind (:mod:`sci_node.store.writebehind`), the record is appended *first* and the
+file written afterwards by the writer thread (:meth:`SpoolJournal.append` with ``enqueue``, then
+:meth:`SpoolJournal.written`): a checkpoint (a new epoch, which drops the records) then waits until every
+appended record's file is written, so the ring never wraps over an instance that exists only in it.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import struct
 import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 #: header slot: magic, epoch, CRC-32 of the two
 _HEAD = struct.Struct("<4sQI")
@@ -40,6 +46,8 @@ DATA_START = 2 * SLOT_BYTES
 #: the ring is pre-written in steps of this many bytes (zeros, then fsync)
 GROW_BYTES = 4 * 2**20
 IDLE_CHECKPOINT_SECONDS = 1.0
+#: how long a checkpoint waits for the write-behind thread to write the files of appended records
+CHECKPOINT_WAIT_SECONDS = 30.0
 
 
 def _crc(*parts: bytes | bytearray | memoryview) -> int:
@@ -83,6 +91,8 @@ class SpoolJournal:
         self._sync_cond = threading.Condition()
         self._growing = False  # the background thread is pre-writing past _written
         self._grown = threading.Condition(self._lock)
+        self._unwritten: set[int] = set()  # appends whose file the write-behind thread has not written yet
+        self._all_written = threading.Condition(self._lock)
         self._last_append = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -132,24 +142,31 @@ class SpoolJournal:
         """Whether a record of ``nbytes`` of data for ``rel_path`` fits in the ring at all."""
         return DATA_START + _REC.size + len(rel_path.encode("utf-8")) + nbytes <= self.size
 
-    def append(self, rel_path: str, target: Path, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
-        """Append one instance record and return once it is on disk; ``target`` is fsync'd at the next checkpoint.
+    def append(self, rel_path: str, target: Path, chunks: Sequence[bytes | bytearray | memoryview],
+               enqueue: Callable[[int], None] | None = None) -> int:
+        """Append one instance record and return its append number once it is on disk.
 
-        Call it after ``target`` holds the bytes (written, not fsync'd): a checkpoint from then on
-        fsyncs it. Concurrent appends share one ``fdatasync`` (group commit, :meth:`_sync_through`).
+        Without ``enqueue``, call it after ``target`` holds the bytes (written, not fsync'd): a checkpoint
+        from then on fsyncs it. With ``enqueue`` (write-behind), ``target`` is written later:
+        ``enqueue(number)`` is called under the journal's lock right after the record is written (so
+        records and queued writes have one order), and until :meth:`written` reports the file, no
+        checkpoint drops the record. Concurrent appends share one ``fdatasync`` (group commit,
+        :meth:`sync_through`).
 
         Raises
         ------
         OSError
-            On an I/O failure (nothing acknowledged may rely on the record then).
+            On an I/O failure (nothing acknowledged may rely on the record then), or when the ring is
+            full and the write-behind thread did not write the files of its records within
+            ``CHECKPOINT_WAIT_SECONDS`` (a full disk).
         """
         name = rel_path.encode("utf-8")
         n_data = sum(len(c) for c in chunks)
         crc = _crc(name, *chunks)
         size = _REC.size + len(name) + n_data
         with self._lock:
-            if self._head + size > self.size:
-                self._checkpoint_locked()
+            while self._head + size > self.size:
+                self._checkpoint_locked(CHECKPOINT_WAIT_SECONDS)
             while self._growing and self._head + size > self._written:
                 self._grown.wait()  # the background thread is writing zeros where this record goes
             if self._head + size > self._written:
@@ -163,11 +180,25 @@ class SpoolJournal:
             self._head = off
             self._appends += 1
             seq = self._appends
-            self._pending[target] = seq
+            if enqueue is None:
+                self._pending[target] = seq
+            else:
+                self._unwritten.add(seq)
+                enqueue(seq)
             self._last_append = time.monotonic()
-        self._sync_through(seq)
+        self.sync_through(seq)
+        return seq
 
-    def _sync_through(self, seq: int) -> None:
+    def written(self, files: Sequence[tuple[Path, int]]) -> None:
+        """The write-behind thread wrote these files (with their append numbers): fsync them at the next checkpoint."""
+        with self._lock:
+            for target, seq in files:
+                self._pending[target] = seq
+                self._unwritten.discard(seq)
+            if not self._unwritten:
+                self._all_written.notify_all()
+
+    def sync_through(self, seq: int) -> None:
         """Return once append number ``seq`` is on disk: one ``fdatasync`` covers every append written before it."""
         with self._sync_cond:
             while self._synced < seq:
@@ -217,12 +248,26 @@ class SpoolJournal:
                     self._written = end
                 self._grown.notify_all()
 
-    def checkpoint(self) -> None:
-        """Make every file written since the last checkpoint durable, then start a new epoch at the ring's start."""
-        with self._lock:
-            self._checkpoint_locked()
+    def checkpoint(self, wait: float = CHECKPOINT_WAIT_SECONDS) -> None:
+        """Make every file written since the last checkpoint durable, then start a new epoch at the ring's start.
 
-    def _checkpoint_locked(self) -> None:
+        Waits up to ``wait`` seconds for the write-behind thread to write the files of appended records.
+
+        Raises
+        ------
+        OSError
+            On an I/O failure, or when files of appended records are still unwritten after ``wait``.
+        """
+        with self._lock:
+            self._checkpoint_locked(wait)
+
+    def _checkpoint_locked(self, wait: float) -> None:
+        deadline = time.monotonic() + wait
+        while self._unwritten:  # the ring must never drop a record whose file is not written yet
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise OSError(errno.EAGAIN, f"spool journal: {len(self._unwritten)} instance file(s) not written yet")
+            self._all_written.wait(left)
         pending, self._pending = list(self._pending), {}
         _fsync_files(pending)
         self.epoch += 1
@@ -265,15 +310,17 @@ class SpoolJournal:
                 if work and (idle or busy_half):
                     self.flush()  # the slow part, appends go on meanwhile
                     if idle:
-                        self.checkpoint()  # little or nothing left to fsync: a new epoch from the start
+                        with self._lock:  # little or nothing left to fsync: a new epoch from the start
+                            if not self._unwritten:  # never wait for the write-behind thread here
+                                self._checkpoint_locked(0.0)
 
     def close(self) -> None:
         """Stop the thread, checkpoint, close the ring."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        with contextlib.suppress(OSError):
-            self.checkpoint()
+        with contextlib.suppress(OSError):  # records whose file is not written yet stay: replayed at the next start
+            self.checkpoint(wait=0.0)
         with self._lock:
             os.close(self._fd)
 

@@ -49,24 +49,34 @@ class SeriesState(IndexBase):
         rows = self._query("SELECT * FROM series WHERE state='receiving' AND last_received_at <= ?"
                            " AND (aborted_at IS NULL OR aborted_at <= ?) ORDER BY last_received_at",
                            (received_before, float("inf") if aborted_before is None else aborted_before))
+        writer = self._writer  # a series with acknowledged instances still queued for write-behind is not quiet
         return [SeriesRow(r["series_uid"], r["study_uid"], r["generation"], r["n_instances"],
-                          r["last_received_at"], r["calling_aet"], r["aborted_at"]) for r in rows]
+                          r["last_received_at"], r["calling_aet"], r["aborted_at"]) for r in rows
+                if writer is None or not writer.pending_in(r["series_uid"])]
 
     def association_ended(self, series_uids: Sequence[str], aborted: bool) -> None:
         """Record how the association that sent instances of ``series_uids`` ended.
 
         An A-ABORT (ours or the peer's) marks those still receiving as aborted now (their
         completion waits for a resend, see :meth:`quiet_series`); a normal release clears the
-        mark: the last association delivered what it meant to.
+        mark: the last association delivered what it meant to. With write-behind this is queued behind
+        the association's instances (their rows come first).
         """
         if not series_uids:
             return
+        uids, when = tuple(series_uids), time.time() if aborted else None
+        if self._writer is not None:
+            self._writer.submit(lambda: self._record_association_end(uids, when))
+        else:
+            self._record_association_end(uids, when)
+
+    def _record_association_end(self, series_uids: tuple[str, ...], aborted_at: float | None) -> None:
         marks = ",".join("?" * len(series_uids))
         with self._tx() as db:
             db.execute(f"UPDATE series SET open_associations = MAX(open_associations - 1, 0) "
-                       f"WHERE series_uid IN ({marks})", tuple(series_uids))
+                       f"WHERE series_uid IN ({marks})", series_uids)
             db.execute(f"UPDATE series SET aborted_at=? WHERE state='receiving' AND series_uid IN ({marks})",
-                       (time.time() if aborted else None, *series_uids))
+                       (aborted_at, *series_uids))
 
     def cut_by_restart(self, now: float | None = None) -> list[str]:
         """At start: series whose association was still open when the node stopped (a crash, a kill) are
@@ -162,15 +172,18 @@ class SeriesState(IndexBase):
             False when the series changed meanwhile and was kept.
         """
         trash = self.data_dir / f".purge-{uuid.uuid4().hex}"
+        writer = self._writer
+        if writer is not None and writer.pending_in(series_uid):
+            return False  # an instance of it is queued: it re-opens the series
+        if self.journal is not None:  # no journal record of the series may outlive its files (replay); outside
+            self.journal.checkpoint()  # the lock: it may wait for the write-behind thread, which takes it
         with self._tx() as db:
             row = db.execute("SELECT study_uid FROM series WHERE series_uid=? AND state='complete'"
                              " AND generation=?", (series_uid, generation)).fetchone()
-            if row is None:
-                return False
+            if row is None or (writer is not None and writer.pending_in(series_uid)):
+                return False  # re-opened, or an instance appended since the checkpoint is queued
             series_dir = self.spool_dir / _safe_name(row["study_uid"]) / _safe_name(series_uid)
             job_ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE series_uid=?", (series_uid,))]
-            if self.journal is not None:  # no journal record of the series may outlive its files (replay)
-                self.journal.checkpoint()
             os.mkdir(trash, 0o700)
             if series_dir.exists():
                 os.replace(series_dir, trash / "spool")

@@ -12,6 +12,7 @@ from sci_node.errors import StorageError
 
 if TYPE_CHECKING:
     from sci_node.store.journal import SpoolJournal
+    from sci_node.store.writebehind import SpoolWriter
 
 #: series whose instance count the index keeps in memory (:meth:`IndexBase._remember_count`)
 MAX_CACHED_COUNTS = 10_000
@@ -54,11 +55,17 @@ class IndexBase:
     _lock: threading.RLock
     #: the spool journal, once the node opened it (:meth:`~sci_node.store.spool.Spool.open_journal`)
     journal: SpoolJournal | None = None
+    #: the write-behind thread (:mod:`sci_node.store.writebehind`), with ``open_journal(..., write_behind=True)``
+    _writer: SpoolWriter | None = None
     #: series instance counts kept in memory (:meth:`_remember_count`), created on first use
     _counts: dict[str, int]
 
     def close(self) -> None:
-        """Close the spool journal (checkpointed first) and the index connection."""
+        """Write what the write-behind thread holds (up to 30 s), close the spool journal (checkpointed first)
+        and the index connection. Writes still queued then stay in the journal (replayed at the next start)."""
+        if self._writer is not None:
+            self._writer.stop(30.0)
+            self._writer = None
         if self.journal is not None:
             self.journal.close()
             self.journal = None
