@@ -237,3 +237,27 @@ def test_uids_read_raw_only_when_pydicom_would_read_them_alike() -> None:
         text_value(flipped, 0x00080018)
     multi = read_dataset(BytesIO(element(0x00080018, b"UI", b"1.2\\3.4\0")), False, True)
     assert text_value(multi, 0x00080018) == str(multi.SOPInstanceUID)
+
+
+def test_an_instance_refused_because_a_purge_took_its_folder_does_not_come_back_at_replay(tmp_path: Path) -> None:
+    """The race of a retention purge with a new instance of its series: the purge's checkpoint, then the
+    instance's file and journal record, then the purge moves the series folder away, so the instance's row is
+    refused (never acknowledged). A power loss later, the replay must not write that instance back."""
+    from sci_node.errors import StorageError
+
+    class PurgedMeanwhile(Store):
+        def _record_instance(self, key, path, calling_aet, opens_association=False):  # type: ignore[no-untyped-def]
+            os.replace(path.parent, tmp_path / "purged")  # what purge_series does after its checkpoint
+            return super()._record_instance(key, path, calling_aet, opens_association)
+
+    store = PurgedMeanwhile(tmp_path / "d")
+    store.open_journal(RING)
+    key = _key("1.2.3.3.9", series="1.2.3.9")
+    with pytest.raises(StorageError, match="cannot record"):
+        store.spool_instance(key, [b"\0" * 128 + b"DICM", os.urandom(1000)])
+    path = store.instance_path(key)
+    _power_loss(store)
+    again = Store(tmp_path / "d")
+    assert again.open_journal(RING) == 0
+    assert not path.exists() and again.series_size("1.2.3.9") == 0
+    again.close()

@@ -164,7 +164,9 @@ class SeriesState(IndexBase):
         The series folder is moved aside and its rows deleted in one locked transaction, only
         if the series is still complete at ``generation``: an instance arriving meanwhile either
         re-opened the series first (nothing is purged) or finds its file gone and is refused
-        (:meth:`_record_instance`), never acknowledged and lost. Job and outbox rows stay (audit).
+        (:meth:`_record_instance`), never acknowledged and lost; its journal record is then voided
+        (:meth:`~sci_node.store.spool.Spool.spool_instance`), so a replay does not write it back. Job and
+        outbox rows stay (audit).
 
         Returns
         -------

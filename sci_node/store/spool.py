@@ -174,6 +174,7 @@ class Spool(IndexBase):
         """
         path = self.instance_path(key)
         chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+        journaled = None
         try:
             journal, rel = self.journal, str(path.relative_to(self.data_dir))
             if journal is not None and journal.fits(sum(len(c) for c in chunks), rel):
@@ -181,6 +182,7 @@ class Spool(IndexBase):
                     self._spool_behind(journal, self._writer, key, rel, chunks, calling_aet, opens_association)
                     return None
                 _write_journaled(journal, rel, path, chunks)
+                journaled = journal
             else:
                 if self._writer is not None:  # a queued earlier version of this path must not land after this one
                     self._writer.drain(DRAIN_SECONDS)
@@ -189,7 +191,13 @@ class Spool(IndexBase):
                     journal.checkpoint()
         except OSError as exc:
             raise StorageError(f"cannot write {path}: {exc}") from exc
-        return self._record_instance(key, path, calling_aet, opens_association)
+        try:
+            return self._record_instance(key, path, calling_aet, opens_association)
+        except StorageError:
+            if journaled is not None and not path.exists():  # a retention purge took the folder: refused
+                with contextlib.suppress(OSError):  # and its journal record must not bring it back
+                    journaled.append(rel, path, ())  # an empty record: "no file" (replay skips the path)
+            raise
 
     def _spool_behind(self, journal: SpoolJournal, writer: SpoolWriter, key: InstanceKey, rel: str,
                       chunks: Sequence[Buffer], calling_aet: str | None, opens_association: bool) -> None:
@@ -295,6 +303,8 @@ class Spool(IndexBase):
         restored = 0
         spool = self.spool_dir.resolve()
         for rel, data in latest.items():
+            if not data:
+                continue  # refused after its append (a purge took its folder): the file must stay gone
             path = (self.data_dir / rel).resolve()
             if spool not in path.parents:
                 continue  # not a spool path: never ours
