@@ -27,12 +27,13 @@ and segmented on the node with its own active models (:func:`node_prior_processo
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import structlog
 
@@ -224,21 +225,30 @@ def followup_job(cfg: NodeConfig, store: Store, job: Job, record: dict[str, Any]
     return store.add_job_outputs(job.id, {"followup": fu, DUE: None}, outputs, destinations)
 
 
+def _recent_done(cfg: NodeConfig, store: Store) -> Iterator[tuple[Job, dict[str, Any], dict[str, Any], Path]]:
+    """The last ``search_jobs`` done jobs that have results: ``(job, result, its summary, its result folder)``."""
+    for job in store.jobs(limit=cfg.followup.search_jobs, state="done"):
+        result = job.result or {}
+        if result.get("outputs"):
+            yield job, result, result.get("summary") or {}, Path(result["outputs"][0]).parent
+
+
+def _job_log(job: Job) -> contextlib.AbstractContextManager[None]:
+    """The job's ids bound to every log line inside the ``with`` block."""
+    return structlog.contextvars.bound_contextvars(job_id=job.id, series_uid=job.series_uid,
+                                                   study_uid=job.study_uid)
+
+
 def retry_pending(cfg: NodeConfig, store: Store, destinations: Sequence[str], process: Process) -> int:
     """Ask the PACS again for every done job whose follow-up is pending and due; return how many were tried."""
     now, tried = time.time(), 0
-    for job in store.jobs(limit=cfg.followup.search_jobs, state="done"):
-        result = job.result or {}
-        fu = (result.get("summary") or {}).get("followup") or {}
-        if not fu.get("pending") or float(fu.get("next_attempt_at") or 0) > now or not result.get("outputs"):
+    for job, result, summary, out_dir in _recent_done(cfg, store):
+        fu = summary.get("followup") or {}
+        if not fu.get("pending") or float(fu.get("next_attempt_at") or 0) > now:
             continue
         tried += 1
-        out_dir = Path(result["outputs"][0]).parent
-        structlog.contextvars.bind_contextvars(job_id=job.id, series_uid=job.series_uid, study_uid=job.study_uid)
-        try:
+        with _job_log(job):
             followup_job(cfg, store, job, result, out_dir, destinations, process, previous=fu)
-        finally:
-            structlog.contextvars.unbind_contextvars("job_id", "series_uid", "study_uid")
     return tried
 
 
@@ -248,6 +258,11 @@ DUE = "followup_due"
 RESUME_ATTEMPTS = 3
 
 
+def _compares(cfg: NodeConfig, state: str, record: Mapping[str, Any]) -> bool:
+    """A job ending in ``state`` with ``record`` is compared: ``[followup] enabled``, the series segmented."""
+    return cfg.followup.enabled and state == "done" and isinstance(record.get("summary"), dict)
+
+
 def mark_due(cfg: NodeConfig, state: str, record: dict[str, Any]) -> None:
     """Put the "comparison due" marker into a finishing job's ``record`` (in place) when it will be compared.
 
@@ -255,7 +270,7 @@ def mark_due(cfg: NodeConfig, state: str, record: dict[str, Any]) -> None:
     power) between the outcome and the end of its comparison run the comparison at its next start
     (:func:`resume_interrupted`).
     """
-    if cfg.followup.enabled and state == "done" and isinstance(record.get("summary"), dict):
+    if _compares(cfg, state, record):
         record["summary"] = {**record["summary"], DUE: {"since": time.time(), "attempts": 0}}
 
 
@@ -268,15 +283,13 @@ def resume_interrupted(cfg: NodeConfig, store: Store, destinations: Sequence[str
     attempt; after :data:`RESUME_ATTEMPTS` the follow-up is recorded as given up.
     """
     resumed = 0
-    for job in store.jobs(limit=cfg.followup.search_jobs, state="done"):
-        result = job.result or {}
-        due = (result.get("summary") or {}).get(DUE)
-        if not isinstance(due, dict) or float(due.get("since") or 0) >= started_at or not result.get("outputs"):
+    for job, result, summary, out_dir in _recent_done(cfg, store):
+        due = summary.get(DUE)
+        if not isinstance(due, dict) or float(due.get("since") or 0) >= started_at:
             continue
         resumed += 1
         attempts = int(due.get("attempts") or 0) + 1
-        structlog.contextvars.bind_contextvars(job_id=job.id, series_uid=job.series_uid, study_uid=job.study_uid)
-        try:
+        with _job_log(job):
             if attempts > RESUME_ATTEMPTS:
                 log.warning("followup.gave_up", attempts=attempts - 1, reason="the node stopped during the comparison")
                 store.add_job_outputs(job.id, {DUE: None, "followup": {
@@ -285,15 +298,13 @@ def resume_interrupted(cfg: NodeConfig, store: Store, destinations: Sequence[str
                 continue
             log.info("followup.resumed", attempts=attempts)
             store.add_job_outputs(job.id, {DUE: {"since": time.time(), "attempts": attempts}})
-            followup_job(cfg, store, job, result, Path(result["outputs"][0]).parent, destinations, process)
-        finally:
-            structlog.contextvars.unbind_contextvars("job_id", "series_uid", "study_uid")
+            followup_job(cfg, store, job, result, out_dir, destinations, process)
     return resumed
 
 
 def should_compare(cfg: NodeConfig, job: Job, record: Mapping[str, Any]) -> bool:
     """Whether a just-finished job gets a follow-up: ``[followup] enabled`` and the series was segmented."""
-    return cfg.followup.enabled and job.state == "done" and "summary" in record
+    return _compares(cfg, job.state, record)
 
 
 class PendingRetries:
@@ -399,12 +410,10 @@ class FollowupThread(threading.Thread):
 
     def _compare(self, job_id: int, record: dict[str, Any], out_dir: Path) -> None:
         job = self.store.job(job_id)
-        structlog.contextvars.bind_contextvars(job_id=job.id, series_uid=job.series_uid, study_uid=job.study_uid)
-        try:
-            done = followup_job(self.cfg, self.store, job, record, out_dir, self.destinations, self.process)
-            if done.delivery == "pending":  # the comparison's SEG and SR, queued after the job's own
-                self.on_result.set()
-        except Exception:  # noqa: BLE001 - never stop the thread: the job's own result is already out
-            log.exception("followup.thread_error")
-        finally:
-            structlog.contextvars.unbind_contextvars("job_id", "series_uid", "study_uid")
+        with _job_log(job):
+            try:
+                done = followup_job(self.cfg, self.store, job, record, out_dir, self.destinations, self.process)
+                if done.delivery == "pending":  # the comparison's SEG and SR, queued after the job's own
+                    self.on_result.set()
+            except Exception:  # noqa: BLE001 - never stop the thread: the job's own result is already out
+                log.exception("followup.thread_error")
