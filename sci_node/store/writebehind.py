@@ -1,6 +1,6 @@
 """Write-behind of the spool: the instance file and its index row are written after the C-STORE's Success.
 
-With ``[limits] spool_write_behind`` (the default, with the spool journal on), the C-STORE's critical
+With ``[limits] spool_write_behind`` (opt-in, off by default; needs the spool journal), the C-STORE's critical
 path is: decode + checks, one append to the spool journal and its (shared) ``fdatasync``, Success. The
 instance is durable then: its bytes are in the journal. :class:`SpoolWriter`, one thread, then writes
 the file (temporary name, rename, no fsync) and commits the row, in the order the records were
