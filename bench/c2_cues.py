@@ -198,9 +198,12 @@ def _errsm(series: dict, seg: Any) -> dict:
     return measure(series["person"], sitk.GetArrayFromImage(img), cord, m, discs)
 
 
-def _pam50small() -> dict:
-    """sub-PAM50small with its manual cord mask; disc n where its level map steps from level n-1 to n."""
-    from sci_node.imaging.levels import disc_name
+def pam50small_case() -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, float]]:
+    """sub-PAM50small: ``(image (Z, Y, X), manual cord uint8, index -> LPS matrix, {disc n: LPS z in mm})``.
+
+    Disc ``n`` (below vertebra ``n - 1``) lies where its level map steps from level ``n - 1`` to ``n``: half way
+    between the lowest voxel of the one and the highest of the other. Also used by ``bench/enlargement_cue.py``.
+    """
     from sci_node.imaging.measure import index_to_lps
 
     img = sitk.ReadImage(str(PAM / "sub-PAM50small" / "anat" / "sub-PAM50small_T2w.nii.gz"))
@@ -209,8 +212,16 @@ def _pam50small() -> dict:
     lvl = sitk.GetArrayFromImage(sitk.ReadImage(str(der / "sub-PAM50small_T2w_labels-vertlevels.nii.gz")))
     m = index_to_lps(img.GetOrigin(), img.GetSpacing(), img.GetDirection())
     z_of = {v: (np.argwhere(lvl == v) @ m[:, :3].T + m[:, 3])[:, 2] for v in range(2, 12)}
-    discs = [(disc_name(n), 0.5 * (float(z_of[n - 1].min()) + float(z_of[n].max()))) for n in range(3, 12)]
-    return measure("sub-PAM50small", sitk.GetArrayFromImage(img), cord.astype(np.uint8), m, discs)
+    disc_z = {n: 0.5 * (float(z_of[n - 1].min()) + float(z_of[n].max())) for n in range(3, 12)}
+    return sitk.GetArrayFromImage(img), cord.astype(np.uint8), m, disc_z
+
+
+def _pam50small() -> dict:
+    """sub-PAM50small with its manual cord mask and the discs of its level map."""
+    from sci_node.imaging.levels import disc_name
+
+    image, cord, m, disc_z = pam50small_case()
+    return measure("sub-PAM50small", image, cord, m, [(disc_name(n), z) for n, z in disc_z.items()])
 
 
 def main() -> int:

@@ -48,10 +48,8 @@ from scipy import ndimage as ndi
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-DATA = REPO.parent / "shared" / "data" / "spine"
-LABELS = REPO / "trainer" / "labels" / "discs.json"
-TUNED_ON = ("sub-errsm11", "sub-errsm18")
-PAM = DATA / "sct-testing-data"
+from c2_cues import DATA, LABELS, TUNED_ON, pam50small_case  # noqa: E402 - the same persons and paths
+
 PAM50 = DATA / "pam50-template-labels"
 SIGMA_MM = 3.0
 
@@ -187,17 +185,9 @@ def _template(name: str, cord: np.ndarray, m: np.ndarray, disc_z: dict[int, floa
 
 
 def _pam50small() -> dict[str, Any]:
-    """sub-PAM50small with its cord mask; disc n where its level map steps from level n-1 to n."""
-    from sci_node.imaging.measure import index_to_lps
-
-    img = sitk.ReadImage(str(PAM / "sub-PAM50small" / "anat" / "sub-PAM50small_T2w.nii.gz"))
-    der = PAM / "derivatives" / "labels" / "sub-PAM50small" / "anat"
-    cord = (sitk.GetArrayFromImage(sitk.ReadImage(str(der / "sub-PAM50small_T2w_seg-manual.nii.gz"))) > 0)
-    lvl = sitk.GetArrayFromImage(sitk.ReadImage(str(der / "sub-PAM50small_T2w_labels-vertlevels.nii.gz")))
-    m = index_to_lps(img.GetOrigin(), img.GetSpacing(), img.GetDirection())
-    z_of = {v: (np.argwhere(lvl == v) @ m[:, :3].T + m[:, 3])[:, 2] for v in range(2, 12)}
-    disc_z = {n: 0.5 * (float(z_of[n - 1].min()) + float(z_of[n].max())) for n in range(3, 12)}
-    return _template("sub-PAM50small", cord.astype(np.uint8), m, disc_z)
+    """sub-PAM50small with its cord mask and the discs of its level map (:func:`c2_cues.pam50small_case`)."""
+    _, cord, m, disc_z = pam50small_case()
+    return _template("sub-PAM50small", cord, m, disc_z)
 
 
 def _pam50() -> dict[str, Any]:
