@@ -6,6 +6,7 @@ Nagle), our node sets TCP_NODELAY itself.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -247,3 +248,15 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProc]]:
 
 def dcmtk_available() -> bool:
     return all(shutil.which(t) for t in ("storescu", "storescp", "echoscu"))
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` (``"4m"``) mounted at ``mnt`` (needs root, as in CI containers); unmounted after."""
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt)], check=True,
+                   timeout=20, capture_output=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], timeout=20, capture_output=True)

@@ -28,7 +28,17 @@ from sci_node.config import load_config
 from sci_node.dicom.scp import start_scp
 from sci_node.store import Store
 
-from conftest import DCMTK_ENV, NodeProc, StoreSCP, free_port, make_mr_series, port_open, storescu, wait_for
+from conftest import (
+    DCMTK_ENV,
+    NodeProc,
+    StoreSCP,
+    free_port,
+    make_mr_series,
+    mounted_tmpfs,
+    port_open,
+    storescu,
+    wait_for,
+)
 
 PLUMBING = 'processor = "derived-sc"\n'
 
@@ -149,14 +159,8 @@ def test_kill9_during_processing_delivers_exactly_once(node_factory: Callable[..
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A real 4 MiB tmpfs (needs root, as in CI containers); unmounted at teardown."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mnt)], check=True,
-                   timeout=20, capture_output=True)
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "4m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], timeout=20, capture_output=True)
 
 
 def _big_series(out: Path, n: int) -> list[Path]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-import subprocess
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -26,7 +25,7 @@ from sci_node.errors import StorageError
 from sci_node.store import InstanceKey, Store
 from sci_node.store import journal as journal_mod
 
-from conftest import NodeProc, free_port, make_mr_series, storescu, wait_for
+from conftest import NodeProc, free_port, make_mr_series, mounted_tmpfs, storescu, wait_for
 
 PLUMBING = 'processor = "derived-sc"\n[limits]\nspool_write_behind = true\n'
 
@@ -71,14 +70,8 @@ def test_kill9_with_the_writer_held_back_loses_nothing_acknowledged(node_factory
 @pytest.fixture
 def tmpfs16(tmp_path: Path) -> Iterator[Path]:
     """A real 16 MiB tmpfs (needs root, as in CI containers); unmounted at teardown."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(mnt)], check=True,
-                   timeout=20, capture_output=True)
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "16m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], timeout=20, capture_output=True)
 
 
 def _fill(mnt: Path, leave: int) -> Path:
